@@ -1,0 +1,88 @@
+"""Shared fixtures: paths, a tiny trained model, images made on the fly, and a headless browser."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SAMPLE = ROOT / "examples" / "bears"
+HELDOUT = ROOT / "examples" / "heldout"
+SHARED = ROOT.parent / "shared" / "datasets"
+ARTIFACTS = ROOT / "test-artifacts"  # screenshots kept for people to look at (git-ignored)
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-quic", "--no-first-run", "--disable-component-update", "--disable-sync"]
+
+
+@pytest.fixture(scope="session")
+def shared_datasets() -> Path:
+    """../shared/datasets, or skip with the reason."""
+    if not SHARED.is_dir():
+        pytest.skip(f"shared datasets not found at {SHARED} (tests that need the real bears set skip)")
+    return SHARED
+
+
+@pytest.fixture(scope="session")
+def sample_dir() -> Path:
+    """The bundled bears sample (read-only: copy before changing)."""
+    return SAMPLE
+
+
+def make_image(path: Path, color=(200, 30, 30), size=(64, 48), fmt: str | None = None, mode: str = "RGB") -> Path:
+    """A small real image file, so tests need no data on disk."""
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    im = Image.new("RGB", size, color)
+    if mode != "RGB":
+        im = im.convert(mode)
+    im.save(path, fmt)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory) -> Path:
+    """A model trained briefly on the bundled sample at 128 px: a real model file for later stages."""
+    from ursa.train import TrainConfig, train
+
+    out = tmp_path_factory.mktemp("tiny_run")
+    train(TrainConfig(data=SAMPLE, out=out, epochs=2, unfreeze_epochs=0, size=128, quiet=True))
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_run: Path) -> Path:
+    """Path of the tiny run's model.safetensors."""
+    return tiny_run / "model.safetensors"
+
+
+@pytest.fixture(scope="session")
+def browser():
+    """Headless Debian chromium driven by Playwright (never `playwright install`)."""
+    if not os.path.exists(CHROMIUM):
+        pytest.skip(f"{CHROMIUM} not installed (make test installs it with apt-get when run as root)")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+        yield b
+        b.close()
+
+
+@pytest.fixture
+def artifacts() -> Path:
+    """Folder for screenshots a person may want to look at after the run."""
+    ARTIFACTS.mkdir(exist_ok=True)
+    return ARTIFACTS
+
+
+@pytest.fixture
+def sample_copy(tmp_path: Path) -> Path:
+    """A writable copy of the bundled sample."""
+    dst = tmp_path / "bears"
+    shutil.copytree(SAMPLE, dst)
+    return dst

@@ -1,0 +1,5 @@
+"""Allow ``python -m ursa``."""
+
+from ursa.cli import _entry
+
+_entry()

@@ -1,0 +1,157 @@
+"""The one definition of a readable image, shared by verify, data, predict and serve.
+
+An image is readable when Pillow can open it, its declared size is under the pixel limit (so a
+decompression bomb is refused before any memory is spent), and it decodes *fully* (Pillow's
+``verify()`` alone misses truncated files). Whatever its mode, it comes out as 8-bit RGB with
+its EXIF orientation applied. JPEGs can be decoded at reduced size (``draft``), which is much
+faster than decoding full-size and resizing.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from ursa.errors import ImageError
+
+# Pillow's own default bomb limit (~89 Mpx, e.g. 9459x9459); above it we refuse.
+MAX_PIXELS = 89_478_485
+IMAGE_EXTENSIONS = frozenset(
+    {".jpg", ".jpeg", ".png", ".gif", ".webp", ".bmp", ".tif", ".tiff", ".jfif", ".mpo"}
+)
+SUPPORTED_FORMATS = frozenset({"JPEG", "PNG", "GIF", "WEBP", "BMP", "TIFF", "MPO"})
+
+Source = str | Path | bytes | BinaryIO
+
+
+@dataclass(frozen=True)
+class ImageInfo:
+    """What decoding one file found: format, original mode and size."""
+
+    format: str
+    mode: str
+    size: tuple[int, int]
+    frames: int = 1
+
+
+def is_image_file(path: Path) -> bool:
+    """Decide by extension which files in a folder are meant to be images (content is checked later)."""
+    return path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".")
+
+
+def _name(source: Source) -> str:
+    if isinstance(source, (str, Path)):
+        return str(source)
+    return getattr(source, "name", "<upload>") if not isinstance(source, bytes) else "<upload>"
+
+
+def _to_rgb(im: Image.Image) -> Image.Image:
+    """Convert any mode to 8-bit RGB; transparent pixels become white, as a viewer shows them."""
+    if im.mode == "RGB":
+        return im
+    if im.mode in ("I;16", "I;16B", "I;16L", "I"):
+        # 16/32-bit grey: scale to 8 bits rather than clipping everything to white.
+        hi = 65535 if im.mode.startswith("I;16") else max(1, im.getextrema()[1])
+        im = im.point(lambda v: v * (255.0 / hi)).convert("L")
+    if im.mode == "P" and "transparency" in im.info:
+        im = im.convert("RGBA")
+    if im.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        im = im.convert("RGBA")
+        background = Image.new("RGBA", im.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, im).convert("RGB")
+    return im.convert("RGB")
+
+
+def open_image(
+    source: Source,
+    *,
+    min_size: int | None = None,
+    max_pixels: int = MAX_PIXELS,
+    with_info: bool = False,
+) -> Image.Image | tuple[Image.Image, ImageInfo]:
+    """Open, fully decode and convert to RGB, or raise ImageError saying why not.
+
+    ``min_size``: the short side the caller needs; JPEGs are then decoded at the smallest
+    1/2, 1/4 or 1/8 scale that still gives at least that (PIL ``draft``).
+    """
+    name = _name(source)
+    if isinstance(source, bytes):
+        if not source:
+            raise ImageError(name, "empty file (0 bytes)", "empty")
+        fp: BinaryIO | str | Path = io.BytesIO(source)
+    elif isinstance(source, (str, Path)):
+        p = Path(source)
+        if not p.exists():
+            raise ImageError(name, "file not found", "missing")
+        if p.is_dir():
+            raise ImageError(name, "is a folder, not an image", "not_image")
+        if p.stat().st_size == 0:
+            raise ImageError(name, "empty file (0 bytes)", "empty")
+        fp = p
+    else:
+        fp = source
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            im = Image.open(fp)
+            w, h = im.size
+            if w * h > max_pixels or w <= 0 or h <= 0:
+                raise ImageError(
+                    name,
+                    f"image too large: {w}x{h} pixels is over the limit of {max_pixels:,} "
+                    "(possible decompression bomb); shrink it or raise --max-size",
+                    "too_large",
+                )
+            fmt = im.format or "unknown"
+            if fmt not in SUPPORTED_FORMATS:
+                raise ImageError(name, f"unsupported image format {fmt}", "unsupported")
+            info = ImageInfo(fmt, im.mode, (w, h), getattr(im, "n_frames", 1))
+            if min_size and fmt == "JPEG" and im.mode in ("RGB", "L", "CMYK", "YCbCr"):
+                scale = min(w, h) / float(min_size)
+                if scale >= 2:
+                    im.draft("RGB", (max(1, int(w / scale)), max(1, int(h / scale))))
+            im.load()  # full decode: truncated data fails here
+            im = ImageOps.exif_transpose(im) or im
+            rgb = _to_rgb(im)
+            rgb.load()
+    except ImageError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise ImageError(name, f"image too large (decompression bomb): {e}", "too_large") from None
+    except UnidentifiedImageError:
+        raise ImageError(name, "not an image (Pillow cannot identify the content)", "not_image") from None
+    except (OSError, SyntaxError, ValueError, EOFError, IndexError, TypeError, KeyError) as e:
+        msg = str(e) or type(e).__name__
+        kind = "truncated" if "truncat" in msg.lower() or isinstance(e, EOFError) else "corrupt"
+        raise ImageError(name, f"cannot decode image ({msg})", kind) from None
+    except MemoryError:
+        raise ImageError(name, "image too large to decode in memory", "too_large") from None
+    return (rgb, info) if with_info else rgb
+
+
+def check_image(source: Source, max_pixels: int = MAX_PIXELS) -> ImageInfo:
+    """Decode fully and return what was found, raising ImageError for anything unusable."""
+    _, info = open_image(source, max_pixels=max_pixels, with_info=True)  # type: ignore[misc]
+    return info
+
+
+def sniff_format(head: bytes) -> str | None:
+    """Tell an image type from its first bytes (magic numbers), never from a name or header."""
+    if head.startswith(b"\xff\xd8\xff"):
+        return "JPEG"
+    if head.startswith(b"\x89PNG\r\n\x1a\n"):
+        return "PNG"
+    if head[:6] in (b"GIF87a", b"GIF89a"):
+        return "GIF"
+    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        return "WEBP"
+    if head[:2] == b"BM":
+        return "BMP"
+    if head[:4] in (b"II*\x00", b"MM\x00*"):
+        return "TIFF"
+    return None
