@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
 
 from ursa.errors import DataError, ImageError
-from ursa.images import is_image_file, open_image
+from ursa.images import Source, is_image_file, open_image
 
 log = logging.getLogger("ursa")
 
@@ -245,9 +245,12 @@ def decode_size(size: int) -> int:
     return int(round(size * DECODE_SCALE))
 
 
-def load_pixels(path: Path, short_side: int) -> torch.Tensor:
-    """Decode (JPEG draft at reduced size), resize so the short side is short_side, as uint8 CHW."""
-    im = open_image(path, min_size=short_side)
+def load_pixels(source: Source, short_side: int) -> torch.Tensor:
+    """Decode (JPEG draft at reduced size), resize so the short side is short_side, as uint8 CHW.
+
+    Training, evaluation and prediction all decode through here, so they see identical pixels.
+    """
+    im = open_image(source, min_size=short_side)
     return pil_to_tensor(resize_short(im, short_side))
 
 

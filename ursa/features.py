@@ -121,11 +121,12 @@ def fit_head_cached(learn: "Learner", n_epoch: int, max_lr: float | slice, pct_s
             idx = perm[b * bs:(b + 1) * bs]
             xb, yb = feats[idx], cache.train_y[idx]
             loss = learn.loss_func(head(xb), yb)
+            lr = opt.param_groups[-1]["lr"]  # the rate this batch used
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             sched.step()
-            yield float(loss.detach()), opt.param_groups[-1]["lr"], len(yb)
+            yield float(loss.detach()), lr, len(yb)
         recalibrate_bn(head, [feats[perm[b * bs:(b + 1) * bs]] for b in range(n_batches)])
 
     @torch.inference_mode()

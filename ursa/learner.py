@@ -187,11 +187,12 @@ class Learner:
                 else:
                     out = self.model(xb)
             loss = self.loss_func(out.float(), yb)
+            lr = opt.param_groups[-1]["lr"]  # the rate this batch used
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             sched.step()
-            yield float(loss.detach()), opt.param_groups[-1]["lr"], len(yb)
+            yield float(loss.detach()), lr, len(yb)
         if frozen_feats:
             recalibrate_bn(self.model.head, frozen_feats)
 

@@ -12,10 +12,10 @@ from typing import Sequence
 
 import torch
 
-from ursa.data import eval_transform, pil_to_tensor, resize_short
+from ursa.data import decode_size, eval_transform, load_pixels
 from ursa.errors import UrsaError
 from ursa.export import ModelMeta, load_model
-from ursa.images import Source, open_image
+from ursa.images import Source
 
 
 @dataclass
@@ -44,8 +44,7 @@ class Predictor:
 
     def preprocess(self, source: Source) -> torch.Tensor:
         """Decode (JPEG draft at reduced size) and transform to a normalised CHW tensor."""
-        im = open_image(source, min_size=self.size)
-        return self._tfm(pil_to_tensor(resize_short(im, self.size)))
+        return self._tfm(load_pixels(source, decode_size(self.size)))
 
     @torch.inference_mode()
     def probs(self, x: torch.Tensor) -> torch.Tensor:
