@@ -72,19 +72,21 @@ def compute_features(learn: "Learner", n_views: int, augment: bool = True, size:
             torch.manual_seed(learn.seed * 1000 + k)  # reproducible augmentation of view k
             out = _alloc(len(train_idx), n_feat, total_bytes, spill_dir, f"train_view{k}")
             dl = dls.loader(train_idx, train=augment, size=size, bs=bs, shuffle=False)
-            _fill(model, dl, out, prog, task)
+            _fill(model, dl, out, prog, task, learn.bf16_features)
             views.append(out)
         valid = _alloc(len(valid_idx), n_feat, total_bytes, spill_dir, "valid")
-        _fill(model, dls.loader(valid_idx, train=False, size=size, bs=bs, shuffle=False), valid, prog, task)
+        _fill(model, dls.loader(valid_idx, train=False, size=size, bs=bs, shuffle=False), valid, prog, task,
+              learn.bf16_features)
     labels = torch.tensor(dls.dataset.labels, dtype=torch.long)
     return FeatureCache(views, labels[train_idx], valid, labels[valid_idx], size, augment)
 
 
-def _fill(model, dl, out: torch.Tensor, prog, task) -> None:
+def _fill(model, dl, out: torch.Tensor, prog, task, bf16: bool = False) -> None:
     i = 0
     assert not dl.drop_last, "feature cache needs every item"
     for xb, _ in dl:
-        f = model.features(xb).float()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            f = model.features(xb).float()
         out[i:i + len(f)] = f
         i += len(f)
         prog.update(task, advance=len(f))

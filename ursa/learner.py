@@ -92,6 +92,8 @@ class Learner:
         self.console = console or Console(stderr=True, quiet=quiet)
         self.seed, self.augment, self.spill_dir = seed, augment, spill_dir
         self.diverged = False
+        self.bn_stats_frozen = False  # body BatchNorm in eval mode during fine-tuning
+        self.bf16_features = False  # bfloat16 autocast for the feature cache's body pass
         self.recorder = Recorder()
         self.epoch_callbacks: list[Callable[["Learner", dict], None]] = []
         self.feature_cache = None  # ursa.features.FeatureCache, built on first cached fit
@@ -177,6 +179,12 @@ class Learner:
         self.model.train()
         if self.model.is_frozen and self.bn_eval_when_frozen:
             self.model.body.eval()
+        elif not self.model.is_frozen and self.bn_stats_frozen:
+            # Keep the body's BatchNorm statistics fixed while fine-tuning: the head was trained on
+            # features made with them, and small CPU batches give noisy batch statistics.
+            for m in self.model.body.modules():
+                if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+                    m.eval()
         frozen_feats = []  # frozen body: its features, to recalibrate the head's BatchNorm
         for xb, yb in dl:
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bf16):

@@ -45,6 +45,10 @@ class TrainConfig:
     unfreeze_lr: tuple[float, float] | None = None  # default slice(lr/100, lr/10)
     bs: int = 32
     cache: bool = True
+    unfreeze_size: int | None = None  # progressive resizing: fine-tune at a smaller size (cheaper)
+    bf16: bool = False  # bfloat16 autocast while fine-tuning
+    bf16_features: bool = False  # bfloat16 autocast while computing cached body features
+    bn_stats_frozen: bool = False  # keep body BatchNorm statistics fixed while fine-tuning
     quiet: bool = False
 
 
@@ -101,21 +105,37 @@ def train(cfg: TrainConfig, console: Console | None = None) -> TrainResult:
     ds.write_split(cfg.out / "split.csv")
     learn = Learner(dls, model, use_cache=cfg.cache, quiet=cfg.quiet, console=console, seed=cfg.seed,
                     spill_dir=cfg.out / "features")
+    from ursa.advice import Advisor
+
+    learn.epoch_callbacks.append(Advisor(console))  # stops a diverging run; keeps the best-error weights
+    learn.bf16_features = cfg.bf16_features
+    learn.bn_stats_frozen = cfg.bn_stats_frozen
     model_path = None
     try:
         learn.freeze()
         learn.fit_one_cycle(cfg.epochs, cfg.lr)
         if cfg.unfreeze_epochs > 0:
+            learn.feature_cache = None  # free it: the body changes from here on
             learn.unfreeze()
+            learn.train_size = cfg.unfreeze_size
+            learn.bf16 = cfg.bf16
             lo, hi = cfg.unfreeze_lr or (cfg.lr / 100, cfg.lr / 10)
             learn.fit_one_cycle(cfg.unfreeze_epochs, slice(lo, hi))
-    except DivergedError:
+            learn.train_size, learn.bf16 = None, False
+    except DivergedError as e:
         _write_history(learn, cfg.out)
-        raise
+        raise DivergedError(f"{e} See {cfg.out / 'advice.txt'}; no model file was written.") from None
     finally:
         learn.feature_cache = None
     _write_history(learn, cfg.out)
     model_path = learn.export(cfg.out / "model.safetensors")
+    try:  # advice.txt, report.html/json (and best.safetensors when the error got worse at the end)
+        from ursa.report import finish_run
+
+        finish_run(learn, cfg.out, {"data": str(cfg.data), "images": f"{len(ds.train_idx)} train / "
+                                    f"{len(ds.valid_idx)} valid", "time": f"{time.perf_counter() - t0:.0f} s"})
+    except Exception as e:  # the model file is written: a report problem must not fail the run
+        console.print(f"[yellow]warning:[/] could not write the report: {type(e).__name__}: {e}", highlight=False)
     last = learn.recorder.rows[-1] if learn.recorder.rows else {}
     metrics = {k: last.get(k) for k in ("valid_loss", "error_rate", "accuracy")}
     return TrainResult(cfg.out, model_path, metrics, time.perf_counter() - t0, peak_rss_mb(), ds.classes,
@@ -123,6 +143,27 @@ def train(cfg: TrainConfig, console: Console | None = None) -> TrainResult:
 
 
 def _write_history(learn: Learner, out: Path) -> None:
-    atomic_write_text(out / "history.csv", learn.recorder.history_csv())
+    """history.csv, curves and advice.txt; a history that diverged ends the run here, before any model file."""
+    from ursa.advice import History, advise, write_advice
+    from ursa.plots import plot_lr, plot_metrics
+    from ursa.report import run_plots, write_report
+
     r = learn.recorder
+    atomic_write_text(out / "history.csv", r.history_csv())
     plot_losses(r.batch_losses, r.batch_epochs, r.rows, out / "losses.png")
+    plot_lr(r.batch_lrs, r.batch_epochs, out / "lr.png", r.rows)
+    plot_metrics(r.rows, out / "metrics.png")
+    h = History.from_recorder(r, learn.diverged)
+    advice = advise(h)
+    bad = next((a for a in advice if a.rule == "diverged"), None)
+    notes = []
+    if bad is not None:
+        notes.append("No model file was written by this run." + (
+            " (model.safetensors in this folder is from an earlier run.)" if (out / "model.safetensors").exists() else ""))
+    write_advice(out / "advice.txt", advice, h, notes)
+    if bad is not None:
+        write_report(out, None, h, run_plots(out), {"title": "ursa training report: diverged", "run folder": str(out)},
+                     notes)
+        if not learn.diverged:  # the learner missed it (the train loss blew up, valid did not): stop here
+            learn.diverged = True
+            raise DivergedError(f"{bad.text()} See {out / 'advice.txt'}; no model file was written.")

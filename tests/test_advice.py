@@ -1,0 +1,338 @@
+"""The four failure-mode rules on synthetic histories, the epoch callback, and a real diverging run."""
+
+from __future__ import annotations
+
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from ursa.advice import (
+    RULES,
+    Advisor,
+    History,
+    advise,
+    check,
+    diverged,
+    format_advice,
+    lr_too_low,
+    too_few_epochs,
+    too_many_epochs,
+    write_advice,
+)
+from ursa.errors import DivergedError
+from ursa.learner import Recorder
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """The test CPU is shared: two OpenMP threads on a busy machine wait on each other far more than they help."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def make_history(train, valid, err, stages=None, per_epoch=10, lr=3e-3, start=1.1, batch_losses=None,
+                 stopped=False) -> History:
+    """Rows plus per-batch losses that walk linearly from one epoch's train loss to the next."""
+    stages = stages or ["frozen"] * len(train)
+    rows = [{"epoch": e, "stage": s, "train_loss": t, "valid_loss": v, "error_rate": r, "accuracy": 1 - r,
+             "seconds": 1.0} for e, (t, v, r, s) in enumerate(zip(train, valid, err, stages))]
+    if batch_losses is None:
+        batch_losses, prev = [], start
+        for t in train:
+            batch_losses += [prev + (t - prev) * (i + 1) / per_epoch for i in range(per_epoch)]
+            prev = t
+    n = len(batch_losses)
+    epochs = [(i + 1) / per_epoch for i in range(n)]
+    lrs = [lr if stages[min(len(stages) - 1, i // per_epoch)] == "frozen" else lr / 10 for i in range(n)]
+    return History(rows, list(batch_losses), epochs, lrs, stopped)
+
+
+HEALTHY = dict(train=[0.6, 0.3, 0.2, 0.18], valid=[0.3, 0.22, 0.2, 0.195], err=[0.08, 0.05, 0.04, 0.04])
+
+
+def test_rules_are_data_with_the_four_failure_modes():
+    assert [name for name, _ in RULES] == ["diverged", "lr_too_low", "too_few_epochs", "too_many_epochs"]
+    assert all(callable(fn) for _, fn in RULES)
+
+
+def test_healthy_run_fires_nothing():
+    h = make_history(**HEALTHY)
+    assert [a for _, a in check(h) if a is not None] == []
+    assert advise(h) == []
+    assert "[ok] no failure mode detected" in format_advice([], h)
+
+
+# --- learning rate too high ----------------------------------------------------------------------
+
+
+def test_diverged_on_nan_batch_loss():
+    h = make_history([0.5], [0.4], [0.1], batch_losses=[1.1, 0.9, math.nan])
+    a = diverged(h)
+    assert a is not None and a.severity == "error"
+    assert "nan" in a.message and "10x lower" in a.message
+
+
+def test_diverged_on_valid_loss_ten_times_its_best():
+    h = make_history([0.5, 0.4, 0.6], [0.3, 0.2, 2.5], [0.1, 0.08, 0.3])
+    a = diverged(h)
+    assert a is not None and "validation loss jumped" in a.message and a.epoch == 2
+
+
+def test_diverged_on_training_loss_blowing_up_while_valid_looks_fine():
+    """What --lr 0.5 does to the cached head: train loss explodes, valid loss stays finite, no NaN."""
+    h = make_history([1.88, 6.88, 9.43], [1.98, 2.51, 2.51], [0.14, 0.09, 0.09], lr=0.5, per_epoch=3,
+                     batch_losses=[1.2, 0.7, 3.0, 8.0, 7.0, 6.5, 9.0, 10.0, 9.5])
+    a = diverged(h)
+    assert a is not None
+    assert a.title == "learning rate too high"
+    assert "training loss shot up" in a.message and "--lr 0.05" in a.message
+    assert advise(h) == [a], "a diverged run gets only this advice"
+
+
+def test_diverged_in_fine_tuning_points_at_unfreeze_lr():
+    h = make_history([0.5, 0.3, 20.0], [0.3, 0.2, 0.25], [0.1, 0.05, 0.06], stages=["frozen", "frozen", "unfrozen"])
+    a = diverged(h)
+    assert a is not None and "--unfreeze-lr" in a.message and "unfrozen" in a.message
+
+
+def test_diverged_when_the_learner_stopped_the_run():
+    h = make_history([0.5], [0.4], [0.1], stopped=True)
+    assert diverged(h) is not None
+
+
+def test_a_loss_that_falls_to_tiny_then_rises_a_little_is_not_divergence():
+    h = make_history([0.2, 0.02, 0.1], [0.1, 0.05, 0.06], [0.02, 0.0, 0.0])
+    assert diverged(h) is None
+
+
+# --- learning rate too low -----------------------------------------------------------------------
+
+
+def test_lr_too_low_when_the_loss_barely_moves():
+    h = make_history([1.08, 1.05, 1.02], [1.07, 1.04, 1.0], [0.6, 0.55, 0.5], lr=1e-6)
+    a = lr_too_low(h)
+    assert a is not None and a.title == "learning rate too low" and "barely moved" in a.message
+    assert lr_too_low(make_history(**HEALTHY)) is None
+
+
+def test_lr_too_low_ignores_a_loss_that_is_already_low():
+    h = make_history([0.1, 0.098, 0.097], [0.1, 0.1, 0.1], [0.02, 0.02, 0.02], start=0.1)
+    assert lr_too_low(h) is None
+
+
+# --- too few epochs ------------------------------------------------------------------------------
+
+
+def test_underfitting_when_valid_loss_still_falls_fast():
+    a = too_few_epochs(make_history([0.9, 0.6, 0.45], [0.6, 0.4, 0.3], [0.2, 0.1, 0.08]))
+    assert a is not None
+    assert a.title == "underfitting: train longer or raise the learning rate"
+    assert "still falling" in a.message and "--epochs" in a.message
+
+
+def test_underfitting_when_train_loss_is_above_valid_loss():
+    a = too_few_epochs(make_history([0.8, 0.6, 0.5], [0.35, 0.3, 0.29], [0.1, 0.08, 0.08],
+                                    stages=["frozen", "unfrozen", "unfrozen"]))
+    assert a is not None and "above the validation loss" in a.message and "--unfreeze-epochs" in a.message
+
+
+def test_train_above_valid_after_valid_stopped_improving_is_not_underfitting():
+    assert too_few_epochs(make_history([0.8, 0.6, 0.5], [0.3, 0.28, 0.29], [0.1, 0.08, 0.08])) is None
+
+
+# --- too many epochs -----------------------------------------------------------------------------
+
+
+def test_too_many_epochs_when_error_rises_for_two_epochs_after_its_best():
+    h = make_history([0.5, 0.3, 0.2, 0.1], [0.3, 0.2, 0.25, 0.3], [0.1, 0.05, 0.06, 0.07])
+    a = too_many_epochs(h)
+    assert a is not None and a.epoch == 1
+    assert a.title == "error is getting worse: fewer epochs, more data, or regularisation"
+    assert "--epochs 2 --unfreeze-epochs 0" in a.message
+
+
+def test_too_many_epochs_in_fine_tuning_suggests_fewer_unfreeze_epochs():
+    h = make_history([0.5, 0.3, 0.2, 0.1, 0.05], [0.3, 0.2, 0.15, 0.2, 0.3], [0.1, 0.05, 0.03, 0.04, 0.05],
+                     stages=["frozen", "frozen", "unfrozen", "unfrozen", "unfrozen"])
+    a = too_many_epochs(h)
+    assert a is not None and a.epoch == 2 and "--unfreeze-epochs 1" in a.message
+
+
+@pytest.mark.parametrize("err", [[0.1, 0.05, 0.07, 0.05], [0.1, 0.05, 0.07], [0.1, 0.08, 0.05]])
+def test_too_many_epochs_needs_two_worse_epochs_at_the_end(err):
+    n = len(err)
+    assert too_many_epochs(make_history([0.5] * n, [0.3] * n, err)) is None
+
+
+def test_rules_cope_with_empty_and_nan_histories():
+    empty = History([])
+    assert all(a is None for _, a in check(empty))
+    nan_rows = make_history([math.nan], [math.nan], [math.nan], batch_losses=[])
+    assert diverged(nan_rows) is not None  # a NaN valid loss is divergence
+    assert [a for name, a in check(nan_rows) if name != "diverged" and a is not None] == []
+
+
+def test_history_reads_history_csv(tmp_path):
+    r = Recorder(rows=make_history(**HEALTHY).rows)
+    (tmp_path / "history.csv").write_text(r.history_csv())
+    h = History.read_csv(tmp_path / "history.csv")
+    assert [x["epoch"] for x in h.rows] == [0, 1, 2, 3] and h.rows[0]["stage"] == "frozen"
+    assert advise(h) == []
+
+
+def test_advice_txt_lists_findings_and_the_checklist(tmp_path):
+    h = make_history([0.5, 0.3, 0.2, 0.1], [0.3, 0.2, 0.25, 0.3], [0.1, 0.05, 0.06, 0.07])
+    found = advise(h)
+    path = write_advice(tmp_path / "advice.txt", found, h, ["weights of epoch 1 are in best.safetensors"])
+    text = path.read_text()
+    assert "[warning] error is getting worse" in text and "best.safetensors" in text
+    assert "[x] too_many_epochs" in text and "[ ] diverged" in text
+    assert not list(tmp_path.glob(".*.tmp"))
+
+
+# --- during training -----------------------------------------------------------------------------
+
+
+def _fake_learner():
+    model = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.BatchNorm1d(2))
+    return SimpleNamespace(model=model, recorder=Recorder(), console=SimpleNamespace(print=lambda *a, **k: None))
+
+
+def _epoch(learn, advisor, e, train, valid, err, losses):
+    learn.recorder.batch_losses += losses
+    learn.recorder.batch_epochs += [e + (i + 1) / len(losses) for i in range(len(losses))]
+    learn.recorder.batch_lrs += [1e-3] * len(losses)
+    row = {"epoch": e, "stage": "frozen", "train_loss": train, "valid_loss": valid, "error_rate": err,
+           "accuracy": 1 - err, "seconds": 1.0}
+    learn.recorder.rows.append(row)
+    advisor(learn, row)
+
+
+def test_advisor_keeps_the_best_error_weights_and_says_new_advice_once():
+    learn, said = _fake_learner(), []
+    learn.console = SimpleNamespace(print=lambda msg, **k: said.append(msg))
+    adv = Advisor()
+    _epoch(learn, adv, 0, 0.5, 0.3, 0.10, [1.0, 0.6])
+    with torch.no_grad():
+        learn.model[0].weight.add_(1.0)
+    _epoch(learn, adv, 1, 0.4, 0.2, 0.05, [0.5, 0.4])
+    best = {k: v.clone() for k, v in learn.model.state_dict().items()}
+    for e, err in ((2, 0.06), (3, 0.07), (4, 0.08)):
+        with torch.no_grad():
+            learn.model[0].weight.add_(1.0)
+        _epoch(learn, adv, e, 0.3, 0.25, err, [0.35, 0.3])
+    assert adv.best_epoch == 1
+    assert all(torch.equal(best[k], adv.best_state[k]) for k in best)
+    assert sum("error is getting worse" in m for m in said) == 1
+
+
+def test_advisor_stops_a_run_whose_training_loss_blows_up():
+    learn, adv = _fake_learner(), Advisor()
+    _epoch(learn, adv, 0, 1.5, 2.0, 0.1, [1.2, 0.7, 3.0])
+    with pytest.raises(DivergedError, match="learning rate too high"):
+        _epoch(learn, adv, 1, 8.0, 2.5, 0.1, [8.0, 9.0, 10.0])
+
+
+def test_save_best_exports_the_best_weights_and_leaves_the_learner_alone(tmp_path, tiny_model):
+    from ursa.advice import save_best
+    from ursa.export import load_model
+
+    model, meta = load_model(tiny_model)
+    exported = {}
+
+    def export(path, metrics=None):
+        exported["state"] = {k: v.clone() for k, v in model.state_dict().items()}
+        exported["metrics"] = metrics
+        return path
+
+    learn = SimpleNamespace(model=model, export=export)
+    adv = Advisor()
+    adv.best_state = {k: torch.zeros_like(v) if v.is_floating_point() else v.clone()
+                      for k, v in model.state_dict().items()}
+    adv.best_epoch, adv.best_row = 3, {"valid_loss": 0.1, "error_rate": 0.05, "accuracy": 0.95}
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    save_best(learn, adv, tmp_path / "best.safetensors")
+    assert exported["metrics"]["epoch"] == 3 and exported["metrics"]["error_rate"] == 0.05
+    assert all(float(v.abs().sum()) == 0 for k, v in exported["state"].items() if v.is_floating_point())
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+# --- end to end ----------------------------------------------------------------------------------
+
+
+def test_train_with_a_huge_learning_rate_exits_3_and_writes_no_model(tmp_path, sample_dir, capsys):
+    """--lr 0.5 on the sample: the cached head's train loss explodes; the run must stop as diverged."""
+    from ursa.cli import main
+
+    out = tmp_path / "run"
+    rc = main(["train", str(sample_dir), "--out", str(out), "--size", "128", "--epochs", "3",
+               "--unfreeze-epochs", "1", "--lr", "0.5", "--quiet"])
+    err = capsys.readouterr().err
+    assert rc == 3
+    assert "learning rate too high" in err and "10x lower" in err
+    assert not (out / "model.safetensors").exists()
+    assert not list(out.glob("*.safetensors")), "no model file of any kind from a diverged run"
+    advice = (out / "advice.txt").read_text()
+    assert "learning rate too high" in advice and "try 10x lower" in advice.lower()
+    assert "No model file was written" in advice
+    assert (out / "history.csv").read_text().startswith("epoch,stage,train_loss")
+    assert (out / "report.html").is_file() and (out / "losses.png").is_file()
+
+
+@pytest.fixture(scope="module")
+def fresh_learner(sample_dir):
+    """An untrained head on the bundled sample at 128 px."""
+    from ursa.data import dataloaders, load_dataset
+    from ursa.learner import Learner
+    from ursa.models import create_model, get_spec
+
+    torch.manual_seed(0)
+    ds = load_dataset(sample_dir)
+    spec = get_spec("efficientnet_lite0")
+    dls = dataloaders(ds, 128, spec.mean, spec.std, bs=32)
+    return Learner(dls, create_model("efficientnet_lite0", n_classes=len(ds.classes)), quiet=True)
+
+
+@pytest.mark.slow
+def test_advisor_stops_a_real_fit_at_the_epoch_it_diverges(fresh_learner):
+    """What `ursa train` gains with an Advisor attached: --lr 0.5 stops early instead of finishing."""
+    learn = fresh_learner
+    adv = Advisor()
+    learn.epoch_callbacks.append(adv)
+    try:
+        learn.freeze()
+        with pytest.raises(DivergedError, match="learning rate too high"):
+            learn.fit_one_cycle(3, 0.5)
+    finally:
+        learn.epoch_callbacks.remove(adv)
+    assert learn.diverged and len(learn.recorder.rows) < 3
+    assert adv.best_state is not None and adv.best_epoch == 0
+
+
+@pytest.mark.slow
+def test_finish_run_saves_best_weights_when_the_error_got_worse(fresh_learner, tmp_path):
+    from ursa.export import load_model
+    from ursa.report import finish_run
+
+    learn = fresh_learner
+    rows = make_history([0.5, 0.3, 0.2, 0.1], [0.3, 0.2, 0.25, 0.3], [0.1, 0.05, 0.06, 0.07]).rows
+    learn.recorder = Recorder(rows=rows)
+    learn.diverged = False
+    adv = Advisor()
+    adv.best_state = {k: v.clone() for k, v in learn.model.state_dict().items()}
+    adv.best_epoch, adv.best_row = 1, rows[1]
+    learn.epoch_callbacks.append(adv)
+    try:
+        written = finish_run(learn, tmp_path)
+    finally:
+        learn.epoch_callbacks.remove(adv)
+    assert written["best"] == tmp_path / "best.safetensors"
+    model, meta = load_model(tmp_path / "best.safetensors")
+    assert meta.metrics["epoch"] == 1 and meta.metrics["error_rate"] == 0.05
+    advice = (tmp_path / "advice.txt").read_text()
+    assert "error is getting worse" in advice and "best.safetensors" in advice
+    assert (tmp_path / "report.html").is_file()

@@ -1,0 +1,222 @@
+"""Reading a model's mistakes: fastai's ClassificationInterpretation on a set of images.
+
+Predictions on the validation set (or every image, as the lesson does before cleaning), then the
+confusion matrix (rows: actual, columns: predicted), ``most_confused``, precision and recall per
+class, and the top losses: the images the model is most wrong, or least sure, about.
+
+Which images are "the validation set" for a model file: the ``split.csv`` that ``ursa train``
+wrote beside it (the exact assignment used in training) when present; otherwise the split is
+recomputed from DATA with ``ursa.data.load_dataset`` at train's defaults (seed 42, valid_pct
+0.2), which gives the same assignment for the same files because the split hashes each file's
+relative path. Unreadable images are skipped, counted and listed, never fatal.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable, Sequence
+
+import numpy as np
+
+from ursa.errors import DataError
+
+if TYPE_CHECKING:
+    from ursa.learner import Learner
+
+
+@dataclass
+class Interpretation:
+    """Probabilities and targets for a set of images, and what they say about the model."""
+
+    classes: list[str]
+    files: list[str]  # names shown to people (relative to the data folder)
+    paths: list[Path]  # where to read each image (thumbnails)
+    targets: np.ndarray  # [n] actual class index
+    probs: np.ndarray  # [n, n_classes]
+    split: str = "valid"  # "valid" or "all"
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (file, why)
+
+    def __post_init__(self) -> None:
+        self.targets = np.asarray(self.targets, dtype=np.int64).reshape(-1)
+        self.probs = np.asarray(self.probs, dtype=np.float64).reshape(len(self.targets), len(self.classes))
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    @property
+    def preds(self) -> np.ndarray:
+        """Predicted class index of each image."""
+        return self.probs.argmax(1) if len(self) else np.zeros(0, dtype=np.int64)
+
+    @property
+    def losses(self) -> np.ndarray:
+        """Cross-entropy of each image: -log p(actual class)."""
+        if not len(self):
+            return np.zeros(0)
+        p = self.probs[np.arange(len(self)), self.targets]
+        return -np.log(np.clip(p, 1e-12, 1.0))
+
+    @property
+    def error_rate(self) -> float:
+        """Share of images whose predicted class is not the actual one."""
+        return float((self.preds != self.targets).mean()) if len(self) else math.nan
+
+    def confusion_matrix(self) -> np.ndarray:
+        """counts[actual, predicted]."""
+        n = len(self.classes)
+        cm = np.zeros((n, n), dtype=np.int64)
+        np.add.at(cm, (self.targets, self.preds), 1)
+        return cm
+
+    def most_confused(self, min_val: int = 1) -> list[tuple[str, str, int]]:
+        """(actual, predicted, count) for off-diagonal cells with at least min_val, most first."""
+        cm = self.confusion_matrix()
+        out = [(self.classes[i], self.classes[j], int(cm[i, j]))
+               for i in range(len(self.classes)) for j in range(len(self.classes))
+               if i != j and cm[i, j] >= min_val]
+        return sorted(out, key=lambda t: (-t[2], t[0], t[1]))
+
+    def per_class(self) -> dict[str, dict[str, float | int]]:
+        """Precision (of the class's predictions, how many were right) and recall (of its images, how many found)."""
+        cm = self.confusion_matrix()
+        out = {}
+        for i, c in enumerate(self.classes):
+            tp, predicted, actual = int(cm[i, i]), int(cm[:, i].sum()), int(cm[i, :].sum())
+            out[c] = {
+                "precision": tp / predicted if predicted else 0.0,
+                "recall": tp / actual if actual else 0.0,
+                "support": actual,
+            }
+        return out
+
+    def top_losses(self, k: int | None = None) -> list[tuple[str, str, str, float, float]]:
+        """(file, actual, predicted, loss, probability of the prediction), highest loss first."""
+        order = np.argsort(-self.losses, kind="stable")[: k if k is not None else len(self)]
+        preds, losses = self.preds, self.losses
+        return [(self.files[i], self.classes[self.targets[i]], self.classes[preds[i]], float(losses[i]),
+                 float(self.probs[i, preds[i]])) for i in order]
+
+    def top_loss_indices(self, k: int) -> list[int]:
+        """Item indices of the k highest losses (to find their images)."""
+        return [int(i) for i in np.argsort(-self.losses, kind="stable")[:k]]
+
+    def confusion_text(self) -> str:
+        """The confusion matrix as an aligned text table (actual down, predicted across)."""
+        cm = self.confusion_matrix()
+        w = max(6, *(len(c) for c in self.classes), len(str(int(cm.max()) if cm.size else 0)))
+        head = " " * w + " | " + " ".join(f"{c:>{w}}" for c in self.classes) + "   <- predicted"
+        lines = [head, "-" * len(head)]
+        for i, c in enumerate(self.classes):
+            lines.append(f"{c:>{w}} | " + " ".join(f"{int(v):>{w}}" for v in cm[i]))
+        lines.append("(rows: actual)")
+        return "\n".join(lines)
+
+    def to_json(self, k: int | None = None) -> dict:
+        """report.json's interpretation keys (top_losses: k highest, default every item)."""
+        return {
+            "classes": list(self.classes),
+            "split": self.split,
+            "n_items": len(self),
+            "error_rate": self.error_rate if len(self) else None,
+            "confusion_matrix": self.confusion_matrix().tolist(),
+            "most_confused": [list(t) for t in self.most_confused()],
+            "per_class": self.per_class(),
+            "top_losses": [list(t) for t in self.top_losses(k)],
+            "skipped": [list(s) for s in self.skipped],
+        }
+
+    @classmethod
+    def from_learner(cls, learn: "Learner", idx: Sequence[int] | None = None) -> "Interpretation":
+        """From a learner in memory (default: its validation set); no model file needed."""
+        ds = learn.dls.dataset
+        idx = list(ds.valid_idx if idx is None else idx)
+        probs, y = learn.get_preds(idx)
+        return cls(list(learn.dls.classes), [ds.rel(i) for i in idx], [ds.files[i] for i in idx],
+                   y.numpy(), probs.float().numpy(), "valid" if idx == ds.valid_idx else "subset",
+                   list(ds.skipped))
+
+
+def load_items(model_path: str | Path, data: str | Path, classes: Sequence[str], all_images: bool = False,
+               csv_path: str | Path | None = None) -> tuple[list[tuple[str, Path, int]], str, list[tuple[str, str]]]:
+    """(name, path, class index) of the images to interpret, which split that is, and items left out."""
+    from ursa.data import load_dataset
+
+    data = Path(data)
+    split_csv = Path(model_path).parent / "split.csv"
+    index = {c: i for i, c in enumerate(classes)}
+    skipped: list[tuple[str, str]] = []
+    if not all_images and csv_path is None and split_csv.is_file():
+        rows = _read_split(split_csv)
+        items = []
+        for name, label, is_valid in rows:
+            if not is_valid:
+                continue
+            if label not in index:
+                raise DataError(f"{split_csv}: label {label!r} is not a class of the model ({', '.join(classes)})")
+            items.append((name, data / name, index[label]))
+        if items and not any(p.is_file() for _, p, _ in items):
+            raise DataError(f"{data}: none of the {len(items)} validation images named in {split_csv} are there; "
+                            "give the folder the model was trained on, or --all")
+        skipped += [(name, "missing: file not found") for name, p, _ in items if not p.is_file()]
+        return [it for it in items if it[1].is_file()], "valid", skipped
+    ds = load_dataset(data, csv_path)
+    unknown = sorted(set(ds.classes) - set(classes))
+    if unknown:
+        raise DataError(f"{data}: class(es) {', '.join(unknown)} are not classes of the model ({', '.join(classes)})")
+    idx = range(len(ds)) if all_images else ds.valid_idx
+    items = [(ds.rel(i), ds.files[i], index[ds.classes[ds.labels[i]]]) for i in idx]
+    return items, "all" if all_images else "valid", skipped
+
+
+def _read_split(path: Path) -> list[tuple[str, str, bool]]:
+    with open(path, newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        if not reader.fieldnames or not {"name", "label", "is_valid"} <= set(reader.fieldnames):
+            raise DataError(f"{path}: expected columns name,label,is_valid")
+        return [(r["name"], r["label"], r["is_valid"].strip().lower() in ("true", "1", "yes")) for r in reader]
+
+
+def interpret_model(model_path: str | Path, data: str | Path, all_images: bool = False,
+                    csv_path: str | Path | None = None, bs: int = 32,
+                    progress: Callable[[int, int], None] | None = None) -> Interpretation:
+    """Load a model file and predict its validation set (or every image) in batches; bad files are skipped."""
+    import torch
+
+    from ursa.errors import ImageError
+    from ursa.predict import load_learner
+
+    pred = load_learner(model_path)
+    items, split, skipped = load_items(model_path, data, pred.classes, all_images, csv_path)
+    if not items:
+        raise DataError(f"{data}: no images to interpret")
+    names, paths, targets, probs = [], [], [], []
+    batch: list[torch.Tensor] = []
+    kept: list[tuple[str, Path, int]] = []
+
+    def flush() -> None:
+        if batch:
+            probs.append(pred.probs(torch.stack(batch)).numpy())
+            for n, p, t in kept:
+                names.append(n)
+                paths.append(p)
+                targets.append(t)
+            batch.clear()
+            kept.clear()
+
+    for k, (name, path, target) in enumerate(items, 1):
+        try:
+            batch.append(pred.preprocess(path))
+            kept.append((name, path, target))
+        except ImageError as e:
+            skipped.append((name, f"{e.kind}: {e.reason}"))
+        if len(batch) >= bs:
+            flush()
+        if progress:
+            progress(k, len(items))
+    flush()
+    if not names:
+        raise DataError(f"{data}: none of the {len(items)} images could be read")
+    return Interpretation(pred.classes, names, paths, np.array(targets), np.concatenate(probs), split, skipped)
