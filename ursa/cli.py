@@ -80,7 +80,19 @@ def train_cmd(
         f"{res.seconds:.0f} s, peak memory {res.peak_rss_mb:.0f} MB"
     )
     typer.echo(f"model: {res.model_path}")
-    typer.echo(f"history: {res.out / 'history.csv'}, plot: {res.out / 'losses.png'}")
+    best = res.out / "best.safetensors"
+    if res.model_path is not None and best.is_file() and best.stat().st_mtime >= res.model_path.stat().st_mtime:
+        typer.echo(f"best epoch's weights: {best}")
+    typer.echo(f"history: {res.out / 'history.csv'}, plots: losses.png, lr.png, metrics.png")
+    if res.learner is not None:
+        from ursa.advice import History, advise
+
+        found = advise(History.from_recorder(res.learner.recorder))
+        for a in found:
+            typer.echo(f"advice: {a.text()}")
+        if not found:
+            typer.echo("advice: no failure mode detected (too high/too low learning rate, too few/too many epochs)")
+    typer.echo(f"report: {res.out / 'report.html'} (advice.txt, report.json)")
 
 
 @app.command("predict")
@@ -88,14 +100,17 @@ def predict_cmd(
     model: Annotated[Path, typer.Argument(help="model.safetensors written by `ursa train` (or model.onnx).")],
     images: Annotated[list[Path], typer.Argument(help="Image files.")],
     json_out: Annotated[bool, typer.Option("--json", help="One JSON object per line.")] = False,
+    backend: Annotated[str, typer.Option("--backend", help="auto (MODEL.onnx beside MODEL when it is up to date), torch or onnx.")] = "auto",
 ) -> None:
     """Predict the class of each image."""
     import json
 
     from ursa.errors import ImageError
-    from ursa.predict import load_learner
+    from ursa.predict import BACKENDS, load_learner
 
-    pred = load_learner(model)
+    if backend not in BACKENDS:
+        raise UrsaError(f"--backend must be one of {', '.join(BACKENDS)} (got {backend!r})")
+    pred = load_learner(model, backend=backend)
     failed = 0
     for f in images:
         try:
@@ -155,7 +170,9 @@ def verify_cmd(
         bool, typer.Option("--fix", help="Replace CMYK/palette/RGBA/16-bit (and oversized) images by RGB copies.")
     ] = False,
     max_size: Annotated[Optional[int], typer.Option(help="With --fix: shrink the long side to this.")] = None,
-    workers: Annotated[Optional[int], typer.Option(help="Processes [default: min(4, CPUs)]; 1 = no pool.")] = None,
+    workers: Annotated[
+        Optional[int], typer.Option(help="Processes; 1 = no pool [default: min(4, CPUs), 1 under 16 MB of images].")
+    ] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
     quiet: Quiet = False,
 ) -> None:
@@ -168,9 +185,210 @@ def verify_cmd(
 
 # --- lr-find/interpret commands ---
 
+
+def _out_outside(out: Path, data: Path) -> None:
+    """Refuse to write into the user's data folder (same rule as train)."""
+    d, o = data.resolve(), out.resolve()
+    if o == d or d in o.parents:
+        raise UrsaError(f"{out}: the output folder must be outside the data folder {data} (ursa never writes into your data)")
+
+
+@app.command("lr-find")
+def lr_find_cmd(
+    data: Annotated[Path, typer.Argument(help="Folder with one sub-folder of images per class (or train/ and valid/).")],
+    out: Annotated[Path, typer.Option("--out", help="Folder for lr_find.png and lr_find.json.")] = Path("runs/lr-find"),
+    csv: Annotated[Optional[Path], typer.Option("--csv", help="CSV of name,label relative to DATA (fastai's cleaned.csv).")] = None,
+    arch: Annotated[str, typer.Option("--arch", help="efficientnet_lite0/1/2 (offline) or a timm name.")] = "efficientnet_lite0",
+    size: Annotated[Optional[int], typer.Option("--size", min=32, max=1024, help="Input size (default: the architecture's).")] = None,
+    unfrozen: Annotated[bool, typer.Option("--unfrozen", help="Sweep the whole network, as for fine-tuning (after --head-epochs of training the head), instead of the head alone.")] = False,
+    head_epochs: Annotated[int, typer.Option("--head-epochs", min=0, help="With --unfrozen: train the head this many epochs first, as the lesson does before unfreezing.")] = 1,
+    bs: Annotated[int, typer.Option("--bs", min=2, help="Batch size.")] = 32,
+    valid_pct: Annotated[float, typer.Option("--valid-pct", help="Share of images held out (not swept).")] = 0.2,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the split and of the sweep.")] = 42,
+    json_out: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
+    quiet: Quiet = False,
+) -> None:
+    """Find a learning rate: sweep it from 1e-7 to 10 over 100 batches and suggest one (lr_find.png)."""
+    import json
+
+    import torch
+    from rich.console import Console
+
+    from ursa.data import dataloaders, load_dataset
+    from ursa.learner import Learner
+    from ursa.models import create_model, get_spec
+    from ursa.progress import progress_bar
+    from ursa.util import atomic_write_text
+
+    console = Console(stderr=True, quiet=quiet)
+    ds = load_dataset(data, csv, valid_pct, seed)
+    _out_outside(out, data)
+    spec = get_spec(arch)
+    size = size or spec.input_size
+    torch.manual_seed(seed)
+    model = create_model(arch, n_classes=len(ds.classes))
+    with progress_bar(console, quiet) as prog:
+        task = prog.add_task("decoding images", total=len(ds))
+        dls = dataloaders(ds, size, spec.mean, spec.std, bs=bs, seed=seed, progress=lambda n: prog.update(task, advance=n))
+    learn = Learner(dls, model, quiet=quiet, console=console, seed=seed)
+    learn.freeze()
+    if unfrozen:
+        if head_epochs:
+            learn.fit_one_cycle(head_epochs, 3e-3)
+        learn.feature_cache = None
+        learn.unfreeze()
+    out.mkdir(parents=True, exist_ok=True)
+    res = learn.lr_find(plot=out / "lr_find.png")
+    atomic_write_text(out / "lr_find.json", json.dumps(res.to_dict(), indent=1) + "\n")
+    if json_out:
+        typer.echo(json.dumps({k: v for k, v in res.to_dict().items() if k not in ("lrs", "losses", "smoothed")}))
+        return
+    how = "whole network" if unfrozen else "head only" + (", on cached body features" if res.cached else "")
+    typer.echo(f"lr_find ({how}): {len(res.lrs)} batches, lr {res.lrs[0]:.0e} to {res.lrs[-1]:.1e}"
+               + (" (stopped: the loss blew up)" if res.stopped_early else ""))
+    typer.echo(f"suggested learning rate: {res.suggestion:.1e} (valley)")
+    for line in res.explain():
+        typer.echo(f"  {line}")
+    s = res.suggestion
+    use = f"--unfreeze-lr {s / 100:.0e},{s:.0e}" if unfrozen else f"--lr {s:.0e}"
+    typer.echo(f"use it: ursa train {data} {use}")
+    typer.echo(f"plot: {out / 'lr_find.png'}")
+
+
+@app.command("interpret")
+def interpret_cmd(
+    model: Annotated[Path, typer.Argument(help="model.safetensors written by `ursa train`.")],
+    data: Annotated[Path, typer.Argument(help="The data folder the model was trained on.")],
+    out: Annotated[Path, typer.Option("--out", help="Folder for report.html, report.json and the plots.")],
+    all_images: Annotated[bool, typer.Option("--all", help="Every image in DATA, not only the validation set (before cleaning, as the lesson does).")] = False,
+    csv: Annotated[Optional[Path], typer.Option("--csv", help="CSV of name,label relative to DATA (fastai's cleaned.csv) for the labels.")] = None,
+    top: Annotated[int, typer.Option("--top", min=0, help="Top losses shown as pictures.")] = 12,
+    min_val: Annotated[int, typer.Option("--min-val", min=1, help="Most-confused pairs with at least this many images.")] = 1,
+    json_out: Annotated[bool, typer.Option("--json", help="Print report.json instead of the summary.")] = False,
+    quiet: Quiet = False,
+) -> None:
+    """Confusion matrix, most confused classes, precision/recall and top losses, as report.html/json."""
+    from rich.console import Console
+
+    from ursa.advice import History
+    from ursa.interpret import interpret_model
+    from ursa.progress import progress_bar
+    from ursa.report import run_plots, write_report
+
+    _out_outside(out, data)
+    console = Console(stderr=True, quiet=quiet)
+    with progress_bar(console, quiet) as prog:
+        task = prog.add_task("predicting", total=None)
+        interp = interpret_model(model, data, all_images=all_images, csv_path=csv,
+                                 progress=lambda k, n: prog.update(task, completed=k, total=n))
+    run = model.parent
+    hist = History.read_csv(run / "history.csv") if (run / "history.csv").is_file() else None
+    info = {"title": "ursa interpretation", "model": str(model), "data": str(data),
+            "set": "every image" if all_images else "validation set" + (" (split.csv)" if (run / "split.csv").is_file() and csv is None else "")}
+    files = write_report(out, interp, hist, run_plots(run), info, k=top)
+    if json_out:
+        typer.echo(files["json"].read_text())
+        return
+    what = "images" if all_images else "validation images"
+    typer.echo(f"error rate {interp.error_rate:.4f} on {len(interp)} {what}"
+               + (f"; {len(interp.skipped)} skipped (unreadable or missing)" if interp.skipped else ""))
+    typer.echo(interp.confusion_text())
+    mc = interp.most_confused(min_val)
+    typer.echo("most confused (actual -> predicted): " + (", ".join(f"{a} -> {p} ({n})" for a, p, n in mc) or "none"))
+    for c, m in interp.per_class().items():
+        typer.echo(f"  {c}: precision {m['precision']:.3f}, recall {m['recall']:.3f} ({m['support']} images)")
+    for name, why in interp.skipped[:10]:
+        typer.echo(f"skipped {name}: {why}", err=True)
+    typer.echo(f"report: {files['html']} (and {files['json'].name})")
+
+
 # --- serve command ---
 
+
+@app.command("serve")
+def serve_cmd(
+    model: Annotated[Path, typer.Argument(help="model.safetensors written by `ursa train` (or model.onnx).")],
+    host: Annotated[str, typer.Option("--host", help="Address to listen on (default: this computer only).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", min=1, max=65535, help="Port to listen on.")] = 8000,
+    workers: Annotated[int, typer.Option("--workers", min=1, help="Worker processes, each with its own copy of the model.")] = 1,
+    max_bytes: Annotated[str, typer.Option("--max-bytes", help="Largest request body accepted (e.g. 10MB, 500KB).")] = "10MB",
+    backend: Annotated[str, typer.Option("--backend", help="auto (MODEL.onnx beside MODEL when it is up to date), torch or onnx.")] = "auto",
+    threads: Annotated[Optional[int], typer.Option("--threads", min=1, help="Inference threads per worker [default: cores / workers].")] = None,
+    max_batch: Annotated[int, typer.Option("--max-batch", min=1, help="Most concurrent requests run as one batch (1 = no micro-batching).")] = 16,
+    batch_wait_ms: Annotated[float, typer.Option("--batch-wait-ms", min=0.0, help="How long an idle server waits to fill a batch.")] = 0.0,
+    bf16: Annotated[bool, typer.Option("--bf16", help="bfloat16 autocast on the torch backend (see docs/serve.md).")] = False,
+    access_log: Annotated[bool, typer.Option("--access-log/--no-access-log", help="Log one line per request.")] = True,
+) -> None:
+    """Serve the model: a web page at / and a JSON API at /predict, until Ctrl-C."""
+    from ursa.predict import BACKENDS
+    from ursa.serve import ServeConfig, parse_bytes, serve
+
+    if backend not in BACKENDS:
+        raise UrsaError(f"--backend must be one of {', '.join(BACKENDS)} (got {backend!r})")
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        typer.echo(f"warning: listening on {host}: anyone who can reach this computer can use the model", err=True)
+    cfg = ServeConfig(model=model, max_bytes=parse_bytes(max_bytes), backend=backend, threads=threads,
+                      max_batch=max_batch, batch_wait_ms=batch_wait_ms, bf16=bf16)
+    serve(cfg, host=host, port=port, workers=workers, access_log=access_log,
+          ready=lambda url: typer.echo(f"serving {model} at {url} (Ctrl-C to stop)", err=True))
+
+
+@app.command("export")
+def export_cmd(
+    model: Annotated[Path, typer.Argument(help="model.safetensors written by `ursa train`.")],
+    onnx: Annotated[bool, typer.Option("--onnx", help="Write an ONNX model for onnxruntime.")] = False,
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="ONNX file to write [default: MODEL with .onnx].")] = None,
+) -> None:
+    """Export the model for other runtimes: `--onnx` writes MODEL.onnx, which predict and serve then use."""
+    from ursa.export import export_onnx
+
+    if not onnx:
+        raise UrsaError("nothing to export: pass --onnx (the model file itself is already the portable export)")
+    path = export_onnx(model, out)
+    typer.echo(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB); checked against torch to 1e-4")
+
 # --- clean command ---
+
+
+@app.command("clean")
+def clean_cmd(
+    data: Annotated[Path, typer.Argument(help="Folder with one sub-folder of images per class (or train/ and valid/).")],
+    model: Annotated[Path, typer.Option("--model", "-m", help="model.safetensors written by `ursa train`.")],
+    csv: Annotated[Optional[Path], typer.Option("--csv", help="CSV of name,label relative to DATA (e.g. DATA/cleaned.csv).")] = None,
+    port: Annotated[int, typer.Option("--port", min=1, max=65535, help="Port of the local cleaner page.")] = 8765,
+    host: Annotated[str, typer.Option("--host", help="Address to listen on (default: this computer only).")] = "127.0.0.1",
+    no_browser: Annotated[bool, typer.Option("--no-browser", help="Do not open a browser; print the address.")] = False,
+    export: Annotated[Optional[Path], typer.Option("--export", help="Write the rankings as CSV files into DIR and exit (no page).", metavar="DIR")] = None,
+    threshold: Annotated[float, typer.Option("--threshold", min=0.0, max=1.0, help="Cosine similarity above which two images are near-duplicates (measured on bears: docs/clean.md).")] = 0.88,
+    quiet: Quiet = False,
+) -> None:
+    """Find top losses, likely label errors and duplicates; keep, exclude or relabel them in your browser.
+
+    Decisions are saved to DATA/cleaned.csv and DATA/clean_log.csv as you make them; no image is ever
+    moved or deleted. Retrain with `ursa train DATA --csv DATA/cleaned.csv`.
+    """
+    import time
+
+    from ursa import clean
+
+    t0 = time.perf_counter()
+    if export is None and host not in ("127.0.0.1", "localhost", "::1"):
+        typer.echo(f"warning: listening on {host}: anyone who can reach this computer can see your images", err=True)
+    if export is None:  # fail before the slow pass, not after it
+        clean.free_port_or_error(host, port)
+        if data.is_dir():
+            clean.check_writable(data, csv)
+    took: dict[str, float] = {}
+    ds, scores, ranks = clean.prepare(data, model, csv, threshold=threshold, quiet=quiet, timings=took)
+    typer.echo(clean.summary_line(scores, ranks))
+    if export is not None:
+        files = clean.export_rankings(export, scores, ranks)
+        typer.echo(f"wrote {', '.join(str(p) for p in files.values())} in {time.perf_counter() - t0:.1f} s "
+                   f"(model pass {took['model_pass']:.1f} s, rankings {took['rankings']:.1f} s)")
+        return
+    session = clean.start_session(ds, scores, ranks, model_name=str(model), csv_path=csv)
+    clean.serve(session, host, port, open_browser=not no_browser, echo=typer.echo)
+
 
 # --- sgd command ---
 
@@ -242,6 +460,9 @@ def sgd_command(
 
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; a UrsaError becomes one line on stderr and its exit code, never a traceback."""
+    import logging
+
+    logging.basicConfig(format="%(levelname)s: %(message)s", level=logging.WARNING)
     try:
         app(args=argv, standalone_mode=False)
     except UrsaError as e:

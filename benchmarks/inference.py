@@ -1,0 +1,158 @@
+"""Benchmark: CPU inference of one model, four ways, on the bears validation images.
+
+Rows: torch eager (NCHW float32, no_grad: the naive baseline), torch channels_last +
+inference_mode (what ursa's torch backend does), torch bf16 autocast (channels_last), and
+onnxruntime. Columns: single-image latency from JPEG bytes (decode + resize included; p50, p99),
+forward-only latency of one image, batch throughput from bytes and forward-only, and
+validation accuracy and the largest probability difference to eager, which decide whether a
+faster variant may be used at all. Ratios are to eager.
+
+    .venv/bin/python benchmarks/inference.py [MODEL] [--data ../shared/datasets/bears] [--n 200] [--bs 32]
+
+Without MODEL it trains one (efficientnet_lite0 at its default 224 px, one frozen epoch on the
+bundled sample: accuracy is beside the point here) into /tmp/bench_model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+BEARS = REPO.parent / "shared" / "datasets" / "bears"
+DEFAULT_MODEL = Path("/tmp/bench_model/model.safetensors")
+
+
+def ensure_model(path: Path | None) -> Path:
+    """The model to measure; trains the default one when none is given."""
+    if path is not None:
+        return path
+    if not DEFAULT_MODEL.is_file():
+        print(f"training a lite0/224 model into {DEFAULT_MODEL.parent} (about a minute)...", flush=True)
+        subprocess.run([sys.executable, "-m", "ursa", "train", str(REPO / "examples" / "bears"), "--out",
+                        str(DEFAULT_MODEL.parent), "--epochs", "1", "--unfreeze-epochs", "0", "-q"], check=True, cwd=REPO)
+    return DEFAULT_MODEL
+
+
+def ensure_onnx(model: Path) -> Path:
+    """MODEL.onnx, exported now when missing or older than the model."""
+    from ursa.export import export_onnx
+
+    onnx_file = model.with_suffix(".onnx")
+    if not onnx_file.is_file() or onnx_file.stat().st_mtime < model.stat().st_mtime:
+        export_onnx(model)
+    return onnx_file
+
+
+def percentile(values: list[float], q: float) -> float:
+    """Nearest-rank percentile: no interpolation, so p99 of 200 samples is a real sample."""
+    s = sorted(values)
+    return s[min(len(s) - 1, max(0, round(q / 100 * len(s)) - 1))]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("model", nargs="?", type=Path, help="model.safetensors (default: train one into /tmp/bench_model)")
+    ap.add_argument("--data", type=Path, default=BEARS, help="bears folder; its validation split is measured")
+    ap.add_argument("--n", type=int, default=200, help="single-image predictions per variant")
+    ap.add_argument("--bs", type=int, default=32, help="batch size for throughput")
+    ap.add_argument("--threads", type=int, default=None, help="intra-op threads (default: all cores)")
+    args = ap.parse_args()
+
+    import torch
+
+    from ursa.data import load_dataset
+    from ursa.export import load_model
+    from ursa.predict import Predictor, default_threads, load_learner
+
+    if not args.data.is_dir():
+        sys.exit(f"{args.data}: bears dataset not found; pass --data")
+    threads = args.threads or default_threads()
+    torch.set_num_threads(threads)
+    model_path = ensure_model(args.model)
+    onnx_path = ensure_onnx(model_path)
+    ds = load_dataset(args.data)
+    valid = ds.valid_idx
+    blobs = [ds.files[i].read_bytes() for i in valid]
+    targets = [ds.labels[i] for i in valid]
+
+    class Eager(Predictor):
+        """The naive baseline: NCHW float32 under no_grad."""
+
+        def probs(self, x: torch.Tensor) -> torch.Tensor:
+            with torch.no_grad():
+                return self.model(x.contiguous()).softmax(1)
+
+    eager_model, meta = load_model(model_path)
+    eager = Eager(None, meta)
+    eager.model = eager_model.eval()  # Predictor would make it channels_last
+    variants = {
+        "torch eager (NCHW fp32)": eager,
+        "torch channels_last": Predictor(load_model(model_path)[0], meta),
+        "torch channels_last bf16": Predictor(load_model(model_path)[0], meta, bf16=True),
+        "onnxruntime": load_learner(onnx_path, threads=threads),
+    }
+    classes = meta.classes
+    assert ds.classes == classes, f"data classes {ds.classes} differ from the model's {classes}"
+    print(f"model {model_path} ({meta.arch}, {meta.input_size} px); {len(blobs)} validation images of {args.data}; "
+          f"{threads} threads; torch {torch.__version__}", flush=True)
+
+    pre = [eager.preprocess(b) for b in blobs]  # for the forward-only columns
+    for pred in variants.values():  # warm up (oneDNN primitive caches, ORT arenas)
+        for b in blobs[:10]:
+            pred.predict(b)
+        pred.probs(torch.stack(pre[: args.bs]))
+    # Round-robin over the variants at every step, so that load from other processes (which
+    # comes and goes) falls on all of them alike instead of on whichever ran at the time.
+    lat: dict[str, list[float]] = {name: [] for name in variants}
+    fwd: dict[str, list[float]] = {name: [] for name in variants}
+    for k in range(args.n):
+        for name, pred in variants.items():
+            t = time.perf_counter()
+            pred.predict(blobs[k % len(blobs)])
+            lat[name].append(time.perf_counter() - t)
+            x = pre[k % len(pre)][None]
+            t = time.perf_counter()
+            pred.probs(x)
+            fwd[name].append(time.perf_counter() - t)
+    spent = {name: [0.0, 0.0] for name in variants}  # seconds: from bytes, forward only
+    preds: dict[str, list] = {name: [] for name in variants}
+    probs: dict[str, list] = {name: [] for name in variants}
+    for i in range(0, len(blobs), args.bs):
+        for name, pred in variants.items():
+            t = time.perf_counter()
+            preds[name] += pred.predict_batch(blobs[i:i + args.bs], bs=args.bs)
+            spent[name][0] += time.perf_counter() - t
+            t = time.perf_counter()
+            probs[name].append(pred.probs(torch.stack(pre[i:i + args.bs])))
+            spent[name][1] += time.perf_counter() - t
+    ref_probs = torch.cat(probs["torch eager (NCHW fp32)"])
+    results = {}
+    for name in variants:
+        acc = sum(p.index == y for p, y in zip(preds[name], targets)) / len(targets)
+        results[name] = dict(p50=percentile(lat[name], 50) * 1e3, p99=percentile(lat[name], 99) * 1e3,
+                             fwd=statistics.median(fwd[name]) * 1e3, thr=len(blobs) / spent[name][0],
+                             thr_fwd=len(blobs) / spent[name][1], acc=acc,
+                             diff=float((torch.cat(probs[name]) - ref_probs).abs().max()))
+
+    base = results["torch eager (NCHW fp32)"]
+    head = (f"{'variant':<26} {'p50 ms':>7} {'p99 ms':>7} {'fwd1 ms':>8} {'img/s':>7} {'fwd img/s':>10} "
+            f"{'p50 x':>6} {'img/s x':>8} {'accuracy':>9} {'max|dp|':>9}")
+    print()
+    print(f"single image = JPEG bytes -> probabilities (decode included); fwd = forward only; batches of {args.bs}")
+    print(head)
+    print("-" * len(head))
+    for name, r in results.items():
+        print(f"{name:<26} {r['p50']:7.2f} {r['p99']:7.2f} {r['fwd']:8.2f} {r['thr']:7.0f} {r['thr_fwd']:10.0f} "
+              f"{base['p50'] / r['p50']:6.2f} {r['thr'] / base['thr']:8.2f} {r['acc']:9.4f} {r['diff']:9.1e}")
+    print()
+    print("targets (lite0 at 224 px, 2 cores): p50 <= 6 ms per image with decode; >= 250 images/s in batches")
+
+
+if __name__ == "__main__":
+    main()

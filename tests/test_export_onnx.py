@@ -1,0 +1,95 @@
+"""ONNX export: the file carries classes and the full ursa metadata, and agrees with torch to 1e-4."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from ursa.cli import main
+from ursa.errors import ModelFileError
+from ursa.export import ONNX_META_KEY, export_onnx, read_meta
+from ursa.predict import load_learner
+from tests.conftest import HELDOUT
+
+
+@pytest.fixture(scope="module")
+def exported(tiny_model: Path, tmp_path_factory) -> Path:
+    """A copy of the tiny model with model.onnx beside it; returns the .safetensors path."""
+    d = tmp_path_factory.getbasetemp() / "tiny_onnx"  # shared with test_predict: one export per run
+    model = d / "model.safetensors"
+    if not (d / "model.onnx").is_file():
+        d.mkdir(exist_ok=True)
+        shutil.copy2(tiny_model, model)
+        assert main(["export", str(model), "--onnx", "--out", str(d / "model.onnx")]) == 0  # the CLI, --out included
+    return model
+
+
+def test_export_writes_metadata_and_dynamic_batch(exported):
+    import onnx
+
+    proto = onnx.load(str(exported.with_suffix(".onnx")))
+    props = {p.key: p.value for p in proto.metadata_props}
+    meta = read_meta(exported)
+    assert json.loads(props[ONNX_META_KEY]) == asdict(meta)
+    assert json.loads(props["classes"]) == meta.classes
+    assert props["arch"] == meta.arch and int(props["input_size"]) == meta.input_size
+    assert proto.producer_name == "ursa"
+    batch_dim = proto.graph.input[0].type.tensor_type.shape.dim[0]
+    assert batch_dim.dim_param and not batch_dim.dim_value  # symbolic: any batch size
+    assert proto.opset_import[0].version >= 13
+
+
+def test_onnx_and_torch_give_the_same_probabilities(exported):
+    torch_pred = load_learner(exported, backend="torch")
+    onnx_pred = load_learner(exported, backend="onnx")
+    assert (torch_pred.backend, onnx_pred.backend) == ("torch", "onnx")
+    assert onnx_pred.meta == torch_pred.meta
+    files = sorted(HELDOUT.glob("*.jpg"))
+    a = torch_pred.predict_batch(files)
+    b = onnx_pred.predict_batch(files)
+    for pa, pb in zip(a, b):
+        assert pa.label == pb.label
+        diff = max(abs(pa.probs[c] - pb.probs[c]) for c in pa.probs)
+        assert diff < 1e-4
+    single = np.array(list(onnx_pred.predict(files[0])[2].values()))
+    assert np.abs(single - np.array(list(b[0].probs.values()))).max() < 1e-5  # batch size 1 works too
+
+
+def test_onnx_path_alone_and_out_guard(exported, tmp_path):
+    alone = tmp_path / "bears.onnx"
+    shutil.copy2(exported.with_suffix(".onnx"), alone)
+    assert load_learner(alone).classes == read_meta(exported).classes  # a .onnx path alone is enough
+    with pytest.raises(ModelFileError, match="overwrite the model file"):
+        export_onnx(exported, exported)
+
+
+def test_cli_export_needs_onnx_flag_and_a_model(tmp_path, capsys, exported):
+    assert main(["export", str(exported)]) == 2
+    assert "pass --onnx" in capsys.readouterr().err
+    bad = tmp_path / "x.safetensors"
+    bad.write_bytes(b"nope")
+    assert main(["export", str(bad), "--onnx"]) == 2
+    assert "not a model file" in capsys.readouterr().err
+    assert not bad.with_suffix(".onnx").exists()
+
+
+def test_onnx_file_without_ursa_metadata_is_refused(tmp_path):
+    import onnx
+    from onnx import TensorProto, helper
+
+    x = helper.make_tensor_value_info("input", TensorProto.FLOAT, [None, 3, 8, 8])
+    y = helper.make_tensor_value_info("logits", TensorProto.FLOAT, [None, 3, 8, 8])
+    graph = helper.make_graph([helper.make_node("Identity", ["input"], ["logits"])], "g", [x], [y])
+    path = tmp_path / "foreign.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    with pytest.raises(ModelFileError, match="not an ursa ONNX export"):
+        load_learner(path)
+    junk = tmp_path / "junk.onnx"
+    junk.write_bytes(b"not onnx at all")
+    with pytest.raises(ModelFileError, match="not a readable ONNX model"):
+        load_learner(junk)

@@ -1,0 +1,126 @@
+"""Predictor: which backend runs which file, and what predictions look like."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from ursa.cli import main
+from ursa.errors import ImageError, ModelFileError, UrsaError
+from ursa.export import export_onnx, load_model, save_model
+from ursa.predict import Predictor, load_learner, resolve_backend
+from tests.conftest import HELDOUT
+
+
+@pytest.fixture(scope="module")
+def model_dir(tiny_model: Path, tmp_path_factory) -> Path:
+    """A folder holding a copy of the tiny model and its ONNX export."""
+    d = tmp_path_factory.getbasetemp() / "tiny_onnx"  # shared with test_export_onnx: one export per run
+    if not (d / "model.onnx").is_file():
+        d.mkdir(exist_ok=True)
+        shutil.copy2(tiny_model, d / "model.safetensors")
+        export_onnx(d / "model.safetensors")
+    return d
+
+
+def _touch(path: Path, t: float) -> None:
+    os.utime(path, (t, t))
+
+
+def test_backend_rule(model_dir, tmp_path):
+    model, onnx_file = model_dir / "model.safetensors", model_dir / "model.onnx"
+    assert resolve_backend(model, "auto") == ("onnx", onnx_file)  # up-to-date export beside it
+    assert resolve_backend(model, "torch") == ("torch", model)
+    assert resolve_backend(onnx_file, "auto") == ("onnx", onnx_file)
+    lone = tmp_path / "model.safetensors"
+    shutil.copy2(model, lone)
+    assert resolve_backend(lone, "auto") == ("torch", lone)  # nothing beside it
+    with pytest.raises(UrsaError, match="ursa export"):
+        resolve_backend(lone, "onnx")
+    with pytest.raises(UrsaError, match="safetensors"):
+        resolve_backend(onnx_file, "torch")
+    with pytest.raises(UrsaError, match="unknown backend"):
+        resolve_backend(model, "tensorrt")
+    with pytest.raises(ModelFileError, match="not found"):
+        resolve_backend(tmp_path / "missing.safetensors")
+
+
+def test_auto_ignores_an_export_older_than_the_model(model_dir, tmp_path):
+    d = tmp_path / "m"
+    shutil.copytree(model_dir, d)
+    t = (d / "model.safetensors").stat().st_mtime
+    _touch(d / "model.onnx", t - 60)
+    assert resolve_backend(d / "model.safetensors") == ("torch", d / "model.safetensors")
+    assert load_learner(d / "model.safetensors").backend == "torch"
+
+
+def test_auto_ignores_an_export_of_another_model(model_dir, tmp_path, caplog):
+    """A retrained model.safetensors copied in with an old model.onnx: mtimes lie, metadata doesn't."""
+    d = tmp_path / "m"
+    shutil.copytree(model_dir, d)
+    model, meta = load_model(d / "model.safetensors")
+    meta.created = "2001-01-01T00:00:00+00:00"
+    save_model(model, d / "model.safetensors", meta)
+    _touch(d / "model.onnx", (d / "model.safetensors").stat().st_mtime + 60)
+    assert resolve_backend(d / "model.safetensors")[0] == "onnx"
+    with caplog.at_level("WARNING", logger="ursa"):
+        pred = load_learner(d / "model.safetensors")
+    assert pred.backend == "torch"
+    assert "Re-export" in caplog.text
+
+
+def test_predict_shapes_and_batch_agree(model_dir):
+    pred = load_learner(model_dir / "model.safetensors", backend="torch")
+    files = sorted(HELDOUT.glob("*.jpg"))
+    label, index, probs = pred.predict(files[0])
+    assert list(probs) == pred.classes and label == pred.classes[index]
+    assert abs(sum(probs.values()) - 1) < 1e-5 and probs[label] == max(probs.values())
+    batch = pred.predict_batch(files[:3], bs=2)
+    assert [p.as_tuple()[:2] for p in batch] == [pred.predict(f)[:2] for f in files[:3]]
+    assert pred.predict(files[0]) == pred.predict(files[0].read_bytes())  # bytes and paths alike
+    x = pred.preprocess(files[0])
+    assert x.shape == (3, pred.size, pred.size) and x.dtype == torch.float32
+
+
+def test_preprocess_is_the_validation_pipeline(model_dir):
+    """The same pixels as training's validation (data.load_pixels + eval_transform), to the bit."""
+    from ursa.data import decode_size, eval_transform, load_pixels
+
+    pred = load_learner(model_dir / "model.safetensors", backend="torch")
+    tfm = eval_transform(pred.size, pred.meta.mean, pred.meta.std)
+    for f in sorted(HELDOUT.glob("*.jpg"))[:3]:
+        assert torch.equal(pred.preprocess(f), tfm(load_pixels(f, decode_size(pred.size))))
+
+
+def test_bf16_runs_and_keeps_the_labels(model_dir):
+    model, meta = load_model(model_dir / "model.safetensors")
+    fp32, bf16 = Predictor(model, meta), Predictor(model, meta, bf16=True)
+    files = sorted(HELDOUT.glob("*.jpg"))[::2]
+    assert [p.label for p in bf16.predict_batch(files)] == [p.label for p in fp32.predict_batch(files)]
+    assert bf16.describe()["backend"] == "torch+bf16"
+
+
+def test_unreadable_image_raises_image_error(model_dir, tmp_path):
+    pred = load_learner(model_dir / "model.safetensors")
+    bad = tmp_path / "x.jpg"
+    bad.write_text("<html>not found</html>")
+    with pytest.raises(ImageError) as e:
+        pred.predict(bad)
+    assert e.value.kind == "not_image"
+
+
+def test_cli_predict_backends_agree(model_dir, capsys):
+    img = str(sorted(HELDOUT.glob("*.jpg"))[0])
+    out = {}
+    for backend in ("torch", "onnx", "auto"):
+        assert main(["predict", str(model_dir / "model.safetensors"), img, "--json", "--backend", backend]) == 0
+        out[backend] = json.loads(capsys.readouterr().out)
+    assert out["torch"]["label"] == out["onnx"]["label"] == out["auto"]["label"]
+    assert max(abs(out["torch"]["probs"][c] - out["onnx"]["probs"][c]) for c in out["torch"]["probs"]) < 1e-4
+    assert main(["predict", str(model_dir / "model.safetensors"), img, "--backend", "gpu"]) == 2
+    assert "--backend must be one of" in capsys.readouterr().err
