@@ -60,9 +60,13 @@ def tiny_model(tiny_run: Path) -> Path:
     return tiny_run / "model.safetensors"
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture
 def browser():
-    """Headless Debian chromium driven by Playwright (never `playwright install`)."""
+    """Headless Debian chromium driven by Playwright (never `playwright install`).
+
+    Per test, not per session: Playwright's sync API runs an event loop in this thread while it
+    is open, which would make every later asyncio.run() in the session fail.
+    """
     if not os.path.exists(CHROMIUM):
         pytest.skip(f"{CHROMIUM} not installed (make test installs it with apt-get when run as root)")
     from playwright.sync_api import sync_playwright
