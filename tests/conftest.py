@@ -90,3 +90,14 @@ def sample_copy(tmp_path: Path) -> Path:
     dst = tmp_path / "bears"
     shutil.copytree(SAMPLE, dst)
     return dst
+
+
+def wait_until(page, expression: str, timeout: float = 15.0) -> None:
+    """Poll a page expression from Python: our pages' CSP forbids the eval wait_for_function uses."""
+    import time
+
+    end = time.monotonic() + timeout
+    while not page.evaluate(expression):
+        if time.monotonic() > end:
+            raise AssertionError(f"timed out waiting for {expression}")
+        time.sleep(0.05)

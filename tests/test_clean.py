@@ -19,7 +19,7 @@ from ursa import clean
 from ursa.cli import main
 from ursa.errors import UrsaError
 
-from tests.conftest import SAMPLE, make_image
+from tests.conftest import SAMPLE, make_image, wait_until
 
 PORT = 8765  # the Host header the in-process app is told is its own
 
@@ -396,7 +396,7 @@ def test_clean_in_the_browser(browser, sample_copy: Path, tiny_model, artifacts:
         url = f"http://127.0.0.1:{port}/"
         page.goto(url)
         page.wait_for_selector("body[data-ready='1'] .card.focused")
-        page.wait_for_function("[...document.images].slice(0, 8).every(i => i.complete)")
+        wait_until(page, "[...document.images].slice(0, 8).every(i => i.complete)")
         page.screenshot(path=str(artifacts / "clean_losses.png"))
 
         first = page.locator(".card.focused").get_attribute("data-name")
@@ -427,13 +427,13 @@ def test_clean_in_the_browser(browser, sample_copy: Path, tiny_model, artifacts:
         page.screenshot(path=str(artifacts / "clean_issues.png"))
         page.keyboard.press("Enter")
         page.wait_for_selector("#zoom:not([hidden]) #zoom-card .card")
-        page.wait_for_function("document.getElementById('zoom-img').complete")
+        wait_until(page, "document.getElementById('zoom-img').complete")
         page.screenshot(path=str(artifacts / "clean_zoom.png"))
         page.keyboard.press("Escape")
 
         page.click("button[data-view='duplicates']")
         page.wait_for_selector(".pair")
-        page.wait_for_function("[...document.images].slice(0, 4).every(i => i.complete)")
+        wait_until(page, "[...document.images].slice(0, 4).every(i => i.complete)")
         page.screenshot(path=str(artifacts / "clean_duplicates.png"))
         shown = page.locator(".pair").first.locator(".card").evaluate_all("cs => cs.map(c => c.dataset.name)")
         assert set(shown) == {names["src"], names["exact"]}
@@ -462,3 +462,4 @@ def test_clean_in_the_browser(browser, sample_copy: Path, tiny_model, artifacts:
     assert _snapshot(sample_copy) == before  # no image moved, rewritten or deleted
     resumed = clean.start_session(ds, scores, ranks)  # restarting the command resumes too
     assert resumed.decisions.label_of(first) == target and resumed.decisions.label_of(second) is None
+

@@ -23,7 +23,7 @@ from starlette.testclient import TestClient
 
 from ursa.predict import Prediction, load_learner
 from ursa.serve import MicroBatcher, ServeConfig, app_from_env, create_app, parse_bytes
-from tests.conftest import HELDOUT, ROOT
+from tests.conftest import HELDOUT, ROOT, wait_until
 
 IMAGES = sorted(HELDOUT.glob("*.jpg"))
 MAX_BYTES = 4_000_000
@@ -291,7 +291,7 @@ def live_url(app):
 def test_page_in_chromium(browser, live_url, artifacts):
     page = browser.new_page(viewport={"width": 1000, "height": 640})
     page.goto(live_url + "/")
-    page.wait_for_function("document.getElementById('model-info').textContent.includes('classes')")
+    wait_until(page, "document.getElementById('model-info').textContent.includes('classes')")
     page.set_input_files("#file", str(IMAGES[4]))  # a teddy
     page.wait_for_selector("#bars .bar", timeout=30_000)
     label = page.text_content("#label")
