@@ -18,6 +18,17 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-backg
                  "--disable-quic", "--no-first-run", "--disable-component-update", "--disable-sync"]
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a module: on a busy 2-core machine two OpenMP threads spin against each other."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="session")
 def shared_datasets() -> Path:
     """../shared/datasets, or skip with the reason."""

@@ -25,13 +25,7 @@ from ursa.errors import DivergedError
 from ursa.learner import Recorder
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The test CPU is shared: two OpenMP threads on a busy machine wait on each other far more than they help."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_history(train, valid, err, stages=None, per_epoch=10, lr=3e-3, start=1.1, batch_losses=None,

@@ -15,13 +15,7 @@ from ursa.interpret import Interpretation, interpret_model, load_items
 CLASSES = ["black", "grizzly", "teddy"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The test CPU is shared: two OpenMP threads on a busy machine wait on each other far more than they help."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_interp() -> Interpretation:

@@ -21,13 +21,7 @@ from ursa.lr_find import (
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The test CPU is shared: two OpenMP threads on a busy machine wait on each other far more than they help."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_schedule_is_exponential_from_1e7_to_10():

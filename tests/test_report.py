@@ -18,13 +18,7 @@ from ursa.report import write_report
 CLASSES = ["black", "grizzly", "teddy"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The test CPU is shared: two OpenMP threads on a busy machine wait on each other far more than they help."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def synthetic(tmp_path: Path) -> tuple[Interpretation, History]:

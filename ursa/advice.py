@@ -20,6 +20,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Sequence
 
+from ursa.util import smooth
+
 if TYPE_CHECKING:
     from ursa.learner import Learner, Recorder
 
@@ -95,15 +97,7 @@ def _finite(v: object) -> bool:
 
 
 def _smooth(values: Sequence[float], beta: float = 0.98) -> list[float]:
-    out, avg, n = [], 0.0, 0
-    for v in values:
-        if not _finite(v):
-            out.append(v)
-            continue
-        n += 1
-        avg = beta * avg + (1 - beta) * v
-        out.append(avg / (1 - beta**n))
-    return out
+    return smooth(values, beta)
 
 
 def _train_curve(h: History) -> tuple[list[float], list[float]]:

@@ -30,6 +30,8 @@ from typing import TYPE_CHECKING, Iterator, Sequence
 
 import torch
 
+from ursa.util import smooth
+
 if TYPE_CHECKING:
     from ursa.learner import Learner
 
@@ -97,16 +99,7 @@ def lr_schedule(start_lr: float = START_LR, end_lr: float = END_LR, num_it: int 
 
 def smooth_losses(losses: Sequence[float], beta: float = 0.98) -> list[float]:
     """Debiased exponential moving average (fastai's smooth_loss); NaN and inf pass through."""
-    out, avg, n = [], 0.0, 0
-    for v in losses:
-        if not math.isfinite(v):
-            out.append(v)
-            continue
-        n += 1
-        avg = beta * avg + (1 - beta) * v
-        out.append(avg / (1 - beta**n))
-    return out
-
+    return smooth(losses, beta)
 
 def _trim(lrs: Sequence[float], losses: Sequence[float], num_it: int) -> tuple[list[float], list[float]]:
     """fastai drops the first tenth and the last five points (noise, blow-up) and anything after a NaN."""

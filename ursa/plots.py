@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Sequence
 
 from ursa.util import atomic_path
+from ursa.util import smooth as _smooth
 
 
 def _figure(ncols: int = 1, width: float = 6.0, height: float = 4.0):
@@ -26,16 +27,8 @@ def _save(fig, path: str | Path) -> Path:
 
 
 def smooth(values: Sequence[float], beta: float = 0.98) -> list[float]:
-    """fastai's debiased exponential moving average, so noisy batch losses read as a curve."""
-    out, avg = [], 0.0
-    for i, v in enumerate(values, 1):
-        if not math.isfinite(v):
-            out.append(v)
-            continue
-        avg = beta * avg + (1 - beta) * v
-        out.append(avg / (1 - beta**i))
-    return out
-
+    """fastai's debiased exponential moving average (see ursa.util.smooth)."""
+    return _smooth(values, beta)
 
 def losses_figure(batch_losses: Sequence[float], batch_epochs: Sequence[float], rows: Sequence[dict]):
     """One panel: per-batch train loss (raw, faint; smoothed, bold) and per-epoch valid loss against epochs."""

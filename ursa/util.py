@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import tempfile
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Sequence
 
 
 @contextlib.contextmanager
@@ -44,3 +45,19 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
 def atomic_write_text(path: str | Path, text: str) -> None:
     """Text version of atomic_write_bytes (UTF-8)."""
     atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def smooth(values: Sequence[float], beta: float = 0.98) -> list[float]:
+    """fastai's debiased exponential moving average, so noisy batch losses read as a curve.
+
+    NaN and inf pass through unchanged and do not enter the average.
+    """
+    out, avg, n = [], 0.0, 0
+    for v in values:
+        if not (isinstance(v, (int, float)) and math.isfinite(v)):
+            out.append(v)
+            continue
+        n += 1
+        avg = beta * avg + (1 - beta) * v
+        out.append(avg / (1 - beta**n))
+    return out
