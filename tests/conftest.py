@@ -55,6 +55,21 @@ def make_image(path: Path, color=(200, 30, 30), size=(64, 48), fmt: str | None =
     return path
 
 
+def sample_learner(size: int = 128):
+    """A fresh Learner on the bundled sample (default backbone, untrained head), seeded."""
+    import torch
+
+    from ursa.data import dataloaders, load_dataset
+    from ursa.learner import Learner
+    from ursa.models import create_model, get_spec
+
+    torch.manual_seed(0)
+    ds = load_dataset(SAMPLE)
+    spec = get_spec("efficientnet_lite0")
+    dls = dataloaders(ds, size, spec.mean, spec.std, bs=32)
+    return Learner(dls, create_model("efficientnet_lite0", n_classes=len(ds.classes)), quiet=True)
+
+
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory) -> Path:
     """A model trained briefly on the bundled sample at 128 px: a real model file for later stages."""

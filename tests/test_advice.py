@@ -280,15 +280,9 @@ def test_train_with_a_huge_learning_rate_exits_3_and_writes_no_model(tmp_path, s
 @pytest.fixture(scope="module")
 def fresh_learner(sample_dir):
     """An untrained head on the bundled sample at 128 px."""
-    from ursa.data import dataloaders, load_dataset
-    from ursa.learner import Learner
-    from ursa.models import create_model, get_spec
+    from tests.conftest import sample_learner
 
-    torch.manual_seed(0)
-    ds = load_dataset(sample_dir)
-    spec = get_spec("efficientnet_lite0")
-    dls = dataloaders(ds, 128, spec.mean, spec.std, bs=32)
-    return Learner(dls, create_model("efficientnet_lite0", n_classes=len(ds.classes)), quiet=True)
+    return sample_learner(128)
 
 
 @pytest.mark.slow

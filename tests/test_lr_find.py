@@ -78,15 +78,9 @@ def test_suggestions_of_degenerate_sweeps():
 @pytest.fixture(scope="module")
 def learner(sample_dir):
     """A fresh learner on the bundled sample at 128 px (the default backbone, untrained head)."""
-    from ursa.data import dataloaders, load_dataset
-    from ursa.learner import Learner
-    from ursa.models import create_model, get_spec
+    from tests.conftest import sample_learner
 
-    torch.manual_seed(0)
-    ds = load_dataset(sample_dir)
-    spec = get_spec("efficientnet_lite0")
-    dls = dataloaders(ds, 128, spec.mean, spec.std, bs=32)
-    return Learner(dls, create_model("efficientnet_lite0", n_classes=len(ds.classes)), quiet=True)
+    return sample_learner(128)
 
 
 def _snapshot(model):
