@@ -10,13 +10,20 @@ epoch still sees a fresh augmentation.
 
 from __future__ import annotations
 
+import io
+import logging
 import math
+import queue
+import threading
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable, Iterable, Iterator
 
 import numpy as np
 import torch
+
+log = logging.getLogger("ursa")
 
 if TYPE_CHECKING:
     from ursa.learner import Learner
@@ -49,44 +56,138 @@ def _alloc(n: int, f: int, total_bytes: int, spill_dir: Path | None, name: str) 
     return torch.empty(n, f, dtype=torch.float32)
 
 
-@torch.inference_mode()
+class _Features(torch.nn.Module):
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model.features(x)
+
+
+def onnx_body(model: torch.nn.Module, size: int) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """The frozen body (eval mode) on ONNX Runtime: about 2x eager torch's speed on CPU (fused conv+BN).
+
+    Exporting takes about half a second. None when export or session creation fails (an
+    architecture the exporter cannot trace): the caller falls back to torch.
+    """
+    try:
+        import onnxruntime as ort
+
+        buf = io.BytesIO()
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")  # TorchScript exporter deprecation notes: not the user's concern
+            torch.onnx.export(_Features(model).eval(), (torch.zeros(2, 3, size, size),), buf, dynamo=False,
+                              opset_version=17, input_names=["x"], output_names=["f"],
+                              dynamic_axes={"x": {0: "n"}, "f": {0: "n"}})
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = torch.get_num_threads()
+        so.inter_op_num_threads = 1
+        so.log_severity_level = 3
+        # Idle runtime threads sleep instead of spinning, leaving the CPU to the thread that augments
+        # the next batch (measured: 6.3 s instead of 8.3 s per view of the bears set on 2 cores).
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        sess = ort.InferenceSession(buf.getvalue(), so, providers=["CPUExecutionProvider"])
+    except Exception as e:  # noqa: BLE001 - any exporter failure means: use torch
+        log.info("feature cache: ONNX Runtime unavailable for this body (%s); using torch", e)
+        return None
+
+    def run(xb: torch.Tensor) -> torch.Tensor:
+        x = xb.contiguous().numpy()
+        return torch.from_numpy(sess.run(None, {"x": x})[0])
+
+    return run
+
+
 def compute_features(learn: "Learner", n_views: int, augment: bool = True, size: int | None = None,
                      spill_dir: Path | None = None) -> FeatureCache:
     """One streaming pass of the body in eval mode over K train views and the validation set."""
     dls, model = learn.dls, learn.model
     size = size or dls.size
+    model.body.eval()
+    body = onnx_body(model, size) if learn.feature_backend == "auto" and not learn.bf16_features else None
+    threads = torch.get_num_threads()
+    if body is not None:
+        torch.set_num_threads(1)  # torch only augments now; ONNX Runtime has its own threads for the body
+    else:
+        def body(xb: torch.Tensor) -> torch.Tensor:
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=learn.bf16_features):
+                return model.features(xb).float()
+    try:
+        with torch.inference_mode():
+            return _compute(learn, body, n_views, augment, size, spill_dir)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _compute(learn: "Learner", body: Callable[[torch.Tensor], torch.Tensor], n_views: int, augment: bool,
+             size: int, spill_dir: Path | None) -> FeatureCache:
+    dls, model = learn.dls, learn.model
     train_idx, valid_idx = dls.dataset.train_idx, dls.dataset.valid_idx
     n_feat = model.head_cfg.n_features * (2 if model.head_cfg.pool == "concat" else 1)
     total_bytes = (n_views * len(train_idx) + len(valid_idx)) * n_feat * 4
-    model.body.eval()
     learn.console.print(
         f"feature cache: {n_views} view(s) of {len(train_idx)} training images + {len(valid_idx)} validation "
         f"images, {total_bytes / 1e6:.0f} MB" + (" (memory-mapped)" if spill_dir and total_bytes > RAM_BUDGET else ""),
         highlight=False,
     )
     views = []
-    bs = dls.bs * 2
+    # Measured on 2 cores: small batches run faster (cache) and keep ONNX Runtime's arena small
+    # (+0.2 GB at 8 images, +0.8 GB at 32).
+    bs = 8
     with learn._progress() as prog:
         task = prog.add_task("computing body features", total=n_views * len(train_idx) + len(valid_idx))
         for k in range(n_views):
             torch.manual_seed(learn.seed * 1000 + k)  # reproducible augmentation of view k
             out = _alloc(len(train_idx), n_feat, total_bytes, spill_dir, f"train_view{k}")
             dl = dls.loader(train_idx, train=augment, size=size, bs=bs, shuffle=False)
-            _fill(model, dl, out, prog, task, learn.bf16_features)
+            _fill(body, dl, out, prog, task)
             views.append(out)
         valid = _alloc(len(valid_idx), n_feat, total_bytes, spill_dir, "valid")
-        _fill(model, dls.loader(valid_idx, train=False, size=size, bs=bs, shuffle=False), valid, prog, task,
-              learn.bf16_features)
+        _fill(body, dls.loader(valid_idx, train=False, size=size, bs=bs, shuffle=False), valid, prog, task)
     labels = torch.tensor(dls.dataset.labels, dtype=torch.long)
     return FeatureCache(views, labels[train_idx], valid, labels[valid_idx], size, augment)
 
 
-def _fill(model, dl, out: torch.Tensor, prog, task, bf16: bool = False) -> None:
+def _prefetch(it: Iterable, depth: int = 2) -> Iterator:
+    """Iterate in a background thread, so the next batch is augmented while this one runs (the runtime frees the GIL)."""
+    q: queue.Queue = queue.Queue(depth)
+    stop = threading.Event()
+    done = object()
+
+    def put(item: object) -> bool:
+        while not stop.is_set():
+            try:
+                q.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def work() -> None:
+        try:
+            for item in it:
+                if not put(item):
+                    return
+        except BaseException as e:  # noqa: BLE001 - re-raised in the consumer's thread
+            put(e)
+        put(done)
+
+    threading.Thread(target=work, daemon=True, name="ursa-prefetch").start()
+    try:
+        while (item := q.get()) is not done:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()  # the consumer stopped early (error, Ctrl-C): let the producer end
+
+
+def _fill(body: Callable[[torch.Tensor], torch.Tensor], dl, out: torch.Tensor, prog, task) -> None:
     i = 0
     assert not dl.drop_last, "feature cache needs every item"
-    for xb, _ in dl:
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            f = model.features(xb).float()
+    for xb, _ in _prefetch(dl):
+        f = body(xb)
         out[i:i + len(f)] = f
         i += len(f)
         prog.update(task, advance=len(f))
@@ -97,8 +198,9 @@ def fit_head_cached(learn: "Learner", n_epoch: int, max_lr: float | slice, pct_s
     from ursa.learner import metrics_from_probs, recalibrate_bn
 
     cache = learn.feature_cache
-    if cache is None or len(cache.train_views) < n_epoch or cache.size != (learn.train_size or learn.dls.size):
-        cache = compute_features(learn, n_views=n_epoch, augment=learn.augment, size=learn.train_size,
+    n_views = min(learn.n_views or n_epoch, n_epoch)
+    if cache is None or len(cache.train_views) < n_views or cache.size != (learn.train_size or learn.dls.size):
+        cache = compute_features(learn, n_views=n_views, augment=learn.augment, size=learn.train_size,
                                  spill_dir=learn.spill_dir)
         learn.feature_cache = cache
     head = learn.model.head

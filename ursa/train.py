@@ -39,6 +39,7 @@ class TrainConfig:
     size: int | None = None
     valid_pct: float = 0.2
     seed: int = 42
+    split_seed: int | None = None  # seed of the validation split; None: the same as seed
     epochs: int = 4
     lr: float = 3e-3
     # Measured on the bears set (benchmarks/train.py, 3 seeds): the cached frozen stage alone reaches
@@ -48,6 +49,7 @@ class TrainConfig:
     unfreeze_lr: tuple[float, float] | None = None  # default slice(lr/100, lr/10)
     bs: int = 32
     cache: bool = True
+    views: int | None = None  # augmented views in the feature cache, cycled over the epochs; None: one per epoch
     unfreeze_size: int | None = None  # progressive resizing: fine-tune at a smaller size (cheaper)
     bf16: bool = False  # bfloat16 autocast while fine-tuning
     bf16_features: bool = False  # bfloat16 autocast while computing cached body features
@@ -71,10 +73,14 @@ class TrainResult:
     learner: Learner | None = None
 
 
-def peak_rss_mb() -> float:
-    """Peak resident memory of this process and its finished children, in MB."""
+def peak_rss_mb(workers: bool = False) -> float:
+    """Peak resident memory of this process in MB, plus the largest finished child's when loader workers ran.
+
+    Children count only with workers: a forked helper (`ldconfig -p`, run while importing torch)
+    reports the parent's size at fork time and would inflate the figure by ~0.4 GB.
+    """
     self_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    child_kb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    child_kb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss if workers else 0
     return (self_kb + child_kb) / 1024
 
 
@@ -89,7 +95,7 @@ def train(cfg: TrainConfig, console: Console | None = None) -> TrainResult:
     t0 = time.perf_counter()
     console = console or Console(stderr=True, quiet=cfg.quiet)
     torch.manual_seed(cfg.seed)
-    ds = load_dataset(cfg.data, cfg.csv, cfg.valid_pct, cfg.seed)
+    ds = load_dataset(cfg.data, cfg.csv, cfg.valid_pct, cfg.seed if cfg.split_seed is None else cfg.split_seed)
     _check_out(cfg)
     spec = get_spec(cfg.arch)
     size = cfg.size or spec.input_size
@@ -112,6 +118,7 @@ def train(cfg: TrainConfig, console: Console | None = None) -> TrainResult:
 
     learn.epoch_callbacks.append(Advisor(console))  # stops a diverging run; keeps the best-error weights
     learn.bf16_features = cfg.bf16_features
+    learn.n_views = cfg.views
     learn.bn_stats_frozen = cfg.bn_stats_frozen
     model_path = None
     try:
@@ -141,7 +148,7 @@ def train(cfg: TrainConfig, console: Console | None = None) -> TrainResult:
         console.print(f"[yellow]warning:[/] could not write the report: {type(e).__name__}: {e}", highlight=False)
     last = learn.recorder.rows[-1] if learn.recorder.rows else {}
     metrics = {k: last.get(k) for k in ("valid_loss", "error_rate", "accuracy")}
-    return TrainResult(cfg.out, model_path, metrics, time.perf_counter() - t0, peak_rss_mb(), ds.classes,
+    return TrainResult(cfg.out, model_path, metrics, time.perf_counter() - t0, peak_rss_mb(dls.num_workers > 0), ds.classes,
                        len(ds.train_idx), len(ds.valid_idx), ds.skipped, learn)
 
 
