@@ -54,7 +54,7 @@ def train_cmd(
     seed: Annotated[int, typer.Option("--seed", help="Seed of the split and of training.")] = 42,
     epochs: Annotated[int, typer.Option("--epochs", min=0, help="Frozen epochs (head only).")] = 4,
     lr: Annotated[float, typer.Option("--lr", min=0.0, help="Max learning rate of the frozen stage.")] = 3e-3,
-    unfreeze_epochs: Annotated[int, typer.Option("--unfreeze-epochs", min=0, help="Epochs of fine-tuning everything afterwards (the lesson uses 2; off by default: on the bears set it cost 2x the time and did not lower the error).")] = 0,
+    unfreeze_epochs: Annotated[int, typer.Option("--unfreeze-epochs", min=0, help="Epochs of fine-tuning everything afterwards (the lesson uses 2; off by default: on the bears set it cost 3x the time and did not lower the error).")] = 0,
     unfreeze_lr: Annotated[Optional[str], typer.Option("--unfreeze-lr", help="LO,HI learning rates for early and late layers (default lr/100,lr/10).")] = None,
     bs: Annotated[int, typer.Option("--bs", min=2, help="Batch size.")] = 32,
     cache: Annotated[bool, typer.Option("--cache/--no-cache", help="Train the frozen stage on cached body features (fast).")] = True,
