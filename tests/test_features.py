@@ -1,4 +1,4 @@
-"""Feature cache internals: the ONNX Runtime body equals torch's, falls back to torch, and the prefetch thread."""
+"""Feature cache internals: the same features on ONNX Runtime and torch, the fallback, views, the prefetch thread."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from ursa.data import dataloaders, load_dataset
-from ursa.features import _prefetch, compute_features, onnx_body
+from ursa.features import _prefetch, compute_features
+from ursa.models import onnx_features
 from ursa.learner import Learner
 from ursa.models import create_model, get_spec
 
@@ -23,18 +24,6 @@ def learn(sample_dir):
     learn = Learner(dls, create_model(n_classes=3), quiet=True, seed=3)
     learn.freeze()
     return learn
-
-
-def test_onnx_body_equals_torch_body(learn):
-    model = learn.model.eval()
-    run = onnx_body(model, 64)
-    assert run is not None, "ONNX Runtime should run the lite0 body"
-    x = torch.randn(5, 3, 64, 64).contiguous(memory_format=torch.channels_last)
-    with torch.inference_mode():
-        ref = model.features(x)
-    got = run(x)
-    assert got.shape == ref.shape == (5, 2560)
-    assert torch.allclose(got, ref, atol=1e-4, rtol=1e-4)
 
 
 def test_cache_is_the_same_on_either_backend_and_falls_back_to_torch(learn, monkeypatch):
@@ -52,7 +41,7 @@ def test_cache_is_the_same_on_either_backend_and_falls_back_to_torch(learn, monk
         raise RuntimeError("cannot trace this body")
 
     monkeypatch.setattr(torch.onnx, "export", broken_export)
-    assert onnx_body(learn.model, 64) is None
+    assert onnx_features(learn.model, 64) is None
     fallback = compute_features(learn, n_views=1, augment=False)
     assert torch.allclose(fallback.valid, fast.valid, atol=1e-4, rtol=1e-4)
 

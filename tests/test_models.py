@@ -88,3 +88,20 @@ def test_head_uses_concat_pooling():
     f = m.features(torch.randn(2, 3, 64, 64))
     assert f.shape == (2, 2 * 1280)
     assert m(torch.randn(2, 3, 64, 64)).shape == (2, 4)
+
+
+def test_onnx_features_equal_torch_features():
+    import torch
+
+    from ursa.models import create_model, onnx_features
+
+    torch.manual_seed(0)
+    model = create_model(n_classes=3).eval()
+    run = onnx_features(model, 64)
+    assert run is not None, "ONNX Runtime should run the lite0 body"
+    x = torch.randn(5, 3, 64, 64).contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        ref = model.features(x)
+    got = run(x)
+    assert got.shape == ref.shape == (5, 2560)
+    assert torch.allclose(got, ref, atol=1e-4, rtol=1e-4)

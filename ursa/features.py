@@ -10,12 +10,9 @@ epoch still sees a fresh augmentation.
 
 from __future__ import annotations
 
-import io
-import logging
 import math
 import queue
 import threading
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterable, Iterator
@@ -23,7 +20,7 @@ from typing import TYPE_CHECKING, Callable, Iterable, Iterator
 import numpy as np
 import torch
 
-log = logging.getLogger("ursa")
+from ursa.models import onnx_features
 
 if TYPE_CHECKING:
     from ursa.learner import Learner
@@ -56,56 +53,13 @@ def _alloc(n: int, f: int, total_bytes: int, spill_dir: Path | None, name: str) 
     return torch.empty(n, f, dtype=torch.float32)
 
 
-class _Features(torch.nn.Module):
-    def __init__(self, model: torch.nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model.features(x)
-
-
-def onnx_body(model: torch.nn.Module, size: int) -> Callable[[torch.Tensor], torch.Tensor] | None:
-    """The frozen body (eval mode) on ONNX Runtime: about 2x eager torch's speed on CPU (fused conv+BN).
-
-    Exporting takes about half a second. None when export or session creation fails (an
-    architecture the exporter cannot trace): the caller falls back to torch.
-    """
-    try:
-        import onnxruntime as ort
-
-        buf = io.BytesIO()
-        with warnings.catch_warnings(), torch.no_grad():
-            warnings.simplefilter("ignore")  # TorchScript exporter deprecation notes: not the user's concern
-            torch.onnx.export(_Features(model).eval(), (torch.zeros(2, 3, size, size),), buf, dynamo=False,
-                              opset_version=17, input_names=["x"], output_names=["f"],
-                              dynamic_axes={"x": {0: "n"}, "f": {0: "n"}})
-        so = ort.SessionOptions()
-        so.intra_op_num_threads = torch.get_num_threads()
-        so.inter_op_num_threads = 1
-        so.log_severity_level = 3
-        # Idle runtime threads sleep instead of spinning, leaving the CPU to the thread that augments
-        # the next batch (measured: 6.3 s instead of 8.3 s per view of the bears set on 2 cores).
-        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        sess = ort.InferenceSession(buf.getvalue(), so, providers=["CPUExecutionProvider"])
-    except Exception as e:  # noqa: BLE001 - any exporter failure means: use torch
-        log.info("feature cache: ONNX Runtime unavailable for this body (%s); using torch", e)
-        return None
-
-    def run(xb: torch.Tensor) -> torch.Tensor:
-        x = xb.contiguous().numpy()
-        return torch.from_numpy(sess.run(None, {"x": x})[0])
-
-    return run
-
-
 def compute_features(learn: "Learner", n_views: int, augment: bool = True, size: int | None = None,
                      spill_dir: Path | None = None) -> FeatureCache:
     """One streaming pass of the body in eval mode over K train views and the validation set."""
     dls, model = learn.dls, learn.model
     size = size or dls.size
     model.body.eval()
-    body = onnx_body(model, size) if learn.feature_backend == "auto" and not learn.bf16_features else None
+    body = onnx_features(model, size) if learn.feature_backend == "auto" and not learn.bf16_features else None
     threads = torch.get_num_threads()
     if body is not None:
         torch.set_num_threads(1)  # torch only augments now; ONNX Runtime has its own threads for the body

@@ -11,6 +11,9 @@ can train the head on precomputed pooled body features.
 from __future__ import annotations
 
 import importlib
+import io
+import logging
+import warnings
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -18,6 +21,8 @@ import torch
 from torch import nn
 
 from ursa.errors import ArchError
+
+log = logging.getLogger("ursa")
 
 DEFAULT_ARCH = "efficientnet_lite0"
 
@@ -253,3 +258,47 @@ def create_model(
 def create_imagenet_model(arch: str = DEFAULT_ARCH) -> nn.Module:
     """The backbone with its original 1000-class ImageNet head (proves weights are loaded)."""
     return create_backbone(arch, pretrained=True, num_classes=1000)
+
+
+class _Features(torch.nn.Module):
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model.features(x)
+
+
+def onnx_features(model: torch.nn.Module, size: int) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """model.features (body + pooling, eval mode) on ONNX Runtime: ~2x eager torch on CPU (fused conv+BN).
+
+    For passes where the body does not change (the feature cache, `ursa clean`). Exporting
+    takes about half a second. None when export or session creation fails (an architecture the
+    exporter cannot trace): the caller falls back to torch.
+    """
+    try:
+        import onnxruntime as ort
+
+        buf = io.BytesIO()
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")  # TorchScript exporter deprecation notes: not the user's concern
+            torch.onnx.export(_Features(model).eval(), (torch.zeros(2, 3, size, size),), buf, dynamo=False,
+                              opset_version=17, input_names=["x"], output_names=["f"],
+                              dynamic_axes={"x": {0: "n"}, "f": {0: "n"}})
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = torch.get_num_threads()
+        so.inter_op_num_threads = 1
+        so.log_severity_level = 3
+        # Idle runtime threads sleep instead of spinning, leaving the CPU to the thread that augments
+        # the next batch (measured: 6.3 s instead of 8.3 s per view of the bears set on 2 cores).
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        sess = ort.InferenceSession(buf.getvalue(), so, providers=["CPUExecutionProvider"])
+    except Exception as e:  # noqa: BLE001 - any exporter failure means: use torch
+        log.info("ONNX Runtime unavailable for this body (%s); using torch", e)
+        return None
+
+    def run(xb: torch.Tensor) -> torch.Tensor:
+        x = xb.contiguous().numpy()
+        return torch.from_numpy(sess.run(None, {"x": x})[0])
+
+    return run
