@@ -26,12 +26,17 @@ def learn(sample_dir):
     return learn
 
 
-def test_cache_is_the_same_on_either_backend_and_falls_back_to_torch(learn, monkeypatch):
-    learn.feature_backend = "auto"
-    fast = compute_features(learn, n_views=2, augment=True)
-    learn.feature_backend = "torch"
-    slow = compute_features(learn, n_views=2, augment=True)
-    learn.feature_backend = "auto"
+def test_cache_is_the_same_on_either_backend_and_falls_back_to_torch(learn, monkeypatch, capsys):
+    assert onnx_features(learn.model, 64) is not None, "ONNX Runtime should run the lite0 body"
+    threads = torch.get_num_threads()
+    try:
+        learn.feature_backend = "auto"
+        fast = compute_features(learn, n_views=2, augment=True)
+        learn.feature_backend = "torch"
+        slow = compute_features(learn, n_views=2, augment=True)
+    finally:
+        learn.feature_backend = "auto"
+    assert torch.get_num_threads() == threads  # restored after the pass
     # the same augmented views (seeded per view), the same features
     for a, b in zip([*fast.train_views, fast.valid], [*slow.train_views, slow.valid]):
         assert torch.allclose(a, b, atol=1e-4, rtol=1e-4)
@@ -46,6 +51,31 @@ def test_cache_is_the_same_on_either_backend_and_falls_back_to_torch(learn, monk
     assert torch.allclose(fallback.valid, fast.valid, atol=1e-4, rtol=1e-4)
 
 
+def test_a_wrong_export_is_caught_and_torch_used(learn, monkeypatch):
+    import onnxruntime
+
+    real = onnxruntime.InferenceSession.run
+
+    def off_by_one(self, *args, **kwargs):
+        return [out + 1.0 for out in real(self, *args, **kwargs)]
+
+    monkeypatch.setattr(onnxruntime.InferenceSession, "run", off_by_one)
+    learn.model.head.train()
+    assert onnx_features(learn.model, 64) is None
+    assert learn.model.head.training and not learn.model.body.training  # modes left as they were
+
+
+def test_large_caches_spill_to_memory_mapped_files(learn, tmp_path, monkeypatch):
+    import ursa.features
+
+    monkeypatch.setattr(ursa.features, "RAM_BUDGET", 0)
+    spilled = compute_features(learn, n_views=1, augment=False, spill_dir=tmp_path)
+    in_ram = compute_features(learn, n_views=1, augment=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["train_view0.npy", "valid.npy"]
+    assert torch.equal(spilled.train_views[0], in_ram.train_views[0])
+    assert torch.equal(spilled.valid, in_ram.valid)
+
+
 def test_prefetch_keeps_order_and_reraises_in_the_consumer():
     assert list(_prefetch(iter(range(50)))) == list(range(50))
 
@@ -57,12 +87,15 @@ def test_prefetch_keeps_order_and_reraises_in_the_consumer():
         list(_prefetch(failing()))
 
 
-def test_prefetch_producer_ends_when_the_consumer_stops_early():
+@pytest.mark.parametrize("slow", [False, True])
+def test_prefetch_producer_has_ended_when_the_consumer_stops_early(slow):
     produced = []
 
     def endless():
         i = 0
         while True:
+            if slow:
+                time.sleep(0.2)  # busy inside next() when the consumer stops
             produced.append(i)
             yield i
             i += 1
@@ -70,18 +103,36 @@ def test_prefetch_producer_ends_when_the_consumer_stops_early():
     gen = _prefetch(endless(), depth=2)
     assert next(gen) == 0
     gen.close()
-    deadline = time.monotonic() + 5
-    while any(t.name == "ursa-prefetch" for t in threading.enumerate()) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert not any(t.name == "ursa-prefetch" for t in threading.enumerate())
-    assert len(produced) < 10
+    assert not any(t.name == "ursa-prefetch" for t in threading.enumerate())  # joined, not left running
+    n = len(produced)
+    time.sleep(0.3)
+    assert len(produced) == n < 10
 
 
-def test_fewer_views_than_epochs_are_cycled(learn):
+def test_fewer_views_than_epochs_are_cycled(learn, monkeypatch):
+    seen = []
+    real = torch.Tensor.__getitem__
+
     learn.n_views, learn.feature_cache = 2, None
     try:
+        learn.fit_one_cycle(1, 3e-3)  # builds a cache of 1 view (never more views than epochs)
+        assert len(learn.feature_cache.train_views) == 1
+        learn.feature_cache = None
+        cache = compute_features(learn, n_views=2, augment=True)
+        learn.feature_cache = cache
+        ids = {id(v): k for k, v in enumerate(cache.train_views)}
+
+        def spy(self, idx):
+            if id(self) in ids and isinstance(idx, torch.Tensor) and idx.ndim == 1 and idx.dtype == torch.long:
+                seen.append(ids[id(self)])
+            return real(self, idx)
+
+        monkeypatch.setattr(torch.Tensor, "__getitem__", spy)
         learn.fit_one_cycle(4, 3e-3)
     finally:
         learn.n_views = None
-    assert len(learn.feature_cache.train_views) == 2
+        monkeypatch.undo()
+    assert learn.feature_cache is cache  # 2 views were enough: not recomputed for 4 epochs
+    order = [k for i, k in enumerate(seen) if i == 0 or seen[i - 1] != k]
+    assert order == [0, 1, 0, 1]  # epoch e trains on view e mod 2
     assert [r["stage"] for r in learn.recorder.rows[-4:]] == ["frozen"] * 4

@@ -130,7 +130,7 @@ def score_dataset(ds, model, meta, bs: int = 64, progress: Callable[[int], None]
     model = model.eval().to(memory_format=torch.channels_last)
     from ursa.models import onnx_features
 
-    fast = onnx_features(model, size)  # ~2.5x faster than eager torch on CPU; None: torch it is
+    fast = onnx_features(model, size)  # 2.4x faster than eager torch here (bears); None: torch
 
     def features(xb: torch.Tensor) -> torch.Tensor:
         if fast is None:

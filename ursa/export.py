@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 
 from ursa import __version__
 from ursa.errors import ModelFileError
-from ursa.models import Classifier, HeadConfig, create_backbone
+from ursa.models import Classifier, HeadConfig, create_backbone, torchscript_exporter
 from ursa.util import atomic_path
 
 FORMAT = "ursa.model"
@@ -157,7 +157,7 @@ def export_onnx(model_path: str | Path, out: str | Path | None = None, *, opset:
             # torch 2.x; its deprecation notice is not the user's concern.
             warnings.simplefilter("ignore")
             torch.onnx.export(
-                model, (x,), str(tmp), dynamo=False, opset_version=opset,
+                model, (x,), str(tmp), **torchscript_exporter(), opset_version=opset,
                 input_names=[ONNX_INPUT], output_names=[ONNX_OUTPUT],
                 dynamic_axes={ONNX_INPUT: {0: "batch"}, ONNX_OUTPUT: {0: "batch"}},
             )

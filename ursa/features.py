@@ -4,8 +4,8 @@ While the body is frozen (and its BatchNorm in eval mode) it is a fixed function
 on every batch of every epoch recomputes the same thing. Here it runs once per image per view
 (K augmented views of the training set, one un-augmented view of the validation set) in one
 streaming pass, the pooled features stay in memory (or in a memory-mapped file when large),
-and the head trains on them with the same one-cycle schedule: one view per epoch, so each
-epoch still sees a fresh augmentation.
+and the head trains on them with the same one-cycle schedule: epoch e uses view e mod K, so with
+the default K (one view per epoch) each epoch still sees a fresh augmentation.
 """
 
 from __future__ import annotations
@@ -59,32 +59,41 @@ def compute_features(learn: "Learner", n_views: int, augment: bool = True, size:
     dls, model = learn.dls, learn.model
     size = size or dls.size
     model.body.eval()
-    body = onnx_features(model, size) if learn.feature_backend == "auto" and not learn.bf16_features else None
+    if learn.feature_backend not in ("auto", "torch"):
+        raise ValueError(f"feature_backend must be 'auto' or 'torch', not {learn.feature_backend!r}")
+    fast = onnx_features(model, size) if learn.feature_backend == "auto" and not learn.bf16_features else None
     threads = torch.get_num_threads()
-    if body is not None:
-        torch.set_num_threads(1)  # torch only augments now; ONNX Runtime has its own threads for the body
-    else:
+    try:
+        if fast is not None:
+            # torch only augments now (in the prefetch thread); ONNX Runtime has its own threads.
+            torch.set_num_threads(1)
+            with torch.inference_mode():
+                return _compute(learn, fast, n_views, augment, size, spill_dir, "ONNX Runtime")
+
         def body(xb: torch.Tensor) -> torch.Tensor:
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=learn.bf16_features):
                 return model.features(xb).float()
-    try:
+
+        # torch runs body and augmentation on the same OpenMP threads: no second thread to compete with it.
         with torch.inference_mode():
-            return _compute(learn, body, n_views, augment, size, spill_dir)
+            return _compute(learn, body, n_views, augment, size, spill_dir, "torch")
     finally:
         torch.set_num_threads(threads)
 
 
 def _compute(learn: "Learner", body: Callable[[torch.Tensor], torch.Tensor], n_views: int, augment: bool,
-             size: int, spill_dir: Path | None) -> FeatureCache:
+             size: int, spill_dir: Path | None, engine: str) -> FeatureCache:
     dls, model = learn.dls, learn.model
     train_idx, valid_idx = dls.dataset.train_idx, dls.dataset.valid_idx
     n_feat = model.head_cfg.n_features * (2 if model.head_cfg.pool == "concat" else 1)
     total_bytes = (n_views * len(train_idx) + len(valid_idx)) * n_feat * 4
     learn.console.print(
         f"feature cache: {n_views} view(s) of {len(train_idx)} training images + {len(valid_idx)} validation "
-        f"images, {total_bytes / 1e6:.0f} MB" + (" (memory-mapped)" if spill_dir and total_bytes > RAM_BUDGET else ""),
+        f"images, {total_bytes / 1e6:.0f} MB" + (" (memory-mapped)" if spill_dir and total_bytes > RAM_BUDGET else "")
+        + f"; body on {engine}",
         highlight=False,
     )
+    prefetch = engine != "torch"  # torch would compete with itself for the same cores
     views = []
     # Measured on 2 cores: small batches run faster (cache) and keep ONNX Runtime's arena small
     # (+0.2 GB at 8 images, +0.8 GB at 32).
@@ -95,10 +104,10 @@ def _compute(learn: "Learner", body: Callable[[torch.Tensor], torch.Tensor], n_v
             torch.manual_seed(learn.seed * 1000 + k)  # reproducible augmentation of view k
             out = _alloc(len(train_idx), n_feat, total_bytes, spill_dir, f"train_view{k}")
             dl = dls.loader(train_idx, train=augment, size=size, bs=bs, shuffle=False)
-            _fill(body, dl, out, prog, task)
+            _fill(body, dl, out, prog, task, prefetch)
             views.append(out)
         valid = _alloc(len(valid_idx), n_feat, total_bytes, spill_dir, "valid")
-        _fill(body, dls.loader(valid_idx, train=False, size=size, bs=bs, shuffle=False), valid, prog, task)
+        _fill(body, dls.loader(valid_idx, train=False, size=size, bs=bs, shuffle=False), valid, prog, task, prefetch)
     labels = torch.tensor(dls.dataset.labels, dtype=torch.long)
     return FeatureCache(views, labels[train_idx], valid, labels[valid_idx], size, augment)
 
@@ -127,20 +136,24 @@ def _prefetch(it: Iterable, depth: int = 2) -> Iterator:
             put(e)
         put(done)
 
-    threading.Thread(target=work, daemon=True, name="ursa-prefetch").start()
+    thread = threading.Thread(target=work, daemon=True, name="ursa-prefetch")
+    thread.start()
     try:
         while (item := q.get()) is not done:
             if isinstance(item, BaseException):
                 raise item
             yield item
     finally:
-        stop.set()  # the consumer stopped early (error, Ctrl-C): let the producer end
+        # The consumer is done (or stopped early: an error, Ctrl-C): let the producer finish its
+        # current item and end, so no augmentation runs (and draws random numbers) after we return.
+        stop.set()
+        thread.join(timeout=10)
 
 
-def _fill(body: Callable[[torch.Tensor], torch.Tensor], dl, out: torch.Tensor, prog, task) -> None:
+def _fill(body: Callable[[torch.Tensor], torch.Tensor], dl, out: torch.Tensor, prog, task, prefetch: bool) -> None:
     i = 0
     assert not dl.drop_last, "feature cache needs every item"
-    for xb, _ in _prefetch(dl):
+    for xb, _ in (_prefetch(dl) if prefetch else dl):
         f = body(xb)
         out[i:i + len(f)] = f
         i += len(f)
