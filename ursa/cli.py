@@ -58,7 +58,7 @@ def train_cmd(
     unfreeze_lr: Annotated[Optional[str], typer.Option("--unfreeze-lr", help="LO,HI learning rates for early and late layers (default lr/100,lr/10).")] = None,
     bs: Annotated[int, typer.Option("--bs", min=2, help="Batch size.")] = 32,
     cache: Annotated[bool, typer.Option("--cache/--no-cache", help="Train the frozen stage on cached body features (fast).")] = True,
-    views: Annotated[Optional[int], typer.Option("--views", min=1, help="Augmented views of each image in the feature cache, cycled over the epochs (default: one per epoch; 2 is ~1.7x faster on the bears set, one more error in 189).")] = None,
+    views: Annotated[Optional[int], typer.Option("--views", min=1, help="Augmented views of each image in the feature cache, cycled over the epochs (default: one per epoch; 2 is ~1.9x faster on the bears set, one more error in 189).")] = None,
     out: Annotated[Path, typer.Option("--out", help="Run folder for the model file, history and plots.")] = Path("runs/latest"),
     quiet: Quiet = False,
 ) -> None:

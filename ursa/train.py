@@ -43,7 +43,7 @@ class TrainConfig:
     epochs: int = 4
     lr: float = 3e-3
     # Measured on the bears set (benchmarks/train.py, 3 seeds): the cached frozen stage alone reaches
-    # error 0.026 in 36 s and 1.7 GB; adding 2 unfrozen epochs was worse (0.042) in 116 s and 4.2 GB.
+    # error 0.026 in 35 s and 1.6 GB; adding 2 unfrozen epochs was worse (0.042) in 116 s and 4.2 GB.
     # So fine-tuning is opt-in: --unfreeze-epochs 2 gives the lesson's full recipe.
     unfreeze_epochs: int = 0
     unfreeze_lr: tuple[float, float] | None = None  # default slice(lr/100, lr/10)
