@@ -110,7 +110,7 @@ def sweep(noisy: Path, model: Path, flipped: set[str], dups: list[tuple[str, str
     """Score duplicate thresholds and out-of-fold classifiers in-process, from one embedding pass."""
     import numpy as np
 
-    from ursa import clean
+    from ursa.apps import clean
 
     ds, scores, ranks = clean.prepare(noisy, model, quiet=True)
     names = scores.names

@@ -46,7 +46,7 @@ def image_names(bears: int) -> list[str]:
 
 
 def run_download(urls: list[str], workers: int, per_host: int = 4) -> tuple[float, int, int]:
-    from ursa.download import download_images
+    from ursa.acquire.download import download_images
 
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
@@ -58,7 +58,7 @@ def run_download(urls: list[str], workers: int, per_host: int = 4) -> tuple[floa
 def bench_verify() -> list[tuple[str, float, int]]:
     from PIL import Image
 
-    from ursa.verify import verify_images
+    from ursa.acquire.verify import verify_images
 
     if not BEARS.is_dir():
         return []

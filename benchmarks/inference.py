@@ -41,7 +41,7 @@ def ensure_model(path: Path | None) -> Path:
 
 def ensure_onnx(model: Path) -> Path:
     """MODEL.onnx, exported now when missing or older than the model."""
-    from ursa.export import export_onnx
+    from ursa.inference.export import export_onnx
 
     onnx_file = model.with_suffix(".onnx")
     if not onnx_file.is_file() or onnx_file.stat().st_mtime < model.stat().st_mtime:
@@ -66,9 +66,9 @@ def main() -> None:
 
     import torch
 
-    from ursa.data import load_dataset
-    from ursa.export import load_model
-    from ursa.predict import Predictor, default_threads, load_learner
+    from ursa.vision.data import load_dataset
+    from ursa.inference.modelfile import load_model
+    from ursa.inference.predictor import Predictor, default_threads, load_learner
 
     if not args.data.is_dir():
         sys.exit(f"{args.data}: bears dataset not found; pass --data")

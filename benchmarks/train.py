@@ -35,10 +35,11 @@ def run_one(config: str, data: Path, seed: int, extra: list[str]) -> dict:
     import torch
 
     sys.path.insert(0, str(ROOT))
-    from ursa.data import dataloaders, load_dataset
-    from ursa.learner import Learner
-    from ursa.models import create_model, get_spec
-    from ursa.train import TrainConfig, train
+    from ursa.vision.data import load_dataset
+    from ursa.vision.loaders import dataloaders
+    from ursa.training.learner import Learner
+    from ursa.vision.models import create_model, get_spec
+    from ursa.training.recipe import TrainConfig, train
 
     t0 = time.perf_counter()
     if config == "c":

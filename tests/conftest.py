@@ -59,9 +59,11 @@ def sample_learner(size: int = 128):
     """A fresh Learner on the bundled sample (default backbone, untrained head), seeded."""
     import torch
 
-    from ursa.data import dataloaders, load_dataset
-    from ursa.learner import Learner
-    from ursa.models import create_model, get_spec
+    from ursa.vision.data import load_dataset
+
+    from ursa.vision.loaders import dataloaders
+    from ursa.training.learner import Learner
+    from ursa.vision.models import create_model, get_spec
 
     torch.manual_seed(0)
     ds = load_dataset(SAMPLE)
@@ -73,7 +75,7 @@ def sample_learner(size: int = 128):
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory) -> Path:
     """A model trained briefly on the bundled sample at 128 px: a real model file for later stages."""
-    from ursa.train import TrainConfig, train
+    from ursa.training.recipe import TrainConfig, train
 
     out = tmp_path_factory.mktemp("tiny_run")
     train(TrainConfig(data=SAMPLE, out=out, epochs=2, unfreeze_epochs=0, size=128, quiet=True))

@@ -8,7 +8,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from ursa.advice import (
+from ursa.diagnose.advice import (
     RULES,
     Advisor,
     History,
@@ -22,7 +22,7 @@ from ursa.advice import (
     write_advice,
 )
 from ursa.errors import DivergedError
-from ursa.learner import Recorder
+from ursa.training.learner import Recorder
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -232,8 +232,8 @@ def test_advisor_stops_a_run_whose_training_loss_blows_up():
 
 
 def test_save_best_exports_the_best_weights_and_leaves_the_learner_alone(tmp_path, tiny_model):
-    from ursa.advice import save_best
-    from ursa.export import load_model
+    from ursa.diagnose.advice import save_best
+    from ursa.inference.modelfile import load_model
 
     model, meta = load_model(tiny_model)
     exported = {}
@@ -303,8 +303,8 @@ def test_advisor_stops_a_real_fit_at_the_epoch_it_diverges(fresh_learner):
 
 @pytest.mark.slow
 def test_finish_run_saves_best_weights_when_the_error_got_worse(fresh_learner, tmp_path):
-    from ursa.export import load_model
-    from ursa.report import finish_run
+    from ursa.inference.modelfile import load_model
+    from ursa.diagnose.report import finish_run
 
     learn = fresh_learner
     rows = make_history([0.5, 0.3, 0.2, 0.1], [0.3, 0.2, 0.25, 0.3], [0.1, 0.05, 0.06, 0.07]).rows

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ursa import clean
+from ursa.apps import clean
 from ursa.cli import main
 from ursa.errors import UrsaError
 

@@ -9,7 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from ursa.data import dataloaders, eval_transform, from_csv, from_folder, is_valid_split, load_dataset, train_transform
+from ursa.vision.data import from_csv, from_folder, is_valid_split, load_dataset
+
+from ursa.vision.transforms import eval_transform, train_transform
+
+from ursa.vision.loaders import dataloaders
 from ursa.errors import DataError
 from tests.conftest import make_image
 
@@ -158,7 +162,7 @@ def test_transforms_keep_shape_on_odd_inputs():
 
 
 def test_train_never_writes_into_data(sample_copy):
-    from ursa.train import TrainConfig, train
+    from ursa.training.recipe import TrainConfig, train
 
     with pytest.raises(DataError, match="outside the data folder"):
         train(TrainConfig(data=sample_copy, out=sample_copy / "run", quiet=True))

@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 
 from ursa.cli import main
-from ursa.download import (
+from ursa.acquire.download import (
     MANIFEST_COLUMNS,
     DownloadError,
     download_images,
@@ -24,7 +24,7 @@ from ursa.download import (
     parse_url_text,
     read_manifest,
 )
-from ursa.images import open_image
+from ursa.vision.images import open_image
 
 try:
     from tests.fault_server import FaultServer, bear_images, make_images

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from ursa.errors import ModelFileError
-from ursa.export import FORMAT, load_model, read_header, read_meta
-from ursa.predict import load_learner
+from ursa.inference.modelfile import FORMAT, load_model, read_header, read_meta
+from ursa.inference.predictor import load_learner
 from tests.conftest import HELDOUT
 
 
@@ -26,9 +26,10 @@ def test_header_has_the_documented_metadata(tiny_model):
 
 
 def test_round_trip_probabilities_match_in_memory_model(tiny_run, tmp_path, sample_dir):
-    from ursa.data import dataloaders, load_dataset
-    from ursa.learner import Learner
-    from ursa.models import create_model
+    from ursa.vision.data import load_dataset
+    from ursa.vision.loaders import dataloaders
+    from ursa.training.learner import Learner
+    from ursa.vision.models import create_model
 
     ds = load_dataset(sample_dir)
     dls = dataloaders(ds, 128, (0.5,) * 3, (0.5,) * 3, bs=16)

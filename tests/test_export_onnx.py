@@ -12,8 +12,9 @@ import pytest
 
 from ursa.cli import main
 from ursa.errors import ModelFileError
-from ursa.export import ONNX_META_KEY, export_onnx, read_meta
-from ursa.predict import load_learner
+from ursa.inference.export import export_onnx
+from ursa.inference.modelfile import ONNX_META_KEY, read_meta
+from ursa.inference.predictor import load_learner
 from tests.conftest import HELDOUT
 
 

@@ -8,11 +8,13 @@ import time
 import pytest
 import torch
 
-from ursa.data import dataloaders, load_dataset
-from ursa.features import _prefetch, compute_features
-from ursa.models import onnx_features
-from ursa.learner import Learner
-from ursa.models import create_model, get_spec
+from ursa.vision.data import load_dataset
+
+from ursa.vision.loaders import dataloaders
+from ursa.training.features import _prefetch, compute_features
+from ursa.inference.onnx import onnx_features
+from ursa.training.learner import Learner
+from ursa.vision.models import create_model, get_spec
 
 
 @pytest.fixture(scope="module")
@@ -66,9 +68,9 @@ def test_a_wrong_export_is_caught_and_torch_used(learn, monkeypatch):
 
 
 def test_large_caches_spill_to_memory_mapped_files(learn, tmp_path, monkeypatch):
-    import ursa.features
+    import ursa.training.features
 
-    monkeypatch.setattr(ursa.features, "RAM_BUDGET", 0)
+    monkeypatch.setattr(ursa.training.features, "RAM_BUDGET", 0)
     spilled = compute_features(learn, n_views=1, augment=False, spill_dir=tmp_path)
     in_ram = compute_features(learn, n_views=1, augment=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["train_view0.npy", "valid.npy"]

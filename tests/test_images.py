@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from ursa.errors import ImageError
-from ursa.images import check_image, open_image, sniff_format
+from ursa.vision.images import check_image, open_image, sniff_format
 from tests.conftest import make_image
 
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from ursa.interpret import Interpretation, interpret_model, load_items
+from ursa.diagnose.interpret import Interpretation, interpret_model, load_items
 
 CLASSES = ["black", "grizzly", "teddy"]
 

@@ -8,10 +8,12 @@ import shutil
 import pytest
 import torch
 
-from ursa.data import dataloaders, load_dataset
+from ursa.vision.data import load_dataset
+
+from ursa.vision.loaders import dataloaders
 from ursa.errors import DivergedError
-from ursa.learner import Learner, recalibrate_bn
-from ursa.models import create_model, get_spec
+from ursa.training.learner import Learner, recalibrate_bn
+from ursa.vision.models import create_model, get_spec
 
 
 def _small(tmp_path, sample_dir, per_class=8):

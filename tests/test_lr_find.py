@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from ursa.lr_find import (
+from ursa.training.lr_find import (
     END_LR,
     START_LR,
     LRFinderResult,
@@ -155,7 +155,7 @@ def test_lr_find_sweeps_cycle_through_a_small_training_set(tmp_path):
     """Fewer batches than steps: the sweep goes round the training set again."""
     from types import SimpleNamespace
 
-    from ursa.lr_find import _sweep
+    from ursa.training.lr_find import _sweep
 
     calls = []
 
@@ -167,7 +167,7 @@ def test_lr_find_sweeps_cycle_through_a_small_training_set(tmp_path):
 
     head = torch.nn.Linear(2, 2)
     learn = SimpleNamespace(wd=0.0, bf16=False, loss_func=torch.nn.functional.cross_entropy,
-                            _progress=lambda: __import__("ursa.progress", fromlist=["x"]).progress_bar(quiet=True))
+                            _progress=lambda: __import__("ursa.util.progress", fromlist=["x"]).progress_bar(quiet=True))
     losses = _sweep(learn, lr_schedule(1e-5, 1e-3, 10), batches(), list(head.parameters()), head, True, 0.98)
     assert len(losses) == 10 and calls == [0, 1, 2] * 3 + [0]
 

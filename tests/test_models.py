@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from ursa.errors import ArchError
-from ursa.learner import lr_groups
-from ursa.models import REGISTRY, create_imagenet_model, create_model, get_spec, list_archs
+from ursa.training.learner import lr_groups
+from ursa.vision.models import REGISTRY, create_imagenet_model, create_model, get_spec, list_archs
 
 
 def test_registry_lists_the_offline_backbones():
@@ -31,7 +31,7 @@ def test_pretrained_lite0_ranks_espresso_first_for_coffee():
 
 @pytest.mark.parametrize("arch,n", [("efficientnet_lite1", 386), ("efficientnet_lite2", 386)])
 def test_other_lite_weights_load(arch, n):
-    from ursa.models import create_backbone
+    from ursa.vision.models import create_backbone
 
     m = create_backbone(arch, pretrained=True, num_classes=1000)
     assert len(m.state_dict()) == n
@@ -49,7 +49,7 @@ def test_hub_model_without_network_gives_a_clear_message(monkeypatch):
         raise OSError("network unreachable")
 
     monkeypatch.setattr(timm, "create_model", boom)
-    from ursa.models import create_backbone
+    from ursa.vision.models import create_backbone
 
     with pytest.raises(ArchError, match="cannot download pretrained weights for 'resnet18'.*offline choices"):
         create_backbone("resnet18", pretrained=True)
@@ -93,7 +93,8 @@ def test_head_uses_concat_pooling():
 def test_onnx_features_equal_torch_features():
     import torch
 
-    from ursa.models import create_model, onnx_features
+    from ursa.inference.onnx import onnx_features
+    from ursa.vision.models import create_model
 
     torch.manual_seed(0)
     model = create_model(n_classes=3).eval()

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ursa import plots
+from ursa.diagnose import plots
 
 ROWS = [
     {"epoch": 0, "stage": "frozen", "train_loss": 0.9, "valid_loss": 0.4, "error_rate": 0.12, "accuracy": 0.88},

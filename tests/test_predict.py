@@ -12,8 +12,9 @@ import torch
 
 from ursa.cli import main
 from ursa.errors import ImageError, ModelFileError, UrsaError
-from ursa.export import export_onnx, load_model, save_model
-from ursa.predict import Predictor, load_learner, resolve_backend
+from ursa.inference.export import export_onnx
+from ursa.inference.modelfile import load_model, save_model
+from ursa.inference.predictor import Predictor, load_learner, resolve_backend
 from tests.conftest import HELDOUT
 
 
@@ -89,7 +90,7 @@ def test_predict_shapes_and_batch_agree(model_dir):
 
 def test_preprocess_is_the_validation_pipeline(model_dir):
     """The same pixels as training's validation (data.load_pixels + eval_transform), to the bit."""
-    from ursa.data import decode_size, eval_transform, load_pixels
+    from ursa.vision.transforms import decode_size, eval_transform, load_pixels
 
     pred = load_learner(model_dir / "model.safetensors", backend="torch")
     tfm = eval_transform(pred.size, pred.meta.mean, pred.meta.std)

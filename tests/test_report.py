@@ -11,9 +11,9 @@ import pytest
 import torch
 from PIL import Image
 
-from ursa.advice import History
-from ursa.interpret import Interpretation
-from ursa.report import write_report
+from ursa.diagnose.advice import History
+from ursa.diagnose.interpret import Interpretation
+from ursa.diagnose.report import write_report
 
 CLASSES = ["black", "grizzly", "teddy"]
 

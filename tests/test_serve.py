@@ -21,8 +21,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from starlette.testclient import TestClient
 
-from ursa.predict import Prediction, load_learner
-from ursa.serve import MicroBatcher, ServeConfig, app_from_env, create_app, parse_bytes
+from ursa.inference.predictor import Prediction, load_learner
+from ursa.apps.serve import MicroBatcher, ServeConfig, app_from_env, create_app, parse_bytes
 from tests.conftest import HELDOUT, ROOT, wait_until
 
 IMAGES = sorted(HELDOUT.glob("*.jpg"))

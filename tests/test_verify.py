@@ -15,8 +15,8 @@ from PIL import Image
 
 from ursa.cli import main
 from ursa.errors import ImageError
-from ursa.images import open_image
-from ursa.verify import REPORT_COLUMNS, VerifyError, verify_images
+from ursa.vision.images import open_image
+from ursa.acquire.verify import REPORT_COLUMNS, VerifyError, verify_images
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "datasets"
 

@@ -63,7 +63,7 @@ def train_cmd(
     quiet: Quiet = False,
 ) -> None:
     """Fine-tune a pretrained network on your images: frozen one-cycle (then unfreeze, if asked)."""
-    from ursa.train import TrainConfig, train
+    from ursa.training.recipe import TrainConfig, train
 
     if lr <= 0:
         raise UrsaError(f"--lr must be positive (got {lr})")
@@ -86,7 +86,7 @@ def train_cmd(
         typer.echo(f"best epoch's weights: {best}")
     typer.echo(f"history: {res.out / 'history.csv'}, plots: losses.png, lr.png, metrics.png")
     if res.learner is not None:
-        from ursa.advice import History, advise
+        from ursa.diagnose.advice import History, advise
 
         found = advise(History.from_recorder(res.learner.recorder))
         for a in found:
@@ -107,7 +107,7 @@ def predict_cmd(
     import json
 
     from ursa.errors import ImageError
-    from ursa.predict import BACKENDS, load_learner
+    from ursa.inference.predictor import BACKENDS, load_learner
 
     if backend not in BACKENDS:
         raise UrsaError(f"--backend must be one of {', '.join(BACKENDS)} (got {backend!r})")
@@ -154,7 +154,7 @@ def download_cmd(
     quiet: Quiet = False,
 ) -> None:
     """Download the images behind per-class URL lists; every URL is accounted for in DEST/downloads.csv."""
-    from ursa.download import download_images
+    from ursa.acquire.download import download_images
 
     summary = download_images(
         urls, dest, max_pics=max_pics, workers=workers, per_host=per_host, timeout=timeout, deadline=deadline,
@@ -178,7 +178,7 @@ def verify_cmd(
     quiet: Quiet = False,
 ) -> None:
     """Decode every image; move broken ones to _quarantine/ (or delete them) and record why in verify.csv."""
-    from ursa.verify import verify_images
+    from ursa.acquire.verify import verify_images
 
     summary = verify_images(folder, delete=delete, fix=fix, max_size=max_size, workers=workers, progress=not quiet)
     print(summary.to_json() if json_out else summary.format())
@@ -215,11 +215,13 @@ def lr_find_cmd(
     import torch
     from rich.console import Console
 
-    from ursa.data import dataloaders, load_dataset
-    from ursa.learner import Learner
-    from ursa.models import create_model, get_spec
-    from ursa.progress import progress_bar
-    from ursa.util import atomic_write_text
+    from ursa.vision.data import load_dataset
+
+    from ursa.vision.loaders import dataloaders
+    from ursa.training.learner import Learner
+    from ursa.vision.models import create_model, get_spec
+    from ursa.util.progress import progress_bar
+    from ursa.util.files import atomic_write_text
 
     console = Console(stderr=True, quiet=quiet)
     ds = load_dataset(data, csv, valid_pct, seed)
@@ -271,10 +273,10 @@ def interpret_cmd(
     """Confusion matrix, most confused classes, precision/recall and top losses, as report.html/json."""
     from rich.console import Console
 
-    from ursa.advice import History
-    from ursa.interpret import interpret_model
-    from ursa.progress import progress_bar
-    from ursa.report import run_plots, write_report
+    from ursa.diagnose.advice import History
+    from ursa.diagnose.interpret import interpret_model
+    from ursa.util.progress import progress_bar
+    from ursa.diagnose.report import run_plots, write_report
 
     _out_outside(out, data)
     console = Console(stderr=True, quiet=quiet)
@@ -321,8 +323,8 @@ def serve_cmd(
     access_log: Annotated[bool, typer.Option("--access-log/--no-access-log", help="Log one line per request.")] = True,
 ) -> None:
     """Serve the model: a web page at / and a JSON API at /predict, until Ctrl-C."""
-    from ursa.predict import BACKENDS
-    from ursa.serve import ServeConfig, parse_bytes, serve
+    from ursa.inference.predictor import BACKENDS
+    from ursa.apps.serve import ServeConfig, parse_bytes, serve
 
     if backend not in BACKENDS:
         raise UrsaError(f"--backend must be one of {', '.join(BACKENDS)} (got {backend!r})")
@@ -341,7 +343,7 @@ def export_cmd(
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="ONNX file to write [default: MODEL with .onnx].")] = None,
 ) -> None:
     """Export the model for other runtimes: `--onnx` writes MODEL.onnx, which predict and serve then use."""
-    from ursa.export import export_onnx
+    from ursa.inference.export import export_onnx
 
     if not onnx:
         raise UrsaError("nothing to export: pass --onnx (the model file itself is already the portable export)")
@@ -370,7 +372,7 @@ def clean_cmd(
     """
     import time
 
-    from ursa import clean
+    from ursa.apps import clean
 
     t0 = time.perf_counter()
     if export is None and host not in ("127.0.0.1", "localhost", "::1"):

@@ -16,8 +16,8 @@ OUT = ROOT / "runs" / "demo"
 
 def main() -> int:
     """Run the whole workflow on the sample in a minute or two, offline."""
-    from ursa.predict import load_learner
-    from ursa.train import TrainConfig, train
+    from ursa.inference.predictor import load_learner
+    from ursa.training.recipe import TrainConfig, train
 
     t0 = time.perf_counter()
     print(f"ursa demo: training on {SAMPLE.relative_to(ROOT)} (the bundled bears sample), offline, on CPU")

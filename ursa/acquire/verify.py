@@ -1,7 +1,7 @@
 """Find the images a training run would choke on, and move them aside with a written record.
 
 Every file with an image extension under the folder is decoded fully through
-``ursa.images.open_image`` (the same function the data loader uses, so verify and training
+``ursa.vision.images.open_image`` (the same function the data loader uses, so verify and training
 agree on what "readable" means). A file that does not decode -- empty, truncated, corrupt, not
 an image, a decompression bomb, an unsupported format -- is
 
@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from ursa.errors import ImageError, UrsaError
-from ursa.images import MAX_PIXELS, is_image_file, open_image
+from ursa.vision.images import MAX_PIXELS, is_image_file, open_image
 
 REPORT_NAME = "verify.csv"
 QUARANTINE = "_quarantine"
@@ -374,7 +374,7 @@ def verify_images(
         ) from None
     bar = None
     if progress and paths:
-        from ursa.download import make_progress
+        from ursa.acquire.download import make_progress
 
         bar = make_progress("img")
     try:

@@ -27,10 +27,10 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 import torch
 
-from ursa.data import decode_size, eval_transform, load_pixels
+from ursa.vision.transforms import decode_size, eval_transform, load_pixels
 from ursa.errors import ModelFileError, UrsaError
-from ursa.export import ONNX_META_KEY, ModelMeta, load_model, read_meta
-from ursa.images import Source
+from ursa.inference.modelfile import ONNX_META_KEY, ModelMeta, load_model, read_meta
+from ursa.vision.images import Source
 
 log = logging.getLogger("ursa")
 

@@ -20,10 +20,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Sequence
 
-from ursa.util import smooth
+from ursa.util.numbers import smooth
 
 if TYPE_CHECKING:
-    from ursa.learner import Learner, Recorder
+    from ursa.training.learner import Learner, Recorder
 
 # Thresholds, named so tests and docs can refer to them.
 VALID_BLOWUP = 10.0  # valid loss this many times its best so far: diverged (as the learner checks)
@@ -329,7 +329,7 @@ def format_advice(advice: Sequence[Advice], h: History, notes: Sequence[str] = (
 
 def write_advice(path: str | Path, advice: Sequence[Advice], h: History, notes: Sequence[str] = ()) -> Path:
     """Write advice.txt atomically (the companion of history.csv)."""
-    from ursa.util import atomic_write_text
+    from ursa.util.files import atomic_write_text
 
     atomic_write_text(path, format_advice(advice, h, notes))
     return Path(path)

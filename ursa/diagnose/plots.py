@@ -6,8 +6,8 @@ import math
 from pathlib import Path
 from typing import Sequence
 
-from ursa.util import atomic_path
-from ursa.util import smooth as _smooth
+from ursa.util.files import atomic_path
+from ursa.util.numbers import smooth as _smooth
 
 
 def _figure(ncols: int = 1, width: float = 6.0, height: float = 4.0):
@@ -27,7 +27,7 @@ def _save(fig, path: str | Path) -> Path:
 
 
 def smooth(values: Sequence[float], beta: float = 0.98) -> list[float]:
-    """fastai's debiased exponential moving average (see ursa.util.smooth)."""
+    """fastai's debiased exponential moving average (see ursa.util.files.smooth)."""
     return _smooth(values, beta)
 
 def losses_figure(batch_losses: Sequence[float], batch_epochs: Sequence[float], rows: Sequence[dict]):

@@ -24,11 +24,11 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
-from ursa.advice import RULE_DESCRIPTIONS, RULES, Advice, History, advise, check
+from ursa.diagnose.advice import RULE_DESCRIPTIONS, RULES, Advice, History, advise, check
 
 if TYPE_CHECKING:
-    from ursa.interpret import Interpretation
-    from ursa.learner import Learner
+    from ursa.diagnose.interpret import Interpretation
+    from ursa.training.learner import Learner
 
 TOP_K = 12  # top losses shown as thumbnails (report.json lists every item)
 THUMB = 200  # thumbnail long side, pixels
@@ -47,7 +47,7 @@ WIDE_PLOTS = ("metrics",)  # two panels: a full row
 def thumbnail(path: str | Path, size: int = THUMB):
     """A small RGB copy of an image, or None when it cannot be read (it was skipped or changed)."""
     from ursa.errors import ImageError
-    from ursa.images import open_image
+    from ursa.vision.images import open_image
 
     try:
         im = open_image(path, min_size=size)
@@ -335,8 +335,8 @@ def write_report(out: str | Path, interp: "Interpretation | None" = None, histor
                  plots: dict[str, Path] | None = None, info: dict | None = None, notes: Sequence[str] = (),
                  k: int = TOP_K) -> dict[str, Path]:
     """report.html + report.json (and confusion_matrix.png, top_losses.png) into out; name -> path."""
-    from ursa.plots import plot_confusion_matrix, plot_top_losses
-    from ursa.util import atomic_write_text
+    from ursa.diagnose.plots import plot_confusion_matrix, plot_top_losses
+    from ursa.util.files import atomic_write_text
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -375,8 +375,8 @@ def run_plots(out: Path) -> dict[str, Path]:
 
 def finish_run(learn: "Learner", out: str | Path, info: dict | None = None) -> dict[str, Path]:
     """After export: best.safetensors when the error got worse, advice.txt with notes, the report."""
-    from ursa.advice import find_advisor, save_best, write_advice
-    from ursa.interpret import Interpretation
+    from ursa.diagnose.advice import find_advisor, save_best, write_advice
+    from ursa.diagnose.interpret import Interpretation
 
     out = Path(out)
     h = History.from_recorder(learn.recorder, learn.diverged)

@@ -20,10 +20,10 @@ from typing import TYPE_CHECKING, Callable, Iterable, Iterator
 import numpy as np
 import torch
 
-from ursa.models import onnx_features
+from ursa.inference.onnx import onnx_features
 
 if TYPE_CHECKING:
-    from ursa.learner import Learner
+    from ursa.training.learner import Learner
 
 # Above this many bytes of features, store them in a memory-mapped file instead of RAM.
 RAM_BUDGET = 1_000_000_000
@@ -162,7 +162,7 @@ def _fill(body: Callable[[torch.Tensor], torch.Tensor], dl, out: torch.Tensor, p
 
 def fit_head_cached(learn: "Learner", n_epoch: int, max_lr: float | slice, pct_start: float, stage: str) -> None:
     """fit_one_cycle for the head alone, on cached features; same schedule, same metrics."""
-    from ursa.learner import metrics_from_probs, recalibrate_bn
+    from ursa.training.learner import metrics_from_probs, recalibrate_bn
 
     cache = learn.feature_cache
     n_views = min(learn.n_views or n_epoch, n_epoch)

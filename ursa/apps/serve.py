@@ -33,10 +33,10 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from ursa.errors import ImageError, UrsaError
-from ursa.images import sniff_format
-from ursa.predict import Prediction, Predictor, default_threads, load_learner
+from ursa.vision.images import sniff_format
+from ursa.inference.predictor import Prediction, Predictor, default_threads, load_learner
 
-log = logging.getLogger("ursa.serve")
+log = logging.getLogger("ursa.apps.serve")
 
 DEFAULT_MAX_BYTES = 10 * 1024 * 1024
 MAX_BATCH_FILES = 64
@@ -475,7 +475,7 @@ def serve(config: ServeConfig, host: str = "127.0.0.1", port: int = 8000, worker
     os.environ.update(config.to_env())
     if ready:
         ready(f"http://{host}:{port}")
-    uvicorn.run("ursa.serve:app_from_env", factory=True, host=host, port=port, workers=workers,
+    uvicorn.run("ursa.apps.serve:app_from_env", factory=True, host=host, port=port, workers=workers,
                 access_log=access_log, log_level=log_level, timeout_graceful_shutdown=10, server_header=False)
 
 

@@ -6,7 +6,7 @@ class, and the top losses: the images the model is most wrong, or least sure, ab
 
 Which images are "the validation set" for a model file: the ``split.csv`` that ``ursa train``
 wrote beside it (the exact assignment used in training) when present; otherwise the split is
-recomputed from DATA with ``ursa.data.load_dataset`` at train's defaults (seed 42, valid_pct
+recomputed from DATA with ``ursa.vision.data.load_dataset`` at train's defaults (seed 42, valid_pct
 0.2), which gives the same assignment for the same files because the split hashes each file's
 relative path. Unreadable images are skipped, counted and listed, never fatal.
 """
@@ -24,7 +24,7 @@ import numpy as np
 from ursa.errors import DataError
 
 if TYPE_CHECKING:
-    from ursa.learner import Learner
+    from ursa.training.learner import Learner
 
 
 @dataclass
@@ -142,7 +142,7 @@ class Interpretation:
 def load_items(model_path: str | Path, data: str | Path, classes: Sequence[str], all_images: bool = False,
                csv_path: str | Path | None = None) -> tuple[list[tuple[str, Path, int]], str, list[tuple[str, str]]]:
     """(name, path, class index) of the images to interpret, which split that is, and items left out."""
-    from ursa.data import load_dataset
+    from ursa.vision.data import load_dataset
 
     data = Path(data)
     split_csv = Path(model_path).parent / "split.csv"
@@ -186,7 +186,7 @@ def interpret_model(model_path: str | Path, data: str | Path, all_images: bool =
     import torch
 
     from ursa.errors import ImageError
-    from ursa.predict import load_learner
+    from ursa.inference.predictor import load_learner
 
     pred = load_learner(model_path)
     items, split, skipped = load_items(model_path, data, pred.classes, all_images, csv_path)

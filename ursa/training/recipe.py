@@ -16,13 +16,15 @@ from pathlib import Path
 import torch
 from rich.console import Console
 
-from ursa.data import dataloaders, load_dataset
+from ursa.vision.data import load_dataset
+
+from ursa.vision.loaders import dataloaders
 from ursa.errors import DataError, DivergedError
-from ursa.learner import Learner
-from ursa.models import DEFAULT_ARCH, create_model, get_spec
-from ursa.plots import plot_losses
-from ursa.progress import progress_bar
-from ursa.util import atomic_write_text
+from ursa.training.learner import Learner
+from ursa.vision.models import DEFAULT_ARCH, create_model, get_spec
+from ursa.diagnose.plots import plot_losses
+from ursa.util.progress import progress_bar
+from ursa.util.files import atomic_write_text
 
 log = logging.getLogger("ursa")
 
@@ -114,7 +116,7 @@ def train(cfg: TrainConfig, console: Console | None = None) -> TrainResult:
     ds.write_split(cfg.out / "split.csv")
     learn = Learner(dls, model, use_cache=cfg.cache, quiet=cfg.quiet, console=console, seed=cfg.seed,
                     spill_dir=cfg.out / "features")
-    from ursa.advice import Advisor
+    from ursa.diagnose.advice import Advisor
 
     learn.epoch_callbacks.append(Advisor(console))  # stops a diverging run; keeps the best-error weights
     learn.bf16_features = cfg.bf16_features
@@ -140,7 +142,7 @@ def train(cfg: TrainConfig, console: Console | None = None) -> TrainResult:
     _write_history(learn, cfg.out)
     model_path = learn.export(cfg.out / "model.safetensors")
     try:  # advice.txt, report.html/json (and best.safetensors when the error got worse at the end)
-        from ursa.report import finish_run
+        from ursa.diagnose.report import finish_run
 
         finish_run(learn, cfg.out, {"data": str(cfg.data), "images": f"{len(ds.train_idx)} train / "
                                     f"{len(ds.valid_idx)} valid", "time": f"{time.perf_counter() - t0:.0f} s"})
@@ -154,9 +156,9 @@ def train(cfg: TrainConfig, console: Console | None = None) -> TrainResult:
 
 def _write_history(learn: Learner, out: Path) -> None:
     """history.csv, curves and advice.txt; a history that diverged ends the run here, before any model file."""
-    from ursa.advice import History, advise, write_advice
-    from ursa.plots import plot_lr, plot_metrics
-    from ursa.report import run_plots, write_report
+    from ursa.diagnose.advice import History, advise, write_advice
+    from ursa.diagnose.plots import plot_lr, plot_metrics
+    from ursa.diagnose.report import run_plots, write_report
 
     r = learn.recorder
     atomic_write_text(out / "history.csv", r.history_csv())

@@ -16,7 +16,7 @@ between fits, so there is no optimiser state to put back.
 
 While the body is frozen (and its BatchNorm in eval mode, as when the feature cache is on) the
 body is a fixed function, so the frozen sweep trains the head on body features computed once
-(``ursa.features.compute_features``, one augmented view): the same forward pass as the frozen
+(``ursa.training.features.compute_features``, one augmented view): the same forward pass as the frozen
 model, many times faster.
 """
 
@@ -30,10 +30,10 @@ from typing import TYPE_CHECKING, Iterator, Sequence
 
 import torch
 
-from ursa.util import smooth
+from ursa.util.numbers import smooth
 
 if TYPE_CHECKING:
-    from ursa.learner import Learner
+    from ursa.training.learner import Learner
 
 START_LR = 1e-7
 END_LR = 10.0
@@ -85,7 +85,7 @@ class LRFinderResult:
 
     def plot(self, path: str | Path) -> Path:
         """lr_find.png: loss against log learning rate with both suggestions marked."""
-        from ursa.plots import plot_lr_find
+        from ursa.diagnose.plots import plot_lr_find
 
         return plot_lr_find(self.lrs, self.losses, self.smoothed, self.suggestions(), path)
 
@@ -237,7 +237,7 @@ def _sweep(learn: "Learner", schedule: list[float], batches: Iterator, params: l
 
 def _cached_batches(learn: "Learner"):
     """Mini-batches of frozen-body features, reshuffled each pass, and the head to train."""
-    from ursa.features import compute_features
+    from ursa.training.features import compute_features
 
     cache = learn.feature_cache
     size = learn.train_size or learn.dls.size

@@ -8,7 +8,7 @@ The lesson saves image-search URLs into ``urls_<class>.txt`` files and downloads
 * images land in ``DEST/<class>/00000000.jpg``... written to a temporary name and renamed, so
   there is never a partial image; the extension is the real format sniffed from the bytes
   (``.jpg``, ``.png``, ``.gif``, ``.webp``...), or ``.jpg`` when the image was shrunk;
-* the type is decided from the bytes and a full decode (``ursa.images.open_image``), never
+* the type is decided from the bytes and a full decode (``ursa.vision.images.open_image``), never
   from the Content-Type header: an HTML page is a failure, not a file;
 * fetching is concurrent (asyncio + httpx) and polite: at most ``per_host`` requests to one
   host at a time, retries with backoff on timeouts, 429 (honouring Retry-After, capped) and
@@ -39,7 +39,7 @@ from typing import Any, Iterable, Iterator, Mapping, Sequence
 from urllib.parse import unquote, urlsplit
 
 from ursa.errors import ImageError, UrsaError
-from ursa.images import MAX_PIXELS, open_image, sniff_format
+from ursa.vision.images import MAX_PIXELS, open_image, sniff_format
 
 MANIFEST_NAME = "downloads.csv"
 MANIFEST_COLUMNS = ("url", "class", "file", "status", "http_status", "error", "bytes", "sha256")

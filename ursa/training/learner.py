@@ -3,7 +3,7 @@
 One-cycle schedule from torch's OneCycleLR with AdamW, discriminative learning rates through
 layer groups (``max_lr=slice(lo, hi)``), a recorder of per-batch loss/LR and per-epoch metrics,
 a progress bar with rate and ETA, and an epoch table like fastai's. While the body is frozen,
-the head can be trained on cached body features (see ``ursa.features``), which gives the same
+the head can be trained on cached body features (see ``ursa.training.features``), which gives the same
 result as running the frozen body every batch, many times faster.
 """
 
@@ -21,10 +21,10 @@ import torch.nn.functional as F
 from rich.console import Console
 
 
-from ursa.data import DataLoaders
+from ursa.vision.loaders import DataLoaders
 from ursa.errors import DivergedError, UrsaError
-from ursa.models import Classifier
-from ursa.progress import progress_bar
+from ursa.vision.models import Classifier
+from ursa.util.progress import progress_bar
 
 HISTORY_COLUMNS = ["epoch", "stage", "train_loss", "valid_loss", "error_rate", "accuracy", "seconds"]
 
@@ -98,7 +98,7 @@ class Learner:
         self.feature_backend = "auto"  # feature cache's body pass: "auto" (ONNX Runtime, else torch) or "torch"
         self.recorder = Recorder()
         self.epoch_callbacks: list[Callable[["Learner", dict], None]] = []
-        self.feature_cache = None  # ursa.features.FeatureCache, built on first cached fit
+        self.feature_cache = None  # ursa.training.features.FeatureCache, built on first cached fit
         self.bn_eval_when_frozen = use_cache  # cached features are computed with body BN in eval mode
         self.model.to(memory_format=torch.channels_last)
         self._epochs_done = 0
@@ -125,7 +125,7 @@ class Learner:
             return
         stage = stage or ("frozen" if self.model.is_frozen else "unfrozen")
         if self.model.is_frozen and self.use_cache:
-            from ursa.features import fit_head_cached
+            from ursa.training.features import fit_head_cached
 
             fit_head_cached(self, n_epoch, max_lr, pct_start, stage)
             return
@@ -265,8 +265,8 @@ class Learner:
                            f"{r['error_rate']:>10.4f}  {r['accuracy']:>8.4f}  {m:02d}:{s:02d}", highlight=False)
 
     def lr_find(self, **kwargs):
-        """Sweep learning rates and suggest one (see ursa.lr_find); weights are restored after."""
-        from ursa.lr_find import lr_find
+        """Sweep learning rates and suggest one (see ursa.training.lr_find); weights are restored after."""
+        from ursa.training.lr_find import lr_find
 
         return lr_find(self, **kwargs)
 
@@ -296,7 +296,7 @@ class Learner:
         """Checkpoint the weights (safetensors, atomic) to come back to with load()."""
         from safetensors.torch import save_file
 
-        from ursa.util import atomic_path
+        from ursa.util.files import atomic_path
 
         path = Path(path)
         with atomic_path(path) as tmp:
@@ -314,7 +314,7 @@ class Learner:
         """Write the one model file (weights + metadata) that predict and serve load."""
         from dataclasses import asdict
 
-        from ursa.export import ModelMeta, save_model
+        from ursa.inference.modelfile import ModelMeta, save_model
 
         if metrics is None and self.recorder.rows:
             last = self.recorder.rows[-1]

@@ -1,13 +1,14 @@
-"""Small shared helpers: atomic writes (temp file in the same folder, then rename)."""
+"""Files: atomic writes (temp file in the same folder, then rename) and CSV lines; the one home for both."""
 
 from __future__ import annotations
 
 import contextlib
-import math
+import csv
+import io
 import os
 import tempfile
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 
 @contextlib.contextmanager
@@ -47,17 +48,23 @@ def atomic_write_text(path: str | Path, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
-def smooth(values: Sequence[float], beta: float = 0.98) -> list[float]:
-    """fastai's debiased exponential moving average, so noisy batch losses read as a curve.
+def csv_line(values: Sequence[Any], end: str = "\n") -> str:
+    """One CSV record (quoted as the csv module does), so every writer of a CSV file agrees."""
+    buf = io.StringIO()
+    csv.writer(buf, lineterminator=end).writerow(values)
+    return buf.getvalue()
 
-    NaN and inf pass through unchanged and do not enter the average.
-    """
-    out, avg, n = [], 0.0, 0
-    for v in values:
-        if not (isinstance(v, (int, float)) and math.isfinite(v)):
-            out.append(v)
-            continue
-        n += 1
-        avg = beta * avg + (1 - beta) * v
-        out.append(avg / (1 - beta**n))
-    return out
+
+def csv_text(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
+    """A whole CSV file's text: header then rows."""
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(header)
+    w.writerows(rows)
+    return buf.getvalue()
+
+
+def atomic_write_csv(path: str | Path, header: Sequence[str], rows: Iterable[Sequence[Any]]) -> Path:
+    """Write a CSV file atomically."""
+    atomic_write_text(path, csv_text(header, rows))
+    return Path(path)

@@ -100,9 +100,9 @@ def _class_map(data_classes: Sequence[str], model_classes: Sequence[str]) -> lis
 
 def _read_item(path: Path, short_side: int, tfm: Callable) -> tuple[Any, str, str]:
     """(tensor or None, sha256 of the file's bytes, reason when unreadable); reads each file once."""
-    from ursa.data import pil_to_tensor, resize_short
+    from ursa.vision.transforms import pil_to_tensor, resize_short
     from ursa.errors import ImageError
-    from ursa.images import open_image
+    from ursa.vision.images import open_image
 
     try:
         data = path.read_bytes()
@@ -121,14 +121,14 @@ def score_dataset(ds, model, meta, bs: int = 64, progress: Callable[[int], None]
     """One batched eval-mode pass (features, then head): probabilities, losses, embeddings of every item."""
     import torch
 
-    from ursa.data import decode_size, eval_transform
+    from ursa.vision.transforms import decode_size, eval_transform
 
     cols = _class_map(ds.classes, meta.classes)
     size = int(meta.input_size)
     short = decode_size(size)  # the same preprocessing as the validation set in training
     tfm = eval_transform(size, meta.mean, meta.std)
     model = model.eval().to(memory_format=torch.channels_last)
-    from ursa.models import onnx_features
+    from ursa.inference.onnx import onnx_features
 
     fast = onnx_features(model, size)  # 2.4x faster than eager torch here (bears); None: torch
 
@@ -323,7 +323,7 @@ def rank(scores: Scores, threshold: float = DUP_THRESHOLD) -> Rankings:
 
 
 def _write_csv(path: Path, header: list[str], rows: list[list[Any]]) -> None:
-    from ursa.util import atomic_write_text
+    from ursa.util.files import atomic_write_text
 
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
@@ -640,7 +640,7 @@ def create_app(session: CleanSession, host: str = "127.0.0.1", port: int = 8765)
 
     def image(request: Request) -> Response:
         from ursa.errors import ImageError
-        from ursa.images import open_image
+        from ursa.vision.images import open_image
 
         name = request.query_params.get("path", "")
         i = session.index.get(name)
@@ -683,9 +683,9 @@ def prepare(data: Path, model_path: Path, csv_path: Path | None = None, threshol
     """Load data and model, score every item (with a progress bar) and rank: the shared first half."""
     from rich.console import Console
 
-    from ursa.data import load_dataset
-    from ursa.export import load_model
-    from ursa.progress import progress_bar
+    from ursa.vision.data import load_dataset
+    from ursa.inference.modelfile import load_model
+    from ursa.util.progress import progress_bar
 
     console = console or Console(stderr=True, quiet=quiet)
     timings = {} if timings is None else timings

@@ -1,0 +1,55 @@
+"""Numbers shown to people: loss smoothing and byte sizes, one definition each."""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import Sequence
+
+from ursa.errors import UrsaError
+
+_UNITS = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3}
+
+
+def smooth(values: Sequence[float], beta: float = 0.98) -> list[float]:
+    """fastai's debiased exponential moving average, so noisy batch losses read as a curve.
+
+    NaN and inf pass through unchanged and do not enter the average.
+    """
+    out, avg, n = [], 0.0, 0
+    for v in values:
+        if not (isinstance(v, (int, float)) and math.isfinite(v)):
+            out.append(v)
+            continue
+        n += 1
+        avg = beta * avg + (1 - beta) * v
+        out.append(avg / (1 - beta**n))
+    return out
+
+
+def smooth_last(values: Sequence[float], beta: float = 0.98) -> float:
+    """The smoothed value at the end (fastai's train_loss of an epoch); NaN when there is none."""
+    s = smooth(values, beta)
+    return float(s[-1]) if s else math.nan
+
+
+def parse_bytes(text: str | int, option: str = "--max-bytes") -> int:
+    """Read a size like 20MB, 512KB, 1.5GB, 2MiB or 1000000 (K/M/G are powers of 1024); at least 1 byte."""
+    if isinstance(text, int) and not isinstance(text, bool):
+        n = text
+    else:
+        m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([kmg]?)(?:i?b)?\s*", str(text), re.IGNORECASE)
+        if not m:
+            raise UrsaError(f"{option} {text!r}: expected a size such as 20MB, 500KB or 1000000")
+        n = int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+    if n < 1:
+        raise UrsaError(f"{option} {text!r}: expected at least 1 byte")
+    return n
+
+
+def human_bytes(n: float) -> str:
+    """1.5 MB, 300 KB, 12 bytes (powers of 1024, as parse_bytes reads them)."""
+    for unit, size in (("GB", 1024**3), ("MB", 1024**2), ("KB", 1024)):
+        if n >= size:
+            return f"{n / size:.3g} {unit}"
+    return f"{int(n)} bytes"

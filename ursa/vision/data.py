@@ -1,0 +1,228 @@
+"""From files to a dataset: readers for three layouts and a stable split (no pixels yet).
+
+Layouts: folder-per-class (the lesson's ``train='.'``), ``train/`` + ``valid/`` folders of class
+folders, and a CSV of ``name,label`` relative to the folder (fastai's ``cleaned.csv``).
+The validation split hashes each file's relative path with the seed, so an image stays on its
+side when other images are added or removed.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import logging
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+from ursa.errors import DataError
+from ursa.vision.images import is_image_file
+
+log = logging.getLogger("ursa")
+
+VALID_NAMES = ("valid", "val", "validation", "test")
+SKIP_DIRS = {"_quarantine", "__pycache__", "models"}
+
+
+def is_valid_split(rel_path: str, valid_pct: float, seed: int) -> bool:
+    """Stable split: depends only on this file's path and the seed, never on the other files."""
+    h = hashlib.sha256(f"{seed}:{rel_path}".encode("utf-8")).digest()
+    return int.from_bytes(h[:8], "big") / 2**64 < valid_pct
+
+
+@dataclass
+class ImageDataset:
+    """Which files, which labels, which side of the split: the dataset, before any pixels."""
+
+    root: Path
+    files: list[Path]
+    labels: list[int]
+    classes: list[str]
+    is_valid: list[bool]
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def rel(self, i: int) -> str:
+        """Path of item i relative to the data folder, with forward slashes."""
+        try:
+            return self.files[i].relative_to(self.root).as_posix()
+        except ValueError:
+            return self.files[i].as_posix()
+
+    @property
+    def train_idx(self) -> list[int]:
+        return [i for i, v in enumerate(self.is_valid) if not v]
+
+    @property
+    def valid_idx(self) -> list[int]:
+        return [i for i, v in enumerate(self.is_valid) if v]
+
+    def class_counts(self, idx: Sequence[int] | None = None) -> dict[str, int]:
+        """Images per class, to spot imbalance."""
+        idx = range(len(self)) if idx is None else idx
+        counts = {c: 0 for c in self.classes}
+        for i in idx:
+            counts[self.classes[self.labels[i]]] += 1
+        return counts
+
+    def drop(self, bad: set[int], reasons: dict[int, str]) -> None:
+        """Remove unreadable items, keeping a record of each."""
+        if not bad:
+            return
+        self.skipped += [(self.rel(i), reasons.get(i, "unreadable")) for i in sorted(bad)]
+        keep = [i for i in range(len(self)) if i not in bad]
+        self.files = [self.files[i] for i in keep]
+        self.labels = [self.labels[i] for i in keep]
+        self.is_valid = [self.is_valid[i] for i in keep]
+
+    def write_split(self, path: Path) -> None:
+        """Record the exact train/valid assignment used (name,label,is_valid)."""
+        from ursa.util.files import atomic_write_text
+
+        lines = ["name,label,is_valid"]
+        for i in range(len(self)):
+            lines.append(_csv_row([self.rel(i), self.classes[self.labels[i]], str(self.is_valid[i])]))
+        atomic_write_text(path, "\n".join(lines) + "\n")
+
+
+def _csv_row(values: list[str]) -> str:
+    import io
+
+    buf = io.StringIO()
+    csv.writer(buf, lineterminator="").writerow(values)
+    return buf.getvalue()
+
+
+def _class_dirs(folder: Path) -> list[Path]:
+    return sorted(
+        p for p in folder.iterdir()
+        if p.is_dir() and not p.name.startswith((".", "_")) and p.name not in SKIP_DIRS
+    )
+
+
+def _images_in(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if p.is_file() and is_image_file(p) and "_quarantine" not in p.parts)
+
+
+def _check_classes(classes: list[str], counts: dict[str, int], where: Path) -> None:
+    if len(classes) < 2:
+        found = f"only one class ({classes[0]!r})" if classes else "no class folders"
+        raise DataError(f"{where}: {found}; a classifier needs at least two class folders, one per label")
+
+
+def from_folder(root: str | Path, valid_pct: float = 0.2, seed: int = 42) -> ImageDataset:
+    """One sub-folder per class (or train/ and valid/ folders of class folders)."""
+    root = _existing_dir(root)
+    _check_pct(valid_pct)
+    sub = {p.name.lower(): p for p in root.iterdir() if p.is_dir()}
+    valid_dir = next((sub[n] for n in VALID_NAMES if n in sub), None)
+    if "train" in sub and valid_dir is not None:
+        return _from_train_valid(root, sub["train"], valid_dir)
+    class_dirs = _class_dirs(root)
+    if not class_dirs:
+        if _images_in(root):
+            raise DataError(f"{root}: images but no class folders; put each class's images in its own sub-folder (e.g. {root}/grizzly/)")
+        raise DataError(f"{root}: no images found; expected one sub-folder of images per class")
+    classes = [d.name for d in class_dirs]
+    files, labels = [], []
+    for li, d in enumerate(class_dirs):
+        imgs = _images_in(d)
+        if not imgs:
+            raise DataError(f"{d}: class folder {d.name!r} has no images; add some or remove the folder")
+        files += imgs
+        labels += [li] * len(imgs)
+    _check_classes(classes, {}, root)
+    ds = ImageDataset(root, files, labels, classes, [False] * len(files))
+    ds.is_valid = [is_valid_split(ds.rel(i), valid_pct, seed) for i in range(len(files))]
+    ensure_both_sides(ds, valid_pct)
+    return ds
+
+
+def _from_train_valid(root: Path, train: Path, valid: Path) -> ImageDataset:
+    tdirs, vdirs = _class_dirs(train), _class_dirs(valid)
+    classes = sorted({d.name for d in tdirs} | {d.name for d in vdirs})
+    _check_classes(classes, {}, root)
+    files, labels, is_valid = [], [], []
+    for side, dirs in ((False, tdirs), (True, vdirs)):
+        for d in dirs:
+            imgs = _images_in(d)
+            if not imgs:
+                raise DataError(f"{d}: class folder {d.name!r} has no images; add some or remove the folder")
+            files += imgs
+            labels += [classes.index(d.name)] * len(imgs)
+            is_valid += [side] * len(imgs)
+    missing = [c for c in classes if c not in {d.name for d in tdirs}]
+    if missing:
+        raise DataError(f"{train}: no training images for class(es) {', '.join(missing)}")
+    return ImageDataset(root, files, labels, classes, is_valid)
+
+
+def from_csv(root: str | Path, csv_path: str | Path, valid_pct: float = 0.2, seed: int = 42) -> ImageDataset:
+    """A CSV of name,label (optional is_valid) with names relative to root: fastai's cleaned.csv."""
+    root = _existing_dir(root)
+    _check_pct(valid_pct)
+    csv_path = Path(csv_path)
+    if not csv_path.is_file():
+        raise DataError(f"{csv_path}: CSV file not found")
+    with open(csv_path, newline="", encoding="utf-8-sig") as f:
+        reader = csv.DictReader(f)
+        cols = [c.strip().lower() for c in (reader.fieldnames or [])]
+        if "name" not in cols or "label" not in cols:
+            raise DataError(f"{csv_path}: needs columns 'name' and 'label' (found: {', '.join(cols) or 'none'})")
+        rows = [{k.strip().lower(): (v or "").strip() for k, v in r.items() if k} for r in reader]
+    rows = [r for r in rows if r.get("name")]
+    if not rows:
+        raise DataError(f"{csv_path}: no rows; expected one line per image: name,label")
+    missing = [r["name"] for r in rows if not (root / r["name"]).is_file()]
+    if missing:
+        shown = ", ".join(missing[:3]) + (" ..." if len(missing) > 3 else "")
+        raise DataError(f"{csv_path}: {len(missing)} file(s) named in the CSV are missing under {root}: {shown}")
+    no_label = [r["name"] for r in rows if not r.get("label")]
+    if no_label:
+        raise DataError(f"{csv_path}: {len(no_label)} row(s) have no label, e.g. {no_label[0]}")
+    classes = sorted({r["label"] for r in rows})
+    _check_classes(classes, {}, csv_path)
+    files = [root / r["name"] for r in rows]
+    labels = [classes.index(r["label"]) for r in rows]
+    ds = ImageDataset(root, files, labels, classes, [False] * len(rows))
+    if "is_valid" in cols:
+        ds.is_valid = [r.get("is_valid", "").lower() in ("1", "true", "yes") for r in rows]
+    else:
+        ds.is_valid = [is_valid_split(ds.rel(i), valid_pct, seed) for i in range(len(rows))]
+    ensure_both_sides(ds, valid_pct)
+    return ds
+
+
+def load_dataset(root: str | Path, csv_path: str | Path | None = None, valid_pct: float = 0.2, seed: int = 42) -> ImageDataset:
+    """Pick the reader for the layout given."""
+    if csv_path is not None:
+        return from_csv(root, csv_path, valid_pct, seed)
+    return from_folder(root, valid_pct, seed)
+
+
+def _existing_dir(root: str | Path) -> Path:
+    root = Path(root)
+    if not root.exists():
+        raise DataError(f"{root}: folder not found; give the folder that holds one sub-folder per class")
+    if not root.is_dir():
+        raise DataError(f"{root}: not a folder; give the folder that holds one sub-folder per class")
+    return root
+
+
+def _check_pct(valid_pct: float) -> None:
+    if not 0.0 < valid_pct < 1.0:
+        raise DataError(f"valid_pct must be between 0 and 1 (got {valid_pct})")
+
+
+def ensure_both_sides(ds: ImageDataset, valid_pct: float) -> None:
+    if not any(ds.is_valid) or all(ds.is_valid):
+        side = "validation" if not any(ds.is_valid) else "training"
+        raise DataError(
+            f"{ds.root}: {len(ds)} images leave the {side} set empty at valid_pct={valid_pct}; add images or change --valid-pct"
+        )
+
+
+# ---------------------------------------------------------------------------------------------

@@ -1,0 +1,188 @@
+"""From a dataset to batches: decode once into memory when it fits, else per batch in workers."""
+
+from __future__ import annotations
+
+import logging
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Callable, Iterator, Sequence
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from ursa.errors import DataError, ImageError
+from ursa.vision.data import ImageDataset, ensure_both_sides
+from ursa.vision.images import open_image
+from ursa.vision.transforms import decode_size, eval_transform, load_pixels, train_transform
+
+log = logging.getLogger("ursa")
+
+# Decode everything into memory when the estimate is below this many bytes.
+MEMORY_BUDGET = 1_500_000_000
+
+
+def decode_all(ds: ImageDataset, short_side: int, workers: int | None = None,
+               progress: Callable[[int], None] | None = None) -> tuple[list[torch.Tensor | None], dict[int, str]]:
+    """Decode every image once (threads: Pillow releases the GIL); None marks an unreadable file."""
+    workers = workers or min(4, (os.cpu_count() or 1) + 1)
+    errors: dict[int, str] = {}
+
+    def one(i: int) -> torch.Tensor | None:
+        try:
+            return load_pixels(ds.files[i], short_side)
+        except ImageError as e:
+            errors[i] = f"{e.kind}: {e.reason}"
+            return None
+
+    out: list[torch.Tensor | None] = []
+    with ThreadPoolExecutor(workers) as pool:
+        for t in pool.map(one, range(len(ds))):
+            out.append(t)
+            if progress:
+                progress(1)
+    return out, errors
+
+
+def estimate_bytes(n: int, short_side: int) -> int:
+    """Rough memory for n decoded images (4:3 on average)."""
+    return n * short_side * int(short_side * 1.4) * 3
+
+
+class PixelSet(Dataset):
+    """Items as (normalised float tensor, label) through a transform; pixels from memory or disk."""
+
+    def __init__(self, ds: ImageDataset, idx: Sequence[int], tfm: Callable, short_side: int,
+                 pixels: list[torch.Tensor | None] | None = None) -> None:
+        self.ds, self.idx, self.tfm, self.short_side, self.pixels = ds, list(idx), tfm, short_side, pixels
+
+    def __len__(self) -> int:
+        return len(self.idx)
+
+    def __getitem__(self, j: int) -> tuple[torch.Tensor, int]:
+        i = self.idx[j]
+        if self.pixels is not None and self.pixels[i] is not None:
+            x = self.pixels[i]
+        else:
+            try:
+                x = load_pixels(self.ds.files[i], self.short_side)
+            except ImageError:
+                # Found bad after the scan (changed on disk): a grey image keeps the batch shape.
+                x = torch.full((3, self.short_side, self.short_side), 128, dtype=torch.uint8)
+        return self.tfm(x), self.ds.labels[i]
+
+
+def collate(batch: list[tuple[torch.Tensor, int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stack into a channels_last batch (faster convolutions on CPU)."""
+    xs = torch.stack([b[0] for b in batch]).contiguous(memory_format=torch.channels_last)
+    return xs, torch.tensor([b[1] for b in batch], dtype=torch.long)
+
+
+@dataclass
+class DataLoaders:
+    """Train and valid loaders plus what the learner and exporter need to know about them."""
+
+    dataset: ImageDataset
+    size: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    bs: int
+    pixels: list[torch.Tensor | None] | None
+    num_workers: int = 0
+    seed: int = 42
+
+    @property
+    def classes(self) -> list[str]:
+        return self.dataset.classes
+
+    @property
+    def short_side(self) -> int:
+        return decode_size(self.size)
+
+    def loader(self, idx: Sequence[int], train: bool, size: int | None = None, bs: int | None = None,
+               shuffle: bool | None = None, generator: torch.Generator | None = None,
+               drop_last: bool | None = None) -> DataLoader:
+        """A DataLoader over items idx, augmented when train, at size (default: self.size)."""
+        size = size or self.size
+        tfm = train_transform(size, self.mean, self.std) if train else eval_transform(size, self.mean, self.std)
+        ps = PixelSet(self.dataset, idx, tfm, self.short_side, self.pixels)
+        shuffle = train if shuffle is None else shuffle
+        bs = bs or self.bs
+        # Training drops a last small batch (BatchNorm dislikes tiny batches); evaluation never does.
+        drop_last = (shuffle and len(ps) > bs) if drop_last is None else drop_last
+        nw = self.num_workers
+        return DataLoader(
+            ps, batch_size=bs, shuffle=shuffle, drop_last=drop_last,
+            num_workers=nw, collate_fn=collate, persistent_workers=False, generator=generator,
+            worker_init_fn=_worker_init if nw else None,
+        )
+
+    @property
+    def train(self) -> DataLoader:
+        return self.loader(self.dataset.train_idx, train=True)
+
+    @property
+    def valid(self) -> DataLoader:
+        return self.loader(self.dataset.valid_idx, train=False, bs=self.bs * 2)
+
+
+def _worker_init(_: int) -> None:
+    torch.set_num_threads(1)
+
+
+def dataloaders(
+    ds: ImageDataset,
+    size: int,
+    mean: Sequence[float],
+    std: Sequence[float],
+    bs: int = 32,
+    num_workers: int | None = None,
+    cache: bool | None = None,
+    progress: Callable[[int], None] | None = None,
+    seed: int = 42,
+) -> DataLoaders:
+    """Decode once into memory when it fits (skipping and naming unreadable files), then build loaders.
+
+    When the set is too big for memory, images are decoded per batch in worker processes.
+    """
+    short = decode_size(size)
+    if cache is None:
+        cache = estimate_bytes(len(ds), short) <= MEMORY_BUDGET
+    pixels = None
+    if cache:
+        pixels, reasons = decode_all(ds, short, progress=progress)
+        bad = {i for i, p in enumerate(pixels) if p is None}
+        if bad:
+            pixels = [p for p in pixels if p is not None]
+            ds.drop(bad, reasons)
+    else:
+        bad = set()
+        reasons = {}
+        for i, f in enumerate(ds.files):  # cheap header + decode check so bad files never reach a batch
+            try:
+                open_image(f, min_size=short)
+            except ImageError as e:
+                bad.add(i)
+                reasons[i] = f"{e.kind}: {e.reason}"
+            if progress:
+                progress(1)
+        ds.drop(bad, reasons)
+    if ds.skipped:
+        names = ", ".join(f"{n} ({r.split(':')[0]})" for n, r in ds.skipped[:5])
+        more = f" and {len(ds.skipped) - 5} more" if len(ds.skipped) > 5 else ""
+        log.warning("skipped %d unreadable image(s): %s%s (run `ursa verify` to quarantine them)",
+                    len(ds.skipped), names, more)
+    counts = ds.class_counts()
+    empty = [c for c, n in counts.items() if n == 0]
+    if empty:
+        raise DataError(f"{ds.root}: class(es) {', '.join(empty)} have no readable images")
+    ensure_both_sides(ds, 0.2)
+    if num_workers is None:
+        num_workers = 0 if pixels is not None else min(4, os.cpu_count() or 1)
+    return DataLoaders(ds, size, tuple(mean), tuple(std), bs, pixels, num_workers, seed)
+
+
+def iter_batches(items: Sequence, bs: int) -> Iterator[Sequence]:
+    """Consecutive slices of at most bs items."""
+    for i in range(0, len(items), bs):
+        yield items[i:i + bs]
