@@ -111,17 +111,18 @@ def sweep(noisy: Path, model: Path, flipped: set[str], dups: list[tuple[str, str
     import numpy as np
 
     from ursa.apps import clean
+    from ursa.apps.clean import ranking
 
     ds, scores, ranks = clean.prepare(noisy, model, quiet=True)
     names = scores.names
     idx = {n: i for i, n in enumerate(names)}
     truth = {(min(idx[a], idx[b]), max(idx[a], idx[b])) for a, b, _ in dups}
-    x = clean.l2_normalise(scores.emb)
+    x = ranking.l2_normalise(scores.emb)
     sim_true = sorted(float(x[a] @ x[b]) for a, b in truth)
     print(f"\ninjected pairs' cosine similarity: min {sim_true[0]:.3f}, 5th {sim_true[1]:.3f}, median {np.median(sim_true):.3f}")
     print("| threshold | injected found | other pairs |\n|---|---|---|")
     for t in (0.84, 0.86, 0.88, 0.9, 0.92, 0.94, 0.96):
-        pairs = clean.find_duplicates(scores.emb, scores.sha256, scores.readable, threshold=t)
+        pairs = ranking.find_duplicates(scores.emb, scores.sha256, scores.readable, threshold=t)
         got = {(p.a, p.b) for p in pairs}
         print(f"| {t:.2f} | {len(got & truth)}/{len(truth)} | {len(got - truth)} |")
     n = len(flipped)
@@ -129,8 +130,8 @@ def sweep(noisy: Path, model: Path, flipped: set[str], dups: list[tuple[str, str
           "\n|---|---|---|---|---|---|")
     for feats, C in (("avg", 0.3), ("avg", 1.0), ("avg", 3.0), ("max+avg", 1.0)):
         emb = scores.avg_emb if feats == "avg" else scores.emb
-        oof = clean.out_of_fold_probs(emb, scores.labels, len(scores.classes), C=C)
-        likely, q, cl = clean.label_issues(scores.labels, oof)
+        oof = ranking.out_of_fold_probs(emb, scores.labels, len(scores.classes), C=C)
+        likely, q, cl = ranking.label_issues(scores.labels, oof)
         listed = [names[i] for i in likely]
         cl_only = [names[i] for i in np.flatnonzero(cl)]
         print(f"| logreg on {feats} C={C} | {at_n(listed, flipped, n)[0]:.3f} | {len(listed)} | "

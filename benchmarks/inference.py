@@ -68,7 +68,7 @@ def main() -> None:
 
     from ursa.vision.data import load_dataset
     from ursa.inference.modelfile import load_model
-    from ursa.inference.predictor import Predictor, default_threads, load_learner
+    from ursa.inference.predictor import Predictor, default_threads, load_predictor
 
     if not args.data.is_dir():
         sys.exit(f"{args.data}: bears dataset not found; pass --data")
@@ -95,7 +95,7 @@ def main() -> None:
         "torch eager (NCHW fp32)": eager,
         "torch channels_last": Predictor(load_model(model_path)[0], meta),
         "torch channels_last bf16": Predictor(load_model(model_path)[0], meta, bf16=True),
-        "onnxruntime": load_learner(onnx_path, threads=threads),
+        "onnxruntime": load_predictor(onnx_path, threads=threads),
     }
     classes = meta.classes
     assert ds.classes == classes, f"data classes {ds.classes} differ from the model's {classes}"

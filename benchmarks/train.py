@@ -32,14 +32,9 @@ def run_one(config: str, data: Path, seed: int, extra: list[str]) -> dict:
     """Train one configuration in this process and return its figures."""
     import resource
 
-    import torch
-
     sys.path.insert(0, str(ROOT))
-    from ursa.vision.data import load_dataset
-    from ursa.vision.loaders import dataloaders
-    from ursa.training.learner import Learner
-    from ursa.vision.models import create_model, get_spec
-    from ursa.training.recipe import TrainConfig, train
+    from ursa.training.config import TrainConfig
+    from ursa.training.recipe import build_learner, train
 
     t0 = time.perf_counter()
     if config == "c":
@@ -51,14 +46,11 @@ def run_one(config: str, data: Path, seed: int, extra: list[str]) -> dict:
         n_train = res.n_train
         epochs = cfg.epochs + cfg.unfreeze_epochs
     else:
-        torch.manual_seed(seed)
-        ds = load_dataset(data, seed=42)
-        spec = get_spec("efficientnet_lite0")
-        dls = dataloaders(ds, spec.input_size, spec.mean, spec.std, bs=32)
-        learn = Learner(dls, create_model(n_classes=len(ds.classes)), use_cache=(config != "a"), quiet=True, seed=seed)
-        learn.n_views = 2 if config == "v" else None
+        cfg = TrainConfig(data=data, out=Path(f"/tmp/ursa_bench_{config}_{seed}"), seed=seed, split_seed=42,
+                          cache=config != "a", views=2 if config == "v" else None, quiet=True)
+        learn, ds = build_learner(cfg)  # the same folder -> learner recipe as `ursa train`
         learn.freeze()
-        learn.fit_one_cycle(4, 3e-3)
+        learn.fit_one_cycle(cfg.epochs, cfg.lr)
         err = learn.recorder.rows[-1]["error_rate"]
         n_train, epochs = len(ds.train_idx), 4
     wall = time.perf_counter() - t0

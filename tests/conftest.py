@@ -62,6 +62,7 @@ def sample_learner(size: int = 128):
     from ursa.vision.data import load_dataset
 
     from ursa.vision.loaders import dataloaders
+    from ursa.training.config import LearnerConfig
     from ursa.training.learner import Learner
     from ursa.vision.models import create_model, get_spec
 
@@ -69,13 +70,14 @@ def sample_learner(size: int = 128):
     ds = load_dataset(SAMPLE)
     spec = get_spec("efficientnet_lite0")
     dls = dataloaders(ds, size, spec.mean, spec.std, bs=32)
-    return Learner(dls, create_model("efficientnet_lite0", n_classes=len(ds.classes)), quiet=True)
+    return Learner(dls, create_model("efficientnet_lite0", n_classes=len(ds.classes)), LearnerConfig(quiet=True))
 
 
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory) -> Path:
     """A model trained briefly on the bundled sample at 128 px: a real model file for later stages."""
-    from ursa.training.recipe import TrainConfig, train
+    from ursa.training.config import TrainConfig
+    from ursa.training.recipe import train
 
     out = tmp_path_factory.mktemp("tiny_run")
     train(TrainConfig(data=SAMPLE, out=out, epochs=2, unfreeze_epochs=0, size=128, quiet=True))

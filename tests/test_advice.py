@@ -10,7 +10,6 @@ import torch
 
 from ursa.diagnose.advice import (
     RULES,
-    Advisor,
     History,
     advise,
     check,
@@ -22,7 +21,7 @@ from ursa.diagnose.advice import (
     write_advice,
 )
 from ursa.errors import DivergedError
-from ursa.training.learner import Recorder
+from ursa.training.callbacks import AdvicePrinter, BestWeights, DivergenceGuard, Recorder
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -196,63 +195,53 @@ def _fake_learner():
     return SimpleNamespace(model=model, recorder=Recorder(), console=SimpleNamespace(print=lambda *a, **k: None))
 
 
-def _epoch(learn, advisor, e, train, valid, err, losses):
+def _epoch(learn, cbs, e, train, valid, err, losses):
+    """What the loop does at the end of an epoch: the recorder's row, then each callback's after_epoch."""
     learn.recorder.batch_losses += losses
     learn.recorder.batch_epochs += [e + (i + 1) / len(losses) for i in range(len(losses))]
     learn.recorder.batch_lrs += [1e-3] * len(losses)
-    row = {"epoch": e, "stage": "frozen", "train_loss": train, "valid_loss": valid, "error_rate": err,
-           "accuracy": 1 - err, "seconds": 1.0}
-    learn.recorder.rows.append(row)
-    advisor(learn, row)
+    learn.recorder.rows.append({"epoch": e, "stage": "frozen", "train_loss": train, "valid_loss": valid,
+                                "error_rate": err, "accuracy": 1 - err, "seconds": 1.0})
+    for cb in cbs:
+        cb("after_epoch", learn)
 
 
-def test_advisor_keeps_the_best_error_weights_and_says_new_advice_once():
+def test_best_weights_and_advice_printer_keep_the_best_epoch_and_say_new_advice_once():
     learn, said = _fake_learner(), []
     learn.console = SimpleNamespace(print=lambda msg, **k: said.append(msg))
-    adv = Advisor()
-    _epoch(learn, adv, 0, 0.5, 0.3, 0.10, [1.0, 0.6])
+    cbs = [BestWeights(), AdvicePrinter()]
+    _epoch(learn, cbs, 0, 0.5, 0.3, 0.10, [1.0, 0.6])
     with torch.no_grad():
         learn.model[0].weight.add_(1.0)
-    _epoch(learn, adv, 1, 0.4, 0.2, 0.05, [0.5, 0.4])
+    _epoch(learn, cbs, 1, 0.4, 0.2, 0.05, [0.5, 0.4])
     best = {k: v.clone() for k, v in learn.model.state_dict().items()}
     for e, err in ((2, 0.06), (3, 0.07), (4, 0.08)):
         with torch.no_grad():
             learn.model[0].weight.add_(1.0)
-        _epoch(learn, adv, e, 0.3, 0.25, err, [0.35, 0.3])
-    assert adv.best_epoch == 1
-    assert all(torch.equal(best[k], adv.best_state[k]) for k in best)
+        _epoch(learn, cbs, e, 0.3, 0.25, err, [0.35, 0.3])
+    assert cbs[0].epoch == 1
+    assert all(torch.equal(best[k], cbs[0].state[k]) for k in best)
     assert sum("error is getting worse" in m for m in said) == 1
 
 
-def test_advisor_stops_a_run_whose_training_loss_blows_up():
-    learn, adv = _fake_learner(), Advisor()
-    _epoch(learn, adv, 0, 1.5, 2.0, 0.1, [1.2, 0.7, 3.0])
+def test_divergence_guard_stops_a_run_whose_training_loss_blows_up_and_restores_the_last_good_weights():
+    learn, guard = _fake_learner(), DivergenceGuard()
+    _epoch(learn, [guard], 0, 1.5, 2.0, 0.1, [1.2, 0.7, 3.0])
+    good = {k: v.clone() for k, v in learn.model.state_dict().items()}
+    with torch.no_grad():
+        learn.model[0].weight.add_(1.0)
     with pytest.raises(DivergedError, match="learning rate too high"):
-        _epoch(learn, adv, 1, 8.0, 2.5, 0.1, [8.0, 9.0, 10.0])
+        _epoch(learn, [guard], 1, 8.0, 2.5, 0.1, [8.0, 9.0, 10.0])
+    assert all(torch.equal(good[k], v) for k, v in learn.model.state_dict().items())
 
 
-def test_save_best_exports_the_best_weights_and_leaves_the_learner_alone(tmp_path, tiny_model):
-    from ursa.diagnose.advice import save_best
-    from ursa.inference.modelfile import load_model
-
-    model, meta = load_model(tiny_model)
-    exported = {}
-
-    def export(path, metrics=None):
-        exported["state"] = {k: v.clone() for k, v in model.state_dict().items()}
-        exported["metrics"] = metrics
-        return path
-
-    learn = SimpleNamespace(model=model, export=export)
-    adv = Advisor()
-    adv.best_state = {k: torch.zeros_like(v) if v.is_floating_point() else v.clone()
-                      for k, v in model.state_dict().items()}
-    adv.best_epoch, adv.best_row = 3, {"valid_loss": 0.1, "error_rate": 0.05, "accuracy": 0.95}
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-    save_best(learn, adv, tmp_path / "best.safetensors")
-    assert exported["metrics"]["epoch"] == 3 and exported["metrics"]["error_rate"] == 0.05
-    assert all(float(v.abs().sum()) == 0 for k, v in exported["state"].items() if v.is_floating_point())
-    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+def test_divergence_guard_stops_at_the_first_non_finite_batch_loss():
+    learn, guard = _fake_learner(), DivergenceGuard()
+    learn.recorder.batch_losses += [1.0, math.nan]
+    learn.recorder.batch_epochs += [0.5, 1.0]
+    learn.loss_value = math.nan
+    with pytest.raises(DivergedError, match="training loss became nan"):
+        guard("after_batch", learn)
 
 
 # --- end to end ----------------------------------------------------------------------------------
@@ -286,41 +275,43 @@ def fresh_learner(sample_dir):
 
 
 @pytest.mark.slow
-def test_advisor_stops_a_real_fit_at_the_epoch_it_diverges(fresh_learner):
-    """What `ursa train` gains with an Advisor attached: --lr 0.5 stops early instead of finishing."""
+def test_the_guard_stops_a_real_fit_at_the_epoch_it_diverges(fresh_learner):
+    """The learner's DivergenceGuard: --lr 0.5 stops early instead of finishing."""
     learn = fresh_learner
-    adv = Advisor()
-    learn.epoch_callbacks.append(adv)
-    try:
-        learn.freeze()
-        with pytest.raises(DivergedError, match="learning rate too high"):
-            learn.fit_one_cycle(3, 0.5)
-    finally:
-        learn.epoch_callbacks.remove(adv)
+    learn.freeze()
+    with pytest.raises(DivergedError, match="learning rate too high"):
+        learn.fit_one_cycle(3, 0.5)
     assert learn.diverged and len(learn.recorder.rows) < 3
-    assert adv.best_state is not None and adv.best_epoch == 0
+    guard = next(cb for cb in learn.cbs if isinstance(cb, DivergenceGuard))
+    assert all(torch.equal(v, guard.last_good[k]) for k, v in learn.model.state_dict().items()), \
+        "the weights of the last good epoch (or of the start) are put back"
 
 
 @pytest.mark.slow
-def test_finish_run_saves_best_weights_when_the_error_got_worse(fresh_learner, tmp_path):
+def test_write_run_saves_best_weights_when_the_error_got_worse(sample_dir, tmp_path):
+    from tests.conftest import sample_learner
     from ursa.inference.modelfile import load_model
-    from ursa.diagnose.report import finish_run
+    from ursa.training.config import TrainConfig
+    from ursa.training.run import write_run
 
-    learn = fresh_learner
+    learn = sample_learner(128)
     rows = make_history([0.5, 0.3, 0.2, 0.1], [0.3, 0.2, 0.25, 0.3], [0.1, 0.05, 0.06, 0.07]).rows
-    learn.recorder = Recorder(rows=rows)
-    learn.diverged = False
-    adv = Advisor()
-    adv.best_state = {k: v.clone() for k, v in learn.model.state_dict().items()}
-    adv.best_epoch, adv.best_row = 1, rows[1]
-    learn.epoch_callbacks.append(adv)
-    try:
-        written = finish_run(learn, tmp_path)
-    finally:
-        learn.epoch_callbacks.remove(adv)
-    assert written["best"] == tmp_path / "best.safetensors"
+    learn.recorder.rows[:] = rows  # as if four epochs had run
+    learn.best.state = {k: torch.zeros_like(v) if v.is_floating_point() else v.clone()
+                        for k, v in learn.model.state_dict().items()}
+    learn.best.epoch, learn.best.row = 1, rows[1]
+    before = {k: v.clone() for k, v in learn.model.state_dict().items()}
+    cfg = TrainConfig(data=sample_dir, out=tmp_path, size=128)
+    files = write_run(tmp_path, learn, cfg, learn.dls.dataset)
+    assert files.best == tmp_path / "best.safetensors" and files.model == tmp_path / "model.safetensors"
     model, meta = load_model(tmp_path / "best.safetensors")
     assert meta.metrics["epoch"] == 1 and meta.metrics["error_rate"] == 0.05
+    assert meta.config["size"] == 128 and meta.config["data"] == str(sample_dir)  # the run's settings travel along
+    assert all(torch.equal(before[k], v) for k, v in learn.model.state_dict().items()), "the learner keeps its weights"
+    best_weights = load_model(tmp_path / "best.safetensors")[0].state_dict()
+    assert all(float(v.abs().sum()) == 0 for k, v in best_weights.items() if v.is_floating_point()
+               and "running" not in k)
     advice = (tmp_path / "advice.txt").read_text()
     assert "error is getting worse" in advice and "best.safetensors" in advice
-    assert (tmp_path / "report.html").is_file()
+    assert (tmp_path / "report.html").is_file() and (tmp_path / "config.json").is_file()
+    assert (tmp_path / "split.csv").is_file()

@@ -16,6 +16,7 @@ import pytest
 from PIL import Image
 
 from ursa.apps import clean
+from ursa.apps.clean import decisions, ranking
 from ursa.cli import main
 from ursa.errors import UrsaError
 
@@ -81,9 +82,9 @@ def test_confident_learning_finds_flipped_labels_first():
     flipped = rng.choice(len(y), 9, replace=False)
     noisy = y.copy()
     noisy[flipped] = (noisy[flipped] + 1 + rng.integers(0, 2, 9)) % 3
-    oof = clean.out_of_fold_probs(x, noisy, 3)
+    oof = ranking.out_of_fold_probs(x, noisy, 3)
     assert oof.shape == (180, 3) and np.allclose(oof.sum(1), 1)
-    issues, quality, confident = clean.label_issues(noisy, oof)
+    issues, quality, confident = ranking.label_issues(noisy, oof)
     assert len(set(issues[:9].tolist()) & set(flipped.tolist())) >= 8
     assert list(quality[issues]) == sorted(quality[issues])  # most likely errors first
     assert len(issues) <= 12  # few false alarms on clean points
@@ -125,7 +126,7 @@ def test_duplicates_exact_and_near_within_and_across_classes():
     hashes[5] = hashes[4] = "same-broken"  # identical unreadable files: still an exact pair
     readable = np.ones(8, dtype=bool)
     readable[[4, 5]] = False
-    pairs = clean.find_duplicates(emb, hashes, readable, threshold=0.95)
+    pairs = ranking.find_duplicates(emb, hashes, readable, threshold=0.95)
     got = {(p.a, p.b): p for p in pairs}
     assert set(got) == {(1, 3), (2, 6), (0, 7), (4, 5)}
     assert got[(0, 7)].exact and got[(4, 5)].exact and not got[(1, 3)].exact
@@ -133,9 +134,9 @@ def test_duplicates_exact_and_near_within_and_across_classes():
     assert got[(2, 6)].similarity == pytest.approx(1.0, abs=1e-4)
 
     same = np.tile(emb[:1], (5, 1))  # five copies of one placeholder image: four pairs, not ten
-    pairs = clean.find_duplicates(same, ["p"] * 5, threshold=0.95)
+    pairs = ranking.find_duplicates(same, ["p"] * 5, threshold=0.95)
     assert [(p.a, p.b, p.exact) for p in pairs] == [(0, 1, True), (0, 2, True), (0, 3, True), (0, 4, True)]
-    many = clean.find_duplicates(np.tile(emb[:1], (60, 1)), [f"h{i}" for i in range(60)], max_pairs=25, block=7)
+    many = ranking.find_duplicates(np.tile(emb[:1], (60, 1)), [f"h{i}" for i in range(60)], max_pairs=25, block=7)
     assert len(many) == 25 and all(not p.exact for p in many)
 
 
@@ -338,7 +339,7 @@ def test_state_changes_only_from_our_own_origin(small_app):
 def test_read_only_data_folder_is_refused_before_anything_is_written(planted, monkeypatch):
     root, _, ds, scores, ranks = planted
     real_access = os.access
-    monkeypatch.setattr(clean.os, "access", lambda p, mode: False if Path(p) == root else real_access(p, mode))
+    monkeypatch.setattr(decisions.os, "access", lambda p, mode: False if Path(p) == root else real_access(p, mode))
     with pytest.raises(UrsaError, match="read-only"):
         clean.start_session(ds, scores, ranks)
     assert not (root / "cleaned.csv").exists() and not (root / "clean_log.csv").exists()

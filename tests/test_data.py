@@ -162,7 +162,8 @@ def test_transforms_keep_shape_on_odd_inputs():
 
 
 def test_train_never_writes_into_data(sample_copy):
-    from ursa.training.recipe import TrainConfig, train
+    from ursa.training.config import TrainConfig
+    from ursa.training.recipe import train
 
     with pytest.raises(DataError, match="outside the data folder"):
         train(TrainConfig(data=sample_copy, out=sample_copy / "run", quiet=True))

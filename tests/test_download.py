@@ -14,16 +14,10 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from ursa.acquire.download import download_images
+from ursa.acquire.manifest import MANIFEST_COLUMNS, read_manifest
+from ursa.acquire.urls import DownloadError, parse_source, parse_url_file, parse_url_text
 from ursa.cli import main
-from ursa.acquire.download import (
-    MANIFEST_COLUMNS,
-    DownloadError,
-    download_images,
-    parse_source,
-    parse_url_file,
-    parse_url_text,
-    read_manifest,
-)
 from ursa.vision.images import open_image
 
 try:
@@ -345,7 +339,8 @@ def test_torn_manifest_line_and_unrecorded_file_are_recovered(server, tmp_path):
     # As if killed: the file of the last URL was renamed into place but its row is half written.
     torn_url = next(u for u in urls if u in lines[-1])
     manifest.write_text("".join(lines[:-1]) + lines[-1][:25])
-    (dest / "c" / ".00000009.jpg.123.part").write_bytes(b"\xff\xd8\xff partial")
+    (dest / "c" / ".00000009.jpg.123.part").write_bytes(b"\xff\xd8\xff partial")  # an older run's temp name
+    (dest / "c" / ".00000010.jpg.k2x8_q.tmp").write_bytes(b"\xff\xd8\xff partial")  # atomic_write_bytes' temp
     s = download_images({"c": f}, dest, **FAST)
     assert (s.saved, s.skipped) == (1, 3)
     rows = _rows_by_url(dest)

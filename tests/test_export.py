@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from ursa.errors import ModelFileError
-from ursa.inference.modelfile import FORMAT, load_model, read_header, read_meta
-from ursa.inference.predictor import load_learner
+from ursa.inference.modelfile import FORMAT, ModelMeta, load_model, read_header, read_meta, save_model
+from ursa.inference.predictor import load_predictor
 from tests.conftest import HELDOUT
 
 
@@ -28,13 +28,14 @@ def test_header_has_the_documented_metadata(tiny_model):
 def test_round_trip_probabilities_match_in_memory_model(tiny_run, tmp_path, sample_dir):
     from ursa.vision.data import load_dataset
     from ursa.vision.loaders import dataloaders
+    from ursa.training.config import LearnerConfig
     from ursa.training.learner import Learner
     from ursa.vision.models import create_model
 
     ds = load_dataset(sample_dir)
     dls = dataloaders(ds, 128, (0.5,) * 3, (0.5,) * 3, bs=16)
     torch.manual_seed(1)
-    learn = Learner(dls, create_model(n_classes=3), quiet=True)
+    learn = Learner(dls, create_model(n_classes=3), LearnerConfig(quiet=True))
     learn.freeze()
     learn.fit_one_cycle(1, 3e-3)
     path = learn.export(tmp_path / "m.safetensors")
@@ -44,7 +45,7 @@ def test_round_trip_probabilities_match_in_memory_model(tiny_run, tmp_path, samp
     disk, _ = learn.get_preds()
     assert torch.allclose(mem, disk, atol=1e-5)
     # the Predictor (file -> preprocess -> probs) agrees with the learner's eval pipeline
-    pred = load_learner(path)
+    pred = load_predictor(path)
     i = ds.valid_idx[0]
     _, _, probs = pred.predict(ds.files[i])
     assert torch.allclose(torch.tensor(list(probs.values())), mem[0], atol=1e-4)
@@ -59,12 +60,12 @@ def test_loading_never_unpickles(tiny_model, monkeypatch):
     monkeypatch.setattr(torch, "load", forbidden)
     model, meta = load_model(tiny_model)
     assert meta.classes == ["black", "grizzly", "teddy"]
-    label, index, probs = load_learner(tiny_model).predict(HELDOUT / "teddy_huahang_00000150.jpg")
+    label, index, probs = load_predictor(tiny_model).predict(HELDOUT / "teddy_huahang_00000150.jpg")
     assert label in probs and abs(sum(probs.values()) - 1) < 1e-5
 
 
 def test_predict_batch_equals_single(tiny_model):
-    pred = load_learner(tiny_model)
+    pred = load_predictor(tiny_model)
     files = sorted(HELDOUT.glob("*.jpg"))
     batch = pred.predict_batch(files, bs=4)
     for f, b in zip(files, batch):
@@ -106,8 +107,52 @@ def test_newer_format_version_is_refused(tiny_model, tmp_path):
     header = json.loads(data[8:8 + n])
     header["__metadata__"]["format_version"] = "99"
     new = json.dumps(header, separators=(",", ":")).encode()
-    new += b" " * (n - len(new)) if len(new) <= n else b""
-    assert len(new) == n
-    (tmp_path / "v99.safetensors").write_bytes(data[:8] + new + data[8 + n:])
+    new += b" " * (-len(new) % 8)  # safetensors keeps the tensor data 8-byte aligned
+    (tmp_path / "v99.safetensors").write_bytes(struct.pack("<Q", len(new)) + new + data[8 + n:])
     with pytest.raises(ModelFileError, match="format version '99'"):
         load_model(tmp_path / "v99.safetensors")
+
+
+CONFIG = {"seed": 7, "valid_pct": 0.25, "arch": "efficientnet_lite0", "size": 128, "epochs": [1, 2],
+          "lr": None, "tfms": {"flip": True}}
+
+
+def test_config_round_trips_through_the_model_file(tiny_model, tmp_path):
+    """The run's configuration is kept in the header (JSON), so later stages read the seed instead of guessing."""
+    model, meta = load_model(tiny_model)
+    meta.config = dict(CONFIG)
+    path = save_model(model, tmp_path / "m.safetensors", meta)
+    assert json.loads(read_header(path)["config"]) == CONFIG
+    assert read_meta(path).config == CONFIG
+    again, meta2 = load_model(path)
+    assert meta2 == meta and meta2.format_version == "1"
+    assert ModelMeta.from_json(meta2.to_json(), path) == meta2  # the ONNX export's form too
+
+
+def test_a_header_without_config_still_loads(tiny_model, tmp_path):
+    """Files written before `config` existed stay valid: same format version, an empty config."""
+    from safetensors.torch import save_file
+
+    model, meta = load_model(tiny_model)
+    header = meta.to_header()
+    del header["config"]
+    old = tmp_path / "old.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(old), metadata=header)
+    assert "config" not in read_header(old)
+    _, old_meta = load_model(old)
+    assert old_meta.config == {} and old_meta.classes == meta.classes and old_meta.format_version == "1"
+    assert ModelMeta.from_json(json.dumps({k: v for k, v in json.loads(meta.to_json()).items() if k != "config"}),
+                               old).config == {}
+    assert load_predictor(old, backend="torch").meta.config == {}
+
+
+def test_a_config_that_is_not_an_object_is_refused(tiny_model, tmp_path):
+    from safetensors.torch import save_file
+
+    model, meta = load_model(tiny_model)
+    header = meta.to_header()
+    header["config"] = "[1, 2]"
+    bad = tmp_path / "bad.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(bad), metadata=header)
+    with pytest.raises(ModelFileError, match="header is damaged"):
+        read_meta(bad)

@@ -14,7 +14,7 @@ from ursa.cli import main
 from ursa.errors import ModelFileError
 from ursa.inference.export import export_onnx
 from ursa.inference.modelfile import ONNX_META_KEY, read_meta
-from ursa.inference.predictor import load_learner
+from ursa.inference.predictor import load_predictor
 from tests.conftest import HELDOUT
 
 
@@ -46,8 +46,8 @@ def test_export_writes_metadata_and_dynamic_batch(exported):
 
 
 def test_onnx_and_torch_give_the_same_probabilities(exported):
-    torch_pred = load_learner(exported, backend="torch")
-    onnx_pred = load_learner(exported, backend="onnx")
+    torch_pred = load_predictor(exported, backend="torch")
+    onnx_pred = load_predictor(exported, backend="onnx")
     assert (torch_pred.backend, onnx_pred.backend) == ("torch", "onnx")
     assert onnx_pred.meta == torch_pred.meta
     files = sorted(HELDOUT.glob("*.jpg"))
@@ -64,7 +64,7 @@ def test_onnx_and_torch_give_the_same_probabilities(exported):
 def test_onnx_path_alone_and_out_guard(exported, tmp_path):
     alone = tmp_path / "bears.onnx"
     shutil.copy2(exported.with_suffix(".onnx"), alone)
-    assert load_learner(alone).classes == read_meta(exported).classes  # a .onnx path alone is enough
+    assert load_predictor(alone).classes == read_meta(exported).classes  # a .onnx path alone is enough
     with pytest.raises(ModelFileError, match="overwrite the model file"):
         export_onnx(exported, exported)
 
@@ -89,8 +89,8 @@ def test_onnx_file_without_ursa_metadata_is_refused(tmp_path):
     path = tmp_path / "foreign.onnx"
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
     with pytest.raises(ModelFileError, match="not an ursa ONNX export"):
-        load_learner(path)
+        load_predictor(path)
     junk = tmp_path / "junk.onnx"
     junk.write_bytes(b"not onnx at all")
     with pytest.raises(ModelFileError, match="not a readable ONNX model"):
-        load_learner(junk)
+        load_predictor(junk)

@@ -12,7 +12,9 @@ from ursa.vision.data import load_dataset
 
 from ursa.vision.loaders import dataloaders
 from ursa.errors import DivergedError
-from ursa.training.learner import Learner, recalibrate_bn
+from ursa.training.config import LearnerConfig
+from ursa.training.learner import Learner
+from ursa.training.optim import make_optimizer, one_cycle, param_groups, recalibrate_bn
 from ursa.vision.models import create_model, get_spec
 
 
@@ -32,19 +34,25 @@ def small_dls(tmp_path, sample_dir):
     return dataloaders(ds, 64, spec.mean, spec.std, bs=64)
 
 
-def _learner(dls, model, cached):
-    learn = Learner(dls, model, use_cache=cached, quiet=True, augment=False)
-    learn.bn_eval_when_frozen = True  # the ordinary path with body BatchNorm in eval mode
+def _learner(dls, model):
+    learn = Learner(dls, model, LearnerConfig(quiet=True, augment=False))
     learn.freeze()
     return learn
+
+
+def _fit_on_images(learn, n_epoch, lr):
+    """The same frozen one-cycle as fit_one_cycle, but through the images (body BatchNorm in eval mode)."""
+    source = learn.batch_source(cached=False)
+    opt = make_optimizer(param_groups(learn.model.param_groups(), lr), learn.config.wd)
+    learn.run(n_epoch, source, opt, one_cycle(opt, n_epoch * source.n_batches), stage="frozen")
 
 
 def test_cached_frozen_training_equals_ordinary_frozen_training(small_dls):
     torch.manual_seed(0)
     base = create_model(n_classes=3, dropout=0.0)
     a, b = copy.deepcopy(base), copy.deepcopy(base)
-    la, lb = _learner(small_dls, a, cached=False), _learner(small_dls, b, cached=True)
-    la.fit_one_cycle(3, 3e-3)
+    la, lb = _learner(small_dls, a), _learner(small_dls, b)
+    _fit_on_images(la, 3, 3e-3)
     lb.fit_one_cycle(3, 3e-3)
     assert lb.feature_cache is not None and la.feature_cache is None
     for ra, rb in zip(la.recorder.rows, lb.recorder.rows):
@@ -59,7 +67,7 @@ def test_cached_frozen_training_equals_ordinary_frozen_training(small_dls):
 
 def test_fit_one_cycle_learns_and_records(small_dls):
     torch.manual_seed(0)
-    learn = Learner(small_dls, create_model(n_classes=3), quiet=True)
+    learn = Learner(small_dls, create_model(n_classes=3), LearnerConfig(quiet=True))
     learn.freeze()
     learn.fit_one_cycle(3, 1e-2)
     r = learn.recorder
@@ -75,7 +83,7 @@ def test_fit_one_cycle_learns_and_records(small_dls):
 def test_one_cycle_schedule_warms_up_then_anneals(sample_dir):
     ds = load_dataset(sample_dir)
     dls = dataloaders(ds, 32, (0.5,) * 3, (0.5,) * 3, bs=8)
-    learn = Learner(dls, create_model(n_classes=3, pretrained=False), quiet=True)
+    learn = Learner(dls, create_model(n_classes=3, pretrained=False), LearnerConfig(quiet=True))
     learn.freeze()
     learn.fit_one_cycle(2, 1e-2)
     lrs = learn.recorder.batch_lrs
@@ -85,7 +93,7 @@ def test_one_cycle_schedule_warms_up_then_anneals(sample_dir):
 
 
 def test_save_and_load_checkpoint(small_dls, tmp_path):
-    learn = Learner(small_dls, create_model(n_classes=3, pretrained=False), quiet=True)
+    learn = Learner(small_dls, create_model(n_classes=3, pretrained=False), LearnerConfig(quiet=True))
     learn.save(tmp_path / "ck.safetensors")
     before = copy.deepcopy(learn.model.state_dict())
     with torch.no_grad():
@@ -97,9 +105,9 @@ def test_save_and_load_checkpoint(small_dls, tmp_path):
 
 
 def test_nan_loss_stops_training_with_advice(small_dls):
-    learn = Learner(small_dls, create_model(n_classes=3, pretrained=False), quiet=True, use_cache=False)
+    learn = Learner(small_dls, create_model(n_classes=3, pretrained=False), LearnerConfig(quiet=True, cache=False))
     learn.freeze()
-    with pytest.raises(DivergedError, match="try 10x lower"):
+    with pytest.raises(DivergedError, match="learning rate too high.*10x lower"):
         learn.fit_one_cycle(2, 1e6)
 
 

@@ -10,12 +10,12 @@ import pytest
 import torch
 from PIL import Image
 
+from ursa.util.numbers import smooth
 from ursa.training.lr_find import (
     END_LR,
     START_LR,
     LRFinderResult,
     lr_schedule,
-    smooth_losses,
     suggest_steep,
     suggest_valley,
 )
@@ -33,8 +33,8 @@ def test_schedule_is_exponential_from_1e7_to_10():
 
 
 def test_smoothing_is_debiased_and_passes_nan_through():
-    assert smooth_losses([2.0, 2.0, 2.0]) == pytest.approx([2.0, 2.0, 2.0])
-    out = smooth_losses([1.0, math.nan, 1.0])
+    assert smooth([2.0, 2.0, 2.0]) == pytest.approx([2.0, 2.0, 2.0])
+    out = smooth([1.0, math.nan, 1.0])
     assert math.isnan(out[1]) and out[2] == pytest.approx(1.0)
 
 
@@ -151,25 +151,44 @@ def test_frozen_sweep_without_the_cache_runs_the_model(small_batches):
     assert res.frozen and not res.cached
 
 
-def test_lr_find_sweeps_cycle_through_a_small_training_set(tmp_path):
-    """Fewer batches than steps: the sweep goes round the training set again."""
+def test_lr_find_sweeps_cycle_through_a_small_training_set():
+    """Fewer batches than steps: the sweep (the LRFinder callback in the learner's loop) goes round again."""
     from types import SimpleNamespace
 
-    from ursa.training.lr_find import _sweep
+    from ursa.training.config import LearnerConfig
+    from ursa.training.learner import Learner
+    from ursa.training.lr_find import LRFinder
+    from ursa.training.optim import make_optimizer
 
     calls = []
+    head = torch.nn.Linear(2, 2)
 
-    def batches():
-        while True:
+    class ThreeBatches:
+        n_batches, module = 3, head
+
+        def train_modes(self):
+            head.train()
+
+        def batches(self, epoch):
             for b in range(3):
                 calls.append(b)
                 yield torch.randn(4, 2), torch.tensor([0, 1, 0, 1])
 
-    head = torch.nn.Linear(2, 2)
-    learn = SimpleNamespace(wd=0.0, bf16=False, loss_func=torch.nn.functional.cross_entropy,
-                            _progress=lambda: __import__("ursa.util.progress", fromlist=["x"]).progress_bar(quiet=True))
-    losses = _sweep(learn, lr_schedule(1e-5, 1e-3, 10), batches(), list(head.parameters()), head, True, 0.98)
-    assert len(losses) == 10 and calls == [0, 1, 2] * 3 + [0]
+        def forward(self, xb):
+            return head(xb)
+
+        def end_epoch(self):
+            pass
+
+    learn = Learner(SimpleNamespace(bs=4), head, LearnerConfig(quiet=True, wd=0.0))
+    before = {k: v.clone() for k, v in head.state_dict().items()}
+    schedule = lr_schedule(1e-5, 1e-3, 10)
+    finder = LRFinder(learn, schedule)
+    opt = make_optimizer([{"params": list(head.parameters()), "lr": schedule[0]}], 0.0)
+    learn.run(5, ThreeBatches(), opt, validate=False, cbs=[finder])
+    assert len(finder.losses) == 10 and calls == [0, 1, 2] * 3 + [0]
+    assert all(torch.equal(before[k], v) for k, v in head.state_dict().items()), "restored after the sweep"
+    assert learn.recorder.rows == [] and learn.epochs_done == 0, "a sweep is not training history"
 
 
 # --- CLI -----------------------------------------------------------------------------------------

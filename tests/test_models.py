@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from ursa.errors import ArchError
-from ursa.training.learner import lr_groups
+from ursa.training.optim import lr_groups
 from ursa.vision.models import REGISTRY, create_imagenet_model, create_model, get_spec, list_archs
 
 

@@ -14,7 +14,7 @@ from ursa.cli import main
 from ursa.errors import ImageError, ModelFileError, UrsaError
 from ursa.inference.export import export_onnx
 from ursa.inference.modelfile import load_model, save_model
-from ursa.inference.predictor import Predictor, load_learner, resolve_backend
+from ursa.inference.predictor import Predictor, check_backend, load_predictor, resolve_backend
 from tests.conftest import HELDOUT
 
 
@@ -45,7 +45,7 @@ def test_backend_rule(model_dir, tmp_path):
         resolve_backend(lone, "onnx")
     with pytest.raises(UrsaError, match="safetensors"):
         resolve_backend(onnx_file, "torch")
-    with pytest.raises(UrsaError, match="unknown backend"):
+    with pytest.raises(UrsaError, match=r"^--backend must be one of auto, torch, onnx \(got 'tensorrt'\)$"):
         resolve_backend(model, "tensorrt")
     with pytest.raises(ModelFileError, match="not found"):
         resolve_backend(tmp_path / "missing.safetensors")
@@ -57,7 +57,7 @@ def test_auto_ignores_an_export_older_than_the_model(model_dir, tmp_path):
     t = (d / "model.safetensors").stat().st_mtime
     _touch(d / "model.onnx", t - 60)
     assert resolve_backend(d / "model.safetensors") == ("torch", d / "model.safetensors")
-    assert load_learner(d / "model.safetensors").backend == "torch"
+    assert load_predictor(d / "model.safetensors").backend == "torch"
 
 
 def test_auto_ignores_an_export_of_another_model(model_dir, tmp_path, caplog):
@@ -70,13 +70,13 @@ def test_auto_ignores_an_export_of_another_model(model_dir, tmp_path, caplog):
     _touch(d / "model.onnx", (d / "model.safetensors").stat().st_mtime + 60)
     assert resolve_backend(d / "model.safetensors")[0] == "onnx"
     with caplog.at_level("WARNING", logger="ursa"):
-        pred = load_learner(d / "model.safetensors")
+        pred = load_predictor(d / "model.safetensors")
     assert pred.backend == "torch"
     assert "Re-export" in caplog.text
 
 
 def test_predict_shapes_and_batch_agree(model_dir):
-    pred = load_learner(model_dir / "model.safetensors", backend="torch")
+    pred = load_predictor(model_dir / "model.safetensors", backend="torch")
     files = sorted(HELDOUT.glob("*.jpg"))
     label, index, probs = pred.predict(files[0])
     assert list(probs) == pred.classes and label == pred.classes[index]
@@ -92,7 +92,7 @@ def test_preprocess_is_the_validation_pipeline(model_dir):
     """The same pixels as training's validation (data.load_pixels + eval_transform), to the bit."""
     from ursa.vision.transforms import decode_size, eval_transform, load_pixels
 
-    pred = load_learner(model_dir / "model.safetensors", backend="torch")
+    pred = load_predictor(model_dir / "model.safetensors", backend="torch")
     tfm = eval_transform(pred.size, pred.meta.mean, pred.meta.std)
     for f in sorted(HELDOUT.glob("*.jpg"))[:3]:
         assert torch.equal(pred.preprocess(f), tfm(load_pixels(f, decode_size(pred.size))))
@@ -107,7 +107,7 @@ def test_bf16_runs_and_keeps_the_labels(model_dir):
 
 
 def test_unreadable_image_raises_image_error(model_dir, tmp_path):
-    pred = load_learner(model_dir / "model.safetensors")
+    pred = load_predictor(model_dir / "model.safetensors")
     bad = tmp_path / "x.jpg"
     bad.write_text("<html>not found</html>")
     with pytest.raises(ImageError) as e:
@@ -125,3 +125,32 @@ def test_cli_predict_backends_agree(model_dir, capsys):
     assert max(abs(out["torch"]["probs"][c] - out["onnx"]["probs"][c]) for c in out["torch"]["probs"]) < 1e-4
     assert main(["predict", str(model_dir / "model.safetensors"), img, "--backend", "gpu"]) == 2
     assert "--backend must be one of" in capsys.readouterr().err
+
+
+def test_check_backend_is_the_one_check(model_dir):
+    """Every caller (CLI, serve, load_predictor, resolve_backend) refuses a bad name with the same one line."""
+    for name in ("auto", "torch", "onnx"):
+        assert check_backend(name) == name
+    for bad in ("gpu", "Torch", "", "onnxruntime"):
+        with pytest.raises(UrsaError) as e:
+            check_backend(bad)
+        assert str(e.value) == f"--backend must be one of auto, torch, onnx (got {bad!r})"
+        assert "\n" not in str(e.value) and type(e.value) is UrsaError
+    with pytest.raises(UrsaError, match=r"^--backend must be one of auto, torch, onnx \(got 'gpu'\)$"):
+        load_predictor(model_dir / "model.safetensors", backend="gpu")
+    with pytest.raises(UrsaError, match=r"^--backend must be one of"):
+        load_predictor(model_dir / "missing.safetensors", backend="gpu")  # the name is checked before the file
+
+
+def test_ursa_predict_keeps_users_imports_working(model_dir):
+    """`from ursa.predict import load_learner` (users' code, fastai's name) is the same function as load_predictor."""
+    import ursa.inference
+    from ursa.predict import Prediction as P2, Predictor as Pr2, load_learner, load_predictor as lp2
+    from ursa.inference.predictor import Prediction
+
+    assert load_learner is lp2 is load_predictor is ursa.inference.load_predictor is ursa.inference.load_learner
+    assert P2 is Prediction and Pr2 is Predictor
+    pred = load_learner(model_dir / "model.safetensors", backend="torch")
+    assert isinstance(pred, Predictor)
+    label, index, probs = pred.predict(sorted(HELDOUT.glob("*.jpg"))[0])
+    assert label == pred.classes[index] and set(probs) == set(pred.classes)

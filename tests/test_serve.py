@@ -22,7 +22,8 @@ from hypothesis import strategies as st
 from starlette.testclient import TestClient
 
 from ursa.inference.predictor import Prediction, load_learner
-from ursa.apps.serve import MicroBatcher, ServeConfig, app_from_env, create_app, parse_bytes
+from ursa.apps.serve import WORKER_FACTORY, MicroBatcher, ServeConfig, app_from_env, create_app
+from ursa.util.numbers import parse_bytes
 from tests.conftest import HELDOUT, ROOT, wait_until
 
 IMAGES = sorted(HELDOUT.glob("*.jpg"))
@@ -259,6 +260,24 @@ def test_settings_travel_to_worker_processes_through_the_environment(tiny_model,
     assert app.state.config == cfg and app.state.batcher.max_batch == 3
     assert ServeConfig.from_env(ServeConfig(model=tiny_model).to_env()) == ServeConfig(model=tiny_model)
     assert parse_bytes("10MB") == 10 * 1024**2 and parse_bytes("512kb") == 512 * 1024 and parse_bytes("100") == 100
+
+
+def test_workers_import_the_app_factory_by_its_dotted_name(tiny_model, monkeypatch):
+    """--workers > 1: uvicorn imports WORKER_FACTORY in each worker; it must name app_from_env where it lives now."""
+    import uvicorn
+    from uvicorn.importer import import_from_string
+
+    assert WORKER_FACTORY == "ursa.apps.serve.app:app_from_env"
+    assert import_from_string(WORKER_FACTORY) is app_from_env
+    cfg = ServeConfig(model=tiny_model, backend="torch", threads=1, max_batch=5)
+    for k, v in cfg.to_env().items():
+        monkeypatch.setenv(k, v)
+    ucfg = uvicorn.Config(WORKER_FACTORY, factory=True, log_config=None)
+    ucfg.load()  # what a worker process does before serving: import the string, call the factory
+    assert ucfg.loaded and ucfg.loaded_app is not None
+    with TestClient(ucfg.loaded_app) as c:
+        assert c.get("/health").json()["status"] == "ok"
+        assert c.get("/model").json()["micro_batch"] == 5
 
 
 # --- a real browser and a real server ---------------------------------------------------------

@@ -1,5 +1,5 @@
-"""Allow ``python -m ursa``."""
+"""Allow ``python -m ursa`` (and ``torchrun -m ursa``)."""
 
-from ursa.cli import _entry
+from ursa.cli import entry
 
-_entry()
+entry()

@@ -16,8 +16,9 @@ OUT = ROOT / "runs" / "demo"
 
 def main() -> int:
     """Run the whole workflow on the sample in a minute or two, offline."""
-    from ursa.inference.predictor import load_learner
-    from ursa.training.recipe import TrainConfig, train
+    from ursa.inference.predictor import load_predictor
+    from ursa.training.config import TrainConfig
+    from ursa.training.recipe import train
 
     t0 = time.perf_counter()
     print(f"ursa demo: training on {SAMPLE.relative_to(ROOT)} (the bundled bears sample), offline, on CPU")
@@ -28,7 +29,7 @@ def main() -> int:
         return e.exit_code
     print(f"\nerror_rate {res.metrics['error_rate']:.3f} on {res.n_valid} validation images")
     print(f"\npredicting {HELDOUT.relative_to(ROOT)} (images the model never saw):")
-    pred = load_learner(res.model_path)
+    pred = load_predictor(res.model_path)
     files = sorted(HELDOUT.glob("*.jpg"))
     right = 0
     for f, p in zip(files, pred.predict_batch(files)):

@@ -36,7 +36,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
+from ursa.acquire.manifest import MANIFEST_NAME
 from ursa.errors import ImageError, UrsaError
+from ursa.util.files import atomic_write_csv, csv_line
+from ursa.util.progress import progress_bar
 from ursa.vision.images import MAX_PIXELS, is_image_file, open_image
 
 REPORT_NAME = "verify.csv"
@@ -143,7 +146,7 @@ def iter_images(folder: Path) -> Iterator[tuple[Path, bool]]:
             if name.startswith("."):
                 continue
             p = here / name
-            if here == folder and name in (REPORT_NAME, "downloads.csv"):
+            if here == folder and name in (REPORT_NAME, MANIFEST_NAME):
                 continue
             yield p, is_image_file(p)
 
@@ -247,19 +250,11 @@ class _Report:
             if rows and tuple(rows[0]) != REPORT_COLUMNS:
                 raise VerifyError(f"{path}: not an ursa verify report; move it away and run verify again")
             history = [r for r in rows[1:] if len(r) == 3 and r[1] in ("quarantined", "deleted", "fixed")]
-        tmp = path.with_name(f".{path.name}.part")
-        with open(tmp, "w", newline="", encoding="utf-8") as fh:
-            w = csv.writer(fh, lineterminator="\n")
-            w.writerow(REPORT_COLUMNS)
-            w.writerows(history)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
+        atomic_write_csv(path, REPORT_COLUMNS, history)
         self.fh = open(path, "a", newline="", encoding="utf-8")
-        self.writer = csv.writer(self.fh, lineterminator="\n")
 
     def write(self, file: str, status: str, reason: str) -> None:
-        self.writer.writerow([file, status, " ".join(reason.split())])
+        self.fh.write(csv_line([file, status, " ".join(reason.split())]))
         self.fh.flush()  # survives a killed process; fsync on close
 
     def close(self) -> None:
@@ -372,11 +367,7 @@ def verify_images(
             f"{summary.report}: cannot write the report ({e.strerror or e}); verify needs a writable "
             "folder: copy it somewhere writable first"
         ) from None
-    bar = None
-    if progress and paths:
-        from ursa.acquire.download import make_progress
-
-        bar = make_progress("img")
+    bar = progress_bar(transient=False, unit="img") if progress and paths else None
     try:
         if bar:
             bar.start()

@@ -8,9 +8,9 @@
 - too many epochs: the error rate has been getting worse for 2+ epochs after its best.
 
 Each rule is a small pure function ``History -> Advice | None``; ``RULES`` lists them as data so
-a report can show which fired. ``Advisor`` is the epoch callback that applies the rules during
-training: it keeps the best-error weights, says new advice as it appears and stops a diverging
-run (``DivergedError``, exit 3).
+a report can show which fired. During training, ``ursa.training.callbacks`` applies them: the
+``DivergenceGuard`` stops a diverging run (``DivergedError``, exit 3) with the ``diverged`` rule's
+words, and the ``AdvicePrinter`` says "too many epochs" as soon as it shows.
 """
 
 from __future__ import annotations
@@ -18,12 +18,10 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Sequence
+from typing import Callable, Sequence
 
+from ursa.util.files import atomic_write_text
 from ursa.util.numbers import smooth
-
-if TYPE_CHECKING:
-    from ursa.training.learner import Learner, Recorder
 
 # Thresholds, named so tests and docs can refer to them.
 VALID_BLOWUP = 10.0  # valid loss this many times its best so far: diverged (as the learner checks)
@@ -43,12 +41,6 @@ class History:
     batch_epochs: list[float] = field(default_factory=list)
     batch_lrs: list[float] = field(default_factory=list)
     stopped_diverged: bool = False  # the learner itself stopped the run as diverging
-
-    @classmethod
-    def from_recorder(cls, r: "Recorder", diverged: bool = False) -> "History":
-        """Snapshot a learner's recorder (copies, so later batches do not change it)."""
-        return cls([dict(x) for x in r.rows], list(r.batch_losses), list(r.batch_epochs), list(r.batch_lrs),
-                   diverged)
 
     @classmethod
     def read_csv(cls, path: str | Path) -> "History":
@@ -96,15 +88,11 @@ def _finite(v: object) -> bool:
     return isinstance(v, (int, float)) and math.isfinite(v)
 
 
-def _smooth(values: Sequence[float], beta: float = 0.98) -> list[float]:
-    return smooth(values, beta)
-
-
 def _train_curve(h: History) -> tuple[list[float], list[float]]:
     """(smoothed train loss, epoch position) per batch, or per epoch when there are no batches."""
     if h.batch_losses:
         xs = h.batch_epochs if len(h.batch_epochs) == len(h.batch_losses) else list(range(len(h.batch_losses)))
-        return _smooth(h.batch_losses), list(xs)
+        return smooth(h.batch_losses), list(xs)
     return [r["train_loss"] for r in h.rows], [r["epoch"] + 1 for r in h.rows]
 
 
@@ -329,67 +317,5 @@ def format_advice(advice: Sequence[Advice], h: History, notes: Sequence[str] = (
 
 def write_advice(path: str | Path, advice: Sequence[Advice], h: History, notes: Sequence[str] = ()) -> Path:
     """Write advice.txt atomically (the companion of history.csv)."""
-    from ursa.util.files import atomic_write_text
-
     atomic_write_text(path, format_advice(advice, h, notes))
     return Path(path)
-
-
-# --- during training ---------------------------------------------------------------------------
-
-
-class Advisor:
-    """Epoch callback: keep the best-error weights, say new advice once, stop a run that diverges.
-
-    Attach with ``learn.epoch_callbacks.append(Advisor())``; after training, ``best_state`` holds
-    the weights of ``best_epoch`` (lowest error rate, ties broken by valid loss) for
-    ``save_best``.
-    """
-
-    def __init__(self, console=None, stop_on_divergence: bool = True,
-                 rules: Sequence[tuple[str, Rule]] = tuple(r for r in RULES if r[0] in DURING_TRAINING)) -> None:
-        self.console = console
-        self.stop_on_divergence = stop_on_divergence
-        self.rules = list(rules)
-        self.best_state: dict | None = None
-        self.best_epoch: int | None = None
-        self.best_row: dict | None = None
-        self.said: set[str] = set()
-
-    def __call__(self, learn: "Learner", row: dict) -> None:
-        key = (row["error_rate"], row["valid_loss"])
-        if _finite(row["error_rate"]) and _finite(row["valid_loss"]) and (
-                self.best_row is None or key < (self.best_row["error_rate"], self.best_row["valid_loss"])):
-            self.best_state = {k: v.detach().clone() for k, v in learn.model.state_dict().items()}
-            self.best_epoch, self.best_row = row["epoch"], dict(row)
-        h = History.from_recorder(learn.recorder)
-        for a in advise(h, self.rules):
-            if a.rule == "diverged" and self.stop_on_divergence:
-                from ursa.errors import DivergedError
-
-                raise DivergedError(a.text())
-            if a.rule not in self.said:
-                self.said.add(a.rule)
-                console = self.console or learn.console
-                console.print(f"[yellow]advice:[/] {a.text()}", highlight=False)
-
-
-def save_best(learn: "Learner", advisor: Advisor, path: str | Path) -> Path | None:
-    """Export the best epoch's weights as a model file beside the final one; the learner is left as it was."""
-    if advisor.best_state is None or advisor.best_row is None:
-        return None
-    import copy
-
-    current = copy.deepcopy(learn.model.state_dict())
-    metrics = {k: advisor.best_row[k] for k in ("valid_loss", "error_rate", "accuracy")}
-    metrics["epoch"] = advisor.best_epoch
-    try:
-        learn.model.load_state_dict(advisor.best_state)
-        return learn.export(path, metrics=metrics)
-    finally:
-        learn.model.load_state_dict(current)
-
-
-def find_advisor(learn: "Learner") -> Advisor | None:
-    """The Advisor attached to a learner, if any."""
-    return next((cb for cb in learn.epoch_callbacks if isinstance(cb, Advisor)), None)

@@ -6,9 +6,9 @@ class, and the top losses: the images the model is most wrong, or least sure, ab
 
 Which images are "the validation set" for a model file: the ``split.csv`` that ``ursa train``
 wrote beside it (the exact assignment used in training) when present; otherwise the split is
-recomputed from DATA with ``ursa.vision.data.load_dataset`` at train's defaults (seed 42, valid_pct
-0.2), which gives the same assignment for the same files because the split hashes each file's
-relative path. Unreadable images are skipped, counted and listed, never fatal.
+recomputed from DATA with the validation share and split seed the run used (its config, stored
+in the model file's metadata), which gives the same assignment for the same files because the
+split hashes each file's relative path. Unreadable images are skipped, counted and listed, never fatal.
 """
 
 from __future__ import annotations
@@ -17,14 +17,11 @@ import csv
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
 from ursa.errors import DataError
-
-if TYPE_CHECKING:
-    from ursa.training.learner import Learner
 
 
 @dataclass
@@ -128,19 +125,19 @@ class Interpretation:
             "skipped": [list(s) for s in self.skipped],
         }
 
-    @classmethod
-    def from_learner(cls, learn: "Learner", idx: Sequence[int] | None = None) -> "Interpretation":
-        """From a learner in memory (default: its validation set); no model file needed."""
-        ds = learn.dls.dataset
-        idx = list(ds.valid_idx if idx is None else idx)
-        probs, y = learn.get_preds(idx)
-        return cls(list(learn.dls.classes), [ds.rel(i) for i in idx], [ds.files[i] for i in idx],
-                   y.numpy(), probs.float().numpy(), "valid" if idx == ds.valid_idx else "subset",
-                   list(ds.skipped))
+
+def split_settings(config: dict | None) -> tuple[float, int]:
+    """(valid_pct, split seed) a run used, from its config (train's defaults for a model without one)."""
+    config = config or {}
+    seed = config.get("split_seed")
+    if seed is None:
+        seed = config.get("seed", 42)
+    return float(config.get("valid_pct", 0.2)), int(seed)
 
 
 def load_items(model_path: str | Path, data: str | Path, classes: Sequence[str], all_images: bool = False,
-               csv_path: str | Path | None = None) -> tuple[list[tuple[str, Path, int]], str, list[tuple[str, str]]]:
+               csv_path: str | Path | None = None,
+               config: dict | None = None) -> tuple[list[tuple[str, Path, int]], str, list[tuple[str, str]]]:
     """(name, path, class index) of the images to interpret, which split that is, and items left out."""
     from ursa.vision.data import load_dataset
 
@@ -162,7 +159,8 @@ def load_items(model_path: str | Path, data: str | Path, classes: Sequence[str],
                             "give the folder the model was trained on, or --all")
         skipped += [(name, "missing: file not found") for name, p, _ in items if not p.is_file()]
         return [it for it in items if it[1].is_file()], "valid", skipped
-    ds = load_dataset(data, csv_path)
+    valid_pct, seed = split_settings(config)
+    ds = load_dataset(data, csv_path, valid_pct, seed)
     unknown = sorted(set(ds.classes) - set(classes))
     if unknown:
         raise DataError(f"{data}: class(es) {', '.join(unknown)} are not classes of the model ({', '.join(classes)})")
@@ -186,10 +184,10 @@ def interpret_model(model_path: str | Path, data: str | Path, all_images: bool =
     import torch
 
     from ursa.errors import ImageError
-    from ursa.inference.predictor import load_learner
+    from ursa.inference.predictor import load_predictor
 
-    pred = load_learner(model_path)
-    items, split, skipped = load_items(model_path, data, pred.classes, all_images, csv_path)
+    pred = load_predictor(model_path)
+    items, split, skipped = load_items(model_path, data, pred.classes, all_images, csv_path, pred.meta.config)
     if not items:
         raise DataError(f"{data}: no images to interpret")
     names, paths, targets, probs = [], [], [], []

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Sequence
 
 from ursa.util.files import atomic_path
-from ursa.util.numbers import smooth as _smooth
+from ursa.util.numbers import smooth
 
 
 def _figure(ncols: int = 1, width: float = 6.0, height: float = 4.0):
@@ -25,10 +25,6 @@ def _save(fig, path: str | Path) -> Path:
         fig.savefig(tmp, format="png", bbox_inches="tight")
     return path
 
-
-def smooth(values: Sequence[float], beta: float = 0.98) -> list[float]:
-    """fastai's debiased exponential moving average (see ursa.util.files.smooth)."""
-    return _smooth(values, beta)
 
 def losses_figure(batch_losses: Sequence[float], batch_epochs: Sequence[float], rows: Sequence[dict]):
     """One panel: per-batch train loss (raw, faint; smoothed, bold) and per-epoch valid loss against epochs."""

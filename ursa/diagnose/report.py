@@ -28,7 +28,6 @@ from ursa.diagnose.advice import RULE_DESCRIPTIONS, RULES, Advice, History, advi
 
 if TYPE_CHECKING:
     from ursa.diagnose.interpret import Interpretation
-    from ursa.training.learner import Learner
 
 TOP_K = 12  # top losses shown as thumbnails (report.json lists every item)
 THUMB = 200  # thumbnail long side, pixels
@@ -371,29 +370,3 @@ def write_report(out: str | Path, interp: "Interpretation | None" = None, histor
 def run_plots(out: Path) -> dict[str, Path]:
     """The run folder's plots that exist, in reading order."""
     return {n: out / f"{n}.png" for n in PLOT_TITLES if (out / f"{n}.png").is_file()}
-
-
-def finish_run(learn: "Learner", out: str | Path, info: dict | None = None) -> dict[str, Path]:
-    """After export: best.safetensors when the error got worse, advice.txt with notes, the report."""
-    from ursa.diagnose.advice import find_advisor, save_best, write_advice
-    from ursa.diagnose.interpret import Interpretation
-
-    out = Path(out)
-    h = History.from_recorder(learn.recorder, learn.diverged)
-    advice = advise(h)
-    notes: list[str] = []
-    written: dict[str, Path] = {}
-    advisor = find_advisor(learn)
-    if any(a.rule == "too_many_epochs" for a in advice) and advisor is not None and advisor.best_state is not None:
-        best = save_best(learn, advisor, out / "best.safetensors")
-        if best is not None:
-            written["best"] = best
-            notes.append(f"The weights of epoch {advisor.best_epoch} (error rate "
-                         f"{advisor.best_row['error_rate']:.4f}) are saved as {best.name}: use it instead of "
-                         "model.safetensors, or retrain with fewer epochs.")
-    written["advice"] = write_advice(out / "advice.txt", advice, h, notes)
-    interp = Interpretation.from_learner(learn)
-    info = {"title": "ursa training report", "run folder": str(out), "model": "model.safetensors",
-            "arch": learn.model.arch, "input size": learn.dls.size, **(info or {})}
-    written.update(write_report(out, interp, h, run_plots(out), info, notes))
-    return written

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import asdict
+import warnings
 from pathlib import Path
 
 import torch
@@ -27,8 +27,6 @@ def export_onnx(model_path: str | Path, out: str | Path | None = None, *, opset:
     ``check`` runs the export once on onnxruntime and refuses a file whose probabilities differ
     from torch's by more than 1e-4.
     """
-    import warnings
-
     try:
         import onnx
     except ImportError:  # pragma: no cover - declared dependency
@@ -50,8 +48,7 @@ def export_onnx(model_path: str | Path, out: str | Path | None = None, *, opset:
                 dynamic_axes={ONNX_INPUT: {0: "batch"}, ONNX_OUTPUT: {0: "batch"}},
             )
         proto = onnx.load(str(tmp))
-        header = asdict(meta)
-        for key, value in ((ONNX_META_KEY, json.dumps(header)), ("classes", json.dumps(meta.classes)),
+        for key, value in ((ONNX_META_KEY, meta.to_json()), ("classes", json.dumps(meta.classes)),
                            ("arch", meta.arch), ("input_size", str(meta.input_size))):
             prop = proto.metadata_props.add()
             prop.key, prop.value = key, value

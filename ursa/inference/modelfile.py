@@ -2,14 +2,17 @@
 
 Nothing is ever pickled, on save or on load: safetensors holds only tensors and strings, so a
 model file from a stranger cannot run code. The metadata says how to rebuild the network and
-preprocess an image (architecture, head, classes, input size, normalisation).
+preprocess an image (architecture, head, classes, input size, normalisation), and the training
+run's configuration (``config``: split seed, validation share, settings) so later stages need not
+guess them. ``config`` is optional: files written before it existed load with an empty one, so the
+format version stays "1".
 """
 
 from __future__ import annotations
 
 import json
 import struct
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -38,6 +41,7 @@ class ModelMeta:
     std: list[float]
     head: dict[str, Any]
     metrics: dict[str, Any] = field(default_factory=dict)
+    config: dict[str, Any] = field(default_factory=dict)  # the training run's configuration (optional)
     ursa_version: str = __version__
     created: str = ""
     format: str = FORMAT
@@ -47,6 +51,21 @@ class ModelMeta:
         """safetensors metadata is str -> str: structured values are JSON."""
         d = asdict(self)
         return {k: v if isinstance(v, str) else json.dumps(v) for k, v in d.items()}
+
+    def to_json(self) -> str:
+        """The whole metadata as one JSON object: what an ONNX export carries under ONNX_META_KEY."""
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str, path: Path) -> "ModelMeta":
+        """Parse `to_json`'s form with the same checks as a header; keys this version does not know are ignored."""
+        try:
+            raw = json.loads(text)
+            known = {f.name for f in fields(cls)}
+            header = {k: v if isinstance(v, str) else json.dumps(v) for k, v in raw.items() if k in known}
+        except (ValueError, TypeError, AttributeError) as e:
+            raise ModelFileError(f"{path}: ursa metadata in the ONNX file is damaged ({e})") from None
+        return cls.from_header(header, path)
 
     @classmethod
     def from_header(cls, h: dict[str, str], path: Path) -> "ModelMeta":
@@ -59,10 +78,13 @@ class ModelMeta:
                 f"version {FORMAT_VERSION}; upgrade ursa or re-export the model"
             )
         try:
+            config = json.loads(h.get("config", "{}"))
+            if not isinstance(config, dict):
+                raise TypeError(f"config is a {type(config).__name__}, not an object")
             return cls(
                 arch=h["arch"], classes=json.loads(h["classes"]), input_size=int(h["input_size"]),
                 mean=json.loads(h["mean"]), std=json.loads(h["std"]), head=json.loads(h["head"]),
-                metrics=json.loads(h.get("metrics", "{}")), ursa_version=h.get("ursa_version", "?"),
+                metrics=json.loads(h.get("metrics", "{}")), config=config, ursa_version=h.get("ursa_version", "?"),
                 created=h.get("created", ""),
             )
         except (KeyError, ValueError, TypeError) as e:

@@ -14,16 +14,26 @@ from typing import Any, Callable
 
 import torch
 
+from ursa.errors import UrsaError
+
 log = logging.getLogger("ursa")
 
 
 def ort_session(model: bytes | str, threads: int, spinning: bool = True) -> Any:
-    """An ONNX Runtime CPU session with `threads` intra-op threads; spinning=False lets idle threads sleep."""
-    import onnxruntime as ort
+    """An ONNX Runtime CPU session with `threads` intra-op threads; spinning=False lets idle threads sleep.
+
+    Tuned for small machines: all graph optimisations, one op at a time (the inter-op pool off).
+    """
+    try:
+        import onnxruntime as ort
+    except ImportError:  # pragma: no cover - declared dependency
+        raise UrsaError("onnxruntime is not installed: pip install onnxruntime") from None
 
     so = ort.SessionOptions()
     so.intra_op_num_threads = max(1, int(threads))
     so.inter_op_num_threads = 1
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     so.log_severity_level = 3
     if not spinning:
         so.add_session_config_entry("session.intra_op.allow_spinning", "0")

@@ -1,10 +1,12 @@
 """Predictor: the model file plus its preprocessing, for one image or many, torch or onnxruntime.
 
 Preprocessing is exactly the validation pipeline the model was scored with during training
-(``data.load_pixels`` at the decode size, with its reduced-size JPEG decode, then
-``data.eval_transform``), so a served prediction and the reported metrics see the same pixels.
+(``vision.transforms.load_pixels`` at the decode size, with its reduced-size JPEG decode, then
+``vision.transforms.eval_transform``), so a served prediction and the reported metrics see the same pixels.
 
-Backend rule (shared by ``ursa predict`` and ``ursa serve``), see ``resolve_backend``:
+``load_predictor`` is the entry point (``load_learner`` is its fastai-familiar alias). Backend
+names are checked in one place, ``check_backend``. Backend rule (shared by ``ursa predict`` and
+``ursa serve``), see ``resolve_backend``:
 
 - a path ending in ``.onnx`` runs on onnxruntime;
 - ``backend="onnx"`` runs ``MODEL.onnx`` beside ``MODEL.safetensors`` (an error when missing);
@@ -17,24 +19,31 @@ Backend rule (shared by ``ursa predict`` and ``ursa serve``), see ``resolve_back
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
 
-from ursa.vision.transforms import decode_size, eval_transform, load_pixels
 from ursa.errors import ModelFileError, UrsaError
 from ursa.inference.modelfile import ONNX_META_KEY, ModelMeta, load_model, read_meta
+from ursa.inference.onnx import ort_session
 from ursa.vision.images import Source
+from ursa.vision.transforms import decode_size, eval_transform, load_pixels
 
 log = logging.getLogger("ursa")
 
 BACKENDS = ("auto", "torch", "onnx")
+
+
+def check_backend(name: str) -> str:
+    """The one check of a backend name (CLI, serve and load_predictor alike), so every caller says the same line."""
+    if name not in BACKENDS:
+        raise UrsaError(f"--backend must be one of {', '.join(BACKENDS)} (got {name!r})")
+    return name
 
 
 @dataclass
@@ -149,8 +158,7 @@ class Predictor:
 def resolve_backend(path: str | Path, backend: str = "auto") -> tuple[str, Path]:
     """Which backend runs which file: the one rule for predict and serve (see the module doc)."""
     path = Path(path)
-    if backend not in BACKENDS:
-        raise UrsaError(f"unknown backend {backend!r}: use one of {', '.join(BACKENDS)}")
+    check_backend(backend)
     if path.suffix.lower() == ".onnx":
         if backend == "torch":
             raise UrsaError(f"{path}: --backend torch needs the model.safetensors file, not the ONNX export")
@@ -169,10 +177,11 @@ def resolve_backend(path: str | Path, backend: str = "auto") -> tuple[str, Path]
     return "torch", path
 
 
-def load_learner(path: str | Path, backend: str = "auto", threads: int | None = None,
-                 bf16: bool = False) -> Predictor:
-    """Load a model file for inference (fastai's name), on the backend `resolve_backend` picks."""
+def load_predictor(path: str | Path, backend: str = "auto", threads: int | None = None,
+                   bf16: bool = False) -> Predictor:
+    """Load a model file for inference, on the backend `resolve_backend` picks: the one loader for predict and serve."""
     path = Path(path)
+    check_backend(backend)
     threads = threads or default_threads()
     torch.set_num_threads(threads)
     kind, file = resolve_backend(path, backend)
@@ -188,13 +197,17 @@ def load_learner(path: str | Path, backend: str = "auto", threads: int | None = 
     return _load_torch(file, bf16)
 
 
+load_learner = load_predictor
+"""fastai's name for `load_predictor` (``learn = load_learner(path)``), kept so fastai-style code reads the same."""
+
+
 def _load_torch(path: Path, bf16: bool) -> Predictor:
     model, meta = load_model(path)
     return Predictor(model, meta, backend="torch", bf16=bf16, source=path)
 
 
 def _stale_reason(onnx_meta: ModelMeta, meta: ModelMeta) -> str | None:
-    """Why an ONNX export does not belong to this model file, or None when it does."""
+    """Why an ONNX export does not belong to this model file, or None when it does (mtimes lie, metadata doesn't)."""
     if onnx_meta.created != meta.created:
         return f"exported from the model created {onnx_meta.created or '?'}, this model file was created {meta.created or '?'}"
     if onnx_meta.classes != meta.classes:
@@ -203,19 +216,11 @@ def _stale_reason(onnx_meta: ModelMeta, meta: ModelMeta) -> str | None:
 
 
 def onnx_session(path: Path, threads: int) -> Any:
-    """An onnxruntime CPU session tuned for small machines: all graph optimisations, one op at a time."""
+    """A session for a user's .onnx file (`ort_session`'s settings), with one clear line when it is not ONNX."""
     try:
-        import onnxruntime as ort
-    except ImportError:  # pragma: no cover - declared dependency
-        raise UrsaError("onnxruntime is not installed: pip install onnxruntime") from None
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads
-    opts.inter_op_num_threads = 1
-    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    opts.log_severity_level = 3
-    try:
-        return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        return ort_session(str(path), threads, spinning=True)
+    except UrsaError:
+        raise
     except Exception as e:  # onnxruntime raises its own exception types for bad files
         raise ModelFileError(f"{path}: not a readable ONNX model ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
 
@@ -225,12 +230,7 @@ def onnx_meta(session: Any, path: Path) -> ModelMeta:
     meta_map = session.get_modelmeta().custom_metadata_map
     if ONNX_META_KEY not in meta_map:
         raise ModelFileError(f"{path}: not an ursa ONNX export (no {ONNX_META_KEY!r} metadata); create one with `ursa export MODEL --onnx`")
-    try:
-        raw = json.loads(meta_map[ONNX_META_KEY])
-        known = {f.name for f in fields(ModelMeta)}
-        return ModelMeta.from_header({k: v if isinstance(v, str) else json.dumps(v) for k, v in raw.items() if k in known}, path)
-    except (ValueError, TypeError, AttributeError) as e:
-        raise ModelFileError(f"{path}: ursa metadata in the ONNX file is damaged ({e})") from None
+    return ModelMeta.from_json(meta_map[ONNX_META_KEY], path)
 
 
 def _load_onnx(path: Path, threads: int) -> Predictor:

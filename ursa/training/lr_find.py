@@ -9,15 +9,15 @@ Two suggestions come out, as fastai's ``SuggestionMethod.Steep`` and ``.Valley``
 - valley: the middle of the longest stretch over which the loss keeps falling: a safer pick,
   fastai's default and ours.
 
-The sweep trains a throw-away copy of the optimiser state on the real weights, so the weights
-(BatchNorm running statistics included), the requires-grad flags, train/eval modes and torch's
-random state are snapshotted first and restored afterwards; the learner keeps no optimiser
-between fits, so there is no optimiser state to put back.
+The sweep runs in the learner's one training loop, driven by the ``LRFinder`` callback: it
+snapshots the weights (BatchNorm running statistics included), the requires-grad flags,
+train/eval modes and torch's random state, sets the learning rate before every batch, cancels
+the fit when the loss blows up or the schedule ends, and restores everything after; the learner
+keeps no optimiser between fits, so there is no optimiser state to put back.
 
 While the body is frozen (and its BatchNorm in eval mode, as when the feature cache is on) the
-body is a fixed function, so the frozen sweep trains the head on body features computed once
-(``ursa.training.features.compute_features``, one augmented view): the same forward pass as the frozen
-model, many times faster.
+body is a fixed function, so the frozen sweep trains the head on cached body features (one
+augmented view): the same forward pass as the frozen model, many times faster.
 """
 
 from __future__ import annotations
@@ -26,14 +26,16 @@ import copy
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator, Sequence
+from typing import Any, Sequence
 
 import torch
 
+from ursa.diagnose.plots import plot_lr_find
+from ursa.errors import DataError, UrsaError
+from ursa.training.callbacks import Callback, CancelFitException
+from ursa.training.optim import make_optimizer
 from ursa.util.numbers import smooth
-
-if TYPE_CHECKING:
-    from ursa.training.learner import Learner
+from ursa.util.progress import progress_bar
 
 START_LR = 1e-7
 END_LR = 10.0
@@ -85,8 +87,6 @@ class LRFinderResult:
 
     def plot(self, path: str | Path) -> Path:
         """lr_find.png: loss against log learning rate with both suggestions marked."""
-        from ursa.diagnose.plots import plot_lr_find
-
         return plot_lr_find(self.lrs, self.losses, self.smoothed, self.suggestions(), path)
 
 
@@ -96,10 +96,6 @@ def lr_schedule(start_lr: float = START_LR, end_lr: float = END_LR, num_it: int 
         return [start_lr]
     return [start_lr * (end_lr / start_lr) ** (i / (num_it - 1)) for i in range(num_it)]
 
-
-def smooth_losses(losses: Sequence[float], beta: float = 0.98) -> list[float]:
-    """Debiased exponential moving average (fastai's smooth_loss); NaN and inf pass through."""
-    return smooth(losses, beta)
 
 def _trim(lrs: Sequence[float], losses: Sequence[float], num_it: int) -> tuple[list[float], list[float]]:
     """fastai drops the first tenth and the last five points (noise, blow-up) and anything after a NaN."""
@@ -150,8 +146,62 @@ def suggest_valley(lrs: Sequence[float], losses: Sequence[float]) -> tuple[float
     return lrs[idx], losses[idx]
 
 
-def lr_find(learn: "Learner", start_lr: float = START_LR, end_lr: float = END_LR, num_it: int = NUM_IT,
-            stop_div: bool = True, beta: float = 0.98, cached: bool | None = None,
+class LRFinder(Callback):
+    """The sweep as a callback: saves the state, sets the rate each batch, cancels on blow-up, restores after.
+
+    Built before the batch source, so torch's random state is saved before anything draws from it.
+    """
+
+    order = 1
+
+    def __init__(self, learn: Any, schedule: Sequence[float], stop_div: bool = True, beta: float = 0.98) -> None:
+        model = learn.model
+        self.schedule, self.stop_div, self.beta = list(schedule), stop_div, beta
+        self.state = copy.deepcopy(model.state_dict())  # parameters and buffers: BN running stats too
+        self.grads = [p.requires_grad for p in model.parameters()]
+        self.modes = [m.training for m in model.modules()]
+        self.rng = torch.get_rng_state()
+        self.losses: list[float] = []
+        self.avg, self.best = 0.0, math.inf
+        self.bar: Any = None
+
+    def before_fit(self, learn: Any) -> None:
+        self.bar = progress_bar(learn.console, learn.config.quiet)
+        self.bar.start()
+        self.task = self.bar.add_task("lr_find", total=len(self.schedule))
+
+    def before_batch(self, learn: Any) -> None:
+        lr = self.schedule[len(self.losses)]
+        for g in learn.opt.param_groups:
+            g["lr"] = lr
+
+    def after_batch(self, learn: Any) -> None:
+        v = learn.loss_value
+        self.losses.append(v)
+        i = len(self.losses)
+        self.bar.update(self.task, advance=1, description=f"lr_find lr {learn.lr:.1e} loss {v:.3f}")
+        if not math.isfinite(v):
+            raise CancelFitException()
+        self.avg = self.beta * self.avg + (1 - self.beta) * v
+        s = self.avg / (1 - self.beta**i)
+        self.best = min(self.best, s)
+        if (self.stop_div and s > DIV_FACTOR * self.best) or i >= len(self.schedule):
+            raise CancelFitException()
+
+    def after_fit(self, learn: Any) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+        model = learn.model
+        model.load_state_dict(self.state)
+        for p, g in zip(model.parameters(), self.grads):
+            p.requires_grad_(g)
+        for m, t in zip(model.modules(), self.modes):
+            m.training = t
+        torch.set_rng_state(self.rng)
+
+
+def lr_find(learn: Any, start_lr: float = START_LR, end_lr: float = END_LR, num_it: int = NUM_IT,
+            stop_div: bool = True, beta: float = 0.98, cached: bool | None = None, bf16: bool = False,
             plot: str | Path | None = None) -> LRFinderResult:
     """Sweep the learning rate on the learner's current state and suggest one; the state is restored after.
 
@@ -159,37 +209,29 @@ def lr_find(learn: "Learner", start_lr: float = START_LR, end_lr: float = END_LR
     learner uses the feature cache (same forward pass, much faster); False always runs the model.
     """
     if not (0 < start_lr < end_lr):
-        from ursa.errors import UrsaError
-
         raise UrsaError(f"lr_find needs 0 < start_lr < end_lr (got {start_lr}, {end_lr})")
     model = learn.model
     frozen = bool(model.is_frozen)
-    use_cache = frozen and learn.bn_eval_when_frozen and (learn.use_cache if cached is None else cached)
-    state = copy.deepcopy(model.state_dict())  # parameters and buffers: BN running stats too
-    grads = [p.requires_grad for p in model.parameters()]
-    modes = [m.training for m in model.modules()]
-    rng = torch.get_rng_state()
+    use_cache = frozen and learn.config.cache and (cached is None or cached)
     schedule = lr_schedule(start_lr, end_lr, num_it)
+    finder = LRFinder(learn, schedule, stop_div, beta)
+    source = learn.batch_source(use_cache, n_views=1, generator=torch.Generator().manual_seed(learn.config.seed))
+    if source.n_batches == 0:
+        raise DataError("lr_find: the training set gives no batch; add images or lower --bs")
+    params = [p for p in source.module.parameters() if p.requires_grad]
+    if not params:
+        raise UrsaError("lr_find: nothing to train, every parameter is frozen")
+    opt = make_optimizer([{"params": params, "lr": schedule[0]}], learn.config.wd)
+    threads = torch.get_num_threads()
+    if use_cache:  # a small head: thread start-up costs more than it saves (a lot on a busy CPU)
+        torch.set_num_threads(1)
     try:
-        if use_cache:
-            batches, params, forward = _cached_batches(learn)
-        else:
-            batches, params, forward = _image_batches(learn)
-        threads = torch.get_num_threads()
-        if use_cache:  # a small head: thread start-up costs more than it saves (a lot on a busy CPU)
-            torch.set_num_threads(1)
-        try:
-            losses = _sweep(learn, schedule, batches, params, forward, stop_div, beta)
-        finally:
-            torch.set_num_threads(threads)
+        learn.run(math.ceil(len(schedule) / max(1, source.n_batches)) + 1, source, opt, stage="lr_find", bf16=bf16,
+                  validate=False, cbs=[finder])
     finally:
-        model.load_state_dict(state)
-        for p, g in zip(model.parameters(), grads):
-            p.requires_grad_(g)
-        for m, t in zip(model.modules(), modes):
-            m.training = t
-        torch.set_rng_state(rng)
-    smoothed = smooth_losses(losses, beta)
+        torch.set_num_threads(threads)
+    losses = finder.losses
+    smoothed = smooth(losses, beta)
     lrs = schedule[:len(losses)]
     t_lrs, t_losses = _trim(lrs, smoothed, num_it)
     valley, valley_loss = suggest_valley(t_lrs, t_losses)
@@ -202,91 +244,3 @@ def lr_find(learn: "Learner", start_lr: float = START_LR, end_lr: float = END_LR
     if plot is not None:
         res.plot(plot)
     return res
-
-
-def _sweep(learn: "Learner", schedule: list[float], batches: Iterator, params: list, forward,
-           stop_div: bool, beta: float) -> list[float]:
-    """The loop: set the LR, one optimiser step, record the loss; stop on NaN or a 4x blow-up."""
-    opt = torch.optim.AdamW(params, lr=schedule[0], weight_decay=learn.wd, betas=(0.9, 0.99))
-    losses: list[float] = []
-    avg, best = 0.0, math.inf
-    with learn._progress() as prog:
-        task = prog.add_task("lr_find", total=len(schedule))
-        for i, lr in enumerate(schedule, 1):
-            for g in opt.param_groups:
-                g["lr"] = lr
-            xb, yb = next(batches)
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=learn.bf16):
-                out = forward(xb)
-            loss = learn.loss_func(out.float(), yb)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            v = float(loss.detach())
-            losses.append(v)
-            prog.update(task, advance=1, description=f"lr_find lr {lr:.1e} loss {v:.3f}")
-            if not math.isfinite(v):
-                break
-            avg = beta * avg + (1 - beta) * v
-            s = avg / (1 - beta**i)
-            best = min(best, s)
-            if stop_div and s > DIV_FACTOR * best:
-                break
-    return losses
-
-
-def _cached_batches(learn: "Learner"):
-    """Mini-batches of frozen-body features, reshuffled each pass, and the head to train."""
-    from ursa.training.features import compute_features
-
-    cache = learn.feature_cache
-    size = learn.train_size or learn.dls.size
-    if cache is None or cache.size != size or not cache.train_views:
-        cache = compute_features(learn, n_views=1, augment=learn.augment, size=learn.train_size)
-    feats, ys = cache.train_views[0], cache.train_y
-    head = learn.model.head
-    head.train()
-    n, bs = len(ys), learn.dls.bs
-    g = torch.Generator().manual_seed(learn.seed)
-
-    def gen():
-        while True:
-            perm = torch.randperm(n, generator=g)
-            stop = n - n % bs if n > bs else n  # drop a small last batch, as training does
-            for b in range(0, stop, bs):
-                idx = perm[b:b + bs]
-                yield feats[idx], ys[idx]
-
-    return gen(), [p for p in head.parameters() if p.requires_grad], head
-
-
-def _image_batches(learn: "Learner"):
-    """Augmented training batches through the whole model, cycling when the set runs out."""
-    model = learn.model
-    dl = learn.dls.loader(learn.dls.dataset.train_idx, train=learn.augment, size=learn.train_size,
-                          shuffle=True, generator=torch.Generator().manual_seed(learn.seed))
-    model.train()  # the same modes as a training step (Learner._train_batches)
-    if model.is_frozen and learn.bn_eval_when_frozen:
-        model.body.eval()
-    elif not model.is_frozen and getattr(learn, "bn_stats_frozen", False):
-        for m in model.body.modules():
-            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
-                m.eval()
-
-    def gen():
-        while True:
-            n = 0
-            for xb, yb in dl:
-                n += 1
-                yield xb, yb
-            if n == 0:
-                from ursa.errors import DataError
-
-                raise DataError("lr_find: the training set gives no batch; add images or lower --bs")
-
-    params = [p for p in model.parameters() if p.requires_grad]
-    if not params:
-        from ursa.errors import UrsaError
-
-        raise UrsaError("lr_find: nothing to train, every parameter is frozen")
-    return gen(), params, model

@@ -68,3 +68,12 @@ def atomic_write_csv(path: str | Path, header: Sequence[str], rows: Iterable[Seq
     """Write a CSV file atomically."""
     atomic_write_text(path, csv_text(header, rows))
     return Path(path)
+
+
+def check_outside(out: str | Path, data: str | Path, what: str = "output folder") -> None:
+    """Refuse an output folder inside the user's data folder: ursa never writes into your data."""
+    from ursa.errors import DataError
+
+    d, o = Path(data).resolve(), Path(out).resolve()
+    if o == d or d in o.parents:
+        raise DataError(f"{out}: the {what} must be outside the data folder {data} (ursa never writes into your data)")

@@ -1,0 +1,215 @@
+"""Fetching one URL politely and deciding from its bytes whether it is an image worth saving.
+
+HTTP goes through httpx: a GET streamed under a size cap, retries with backoff on timeouts,
+429 (honouring Retry-After, capped) and 5xx, all within a deadline per URL. The type is decided
+from the bytes and a full decode (``ursa.vision.images.open_image``), never from Content-Type.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import hashlib
+import io
+import random
+import re
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from ursa.errors import ImageError
+from ursa.vision.images import open_image, sniff_format
+
+USER_AGENT = "Mozilla/5.0 (compatible; ursa-download/0.1; image classifier course tool)"
+RETRY_STATUSES = frozenset({408, 425, 429, 500, 502, 503, 504})
+EXTENSIONS = {"JPEG": ".jpg", "MPO": ".jpg", "PNG": ".png", "GIF": ".gif", "WEBP": ".webp", "BMP": ".bmp", "TIFF": ".tif"}
+
+
+@dataclass
+class FetchOptions:
+    """The per-URL limits of a run, validated once by download_images."""
+
+    timeout: float
+    deadline: float
+    retries: int
+    backoff: float
+    max_retry_after: float
+    max_bytes: int
+    max_size: int
+    max_pixels: int
+
+
+@dataclass
+class Fetched:
+    """One URL's answer: the bytes, or the failure kind and a reason for the manifest."""
+
+    data: bytes | None
+    http_status: int | None
+    kind: str | None = None
+    detail: str = ""
+    content_type: str = ""
+
+
+@dataclass
+class Prepared:
+    """An image ready to save: sha256 of the downloaded bytes, the bytes to write, their sha256, extension."""
+
+    sha256: str
+    out: bytes
+    file_sha256: str
+    ext: str
+
+
+class _Retry(Exception):
+    def __init__(self, fetched: Fetched, wait: float | None = None) -> None:
+        self.fetched = fetched
+        self.wait = wait
+
+
+def retry_after_seconds(value: str | None) -> float | None:
+    """Read Retry-After as seconds or an HTTP date; None when absent or unreadable."""
+    if not value:
+        return None
+    value = value.strip()
+    if re.fullmatch(r"\d+(\.\d+)?", value):
+        return float(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - time.time())
+
+
+def one_line(text: object, limit: int = 240) -> str:
+    """Squash a message to one short line, so it fits one manifest cell."""
+    s = " ".join(str(text).split())
+    return s if len(s) <= limit else s[: limit - 3] + "..."
+
+
+def describe_transport_error(e: BaseException) -> str:
+    """Name the root cause of a network error (httpx wraps it two or three levels deep)."""
+    chain: list[BaseException] = []
+    cur: BaseException | None = e
+    while cur is not None and len(chain) < 8:
+        chain.append(cur)
+        cur = cur.__cause__ or cur.__context__
+    if any(isinstance(x, ConnectionResetError) for x in chain):
+        return "connection reset by peer"
+    if any(isinstance(x, ConnectionRefusedError) for x in chain):
+        return "connection refused"
+    for x in chain:
+        text = one_line(x)
+        if text:
+            return f"{text} ({type(e).__name__})"
+    return f"connection lost ({type(e).__name__})"
+
+
+async def _attempt(client: Any, url: str, opt: FetchOptions) -> Fetched:
+    """One GET, streamed under the size cap; raises _Retry for what is worth trying again."""
+    import httpx
+
+    received = 0
+    expected: int | None = None
+    try:
+        async with client.stream("GET", url) as resp:
+            status = resp.status_code
+            ctype = resp.headers.get("content-type", "")
+            if status in RETRY_STATUSES:
+                kind = "rate_limited" if status == 429 else ("timeout" if status == 408 else f"http_{status}")
+                wait = retry_after_seconds(resp.headers.get("retry-after")) if status in (429, 503) else None
+                raise _Retry(Fetched(None, status, kind, f"HTTP {status} {resp.reason_phrase}".strip()), wait)
+            if status >= 400:
+                return Fetched(None, status, f"http_{status}", f"HTTP {status} {resp.reason_phrase}".strip())
+            length = resp.headers.get("content-length")
+            if length and length.isdigit():
+                expected = int(length)
+                if expected > opt.max_bytes:
+                    return Fetched(
+                        None, status, "too_large", f"Content-Length {expected:,} bytes is over --max-bytes {opt.max_bytes:,}"
+                    )
+            buf = bytearray()
+            async for chunk in resp.aiter_bytes():
+                buf += chunk
+                received = len(buf)
+                if received > opt.max_bytes:
+                    return Fetched(None, status, "too_large", f"over --max-bytes {opt.max_bytes:,} while downloading")
+            return Fetched(bytes(buf), status, content_type=ctype)
+    except _Retry:
+        raise
+    except httpx.TooManyRedirects:
+        return Fetched(None, None, "redirect", "too many redirects (a redirect loop?)")
+    except httpx.UnsupportedProtocol as e:
+        return Fetched(None, None, "redirect", f"redirected to a URL that is not http(s): {one_line(e)}")
+    except (httpx.InvalidURL, httpx.LocalProtocolError) as e:
+        return Fetched(None, None, "bad_url", one_line(e) or "malformed URL")
+    except httpx.TimeoutException as e:
+        raise _Retry(Fetched(None, None, "timeout", f"no answer within {opt.timeout:g} s ({type(e).__name__})"))
+    except httpx.RemoteProtocolError as e:
+        if expected is not None and received < expected:
+            detail = f"connection closed after {received:,} of {expected:,} bytes"
+            raise _Retry(Fetched(None, None, "truncated", detail))
+        raise _Retry(Fetched(None, None, "connection", one_line(e) or "server closed the connection"))
+    except (httpx.TransportError, OSError) as e:
+        raise _Retry(Fetched(None, None, "connection", describe_transport_error(e)))
+
+
+async def fetch(client: Any, url: str, host_sem: asyncio.Semaphore, opt: FetchOptions) -> Fetched:
+    """Fetch with retries and backoff, never more than the per-host limit, within the URL deadline."""
+    loop = asyncio.get_running_loop()
+    deadline_at: float | None = None
+    last = Fetched(None, None, "timeout", "not attempted")
+    attempts = opt.retries + 1
+    for attempt in range(attempts):
+        wait: float | None = None
+        async with host_sem:
+            if deadline_at is None:
+                deadline_at = loop.time() + opt.deadline  # the clock starts once a host slot is free
+            try:
+                async with asyncio.timeout_at(deadline_at):
+                    return await _attempt(client, url, opt)
+            except _Retry as r:
+                last, wait = r.fetched, r.wait
+            except TimeoutError:
+                return Fetched(None, None, "timeout", f"no complete answer within the {opt.deadline:g} s deadline")
+        if attempt == attempts - 1:
+            break
+        if wait is None:
+            wait = opt.backoff * (2**attempt) * (1 + 0.25 * random.random())
+        else:
+            wait = min(wait, opt.max_retry_after)
+        if loop.time() + wait >= deadline_at:
+            last.detail += f"; a retry in {wait:.1f} s would pass the {opt.deadline:g} s deadline"
+            return last
+        await asyncio.sleep(wait)
+    if attempts > 1:
+        last.detail += f" (after {attempts} attempts)"
+    return last
+
+
+def _describe_non_image(data: bytes, content_type: str) -> str:
+    head = data[:512].lstrip().lower()
+    said = f" (server said Content-Type {content_type})" if content_type else ""
+    if head.startswith((b"<!doctype html", b"<html", b"<head", b"<body")) or b"<html" in head:
+        return f"an HTML page, not an image{said}"
+    if head.startswith((b"<", b"{", b"[")):
+        return f"text ({head[:20]!r}...), not an image{said}"
+    return f"unknown content starting {data[:8]!r}, not an image{said}"
+
+
+def prepare_image(data: bytes, content_type: str, opt: FetchOptions) -> Prepared:
+    """Decide from the bytes whether this is an image, decode it fully, and shrink it if asked."""
+    if not data:
+        raise ImageError("<download>", "empty response (0 bytes)", "empty")
+    if sniff_format(data[:16]) is None:
+        raise ImageError("<download>", _describe_non_image(data, content_type), "not_image")
+    im, info = open_image(data, max_pixels=opt.max_pixels, with_info=True)  # type: ignore[misc]
+    sha = hashlib.sha256(data).hexdigest()
+    if opt.max_size and max(info.size) > opt.max_size:
+        from PIL import Image
+
+        im.thumbnail((opt.max_size, opt.max_size), Image.Resampling.LANCZOS)
+        buf = io.BytesIO()
+        im.save(buf, "JPEG", quality=90)
+        out = buf.getvalue()
+        return Prepared(sha, out, hashlib.sha256(out).hexdigest(), ".jpg")
+    return Prepared(sha, data, sha, EXTENSIONS.get(info.format, ".jpg"))

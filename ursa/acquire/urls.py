@@ -1,0 +1,151 @@
+"""Per-class URL lists as the course's browser snippets save them, read into {class: [urls]}.
+
+Accepted: one URL per line (blank lines, spaces, quotes, trailing commas, a BOM, lines escaped
+by JavaScript's ``escape()``, ``#`` comments), or a CSV with a ``url`` column. Non-http lines are
+kept so the run can record them as refused. A class comes from ``CLASS=FILE`` or from a file
+named ``urls_<class>.txt`` / ``urls_<class>.csv``.
+"""
+
+from __future__ import annotations
+
+import csv
+import re
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
+from urllib.parse import unquote
+
+from ursa.errors import UrsaError
+
+_URL_FILE_RE = re.compile(r"urls?_(?P<cls>.+)\.(txt|csv)", re.IGNORECASE)
+_ESCAPED_SCHEME_RE = re.compile(r"^[a-z][a-z0-9+.\-]*%3a", re.IGNORECASE)
+_CSV_URL_HEADERS = ("url", "urls", "image_url", "image url")
+
+
+class DownloadError(UrsaError):
+    """The download input (a URL list, a CLASS=FILE pair, an option) cannot be used as given."""
+
+
+def clean_url_line(raw: str) -> str:
+    """Undo what browser snippets do to a URL line: spaces, quotes, trailing commas, %-escaping."""
+    s = raw.strip().strip("\ufeff").strip()
+    if s[:1] in ("'", '"'):
+        s = s.rstrip(",;").strip()
+    while len(s) >= 2 and s[0] == s[-1] and s[0] in ("'", '"'):
+        s = s[1:-1].strip()
+    if s.startswith("#"):
+        return ""
+    if _ESCAPED_SCHEME_RE.match(s):  # a whole line escaped by JS escape(): https%3A//...
+        s = unquote(s).strip()
+    return s
+
+
+def _csv_url_column(lines: Sequence[str]) -> tuple[int, int, Any] | None:
+    """Find a CSV header with a url column: (header line index, column index, dialect), or None."""
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        if line.strip().strip("\ufeff\"'").lower() in _CSV_URL_HEADERS:
+            return i, 0, csv.excel  # a one-column CSV: just a "url" header line
+        if "," not in line and ";" not in line and "\t" not in line:
+            return None
+        try:
+            dialect: Any = csv.Sniffer().sniff(line, delimiters=",;\t")
+        except csv.Error:
+            dialect = csv.excel
+        names = [h.strip().strip("\ufeff").lower() for h in next(csv.reader([line], dialect))]
+        for wanted in _CSV_URL_HEADERS:
+            if wanted in names:
+                return i, names.index(wanted), dialect
+        return None  # the first line is data (a plain list whose URL holds a comma)
+    return None
+
+
+def parse_url_text(text: str) -> list[str]:
+    """Turn the text of a URL list into unique URLs in file order (non-http lines kept, to be refused)."""
+    lines = text.splitlines()
+    found = _csv_url_column(lines)
+    if found is not None:
+        header_at, col, dialect = found
+        body = [ln for ln in lines[header_at + 1 :] if ln.strip()]
+        candidates = [row[col] for row in csv.reader(body, dialect) if len(row) > col]
+    else:
+        candidates = lines
+    seen: set[str] = set()
+    urls: list[str] = []
+    for raw in candidates:
+        url = clean_url_line(raw)
+        if url and url not in seen:
+            seen.add(url)
+            urls.append(url)
+    return urls
+
+
+def parse_url_file(path: str | Path) -> list[str]:
+    """Read one URL list as the browser snippets save it (plain lines or a CSV with a url column)."""
+    p = Path(path)
+    if not p.is_file():
+        raise DownloadError(f"{p}: URL file not found; save the image-search URLs there first")
+    return parse_url_text(p.read_bytes().decode("utf-8-sig", errors="replace"))
+
+
+def _check_class_name(cls: str, spec: str) -> str:
+    """Refuse a class name that is not one plain folder name, since it becomes DEST/<class>/."""
+    cls = cls.strip()
+    if not cls or cls in (".", "..") or cls[0] in "._" or any(c in cls for c in "/\\\0"):
+        raise DownloadError(
+            f"{spec}: {cls!r} is not a usable class name; use a plain folder name such as "
+            "grizzly=urls_grizzly.txt (no slashes, not starting with '.' or '_')"
+        )
+    return cls
+
+
+def parse_source(spec: str | Path) -> tuple[str, Path]:
+    """Split one command-line URL source into (class, file): ``CLASS=FILE`` or ``urls_<class>.txt``."""
+    s = str(spec)
+    p = Path(s)
+    if "=" in s and not p.exists():
+        cls, _, file = s.partition("=")
+        cls = _check_class_name(cls, s)
+        if not file.strip():
+            raise DownloadError(f"{s}: no file after '='; write CLASS=FILE, e.g. grizzly=urls_grizzly.txt")
+        p = Path(file.strip())
+    else:
+        m = _URL_FILE_RE.fullmatch(p.name)
+        if not m:
+            raise DownloadError(
+                f"{s}: cannot tell the class from this file name; name it urls_<class>.txt "
+                f"or write CLASS=FILE (e.g. grizzly={s})"
+            )
+        cls = _check_class_name(m.group("cls"), s)
+    if not p.is_file():
+        raise DownloadError(f"{p}: URL file not found (from {s!r}); check the path")
+    return cls, p
+
+
+def load_url_lists(url_files: Mapping[str, Any] | Iterable[str | Path]) -> dict[str, list[str]]:
+    """Resolve every accepted input form to {class: [urls]}, failing early on a bad or empty list."""
+    if isinstance(url_files, Mapping):
+        pairs: list[tuple[str, Any]] = [(_check_class_name(str(k), str(k)), v) for k, v in url_files.items()]
+    else:
+        pairs = [parse_source(s) for s in url_files]
+    if not pairs:
+        raise DownloadError("no URL lists given; pass urls_<class>.txt files or CLASS=FILE pairs")
+    out: dict[str, list[str]] = {}
+    for cls, src in pairs:
+        if isinstance(src, (str, Path)):
+            urls = parse_url_file(src)
+            where = str(src)
+        else:
+            urls = [u for u in (clean_url_line(str(x)) for x in src) if u]
+            where = f"the URL list for {cls}"
+        if not urls:
+            raise DownloadError(
+                f"{where}: no URLs found; expected one URL per line or a CSV with a 'url' column"
+            )
+        merged = out.setdefault(cls, [])  # the same class given twice: one list, no repeats
+        known = set(merged)
+        for u in urls:
+            if u not in known:
+                known.add(u)
+                merged.append(u)
+    return out

@@ -1,0 +1,129 @@
+"""The cleaner's one pass of the model over the data: every item's probabilities, loss, embedding and hash."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+
+from ursa.errors import DataError, ImageError
+from ursa.inference.onnx import onnx_features
+from ursa.vision.images import open_image
+from ursa.vision.transforms import decode_size, eval_transform, pil_to_tensor, resize_short
+
+
+@dataclass
+class Scores:
+    """What one pass of the model says about every item: probabilities, loss, embedding, hash."""
+
+    names: list[str]
+    labels: np.ndarray  # [N] int, index into classes
+    classes: list[str]
+    probs: np.ndarray  # [N, C] float32, NaN rows for unreadable items
+    loss: np.ndarray  # [N] float32, NaN for unreadable items
+    emb: np.ndarray  # [N, F] float32 pooled body features, zeros for unreadable items
+    sha256: list[str]  # "" when the file could not be read at all
+    unreadable: dict[int, str] = field(default_factory=dict)
+    pool: str = "avg"  # "concat": emb is [max-pool, avg-pool] side by side
+
+    @property
+    def avg_emb(self) -> np.ndarray:
+        """The average-pooled half: better (and faster) for the out-of-fold classifier than max+avg."""
+        return self.emb[:, self.emb.shape[1] // 2:] if self.pool == "concat" else self.emb
+
+    @property
+    def readable(self) -> np.ndarray:
+        """False for items that did not decode: they have no probabilities or embedding."""
+        ok = np.ones(len(self.names), dtype=bool)
+        ok[list(self.unreadable)] = False
+        return ok
+
+    @property
+    def pred(self) -> np.ndarray:
+        """Predicted class per item, -1 when unreadable."""
+        p = np.where(np.isnan(self.probs), -np.inf, self.probs)
+        out = p.argmax(1)
+        out[~self.readable] = -1
+        return out
+
+
+def class_map(data_classes: Sequence[str], model_classes: Sequence[str]) -> list[int]:
+    """Column of each data class in the model's output; the model must know every data class."""
+    missing = [c for c in data_classes if c not in model_classes]
+    if missing:
+        raise DataError(
+            f"the model was trained on classes {', '.join(model_classes)} but the data has "
+            f"{', '.join(missing)} too; train a model on this data first (`ursa train DATA`)"
+        )
+    return [list(model_classes).index(c) for c in data_classes]
+
+
+def read_item(path: Path, short_side: int, tfm: Callable) -> tuple[Any, str, str]:
+    """(tensor or None, sha256 of the file's bytes, reason when unreadable); reads each file once."""
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        return None, "", f"missing: cannot read file ({e.strerror or e})"
+    digest = hashlib.sha256(data).hexdigest()
+    try:
+        im = open_image(data, min_size=short_side)
+    except ImageError as e:
+        return None, digest, f"{e.kind}: {e.reason}"
+    return tfm(pil_to_tensor(resize_short(im, short_side))), digest, ""
+
+
+def score_dataset(ds: Any, model: Any, meta: Any, bs: int = 64, progress: Callable[[int], None] | None = None,
+                  workers: int | None = None) -> Scores:
+    """One batched eval-mode pass (features, then head): probabilities, losses, embeddings of every item."""
+    cols = class_map(ds.classes, meta.classes)
+    size = int(meta.input_size)
+    short = decode_size(size)  # the same preprocessing as the validation set in training
+    tfm = eval_transform(size, meta.mean, meta.std)
+    model = model.eval().to(memory_format=torch.channels_last)
+    fast = onnx_features(model, size)  # 2.4x faster than eager torch here (bears); None: torch
+
+    n = len(ds)
+    n_feat = model.head_cfg.n_features * (2 if model.head_cfg.pool == "concat" else 1)
+    probs = np.full((n, len(ds.classes)), np.nan, dtype=np.float32)
+    emb = np.zeros((n, n_feat), dtype=np.float32)
+    hashes = [""] * n
+    unreadable: dict[int, str] = {}
+    workers = workers or min(4, (os.cpu_count() or 1) + 1)
+    chunks = [list(range(i, min(i + bs, n))) for i in range(0, n, bs)]
+
+    def decode(chunk: list[int]) -> list:
+        return [pool.submit(read_item, ds.files[i], short, tfm) for i in chunk]
+
+    with ThreadPoolExecutor(workers) as pool, torch.inference_mode():
+        pending = decode(chunks[0]) if chunks else []
+        for k, chunk in enumerate(chunks):
+            results = [f.result() for f in pending]
+            pending = decode(chunks[k + 1]) if k + 1 < len(chunks) else []  # decode ahead while the model runs
+            good, xs = [], []
+            for i, (x, digest, reason) in zip(chunk, results):
+                hashes[i] = digest
+                if x is None:
+                    unreadable[i] = reason
+                else:
+                    good.append(i)
+                    xs.append(x)
+            if xs:
+                xb = torch.stack(xs).contiguous(memory_format=torch.channels_last)
+                f = model.features(xb) if fast is None else fast(xb)
+                p = model.head(f).float().softmax(1)[:, cols]
+                p = p / p.sum(1, keepdim=True).clamp_min(1e-12)
+                probs[good] = p.numpy()
+                emb[good] = f.float().numpy()
+            if progress:
+                progress(len(chunk))
+    labels = np.asarray(ds.labels, dtype=np.int64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        loss = -np.log(np.clip(probs[np.arange(n), labels], 1e-12, 1.0)).astype(np.float32)
+    return Scores([ds.rel(i) for i in range(n)], labels, list(ds.classes), probs, loss, emb, hashes, unreadable,
+                  model.head_cfg.pool)

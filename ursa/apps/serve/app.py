@@ -1,0 +1,187 @@
+"""The production app: the lesson's "chuck it up in a Starlette web API", made safe to run.
+
+The model is loaded once per process (``create_app``; ``app_from_env`` for uvicorn's factory
+mode with several workers). Images are decoded by ``images.open_image`` (the one definition of
+a readable image) in a thread pool and forwarded on one dedicated inference thread, so the event
+loop never blocks. The routes are plain functions that find the model and its threads on
+``request.app.state``. Client mistakes get a JSON ``{"error": ...}`` with a 4xx status, never a
+5xx. See docs/serve.md for the routes, limits and measurements.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from pathlib import Path
+from typing import Any, AsyncIterator
+
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from ursa.apps.serve.batching import MicroBatcher, ThreadPool
+from ursa.apps.serve.body import (ApiError, close_form, image_error, is_multipart, is_urlencoded, parse_form, read_body,
+                                  upload_bytes)
+from ursa.apps.serve.config import MAX_BATCH_FILES, ServeConfig
+from ursa.apps.web import Assets, asset, error_response
+from ursa.errors import ImageError, UrsaError
+from ursa.inference.predictor import Prediction, Predictor, default_threads, load_predictor
+from ursa.vision.images import sniff_format
+
+log = logging.getLogger("ursa.apps.serve")
+
+PAGE_FILES = ("serve.html", "serve.js", "serve.css")
+STATIC_FILES = ("serve.js", "serve.css")  # what /static/{name} sends; the page itself is at /
+IMG_SRC = "'self' blob: data:"  # the page previews the chosen file from a blob: URL
+
+
+async def predict_one(request: Request, data: bytes) -> Prediction:
+    """Decode on the decode pool, then wait for a place in a micro-batch on the inference thread."""
+    state = request.app.state
+    try:
+        x = await state.decode_pool.run(state.predictor.preprocess, data)
+    except ImageError as e:
+        raise image_error(e) from None
+    return await state.batcher.submit(x)
+
+
+async def static_file(request: Request) -> Response:
+    """The page's script and style sheet; any other name is a 404, never a path on disk."""
+    name = request.path_params["name"]
+    if name not in STATIC_FILES:
+        return error_response(404, f"no such file: /static/{name}")
+    return request.app.state.assets.response(name)
+
+
+async def health(request: Request) -> Response:
+    """For load balancers and scripts: the process is up and has its model."""
+    return JSONResponse({"status": "ok", "backend": request.app.state.info["backend"]})
+
+
+async def model(request: Request) -> Response:
+    """What the model is (classes, architecture, metrics) and the server's limits."""
+    return JSONResponse(request.app.state.info)
+
+
+async def predict(request: Request) -> Response:
+    """One image, as the raw body or as multipart field 'file'."""
+    try:
+        body = await read_body(request, request.app.state.config.max_bytes)
+        if is_multipart(request):
+            form = await parse_form(request, body)
+            try:
+                files = form.getlist("file")
+                if not files:
+                    got = ", ".join(sorted(set(form.keys()))) or "nothing"
+                    hint = " (use /predict/batch for several files)" if "files" in form else ""
+                    raise ApiError(422, f"no form field 'file' (got {got}); upload the image as field 'file'{hint}")
+                if len(files) > 1:
+                    raise ApiError(422, "several 'file' fields: send one image here, or use /predict/batch with field 'files'")
+                _, data = await upload_bytes(files[0], "file")
+            finally:
+                await close_form(form)
+        else:
+            data = body
+            if not data:
+                raise ApiError(422, "empty request: send an image as the body or as multipart field 'file'")
+            if is_urlencoded(request) and sniff_format(data[:16]) is None:
+                # curl --data-binary sends images with this type; a real url-encoded form has no file.
+                raise ApiError(422, "a url-encoded form cannot carry a file: upload the image as multipart field 'file'")
+        result = await predict_one(request, data)
+    except ApiError as e:
+        return error_response(e.status, e.message)
+    except ClientDisconnect:
+        return Response(status_code=400)
+    return JSONResponse(result.to_json())
+
+
+async def predict_batch(request: Request) -> Response:
+    """Several images as multipart fields 'files'; each answer or error in order, so one bad file spoils nothing."""
+    try:
+        body = await read_body(request, request.app.state.config.max_bytes)
+        if not is_multipart(request):
+            raise ApiError(422, "send the images as multipart form fields named 'files'")
+        form = await parse_form(request, body)
+        try:
+            values = form.getlist("files")
+            if not values:
+                got = ", ".join(sorted(set(form.keys()))) or "nothing"
+                raise ApiError(422, f"no form field 'files' (got {got}); upload each image as a field named 'files'")
+            if len(values) > MAX_BATCH_FILES:
+                raise ApiError(422, f"{len(values)} files: at most {MAX_BATCH_FILES} per request")
+            uploads = [await upload_bytes(v, "files") for v in values]
+        finally:
+            await close_form(form)
+    except ApiError as e:
+        return error_response(e.status, e.message)
+    except ClientDisconnect:
+        return Response(status_code=400)
+
+    async def one(name: str, data: bytes) -> dict[str, Any]:
+        try:
+            return {"file": name, **(await predict_one(request, data)).to_json()}
+        except ApiError as e:
+            return {"file": name, "error": e.message, "status": e.status}
+
+    return JSONResponse(list(await asyncio.gather(*(one(n, d) for n, d in uploads))))
+
+
+async def http_error(request: Request, exc: Exception) -> Response:
+    """Starlette's own 404/405 as the same JSON error as every other mistake."""
+    assert isinstance(exc, HTTPException)
+    return error_response(exc.status_code, str(exc.detail))
+
+
+async def server_error(request: Request, exc: Exception) -> Response:
+    """A bug: logged with its traceback, answered with one line and no details."""
+    log.exception("unexpected error on %s %s", request.method, request.url.path)
+    return error_response(500, "internal error (a bug in ursa serve; see the server log)")
+
+
+@contextlib.asynccontextmanager
+async def lifespan(app: Starlette) -> AsyncIterator[None]:
+    """Stop the app's threads when the server shuts down."""
+    yield
+    app.state.batcher.shutdown()
+    app.state.decode_pool.shutdown()
+
+
+ROUTES = [
+    Route("/", asset("serve.html"), methods=["GET"]),
+    Route("/static/{name}", static_file, methods=["GET"]),
+    Route("/health", health, methods=["GET"]),
+    Route("/model", model, methods=["GET"]),
+    Route("/predict", predict, methods=["POST"]),
+    Route("/predict/batch", predict_batch, methods=["POST"]),
+]
+
+
+def create_app(model_path: str | Path | None = None, *, config: ServeConfig | None = None,
+               predictor: Predictor | None = None, **settings: Any) -> Starlette:
+    """The web app around one model, loaded now (once per process), ready for uvicorn or TestClient."""
+    if config is None:
+        if model_path is None:
+            raise UrsaError("create_app needs a model path")
+        config = ServeConfig(model=Path(model_path), **settings)
+    pred = predictor or load_predictor(config.model, backend=config.backend, threads=config.threads, bf16=config.bf16)
+    threads = config.threads or default_threads()
+    # onnxruntime has its own intra-op pool: torch on the inference thread only stacks and softmaxes.
+    infer_pool = ThreadPool(1, threads if pred.backend == "torch" else 1, "ursa-infer")
+    app = Starlette(routes=ROUTES, lifespan=lifespan,
+                    exception_handlers={HTTPException: http_error, Exception: server_error})
+    app.state.config, app.state.predictor = config, pred
+    app.state.batcher = MicroBatcher(pred.predict_tensors, max_batch=config.max_batch,
+                                     wait_ms=config.batch_wait_ms, pool=infer_pool)
+    app.state.decode_pool = ThreadPool(max(2, default_threads()), 1, "ursa-decode")
+    app.state.info = {**pred.describe(), "max_bytes": config.max_bytes, "max_batch_files": MAX_BATCH_FILES,
+                      "micro_batch": config.max_batch}
+    app.state.assets = Assets(PAGE_FILES, img_src=IMG_SRC)
+    return app
+
+
+def app_from_env() -> Starlette:
+    """uvicorn factory for --workers > 1: each worker process loads the model once from the env settings."""
+    return create_app(config=ServeConfig.from_env())

@@ -1,0 +1,105 @@
+"""Request bodies for `ursa serve`: read within a size limit, parse forms, and say what was wrong with them.
+
+Bodies are bounded twice: by Content-Length before reading and by counting bytes while
+streaming. Every mistake is an ``ApiError``: a 4xx status and one line saying what to do instead.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+
+from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException
+from starlette.formparsers import MultiPartException
+from starlette.requests import Request
+
+from ursa.errors import ImageError
+from ursa.util.numbers import human_bytes
+
+# What each way an upload can fail to be an image means for the client.
+IMAGE_STATUS = {"empty": 422, "not_image": 415, "unsupported": 415, "truncated": 400, "corrupt": 400,
+                "too_large": 400, "missing": 422}
+
+
+class ApiError(Exception):
+    """A client mistake: its HTTP status and one line saying what to do instead."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status, self.message = status, message
+
+
+async def read_body(request: Request, max_bytes: int) -> bytes:
+    """The whole body, refused with 413 as soon as it is known to be over max_bytes."""
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        if not declared.strip().isdigit():
+            raise ApiError(400, "Content-Length is not a number")
+        if int(declared) > max_bytes:
+            raise ApiError(413, f"request body of {human_bytes(int(declared))} is over the limit of "
+                                f"{human_bytes(max_bytes)}; send a smaller image (or start the server with a larger --max-bytes)")
+    buf = bytearray()
+    async for chunk in request.stream():
+        buf += chunk
+        if len(buf) > max_bytes:
+            raise ApiError(413, f"request body is over the limit of {human_bytes(max_bytes)}; send a smaller image "
+                                "(or start the server with a larger --max-bytes)")
+    return bytes(buf)
+
+
+def content_type(request: Request) -> str:
+    """The media type of the body, lower case, without parameters."""
+    return request.headers.get("content-type", "").split(";")[0].strip().lower()
+
+
+def is_multipart(request: Request) -> bool:
+    """Whether the body is a multipart form (an upload from a page or `curl -F`)."""
+    return content_type(request).startswith("multipart/")
+
+
+def is_urlencoded(request: Request) -> bool:
+    """Whether the body claims to be a url-encoded form (what `curl --data-binary` sends by default)."""
+    return content_type(request) == "application/x-www-form-urlencoded"
+
+
+async def parse_form(request: Request, body: bytes) -> Any:
+    """Multipart form from an already size-checked body (replayed, so nothing is read twice)."""
+    sent = False
+
+    async def replay() -> dict[str, Any]:
+        nonlocal sent
+        if sent:
+            return {"type": "http.disconnect"}
+        sent = True
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    scope = {k: v for k, v in request.scope.items() if k != "app"}  # errors come back as exceptions
+    try:
+        return await Request(scope, replay).form(max_files=1000, max_fields=1000)
+    except (MultiPartException, HTTPException) as e:
+        raise ApiError(400, f"malformed multipart body ({getattr(e, 'message', None) or getattr(e, 'detail', e)})") from None
+    except (ValueError, KeyError, UnicodeDecodeError, AssertionError) as e:
+        raise ApiError(400, f"malformed multipart body ({type(e).__name__})") from None
+
+
+async def upload_bytes(value: Any, field: str) -> tuple[str, bytes]:
+    """(file name, bytes) of one uploaded form field; a text field is a 422."""
+    if not isinstance(value, UploadFile):
+        raise ApiError(422, f"form field {field!r} must be a file upload, not text")
+    data = await value.read()
+    await value.close()
+    return value.filename or "upload", data
+
+
+async def close_form(form: Any) -> None:
+    """Release a form's spooled files, whatever state parsing left them in."""
+    with contextlib.suppress(Exception):
+        await form.close()
+
+
+def image_error(e: ImageError) -> ApiError:
+    """Map why an upload is not a usable image to a status and a message for the client."""
+    status = IMAGE_STATUS.get(e.kind, 400)
+    hint = {415: "; send a JPEG, PNG, GIF, WEBP, BMP or TIFF image", 422: "; choose an image file to upload"}.get(status, "")
+    return ApiError(status, f"{e.reason}{hint}")

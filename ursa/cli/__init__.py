@@ -1,0 +1,90 @@
+"""Thin glue: parse arguments, call one function, map errors to exit codes.
+
+Exit codes: 0 success; 1 the job ran but failed; 2 bad input or usage (one clear line on
+stderr, no traceback); 3 training stopped because it diverged. The app is built from a list of
+commands, one module per stage; heavy imports (torch, timm) happen inside commands, so
+``ursa --help`` is instant.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Callable
+
+import typer
+
+from ursa.cli.acquire import download_cmd, verify_cmd
+from ursa.cli.clean import clean_cmd
+from ursa.cli.deploy import export_cmd, predict_cmd, serve_cmd
+from ursa.cli.lesson import sgd_cmd
+from ursa.cli.train import interpret_cmd, lr_find_cmd, train_cmd
+from ursa.errors import UrsaError
+
+COMMANDS: list[tuple[str, Callable]] = [
+    ("download", download_cmd),
+    ("verify", verify_cmd),
+    ("lr-find", lr_find_cmd),
+    ("train", train_cmd),
+    ("interpret", interpret_cmd),
+    ("clean", clean_cmd),
+    ("predict", predict_cmd),
+    ("export", export_cmd),
+    ("serve", serve_cmd),
+    ("sgd", sgd_cmd),
+]
+
+
+def build_app() -> typer.Typer:
+    """The Typer app, from the list of commands."""
+    app = typer.Typer(
+        name="ursa",
+        help="Build your own image classifier from your own pictures: download, verify, train, "
+        "interpret, clean, export and serve. Works offline on a laptop CPU.",
+        no_args_is_help=True,
+        add_completion=False,
+        pretty_exceptions_enable=False,
+        rich_markup_mode=None,
+    )
+    for name, fn in COMMANDS:
+        app.command(name)(fn)
+    return app
+
+
+app = build_app()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the CLI; a UrsaError becomes one line on stderr and its exit code, never a traceback."""
+    import logging
+
+    logging.basicConfig(format="%(levelname)s: %(message)s", level=logging.WARNING)
+    try:
+        # Without standalone mode click returns a command's typer.Exit code instead of exiting.
+        result = app(args=argv, standalone_mode=False)
+    except UrsaError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return e.exit_code
+    except typer.Exit as e:
+        return e.exit_code
+    except typer.Abort:
+        print("aborted", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:
+        # Usage errors from click (typer may vendor its own copy, so test by shape, not class).
+        if hasattr(e, "show") and hasattr(e, "exit_code") and type(e).__module__.split(".")[0] in ("click", "typer"):
+            e.show()
+            return 2 if e.exit_code not in (0, 1) else e.exit_code or 2
+        raise
+    return result if isinstance(result, int) else 0
+
+
+def entry() -> None:
+    """The `ursa` console script."""
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    entry()

@@ -1,0 +1,50 @@
+"""`ursa clean`: rank likely label errors and duplicates, decide in the browser."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from ursa.cli.common import CsvOpt, DataArg, Quiet
+
+
+def clean_cmd(
+    data: DataArg,
+    model: Annotated[Path, typer.Option("--model", "-m", help="model.safetensors written by `ursa train`.")],
+    csv: CsvOpt = None,
+    port: Annotated[int, typer.Option("--port", min=1, max=65535, help="Port of the local cleaner page.")] = 8765,
+    host: Annotated[str, typer.Option("--host", help="Address to listen on (default: this computer only).")] = "127.0.0.1",
+    no_browser: Annotated[bool, typer.Option("--no-browser", help="Do not open a browser; print the address.")] = False,
+    export: Annotated[Optional[Path], typer.Option("--export", help="Write the rankings as CSV files into DIR and exit (no page).", metavar="DIR")] = None,
+    threshold: Annotated[float, typer.Option("--threshold", min=0.0, max=1.0, help="Cosine similarity above which two images are near-duplicates (measured on bears: docs/clean.md).")] = 0.88,
+    quiet: Quiet = False,
+) -> None:
+    """Find top losses, likely label errors and duplicates; keep, exclude or relabel them in your browser.
+
+    Decisions are saved to DATA/cleaned.csv and DATA/clean_log.csv as you make them; no image is ever
+    moved or deleted. Retrain with `ursa train DATA --csv DATA/cleaned.csv`.
+    """
+    import time
+
+    from ursa.apps import clean
+    from ursa.util.net import check_port
+
+    t0 = time.perf_counter()
+    if export is None and host not in ("127.0.0.1", "localhost", "::1"):
+        typer.echo(f"warning: listening on {host}: anyone who can reach this computer can see your images", err=True)
+    if export is None:  # fail before the slow pass, not after it
+        check_port(host, port)
+        if data.is_dir():
+            clean.check_writable(data, csv)
+    took: dict[str, float] = {}
+    ds, scores, ranks = clean.prepare(data, model, csv, threshold=threshold, quiet=quiet, timings=took)
+    typer.echo(clean.summary_line(scores, ranks))
+    if export is not None:
+        files = clean.export_rankings(export, scores, ranks)
+        typer.echo(f"wrote {', '.join(str(p) for p in files.values())} in {time.perf_counter() - t0:.1f} s "
+                   f"(model pass {took['model_pass']:.1f} s, rankings {took['rankings']:.1f} s)")
+        return
+    session = clean.start_session(ds, scores, ranks, model_name=str(model), csv_path=csv)
+    clean.serve(session, host, port, open_browser=not no_browser, echo=typer.echo)

@@ -1,0 +1,179 @@
+"""`ursa train`, `ursa lr-find` and `ursa interpret`: options -> one TrainConfig -> one function call."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+
+from ursa.cli.common import CsvOpt, DataArg, Quiet, default, parse_slice
+from ursa.training.config import TrainConfig, read_run_config
+from ursa.util.files import check_outside
+
+ArchOpt = Annotated[Optional[str], typer.Option("--arch", help=f"efficientnet_lite0/1/2 (offline) or a timm name [default: {default('arch')}].")]
+SizeOpt = Annotated[Optional[int], typer.Option("--size", help="Input size in pixels (32-1024) [default: the architecture's].")]
+BsOpt = Annotated[Optional[int], typer.Option("--bs", help=f"Batch size [default: {default('bs')}].")]
+ValidOpt = Annotated[Optional[float], typer.Option("--valid-pct", help=f"Share of images held out for validation [default: {default('valid_pct')}].")]
+SeedOpt = Annotated[Optional[int], typer.Option("--seed", help=f"Seed of training (and of the split, unless --split-seed) [default: {default('seed')}].")]
+
+
+def make_config(data: Path, base_run: Path | None, **options: Any) -> TrainConfig:
+    """The run's config: TrainConfig's defaults (or a earlier run's config.json), then the options given."""
+    given = {k: v for k, v in options.items() if v is not None}
+    if base_run is not None:
+        base = read_run_config(base_run)
+        if base is None:
+            from ursa.errors import UrsaError
+
+            raise UrsaError(f"--config {base_run}: no config.json there; give a run folder written by `ursa train`")
+        base.pop("out", None)
+        return TrainConfig.from_json(base, data=data, **given)
+    return TrainConfig(data=data, **given)
+
+
+def train_cmd(
+    data: DataArg,
+    csv: CsvOpt = None,
+    out: Annotated[Optional[Path], typer.Option("--out", help=f"Run folder for the model file, history and plots [default: {default('out')}].")] = None,
+    config: Annotated[Optional[Path], typer.Option("--config", help="Start from the settings of an earlier run (its folder or config.json); options given here win.")] = None,
+    arch: ArchOpt = None,
+    pretrained: Annotated[Optional[bool], typer.Option("--pretrained/--no-pretrained", help="Start from ImageNet weights [default: pretrained].")] = None,
+    size: SizeOpt = None,
+    valid_pct: ValidOpt = None,
+    seed: SeedOpt = None,
+    split_seed: Annotated[Optional[int], typer.Option("--split-seed", help="Seed of the validation split [default: --seed].")] = None,
+    epochs: Annotated[Optional[int], typer.Option("--epochs", help=f"Frozen epochs (head only) [default: {default('epochs')}].")] = None,
+    lr: Annotated[Optional[float], typer.Option("--lr", help=f"Max learning rate of the frozen stage [default: {default('lr')}].")] = None,
+    unfreeze_epochs: Annotated[Optional[int], typer.Option("--unfreeze-epochs", help="Epochs of fine-tuning everything afterwards (the lesson uses 2; off by default: on the bears set it cost 3x the time and did not lower the error) [default: 0].")] = None,
+    unfreeze_lr: Annotated[Optional[str], typer.Option("--unfreeze-lr", help="LO,HI learning rates for early and late layers while fine-tuning [default: lr/100,lr/10].")] = None,
+    unfreeze_size: Annotated[Optional[int], typer.Option("--unfreeze-size", help="Fine-tune at this smaller input size (progressive resizing; cheaper) [default: --size].")] = None,
+    bf16: Annotated[Optional[bool], typer.Option("--bf16/--no-bf16", help="bfloat16 autocast while fine-tuning (less memory; slower on many CPUs) [default: off].")] = None,
+    bn_stats_frozen: Annotated[Optional[bool], typer.Option("--bn-stats-frozen/--bn-stats-train", help="Keep the body's BatchNorm statistics fixed while fine-tuning [default: train them].")] = None,
+    bs: BsOpt = None,
+    wd: Annotated[Optional[float], typer.Option("--wd", help=f"AdamW weight decay [default: {default('wd')}].")] = None,
+    label_smoothing: Annotated[Optional[float], typer.Option("--label-smoothing", help="Label smoothing of the loss, 0 to <1 [default: 0].")] = None,
+    cache: Annotated[Optional[bool], typer.Option("--cache/--no-cache", help="Train the frozen stage on cached body features (fast) [default: cache].")] = None,
+    views: Annotated[Optional[int], typer.Option("--views", help="Augmented views of each image in the feature cache, cycled over the epochs (2 is ~1.9x faster on the bears set, one more error in 189) [default: one per epoch].")] = None,
+    bf16_features: Annotated[Optional[bool], typer.Option("--bf16-features/--no-bf16-features", help="bfloat16 autocast for the feature cache's body pass (torch engine only) [default: off].")] = None,
+    quiet: Quiet = False,
+) -> None:
+    """Fine-tune a pretrained network on your images: frozen one-cycle (then unfreeze, if asked)."""
+    from ursa.training.recipe import train
+
+    cfg = make_config(
+        data, config, out=out, csv=csv, arch=arch, pretrained=pretrained, size=size, valid_pct=valid_pct, seed=seed,
+        split_seed=split_seed, epochs=epochs, lr=lr, unfreeze_epochs=unfreeze_epochs,
+        unfreeze_lr=parse_slice(unfreeze_lr), unfreeze_size=unfreeze_size, bf16=bf16, bn_stats_frozen=bn_stats_frozen,
+        bs=bs, wd=wd, label_smoothing=label_smoothing, cache=cache, views=views, bf16_features=bf16_features,
+        quiet=quiet or None,
+    )
+    res = train(cfg)
+    m = res.metrics
+    typer.echo(
+        f"error_rate {m['error_rate']:.4f} (accuracy {m['accuracy']:.4f}) on {res.n_valid} validation images; "
+        f"{res.seconds:.0f} s, peak memory {res.peak_rss_mb:.0f} MB"
+    )
+    typer.echo(f"model: {res.model_path}")
+    if res.files is not None and res.files.best is not None:
+        typer.echo(f"best epoch's weights: {res.files.best}")
+    typer.echo(f"history: {res.out / 'history.csv'}, plots: losses.png, lr.png, metrics.png; settings: config.json")
+    found = res.files.advice if res.files is not None else []
+    for a in found:
+        typer.echo(f"advice: {a.text()}")
+    if not found:
+        typer.echo("advice: no failure mode detected (too high/too low learning rate, too few/too many epochs)")
+    typer.echo(f"report: {res.out / 'report.html'} (advice.txt, report.json)")
+
+
+def lr_find_cmd(
+    data: DataArg,
+    out: Annotated[Path, typer.Option("--out", help="Folder for lr_find.png and lr_find.json.")] = Path("runs/lr-find"),
+    csv: CsvOpt = None,
+    arch: ArchOpt = None,
+    size: SizeOpt = None,
+    unfrozen: Annotated[bool, typer.Option("--unfrozen", help="Sweep the whole network, as for fine-tuning (after --head-epochs of training the head), instead of the head alone.")] = False,
+    head_epochs: Annotated[int, typer.Option("--head-epochs", min=0, help="With --unfrozen: train the head this many epochs first, as the lesson does before unfreezing.")] = 1,
+    lr: Annotated[Optional[float], typer.Option("--lr", help=f"With --unfrozen: learning rate of those head epochs [default: {default('lr')}].")] = None,
+    bs: BsOpt = None,
+    valid_pct: ValidOpt = None,
+    seed: SeedOpt = None,
+    json_out: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
+    quiet: Quiet = False,
+) -> None:
+    """Find a learning rate: sweep it from 1e-7 to 10 over 100 batches and suggest one (lr_find.png)."""
+    import json
+
+    from ursa.training.recipe import build_learner
+    from ursa.util.files import atomic_write_text
+
+    cfg = make_config(data, None, out=out, csv=csv, arch=arch, size=size, bs=bs, valid_pct=valid_pct, seed=seed, lr=lr,
+                      quiet=quiet or None)
+    learn, _ = build_learner(cfg)
+    learn.freeze()
+    if unfrozen:
+        if head_epochs:
+            learn.fit_one_cycle(head_epochs, cfg.lr)
+        learn.unfreeze()
+    out.mkdir(parents=True, exist_ok=True)
+    res = learn.lr_find(plot=out / "lr_find.png")
+    atomic_write_text(out / "lr_find.json", json.dumps(res.to_dict(), indent=1) + "\n")
+    if json_out:
+        typer.echo(json.dumps({k: v for k, v in res.to_dict().items() if k not in ("lrs", "losses", "smoothed")}))
+        return
+    how = "whole network" if unfrozen else "head only" + (", on cached body features" if res.cached else "")
+    typer.echo(f"lr_find ({how}): {len(res.lrs)} batches, lr {res.lrs[0]:.0e} to {res.lrs[-1]:.1e}"
+               + (" (stopped: the loss blew up)" if res.stopped_early else ""))
+    typer.echo(f"suggested learning rate: {res.suggestion:.1e} (valley)")
+    for line in res.explain():
+        typer.echo(f"  {line}")
+    s = res.suggestion
+    use = f"--unfreeze-lr {s / 100:.0e},{s:.0e}" if unfrozen else f"--lr {s:.0e}"
+    typer.echo(f"use it: ursa train {data} {use}")
+    typer.echo(f"plot: {out / 'lr_find.png'}")
+
+
+def interpret_cmd(
+    model: Annotated[Path, typer.Argument(help="model.safetensors written by `ursa train`.")],
+    data: Annotated[Path, typer.Argument(help="The data folder the model was trained on.")],
+    out: Annotated[Path, typer.Option("--out", help="Folder for report.html, report.json and the plots.")],
+    all_images: Annotated[bool, typer.Option("--all", help="Every image in DATA, not only the validation set (before cleaning, as the lesson does).")] = False,
+    csv: Annotated[Optional[Path], typer.Option("--csv", help="CSV of name,label relative to DATA (fastai's cleaned.csv) for the labels.")] = None,
+    top: Annotated[int, typer.Option("--top", min=0, help="Top losses shown as pictures.")] = 12,
+    min_val: Annotated[int, typer.Option("--min-val", min=1, help="Most-confused pairs with at least this many images.")] = 1,
+    json_out: Annotated[bool, typer.Option("--json", help="Print report.json instead of the summary.")] = False,
+    quiet: Quiet = False,
+) -> None:
+    """Confusion matrix, most confused classes, precision/recall and top losses, as report.html/json."""
+    from rich.console import Console
+
+    from ursa.diagnose.advice import History
+    from ursa.diagnose.interpret import interpret_model
+    from ursa.diagnose.report import run_plots, write_report
+    from ursa.util.progress import progress_bar
+
+    check_outside(out, data)
+    console = Console(stderr=True, quiet=quiet)
+    with progress_bar(console, quiet) as prog:
+        task = prog.add_task("predicting", total=None)
+        interp = interpret_model(model, data, all_images=all_images, csv_path=csv,
+                                 progress=lambda k, n: prog.update(task, completed=k, total=n))
+    run = model.parent
+    hist = History.read_csv(run / "history.csv") if (run / "history.csv").is_file() else None
+    info = {"title": "ursa interpretation", "model": str(model), "data": str(data),
+            "set": "every image" if all_images else "validation set" + (" (split.csv)" if (run / "split.csv").is_file() and csv is None else "")}
+    files = write_report(out, interp, hist, run_plots(run), info, k=top)
+    if json_out:
+        typer.echo(files["json"].read_text())
+        return
+    what = "images" if all_images else "validation images"
+    typer.echo(f"error rate {interp.error_rate:.4f} on {len(interp)} {what}"
+               + (f"; {len(interp.skipped)} skipped (unreadable or missing)" if interp.skipped else ""))
+    typer.echo(interp.confusion_text())
+    mc = interp.most_confused(min_val)
+    typer.echo("most confused (actual -> predicted): " + (", ".join(f"{a} -> {p} ({n})" for a, p, n in mc) or "none"))
+    for c, m in interp.per_class().items():
+        typer.echo(f"  {c}: precision {m['precision']:.3f}, recall {m['recall']:.3f} ({m['support']} images)")
+    for name, why in interp.skipped[:10]:
+        typer.echo(f"skipped {name}: {why}", err=True)
+    typer.echo(f"report: {files['html']} (and {files['json'].name})")

@@ -1,0 +1,226 @@
+"""Callbacks: everything the training loop does besides forward, backward and step.
+
+The loop (``Learner.run``) fires named events, fastai's: ``before_fit``, ``before_epoch``,
+``before_batch``, ``after_loss``, ``after_step``, ``after_batch``, ``after_epoch``, ``after_fit``
+(and ``after_cancel_batch/epoch/fit`` when a callback raises the matching cancel exception).
+Callbacks run in ``order``; each method receives the learner. ``after_fit`` always runs, also
+when an error stops the fit, so a callback can clean up there.
+
+The learner always has: ``ProgressCallback`` (bar with rate and ETA), ``Recorder`` (per-batch
+loss and LR, one row per epoch), ``EpochTable`` (fastai's table), ``DivergenceGuard`` (the one
+owner of "diverged"), ``BestWeights`` (the one owner of "best epoch") and ``AdvicePrinter``
+(says a failure mode as soon as it shows).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import TYPE_CHECKING, Any
+
+from ursa.diagnose.advice import DURING_TRAINING, RULES, History, advise, diverged
+from ursa.errors import DivergedError
+from ursa.util.files import csv_text
+from ursa.util.numbers import smooth_last
+from ursa.util.progress import progress_bar
+
+if TYPE_CHECKING:  # a callback only ever receives the learner
+    from rich.progress import Progress
+
+HISTORY_COLUMNS = ["epoch", "stage", "train_loss", "valid_loss", "error_rate", "accuracy", "seconds"]
+
+
+class CancelBatchException(Exception):
+    """Skip the rest of this batch (no step); after_cancel_batch, then after_batch, fire."""
+
+
+class CancelEpochException(Exception):
+    """Skip the rest of this epoch; after_cancel_epoch, then after_epoch, fire."""
+
+
+class CancelFitException(Exception):
+    """End the fit now (the message, if any, is shown as the reason); after_cancel_fit, then after_fit, fire."""
+
+
+class Callback:
+    """Base class: override the events you need; lower ``order`` runs first."""
+
+    order = 50
+
+    def __call__(self, event: str, learn: Any) -> None:
+        method = getattr(self, event, None)
+        if method is not None:
+            method(learn)
+
+
+class ProgressCallback(Callback):
+    """A progress bar per epoch, with the loss, rate and ETA; nothing when quiet."""
+
+    order = 0
+
+    def __init__(self) -> None:
+        self.bar: Progress | None = None
+        self.task: Any = None
+
+    def before_epoch(self, learn: Any) -> None:
+        self.close()
+        self.bar = progress_bar(learn.console, learn.config.quiet)
+        self.bar.start()
+        self.desc = f"{learn.stage} epoch {learn.epoch_in_fit + 1}/{learn.n_epoch}"
+        self.task = self.bar.add_task(self.desc, total=learn.n_iter)
+
+    def after_batch(self, learn: Any) -> None:
+        if self.bar is not None:
+            self.bar.update(self.task, advance=1, description=f"{self.desc} loss {learn.loss_value:.3f}")
+
+    def after_epoch(self, learn: Any) -> None:
+        self.close()
+
+    def after_fit(self, learn: Any) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+            self.bar = None
+
+
+class Recorder(Callback):
+    """Everything a plot or a failure-mode rule needs: per-batch loss and LR, per-epoch rows."""
+
+    order = 10
+
+    def __init__(self, rows: list[dict] | None = None) -> None:
+        self.batch_losses: list[float] = []
+        self.batch_lrs: list[float] = []
+        self.batch_epochs: list[float] = []  # fractional epoch of each batch
+        self.rows: list[dict] = list(rows or [])
+        self.epoch_losses: list[float] = []
+        self.t0 = 0.0
+
+    def before_epoch(self, learn: Any) -> None:
+        self.epoch_losses, self.t0 = [], time.perf_counter()
+
+    def after_batch(self, learn: Any) -> None:
+        self.batch_losses.append(learn.loss_value)
+        self.batch_lrs.append(learn.lr)
+        self.batch_epochs.append(learn.epoch + (learn.iter + 1) / learn.n_iter)
+        self.epoch_losses.append(learn.loss_value)
+
+    def after_epoch(self, learn: Any) -> None:
+        valid_loss, err, acc = learn.metrics
+        self.rows.append({
+            "epoch": learn.epoch, "stage": learn.stage, "train_loss": smooth_last(self.epoch_losses),
+            "valid_loss": valid_loss, "error_rate": err, "accuracy": acc, "seconds": time.perf_counter() - self.t0,
+        })
+
+    def history(self, diverged: bool = False) -> History:
+        """A snapshot for the failure-mode rules (copies: later batches do not change it)."""
+        return History([dict(r) for r in self.rows], list(self.batch_losses), list(self.batch_epochs),
+                       list(self.batch_lrs), diverged)
+
+    def history_csv(self) -> str:
+        """history.csv text: epoch,stage,train_loss,valid_loss,error_rate,accuracy,seconds."""
+        return csv_text(HISTORY_COLUMNS, [[_fmt_cell(r[c]) for c in HISTORY_COLUMNS] for r in self.rows])
+
+
+def _fmt_cell(v: object) -> str:
+    if isinstance(v, float):
+        return "nan" if math.isnan(v) else f"{v:.6f}"
+    return str(v)
+
+
+class EpochTable(Callback):
+    """fastai's epoch table: a header once, then one line per epoch."""
+
+    order = 20
+
+    def __init__(self) -> None:
+        self.printed = False
+
+    def before_fit(self, learn: Any) -> None:
+        if not self.printed:
+            learn.console.print(f"{'epoch':>5}  {'stage':<8}  {'train_loss':>10}  {'valid_loss':>10}  "
+                                f"{'error_rate':>10}  {'accuracy':>8}  {'time':>6}", highlight=False)
+            self.printed = True
+
+    def after_epoch(self, learn: Any) -> None:
+        r = learn.recorder.rows[-1]
+        m, s = divmod(int(round(r["seconds"])), 60)
+        learn.console.print(f"{r['epoch']:>5}  {r['stage']:<8}  {r['train_loss']:>10.4f}  {r['valid_loss']:>10.4f}  "
+                            f"{r['error_rate']:>10.4f}  {r['accuracy']:>8.4f}  {m:02d}:{s:02d}", highlight=False)
+
+
+def _state(learn: Any) -> dict:
+    return {k: v.detach().clone() for k, v in learn.model.state_dict().items()}
+
+
+class DivergenceGuard(Callback):
+    """The one owner of divergence: stops the run (DivergedError, exit 3) and puts back the last good weights.
+
+    A non-finite batch loss stops at once; after each epoch the pure rule
+    ``ursa.diagnose.advice.diverged`` reads the history (valid loss NaN or 10x its best, the
+    training loss shooting up) and its words become the error message.
+    """
+
+    order = 30
+
+    def __init__(self) -> None:
+        self.last_good: dict | None = None
+
+    def before_fit(self, learn: Any) -> None:
+        self.last_good = _state(learn)  # diverging in the first epoch puts back the weights it started from
+
+    def after_batch(self, learn: Any) -> None:
+        if not math.isfinite(learn.loss_value):
+            self.stop(learn)
+
+    def after_epoch(self, learn: Any) -> None:
+        if diverged(learn.recorder.history()) is not None:
+            self.stop(learn)
+        self.last_good = _state(learn)
+
+    def stop(self, learn: Any) -> None:
+        found = diverged(learn.recorder.history(diverged=True))
+        if self.last_good is not None:
+            learn.model.load_state_dict(self.last_good)  # keep the last good weights
+        raise DivergedError(found.text() if found else "training diverged: try a 10x lower learning rate")
+
+
+class BestWeights(Callback):
+    """The one owner of "best epoch": keeps the weights with the lowest error rate (ties: valid loss)."""
+
+    order = 40
+
+    def __init__(self) -> None:
+        self.state: dict | None = None
+        self.epoch: int | None = None
+        self.row: dict | None = None
+
+    def after_epoch(self, learn: Any) -> None:
+        row = learn.recorder.rows[-1]
+        key = (row["error_rate"], row["valid_loss"])
+        if all(isinstance(v, float) and math.isfinite(v) for v in key) and (
+                self.row is None or key < (self.row["error_rate"], self.row["valid_loss"])):
+            self.state, self.epoch, self.row = _state(learn), row["epoch"], dict(row)
+
+
+class AdvicePrinter(Callback):
+    """Says a failure mode (too many epochs) once, as soon as the history shows it."""
+
+    order = 60
+
+    def __init__(self) -> None:
+        self.rules = [r for r in RULES if r[0] in DURING_TRAINING and r[0] != "diverged"]
+        self.said: set[str] = set()
+
+    def after_epoch(self, learn: Any) -> None:
+        for a in advise(learn.recorder.history(), self.rules):
+            if a.rule not in self.said:
+                self.said.add(a.rule)
+                learn.console.print(f"[yellow]advice:[/] {a.text()}", highlight=False)
+
+
+def default_callbacks() -> list[Callback]:
+    """The callbacks every learner has, in order."""
+    return [ProgressCallback(), Recorder(), EpochTable(), DivergenceGuard(), BestWeights(), AdvicePrinter()]

@@ -1,0 +1,150 @@
+"""Batch sources: what the one training loop iterates over.
+
+`ImageBatches` feeds augmented images through the model (fine-tuning, or a frozen body run
+every batch); `CachedFeatures` feeds body features from the feature cache to the head alone
+(the frozen stage, the body pass swapped for a lookup). The loop asks a source the same five
+things either way: set the train modes, the batches of an epoch, the forward pass, what to do
+at the end of an epoch, and the validation metrics.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Iterator, Protocol
+
+import torch
+from torch import nn
+
+from ursa.training.features import FeatureCache
+from ursa.training.optim import recalibrate_bn, set_train_modes
+from ursa.vision.loaders import DataLoaders
+from ursa.vision.models import Classifier
+
+Batch = tuple[torch.Tensor, torch.Tensor]
+Metrics = tuple[float, float, float]  # valid_loss, error_rate, accuracy
+
+
+class BatchSource(Protocol):
+    """What the loop needs from a source of batches."""
+
+    n_batches: int  # batches per epoch
+    module: nn.Module  # what is trained (the head, or the whole model)
+
+    def train_modes(self) -> None: ...
+
+    def batches(self, epoch: int) -> Iterator[Batch]: ...
+
+    def forward(self, xb: torch.Tensor) -> torch.Tensor: ...
+
+    def end_epoch(self) -> None: ...
+
+    def validate(self) -> Metrics: ...
+
+
+def metrics_from_probs(probs: torch.Tensor, y: torch.Tensor) -> Metrics:
+    """valid_loss (cross-entropy), error_rate, accuracy from probabilities."""
+    if len(y) == 0:
+        return math.nan, math.nan, math.nan
+    loss = torch.nn.functional.nll_loss(torch.log(probs.clamp_min(1e-12)), y).item()
+    acc = (probs.argmax(1) == y).float().mean().item()
+    return loss, 1.0 - acc, acc
+
+
+class ImageBatches:
+    """Augmented training images through the model; a frozen body's features recalibrate the head's BatchNorm."""
+
+    def __init__(self, model: Classifier, dls: DataLoaders, *, augment: bool, size: int | None,
+                 generator: torch.Generator, bn_eval_frozen: bool, bn_eval_unfrozen: bool,
+                 validate: Callable[[], Metrics]) -> None:
+        self.model, self.module = model, model
+        self.dl = dls.loader(dls.dataset.train_idx, train=augment, size=size, shuffle=True, generator=generator)
+        self.n_batches = len(self.dl)
+        self.bn_eval_frozen, self.bn_eval_unfrozen = bn_eval_frozen, bn_eval_unfrozen
+        self._validate = validate
+        self.frozen_feats: list[torch.Tensor] = []
+
+    def train_modes(self) -> None:
+        """Train mode, with the body's BatchNorm in eval mode where the rule says so."""
+        set_train_modes(self.model, self.model.is_frozen, self.bn_eval_frozen, self.bn_eval_unfrozen)
+
+    def batches(self, epoch: int) -> Iterator[Batch]:
+        """One pass of the shuffled, augmented training set."""
+        self.frozen_feats = []
+        return iter(self.dl)
+
+    def forward(self, xb: torch.Tensor) -> torch.Tensor:
+        """Logits; a frozen body's features are kept to recalibrate the head at the end of the epoch."""
+        if self.model.is_frozen:
+            f = self.model.features(xb)
+            self.frozen_feats.append(f.detach().float())
+            return self.model.head(f)
+        return self.model(xb)
+
+    def end_epoch(self) -> None:
+        """Precise BN for the head when the body was frozen."""
+        if self.frozen_feats:
+            recalibrate_bn(self.model.head, self.frozen_feats)
+        self.frozen_feats = []
+
+    def validate(self) -> Metrics:
+        """The learner's validation pass over images."""
+        return self._validate()
+
+
+class CachedFeatures:
+    """Cached body features for the head: epoch e uses view e mod K, reshuffled every epoch."""
+
+    def __init__(self, head: nn.Module, cache: FeatureCache, bs: int, generator: torch.Generator) -> None:
+        self.module, self.cache, self.bs, self.g = head, cache, bs, generator
+        n = len(cache.train_y)
+        self.drop_last = n > bs  # drop a small last batch, as the image loader does
+        self.n_batches = n // bs if self.drop_last else math.ceil(n / bs)
+        self.epoch_batches: list[torch.Tensor] = []
+
+    def train_modes(self) -> None:
+        """The head alone trains."""
+        self.module.train()
+
+    def batches(self, epoch: int) -> Iterator[Batch]:
+        """Mini-batches of one view's features in a fresh random order."""
+        cache, bs = self.cache, self.bs
+        feats = cache.train_views[epoch % len(cache.train_views)]
+        perm = torch.randperm(len(cache.train_y), generator=self.g)
+        self.epoch_batches = []
+        for b in range(self.n_batches):
+            idx = perm[b * bs:(b + 1) * bs]
+            xb = feats[idx]
+            self.epoch_batches.append(xb)
+            yield xb, cache.train_y[idx]
+
+    def forward(self, xb: torch.Tensor) -> torch.Tensor:
+        """The head on pooled features."""
+        return self.module(xb)
+
+    def end_epoch(self) -> None:
+        """Precise BN over the epoch's features."""
+        recalibrate_bn(self.module, self.epoch_batches)
+        self.epoch_batches = []
+
+    @torch.inference_mode()
+    def validate(self) -> Metrics:
+        """The head on the cached validation features (equal to the frozen model on the images)."""
+        self.module.eval()
+        v = self.cache.valid
+        probs = torch.cat([self.module(v[i:i + 1024]).softmax(1) for i in range(0, len(v), 1024)])
+        return metrics_from_probs(probs, self.cache.valid_y)
+
+
+def cycle(source: BatchSource) -> Iterator[Batch]:
+    """Batches without end, pass after pass (the LR finder may want more batches than an epoch has)."""
+    epoch = 0
+    while True:
+        n = 0
+        for b in source.batches(epoch):
+            n += 1
+            yield b
+        if n == 0:
+            from ursa.errors import DataError
+
+            raise DataError("the training set gives no batch; add images or lower --bs")
+        epoch += 1
