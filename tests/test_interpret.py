@@ -158,3 +158,20 @@ def test_cli_interpret_refuses_classes_the_model_does_not_know(tiny_model, tmp_p
     rc = main(["interpret", str(tiny_model), str(tmp_path / "pets"), "--out", str(tmp_path / "o"), "--all", "-q"])
     assert rc == 2
     assert "not classes of the model" in capsys.readouterr().err
+
+
+def test_without_split_csv_the_runs_own_split_settings_are_used(tiny_model, sample_dir, tmp_path):
+    """A run with another split seed and share: its config (in the model file) decides, not train's defaults."""
+    from ursa.diagnose.interpret import split_settings
+    from ursa.vision.data import load_dataset
+
+    assert split_settings(None) == (0.2, 42)
+    assert split_settings({"seed": 3, "split_seed": None, "valid_pct": 0.3}) == (0.3, 3)
+    config = {"seed": 0, "split_seed": 7, "valid_pct": 0.5}
+    assert split_settings(config) == (0.5, 7)
+    lone = tmp_path / "model.safetensors"  # no split.csv beside it
+    shutil.copy(tiny_model, lone)
+    items, split, _ = load_items(lone, sample_dir, ["black", "grizzly", "teddy"], config=config)
+    ds = load_dataset(sample_dir, valid_pct=0.5, seed=7)
+    assert split == "valid" and sorted(n for n, _, _ in items) == sorted(ds.rel(i) for i in ds.valid_idx)
+    assert sorted(n for n, _, _ in items) != sorted(load_dataset(sample_dir).rel(i) for i in load_dataset(sample_dir).valid_idx)

@@ -209,12 +209,19 @@ def test_cli_mp4_without_ffmpeg_is_a_clear_error(tmp_path, capsys, monkeypatch):
     assert "ffmpeg" in capsys.readouterr().err
 
 
-def test_failed_write_leaves_the_old_file_and_no_temp_file(tmp_path):
+def test_failed_write_leaves_the_old_file_and_no_temp_file(tmp_path, monkeypatch):
+    import matplotlib.animation
+
+    class CrashingWriter(matplotlib.animation.PillowWriter):
+        def finish(self):
+            raise RuntimeError("writer crashed")
+
+    monkeypatch.setattr(matplotlib.animation, "PillowWriter", CrashingWriter)
     out = tmp_path / "keep.gif"
     out.write_bytes(b"old")
-    with pytest.raises(RuntimeError):
-        with sgd._atomic(out) as tmp:
-            tmp.write_bytes(b"half")
-            raise RuntimeError("writer crashed")
+    x, y = sgd.make_data()
+    anim = sgd.animate(x, y, [sgd.fit(x, y, lr=0.1, steps=3)])
+    with pytest.raises(RuntimeError, match="writer crashed"):
+        sgd.save_animation(anim, out)
     assert out.read_bytes() == b"old"
     assert [p.name for p in tmp_path.iterdir()] == ["keep.gif"]

@@ -21,12 +21,9 @@ drawn by the Agg canvas directly, so nothing here changes pyplot's global backen
 from __future__ import annotations
 
 import math
-import os
 import re
 import shutil
-import tempfile
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -34,6 +31,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from ursa.errors import UrsaError
+from ursa.util.files import atomic_path
 
 if TYPE_CHECKING:
     from matplotlib.animation import FuncAnimation
@@ -283,7 +281,7 @@ def save_animation(anim: FuncAnimation, out: Path) -> Path:
     check_out(out)
     suffix = out.suffix.lower()
     fps = 1000 / FRAME_INTERVAL_MS
-    with _atomic(out) as tmp:
+    with atomic_path(out, keep_suffix=True) as tmp:
         if suffix == ".html":
             tmp.write_text(_jshtml_page(anim, out.stem), encoding="utf-8")
         elif suffix == ".mp4":
@@ -310,7 +308,7 @@ def save_loss_plot(runs: Sequence[FitResult], out: Path) -> Path:
     ax.set_xlabel("step")
     ax.set_ylabel("loss (mean squared error, log scale)")
     ax.legend(fontsize=8)
-    with _atomic(out) as tmp:
+    with atomic_path(out, keep_suffix=True) as tmp:
         fig.savefig(tmp)
     return out
 
@@ -344,19 +342,3 @@ _ICON_CSS = """
 .fa-fast-forward::before { content: "\\23ED"; }
 .fa-flip-horizontal { transform: scaleX(-1); }
 """
-
-
-@contextmanager
-def _atomic(out: Path) -> Iterator[Path]:
-    """Yield a temp path next to ``out`` (same suffix, so writers pick the right format) and
-    move it over ``out`` only once it was written completely: no half-written files."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(dir=out.parent, prefix=f".{out.stem}.", suffix=out.suffix)
-    os.close(fd)
-    tmp = Path(name)
-    try:
-        yield tmp
-        os.chmod(tmp, 0o644)  # mkstemp makes it private; the result is an ordinary file
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)

@@ -39,14 +39,14 @@ class LearnerConfig:
     wd: float = 0.01  # AdamW weight decay
     label_smoothing: float = 0.0
     seed: int = 42  # shuffling, augmentation of the feature cache's views
-    augment: bool = True
+    augment: bool = True  # internal: off only where tests compare training paths exactly
     cache: bool = True  # frozen stage: train the head on cached body features (same result, faster)
     views: int | None = None  # augmented views in the feature cache, cycled over epochs; None: one per epoch
     # Internal (tests compare engines with it): "auto" runs the cache's body pass on ONNX Runtime when it can.
     feature_backend: str = "auto"
     bf16_features: bool = False  # bfloat16 autocast for the cache's body pass (torch engine)
     bn_stats_frozen: bool = False  # body BatchNorm kept in eval mode while fine-tuning
-    spill_dir: Path | None = None  # where a large feature cache is memory-mapped
+    spill_dir: Path | None = None  # internal: set by the recipe (RUN/features), where a large cache is memory-mapped
     quiet: bool = False  # no progress bars
 
     def __post_init__(self) -> None:

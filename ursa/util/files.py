@@ -12,11 +12,15 @@ from typing import Any, Iterable, Iterator, Sequence
 
 
 @contextlib.contextmanager
-def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yield a temp path beside `path`; on success it replaces `path` in one rename, else vanishes."""
+def atomic_path(path: str | Path, keep_suffix: bool = False) -> Iterator[Path]:
+    """Yield a temp path beside `path`; on success it replaces `path` in one rename, else vanishes.
+
+    keep_suffix: the temp file ends like `path` (for writers that pick the format from the name).
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    suffix = path.suffix if keep_suffix else ".tmp"
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
     os.close(fd)
     tmp_path = Path(tmp)
     os.chmod(tmp_path, 0o666 & ~_umask())  # mkstemp makes 0600; give the file normal permissions

@@ -80,20 +80,12 @@ class ImageDataset:
 
     def write_split(self, path: Path) -> None:
         """Record the exact train/valid assignment used (name,label,is_valid)."""
-        from ursa.util.files import atomic_write_text
+        from ursa.util.files import atomic_write_text, csv_line
 
         lines = ["name,label,is_valid"]
         for i in range(len(self)):
-            lines.append(_csv_row([self.rel(i), self.classes[self.labels[i]], str(self.is_valid[i])]))
+            lines.append(csv_line([self.rel(i), self.classes[self.labels[i]], str(self.is_valid[i])], end=""))
         atomic_write_text(path, "\n".join(lines) + "\n")
-
-
-def _csv_row(values: list[str]) -> str:
-    import io
-
-    buf = io.StringIO()
-    csv.writer(buf, lineterminator="").writerow(values)
-    return buf.getvalue()
 
 
 def _class_dirs(folder: Path) -> list[Path]:

@@ -14,6 +14,7 @@ from rich.console import Console
 from ursa.apps.clean.decisions import Decisions, check_writable
 from ursa.apps.clean.ranking import DUP_THRESHOLD, Rankings, rank
 from ursa.apps.clean.scores import Scores, score_dataset
+from ursa.diagnose.interpret import split_settings
 from ursa.inference.modelfile import load_model
 from ursa.util.progress import progress_bar
 from ursa.vision.data import load_dataset
@@ -80,8 +81,8 @@ def prepare(data: Path, model_path: Path, csv_path: Path | None = None, threshol
     console = console or Console(stderr=True, quiet=quiet)
     timings = {} if timings is None else timings
     t0 = time.perf_counter()
-    ds = load_dataset(data, csv_path)
     model, meta = load_model(model_path)
+    ds = load_dataset(data, csv_path, *split_settings(meta.config))  # the split the model's run used
     t1 = time.perf_counter()
     with progress_bar(console, quiet) as prog:
         task = prog.add_task("predictions and embeddings", total=len(ds))
