@@ -192,7 +192,8 @@ def test_advice_txt_lists_findings_and_the_checklist(tmp_path):
 
 def _fake_learner():
     model = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.BatchNorm1d(2))
-    return SimpleNamespace(model=model, recorder=Recorder(), console=SimpleNamespace(print=lambda *a, **k: None))
+    return SimpleNamespace(model=model, recorder=Recorder(), console=SimpleNamespace(print=lambda *a, **k: None),
+                           stage="frozen", batch_cancelled=False)
 
 
 def _epoch(learn, cbs, e, train, valid, err, losses):
@@ -315,3 +316,13 @@ def test_write_run_saves_best_weights_when_the_error_got_worse(sample_dir, tmp_p
     assert "error is getting worse" in advice and "best.safetensors" in advice
     assert (tmp_path / "report.html").is_file() and (tmp_path / "config.json").is_file()
     assert (tmp_path / "split.csv").is_file()
+
+
+def test_a_nan_in_the_first_unfrozen_epoch_names_that_stage_and_its_flag():
+    rows = [{"epoch": 0, "stage": "frozen", "train_loss": 0.5, "valid_loss": 0.3, "error_rate": 0.1,
+             "accuracy": 0.9, "seconds": 1.0}]
+    h = History(rows, [0.6, 0.5, 0.4, math.nan], [0.5, 1.0, 1.5, 2.0], [1e-3, 1e-3, 1e-4, 1e-4], True, "unfrozen")
+    a = diverged(h)
+    assert a is not None and "during the unfrozen stage" in a.text() and "--unfreeze-lr" in a.text()
+    h.stage = None  # without the running stage the last row's would be blamed
+    assert "during the frozen stage" in diverged(h).text()

@@ -88,18 +88,22 @@ def test_every_package_has_a_layer():
     assert not missing, f"add these to LAYERS (and docs/architecture.md): {missing}"
 
 
+def upward_imports(name: str, path: Path, mod_names: set[str]) -> list[str]:
+    """The imports of one module that point up or sideways."""
+    here, bad = layer(name), []
+    for target, names, line in imports_of(path, name):
+        for t in ursa_targets(mod_names, target, names):
+            there = layer(t)
+            if t == "ursa" or there == here:
+                continue
+            if LAYERS[there] >= LAYERS[here]:
+                bad.append(f"{path.name}:{line} {name} ({here}) imports {t} ({there})")
+    return bad
+
+
 def test_imports_point_down():
     mods = modules()
-    bad = []
-    for name, path in mods.items():
-        here = layer(name)
-        for target, names, line in imports_of(path, name):
-            for t in ursa_targets(set(mods), target, names):
-                there = layer(t)
-                if t == "ursa" or there == here:
-                    continue
-                if LAYERS[there] >= LAYERS[here]:
-                    bad.append(f"{path.relative_to(ROOT.parent)}:{line} {name} ({here}) imports {t} ({there})")
+    bad = [b for name, path in mods.items() for b in upward_imports(name, path, set(mods))]
     assert not bad, "imports pointing up or sideways:\n" + "\n".join(bad)
 
 
@@ -146,18 +150,40 @@ def test_no_private_names_across_modules():
     assert not bad, "private names used across modules:\n" + "\n".join(bad)
 
 
+# Private names of other libraries that ursa uses on purpose (torch has no public BatchNorm base class).
+FOREIGN_PRIVATE = {"_BatchNorm"}
+
+
+def private_attributes(path: Path) -> list[str]:
+    """`x._name` where x is not self or cls: reaching into another object's or module's internals."""
+    bad = []
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Attribute) and node.attr.startswith("_") and not node.attr.startswith("__"):
+            base = node.value
+            if isinstance(base, ast.Name) and base.id in ("self", "cls"):
+                continue
+            if node.attr in FOREIGN_PRIVATE:
+                continue
+            bad.append(f"{path.name}:{node.lineno} .{node.attr}")
+    return bad
+
+
+def test_no_private_attributes_reached_from_outside():
+    bad = [b for p in modules().values() for b in private_attributes(p)]
+    assert not bad, "private attributes used from outside their object:\n" + "\n".join(bad)
+
+
 @pytest.mark.parametrize("limit", [420])
 def test_modules_are_small(limit):
     big = {module_name(p): n for p in ROOT.rglob("*.py") if (n := len(p.read_text().splitlines())) > limit}
     assert not big, f"modules over {limit} lines (split them by concern): {big}"
 
 
-def test_the_rule_catches_an_upward_import(tmp_path):
-    """The checker itself: a vision module importing training is reported (a test that can fail)."""
-    src = tmp_path / "ursa" / "vision"
-    src.mkdir(parents=True)
-    f = src / "bad.py"
-    f.write_text("def f():\n    from ursa.training.learner import Learner\n")
-    found = imports_of(f, "ursa.vision.bad")
-    assert found == [("ursa.training.learner", ["Learner"], 2)]
-    assert LAYERS[layer("ursa.training.learner")] > LAYERS[layer("ursa.vision.bad")]
+def test_the_rules_catch_an_upward_import_and_a_private_attribute(tmp_path):
+    """The checkers themselves, on a bad module (tests that can fail)."""
+    f = tmp_path / "bad.py"
+    f.write_text("def f(learn):\n    from ursa.training.learner import Learner\n    return learn._cache\n")
+    found = upward_imports("ursa.vision.bad", f, set(modules()))
+    assert found == ["bad.py:2 ursa.vision.bad (vision) imports ursa.training.learner (training)"]
+    assert upward_imports("ursa.apps.bad", f, set(modules())) == []  # apps sit above training
+    assert private_attributes(f) == ["bad.py:3 ._cache"]

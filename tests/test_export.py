@@ -41,8 +41,7 @@ def test_round_trip_probabilities_match_in_memory_model(tiny_run, tmp_path, samp
     path = learn.export(tmp_path / "m.safetensors")
     mem, _ = learn.get_preds()
     model, meta = load_model(path)
-    learn.model = model
-    disk, _ = learn.get_preds()
+    disk, _ = Learner(dls, model, LearnerConfig(quiet=True)).get_preds()
     assert torch.allclose(mem, disk, atol=1e-5)
     # the Predictor (file -> preprocess -> probs) agrees with the learner's eval pipeline
     pred = load_predictor(path)

@@ -162,8 +162,7 @@ def test_cli_interpret_refuses_classes_the_model_does_not_know(tiny_model, tmp_p
 
 def test_without_split_csv_the_runs_own_split_settings_are_used(tiny_model, sample_dir, tmp_path):
     """A run with another split seed and share: its config (in the model file) decides, not train's defaults."""
-    from ursa.diagnose.interpret import split_settings
-    from ursa.vision.data import load_dataset
+    from ursa.vision.data import load_dataset, split_settings
 
     assert split_settings(None) == (0.2, 42)
     assert split_settings({"seed": 3, "split_seed": None, "valid_pct": 0.3}) == (0.3, 3)

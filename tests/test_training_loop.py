@@ -101,17 +101,39 @@ def test_default_callbacks_record_a_row_per_epoch():
 
 def test_cancel_batch_skips_the_step_but_not_after_batch():
     ev = Events(("before_batch", 0, CancelBatchException))
-    model_before = None
     learn, _ = _run(1, [ev])
     i = ev.seen.index("after_cancel_batch")
     assert ev.seen[i - 1] == "before_batch" and ev.seen[i + 1] == "after_batch"
-    assert ev.seen.count("after_step") == 1 and model_before is None
+    assert ev.seen.count("after_step") == 1
+
+
+def test_a_cancelled_batch_takes_no_step_and_the_default_callbacks_skip_it():
+    class SkipFirst(Callback):
+        def before_batch(self, learn):
+            if learn.iter == 0:
+                raise CancelBatchException()
+
+    model = torch.nn.Linear(3, 2)
+    learn = Learner(SimpleNamespace(bs=4), model, LearnerConfig(quiet=True), cbs=[SkipFirst()])
+    opt = make_optimizer([{"params": list(model.parameters()), "lr": 1e-2}], 0.0)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+
+    class OnlyFirst(TwoBatches):
+        n_batches = 1
+
+        def batches(self, epoch):
+            yield from list(super().batches(epoch))[:1]
+
+    learn.run(1, OnlyFirst(model), opt, stage="frozen")
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items()), "no step for a cancelled batch"
+    assert learn.recorder.batch_losses == [] and len(learn.recorder.rows) == 1
 
 
 def test_cancel_epoch_and_fit():
     ev = Events(("after_batch", 0, CancelEpochException))
-    _run(2, [ev])
+    learn, source = _run(2, [ev])
     assert ev.seen.count("after_cancel_epoch") == 2 and ev.seen.count("after_epoch") == 2
+    assert ev.seen.count("after_step") == 2 and source.ended == 2 and learn.epochs_done == 2  # still validated
     ev = Events(("after_batch", 1, CancelFitException))
     learn, _ = _run(3, [ev])
     assert ev.seen[-2:] == ["after_cancel_fit", "after_fit"] and ev.seen.count("before_epoch") == 1
@@ -186,7 +208,12 @@ def test_train_writes_its_config_and_a_retrain_can_start_from_it(tmp_path, sampl
     assert {k: v for k, v in cfg2.items() if k not in ("out", "lr")} == {k: v for k, v in cfg.items()
                                                                          if k not in ("out", "lr")}
     assert cfg2["lr"] == 0.002 and cfg2["out"] == str(again)
-    assert (run / "split.csv").read_text() == (again / "split.csv").read_text()  # the same split, read back
+    assert (run / "split.csv").read_text() == (again / "split.csv").read_text()  # the same split
+    third = tmp_path / "third"  # another training seed from the same run: still that run's validation images
+    assert main(["train", str(sample_dir), "--config", str(run), "--out", str(third), "--seed", "1", "--quiet"]) == 0
+    cfg3 = json.loads((third / "config.json").read_text())
+    assert cfg3["seed"] == 1 and cfg3["split_seed"] == 5
+    assert (run / "split.csv").read_text() == (third / "split.csv").read_text()
     capsys.readouterr()
     assert main(["train", str(sample_dir), "--config", str(tmp_path / "nowhere"), "--quiet"]) == 2
     assert "no config.json there" in capsys.readouterr().err

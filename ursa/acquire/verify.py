@@ -38,7 +38,7 @@ from typing import Any, Iterator
 
 from ursa.acquire.manifest import MANIFEST_NAME
 from ursa.errors import ImageError, UrsaError
-from ursa.util.files import atomic_write_csv, csv_line
+from ursa.util.files import atomic_write_csv, csv_line, write_staged
 from ursa.util.progress import progress_bar
 from ursa.vision.images import MAX_PIXELS, is_image_file, open_image
 
@@ -191,11 +191,7 @@ def _check_one(path: Path, root: Path, fix: bool, max_size: int | None, max_pixe
     fmt, name = _fix_target(path, info.format)
     buf = io.BytesIO()
     im.save(buf, fmt, **({"quality": 95} if fmt == "JPEG" else {}))
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.fixed.part")  # unique per source file
-    with open(tmp, "wb") as fh:
-        fh.write(buf.getvalue())
-        fh.flush()
-        os.fsync(fh.fileno())
+    tmp = write_staged(path, buf.getvalue(), "fixed.part")  # moved into place once the report row is written
     result.reason = "fixed: " + ", ".join(changes)
     result.fixed_tmp, result.fixed_name = str(tmp), name
     return result

@@ -8,35 +8,41 @@ from typing import Annotated, Any, Optional
 import typer
 
 from ursa.cli.common import CsvOpt, DataArg, Quiet, default, parse_slice
+from ursa.errors import UrsaError
 from ursa.training.config import TrainConfig, read_run_config
 from ursa.util.files import check_outside
+from ursa.vision.data import split_settings
 
 ArchOpt = Annotated[Optional[str], typer.Option("--arch", help=f"efficientnet_lite0/1/2 (offline) or a timm name [default: {default('arch')}].")]
 SizeOpt = Annotated[Optional[int], typer.Option("--size", help="Input size in pixels (32-1024) [default: the architecture's].")]
 BsOpt = Annotated[Optional[int], typer.Option("--bs", help=f"Batch size [default: {default('bs')}].")]
 ValidOpt = Annotated[Optional[float], typer.Option("--valid-pct", help=f"Share of images held out for validation [default: {default('valid_pct')}].")]
+ConfigOpt = Annotated[Optional[Path], typer.Option("--config", help="Start from the settings (and the validation split) of an earlier run: its folder or config.json; options given here win.")]
 SeedOpt = Annotated[Optional[int], typer.Option("--seed", help=f"Seed of training (and of the split, unless --split-seed) [default: {default('seed')}].")]
 
 
 def make_config(data: Path, base_run: Path | None, **options: Any) -> TrainConfig:
-    """The run's config: TrainConfig's defaults (or a earlier run's config.json), then the options given."""
-    given = {k: v for k, v in options.items() if v is not None}
-    if base_run is not None:
-        base = read_run_config(base_run)
-        if base is None:
-            from ursa.errors import UrsaError
+    """The run's config: TrainConfig's defaults (or an earlier run's config.json), then the options given.
 
-            raise UrsaError(f"--config {base_run}: no config.json there; give a run folder written by `ursa train`")
-        base.pop("out", None)
-        return TrainConfig.from_json(base, data=data, **given)
-    return TrainConfig(data=data, **given)
+    From an earlier run, the validation split stays that run's (its split seed is pinned) unless
+    --split-seed is given, so --seed N compares training seeds on the same validation images.
+    """
+    given = {k: v for k, v in options.items() if v is not None}
+    if base_run is None:
+        return TrainConfig(data=data, **given)
+    base = read_run_config(base_run)
+    if base is None:
+        raise UrsaError(f"--config {base_run}: no config.json there; give a run folder written by `ursa train`")
+    base.pop("out", None)
+    given.setdefault("split_seed", split_settings(base)[1])
+    return TrainConfig.from_json(base, data=data, **given)
 
 
 def train_cmd(
     data: DataArg,
     csv: CsvOpt = None,
     out: Annotated[Optional[Path], typer.Option("--out", help=f"Run folder for the model file, history and plots [default: {default('out')}].")] = None,
-    config: Annotated[Optional[Path], typer.Option("--config", help="Start from the settings of an earlier run (its folder or config.json); options given here win.")] = None,
+    config: ConfigOpt = None,
     arch: ArchOpt = None,
     pretrained: Annotated[Optional[bool], typer.Option("--pretrained/--no-pretrained", help="Start from ImageNet weights [default: pretrained].")] = None,
     size: SizeOpt = None,
@@ -89,6 +95,7 @@ def train_cmd(
 def lr_find_cmd(
     data: DataArg,
     out: Annotated[Path, typer.Option("--out", help="Folder for lr_find.png and lr_find.json.")] = Path("runs/lr-find"),
+    config: ConfigOpt = None,
     csv: CsvOpt = None,
     arch: ArchOpt = None,
     size: SizeOpt = None,
@@ -107,8 +114,9 @@ def lr_find_cmd(
     from ursa.training.recipe import build_learner
     from ursa.util.files import atomic_write_text
 
-    cfg = make_config(data, None, out=out, csv=csv, arch=arch, size=size, bs=bs, valid_pct=valid_pct, seed=seed, lr=lr,
-                      quiet=quiet or None)
+    # The sweep itself is the lesson's, fixed: 1e-7 to 10 over at most 100 batches (lr_find's defaults).
+    cfg = make_config(data, config, out=out, csv=csv, arch=arch, size=size, bs=bs, valid_pct=valid_pct, seed=seed,
+                      lr=lr, quiet=quiet or None)
     learn, _ = build_learner(cfg)
     learn.freeze()
     if unfrozen:

@@ -41,6 +41,7 @@ class History:
     batch_epochs: list[float] = field(default_factory=list)
     batch_lrs: list[float] = field(default_factory=list)
     stopped_diverged: bool = False  # the learner itself stopped the run as diverging
+    stage: str | None = None  # the stage running when the history was taken (its epoch may have no row yet)
 
     @classmethod
     def read_csv(cls, path: str | Path) -> "History":
@@ -166,7 +167,7 @@ def diverged(h: History) -> Advice | None:
     if where is None:
         return None
     what, pos = where
-    stage = _stage_at(h, pos) or (h.rows[-1]["stage"] if h.rows else None)
+    stage = _stage_at(h, pos) or h.stage or (h.rows[-1]["stage"] if h.rows else None)
     epoch = max(0, math.ceil(pos) - 1)
     stage_txt = f" during the {stage} stage" if stage else ""
     return Advice(

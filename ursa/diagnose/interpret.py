@@ -126,20 +126,11 @@ class Interpretation:
         }
 
 
-def split_settings(config: dict | None) -> tuple[float, int]:
-    """(valid_pct, split seed) a run used, from its config (train's defaults for a model without one)."""
-    config = config or {}
-    seed = config.get("split_seed")
-    if seed is None:
-        seed = config.get("seed", 42)
-    return float(config.get("valid_pct", 0.2)), int(seed)
-
-
 def load_items(model_path: str | Path, data: str | Path, classes: Sequence[str], all_images: bool = False,
                csv_path: str | Path | None = None,
                config: dict | None = None) -> tuple[list[tuple[str, Path, int]], str, list[tuple[str, str]]]:
     """(name, path, class index) of the images to interpret, which split that is, and items left out."""
-    from ursa.vision.data import load_dataset
+    from ursa.vision.data import load_dataset, split_settings
 
     data = Path(data)
     split_csv = Path(model_path).parent / "split.csv"

@@ -70,7 +70,7 @@ class ProgressCallback(Callback):
         self.task = self.bar.add_task(self.desc, total=learn.n_iter)
 
     def after_batch(self, learn: Any) -> None:
-        if self.bar is not None:
+        if self.bar is not None and not learn.batch_cancelled:
             self.bar.update(self.task, advance=1, description=f"{self.desc} loss {learn.loss_value:.3f}")
 
     def after_epoch(self, learn: Any) -> None:
@@ -102,6 +102,8 @@ class Recorder(Callback):
         self.epoch_losses, self.t0 = [], time.perf_counter()
 
     def after_batch(self, learn: Any) -> None:
+        if learn.batch_cancelled:
+            return
         self.batch_losses.append(learn.loss_value)
         self.batch_lrs.append(learn.lr)
         self.batch_epochs.append(learn.epoch + (learn.iter + 1) / learn.n_iter)
@@ -114,10 +116,10 @@ class Recorder(Callback):
             "valid_loss": valid_loss, "error_rate": err, "accuracy": acc, "seconds": time.perf_counter() - self.t0,
         })
 
-    def history(self, diverged: bool = False) -> History:
-        """A snapshot for the failure-mode rules (copies: later batches do not change it)."""
+    def history(self, diverged: bool = False, stage: str | None = None) -> History:
+        """A snapshot for the failure-mode rules (copies: later batches do not change it); stage: the one running."""
         return History([dict(r) for r in self.rows], list(self.batch_losses), list(self.batch_epochs),
-                       list(self.batch_lrs), diverged)
+                       list(self.batch_lrs), diverged, stage)
 
     def history_csv(self) -> str:
         """history.csv text: epoch,stage,train_loss,valid_loss,error_rate,accuracy,seconds."""
@@ -172,16 +174,16 @@ class DivergenceGuard(Callback):
         self.last_good = _state(learn)  # diverging in the first epoch puts back the weights it started from
 
     def after_batch(self, learn: Any) -> None:
-        if not math.isfinite(learn.loss_value):
+        if not learn.batch_cancelled and not math.isfinite(learn.loss_value):
             self.stop(learn)
 
     def after_epoch(self, learn: Any) -> None:
-        if diverged(learn.recorder.history()) is not None:
+        if diverged(learn.recorder.history(stage=learn.stage)) is not None:
             self.stop(learn)
         self.last_good = _state(learn)
 
     def stop(self, learn: Any) -> None:
-        found = diverged(learn.recorder.history(diverged=True))
+        found = diverged(learn.recorder.history(diverged=True, stage=learn.stage))
         if self.last_good is not None:
             learn.model.load_state_dict(self.last_good)  # keep the last good weights
         raise DivergedError(found.text() if found else "training diverged: try a 10x lower learning rate")

@@ -15,6 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from ursa.errors import UrsaError
+from ursa.vision import DEFAULT_ARCH
+from ursa.vision.data import SEED, VALID_PCT, split_settings
 
 FEATURE_BACKENDS = ("auto", "torch")
 
@@ -38,7 +40,7 @@ class LearnerConfig:
 
     wd: float = 0.01  # AdamW weight decay
     label_smoothing: float = 0.0
-    seed: int = 42  # shuffling, augmentation of the feature cache's views
+    seed: int = SEED  # shuffling, augmentation of the feature cache's views
     augment: bool = True  # internal: off only where tests compare training paths exactly
     cache: bool = True  # frozen stage: train the head on cached body features (same result, faster)
     views: int | None = None  # augmented views in the feature cache, cycled over epochs; None: one per epoch
@@ -66,11 +68,11 @@ class TrainConfig:
     data: Path
     out: Path = Path("runs/latest")
     csv: Path | None = None
-    arch: str = "efficientnet_lite0"
+    arch: str = DEFAULT_ARCH
     pretrained: bool = True
     size: int | None = None  # input size; None: the architecture's
-    valid_pct: float = 0.2
-    seed: int = 42
+    valid_pct: float = VALID_PCT
+    seed: int = SEED
     split_seed: int | None = None  # seed of the validation split; None: the same as seed
     epochs: int = 4  # frozen epochs (head only)
     lr: float = 3e-3
@@ -82,12 +84,12 @@ class TrainConfig:
     unfreeze_size: int | None = None  # progressive resizing: fine-tune at a smaller size (cheaper)
     bf16: bool = False  # bfloat16 autocast while fine-tuning
     bs: int = 32
-    wd: float = 0.01
-    label_smoothing: float = 0.0
-    cache: bool = True
-    views: int | None = None
-    bf16_features: bool = False
-    bn_stats_frozen: bool = False
+    wd: float = LearnerConfig.wd
+    label_smoothing: float = LearnerConfig.label_smoothing
+    cache: bool = LearnerConfig.cache
+    views: int | None = LearnerConfig.views
+    bf16_features: bool = LearnerConfig.bf16_features
+    bn_stats_frozen: bool = LearnerConfig.bn_stats_frozen
     quiet: bool = False  # how to show it, not what to compute: not saved in config.json
 
     def __post_init__(self) -> None:
@@ -124,7 +126,7 @@ class TrainConfig:
     @property
     def split_seed_used(self) -> int:
         """The seed the validation split is drawn with."""
-        return self.seed if self.split_seed is None else self.split_seed
+        return split_settings({"seed": self.seed, "split_seed": self.split_seed})[1]
 
     @property
     def unfreeze_lrs(self) -> tuple[float, float]:

@@ -108,11 +108,14 @@ class Learner:
     # --- the loop ------------------------------------------------------------------------------
 
     def batch_source(self, cached: bool, size: int | None = None, n_views: int = 1,
-                     generator: torch.Generator | None = None) -> BatchSource:
-        """Cached body features for the head (frozen body), or augmented images through the model."""
+                     generator: torch.Generator | None = None, keep: bool = True) -> BatchSource:
+        """Cached body features for the head (frozen body), or augmented images through the model.
+
+        keep=False: a feature cache computed for this source is not kept for later fits.
+        """
         generator = generator or self._generator()
         if cached:
-            return CachedFeatures(self.model.head, self._features(n_views, size), self.dls.bs, generator)
+            return CachedFeatures(self.model.head, self._features(n_views, size, keep), self.dls.bs, generator)
         return ImageBatches(self.model, self.dls, augment=self.config.augment, size=size, generator=generator,
                             bn_eval_frozen=self.config.cache, bn_eval_unfrozen=self.config.bn_stats_frozen,
                             validate=self.validate)
@@ -132,18 +135,18 @@ class Learner:
                     self._event("before_epoch")
                     source.train_modes()
                     for i, (xb, yb) in enumerate(source.batches(e)):
-                        self.iter, self.xb, self.yb = i, xb, yb
+                        self.iter, self.xb, self.yb, self.batch_cancelled = i, xb, yb, False
                         try:
                             self._one_batch(source, opt, sched, bf16)
                         except CancelBatchException:
+                            self.batch_cancelled = True  # no loss, no step: recorder and guard skip it
                             self._event("after_cancel_batch")
                         self._event("after_batch")
-                    source.end_epoch()
-                    if validate:
-                        self.metrics = source.validate()
                 except CancelEpochException:
-                    self._event("after_cancel_epoch")
+                    self._event("after_cancel_epoch")  # the rest of the batches are skipped; still validated
+                source.end_epoch()
                 if validate:
+                    self.metrics = source.validate()
                     self.epochs_done += 1
                 self._event("after_epoch")
         except CancelFitException as stop:
@@ -180,7 +183,7 @@ class Learner:
         g.manual_seed(self.config.seed + self.epochs_done)
         return g
 
-    def _features(self, n_views: int, size: int | None) -> FeatureCache:
+    def _features(self, n_views: int, size: int | None, keep: bool = True) -> FeatureCache:
         """The feature cache, computed (one streaming pass) unless it already has enough views at this size."""
         cache = self._cache
         if cache is None or len(cache.train_views) < n_views or cache.size != (size or self.dls.size):
@@ -188,7 +191,8 @@ class Learner:
             cache = compute_features(self.model, self.dls, n_views, augment=cfg.augment, size=size, seed=cfg.seed,
                                      backend=cfg.feature_backend, bf16=cfg.bf16_features, spill_dir=cfg.spill_dir,
                                      console=self.console, quiet=cfg.quiet)
-            self._cache = cache
+            if keep:
+                self._cache = cache
         return cache
 
     # --- evaluation ----------------------------------------------------------------------------

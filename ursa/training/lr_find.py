@@ -34,7 +34,7 @@ from ursa.diagnose.plots import plot_lr_find
 from ursa.errors import DataError, UrsaError
 from ursa.training.callbacks import Callback, CancelFitException
 from ursa.training.optim import make_optimizer
-from ursa.util.numbers import smooth
+from ursa.util.numbers import smooth, smooth_last
 from ursa.util.progress import progress_bar
 
 START_LR = 1e-7
@@ -162,8 +162,9 @@ class LRFinder(Callback):
         self.modes = [m.training for m in model.modules()]
         self.rng = torch.get_rng_state()
         self.losses: list[float] = []
-        self.avg, self.best = 0.0, math.inf
+        self.best = math.inf
         self.bar: Any = None
+        self.restored = False
 
     def before_fit(self, learn: Any) -> None:
         self.bar = progress_bar(learn.console, learn.config.quiet)
@@ -176,21 +177,28 @@ class LRFinder(Callback):
             g["lr"] = lr
 
     def after_batch(self, learn: Any) -> None:
+        if learn.batch_cancelled:
+            return
         v = learn.loss_value
         self.losses.append(v)
-        i = len(self.losses)
         self.bar.update(self.task, advance=1, description=f"lr_find lr {learn.lr:.1e} loss {v:.3f}")
         if not math.isfinite(v):
             raise CancelFitException()
-        self.avg = self.beta * self.avg + (1 - self.beta) * v
-        s = self.avg / (1 - self.beta**i)
+        s = smooth_last(self.losses, self.beta)
         self.best = min(self.best, s)
-        if (self.stop_div and s > DIV_FACTOR * self.best) or i >= len(self.schedule):
+        if (self.stop_div and s > DIV_FACTOR * self.best) or len(self.losses) >= len(self.schedule):
             raise CancelFitException()
 
     def after_fit(self, learn: Any) -> None:
         if self.bar is not None:
             self.bar.stop()
+        self.restore(learn)
+
+    def restore(self, learn: Any) -> None:
+        """Put back the weights, requires-grad flags, modes and random state saved at construction (once)."""
+        if self.restored:
+            return
+        self.restored = True
         model = learn.model
         model.load_state_dict(self.state)
         for p, g in zip(model.parameters(), self.grads):
@@ -215,21 +223,24 @@ def lr_find(learn: Any, start_lr: float = START_LR, end_lr: float = END_LR, num_
     use_cache = frozen and learn.config.cache and (cached is None or cached)
     schedule = lr_schedule(start_lr, end_lr, num_it)
     finder = LRFinder(learn, schedule, stop_div, beta)
-    source = learn.batch_source(use_cache, n_views=1, generator=torch.Generator().manual_seed(learn.config.seed))
-    if source.n_batches == 0:
-        raise DataError("lr_find: the training set gives no batch; add images or lower --bs")
-    params = [p for p in source.module.parameters() if p.requires_grad]
-    if not params:
-        raise UrsaError("lr_find: nothing to train, every parameter is frozen")
-    opt = make_optimizer([{"params": params, "lr": schedule[0]}], learn.config.wd)
     threads = torch.get_num_threads()
-    if use_cache:  # a small head: thread start-up costs more than it saves (a lot on a busy CPU)
-        torch.set_num_threads(1)
     try:
-        learn.run(math.ceil(len(schedule) / max(1, source.n_batches)) + 1, source, opt, stage="lr_find", bf16=bf16,
+        # The sweep's feature cache is not kept: a later fit computes its own, seeded as in a run without a sweep.
+        source = learn.batch_source(use_cache, n_views=1, generator=torch.Generator().manual_seed(learn.config.seed),
+                                    keep=False)
+        if source.n_batches == 0:
+            raise DataError("lr_find: the training set gives no batch; add images or lower --bs")
+        params = [p for p in source.module.parameters() if p.requires_grad]
+        if not params:
+            raise UrsaError("lr_find: nothing to train, every parameter is frozen")
+        opt = make_optimizer([{"params": params, "lr": schedule[0]}], learn.config.wd)
+        if use_cache:  # a small head: thread start-up costs more than it saves (a lot on a busy CPU)
+            torch.set_num_threads(1)
+        learn.run(math.ceil(len(schedule) / source.n_batches) + 1, source, opt, stage="lr_find", bf16=bf16,
                   validate=False, cbs=[finder])
     finally:
         torch.set_num_threads(threads)
+        finder.restore(learn)  # also when the sweep never started
     losses = finder.losses
     smoothed = smooth(losses, beta)
     lrs = schedule[:len(losses)]

@@ -94,8 +94,8 @@ def recalibrate_bn(head: nn.Module, batches: Sequence[torch.Tensor]) -> None:
     collapses to one class; an equal-weight average over the whole epoch fixes that cheaply.
     """
     bns = batchnorms(head)
-    if not bns:
-        return
+    if not bns or not any(len(xb) > 1 for xb in batches):
+        return  # nothing to estimate from (a cancelled epoch): keep the statistics it has
     saved = [m.momentum for m in bns]
     for m in bns:
         m.reset_running_stats()

@@ -98,6 +98,9 @@ def train(cfg: TrainConfig, console: Console | None = None) -> TrainResult:
     files = write_run(cfg.out, learn, cfg, ds, {
         "data": str(cfg.data), "images": f"{len(ds.train_idx)} train / {len(ds.valid_idx)} valid",
         "time": f"{time.perf_counter() - t0:.0f} s"}, console)
+    if files.diverged:  # the rules saw what the guard did not (a fit cancelled mid-epoch): still no model file
+        found = next(a for a in files.advice if a.rule == "diverged")
+        raise DivergedError(f"{found.text()} See {cfg.out / 'advice.txt'}; no model file was written.")
     last = learn.recorder.rows[-1] if learn.recorder.rows else {}
     metrics = {k: last.get(k) for k in ("valid_loss", "error_rate", "accuracy")}
     return TrainResult(cfg.out, files.model, metrics, time.perf_counter() - t0, peak_rss_mb(learn.dls.num_workers > 0),

@@ -36,6 +36,11 @@ class RunFiles:
     notes: list[str] = field(default_factory=list)
     report: dict[str, Path] = field(default_factory=dict)
 
+    @property
+    def diverged(self) -> bool:
+        """The run diverged: there is no model file, and the advice says why."""
+        return any(a.rule == "diverged" for a in self.advice)
+
 
 def write_run(out: Path, learn: Learner, cfg: TrainConfig, ds: ImageDataset, info: dict[str, Any] | None = None,
               console: Console | None = None) -> RunFiles:
@@ -43,8 +48,6 @@ def write_run(out: Path, learn: Learner, cfg: TrainConfig, ds: ImageDataset, inf
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     config = cfg.to_json()
-    atomic_write_text(out / "config.json", json.dumps(config, indent=1) + "\n")
-    ds.write_split(out / "split.csv")
     r = learn.recorder
     atomic_write_text(out / "history.csv", r.history_csv())
     plot_losses(r.batch_losses, r.batch_epochs, r.rows, out / "losses.png")
@@ -53,9 +56,13 @@ def write_run(out: Path, learn: Learner, cfg: TrainConfig, ds: ImageDataset, inf
     h = r.history(learn.diverged)
     advice = advise(h)
     notes: list[str] = []
-    if learn.diverged:
+    earlier = (out / "model.safetensors").exists()
+    if not (learn.diverged and earlier):  # an earlier run's model keeps the settings and split it was made with
+        atomic_write_text(out / "config.json", json.dumps(config, indent=1) + "\n")
+        ds.write_split(out / "split.csv")
+    if learn.diverged or any(a.rule == "diverged" for a in advice):
         notes.append("No model file was written by this run." + (
-            " (model.safetensors in this folder is from an earlier run.)" if (out / "model.safetensors").exists() else ""))
+            " (model.safetensors, config.json and split.csv in this folder are from an earlier run.)" if earlier else ""))
         write_advice(out / "advice.txt", advice, h, notes)
         report = write_report(out, None, h, run_plots(out), {"title": "ursa training report: diverged",
                                                              "run folder": str(out)}, notes)

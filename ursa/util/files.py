@@ -47,6 +47,21 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
             os.fsync(f.fileno())
 
 
+def write_staged(path: str | Path, data: bytes, tag: str = "part") -> Path:
+    """The first half of a two-phase atomic write: data fsynced under a hidden name beside path.
+
+    The caller moves it into place later with os.replace (after recording why, say); until then
+    readers see only the old file. The name is unique per process and target.
+    """
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{tag}")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    return tmp
+
+
 def atomic_write_text(path: str | Path, text: str) -> None:
     """Text version of atomic_write_bytes (UTF-8)."""
     atomic_write_bytes(path, text.encode("utf-8"))

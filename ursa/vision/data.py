@@ -21,8 +21,19 @@ from ursa.vision.images import is_image_file
 
 log = logging.getLogger("ursa")
 
+VALID_PCT = 0.2  # share of images held out for validation, unless told otherwise
+SEED = 42  # seed of the split, unless told otherwise
 VALID_NAMES = ("valid", "val", "validation", "test")
 SKIP_DIRS = {"_quarantine", "__pycache__", "models"}
+
+
+def split_settings(config: dict | None) -> tuple[float, int]:
+    """(valid_pct, split seed) of a run's config: its split_seed, else its seed; the defaults for a model without one."""
+    config = config or {}
+    seed = config.get("split_seed")
+    if seed is None:
+        seed = config.get("seed", SEED)
+    return float(config.get("valid_pct", VALID_PCT)), int(seed)
 
 
 def is_valid_split(rel_path: str, valid_pct: float, seed: int) -> bool:
@@ -105,7 +116,7 @@ def _check_classes(classes: list[str], counts: dict[str, int], where: Path) -> N
         raise DataError(f"{where}: {found}; a classifier needs at least two class folders, one per label")
 
 
-def from_folder(root: str | Path, valid_pct: float = 0.2, seed: int = 42) -> ImageDataset:
+def from_folder(root: str | Path, valid_pct: float = VALID_PCT, seed: int = SEED) -> ImageDataset:
     """One sub-folder per class (or train/ and valid/ folders of class folders)."""
     root = _existing_dir(root)
     _check_pct(valid_pct)
@@ -152,7 +163,7 @@ def _from_train_valid(root: Path, train: Path, valid: Path) -> ImageDataset:
     return ImageDataset(root, files, labels, classes, is_valid)
 
 
-def from_csv(root: str | Path, csv_path: str | Path, valid_pct: float = 0.2, seed: int = 42) -> ImageDataset:
+def from_csv(root: str | Path, csv_path: str | Path, valid_pct: float = VALID_PCT, seed: int = SEED) -> ImageDataset:
     """A CSV of name,label (optional is_valid) with names relative to root: fastai's cleaned.csv."""
     root = _existing_dir(root)
     _check_pct(valid_pct)
@@ -188,7 +199,7 @@ def from_csv(root: str | Path, csv_path: str | Path, valid_pct: float = 0.2, see
     return ds
 
 
-def load_dataset(root: str | Path, csv_path: str | Path | None = None, valid_pct: float = 0.2, seed: int = 42) -> ImageDataset:
+def load_dataset(root: str | Path, csv_path: str | Path | None = None, valid_pct: float = VALID_PCT, seed: int = SEED) -> ImageDataset:
     """Pick the reader for the layout given."""
     if csv_path is not None:
         return from_csv(root, csv_path, valid_pct, seed)

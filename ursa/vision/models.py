@@ -19,10 +19,10 @@ import torch
 from torch import nn
 
 from ursa.errors import ArchError
+from ursa.vision import DEFAULT_ARCH
 
 log = logging.getLogger("ursa")
 
-DEFAULT_ARCH = "efficientnet_lite0"
 
 
 @dataclass(frozen=True)

@@ -14,10 +14,9 @@ from rich.console import Console
 from ursa.apps.clean.decisions import Decisions, check_writable
 from ursa.apps.clean.ranking import DUP_THRESHOLD, Rankings, rank
 from ursa.apps.clean.scores import Scores, score_dataset
-from ursa.diagnose.interpret import split_settings
 from ursa.inference.modelfile import load_model
 from ursa.util.progress import progress_bar
-from ursa.vision.data import load_dataset
+from ursa.vision.data import load_dataset, split_settings
 
 log = logging.getLogger("ursa")
 
