@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -159,10 +159,6 @@ class TrainConfig:
         if kw.get("unfreeze_lr") is not None:
             kw["unfreeze_lr"] = tuple(kw["unfreeze_lr"])
         return cls(**kw)
-
-    def with_changes(self, **changes: Any) -> "TrainConfig":
-        """A copy with some options changed (validated again)."""
-        return replace(self, **changes)
 
 
 def read_run_config(run: str | Path) -> dict[str, Any] | None:

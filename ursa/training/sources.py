@@ -133,18 +133,3 @@ class CachedFeatures:
         v = self.cache.valid
         probs = torch.cat([self.module(v[i:i + 1024]).softmax(1) for i in range(0, len(v), 1024)])
         return metrics_from_probs(probs, self.cache.valid_y)
-
-
-def cycle(source: BatchSource) -> Iterator[Batch]:
-    """Batches without end, pass after pass (the LR finder may want more batches than an epoch has)."""
-    epoch = 0
-    while True:
-        n = 0
-        for b in source.batches(epoch):
-            n += 1
-            yield b
-        if n == 0:
-            from ursa.errors import DataError
-
-            raise DataError("the training set gives no batch; add images or lower --bs")
-        epoch += 1
