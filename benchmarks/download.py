@@ -50,7 +50,8 @@ def run_download(urls: list[str], workers: int, per_host: int = 4) -> tuple[floa
 
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
-        s = download_images({"bears": urls}, tmp, workers=workers, per_host=per_host, max_pics=0, progress=False)
+        s = download_images({"bears": urls}, tmp, workers=workers, per_host=per_host, max_pics=0, progress=False,
+                            allow_private=True)  # the servers are on 127.0.0.x
         dt = time.perf_counter() - t0
     return dt, s.saved + s.duplicate, s.failed
 

@@ -8,6 +8,7 @@ Routes (every path may carry any query string; stateful routes count per full pa
     /ratelimit/<s>/<name>  429 with ``Retry-After: <s>`` the first time, then the image
     /slow/<s>/<name>     sleeps <s> seconds before answering with the image
     /redirect/<n>/<name> a chain of <n> 302s ending at /img/<name>
+    /goto?url=<URL>      a 302 to any URL, e.g. another host (address-rule tests)
     /loop                a redirect to itself, forever
     /html                an HTML page that claims ``Content-Type: image/jpeg``
     /truncated/<name>    promises the full Content-Length, sends half, closes
@@ -30,7 +31,7 @@ import time
 from collections import Counter
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from urllib.parse import urlsplit
+from urllib.parse import parse_qs, urlsplit
 
 SHARED_BEARS = Path(__file__).resolve().parents[1].parent / "shared" / "datasets" / "bears"
 
@@ -171,6 +172,9 @@ def _make_handler(server: FaultServer) -> type[BaseHTTPRequestHandler]:
             elif route == "redirect" and len(args) >= 2:
                 n = int(args[0])
                 target = f"/redirect/{n - 1}/{'/'.join(args[1:])}" if n > 1 else f"/img/{'/'.join(args[1:])}"
+                self._send(302, b"", "text/plain", {"Location": target})
+            elif route == "goto":
+                target = parse_qs(urlsplit(self.path).query).get("url", [""])[0]
                 self._send(302, b"", "text/plain", {"Location": target})
             elif route == "loop":
                 self._send(302, b"", "text/plain", {"Location": self.path})

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import io
+import os
 import shutil
 import struct
 import zlib
@@ -260,3 +261,47 @@ def test_read_only_folder_is_refused_even_for_root(tmp_path):
         assert (root / "good" / "zero.jpg").exists() and not (root / "verify.csv").exists()
     finally:
         root.chmod(0o755)
+
+
+def _make_unreadable(path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+    """chmod 000; as root that does not stop reads, so then every open() of this file raises PermissionError."""
+    path.chmod(0)
+    try:
+        with open(path, "rb"):
+            pass
+    except PermissionError:
+        return "chmod"
+    import builtins
+
+    real_open = builtins.open
+    target = path.resolve()
+
+    def denying_open(file, *args, **kwargs):
+        if isinstance(file, (str, os.PathLike)) and Path(file).resolve() == target:
+            raise PermissionError(13, "Permission denied", str(file))
+        return real_open(file, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", denying_open)  # Pillow and verify both open through builtins.open
+    return "simulated (running as root)"
+
+
+def test_unreadable_file_is_reported_and_left_in_place(tmp_path, monkeypatch):
+    root = tmp_path / "data"
+    (root / "c").mkdir(parents=True)
+    (root / "c" / "ok.jpg").write_bytes(_jpeg())
+    secret = root / "c" / "secret.jpg"
+    secret.write_bytes(_jpeg(color=(1, 2, 3)))
+    _make_unreadable(secret, monkeypatch)
+    try:
+        for delete in (False, True):  # not corrupt, so neither moved nor deleted
+            s = verify_images(root, delete=delete, workers=1, progress=False)
+            assert (s.ok, s.unreadable, s.quarantined, s.deleted) == (1, 1, 0, 0)
+            assert not s.problems
+            assert secret.exists() and not (root / "_quarantine").exists()
+            row = by_file(read_report(root))["c/secret.jpg"]
+            assert row["status"] == "unreadable"
+            assert "permission denied" in row["reason"] and "chmod u+r" in row["reason"]
+        assert "could not be read (permission denied)" in s.format()
+        assert s.to_dict()["unreadable"] == 1
+    finally:
+        secret.chmod(0o644)

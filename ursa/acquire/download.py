@@ -8,15 +8,19 @@ The lesson saves image-search URLs into ``urls_<class>.txt`` files and downloads
 * images land in ``DEST/<class>/00000000.jpg``... written to a temporary name and renamed, so
   there is never a partial image; the extension is the real format sniffed from the bytes
   (``.jpg``, ``.png``, ``.gif``, ``.webp``...), or ``.jpg`` when the image was shrunk;
-* the type is decided from the bytes and a full decode (``ursa.vision.images.open_image``), never
-  from the Content-Type header: an HTML page is a failure, not a file;
+* the type is decided from the bytes and a decode of every byte (``ursa.vision.images.open_image``,
+  at reduced size, within a memory budget), never from the Content-Type header: an HTML page is a
+  failure, not a file;
+* only public addresses are fetched (after DNS, on every redirect hop; ``allow_private`` opens
+  this machine and the local network), and a malformed URL line is one failed row, not a crash;
 * fetching is concurrent (asyncio + httpx) and polite: at most ``per_host`` requests to one
   host at a time, retries with backoff on timeouts, 429 (honouring Retry-After, capped) and
   5xx, a size cap checked while streaming, and a deadline per URL;
 * identical content within a class is stored once (sha256) and recorded as ``duplicate``.
 
-Failed URLs are retried on the next run (``retry_failed=False`` keeps them as they are);
-saved, duplicate and refused URLs are never fetched again.
+Failed URLs, and URLs refused for their address, are tried again on the next run
+(``retry_failed=False`` keeps them as they are); saved, duplicate and other refused URLs are never
+fetched again.
 
 This module is the run (host pool, order, resume, lock); ``urls`` reads the lists, ``fetch``
 gets and checks one URL, ``manifest`` records it.
@@ -36,9 +40,12 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping
 from urllib.parse import urlsplit
 
-from ursa.acquire.fetch import USER_AGENT, FetchOptions, fetch, one_line, prepare_image
+from ursa.acquire.addresses import ALLOW_HINT, AddressPolicy
+from ursa.acquire.fetch import (
+    FetchOptions, HostPool, MemoryBudget, decode_blocks, fetch, inspect_image, one_line, prepare_image,
+)
 from ursa.acquire.manifest import DONE_STATUSES, MANIFEST_NAME, DownloadSummary, ManifestWriter, read_manifest
-from ursa.acquire.urls import DownloadError, load_url_lists
+from ursa.acquire.urls import DownloadError, load_url_lists, url_problem
 from ursa.errors import ImageError
 from ursa.util.files import atomic_write_bytes
 from ursa.util.numbers import parse_bytes
@@ -77,39 +84,6 @@ def _interleave_by_host(items: list[tuple[str, str]]) -> list[tuple[str, str]]:
             out.append(q.popleft())
         queues = [q for q in queues if q]
     return out
-
-
-class _HostPool:
-    """One semaphore and one small httpx client per host.
-
-    The semaphore keeps at most ``per_host`` requests on a site. A client per host (sharing
-    one SSL context) keeps each connection pool small: httpcore scans every pooled connection
-    on every request, which costs more CPU than the download itself once a pool holds dozens.
-    """
-
-    def __init__(self, per_host: int, timeout: float) -> None:
-        import httpx
-
-        self.per_host = per_host
-        self.ssl = httpx.create_ssl_context()
-        self.timeout = httpx.Timeout(timeout, pool=None)
-        self.hosts: dict[str, tuple[Any, asyncio.Semaphore]] = {}
-
-    def get(self, url: str) -> tuple[Any, asyncio.Semaphore]:
-        import httpx
-
-        host = urlsplit(url).netloc.lower()
-        if host not in self.hosts:
-            client = httpx.AsyncClient(
-                follow_redirects=True, max_redirects=5, timeout=self.timeout, verify=self.ssl,
-                limits=httpx.Limits(max_connections=self.per_host, max_keepalive_connections=self.per_host),
-                headers={"User-Agent": USER_AGENT},
-            )
-            self.hosts[host] = (client, asyncio.Semaphore(self.per_host))
-        return self.hosts[host]
-
-    async def aclose(self) -> None:
-        await asyncio.gather(*(client.aclose() for client, _ in self.hosts.values()), return_exceptions=True)
 
 
 def _scan_class(dest: Path, cls: str, rows: list[dict[str, str]]) -> _ClassState:
@@ -158,10 +132,12 @@ async def _run(
     per_host: int,
     max_pics: int,
     progress: Any,
+    policy: AddressPolicy,
 ) -> None:
     for st in states.values():
         st.cond = asyncio.Condition()
-    hosts = _HostPool(per_host, opt.timeout)
+    hosts = HostPool(per_host, opt.timeout, policy)
+    budget = MemoryBudget(opt.decode_memory)
     queue = deque(_interleave_by_host(items))
     task_id = progress.add_task("downloading", total=len(queue)) if progress else None
 
@@ -171,6 +147,8 @@ async def _run(
         writer.write({"url": url, "class": cls, "file": file, "status": status, "http_status": http_status,
                       "error": error, "bytes": nbytes, "sha256": sha})
         summary.add(cls, status, kind if status == "failed" else None)
+        if status == "refused" and ALLOW_HINT in error:
+            summary.refused_address += 1
 
     def advance() -> None:
         if progress:
@@ -193,15 +171,21 @@ async def _run(
             client, sem = hosts.get(url)
             got = await fetch(client, url, sem, opt)
             if got.data is None:
-                record(cls, url, "failed", http_status=got.http_status, kind=got.kind, detail=got.detail)
-                return
-            try:
-                prep = await asyncio.to_thread(prepare_image, got.data, got.content_type, opt)
-            except ImageError as e:
-                record(cls, url, "failed", http_status=got.http_status, kind=e.kind, detail=e.reason,
-                       nbytes=len(got.data))
+                status = "refused" if got.kind == "refused" else "failed"
+                record(cls, url, status, http_status=got.http_status, kind=got.kind, detail=got.detail)
                 return
             n = len(got.data)
+            try:
+                head = await asyncio.to_thread(inspect_image, got.data, got.content_type, opt)
+                if head.sha256 in st.hashes:  # known content: no need to decode it again
+                    record(cls, url, "duplicate", file=st.hashes[head.sha256], http_status=got.http_status,
+                           nbytes=n, sha=head.sha256)
+                    return
+                async with budget.hold(head.cost):  # decodes together only while they fit in memory
+                    prep = await asyncio.to_thread(prepare_image, got.data, got.content_type, opt, head.sha256)
+            except ImageError as e:
+                record(cls, url, "failed", http_status=got.http_status, kind=e.kind, detail=e.reason, nbytes=n)
+                return
             if prep.sha256 in st.hashes:
                 record(cls, url, "duplicate", file=st.hashes[prep.sha256], http_status=got.http_status,
                        nbytes=n, sha=prep.sha256)
@@ -249,10 +233,15 @@ async def _run(
         await hosts.aclose()
 
 
+def _retry_row(row: Mapping[str, str]) -> bool:
+    """Whether a row's URL is worth another try: it failed, or its address was refused (the rule may allow it now)."""
+    return row["status"] == "failed" or (row["status"] == "refused" and ALLOW_HINT in row["error"])
+
+
 def _plan_resume(
     manifest: Path, lists: Mapping[str, list[str]], retry_failed: bool
 ) -> tuple[list[dict[str, str]], bool]:
-    """Rows to keep from an earlier run (one per URL; failed ones to retry dropped) and whether to rewrite."""
+    """Rows to keep from an earlier run (one per URL; the ones to try again dropped) and whether to rewrite."""
     latest: dict[tuple[str, str], dict[str, str]] = {}
     old_rows = read_manifest(manifest)
     for r in old_rows:
@@ -261,7 +250,7 @@ def _plan_resume(
             continue  # a finished row is never replaced by a failed one
         latest[key] = r
     wanted = {(cls, u) for cls, urls in lists.items() for u in urls}
-    keep = [r for k, r in latest.items() if not (retry_failed and r["status"] == "failed" and k in wanted)]
+    keep = [r for k, r in latest.items() if not (retry_failed and _retry_row(r) and k in wanted)]
     torn = manifest.exists() and manifest.stat().st_size > 0 and not manifest.read_bytes().endswith(b"\n")
     return keep, len(keep) != len(old_rows) or torn
 
@@ -304,6 +293,9 @@ def download_images(
     retry_failed: bool = True,
     max_pixels: int = MAX_PIXELS,
     progress: bool = True,
+    allow_private: bool = False,
+    decode_memory: int | str = "512MB",
+    address_policy: AddressPolicy | None = None,
 ) -> DownloadSummary:
     """Download every URL of every class into ``dest/<class>/`` and account for each one in downloads.csv.
 
@@ -311,9 +303,15 @@ def download_images(
     ``max_pics``: most images saved per class (0 = no cap). ``max_size``: shrink the long side to
     this (0 = keep). ``deadline``: most seconds spent on one URL, retries included (default 6 x
     ``timeout``). Failed URLs of an earlier run are retried unless ``retry_failed`` is False.
+    ``allow_private``: also fetch from this machine and private networks (loopback, 10/8,
+    192.168/16, link-local...); metadata, unspecified and multicast addresses stay refused.
+    ``decode_memory``: the memory decodes in flight may use together (one bigger image runs alone).
+    ``address_policy``: the address rule in full (allowed networks, a resolver); overrides ``allow_private``.
     """
     lists = load_url_lists(url_files)
     max_bytes = parse_bytes(max_bytes)
+    decode_memory = parse_bytes(decode_memory, "decode_memory")
+    policy = address_policy if address_policy is not None else AddressPolicy(allow_private=allow_private)
     for name, value, low in (("--workers", workers, 1), ("--per-host", per_host, 1), ("--max-pics", max_pics, 0),
                              ("--max-size", max_size, 0), ("--retries", retries, 0)):
         if value < low:
@@ -350,6 +348,7 @@ def download_images(
             max_bytes=max_bytes,
             max_size=max_size,
             max_pixels=max_pixels,
+            decode_memory=decode_memory,
         )
         started = time.perf_counter()
         writer = ManifestWriter(manifest, keep, rewrite)
@@ -361,19 +360,21 @@ def download_images(
                         summary.skipped += 1
                         summary.per_class[cls]["skipped"] += 1
                         continue
-                    scheme = urlsplit(url).scheme.lower()
-                    if scheme not in ("http", "https"):
-                        what = f"{scheme}: URL" if scheme else "no scheme (not a full URL)"
-                        writer.write({"url": url, "class": cls, "file": "", "status": "refused", "http_status": "",
-                                      "error": f"refused: {what}; only http and https are downloaded",
-                                      "bytes": "", "sha256": ""})
-                        summary.add(cls, "refused")
+                    problem = url_problem(url)
+                    if problem is not None:  # a refused scheme or a malformed line: one row, the run goes on
+                        status, reason = problem
+                        kind = "refused" if status == "refused" else "bad_url"
+                        writer.write({"url": url, "class": cls, "file": "", "status": status, "http_status": "",
+                                      "error": f"{kind}: {one_line(reason)}", "bytes": "", "sha256": ""})
+                        summary.add(cls, status, kind if status == "failed" else None)
                         continue
                     items.append((cls, url))
             bar = progress_bar(transient=False, unit="URLs") if progress and items else None
             with bar or contextlib.nullcontext():
                 if items:
-                    asyncio.run(_run(items, states, dest, writer, summary, opt, workers, per_host, max_pics, bar))
+                    with decode_blocks():
+                        asyncio.run(_run(items, states, dest, writer, summary, opt, workers, per_host, max_pics,
+                                         bar, policy))
         finally:
             writer.close()
             summary.elapsed = time.perf_counter() - started

@@ -1,13 +1,18 @@
 """Fetching one URL politely and deciding from its bytes whether it is an image worth saving.
 
 HTTP goes through httpx: a GET streamed under a size cap, retries with backoff on timeouts,
-429 (honouring Retry-After, capped) and 5xx, all within a deadline per URL. The type is decided
-from the bytes and a full decode (``ursa.vision.images.open_image``), never from Content-Type.
+429 (honouring Retry-After, capped) and 5xx, all within a deadline per URL; every connection,
+redirect hops included, goes through the address rule of ``ursa.acquire.addresses``. The type is
+decided from the bytes and a decode of every byte (``ursa.vision.images.open_image``), never from
+Content-Type. The decode is at reduced size (what is saved is at most ``--max-size`` long), its
+cost is read from the header first, and the run holds decodes to a memory budget
+(``MemoryBudget``), so many large images at once cannot exhaust memory whatever the core count.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import email.utils
 import hashlib
 import io
@@ -15,13 +20,18 @@ import random
 import re
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, AsyncIterator, Iterator
+from urllib.parse import urlsplit
 
+from ursa.acquire.addresses import AddressPolicy, AddressRefused, GuardedTransport
 from ursa.errors import ImageError
-from ursa.vision.images import open_image, sniff_format
+from ursa.vision.images import ImageInfo, decode_cost, open_image, read_header, sniff_format
 
 USER_AGENT = "Mozilla/5.0 (compatible; ursa-download/0.1; image classifier course tool)"
 RETRY_STATUSES = frozenset({408, 425, 429, 500, 502, 503, 504})
+# The long side an image is checked at when it is kept as downloaded (--max-size 0): every byte is
+# still decoded, at JPEG's reduced scale or reduced right after decoding.
+CHECK_SIDE = 1024
 EXTENSIONS = {"JPEG": ".jpg", "MPO": ".jpg", "PNG": ".png", "GIF": ".gif", "WEBP": ".webp", "BMP": ".bmp", "TIFF": ".tif"}
 
 
@@ -37,6 +47,12 @@ class FetchOptions:
     max_bytes: int
     max_size: int
     max_pixels: int
+    decode_memory: int = 512 * 1024 * 1024
+
+    @property
+    def decode_side(self) -> int:
+        """The long side images are decoded at: what is saved, or what is enough to check them."""
+        return self.max_size or CHECK_SIDE
 
 
 @dataclass
@@ -58,6 +74,105 @@ class Prepared:
     out: bytes
     file_sha256: str
     ext: str
+
+
+# Pillow allocates a big image in blocks of this size. Blocks over glibc's largest mmap threshold
+# (32 MiB) are mapped and unmapped on their own, so a decoded image goes back to the system when it
+# is freed; Pillow's default 16 MiB blocks stay in each decoding thread's malloc arena instead,
+# and six threads each keeping a 320 MB image's worth took the run to 1.3 GB where one needs 0.35.
+DECODE_BLOCK_SIZE = 64 * 1024 * 1024
+
+
+@contextlib.contextmanager
+def decode_blocks() -> Iterator[None]:
+    """Make Pillow allocate images in DECODE_BLOCK_SIZE blocks for the block, then restore its setting."""
+    from PIL import Image
+
+    core = Image.core
+    get, put = getattr(core, "get_block_size", None), getattr(core, "set_block_size", None)
+    if get is None or put is None:  # another Pillow: its own allocation, as before
+        yield
+        return
+    before = get()
+    put(max(before, DECODE_BLOCK_SIZE))
+    try:
+        yield
+    finally:
+        put(before)
+
+
+@dataclass
+class Inspected:
+    """What the header says before any pixel is decoded: sha256 of the bytes, format and size, decode cost."""
+
+    sha256: str
+    info: ImageInfo
+    cost: int
+
+
+class MemoryBudget:
+    """A semaphore weighted by bytes: decodes run together only while their declared costs fit.
+
+    One decode bigger than the whole budget still runs, alone. Bounding decodes by memory rather
+    than by threads keeps a run of huge images small on any machine, and small images fast.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = max(1, limit)
+        self.used = 0
+        self.cond = asyncio.Condition()
+
+    @contextlib.asynccontextmanager
+    async def hold(self, cost: int) -> AsyncIterator[None]:
+        """Wait until cost fits in what is left of the budget, hold it for the block."""
+        cost = min(max(cost, 0), self.limit)
+        async with self.cond:
+            await self.cond.wait_for(lambda: self.used + cost <= self.limit)
+            self.used += cost
+        try:
+            yield
+        finally:
+            async with self.cond:
+                self.used -= cost
+                self.cond.notify_all()
+
+
+class HostPool:
+    """One semaphore and one small httpx client per host.
+
+    The semaphore keeps at most ``per_host`` requests on a site. A client per host (sharing
+    one SSL context) keeps each connection pool small: httpcore scans every pooled connection
+    on every request, which costs more CPU than the download itself once a pool holds dozens.
+    Every client connects through the address rule (``GuardedTransport``).
+    """
+
+    def __init__(self, per_host: int, timeout: float, policy: AddressPolicy) -> None:
+        import httpx
+
+        self.per_host = per_host
+        self.policy = policy
+        self.ssl = httpx.create_ssl_context()
+        self.timeout = httpx.Timeout(timeout, pool=None)
+        self.hosts: dict[str, tuple[Any, asyncio.Semaphore]] = {}
+
+    def get(self, url: str) -> tuple[Any, asyncio.Semaphore]:
+        """The client and the semaphore for this URL's host, made on first use."""
+        import httpx
+
+        host = urlsplit(url).netloc.lower()
+        if host not in self.hosts:
+            limits = httpx.Limits(max_connections=self.per_host, max_keepalive_connections=self.per_host)
+            client = httpx.AsyncClient(
+                follow_redirects=True, max_redirects=5, timeout=self.timeout, trust_env=False,
+                transport=GuardedTransport(self.policy, verify=self.ssl, limits=limits),
+                headers={"User-Agent": USER_AGENT},
+            )
+            self.hosts[host] = (client, asyncio.Semaphore(self.per_host))
+        return self.hosts[host]
+
+    async def aclose(self) -> None:
+        """Close every client (and its connections) at the end of the run."""
+        await asyncio.gather(*(client.aclose() for client, _ in self.hosts.values()), return_exceptions=True)
 
 
 class _Retry(Exception):
@@ -136,6 +251,11 @@ async def _attempt(client: Any, url: str, opt: FetchOptions) -> Fetched:
             return Fetched(bytes(buf), status, content_type=ctype)
     except _Retry:
         raise
+    except AddressRefused as e:  # refused before connecting: nothing of it was sent or received
+        detail = e.reason
+        if e.kind == "refused" and e.host != _host_of(url):
+            detail += f" (a redirect from {_host_of(url)} led there)"
+        return Fetched(None, None, e.kind, detail)
     except httpx.TooManyRedirects:
         return Fetched(None, None, "redirect", "too many redirects (a redirect loop?)")
     except httpx.UnsupportedProtocol as e:
@@ -145,12 +265,30 @@ async def _attempt(client: Any, url: str, opt: FetchOptions) -> Fetched:
     except httpx.TimeoutException as e:
         raise _Retry(Fetched(None, None, "timeout", f"no answer within {opt.timeout:g} s ({type(e).__name__})"))
     except httpx.RemoteProtocolError as e:
+        if "location header" in str(e).lower():  # a redirect to a malformed URL: asking again will not help
+            return Fetched(None, None, "bad_url", f"malformed redirect target ({one_line(e)})")
         if expected is not None and received < expected:
             detail = f"connection closed after {received:,} of {expected:,} bytes"
             raise _Retry(Fetched(None, None, "truncated", detail))
         raise _Retry(Fetched(None, None, "connection", one_line(e) or "server closed the connection"))
     except (httpx.TransportError, OSError) as e:
         raise _Retry(Fetched(None, None, "connection", describe_transport_error(e)))
+    except ValueError as e:  # a redirect to a URL httpx cannot parse (a bad IDNA name, say)
+        return Fetched(None, None, "bad_url", f"malformed redirect target ({one_line(e)})")
+    except ExceptionGroup as eg:  # anyio's connect raises groups; name the first real cause
+        leaf: BaseException = eg
+        while isinstance(leaf, BaseExceptionGroup) and leaf.exceptions:
+            leaf = leaf.exceptions[0]
+        if isinstance(leaf, OverflowError):
+            return Fetched(None, None, "bad_url", f"port out of range 1-65535 ({one_line(leaf)})")
+        raise _Retry(Fetched(None, None, "connection", describe_transport_error(leaf)))
+
+
+def _host_of(url: str) -> str:
+    """The host of a URL already checked by urls.url_problem, as the connection sees it (ASCII, IDNA-encoded)."""
+    import httpx
+
+    return httpx.URL(url).raw_host.decode("ascii", errors="replace")
 
 
 async def fetch(client: Any, url: str, host_sem: asyncio.Semaphore, opt: FetchOptions) -> Fetched:
@@ -196,14 +334,23 @@ def _describe_non_image(data: bytes, content_type: str) -> str:
     return f"unknown content starting {data[:8]!r}, not an image{said}"
 
 
-def prepare_image(data: bytes, content_type: str, opt: FetchOptions) -> Prepared:
-    """Decide from the bytes whether this is an image, decode it fully, and shrink it if asked."""
+def inspect_image(data: bytes, content_type: str, opt: FetchOptions) -> Inspected:
+    """Decide from the bytes and the header alone whether this may be an image, and what decoding it costs."""
     if not data:
         raise ImageError("<download>", "empty response (0 bytes)", "empty")
     if sniff_format(data[:16]) is None:
         raise ImageError("<download>", _describe_non_image(data, content_type), "not_image")
-    im, info = open_image(data, max_pixels=opt.max_pixels, with_info=True)  # type: ignore[misc]
-    sha = hashlib.sha256(data).hexdigest()
+    info = read_header(data, max_pixels=opt.max_pixels)
+    return Inspected(hashlib.sha256(data).hexdigest(), info, decode_cost(info, opt.decode_side))
+
+
+def prepare_image(data: bytes, content_type: str, opt: FetchOptions, sha256: str | None = None) -> Prepared:
+    """Decide from the bytes whether this is an image, decode all of it at reduced size, and shrink it if asked."""
+    if sha256 is None:
+        sha256 = inspect_image(data, content_type, opt).sha256
+    im, info = open_image(  # type: ignore[misc]
+        data, max_pixels=opt.max_pixels, with_info=True, max_side=opt.decode_side
+    )
     if opt.max_size and max(info.size) > opt.max_size:
         from PIL import Image
 
@@ -211,5 +358,5 @@ def prepare_image(data: bytes, content_type: str, opt: FetchOptions) -> Prepared
         buf = io.BytesIO()
         im.save(buf, "JPEG", quality=90)
         out = buf.getvalue()
-        return Prepared(sha, out, hashlib.sha256(out).hexdigest(), ".jpg")
-    return Prepared(sha, data, sha, EXTENSIONS.get(info.format, ".jpg"))
+        return Prepared(sha256, out, hashlib.sha256(out).hexdigest(), ".jpg")
+    return Prepared(sha256, data, sha256, EXTENSIONS.get(info.format, ".jpg"))

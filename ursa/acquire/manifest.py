@@ -101,6 +101,7 @@ class DownloadSummary:
     refused: int = 0
     skipped: int = 0  # done by an earlier run (saved, duplicate or refused there)
     over_cap: int = 0  # not fetched: the class already had --max-pics images
+    refused_address: int = 0  # refused for pointing at this machine, a private network or metadata
     failures: Counter = field(default_factory=Counter)  # failure kind -> count
     per_class: dict[str, Counter] = field(default_factory=dict)
     elapsed: float = 0.0
@@ -128,6 +129,7 @@ class DownloadSummary:
             "refused": self.refused,
             "skipped": self.skipped,
             "over_cap": self.over_cap,
+            "refused_address": self.refused_address,
             "failures": dict(self.failures.most_common()),
             "per_class": {k: dict(v) for k, v in self.per_class.items()},
             "elapsed_s": round(self.elapsed, 3),
@@ -149,6 +151,11 @@ class DownloadSummary:
         lines.append(f"  {'total':<{width}}  " + "  ".join(f"{getattr(self, c):>9}" for c in cols))
         if self.over_cap:
             lines.append(f"\n{self.over_cap} URLs not fetched: their class already has --max-pics images.")
+        if self.refused_address:
+            lines.append(
+                f"\n{self.refused_address} URLs refused: they lead to this machine, a private network or a "
+                "cloud metadata address (reason in downloads.csv); --allow-private fetches from your own network."
+            )
         if self.failures:
             lines.append("\nFailed by reason:")
             for kind, n in self.failures.most_common():

@@ -12,7 +12,7 @@ import csv
 import re
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
-from urllib.parse import unquote
+from urllib.parse import unquote, urlsplit
 
 from ursa.errors import UrsaError
 
@@ -78,6 +78,55 @@ def parse_url_text(text: str) -> list[str]:
             seen.add(url)
             urls.append(url)
     return urls
+
+
+def _port_problem(netloc: str) -> str | None:
+    """Why the port of host[:port] cannot be used, or None (no port, or a number in 1-65535)."""
+    hostport = netloc.rpartition("@")[2]
+    if hostport.startswith("["):
+        port = hostport.partition("]")[2]
+        if port and not port.startswith(":"):
+            return f"text after the IPv6 address {hostport!r}; write http://[ADDRESS]:PORT/..."
+        port = port[1:]
+    else:
+        port = hostport.rpartition(":")[2] if ":" in hostport else ""
+    if not port:
+        return None
+    if not port.isdigit():
+        return f"port {port!r} is not a number"
+    if not 1 <= int(port) <= 65535:
+        return f"port {int(port)} is out of range 1-65535"
+    return None
+
+
+def url_problem(url: str) -> tuple[str, str] | None:
+    """Why a URL cannot be downloaded, as (status, reason): 'refused' for a scheme, 'failed' for a malformed URL."""
+    try:
+        parts = urlsplit(url)
+    except ValueError as e:  # e.g. http://[::1/x.jpg: an unclosed IPv6 bracket
+        return "failed", f"malformed URL ({e})"
+    scheme = parts.scheme.lower()
+    if scheme not in ("http", "https"):
+        what = f"{scheme}: URL" if scheme else "no scheme (not a full URL)"
+        return "refused", f"{what}; only http and https are downloaded"
+    port = _port_problem(parts.netloc)
+    if port:
+        return "failed", f"malformed URL: {port}"
+    try:
+        host = parts.hostname
+    except ValueError as e:
+        return "failed", f"malformed URL ({e})"
+    if not host:
+        return "failed", "malformed URL: no host name after http(s)://"
+    if any(c.isspace() or ord(c) < 32 for c in host):
+        return "failed", f"malformed URL: the host name {host!r} contains spaces or control characters"
+    try:
+        import httpx
+
+        httpx.URL(url).host  # what the request will parse: catches bad IDNA names, bad IPv6 literals
+    except (httpx.InvalidURL, ValueError) as e:  # IDNA errors are UnicodeErrors, hence ValueErrors
+        return "failed", f"malformed URL ({e})"
+    return None
 
 
 def parse_url_file(path: str | Path) -> list[str]:

@@ -10,7 +10,8 @@ an image, a decompression bomb, an unsupported format -- is
 
 and either way gets a row in ``FOLDER/verify.csv`` (file, status, reason). Rows are appended as
 files are handled and rows of earlier runs that moved, deleted or fixed something are kept,
-so nothing ever disappears without a record.
+so nothing ever disappears without a record. A file verify may not read (permission denied) is
+not called broken: it gets an ``unreadable`` row saying what to do and stays where it is.
 
 With ``fix=True``, images that decode but are not plain RGB/greyscale (CMYK, palette, RGBA,
 16-bit...) or are longer than ``max_size`` get an RGB copy (JPEG stays JPEG, anything else
@@ -26,24 +27,22 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import os
 import shutil
 import time
-from collections import Counter
 from concurrent.futures import ProcessPoolExecutor, as_completed
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Iterator
 
 from ursa.acquire.manifest import MANIFEST_NAME
+from ursa.acquire.verify_summary import QUARANTINE, UNREADABLE, VerifySummary
 from ursa.errors import ImageError, UrsaError
 from ursa.util.files import atomic_write_csv, csv_line, write_staged
 from ursa.util.progress import progress_bar
 from ursa.vision.images import MAX_PIXELS, is_image_file, open_image
 
 REPORT_NAME = "verify.csv"
-QUARANTINE = "_quarantine"
 REPORT_COLUMNS = ("file", "status", "reason")
 OK_MODES = frozenset({"RGB", "L"})
 JPEG_SUFFIXES = frozenset({".jpg", ".jpeg", ".jfif"})
@@ -67,69 +66,6 @@ class _Result:
     note: str = ""
     fixed_tmp: str = ""  # a fixed copy written next to the original, waiting to be renamed
     fixed_name: str = ""  # the name the fixed copy should get
-
-
-@dataclass
-class VerifySummary:
-    """What one verify run found and did."""
-
-    folder: Path
-    report: Path
-    ok: int = 0
-    quarantined: int = 0
-    deleted: int = 0
-    fixed: int = 0
-    problems: Counter = field(default_factory=Counter)  # kind -> count of broken files
-    ignored: list[str] = field(default_factory=list)  # files without an image extension, left alone
-    elapsed: float = 0.0
-
-    @property
-    def checked(self) -> int:
-        return self.ok + self.quarantined + self.deleted + self.fixed
-
-    @property
-    def images_per_s(self) -> float:
-        return self.checked / self.elapsed if self.elapsed > 0 else 0.0
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "folder": str(self.folder),
-            "report": str(self.report),
-            "checked": self.checked,
-            "ok": self.ok,
-            "quarantined": self.quarantined,
-            "deleted": self.deleted,
-            "fixed": self.fixed,
-            "problems": dict(self.problems.most_common()),
-            "ignored": self.ignored,
-            "elapsed_s": round(self.elapsed, 3),
-        }
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2)
-
-    def format(self) -> str:
-        """Plain-text summary: counts, problems by kind, where things went."""
-        lines = [
-            f"Checked {self.checked} images in {self.folder} in {self.elapsed:.1f} s "
-            f"({self.images_per_s:.0f} images/s)",
-            f"  ok           {self.ok:>6}",
-            f"  fixed        {self.fixed:>6}",
-            f"  quarantined  {self.quarantined:>6}",
-            f"  deleted      {self.deleted:>6}",
-        ]
-        if self.problems:
-            lines.append("Broken files by reason:")
-            for kind, n in self.problems.most_common():
-                lines.append(f"  {n:>6}  {kind}")
-        if self.quarantined or self.fixed:
-            lines.append(f"Moved files are in {self.folder / QUARANTINE} (originals of fixed files too).")
-        if self.ignored:
-            shown = ", ".join(self.ignored[:5]) + (", ..." if len(self.ignored) > 5 else "")
-            n = len(self.ignored)
-            lines.append(f"Left alone {n} file{'s' if n != 1 else ''} without an image extension: {shown}")
-        lines.append(f"Record of every file: {self.report}")
-        return "\n".join(lines)
 
 
 # ----------------------------------------------------------------------------- scanning
@@ -163,6 +99,14 @@ def _fix_target(path: Path, fmt: str) -> tuple[str, str]:
 def _check_one(path: Path, root: Path, fix: bool, max_size: int | None, max_pixels: int) -> _Result:
     """Decode one file fully; with fix, also write its RGB copy to a temporary name."""
     rel = path.relative_to(root).as_posix()
+    try:
+        with open(path, "rb"):  # a file we may not read is not a broken image: say so, touch nothing
+            pass
+    except PermissionError:
+        return _Result(rel, False, UNREADABLE, "permission denied: verify cannot read it, so it is left where it is; "
+                       "make it readable (chmod u+r on the file) and run verify again")
+    except OSError:
+        pass  # missing, a folder...: open_image says what it is
     try:
         im, info = open_image(path, max_pixels=max_pixels, with_info=True)  # type: ignore[misc]
     except ImageError as e:
@@ -277,6 +221,10 @@ def _apply_one(res: _Result, folder: Path, delete: bool, report: _Report, summar
     if res.ok and not res.fixed_tmp:
         report.write(res.rel, "ok", res.note)
         summary.ok += 1
+        return
+    if res.kind == UNREADABLE:  # not corrupt as far as anyone knows: recorded, never moved or deleted
+        report.write(res.rel, UNREADABLE, res.reason)
+        summary.unreadable += 1
         return
     if not res.ok:
         summary.problems[res.kind] += 1

@@ -9,11 +9,12 @@ faster than decoding full-size and resizing.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, Iterator
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
@@ -67,19 +68,34 @@ def _to_rgb(im: Image.Image) -> Image.Image:
     return im.convert("RGB")
 
 
-def open_image(
-    source: Source,
-    *,
-    min_size: int | None = None,
-    max_pixels: int = MAX_PIXELS,
-    with_info: bool = False,
-) -> Image.Image | tuple[Image.Image, ImageInfo]:
-    """Open, fully decode and convert to RGB, or raise ImageError saying why not.
+# Pillow's modes that Image.reduce() averages correctly; the others are converted to RGB first.
+_REDUCIBLE_MODES = frozenset({"L", "LA", "RGB", "RGBA", "I", "F", "CMYK", "YCbCr"})
+_DRAFT_MODES = frozenset({"RGB", "L", "CMYK", "YCbCr"})
 
-    ``min_size``: the short side the caller needs; JPEGs are then decoded at the smallest
-    1/2, 1/4 or 1/8 scale that still gives at least that (PIL ``draft``).
-    """
-    name = _name(source)
+
+@contextlib.contextmanager
+def _decoding(name: str) -> Iterator[None]:
+    """Turn whatever Pillow raises on a bad file into one ImageError with a kind."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            yield
+    except ImageError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise ImageError(name, f"image too large (decompression bomb): {e}", "too_large") from None
+    except UnidentifiedImageError:
+        raise ImageError(name, "not an image (Pillow cannot identify the content)", "not_image") from None
+    except (OSError, SyntaxError, ValueError, EOFError, IndexError, TypeError, KeyError) as e:
+        msg = str(e) or type(e).__name__
+        kind = "truncated" if "truncat" in msg.lower() or isinstance(e, EOFError) else "corrupt"
+        raise ImageError(name, f"cannot decode image ({msg})", kind) from None
+    except MemoryError:
+        raise ImageError(name, "image too large to decode in memory", "too_large") from None
+
+
+def _open_checked(source: Source, name: str, max_pixels: int) -> tuple[Image.Image, ImageInfo]:
+    """Open lazily (header only) and refuse a bomb or an unsupported format before any pixel is decoded."""
     if isinstance(source, bytes):
         if not source:
             raise ImageError(name, "empty file (0 bytes)", "empty")
@@ -95,42 +111,95 @@ def open_image(
         fp = p
     else:
         fp = source
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            im = Image.open(fp)
-            w, h = im.size
-            if w * h > max_pixels or w <= 0 or h <= 0:
-                raise ImageError(
-                    name,
-                    f"image too large: {w}x{h} pixels is over the limit of {max_pixels:,} "
-                    "(possible decompression bomb); shrink it or raise --max-size",
-                    "too_large",
-                )
-            fmt = im.format or "unknown"
-            if fmt not in SUPPORTED_FORMATS:
-                raise ImageError(name, f"unsupported image format {fmt}", "unsupported")
-            info = ImageInfo(fmt, im.mode, (w, h), getattr(im, "n_frames", 1))
-            if min_size and fmt == "JPEG" and im.mode in ("RGB", "L", "CMYK", "YCbCr"):
-                scale = min(w, h) / float(min_size)
-                if scale >= 2:
-                    im.draft("RGB", (max(1, int(w / scale)), max(1, int(h / scale))))
-            im.load()  # full decode: truncated data fails here
-            im = ImageOps.exif_transpose(im) or im
-            rgb = _to_rgb(im)
-            rgb.load()
-    except ImageError:
-        raise
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise ImageError(name, f"image too large (decompression bomb): {e}", "too_large") from None
-    except UnidentifiedImageError:
-        raise ImageError(name, "not an image (Pillow cannot identify the content)", "not_image") from None
-    except (OSError, SyntaxError, ValueError, EOFError, IndexError, TypeError, KeyError) as e:
-        msg = str(e) or type(e).__name__
-        kind = "truncated" if "truncat" in msg.lower() or isinstance(e, EOFError) else "corrupt"
-        raise ImageError(name, f"cannot decode image ({msg})", kind) from None
-    except MemoryError:
-        raise ImageError(name, "image too large to decode in memory", "too_large") from None
+    im = Image.open(fp)
+    w, h = im.size
+    if w * h > max_pixels or w <= 0 or h <= 0:
+        raise ImageError(
+            name,
+            f"image too large: {w}x{h} pixels is over the limit of {max_pixels:,} "
+            "(possible decompression bomb); shrink it or raise --max-size",
+            "too_large",
+        )
+    fmt = im.format or "unknown"
+    if fmt not in SUPPORTED_FORMATS:
+        raise ImageError(name, f"unsupported image format {fmt}", "unsupported")
+    return im, ImageInfo(fmt, im.mode, (w, h), getattr(im, "n_frames", 1))
+
+
+def _draft_scale(info: ImageInfo, min_size: int | None, max_side: int | None) -> float:
+    """How much a JPEG may be scaled down while decoding: short side >= min_size, long side >= max_side."""
+    if info.format not in ("JPEG", "MPO") or info.mode not in _DRAFT_MODES:
+        return 1.0
+    w, h = info.size
+    scales = [min(w, h) / float(min_size)] if min_size else []
+    scales += [max(w, h) / float(max_side)] if max_side else []
+    return min(scales) if scales else 1.0
+
+
+def _reduce(im: Image.Image, max_side: int) -> Image.Image:
+    """Shrink by a whole factor (box average) while the long side stays >= max_side."""
+    factor = max(im.size) // max_side
+    if factor < 2:
+        return im
+    if im.mode not in _REDUCIBLE_MODES:  # palette, 1-bit, 16-bit: average colours, not indices
+        im = _to_rgb(im)
+    return im.reduce(factor)
+
+
+def read_header(source: Source, *, max_pixels: int = MAX_PIXELS) -> ImageInfo:
+    """Format, mode and declared size from the header alone, so a caller can budget the decode first."""
+    name = _name(source)
+    with _decoding(name):
+        im, info = _open_checked(source, name, max_pixels)
+        im.close()
+    return info
+
+
+def decode_cost(info: ImageInfo, max_side: int | None = None) -> int:
+    """Bytes of memory ``open_image(..., max_side=max_side)`` needs at its peak, from the header alone."""
+    w, h = info.size
+    scale = _draft_scale(info, None, max_side)
+    if scale >= 2:  # libjpeg scales by 1/2, 1/4 or 1/8 while decoding
+        step = 8 if scale >= 8 else 4 if scale >= 4 else 2
+        w, h = -(-w // step), -(-h // step)
+    # Pillow keeps 1 byte per pixel for 1/L/P, 2 for 16-bit grey, 4 for everything else.
+    per_pixel = 1 if info.mode in ("1", "L", "P") else 2 if info.mode.startswith("I;16") else 4
+    decoded = w * h * per_pixel
+    converted = w * h * 8 if info.mode not in _REDUCIBLE_MODES else 0  # RGBA, then RGB, before reducing
+    factor = max(1, max(w, h) // max_side) if max_side else 1
+    result = (w // factor) * (h // factor) * 4 * 2  # EXIF rotation and RGB conversion copies
+    return decoded + converted + result
+
+
+def open_image(
+    source: Source,
+    *,
+    min_size: int | None = None,
+    max_pixels: int = MAX_PIXELS,
+    with_info: bool = False,
+    max_side: int | None = None,
+) -> Image.Image | tuple[Image.Image, ImageInfo]:
+    """Open, fully decode and convert to RGB, or raise ImageError saying why not.
+
+    ``min_size``: the short side the caller needs; JPEGs are then decoded at the smallest
+    1/2, 1/4 or 1/8 scale that still gives at least that (PIL ``draft``). ``max_side``: the
+    long side the caller needs; JPEGs are decoded at reduced scale the same way, other formats are
+    reduced right after decoding, so the copies made afterwards stay small (``decode_cost``).
+    Every byte is still decoded, so a truncated or corrupt file fails either way.
+    """
+    name = _name(source)
+    with _decoding(name):
+        im, info = _open_checked(source, name, max_pixels)
+        w, h = info.size
+        scale = _draft_scale(info, min_size, max_side)
+        if scale >= 2:
+            im.draft("RGB", (max(1, int(w / scale)), max(1, int(h / scale))))
+        im.load()  # full decode: truncated data fails here
+        if max_side:
+            im = _reduce(im, max_side)
+        im = ImageOps.exif_transpose(im) or im
+        rgb = _to_rgb(im)
+        rgb.load()
     return (rgb, info) if with_info else rgb
 
 
