@@ -9,7 +9,8 @@ import math
 import pytest
 
 from ursa.errors import UrsaError
-from ursa.util.files import atomic_path, atomic_write_csv, check_outside, csv_line
+from ursa.util.files import (FORMULA_START, atomic_path, atomic_write_csv, check_outside, csv_cell, csv_cell_value, csv_line,
+                             csv_row_values, csv_text)
 from ursa.util.numbers import human_bytes, parse_bytes, smooth, smooth_last
 
 
@@ -56,9 +57,43 @@ def test_csv_lines_quote_what_needs_quoting():
     assert csv_line(["x"], end="") == "x"
 
 
+def test_a_cell_with_a_line_break_is_quoted_whatever_the_line_end():
+    for end in ("\n", ""):
+        line = csv_line(["a\rb", "c\nd", "e"], end=end)
+        assert next(csv.reader(io.StringIO(line, newline=""))) == ["a\rb", "c\nd", "e"]
+
+
 def test_atomic_write_csv(tmp_path):
     p = atomic_write_csv(tmp_path / "t.csv", ["name", "n"], [["a", 1], ["b,c", 2]])
     assert list(csv.reader(p.open())) == [["name", "n"], ["a", "1"], ["b,c", "2"]]
+
+
+FORMULAS = ["=cmd|' /C calc'!A0", "+1+1", "-2+3", "@SUM(A1)", "\t=1", "\r=1", "-1.jpg", "-neg/0.png", "=", "-"]
+
+
+@pytest.mark.parametrize("text", FORMULAS)
+def test_formula_like_cells_are_escaped_and_read_back(text):
+    """OWASP's CSV-injection advice: a leading ' makes a spreadsheet show the text instead of running it."""
+    line = csv_line([text, "ok"])
+    cell = next(csv.reader(io.StringIO(line)))[0]
+    assert cell == "'" + text and not cell.startswith(FORMULA_START)
+    assert csv_cell_value(cell) == text
+    assert csv_cell(cell) == cell, "escaping is idempotent: a reader that rewrites what it read adds no quotes"
+
+
+@pytest.mark.parametrize("value", ["plain", "a=b", "", "'quoted", "-0.5", "-1e-05", "+3", "-inf", -2.5, 7, None])
+def test_ordinary_cells_and_numbers_are_written_as_they_are(value):
+    cell = next(csv.reader(io.StringIO(csv_line([value]))), [""])[0]
+    assert cell == ("" if value is None else str(value))
+    assert csv_cell_value(cell) == cell
+
+
+def test_every_csv_writer_escapes_and_the_readers_helper_undoes_it(tmp_path):
+    rows = [["=HYPERLINK(\"http://x\")", -1.5], ["@x", "y"]]
+    for text in (csv_text(["name", "n"], rows), atomic_write_csv(tmp_path / "t.csv", ["name", "n"], rows).read_text()):
+        got = list(csv.reader(io.StringIO(text)))
+        assert [c for r in got for c in r if c.startswith(FORMULA_START)] == ["-1.5"]  # a number is not a formula
+        assert [csv_row_values(r) for r in got[1:]] == [["=HYPERLINK(\"http://x\")", "-1.5"], ["@x", "y"]]
 
 
 def test_outputs_never_go_inside_the_data_folder(tmp_path):

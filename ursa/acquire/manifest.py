@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from ursa.acquire.urls import DownloadError
-from ursa.util.files import atomic_write_text, csv_line, csv_text
+from ursa.util.files import atomic_write_text, csv_line, csv_row_values, csv_text
 
 MANIFEST_NAME = "downloads.csv"
 MANIFEST_COLUMNS = ("url", "class", "file", "status", "http_status", "error", "bytes", "sha256")
@@ -61,7 +61,7 @@ def read_manifest(path: str | Path) -> list[dict[str, str]]:
     rows = []
     for row in csv.reader(lines[1:]):
         if len(row) == len(MANIFEST_COLUMNS) and row[3] in STATUSES:
-            rows.append(dict(zip(MANIFEST_COLUMNS, row)))
+            rows.append(dict(zip(MANIFEST_COLUMNS, csv_row_values(row))))
     return rows
 
 

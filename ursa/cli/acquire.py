@@ -27,6 +27,9 @@ def download_cmd(
     max_size: Annotated[int, typer.Option(help="Shrink the long side to this many pixels (0 = keep as is).")] = 1024,
     max_bytes: Annotated[str, typer.Option(help="Skip downloads bigger than this (e.g. 20MB, 500KB).")] = "20MB",
     retry_failed: Annotated[bool, typer.Option(help="Retry URLs that failed in an earlier run.")] = True,
+    allow_private: Annotated[
+        bool, typer.Option("--allow-private", help="Also fetch from this computer and private networks (refused by default).")
+    ] = False,
     json_out: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
     quiet: Quiet = False,
 ) -> None:
@@ -36,6 +39,7 @@ def download_cmd(
     summary = download_images(
         urls, dest, max_pics=max_pics, workers=workers, per_host=per_host, timeout=timeout, deadline=deadline,
         retries=retries, max_size=max_size, max_bytes=max_bytes, retry_failed=retry_failed, progress=not quiet,
+        allow_private=allow_private,
     )
     print(summary.to_json() if json_out else summary.format())
 

@@ -17,7 +17,7 @@ def predict_cmd(
     json_out: Annotated[bool, typer.Option("--json", help="One JSON object per line.")] = False,
     backend: Annotated[str, typer.Option("--backend", help=BACKEND_HELP)] = "auto",
 ) -> None:
-    """Predict the class of each image."""
+    """Predict the class of each image; exit status 1 when some could not be read (the rest are still predicted)."""
     import json
 
     from ursa.errors import ImageError
@@ -29,9 +29,9 @@ def predict_cmd(
         try:
             label, index, probs = pred.predict(f)
         except ImageError as e:
-            failed += 1
-            if len(images) == 1:
+            if len(images) == 1:  # the one input given is bad: a usage error, exit 2
                 raise UrsaError(f"{e}; give a JPEG, PNG, GIF, WEBP, BMP or TIFF image") from None
+            failed += 1
             typer.echo(f"error: {e}", err=True)
             continue
         if json_out:
@@ -39,7 +39,8 @@ def predict_cmd(
         else:
             typer.echo(f"{f}: {label} ({probs[label]:.3f})")
     if failed:
-        raise typer.Exit(2)
+        typer.echo(f"{failed} of {len(images)} images could not be read; the others were predicted", err=True)
+        raise typer.Exit(1)  # the job ran but did not fully succeed
 
 
 def export_cmd(

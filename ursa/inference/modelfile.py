@@ -4,29 +4,31 @@ Nothing is ever pickled, on save or on load: safetensors holds only tensors and 
 model file from a stranger cannot run code. The metadata says how to rebuild the network and
 preprocess an image (architecture, head, classes, input size, normalisation), and the training
 run's configuration (``config``: split seed, validation share, settings) so later stages need not
-guess them. ``config`` is optional: files written before it existed load with an empty one, so the
-format version stays "1".
+guess them. ``config`` and ``calibration`` (temperature scaling) are optional: files written before
+they existed load with empty ones, so the format version stays "1". Every field is checked on load
+against one schema (``inference.metaschema``), for the safetensors header and the ONNX export
+alike; the head is also checked against the weights' shapes before anything is allocated.
 """
 
 from __future__ import annotations
 
 import json
 import struct
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from ursa import __version__
 from ursa.errors import ModelFileError
-from ursa.vision.models import Classifier, HeadConfig, create_backbone
+from ursa.inference.metaschema import FORMAT, FORMAT_VERSION, REDO_ONNX, checked_fields
+from ursa.vision.models import Classifier, HeadConfig, create_backbone, create_head
 from ursa.util.files import atomic_path
 
-FORMAT = "ursa.model"
-FORMAT_VERSION = "1"
 ONNX_META_KEY = "ursa"  # an ONNX export's custom metadata key holding the full ModelMeta as JSON
 
 
@@ -42,6 +44,7 @@ class ModelMeta:
     head: dict[str, Any]
     metrics: dict[str, Any] = field(default_factory=dict)
     config: dict[str, Any] = field(default_factory=dict)  # the training run's configuration (optional)
+    calibration: dict[str, Any] = field(default_factory=dict)  # temperature scaling and threshold (optional)
     ursa_version: str = __version__
     created: str = ""
     format: str = FORMAT
@@ -58,37 +61,18 @@ class ModelMeta:
 
     @classmethod
     def from_json(cls, text: str, path: Path) -> "ModelMeta":
-        """Parse `to_json`'s form with the same checks as a header; keys this version does not know are ignored."""
+        """Parse `to_json`'s form with the same schema as a header; keys this version does not know are ignored."""
+        where = "ONNX file's ursa metadata"
         try:
             raw = json.loads(text)
-            known = {f.name for f in fields(cls)}
-            header = {k: v if isinstance(v, str) else json.dumps(v) for k, v in raw.items() if k in known}
-        except (ValueError, TypeError, AttributeError) as e:
-            raise ModelFileError(f"{path}: ursa metadata in the ONNX file is damaged ({e})") from None
-        return cls.from_header(header, path)
+        except (ValueError, TypeError, RecursionError) as e:
+            raise ModelFileError(f"{path}: {where} is not valid JSON ({type(e).__name__}){REDO_ONNX}") from None
+        return cls(**checked_fields(raw, path, where, encoded=False))
 
     @classmethod
     def from_header(cls, h: dict[str, str], path: Path) -> "ModelMeta":
-        """Parse and check a header; a clear error for anything that is not an ursa model."""
-        if h.get("format") != FORMAT:
-            raise ModelFileError(f"{path}: not an ursa model file (no format={FORMAT} in its header); export one with `ursa train`")
-        if h.get("format_version") != FORMAT_VERSION:
-            raise ModelFileError(
-                f"{path}: model file format version {h.get('format_version')!r}, this ursa ({__version__}) reads "
-                f"version {FORMAT_VERSION}; upgrade ursa or re-export the model"
-            )
-        try:
-            config = json.loads(h.get("config", "{}"))
-            if not isinstance(config, dict):
-                raise TypeError(f"config is a {type(config).__name__}, not an object")
-            return cls(
-                arch=h["arch"], classes=json.loads(h["classes"]), input_size=int(h["input_size"]),
-                mean=json.loads(h["mean"]), std=json.loads(h["std"]), head=json.loads(h["head"]),
-                metrics=json.loads(h.get("metrics", "{}")), config=config, ursa_version=h.get("ursa_version", "?"),
-                created=h.get("created", ""),
-            )
-        except (KeyError, ValueError, TypeError) as e:
-            raise ModelFileError(f"{path}: ursa model header is damaged ({type(e).__name__}: {e})") from None
+        """Parse and check a safetensors header's metadata (structured values are JSON strings) against the schema."""
+        return cls(**checked_fields(h, path, "model header", encoded=True))
 
 
 def save_model(model: Classifier, path: str | Path, meta: ModelMeta) -> Path:
@@ -116,10 +100,10 @@ def read_header(path: str | Path) -> dict[str, str]:
             raise ModelFileError(f"{path}: not an ursa model file (no safetensors header)")
         try:
             header = json.loads(f.read(n))
-        except (UnicodeDecodeError, ValueError):
+        except (UnicodeDecodeError, ValueError, RecursionError):
             raise ModelFileError(f"{path}: not an ursa model file (damaged safetensors header)") from None
     if not isinstance(header, dict):
-        raise ModelFileError(f"{path}: not an ursa model file")
+        raise ModelFileError(f"{path}: not an ursa model file (its safetensors header is a {type(header).__name__}, not an object)")
     return header.get("__metadata__") or {}
 
 
@@ -136,6 +120,7 @@ def load_model(path: str | Path) -> tuple[Classifier, ModelMeta]:
         state = load_file(str(path), device="cpu")
     except (SafetensorError, OSError, ValueError) as e:
         raise ModelFileError(f"{path}: model file is truncated or damaged ({e}); export it again") from None
+    _check_head_fits(path, meta, state)
     body = create_backbone(meta.arch, pretrained=False)
     model = Classifier(body, HeadConfig(**meta.head), arch=meta.arch)
     try:
@@ -144,3 +129,17 @@ def load_model(path: str | Path) -> tuple[Classifier, ModelMeta]:
         raise ModelFileError(f"{path}: weights do not fit architecture {meta.arch!r}: {str(e).splitlines()[0]}") from None
     model.eval()
     return model, meta
+
+
+def _check_head_fits(path: Path, meta: ModelMeta, state: dict[str, torch.Tensor]) -> None:
+    """The head the header describes has the shapes of the weights in the file (built on the meta device: no memory)."""
+    with torch.device("meta"):
+        head = create_head(HeadConfig(**meta.head))
+    want = {f"head.{k}": tuple(v.shape) for k, v in head.state_dict().items()}
+    got = {k: tuple(v.shape) for k, v in state.items() if k.startswith("head.")}
+    if want != got:
+        diff = sorted(k for k in want.keys() | got.keys() if want.get(k) != got.get(k))
+        raise ModelFileError(
+            f"{path}: the header's head {meta.head} does not fit the weights in the file "
+            f"({diff[0]}: header {want.get(diff[0])}, weights {got.get(diff[0])}); export the model again"
+        )

@@ -1,4 +1,9 @@
-"""Files: atomic writes (temp file in the same folder, then rename) and CSV lines; the one home for both."""
+"""Files: atomic writes (temp file in the same folder, then rename) and CSV lines; the one home for both.
+
+Every CSV ursa writes goes through `csv_line` / `csv_text` / `atomic_write_csv`, which escape
+cells a spreadsheet would run as formulas (a leading ', OWASP's advice); every reader of those
+files takes the quote back off with `csv_cell_value` / `csv_row_values`, so names round-trip.
+"""
 
 from __future__ import annotations
 
@@ -67,20 +72,52 @@ def atomic_write_text(path: str | Path, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
+# Spreadsheets run a cell that starts with one of these as a formula (OWASP "CSV injection").
+FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+CSV_ESCAPE = "'"
+
+
+def csv_cell(value: Any) -> Any:
+    """A cell as written: text a spreadsheet would run as a formula gets a leading ' (numbers stay as they are).
+
+    Idempotent (an escaped cell is not escaped again), so a reader that rewrites what it read
+    cannot stack quotes; `csv_cell_value` takes the quote back off.
+    """
+    if not isinstance(value, str) or not value.startswith(FORMULA_START):
+        return value
+    try:
+        float(value)  # "-0.5", "-1e-05", "-inf": a number, not a formula
+        return value
+    except ValueError:
+        return CSV_ESCAPE + value
+
+
+def csv_cell_value(text: str) -> str:
+    """What a cell written by `csv_cell` said: every reader of ursa's own CSV files calls this on each cell."""
+    if text.startswith(CSV_ESCAPE) and text[1:].startswith(FORMULA_START):
+        return text[1:]
+    return text
+
+
+def csv_row_values(row: Sequence[str]) -> list[str]:
+    """`csv_cell_value` of every cell of a row read with csv.reader."""
+    return [csv_cell_value(v) for v in row]
+
+
 def csv_line(values: Sequence[Any], end: str = "\n") -> str:
-    """One CSV record (quoted as the csv module does), so every writer of a CSV file agrees."""
+    """One CSV record (quoted as the csv module does, formula-like text escaped), so every writer agrees.
+
+    Quoting is decided with a CRLF terminator whatever `end` is, so a cell holding a CR or LF is
+    always quoted (with "\n" alone, or "", the csv module leaves such a cell bare and the file torn).
+    """
     buf = io.StringIO()
-    csv.writer(buf, lineterminator=end).writerow(values)
-    return buf.getvalue()
+    csv.writer(buf, lineterminator="\r\n").writerow([csv_cell(v) for v in values])
+    return buf.getvalue()[:-2] + end
 
 
 def csv_text(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
-    """A whole CSV file's text: header then rows."""
-    buf = io.StringIO()
-    w = csv.writer(buf, lineterminator="\n")
-    w.writerow(header)
-    w.writerows(rows)
-    return buf.getvalue()
+    """A whole CSV file's text: header then rows, each as `csv_line` writes it."""
+    return csv_line(header) + "".join(csv_line(row) for row in rows)
 
 
 def atomic_write_csv(path: str | Path, header: Sequence[str], rows: Iterable[Sequence[Any]]) -> Path:

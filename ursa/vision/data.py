@@ -4,6 +4,11 @@ Layouts: folder-per-class (the lesson's ``train='.'``), ``train/`` + ``valid/`` 
 folders, and a CSV of ``name,label`` relative to the folder (fastai's ``cleaned.csv``).
 The validation split hashes each file's relative path with the seed, so an image stays on its
 side when other images are added or removed.
+
+Links: a class folder may be a symlink to a folder elsewhere (users keep images on another disk),
+but two class folders that are one folder on disk (``teddy_link -> teddy``) are refused, since the
+same images would train as two classes; a file reached twice through links is counted once (with
+a warning), or refused when the two paths give it different labels.
 """
 
 from __future__ import annotations
@@ -11,12 +16,13 @@ from __future__ import annotations
 import csv
 import hashlib
 import logging
-
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
 from ursa.errors import DataError
+from ursa.util.files import csv_cell_value
 from ursa.vision.images import is_image_file
 
 log = logging.getLogger("ursa")
@@ -110,6 +116,60 @@ def _images_in(folder: Path) -> list[Path]:
     return sorted(p for p in folder.rglob("*") if p.is_file() and is_image_file(p) and "_quarantine" not in p.parts)
 
 
+def check_distinct_folders(dirs: Sequence[Path], root: Path) -> None:
+    """Refuse class folders that are one folder on disk (or one inside another) through a link: the same images as two classes."""
+    real = [(d, d.resolve()) for d in dirs]
+    for i, (a, ra) in enumerate(real):
+        for b, rb in real[i + 1:]:
+            if ra == rb:
+                link = b if b.is_symlink() else a
+                raise DataError(
+                    f"{root}: class folders {_shown(a, root)!r} and {_shown(b, root)!r} are the same folder "
+                    f"({_shown(link, root)} is a link to {os.readlink(link) if link.is_symlink() else ra}), so the "
+                    f"same images would train as two classes; remove the link, or make {link.name!r} a folder of its own images"
+                )
+            for outer, inner, r_in, r_out in ((a, b, rb, ra), (b, a, ra, rb)):
+                if r_out in r_in.parents:
+                    raise DataError(
+                        f"{root}: class folder {_shown(inner, root)!r} is inside class folder {_shown(outer, root)!r} "
+                        f"(through a link, {r_in}), so its images would have two labels; remove the link"
+                    )
+
+
+def drop_repeated_files(ds: ImageDataset) -> ImageDataset:
+    """Count a file reached twice (through a symlinked file or folder) once, with a warning; refuse it with two labels."""
+    first: dict[str, int] = {}
+    repeats: list[tuple[int, int]] = []
+    for i, f in enumerate(ds.files):
+        j = first.setdefault(os.path.realpath(f), i)
+        if j == i:
+            continue
+        if ds.labels[j] != ds.labels[i]:
+            raise DataError(
+                f"{ds.root}: {ds.rel(j)} and {ds.rel(i)} are the same file (through a link) with two labels, "
+                f"{ds.classes[ds.labels[j]]!r} and {ds.classes[ds.labels[i]]!r}; remove it from the class it does not belong to"
+            )
+        repeats.append((i, j))
+    if not repeats:
+        return ds
+    i, j = repeats[0]
+    log.warning("%s: %d image(s) reached twice through links are counted once (e.g. %s is %s); remove the links to silence this",
+                ds.root, len(repeats), ds.rel(i), ds.rel(j))
+    dropped = {r for r, _ in repeats}
+    keep = [i for i in range(len(ds)) if i not in dropped]
+    ds.files = [ds.files[i] for i in keep]
+    ds.labels = [ds.labels[i] for i in keep]
+    ds.is_valid = [ds.is_valid[i] for i in keep]
+    return ds
+
+
+def _shown(p: Path, root: Path) -> str:
+    try:
+        return p.relative_to(root).as_posix()
+    except ValueError:
+        return str(p)
+
+
 def _check_classes(classes: list[str], counts: dict[str, int], where: Path) -> None:
     if len(classes) < 2:
         found = f"only one class ({classes[0]!r})" if classes else "no class folders"
@@ -129,6 +189,7 @@ def from_folder(root: str | Path, valid_pct: float = VALID_PCT, seed: int = SEED
         if _images_in(root):
             raise DataError(f"{root}: images but no class folders; put each class's images in its own sub-folder (e.g. {root}/grizzly/)")
         raise DataError(f"{root}: no images found; expected one sub-folder of images per class")
+    check_distinct_folders(class_dirs, root)
     classes = [d.name for d in class_dirs]
     files, labels = [], []
     for li, d in enumerate(class_dirs):
@@ -138,14 +199,15 @@ def from_folder(root: str | Path, valid_pct: float = VALID_PCT, seed: int = SEED
         files += imgs
         labels += [li] * len(imgs)
     _check_classes(classes, {}, root)
-    ds = ImageDataset(root, files, labels, classes, [False] * len(files))
-    ds.is_valid = [is_valid_split(ds.rel(i), valid_pct, seed) for i in range(len(files))]
+    ds = drop_repeated_files(ImageDataset(root, files, labels, classes, [False] * len(files)))
+    ds.is_valid = [is_valid_split(ds.rel(i), valid_pct, seed) for i in range(len(ds))]
     ensure_both_sides(ds, valid_pct)
     return ds
 
 
 def _from_train_valid(root: Path, train: Path, valid: Path) -> ImageDataset:
     tdirs, vdirs = _class_dirs(train), _class_dirs(valid)
+    check_distinct_folders(tdirs + vdirs, root)
     classes = sorted({d.name for d in tdirs} | {d.name for d in vdirs})
     _check_classes(classes, {}, root)
     files, labels, is_valid = [], [], []
@@ -160,7 +222,7 @@ def _from_train_valid(root: Path, train: Path, valid: Path) -> ImageDataset:
     missing = [c for c in classes if c not in {d.name for d in tdirs}]
     if missing:
         raise DataError(f"{train}: no training images for class(es) {', '.join(missing)}")
-    return ImageDataset(root, files, labels, classes, is_valid)
+    return drop_repeated_files(ImageDataset(root, files, labels, classes, is_valid))
 
 
 def from_csv(root: str | Path, csv_path: str | Path, valid_pct: float = VALID_PCT, seed: int = SEED) -> ImageDataset:
@@ -175,7 +237,8 @@ def from_csv(root: str | Path, csv_path: str | Path, valid_pct: float = VALID_PC
         cols = [c.strip().lower() for c in (reader.fieldnames or [])]
         if "name" not in cols or "label" not in cols:
             raise DataError(f"{csv_path}: needs columns 'name' and 'label' (found: {', '.join(cols) or 'none'})")
-        rows = [{k.strip().lower(): (v or "").strip() for k, v in r.items() if k} for r in reader]
+        # csv_cell_value: ursa writes a name such as "=x" as "'=x" (spreadsheet safety); take that back off
+        rows = [{k.strip().lower(): csv_cell_value((v or "").strip()) for k, v in r.items() if k} for r in reader]
     rows = [r for r in rows if r.get("name")]
     if not rows:
         raise DataError(f"{csv_path}: no rows; expected one line per image: name,label")
@@ -195,6 +258,7 @@ def from_csv(root: str | Path, csv_path: str | Path, valid_pct: float = VALID_PC
         ds.is_valid = [r.get("is_valid", "").lower() in ("1", "true", "yes") for r in rows]
     else:
         ds.is_valid = [is_valid_split(ds.rel(i), valid_pct, seed) for i in range(len(rows))]
+    ds = drop_repeated_files(ds)
     ensure_both_sides(ds, valid_pct)
     return ds
 

@@ -1,0 +1,243 @@
+"""The model metadata's schema: every field's type and range, checked once on load for both file kinds.
+
+A model file comes from anywhere (a colleague, a download), so its metadata is input like any
+other: a damaged or crafted header must give one line naming the file, the field, what was
+expected and what was found (``ModelFileError``, exit 2), never a traceback or a server that
+starts and then answers 500 to every request. The safetensors header holds strings (structured
+values JSON-encoded); an ONNX export holds the same fields as one JSON object. Both pass here.
+
+Optional fields (``metrics``, ``config``, ``calibration``) default to empty objects, so files
+written before they existed still load and the format version stays "1". Top-level keys this
+version does not know are ignored (a newer ursa may add some).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any, Callable
+
+from ursa.errors import ArchError, ModelFileError
+from ursa.vision.models import get_spec, list_archs
+
+FORMAT = "ursa.model"
+FORMAT_VERSION = "1"
+INPUT_SIZES = (16, 2048)  # pixels; ursa trains at 32..1024
+MAX_CLASSES = 100_000
+MAX_WIDTH = 65_536  # n_features / hidden of a head
+HEAD_POOLS = ("concat", "avg")
+REDO = "; give a model file written by `ursa train` (or train the model again)"
+REDO_ONNX = "; export it again with `ursa export MODEL --onnx`"
+
+
+class _Bad(Exception):
+    """One field that does not fit the schema: turned into the one-line ModelFileError."""
+
+    def __init__(self, name: str, expected: str, value: Any) -> None:
+        super().__init__(name)
+        self.name, self.expected, self.value = name, expected, value
+
+
+MISSING = object()  # a required field that is absent
+
+
+def given(value: Any) -> str:
+    """A short, one-line description of what a field holds, for the error message (repr escapes newlines)."""
+    if value is MISSING:
+        return "nothing"
+    text = repr(value)
+    return f"{type(value).__name__} {text if len(text) <= 60 else text[:57] + '...'}"
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _int_in(lo: int, hi: int) -> Callable[[str, Any], int]:
+    def check(name: str, v: Any) -> int:
+        if not _is_int(v) or not lo <= v <= hi:
+            raise _Bad(name, f"an integer from {lo} to {hi}", v)
+        return v
+    return check
+
+
+def _object(name: str, v: Any) -> dict[str, Any]:
+    if not isinstance(v, dict):
+        raise _Bad(name, "an object", v)
+    return v
+
+
+def _text(name: str, v: Any) -> str:
+    if not isinstance(v, str):
+        raise _Bad(name, "a string", v)
+    return v
+
+
+def _arch(name: str, v: Any) -> str:
+    known = f"one of {', '.join(list_archs())} or a timm model name"
+    if not isinstance(v, str) or not v.strip():
+        raise _Bad(name, f"an architecture name ({known})", v)
+    try:
+        get_spec(v)  # the registry first; timm's list only for other names
+    except ArchError:
+        raise _Bad(name, f"an architecture this ursa can build ({known})", v) from None
+    return v
+
+
+def _classes(name: str, v: Any) -> list[str]:
+    what = f"a non-empty list (at most {MAX_CLASSES}) of unique non-empty strings"
+    if not isinstance(v, list) or not 1 <= len(v) <= MAX_CLASSES:
+        raise _Bad(name, what, v)
+    for i, c in enumerate(v):
+        if not isinstance(c, str) or not c.strip():
+            raise _Bad(f"{name}[{i}]", "a non-empty string (a class name)", c)
+    if len(set(v)) != len(v):
+        twice = next(c for c in v if v.count(c) > 1)
+        raise _Bad(name, f"{what} ({twice!r} appears twice)", v)
+    return v
+
+
+def _stats(positive: bool) -> Callable[[str, Any], list[float]]:
+    def check(name: str, v: Any) -> list[float]:
+        what = "1 or 3 finite numbers" + (", each above 0" if positive else "")
+        if not isinstance(v, list) or len(v) not in (1, 3):
+            raise _Bad(name, f"a list of {what}", v)
+        for i, x in enumerate(v):
+            if not _is_number(x) or (positive and x <= 0):
+                raise _Bad(f"{name}[{i}]", "a finite number" + (" above 0" if positive else ""), x)
+        return [float(x) for x in v]
+    return check
+
+
+def _dropout(name: str, v: Any) -> float:
+    if not _is_number(v) or not 0 <= v < 1:
+        raise _Bad(name, "a number from 0 to below 1", v)
+    return float(v)
+
+
+def _pool(name: str, v: Any) -> str:
+    if v not in HEAD_POOLS:
+        raise _Bad(name, f"one of {', '.join(HEAD_POOLS)}", v)
+    return v
+
+
+HEAD_FIELDS: dict[str, Callable[[str, Any], Any]] = {
+    "n_features": _int_in(1, MAX_WIDTH),
+    "n_classes": _int_in(1, MAX_CLASSES),
+    "hidden": _int_in(0, MAX_WIDTH),  # 0: no hidden layer
+    "dropout": _dropout,
+    "pool": _pool,
+    "extra": _object,
+}
+HEAD_REQUIRED = ("n_features", "n_classes")
+
+
+def _head(name: str, v: Any) -> dict[str, Any]:
+    _object(name, v)
+    unknown = sorted(k for k in v if k not in HEAD_FIELDS)
+    if unknown:
+        raise _Bad(f"{name}.{unknown[0]}", f"absent (a head has {', '.join(HEAD_FIELDS)})", v[unknown[0]])
+    for k in HEAD_REQUIRED:
+        if k not in v:
+            raise _Bad(name, f"an object with {', '.join(HEAD_REQUIRED)}", v)
+    return {k: HEAD_FIELDS[k](f"{name}.{k}", x) for k, x in v.items()}
+
+
+def _unit_or_null(lo_open: bool) -> Callable[[str, Any], float | None]:
+    def check(name: str, v: Any) -> float | None:
+        if v is None:
+            return None
+        if not _is_number(v) or not (0 < v <= 1 if lo_open else 0 <= v <= 1):
+            raise _Bad(name, "null or a number in " + ("(0, 1]" if lo_open else "[0, 1]"), v)
+        return float(v)
+    return check
+
+
+def _temperature(name: str, v: Any) -> float:
+    if not _is_number(v) or v <= 0:
+        raise _Bad(name, "a finite number above 0", v)
+    return float(v)
+
+
+CALIBRATION_FIELDS: dict[str, Callable[[str, Any], Any]] = {
+    "temperature": _temperature,
+    "threshold": _unit_or_null(False),
+    "target_precision": _unit_or_null(True),
+    "ece_before": _unit_or_null(False),
+    "ece_after": _unit_or_null(False),
+}
+
+
+def _calibration(name: str, v: Any) -> dict[str, Any]:
+    _object(name, v)
+    return {k: CALIBRATION_FIELDS[k](f"{name}.{k}", x) if k in CALIBRATION_FIELDS else x for k, x in v.items()}
+
+
+# name -> (check, required, JSON-encoded in a safetensors header). Order: cheap checks first, arch last.
+FIELDS: dict[str, tuple[Callable[[str, Any], Any], bool, bool]] = {
+    "classes": (_classes, True, True),
+    "input_size": (_int_in(*INPUT_SIZES), True, True),
+    "mean": (_stats(False), True, True),
+    "std": (_stats(True), True, True),
+    "head": (_head, True, True),
+    "metrics": (_object, False, True),
+    "config": (_object, False, True),
+    "calibration": (_calibration, False, True),
+    "ursa_version": (_text, False, False),
+    "created": (_text, False, False),
+    "arch": (_arch, True, False),
+}
+DEFAULTS: dict[str, Any] = {"metrics": {}, "config": {}, "calibration": {}, "ursa_version": "?", "created": ""}
+
+
+def checked_fields(raw: Any, path: object, where: str, encoded: bool) -> dict[str, Any]:
+    """ModelMeta's keyword arguments from a header (encoded: JSON strings) or an ONNX export's object, all checked."""
+    redo = REDO if encoded else REDO_ONNX
+    if not isinstance(raw, dict):
+        raise ModelFileError(f"{path}: {where} is a {type(raw).__name__}, not an object; not an ursa model file{redo}")
+    if raw.get("format") != FORMAT:
+        raise ModelFileError(f"{path}: not an ursa model file (no format={FORMAT} in its {where}); export one with `ursa train`")
+    if raw.get("format_version") != FORMAT_VERSION:
+        from ursa import __version__
+
+        shown = raw.get("format_version")
+        shown = shown if isinstance(shown, str) and len(shown) <= 20 else given(shown)
+        raise ModelFileError(
+            f"{path}: model file format version {shown!r}, this ursa ({__version__}) reads "
+            f"version {FORMAT_VERSION}; upgrade ursa or re-export the model"
+        )
+    out: dict[str, Any] = {}
+    try:
+        for name, (check, required, json_encoded) in FIELDS.items():
+            if name not in raw:
+                if required:
+                    raise _Bad(name, "present", MISSING)
+                out[name] = DEFAULTS[name]
+                continue
+            value = raw[name]
+            if encoded and json_encoded:
+                value = _decode(name, value)
+            out[name] = check(name, value)
+        if out["head"]["n_classes"] != len(out["classes"]):
+            raise _Bad("head.n_classes", f"the number of classes ({len(out['classes'])})", out["head"]["n_classes"])
+    except _Bad as e:
+        raise ModelFileError(f"{path}: {where} is damaged: field {e.name!r} must be {e.expected}, got {given(e.value)}{redo}") from None
+    out["format"], out["format_version"] = FORMAT, FORMAT_VERSION
+    return out
+
+
+def _decode(name: str, value: Any) -> Any:
+    """A header value is a JSON string; a value that is not one is checked as it is."""
+    if not isinstance(value, str):
+        return value
+    try:
+        return json.loads(value)
+    except RecursionError:
+        raise _Bad(name, "JSON nested at most a few hundred levels deep", value[:40]) from None
+    except ValueError:
+        raise _Bad(name, "valid JSON", value) from None
+
