@@ -464,3 +464,145 @@ def test_clean_in_the_browser(browser, sample_copy: Path, tiny_model, artifacts:
     resumed = clean.start_session(ds, scores, ranks)  # restarting the command resumes too
     assert resumed.decisions.label_of(first) == target and resumed.decisions.label_of(second) is None
 
+
+
+# ---------------------------------------------------------------------------------------------
+# Hardening: a restart on the same port, bounded request bodies, clipped echoes, swept temp files.
+
+
+def _start_cleaner(data: Path, model: Path, port: int, log: Path):
+    """`ursa clean` in a child process; returns it once it answers on port (or fails the test with its output)."""
+    import subprocess
+    import sys
+
+    import httpx
+
+    from tests.conftest import ROOT
+
+    out = log.open("w")
+    proc = subprocess.Popen([sys.executable, "-m", "ursa", "clean", str(data), "--model", str(model), "--port", str(port),
+                             "--no-browser", "--quiet"], cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    out.close()
+    deadline = time.monotonic() + 180
+    while True:
+        assert proc.poll() is None, f"the cleaner did not start (exit {proc.returncode}): {log.read_text()}"
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/favicon.ico", timeout=2).status_code == 204:
+                return proc
+        except httpx.HTTPError:
+            pass
+        assert time.monotonic() < deadline, f"the cleaner did not come up: {log.read_text()}"
+        time.sleep(0.25)
+
+
+def _hold_connection(port: int) -> socket.socket:
+    """A browser-like keep-alive connection that has made a request and stays open."""
+    s = socket.create_connection(("127.0.0.1", port), timeout=10)
+    s.sendall(f"GET /favicon.ico HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: keep-alive\r\n\r\n".encode())
+    got = b""
+    while b"\r\n\r\n" not in got:
+        chunk = s.recv(4096)
+        assert chunk, "the cleaner closed the connection"
+        got += chunk
+    assert got.startswith(b"HTTP/1.1 204")
+    return s
+
+
+@pytest.mark.slow
+def test_restarts_on_its_port_right_after_kill_9_or_ctrl_c_with_a_browser_connected(sample_copy: Path, tiny_model,
+                                                                                    tmp_path: Path):
+    """Issue 17 item 9: "Address already in use" for a minute after a kill with a client connected."""
+    import signal
+
+    port = _free_port()
+    held = []
+    procs = []
+    try:
+        first = _start_cleaner(sample_copy, tiny_model, port, tmp_path / "first.log")
+        procs.append(first)
+        held.append(_hold_connection(port))
+        first.send_signal(signal.SIGKILL)
+        first.wait(30)
+        second = _start_cleaner(sample_copy, tiny_model, port, tmp_path / "second.log")  # at once, same port
+        procs.append(second)
+        held.append(_hold_connection(port))
+        second.send_signal(signal.SIGINT)  # Ctrl-C, the browser still connected
+        assert second.wait(30) == 0, (tmp_path / "second.log").read_text()
+        third = _start_cleaner(sample_copy, tiny_model, port, tmp_path / "third.log")
+        procs.append(third)
+        assert "Traceback" not in (tmp_path / "second.log").read_text()
+    finally:
+        for s in held:
+            s.close()
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+
+
+def test_a_huge_or_deeply_nested_body_is_refused_and_echoed_names_are_clipped(small_app):
+    """Issue 17 item 10: a 50 MB JSON body was read whole, and a 404 echoed the whole name back."""
+    import json
+
+    root, client = small_app
+    js = {"content-type": "application/json"}
+    big = json.dumps({"name": "a/one.jpg", "action": "keep", "label": "x" * 70_000})
+    r = client.post("/api/decide", content=big, headers=js)
+    assert r.status_code == 413 and "64 KB" in r.json()["error"], r.text
+
+    def chunks():  # no Content-Length: counted while it streams
+        yield b'{"name": "'
+        for _ in range(20):
+            yield b"y" * 10_000
+
+    r = client.post("/api/decide", content=chunks(), headers=js)
+    assert r.status_code == 413, r.text
+    r = client.post("/api/decide", content="[" * 50_000, headers=js)  # under the cap, too deep for json
+    assert r.status_code == 400 and "expected JSON" in r.json()["error"]
+    long = "a/" + "z" * 20_000 + ".jpg"
+    r = client.post("/api/decide", json={"name": long, "action": "keep"})
+    assert r.status_code == 404 and len(r.text) < 400 and "…" in r.json()["error"], r.text[:500]
+    r = client.post("/api/decide", json={"name": "a/one.jpg", "action": "q" * 20_000})
+    assert r.status_code == 400 and len(r.text) < 400 and "unknown action" in r.json()["error"]
+    r = client.post("/api/decide", json={"name": "a/one.jpg", "action": "relabel", "label": "c" * 20_000})
+    assert r.status_code == 400 and len(r.text) < 400 and "unknown class" in r.json()["error"]
+    assert not (root / "clean_log.csv").exists()
+    r = client.post("/api/decide", json={"name": "a/one.jpg", "action": "exclude"})  # still works after all that
+    assert r.status_code == 200 and r.json()["summary"]["excluded"] == 1
+
+
+def test_temp_files_left_by_a_kill_are_swept_on_start_and_nothing_else(tmp_path: Path):
+    """Issue 17 item 10: `.cleaned.csv.*.tmp` left by a kill -9 mid-save was never removed."""
+    from types import SimpleNamespace
+
+    root = tmp_path / "data"
+    files = [make_image(root / "black" / "a.jpg", size=(64, 64), fmt="JPEG"),
+             make_image(root / "teddy" / "b.jpg", size=(64, 64), fmt="JPEG")]
+    outside = tmp_path / "outside.txt"
+    outside.write_text("not in the data folder")
+    stale = [root / ".cleaned.csv.ab12cd_9.tmp", root / ".clean_log.csv.zzzzzzzz.tmp",
+             root / ".verify.csv.q1w2e3r4.tmp", root / "black" / ".c.jpg.k3j4h5g6.tmp"]
+    kept = [root / ".cleaned.csv.backup.tmp",  # not atomic_path's 8 characters
+            root / ".cleaned.csv.abcdefgh.tmp.bak", root / "cleaned.csv.abcdefgh.tmp", root / "notes.tmp",
+            root / ".other.csv.abcdefgh.tmp",  # not a file ursa writes
+            root / "black" / ".notes.txt.abcdefgh.tmp",  # not an image's temp
+            root / "black" / "deep" / ".d.jpg.abcdefgh.tmp"]  # deeper than a class folder
+    fresh = root / ".cleaned.csv.fresh123.tmp"  # maybe a save in progress right now
+    for p in stale + kept + [fresh]:
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_text("name,label\n")
+    link = root / ".cleaned.csv.linklink.tmp"
+    link.symlink_to(outside)
+    an_hour_ago = time.time() - 3600
+    for p in stale + kept + [link]:
+        os.utime(p, (an_hour_ago, an_hour_ago), follow_symlinks=False)
+
+    names = [f.relative_to(root).as_posix() for f in files]
+    scores = clean.Scores(names, np.array([0, 1]), ["black", "teddy"], np.array([[.9, .1], [.2, .8]], np.float32),
+                          np.array([.1, .2], np.float32), np.eye(2, 8, dtype=np.float32), ["x", "y"], {})
+    ranks = clean.Rankings([0, 1], [], np.array([.9, .8]), np.array([0, 1]), [])
+    session = clean.start_session(SimpleNamespace(root=root, files=files, is_valid=[False, True]), scores, ranks)
+    assert [p for p in stale if p.exists()] == []
+    assert all(p.exists() for p in kept + [fresh]) and link.is_symlink() and outside.read_text().startswith("not in")
+    assert all(f.exists() for f in files) and session.decisions.summary()["decided"] == 0

@@ -486,7 +486,6 @@ def test_the_cleaners_csv_files_are_safe_and_cleaned_csv_trains(tmp_path):
 NEEDS_READER_FIX = pytest.mark.xfail(strict=True, reason="reader does not yet take the spreadsheet quote off (issue 17, item 8)")
 
 
-@NEEDS_READER_FIX
 def test_the_cleaners_log_replays_decisions_about_formula_named_files(tmp_path):
     from ursa.apps.clean.decisions import Decisions
 

@@ -141,10 +141,10 @@ def test_not_an_image_is_415(client):
     _error(client.post("/predict", content=ico.getvalue()), 415, "unsupported")
 
 
-def test_truncated_and_bomb_are_400(client):
+def test_truncated_is_400_and_bomb_is_413(client):
     data = IMAGES[0].read_bytes()
     _error(client.post("/predict", content=data[: len(data) // 2]), 400, "truncated")
-    _error(client.post("/predict", files={"file": ("bomb.png", _png_claiming(40_000, 40_000))}), 400, "too large")
+    _error(client.post("/predict", files={"file": ("bomb.png", _png_claiming(40_000, 40_000))}), 413, "too large")
 
 
 def test_wrong_field_and_empty_form_are_422(client):
@@ -168,7 +168,7 @@ def test_malformed_requests_are_4xx(client):
 
 @pytest.mark.parametrize("name,status", [
     ("zero_bytes.jpg", 422), ("html_error_page.jpg", 415), ("text_file.png", 415), ("truncated.png", 400),
-    ("truncated_60pct.jpg", 400), ("header_only.jpg", 400), ("bomb_40000x40000.png", 400), ("corrupted_scan.jpg", 400),
+    ("truncated_60pct.jpg", 400), ("header_only.jpg", 400), ("bomb_40000x40000.png", 413), ("corrupted_scan.jpg", 400),
 ])
 def test_shared_broken_files(client, shared_datasets, name, status):
     data = (shared_datasets / "broken" / name).read_bytes()
@@ -252,12 +252,18 @@ def test_concurrent_requests_through_the_app(app):
 
 
 def test_settings_travel_to_worker_processes_through_the_environment(tiny_model, monkeypatch):
-    cfg = ServeConfig(model=tiny_model, max_bytes=1234, backend="torch", threads=1, max_batch=3, batch_wait_ms=1.5)
+    cfg = ServeConfig(model=tiny_model, max_bytes=1234, backend="torch", threads=1, max_batch=3, batch_wait_ms=1.5,
+                      max_pixels=2_000_000, max_request_pixels=5_000_000, decode_window=3, request_timeout=4.5,
+                      read_timeout=1.5, body_timeout=9.0, header_timeout=2.5, limit_concurrency=77)
     assert ServeConfig.from_env(cfg.to_env()) == cfg
     for k, v in cfg.to_env().items():
         monkeypatch.setenv(k, v)
+    from ursa.apps.web import TimedH11Protocol
+
+    monkeypatch.setattr(TimedH11Protocol, "header_timeout", TimedH11Protocol.header_timeout)  # put back afterwards
     app = app_from_env()
     assert app.state.config == cfg and app.state.batcher.max_batch == 3
+    assert TimedH11Protocol.header_timeout == 2.5  # the worker's connections get the setting too
     assert ServeConfig.from_env(ServeConfig(model=tiny_model).to_env()) == ServeConfig(model=tiny_model)
     assert parse_bytes("10MB") == 10 * 1024**2 and parse_bytes("512kb") == 512 * 1024 and parse_bytes("100") == 100
 

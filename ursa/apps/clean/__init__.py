@@ -6,7 +6,8 @@ out-of-fold probabilities of a logistic regression on the embeddings; near-dupli
 similarity and exact duplicates by sha256 (``ranking``). A small local web app (``app``) shows
 them and records the user's decisions (``decisions``): appended to ``DATA/clean_log.csv`` (the
 source of truth, replayed on start, last decision wins) and mirrored in ``DATA/cleaned.csv``
-(fastai's ``name,label``). No image is ever moved, rewritten or deleted.
+(fastai's ``name,label``). No image is ever moved, rewritten or deleted; on start, ``sweep``
+removes the temp files an interrupted save left (ursa's own temp names only).
 """
 
 from ursa.apps.clean.app import create_app, serve
@@ -14,9 +15,10 @@ from ursa.apps.clean.decisions import CLEANED_NAME, LOG_NAME, Decisions, check_w
 from ursa.apps.clean.ranking import DUP_THRESHOLD, Pair, Rankings, export_rankings, rank, summary_line
 from ursa.apps.clean.scores import Scores, score_dataset
 from ursa.apps.clean.session import CleanSession, prepare, start_session
+from ursa.apps.clean.sweep import sweep_temp_files
 
 __all__ = [
     "CLEANED_NAME", "DUP_THRESHOLD", "LOG_NAME", "CleanSession", "Decisions", "Pair", "Rankings", "Scores",
     "check_writable", "create_app", "export_rankings", "prepare", "rank", "score_dataset", "serve",
-    "start_session", "summary_line",
+    "start_session", "summary_line", "sweep_temp_files",
 ]

@@ -8,26 +8,29 @@ sends no file but the page's own and the data set's images, and it writes only t
 from __future__ import annotations
 
 import io
+import json
 import threading
 import time
 import webbrowser
 from pathlib import Path
 from typing import Callable
 
-import uvicorn
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
 from ursa.apps.clean.session import CleanSession
-from ursa.apps.web import API_HEADERS, Assets, HostGuard, Server, asset, error_response, page_url
+from ursa.apps.web import (API_HEADERS, ApiError, Assets, HostGuard, Server, asset, clip, error_response, page_url, read_body,
+                           server_config)
 from ursa.errors import ImageError
 from ursa.util.net import check_port
 from ursa.vision.images import open_image
 
 PAGE_FILES = ("clean.html", "clean.js", "clean.css")
+MAX_JSON_BYTES = 64 * 1024  # a decision is under 1 KB; anything near this is not from the page
+READ_TIMEOUT = 10.0  # seconds for a decision's body to arrive
 # What a browser shows as is; anything else that decodes (TIFF and the like) is sent as a PNG.
 IMAGE_TYPES = {"JPEG": "image/jpeg", "MPO": "image/jpeg", "PNG": "image/png", "GIF": "image/gif",
                "WEBP": "image/webp", "BMP": "image/bmp"}
@@ -44,15 +47,21 @@ async def decide(request: Request) -> Response:
     if not request.headers.get("content-type", "").startswith("application/json"):
         return PlainTextResponse("send JSON\n", status_code=415)
     try:
-        body = await request.json()
+        raw = await read_body(request, MAX_JSON_BYTES, hint="; a decision is one small JSON object {name, action, label}",
+                              read_timeout=READ_TIMEOUT, body_timeout=READ_TIMEOUT)
+        body = json.loads(raw)
         name, action = str(body["name"]), str(body["action"])
         label = str(body.get("label") or "")
-    except (ValueError, KeyError, TypeError):
+    except ApiError as e:
+        return e.response()
+    except ClientDisconnect:  # the tab was closed mid-request: nobody to answer
+        return Response(status_code=400)
+    except (ValueError, KeyError, TypeError, AttributeError, RecursionError):
         return error_response(400, "expected JSON {name, action, label}")
     try:
         item = session.decisions.decide(name, action, label)
     except KeyError:
-        return error_response(404, f"{name!r} is not an image of this data set")
+        return error_response(404, f"{clip(name)!r} is not an image of this data set")
     except ValueError as e:
         return error_response(400, str(e))
     except OSError as e:
@@ -120,7 +129,7 @@ def serve(session: CleanSession, host: str = "127.0.0.1", port: int = 8765, open
     check_port(host, port)
     url = page_url(host, port)
     app = create_app(session, host, port)
-    server = Server(uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False))
+    server = Server(server_config(app, host, port, log_level="warning", access_log=False))
     if open_browser:
         def open_when_started() -> None:
             for _ in range(100):

@@ -14,8 +14,9 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Sequence
 
+from ursa.apps.web import clip
 from ursa.errors import UrsaError
-from ursa.util.files import atomic_write_csv, csv_line
+from ursa.util.files import atomic_write_csv, csv_line, csv_row_values
 
 LOG_NAME = "clean_log.csv"
 CLEANED_NAME = "cleaned.csv"
@@ -66,7 +67,7 @@ class Decisions:
             if len(row) != len(LOG_COLUMNS):  # e.g. a line cut short by a crash
                 self.skipped_rows += 1
                 continue
-            _, name, _, action, new_label = row
+            _, name, _, action, new_label = csv_row_values(row)
             if name not in self.labels:
                 self.other_rows += 1
             elif self._apply(name, action, new_label):
@@ -95,9 +96,9 @@ class Decisions:
         if name not in self.labels:
             raise KeyError(name)
         if action not in ACTIONS:
-            raise ValueError(f"unknown action {action!r}; one of {', '.join(ACTIONS)}")
+            raise ValueError(f"unknown action {clip(action)!r}; one of {', '.join(ACTIONS)}")
         if action == "relabel" and label not in self.classes:
-            raise ValueError(f"unknown class {label!r}; one of {', '.join(self.classes)}")
+            raise ValueError(f"unknown class {clip(label)!r}; one of {', '.join(self.classes)}")
         old = self.labels[name]
         new = {"keep": old, "exclude": "", "relabel": label, "undo": old}[action]
         with self._lock:

@@ -14,6 +14,7 @@ from rich.console import Console
 from ursa.apps.clean.decisions import Decisions, check_writable
 from ursa.apps.clean.ranking import DUP_THRESHOLD, Rankings, rank
 from ursa.apps.clean.scores import Scores, score_dataset
+from ursa.apps.clean.sweep import sweep_temp_files
 from ursa.inference.modelfile import load_model
 from ursa.util.progress import progress_bar
 from ursa.vision.data import load_dataset, split_settings
@@ -94,9 +95,10 @@ def prepare(data: Path, model_path: Path, csv_path: Path | None = None, threshol
 
 def start_session(ds: Any, scores: Scores, ranks: Rankings, model_name: str = "",
                   csv_path: Path | None = None) -> CleanSession:
-    """Replay the log and sync cleaned.csv with it; refuses data folders it cannot write to."""
+    """Sweep abandoned temp files, replay the log and sync cleaned.csv with it; refuses data folders it cannot write to."""
     root = Path(ds.root)
     check_writable(root, csv_path)
+    sweep_temp_files(root)  # what a kill -9 mid-save left behind (ursa's own temp names only)
     decisions = Decisions(root, scores.names, [scores.classes[k] for k in scores.labels], scores.classes)
     decisions.load()
     if decisions.skipped_rows:

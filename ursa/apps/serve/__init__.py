@@ -1,8 +1,9 @@
 """`ursa serve`: the model behind a small, bounded web API and a page to try it (docs/serve.md).
 
 ``config`` (ServeConfig and its trip through the environment), ``body`` (reading and checking
-request bodies), ``batching`` (decode pool, inference thread, micro-batches), ``app`` (the
-routes and ``create_app``), ``runner`` (uvicorn, one process or several workers).
+request bodies), ``limits`` (decoded pixels per image and request, one request's share of the
+decode pool), ``batching`` (decode pool, inference thread, micro-batches), ``app`` (the routes
+and ``create_app``), ``runner`` (uvicorn with its limits, one process or several workers).
 """
 
 from ursa.apps.serve.app import app_from_env, create_app

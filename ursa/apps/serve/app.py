@@ -3,9 +3,12 @@
 The model is loaded once per process (``create_app``; ``app_from_env`` for uvicorn's factory
 mode with several workers). Images are decoded by ``images.open_image`` (the one definition of
 a readable image) in a thread pool and forwarded on one dedicated inference thread, so the event
-loop never blocks. The routes are plain functions that find the model and its threads on
-``request.app.state``. Client mistakes get a JSON ``{"error": ...}`` with a 4xx status, never a
-5xx. See docs/serve.md for the routes, limits and measurements.
+loop never blocks. One client cannot stall the others (``limits``): pixels are counted from the
+header before any decode, a request has at most ``decode_window`` images in the pool at a time,
+each request has a deadline (503) and its body read timeouts (408). The routes are plain
+functions that find the model and its threads on ``request.app.state``. Client mistakes get a
+JSON ``{"error": ...}`` with a 4xx status, never a 5xx. See docs/serve.md for the routes,
+limits and measurements.
 """
 
 from __future__ import annotations
@@ -23,13 +26,14 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from ursa.apps.serve.batching import MicroBatcher, ThreadPool
-from ursa.apps.serve.body import (ApiError, close_form, image_error, is_multipart, is_urlencoded, parse_form, read_body,
-                                  upload_bytes)
+from ursa.apps.serve.body import close_form, image_error, is_multipart, is_urlencoded, parse_form, read_body, upload_bytes
 from ursa.apps.serve.config import MAX_BATCH_FILES, ServeConfig
-from ursa.apps.web import Assets, asset, error_response
+from ursa.apps.serve.limits import DecodeGate, PixelBudget, check_image_pixels, check_request_pixels
+from ursa.apps.web import ApiError, Assets, TimedH11Protocol, asset, error_response, quiet_repeats
 from ursa.errors import ImageError, UrsaError
 from ursa.inference.predictor import Prediction, Predictor, default_threads, load_predictor
 from ursa.vision.images import sniff_format
+from ursa.vision.transforms import decode_size
 
 log = logging.getLogger("ursa.apps.serve")
 
@@ -38,14 +42,33 @@ STATIC_FILES = ("serve.js", "serve.css")  # what /static/{name} sends; the page 
 IMG_SRC = "'self' blob: data:"  # the page previews the chosen file from a blob: URL
 
 
-async def predict_one(request: Request, data: bytes) -> Prediction:
-    """Decode on the decode pool, then wait for a place in a micro-batch on the inference thread."""
+async def predict_one(request: Request, data: bytes, gate: DecodeGate) -> Prediction:
+    """Check the header's pixel count, decode through the request's gate, then wait for a place in a micro-batch."""
+    state = request.app.state
+    cost = check_image_pixels(data, state.decode_side, state.config.max_pixels)
+    return await predict_checked(request, data, gate, cost)
+
+
+async def predict_checked(request: Request, data: bytes, gate: DecodeGate, cost: int) -> Prediction:
+    """Decode (already checked to cost `cost` pixels) on the pool and forward in some micro-batch."""
     state = request.app.state
     try:
-        x = await state.decode_pool.run(state.predictor.preprocess, data)
+        x = await gate.decode(state.predictor.preprocess, data, cost)
     except ImageError as e:
         raise image_error(e) from None
     return await state.batcher.submit(x)
+
+
+def new_gate(request: Request) -> DecodeGate:
+    """The decode pool as one request sees it: its own window, the process's pixel budget."""
+    state = request.app.state
+    return DecodeGate(state.decode_pool.run, state.pixel_budget, state.config.decode_window)
+
+
+def too_slow(config: ServeConfig) -> ApiError:
+    """503 for a request that did not finish in time: the server is busy, not the client wrong."""
+    return ApiError(503, f"the server is busy: this request did not finish within {config.request_timeout:g} s; "
+                         "try again later (or send fewer images per request)", {"Retry-After": "5"})
 
 
 async def static_file(request: Request) -> Response:
@@ -68,8 +91,9 @@ async def model(request: Request) -> Response:
 
 async def predict(request: Request) -> Response:
     """One image, as the raw body or as multipart field 'file'."""
+    config: ServeConfig = request.app.state.config
     try:
-        body = await read_body(request, request.app.state.config.max_bytes)
+        body = await read_body(request, config)
         if is_multipart(request):
             form = await parse_form(request, body)
             try:
@@ -90,9 +114,13 @@ async def predict(request: Request) -> Response:
             if is_urlencoded(request) and sniff_format(data[:16]) is None:
                 # curl --data-binary sends images with this type; a real url-encoded form has no file.
                 raise ApiError(422, "a url-encoded form cannot carry a file: upload the image as multipart field 'file'")
-        result = await predict_one(request, data)
+        try:
+            async with asyncio.timeout(config.request_timeout):
+                result = await predict_one(request, data, new_gate(request))
+        except TimeoutError:
+            raise too_slow(config) from None
     except ApiError as e:
-        return error_response(e.status, e.message)
+        return e.response()
     except ClientDisconnect:
         return Response(status_code=400)
     return JSONResponse(result.to_json())
@@ -100,8 +128,10 @@ async def predict(request: Request) -> Response:
 
 async def predict_batch(request: Request) -> Response:
     """Several images as multipart fields 'files'; each answer or error in order, so one bad file spoils nothing."""
+    state = request.app.state
+    config: ServeConfig = state.config
     try:
-        body = await read_body(request, request.app.state.config.max_bytes)
+        body = await read_body(request, config)
         if not is_multipart(request):
             raise ApiError(422, "send the images as multipart form fields named 'files'")
         form = await parse_form(request, body)
@@ -115,18 +145,35 @@ async def predict_batch(request: Request) -> Response:
             uploads = [await upload_bytes(v, "files") for v in values]
         finally:
             await close_form(form)
+        # Headers first: an image over the limit is refused alone, a request over it as a whole, before any decode.
+        costs: list[int | ApiError] = []
+        for _, data in uploads:
+            try:
+                costs.append(check_image_pixels(data, state.decode_side, config.max_pixels))
+            except ApiError as e:
+                costs.append(e)
+        check_request_pixels([c for c in costs if isinstance(c, int)], config.max_request_pixels)
     except ApiError as e:
-        return error_response(e.status, e.message)
+        return e.response()
     except ClientDisconnect:
         return Response(status_code=400)
 
-    async def one(name: str, data: bytes) -> dict[str, Any]:
+    gate = new_gate(request)  # at most config.decode_window of this request's images in the pool at once
+
+    async def one(name: str, data: bytes, cost: int | ApiError) -> dict[str, Any]:
         try:
-            return {"file": name, **(await predict_one(request, data)).to_json()}
+            if isinstance(cost, ApiError):
+                raise cost
+            return {"file": name, **(await predict_checked(request, data, gate, cost)).to_json()}
         except ApiError as e:
             return {"file": name, "error": e.message, "status": e.status}
 
-    return JSONResponse(list(await asyncio.gather(*(one(n, d) for n, d in uploads))))
+    try:
+        async with asyncio.timeout(config.request_timeout):
+            out = await asyncio.gather(*(one(n, d, c) for (n, d), c in zip(uploads, costs)))
+    except TimeoutError:
+        return too_slow(config).response()
+    return JSONResponse(list(out))
 
 
 async def http_error(request: Request, exc: Exception) -> Response:
@@ -137,7 +184,7 @@ async def http_error(request: Request, exc: Exception) -> Response:
 
 async def server_error(request: Request, exc: Exception) -> Response:
     """A bug: logged with its traceback, answered with one line and no details."""
-    log.exception("unexpected error on %s %s", request.method, request.url.path)
+    log.exception("unexpected error on %s %s", request.method, request.url.path)  # once, then counted: quiet_repeats
     return error_response(500, "internal error (a bug in ursa serve; see the server log)")
 
 
@@ -176,12 +223,19 @@ def create_app(model_path: str | Path | None = None, *, config: ServeConfig | No
     app.state.batcher = MicroBatcher(pred.predict_tensors, max_batch=config.max_batch,
                                      wait_ms=config.batch_wait_ms, pool=infer_pool)
     app.state.decode_pool = ThreadPool(max(2, default_threads()), 1, "ursa-decode")
+    app.state.decode_side = decode_size(pred.size)  # the short side images are decoded at (JPEG draft)
+    # Decodes in flight hold at most two of the largest images' pixels (or any number of small ones).
+    app.state.pixel_budget = PixelBudget(2 * config.max_pixels)
     app.state.info = {**pred.describe(), "max_bytes": config.max_bytes, "max_batch_files": MAX_BATCH_FILES,
-                      "micro_batch": config.max_batch}
+                      "micro_batch": config.max_batch, "max_pixels": config.max_pixels,
+                      "max_request_pixels": config.max_request_pixels, "request_timeout": config.request_timeout}
     app.state.assets = Assets(PAGE_FILES, img_src=IMG_SRC)
     return app
 
 
 def app_from_env() -> Starlette:
     """uvicorn factory for --workers > 1: each worker process loads the model once from the env settings."""
-    return create_app(config=ServeConfig.from_env())
+    config = ServeConfig.from_env()
+    quiet_repeats()  # in each worker process, after uvicorn set up its logging
+    TimedH11Protocol.header_timeout = config.header_timeout  # this worker's connections (uvicorn made its Config)
+    return create_app(config=config)

@@ -1,7 +1,8 @@
 """Request bodies for `ursa serve`: read within a size limit, parse forms, and say what was wrong with them.
 
 Bodies are bounded twice: by Content-Length before reading and by counting bytes while
-streaming. Every mistake is an ``ApiError``: a 4xx status and one line saying what to do instead.
+streaming, and in time: a body that stops arriving or trickles in is a 408 (``web.read_body``).
+Every mistake is an ``ApiError``: a 4xx status and one line saying what to do instead.
 """
 
 from __future__ import annotations
@@ -14,38 +15,23 @@ from starlette.exceptions import HTTPException
 from starlette.formparsers import MultiPartException
 from starlette.requests import Request
 
+from ursa.apps.serve.config import ServeConfig
+from ursa.apps.web import ApiError
+from ursa.apps.web import read_body as read_limited
 from ursa.errors import ImageError
-from ursa.util.numbers import human_bytes
 
 # What each way an upload can fail to be an image means for the client.
 IMAGE_STATUS = {"empty": 422, "not_image": 415, "unsupported": 415, "truncated": 400, "corrupt": 400,
-                "too_large": 400, "missing": 422}
+                "too_large": 413, "missing": 422}
 
 
-class ApiError(Exception):
-    """A client mistake: its HTTP status and one line saying what to do instead."""
-
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status, self.message = status, message
+MAX_BYTES_HINT = "; send a smaller image (or start the server with a larger --max-bytes)"
 
 
-async def read_body(request: Request, max_bytes: int) -> bytes:
-    """The whole body, refused with 413 as soon as it is known to be over max_bytes."""
-    declared = request.headers.get("content-length")
-    if declared is not None:
-        if not declared.strip().isdigit():
-            raise ApiError(400, "Content-Length is not a number")
-        if int(declared) > max_bytes:
-            raise ApiError(413, f"request body of {human_bytes(int(declared))} is over the limit of "
-                                f"{human_bytes(max_bytes)}; send a smaller image (or start the server with a larger --max-bytes)")
-    buf = bytearray()
-    async for chunk in request.stream():
-        buf += chunk
-        if len(buf) > max_bytes:
-            raise ApiError(413, f"request body is over the limit of {human_bytes(max_bytes)}; send a smaller image "
-                                "(or start the server with a larger --max-bytes)")
-    return bytes(buf)
+async def read_body(request: Request, config: ServeConfig) -> bytes:
+    """The whole body within the server's size limit and read timeouts (413 / 408 otherwise)."""
+    return await read_limited(request, config.max_bytes, hint=MAX_BYTES_HINT, read_timeout=config.read_timeout,
+                              body_timeout=config.body_timeout)
 
 
 def content_type(request: Request) -> str:

@@ -9,10 +9,12 @@ import uvicorn
 
 from ursa.apps.serve.app import app_from_env, create_app
 from ursa.apps.serve.config import ServeConfig
-from ursa.apps.web import Server
+from ursa.apps.web import Server, TimedH11Protocol, quiet_repeats, server_config
 from ursa.errors import UrsaError
 from ursa.inference.predictor import default_threads, load_predictor
-from ursa.util.net import check_port
+from ursa.util.net import check_port, raise_open_files_limit
+
+FILES_RESERVED = 64  # descriptors the process needs besides connections: the model, logs, pipes, the listening socket
 
 # What uvicorn imports in each worker process (factory mode); derived, so a move cannot leave it stale.
 WORKER_FACTORY = f"{app_from_env.__module__}:{app_from_env.__name__}"
@@ -25,10 +27,15 @@ def serve(config: ServeConfig, host: str = "127.0.0.1", port: int = 8000, worker
         raise UrsaError(f"--workers must be at least 1 (got {workers})")
     check_port(host, port)
     config.threads = config.threads or default_threads(workers)
+    # Over limit_concurrency open connections a new one is answered 503 at once; the limit stays well under
+    # the open-files limit (raised first), so the server can always accept, answer and close.
+    files = raise_open_files_limit()
+    limit = config.limit_concurrency if files < 0 else max(8, min(config.limit_concurrency, (files - FILES_RESERVED) // 2))
+    limits = dict(limit_concurrency=limit, timeout_keep_alive=5, backlog=2048)
     if workers == 1:
         app = create_app(config=config)  # load errors surface here, before the port is opened
-        ucfg = uvicorn.Config(app, host=host, port=port, access_log=access_log, log_level=log_level,
-                              timeout_graceful_shutdown=10, server_header=False)
+        ucfg = server_config(app, host, port, header_timeout=config.header_timeout, access_log=access_log,
+                             log_level=log_level, timeout_graceful_shutdown=10, server_header=False, **limits)
         if ready:
             ready(f"http://{host}:{port}")
         Server(ucfg).run()
@@ -38,5 +45,7 @@ def serve(config: ServeConfig, host: str = "127.0.0.1", port: int = 8000, worker
     os.environ.update(config.to_env())
     if ready:
         ready(f"http://{host}:{port}")
-    uvicorn.run(WORKER_FACTORY, factory=True, host=host, port=port, workers=workers,
-                access_log=access_log, log_level=log_level, timeout_graceful_shutdown=10, server_header=False)
+    quiet_repeats()
+    # uvicorn builds the workers' Config itself: app_from_env sets their header deadline on TimedH11Protocol.
+    uvicorn.run(WORKER_FACTORY, factory=True, host=host, port=port, workers=workers, http=TimedH11Protocol,
+                access_log=access_log, log_level=log_level, timeout_graceful_shutdown=10, server_header=False, **limits)
