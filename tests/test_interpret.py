@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import math
 import shutil
 
@@ -95,6 +96,10 @@ def test_validation_set_comes_from_split_csv_beside_the_model(tiny_model, tiny_r
     with open(tiny_run / "history.csv") as f:
         last = list(csv.DictReader(f))[-1]
     assert abs(it.error_rate - float(last["error_rate"])) <= 1 / len(it) + 1e-9, "same model, same images"
+    assert it.features is not None and it.features.shape[0] == len(it), "body features for the embedding map"
+    report = json.loads((tiny_run / "report.json").read_text())
+    assert np.allclose(sorted(it.probs.max(1)), sorted(p for *_, p in report["top_losses"]), atol=1e-3), \
+        "calibrated probabilities, as the training report shows them"
 
 
 @pytest.mark.slow

@@ -154,3 +154,53 @@ def test_ursa_predict_keeps_users_imports_working(model_dir):
     assert isinstance(pred, Predictor)
     label, index, probs = pred.predict(sorted(HELDOUT.glob("*.jpg"))[0])
     assert label == pred.classes[index] and set(probs) == set(pred.classes)
+
+
+def test_trained_model_carries_its_calibration_and_predict_applies_it(model_dir):
+    """ursa train fits a temperature on the validation set; the predictor divides the logits by it."""
+    model, meta = load_model(model_dir / "model.safetensors")
+    c = meta.calibration
+    assert c["temperature"] > 0 and c["target_precision"] == 0.95
+    assert c["threshold"] is None or 0 <= c["threshold"] <= 1
+    pred = Predictor(model, meta)
+    x = pred.preprocess(sorted(HELDOUT.glob("*.jpg"))[0])[None]
+    want = (pred.logits(x) / c["temperature"]).softmax(1)
+    assert torch.allclose(pred.probs(x), want, atol=1e-6)
+    onnx = load_predictor(model_dir / "model.onnx")
+    assert onnx.temperature == pytest.approx(c["temperature"]), "the ONNX export carries it too"
+    assert torch.allclose(onnx.probs(x), want, atol=1e-4)
+
+
+def test_a_model_file_without_calibration_behaves_as_before(model_dir, tmp_path):
+    model, meta = load_model(model_dir / "model.safetensors")
+    meta.calibration = {}
+    save_model(model, tmp_path / "old.safetensors", meta)
+    pred = load_predictor(tmp_path / "old.safetensors", backend="torch")
+    assert pred.temperature == 1.0 and pred.threshold is None
+    x = pred.preprocess(sorted(HELDOUT.glob("*.jpg"))[0])[None]
+    assert torch.allclose(pred.probs(x), pred.logits(x).softmax(1))
+    p = pred.predict_one(sorted(HELDOUT.glob("*.jpg"))[0])
+    assert p.unsure is False and p.threshold is None
+    assert set(p.to_json()) >= {"label", "index", "probs"}, "old fields stay"
+
+
+def test_unsure_below_the_threshold_model_or_per_call(model_dir, tmp_path):
+    model, meta = load_model(model_dir / "model.safetensors")
+    files = sorted(HELDOUT.glob("*.jpg"))
+    plain = Predictor(model, meta).predict_batch(files, threshold=None)
+    assert not any(p.unsure for p in plain)
+    cut = sorted(p.confidence for p in plain)[len(plain) // 2]  # half the answers are below it
+    meta.calibration = {**meta.calibration, "threshold": cut}
+    save_model(model, tmp_path / "m.safetensors", meta)
+    pred = load_predictor(tmp_path / "m.safetensors", backend="torch")
+    got = pred.predict_batch(files)
+    assert [p.unsure for p in got] == [p.confidence < cut for p in got]
+    assert any(p.unsure for p in got) and not all(p.unsure for p in got)
+    assert [p.label for p in got] == [p.label for p in plain], "an unsure answer still names its class"
+    j = got[0].to_json()
+    assert j["unsure"] == got[0].unsure and j["threshold"] == pytest.approx(cut)
+    assert not any(p.unsure for p in pred.predict_batch(files, threshold=0.0)), "a per-call threshold wins"
+    assert all(p.unsure for p in pred.predict_batch(files, threshold=1.0))
+    assert got[0].with_threshold(None).unsure is False
+    with pytest.raises(UrsaError, match="expected a probability from 0 to 1"):
+        got[0].with_threshold(1.5)

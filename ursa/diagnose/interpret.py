@@ -35,10 +35,13 @@ class Interpretation:
     probs: np.ndarray  # [n, n_classes]
     split: str = "valid"  # "valid" or "all"
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (file, why)
+    features: np.ndarray | None = None  # [n, d] pooled body features, when known: the report's embedding map
 
     def __post_init__(self) -> None:
         self.targets = np.asarray(self.targets, dtype=np.int64).reshape(-1)
         self.probs = np.asarray(self.probs, dtype=np.float64).reshape(len(self.targets), len(self.classes))
+        if self.features is not None:
+            self.features = np.asarray(self.features, dtype=np.float32).reshape(len(self.targets), -1)
 
     def __len__(self) -> int:
         return len(self.targets)
@@ -181,13 +184,16 @@ def interpret_model(model_path: str | Path, data: str | Path, all_images: bool =
     items, split, skipped = load_items(model_path, data, pred.classes, all_images, csv_path, pred.meta.config)
     if not items:
         raise DataError(f"{data}: no images to interpret")
-    names, paths, targets, probs = [], [], [], []
+    names, paths, targets, probs, feats = [], [], [], [], []
     batch: list[torch.Tensor] = []
     kept: list[tuple[str, Path, int]] = []
 
     def flush() -> None:
         if batch:
-            probs.append(pred.probs(torch.stack(batch)).numpy())
+            p, f = pred.probs_and_features(torch.stack(batch))  # calibrated; features for the embedding map
+            probs.append(p.numpy())
+            if f is not None:
+                feats.append(f.numpy())
             for n, p, t in kept:
                 names.append(n)
                 paths.append(p)
@@ -208,4 +214,5 @@ def interpret_model(model_path: str | Path, data: str | Path, all_images: bool =
     flush()
     if not names:
         raise DataError(f"{data}: none of the {len(items)} images could be read")
-    return Interpretation(pred.classes, names, paths, np.array(targets), np.concatenate(probs), split, skipped)
+    features = np.concatenate(feats) if len(feats) == len(probs) else None  # none on ONNX Runtime
+    return Interpretation(pred.classes, names, paths, np.array(targets), np.concatenate(probs), split, skipped, features)

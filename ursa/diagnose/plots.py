@@ -10,7 +10,8 @@ from ursa.util.files import atomic_path
 from ursa.util.numbers import smooth
 
 
-def _figure(ncols: int = 1, width: float = 6.0, height: float = 4.0):
+def new_figure(ncols: int = 1, width: float = 6.0, height: float = 4.0):
+    """A figure on the Agg canvas (no display), ncols panels of width x height inches."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -19,7 +20,8 @@ def _figure(ncols: int = 1, width: float = 6.0, height: float = 4.0):
     return fig
 
 
-def _save(fig, path: str | Path) -> Path:
+def save_figure(fig, path: str | Path) -> Path:
+    """Write a figure as PNG atomically: a crash never leaves half a picture."""
     path = Path(path)
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", bbox_inches="tight")
@@ -28,7 +30,7 @@ def _save(fig, path: str | Path) -> Path:
 
 def losses_figure(batch_losses: Sequence[float], batch_epochs: Sequence[float], rows: Sequence[dict]):
     """One panel: per-batch train loss (raw, faint; smoothed, bold) and per-epoch valid loss against epochs."""
-    fig = _figure()
+    fig = new_figure()
     ax = fig.add_subplot(1, 1, 1)
     smoothed = smooth(batch_losses, 0.9)
     if batch_losses:
@@ -53,7 +55,7 @@ def losses_figure(batch_losses: Sequence[float], batch_epochs: Sequence[float], 
 def plot_losses(batch_losses: Sequence[float], batch_epochs: Sequence[float], rows: Sequence[dict],
                 path: str | Path) -> Path:
     """losses.png: the lesson's recorder.plot_losses(), to read under- and overfitting."""
-    return _save(losses_figure(batch_losses, batch_epochs, rows), path)
+    return save_figure(losses_figure(batch_losses, batch_epochs, rows), path)
 
 
 def _finite(values: Sequence[float]) -> list[float]:
@@ -90,7 +92,7 @@ def _stage_peaks(batch_lrs: Sequence[float], batch_epochs: Sequence[float],
 
 def lr_figure(batch_lrs: Sequence[float], batch_epochs: Sequence[float], rows: Sequence[dict] = ()):
     """One panel: the learning rate of every batch (the one-cycle shape of each stage)."""
-    fig = _figure(height=3.5)
+    fig = new_figure(height=3.5)
     ax = fig.add_subplot(1, 1, 1)
     if batch_lrs:
         ax.plot(batch_epochs, _finite(batch_lrs), color="tab:green")
@@ -111,12 +113,12 @@ def lr_figure(batch_lrs: Sequence[float], batch_epochs: Sequence[float], rows: S
 def plot_lr(batch_lrs: Sequence[float], batch_epochs: Sequence[float], path: str | Path,
             rows: Sequence[dict] = ()) -> Path:
     """lr.png: check the schedule actually did what was asked (warm-up, then anneal)."""
-    return _save(lr_figure(batch_lrs, batch_epochs, rows), path)
+    return save_figure(lr_figure(batch_lrs, batch_epochs, rows), path)
 
 
 def metrics_figure(rows: Sequence[dict]):
     """Two panels per epoch: error rate (best marked), and train vs valid loss (what the advisor reads)."""
-    fig = _figure(ncols=2, width=5.0, height=3.6)
+    fig = new_figure(ncols=2, width=5.0, height=3.6)
     ax_err, ax_loss = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
     if rows:
         x = [r["epoch"] for r in rows]
@@ -147,13 +149,13 @@ def metrics_figure(rows: Sequence[dict]):
 
 def plot_metrics(rows: Sequence[dict], path: str | Path) -> Path:
     """metrics.png: is the error still falling, or rising again (too many epochs)?"""
-    return _save(metrics_figure(rows), path)
+    return save_figure(metrics_figure(rows), path)
 
 
 def lr_find_figure(lrs: Sequence[float], losses: Sequence[float], smoothed: Sequence[float],
                    suggestions: dict[str, tuple[float, float]]):
     """One panel: loss against learning rate (log axis), each suggestion marked and labelled."""
-    fig = _figure(height=4.0)
+    fig = new_figure(height=4.0)
     ax = fig.add_subplot(1, 1, 1)
     ax.plot(lrs, _finite(losses), color="tab:blue", alpha=0.25, lw=0.8, label="loss")
     ax.plot(lrs, _finite(smoothed), color="tab:blue", label="smoothed loss")
@@ -184,7 +186,7 @@ def lr_find_figure(lrs: Sequence[float], losses: Sequence[float], smoothed: Sequ
 def plot_lr_find(lrs: Sequence[float], losses: Sequence[float], smoothed: Sequence[float],
                  suggestions: dict[str, tuple[float, float]], path: str | Path) -> Path:
     """lr_find.png: pick a learning rate where the loss is still falling clearly."""
-    return _save(lr_find_figure(lrs, losses, smoothed, suggestions), path)
+    return save_figure(lr_find_figure(lrs, losses, smoothed, suggestions), path)
 
 
 def confusion_figure(cm: Sequence[Sequence[int]], classes: Sequence[str]):
@@ -194,7 +196,7 @@ def confusion_figure(cm: Sequence[Sequence[int]], classes: Sequence[str]):
     cm = np.asarray(cm)
     n = len(classes)
     side = min(12.0, max(4.0, 0.9 * n + 2.0))
-    fig = _figure(width=side, height=side)
+    fig = new_figure(width=side, height=side)
     ax = fig.add_subplot(1, 1, 1)
     ax.imshow(cm, cmap="Blues", vmin=0, vmax=max(1, int(cm.max()) if cm.size else 1))
     ax.set_xticks(range(n), labels=list(classes), rotation=45 if n > 4 else 0, ha="right" if n > 4 else "center")
@@ -214,7 +216,7 @@ def confusion_figure(cm: Sequence[Sequence[int]], classes: Sequence[str]):
 
 def plot_confusion_matrix(cm: Sequence[Sequence[int]], classes: Sequence[str], path: str | Path) -> Path:
     """confusion_matrix.png: which classes the model mixes up, at a glance."""
-    return _save(confusion_figure(cm, classes), path)
+    return save_figure(confusion_figure(cm, classes), path)
 
 
 def top_losses_figure(images: Sequence, titles: Sequence[str], ncols: int = 4):
@@ -224,7 +226,7 @@ def top_losses_figure(images: Sequence, titles: Sequence[str], ncols: int = 4):
     n = max(1, len(images))
     ncols = max(1, min(ncols, n))
     nrows = math.ceil(n / ncols)
-    fig = _figure(width=2.6 * ncols, height=2.9 * nrows)
+    fig = new_figure(width=2.6 * ncols, height=2.9 * nrows)
     fig.suptitle("top losses: predicted / actual / loss / probability", fontsize=11)
     for k, (im, title) in enumerate(zip(images, titles)):
         ax = fig.add_subplot(nrows, ncols, k + 1)
@@ -237,7 +239,7 @@ def top_losses_figure(images: Sequence, titles: Sequence[str], ncols: int = 4):
 
 def plot_top_losses(images: Sequence, titles: Sequence[str], path: str | Path, ncols: int = 4) -> Path:
     """top_losses.png: the images the model is most wrong (or least sure) about."""
-    return _save(top_losses_figure(images, titles, ncols), path)
+    return save_figure(top_losses_figure(images, titles, ncols), path)
 
 
 def plot_training(batch_losses: Sequence[float], batch_lrs: Sequence[float], batch_epochs: Sequence[float],

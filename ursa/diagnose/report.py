@@ -3,12 +3,15 @@
 ``write_report`` gathers an ``Interpretation`` (predictions on a set of images), a training
 ``History`` (and the advice the rules draw from it) and the run's plots into two files:
 
-- ``report.html``: self-contained (plots and thumbnails inlined as base64, CSS inline, no
-  external URL), to open in any browser or attach to an email;
+- ``report.html``: self-contained (plots and thumbnails inlined as base64, CSS and script inline,
+  no external URL), to open in any browser or attach to an email; its confusion matrix can be
+  clicked (``explore``), and a training run adds the insight sections (``insight_html``): the
+  data as the model sees it, calibration, the learning curve and leakage;
 - ``report.json``: the same numbers for scripts (``classes``, ``confusion_matrix`` with rows =
   actual and columns = predicted, ``most_confused`` as [actual, predicted, count],
   ``per_class`` precision/recall/support, ``error_rate``, ``top_losses`` as [file, actual,
-  predicted, loss, probability], plus ``advice``, ``rules`` and ``history``).
+  predicted, loss, probability], plus ``advice``, ``rules`` and ``history``, and when measured
+  ``calibration``, ``curve``, ``leakage``, ``data`` and ``embedding``).
 
 ``finish_run`` is what ``ursa train`` calls once the model file is written.
 """
@@ -24,6 +27,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
+from ursa.diagnose import explore, insight_html
 from ursa.diagnose.advice import RULE_DESCRIPTIONS, RULES, Advice, History, advise, check
 
 if TYPE_CHECKING:
@@ -56,9 +60,9 @@ def thumbnail(path: str | Path, size: int = THUMB):
     return im
 
 
-def _jpeg_b64(im) -> str:
+def _jpeg_b64(im, quality: int = 82) -> str:
     buf = io.BytesIO()
-    im.save(buf, format="JPEG", quality=82)
+    im.save(buf, format="JPEG", quality=quality)
     return base64.b64encode(buf.getvalue()).decode("ascii")
 
 
@@ -91,9 +95,12 @@ def _verdicts(h: History | None, advice: Sequence[Advice]) -> list[dict]:
     return out
 
 
+INSIGHT_KEYS = ("calibration", "curve", "leakage", "data", "embedding")
+
+
 def build_json(interp: "Interpretation | None", h: History | None, advice: Sequence[Advice],
-               plots: dict[str, Path], info: dict, notes: Sequence[str]) -> dict:
-    """report.json: the interpretation's numbers plus advice, rule verdicts and history."""
+               plots: dict[str, Path], info: dict, notes: Sequence[str], insight: dict | None = None) -> dict:
+    """report.json: the interpretation's numbers plus advice, rule verdicts, history and the insight measured."""
     keys = ("classes", "split", "n_items", "error_rate", "confusion_matrix", "most_confused", "per_class",
             "top_losses", "skipped")
     d: dict = {k: None for k in keys}
@@ -113,6 +120,7 @@ def build_json(interp: "Interpretation | None", h: History | None, advice: Seque
         "ursa_version": __version__,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     })
+    d.update({k: (insight or {}).get(k) for k in INSIGHT_KEYS if (insight or {}).get(k) is not None})
     return _clean(d)
 
 
@@ -178,7 +186,7 @@ td.num, th.num { text-align:right; font-variant-numeric: tabular-nums; }
 .card .nums { font-variant-numeric: tabular-nums; }
 details summary { cursor: pointer; color: var(--accent); margin-top: 10px; }
 footer { color: var(--muted); font-size: 12px; text-align:center; }
-"""
+""" + explore.CSS
 
 
 def _e(v: object) -> str:
@@ -240,13 +248,12 @@ def _fmt(v: object, digits: int = 4) -> str:
     return f"{v:.{digits}f}" if isinstance(v, (int, float)) and math.isfinite(v) else _e(v)
 
 
-def _confusion_html(interp: "Interpretation", cm_png: Path) -> str:
+def _confusion_html(interp: "Interpretation") -> str:
     mc = interp.most_confused()
-    per = interp.per_class()
-    parts = ["<section id='confusion'><h2>Where the model goes wrong</h2><div class='two'>",
-             f"<figure><img alt='confusion matrix' src='data:image/png;base64,{_png_b64(cm_png)}'>"
-             "<figcaption>Confusion matrix: rows are the actual class, columns the predicted one; the diagonal "
-             "is right.</figcaption></figure><div>",
+    parts = ["<section id='confusion'><h2>Where the model goes wrong</h2><div class='two'><div>",
+             explore.matrix_html(interp),
+             "<p class='note'>Confusion matrix: rows are the actual class, columns the predicted one; the diagonal "
+             "is right. Click a cell to see its images (confusion_matrix.png has the same numbers).</p></div><div>",
              "<h3>Most confused (actual &rarr; predicted)</h3>"]
     if mc:
         parts.append("<table><tr><th>actual</th><th>predicted as</th><th class='num'>images</th></tr>")
@@ -254,14 +261,10 @@ def _confusion_html(interp: "Interpretation", cm_png: Path) -> str:
         parts.append("</table>")
     else:
         parts.append("<p class='note'>No mistakes on this set.</p>")
-    parts.append("<h3>Per class</h3><table><tr><th>class</th><th class='num'>images</th><th>precision</th>"
-                 "<th>recall</th></tr>")
-    for c, m in per.items():
-        parts.append(f"<tr><td>{_e(c)}</td><td class='num'>{m['support']}</td>"
-                     f"<td>{m['precision']:.3f}<span class='bar' style='width:{60 * m['precision']:.0f}px'></span></td>"
-                     f"<td>{m['recall']:.3f}<span class='bar' style='width:{60 * m['recall']:.0f}px'></span></td></tr>")
-    parts.append("</table><p class='note'>Precision: of the images predicted as this class, the share that are. "
-                 "Recall: of this class's images, the share found.</p></div></div></section>")
+    parts.append("<h3>Per class</h3>" + explore.per_class_html(interp))
+    parts.append("<p class='note'>Precision: of the images predicted as this class, the share that are. "
+                 "Recall: of this class's images, the share found.</p></div></div>" + explore.panel_html()
+                 + "</section>")
     return "".join(parts)
 
 
@@ -289,8 +292,11 @@ def _top_losses_html(interp: "Interpretation", thumbs: dict[int, str], k: int) -
 
 
 def build_html(interp: "Interpretation | None", h: History | None, advice: Sequence[Advice], plots: dict[str, Path],
-               info: dict, notes: Sequence[str], cm_png: Path | None, thumbs: dict[int, str], k: int) -> str:
-    """The whole page as one string: nothing outside it is fetched."""
+               info: dict, notes: Sequence[str], cm_png: Path | None, thumbs: dict[int, str], k: int,
+               insight: dict | None = None, small: dict[int, str] | None = None, out: Path | None = None) -> str:
+    """The whole page as one string: nothing outside it is fetched (``small``: the explorer's thumbnails)."""
+    insight = insight or {}
+    pics = {n: (out / f"{n}.png") if out is not None else None for n in ("batch", "reliability", "curve")}
     title = info.get("title", "ursa report")
     sub = "".join(f"<span><b>{_e(k)}</b> {_e(v)}</span>" for k, v in info.items()
                   if k not in ("title", "classes") and v not in (None, ""))
@@ -311,10 +317,15 @@ def build_html(interp: "Interpretation | None", h: History | None, advice: Seque
                                                     for n, v in stats) + "</div>")
     verdicts = _verdicts(h, advice)
     parts.append(_advice_html(advice, verdicts, notes, h is not None))
+    parts.append(insight_html.batch_html(pics["batch"], insight.get("data")))
     parts.append(_plots_html(plots, h))
     if interp is not None and cm_png is not None:
-        parts.append(_confusion_html(interp, cm_png))
+        parts.append(_confusion_html(interp))
+        parts.append(explore.embedding_section(interp, insight.get("embedding")))
         parts.append(_top_losses_html(interp, thumbs, k))
+    parts.append(insight_html.calibration_html(insight.get("calibration"), pics["reliability"]))
+    parts.append(insight_html.curve_html(insight.get("curve"), pics["curve"]))
+    parts.append(insight_html.leakage_html(insight.get("leakage"), thumbnail))
     if interp is not None and interp.skipped:
         parts.append(f"<section id='skipped'><h2>Skipped files ({len(interp.skipped)})</h2><table>"
                      "<tr><th>file</th><th>why</th></tr>")
@@ -323,6 +334,8 @@ def build_html(interp: "Interpretation | None", h: History | None, advice: Seque
     from ursa import __version__
 
     parts.append(f"<footer>ursa {_e(__version__)} · {_e(datetime.now().strftime('%Y-%m-%d %H:%M'))}</footer>")
+    if interp is not None and cm_png is not None:
+        parts.append(explore.scripts(interp, small or {}, insight.get("embedding")))
     parts.append("</main></body></html>")
     return "".join(parts)
 
@@ -332,8 +345,13 @@ def build_html(interp: "Interpretation | None", h: History | None, advice: Seque
 
 def write_report(out: str | Path, interp: "Interpretation | None" = None, history: History | None = None,
                  plots: dict[str, Path] | None = None, info: dict | None = None, notes: Sequence[str] = (),
-                 k: int = TOP_K) -> dict[str, Path]:
-    """report.html + report.json (and confusion_matrix.png, top_losses.png) into out; name -> path."""
+                 k: int = TOP_K, insight: dict | None = None) -> dict[str, Path]:
+    """report.html + report.json (and confusion_matrix.png, top_losses.png) into out; name -> path.
+
+    ``insight``: what a training run measured (``calibration``, ``curve``, ``leakage``, ``data``;
+    batch.png, reliability.png and curve.png are read from out); the embedding map is computed
+    here from ``interp.features`` when the interpretation has them.
+    """
     from ursa.diagnose.plots import plot_confusion_matrix, plot_top_losses
     from ursa.util.files import atomic_write_text
 
@@ -342,9 +360,17 @@ def write_report(out: str | Path, interp: "Interpretation | None" = None, histor
     plots = {n: Path(p) for n, p in (plots or {}).items() if Path(p).is_file()}
     info = dict(info or {})
     advice = advise(history) if history is not None else []
+    insight = dict(insight or {})
     written: dict[str, Path] = {}
-    cm_png, thumbs = None, {}
+    cm_png, thumbs, small = None, {}, {}
     if interp is not None:
+        emb = explore.embedding(interp)
+        if emb is not None:
+            insight["embedding"] = emb
+        for i in explore.thumb_order(interp):
+            im = thumbnail(interp.paths[i], explore.THUMB_SMALL)
+            if im is not None:
+                small[i] = _jpeg_b64(im, 75)
         cm_png = written["confusion_matrix"] = plot_confusion_matrix(interp.confusion_matrix(), interp.classes,
                                                                      out / "confusion_matrix.png")
         images, titles = [], []
@@ -359,8 +385,8 @@ def write_report(out: str | Path, interp: "Interpretation | None" = None, histor
                           f"{interp.losses[i]:.2f} / {interp.probs[i, p]:.2f}")
         if images:
             written["top_losses"] = plot_top_losses(images, titles, out / "top_losses.png")
-    page = build_html(interp, history, advice, plots, info, notes, cm_png, thumbs, k)
-    data = build_json(interp, history, advice, plots, info, notes)
+    page = build_html(interp, history, advice, plots, info, notes, cm_png, thumbs, k, insight, small, out)
+    data = build_json(interp, history, advice, plots, info, notes, insight)
     atomic_write_text(out / "report.html", page)
     atomic_write_text(out / "report.json", json.dumps(data, indent=1, allow_nan=False) + "\n")
     written["html"], written["json"] = out / "report.html", out / "report.json"

@@ -14,6 +14,12 @@ names are checked in one place, ``check_backend``. Backend rule (shared by ``urs
 - ``backend="auto"`` (default) runs ``MODEL.onnx`` beside the model only when it is at least as
   new as the model file *and* was exported from it (same ``created`` stamp and classes);
   otherwise torch, so a stale export is never used silently.
+
+Calibration: a model file whose ``calibration`` holds a ``temperature`` (fitted by ``ursa train``
+on the validation set) has its logits divided by it before the softmax, on either backend, so
+the probabilities mean what they say; its ``threshold`` marks an answer whose top probability is
+below it as ``unsure`` (the class is still given). A file without calibration behaves as before
+(temperature 1, nothing unsure).
 """
 
 from __future__ import annotations
@@ -21,7 +27,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
@@ -31,6 +36,7 @@ import torch
 from ursa.errors import ModelFileError, UrsaError
 from ursa.inference.modelfile import ONNX_META_KEY, ModelMeta, load_model, read_meta
 from ursa.inference.onnx import ort_session
+from ursa.inference.results import Prediction, check_threshold  # one answer type for torch and the ONNX runtime
 from ursa.vision.images import Source
 from ursa.vision.transforms import decode_size, eval_transform, load_pixels
 
@@ -44,23 +50,6 @@ def check_backend(name: str) -> str:
     if name not in BACKENDS:
         raise UrsaError(f"--backend must be one of {', '.join(BACKENDS)} (got {name!r})")
     return name
-
-
-@dataclass
-class Prediction:
-    """One image's answer: label, its index, and every class's probability."""
-
-    label: str
-    index: int
-    probs: dict[str, float]
-
-    def as_tuple(self) -> tuple[str, int, dict[str, float]]:
-        """fastai's (label, index, probs) shape."""
-        return self.label, self.index, self.probs
-
-    def to_json(self) -> dict[str, Any]:
-        """What the web API returns for one image."""
-        return {"label": self.label, "index": self.index, "probs": self.probs}
 
 
 @contextlib.contextmanager
@@ -98,6 +87,9 @@ class Predictor:
                  onnx_session: Any = None, bf16: bool = False, source: Path | None = None) -> None:
         self.model, self.meta, self.backend, self.session, self.bf16 = model, meta, backend, onnx_session, bf16
         self.source = source
+        cal = getattr(meta, "calibration", None) or {}  # model files before calibration have none
+        self.temperature = float(cal.get("temperature") or 1.0)
+        self.threshold: float | None = check_threshold(cal.get("threshold"))
         self.classes = list(meta.classes)
         self.size = int(meta.input_size)
         self._decode = decode_size(self.size)
@@ -112,36 +104,56 @@ class Predictor:
             return self._tfm(load_pixels(source, self._decode))
 
     @torch.inference_mode()
-    def probs(self, x: torch.Tensor) -> torch.Tensor:
-        """Probabilities for a preprocessed batch [N, 3, H, W]."""
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Raw (uncalibrated) logits for a preprocessed batch [N, 3, H, W]."""
         if self.backend == "onnx":
             arr = np.ascontiguousarray(x.numpy(), dtype=np.float32)
-            logits = self.session.run(None, {self._input_name: arr})[0]
-            return torch.from_numpy(logits).float().softmax(1)
+            return torch.from_numpy(self.session.run(None, {self._input_name: arr})[0]).float()
         x = x.contiguous(memory_format=torch.channels_last)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bf16):
-            logits = self.model(x)
-        return logits.float().softmax(1)
+            return self.model(x).float()
 
-    def result(self, p: torch.Tensor) -> Prediction:
-        """One row of probabilities as a Prediction."""
+    @torch.inference_mode()
+    def probs(self, x: torch.Tensor) -> torch.Tensor:
+        """Calibrated probabilities for a preprocessed batch [N, 3, H, W] (the model's temperature applied)."""
+        return (self.logits(x) / self.temperature).softmax(1)
+
+    @torch.inference_mode()
+    def probs_and_features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Calibrated probabilities and the pooled body features (None on ONNX Runtime, whose graph ends in logits)."""
+        if self.model is None:
+            return self.probs(x), None
+        x = x.contiguous(memory_format=torch.channels_last)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bf16):
+            f = self.model.features(x)
+            logits = self.model.head(f)
+        return (logits.float() / self.temperature).softmax(1), f.float()
+
+    def result(self, p: torch.Tensor, threshold: float | None | str = "model") -> Prediction:
+        """One row of probabilities as a Prediction, judged by the model's unsure threshold unless another is given."""
         values = p.tolist()
         i = int(max(range(len(values)), key=values.__getitem__))
-        return Prediction(self.classes[i], i, {c: float(v) for c, v in zip(self.classes, values)})
+        pred = Prediction(self.classes[i], i, {c: float(v) for c, v in zip(self.classes, values)})
+        return pred.with_threshold(self.threshold if threshold == "model" else threshold)  # type: ignore[arg-type]
 
-    def predict_tensors(self, xs: Sequence[torch.Tensor]) -> list[Prediction]:
+    def predict_tensors(self, xs: Sequence[torch.Tensor], threshold: float | None | str = "model") -> list[Prediction]:
         """Forward already-preprocessed images as one batch."""
-        return [self.result(p) for p in self.probs(torch.stack(list(xs)))]
+        return [self.result(p, threshold) for p in self.probs(torch.stack(list(xs)))]
 
     def predict(self, source: Source) -> tuple[str, int, dict[str, float]]:
         """(label, index, probs) for one image, as fastai's learn.predict returns."""
         return self.result(self.probs(self.preprocess(source)[None])[0]).as_tuple()
 
-    def predict_batch(self, sources: Sequence[Source], bs: int = 32) -> list[Prediction]:
+    def predict_one(self, source: Source, threshold: float | None | str = "model") -> Prediction:
+        """One image's full answer, unsure flag included ("model": the model's threshold; None: never unsure)."""
+        return self.result(self.probs(self.preprocess(source)[None])[0], threshold)
+
+    def predict_batch(self, sources: Sequence[Source], bs: int = 32,
+                      threshold: float | None | str = "model") -> list[Prediction]:
         """Many images, batched; raises ImageError on the first unreadable one."""
         out: list[Prediction] = []
         for i in range(0, len(sources), bs):
-            out += self.predict_tensors([self.preprocess(s) for s in sources[i:i + bs]])
+            out += self.predict_tensors([self.preprocess(s) for s in sources[i:i + bs]], threshold)
         return out
 
     def describe(self) -> dict[str, Any]:
@@ -152,6 +164,7 @@ class Predictor:
             "version": m.ursa_version, "created": m.created, "format_version": m.format_version,
             "backend": self.backend + ("+bf16" if self.bf16 and self.backend == "torch" else ""),
             "file": self.source.name if self.source else None,
+            "temperature": self.temperature, "unsure_threshold": self.threshold,
         }
 
 

@@ -74,6 +74,10 @@ class Learner:
         """The frozen body's cached features, while they are valid."""
         return self._cache
 
+    def cached_features(self, n_views: int = 1) -> FeatureCache:
+        """The frozen body's features of n_views augmented training views and the validation set (computed once, kept)."""
+        return self._features(n_views, None)
+
     def loss_func(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Cross-entropy (with the configured label smoothing)."""
         return F.cross_entropy(logits, y, label_smoothing=self.config.label_smoothing)
@@ -200,15 +204,29 @@ class Learner:
     @torch.inference_mode()
     def get_preds(self, idx: Sequence[int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Probabilities and targets for items idx (default: the validation set), eval transform."""
+        logits, y, _ = self.get_logits(idx)
+        return logits.softmax(1), y
+
+    @torch.inference_mode()
+    def get_logits(self, idx: Sequence[int] | None = None,
+                   features: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Logits, targets and (when asked) pooled body features for items idx (default: the validation set), one pass.
+
+        The run writer fits the temperature on the logits and maps the features; the same pass
+        gives the report its probabilities.
+        """
         idx = self.dls.dataset.valid_idx if idx is None else list(idx)
         self.model.eval()
         # 16 at a time: on CPU as fast as larger batches, and a 224 px batch of 64 holds ~1 GB of activations.
         dl = self.dls.loader(idx, train=False, bs=min(self.dls.bs, 16))
-        probs, ys = [], []
+        logits, ys, feats = [], [], []
         for xb, yb in dl:
-            probs.append(self.model(xb).float().softmax(1))
+            f = self.model.features(xb)
+            logits.append(self.model.head(f).float())
             ys.append(yb)
-        return torch.cat(probs), torch.cat(ys)
+            if features:
+                feats.append(f.float())
+        return torch.cat(logits), torch.cat(ys), torch.cat(feats) if features else None
 
     def validate(self) -> Metrics:
         """valid_loss, error_rate, accuracy on the validation set."""
@@ -234,11 +252,12 @@ class Learner:
         return self
 
     def export(self, path: str | Path, metrics: dict | None = None, config: dict | None = None,
-               state: dict | None = None) -> Path:
+               state: dict | None = None, calibration: dict | None = None) -> Path:
         """Write the one model file (weights + metadata) that predict and serve load.
 
         ``state``: other weights to write (the best epoch's) instead of the current ones; the
-        learner's own are left as they are.
+        learner's own are left as they are. ``calibration``: the temperature and unsure threshold
+        fitted on the validation set for these weights (``diagnose.calibration``).
         """
         if metrics is None and self.recorder.rows:
             last = self.recorder.rows[-1]
@@ -246,7 +265,7 @@ class Learner:
         meta = ModelMeta(
             arch=self.model.arch, classes=list(self.dls.classes), input_size=self.dls.size,
             mean=list(self.dls.mean), std=list(self.dls.std), head=asdict(self.model.head_cfg),
-            metrics=metrics or {}, config=config or {},
+            metrics=metrics or {}, config=config or {}, calibration=calibration or {},
         )
         current = {k: v.clone() for k, v in self.model.state_dict().items()} if state is not None else None
         self.model.eval()

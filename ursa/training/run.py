@@ -1,14 +1,18 @@
 """The run writer: everything a run leaves in its folder, written once, at the end.
 
 config.json, split.csv, history.csv, the curves, advice.txt, report.html/json and the model
-file (plus best.safetensors when the error got worse at the end). A run that diverged gets the
-same folder without a model file, so the user can read why. Nothing is written into the data
-folder.
+file (plus best.safetensors when the error got worse at the end). One pass over the validation
+images gives the final model's logits and body features: the temperature and the "unsure"
+threshold are fitted on the logits before the model file is written (they go into its
+``calibration``; reliability.png shows them), and the features place the images on the report's
+embedding map. A run that diverged gets the same folder without a model file, so the user can
+read why. Nothing is written into the data folder.
 """
 
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,6 +20,8 @@ from typing import Any
 from rich.console import Console
 
 from ursa.diagnose.advice import Advice, advise, write_advice
+from ursa.diagnose.calibration import Calibration, calibrate, reliability, softmax
+from ursa.diagnose.insight_plots import plot_curve, plot_reliability
 from ursa.diagnose.interpret import Interpretation
 from ursa.diagnose.plots import plot_losses, plot_lr, plot_metrics
 from ursa.diagnose.report import run_plots, write_report
@@ -35,6 +41,8 @@ class RunFiles:
     advice: list[Advice]
     notes: list[str] = field(default_factory=list)
     report: dict[str, Path] = field(default_factory=dict)
+    calibration: Calibration | None = None
+    timings: dict[str, float] = field(default_factory=dict)  # seconds: calibration, report
 
     @property
     def diverged(self) -> bool:
@@ -43,9 +51,16 @@ class RunFiles:
 
 
 def write_run(out: Path, learn: Learner, cfg: TrainConfig, ds: ImageDataset, info: dict[str, Any] | None = None,
-              console: Console | None = None) -> RunFiles:
-    """Write the run folder; no model file when the learner diverged (its advice says why)."""
+              console: Console | None = None, insight: dict[str, Any] | None = None) -> RunFiles:
+    """Write the run folder; no model file when the learner diverged (its advice says why).
+
+    ``insight``: what the recipe measured (``data``, ``leakage``, ``curve``), for the report.
+    """
     out = Path(out)
+    console = console or learn.console
+    insight = dict(insight or {})
+    if insight.get("curve"):
+        plot_curve(insight["curve"], out / "curve.png")
     out.mkdir(parents=True, exist_ok=True)
     config = cfg.to_json()
     r = learn.recorder
@@ -65,9 +80,13 @@ def write_run(out: Path, learn: Learner, cfg: TrainConfig, ds: ImageDataset, inf
             " (model.safetensors, config.json and split.csv in this folder are from an earlier run.)" if earlier else ""))
         write_advice(out / "advice.txt", advice, h, notes)
         report = write_report(out, None, h, run_plots(out), {"title": "ursa training report: diverged",
-                                                             "run folder": str(out)}, notes)
+                                                             "run folder": str(out)}, notes, insight=insight)
         return RunFiles(out, None, None, advice, notes, report)
-    model = learn.export(out / "model.safetensors", config=config)
+    timings: dict[str, float] = {}
+    logits, y, feats, cal = _valid_pass(learn, cfg, out, console, timings)
+    if cal is not None:
+        insight["calibration"] = cal.to_json()
+    model = learn.export(out / "model.safetensors", config=config, calibration=cal.to_meta() if cal else None)
     best = None
     b = learn.best
     if any(a.rule == "too_many_epochs" for a in advice) and b.state is not None and b.row is not None:
@@ -78,15 +97,40 @@ def write_run(out: Path, learn: Learner, cfg: TrainConfig, ds: ImageDataset, inf
                      f"{best.name}: use it instead of model.safetensors, or retrain with fewer epochs.")
     write_advice(out / "advice.txt", advice, h, notes)
     report: dict[str, Path] = {}
+    t = time.perf_counter()
     try:  # the model file is written: a report problem must not fail the run
-        probs, y = learn.get_preds()
+        if logits is None:
+            raise RuntimeError("no validation predictions")
         idx = ds.valid_idx
-        interp = Interpretation(list(ds.classes), [ds.rel(i) for i in idx], [ds.files[i] for i in idx], y.numpy(),
-                                probs.float().numpy(), "valid", list(ds.skipped))
+        probs = softmax(logits, cal.temperature if cal else 1.0)  # what predict will say: calibrated
+        interp = Interpretation(list(ds.classes), [ds.rel(i) for i in idx], [ds.files[i] for i in idx], y, probs,
+                                "valid", list(ds.skipped), feats)
         info = {"title": "ursa training report", "run folder": str(out), "model": "model.safetensors",
                 "arch": learn.model.arch, "input size": learn.dls.size, **(info or {})}
-        report = write_report(out, interp, h, run_plots(out), info, notes)
+        report = write_report(out, interp, h, run_plots(out), info, notes, insight=insight)
     except Exception as e:  # noqa: BLE001 - reported, never fatal
-        (console or learn.console).print(f"[yellow]warning:[/] could not write the report: {type(e).__name__}: {e}",
-                                         highlight=False)
-    return RunFiles(out, model, best, advice, notes, report)
+        console.print(f"[yellow]warning:[/] could not write the report: {type(e).__name__}: {e}", highlight=False)
+    timings["report"] = time.perf_counter() - t
+    return RunFiles(out, model, best, advice, notes, report, cal, timings)
+
+
+def _valid_pass(learn: Learner, cfg: TrainConfig, out: Path, console: Console, timings: dict[str, float]):
+    """The final model's validation logits, targets and features, and the calibration fitted on them (None on failure)."""
+    t = time.perf_counter()
+    try:
+        logits_t, y_t, feats_t = learn.get_logits(features=True)
+        logits, y = logits_t.numpy().astype("float64"), y_t.numpy()
+        feats = feats_t.numpy() if feats_t is not None else None
+    except Exception as e:  # noqa: BLE001 - the model file matters more than the report
+        console.print(f"[yellow]warning:[/] no validation pass: {type(e).__name__}: {e}", highlight=False)
+        return None, None, None, None
+    timings["valid_pass"] = time.perf_counter() - t  # the report needed this pass before calibration existed
+    if len(y) == 0:
+        return logits, y, feats, None
+    t = time.perf_counter()
+    cal = calibrate(logits, y, cfg.target_precision)
+    plot_reliability(reliability(softmax(logits), y), reliability(softmax(logits, cal.temperature), y), cal.ece_before,
+                     cal.ece_after, cal.temperature, out / "reliability.png")
+    timings["calibration"] = time.perf_counter() - t
+    console.print(cal.summary(), highlight=False)
+    return logits, y, feats, cal

@@ -1,0 +1,46 @@
+"""One image's answer, torch-free: shared by the torch predictor and the ONNX runtime so both return the same thing."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from ursa.errors import UrsaError
+
+
+@dataclass
+class Prediction:
+    """One image's answer: label, its index, every class's probability, and whether it is below the unsure threshold."""
+
+    label: str
+    index: int
+    probs: dict[str, float]
+    unsure: bool = False
+    threshold: float | None = None  # the threshold the answer was judged by (None: none)
+
+    def as_tuple(self) -> tuple[str, int, dict[str, float]]:
+        """fastai's (label, index, probs) shape."""
+        return self.label, self.index, self.probs
+
+    @property
+    def confidence(self) -> float:
+        """The probability of the predicted class."""
+        return self.probs[self.label]
+
+    def with_threshold(self, threshold: float | None) -> "Prediction":
+        """The same answer judged by another threshold (a per-request setting); None: never unsure."""
+        check_threshold(threshold)
+        unsure = threshold is not None and self.confidence < threshold
+        return Prediction(self.label, self.index, self.probs, unsure, threshold)
+
+    def to_json(self) -> dict[str, Any]:
+        """What the web API returns for one image (fields are only ever added, never renamed)."""
+        return {"label": self.label, "index": self.index, "probs": self.probs, "unsure": self.unsure,
+                "threshold": self.threshold}
+
+
+def check_threshold(threshold: float | None) -> float | None:
+    """An unsure threshold must be a probability; one clear line otherwise."""
+    if threshold is not None and not (isinstance(threshold, (int, float)) and 0.0 <= float(threshold) <= 1.0):
+        raise UrsaError(f"unsure threshold: expected a probability from 0 to 1, got {threshold!r}")
+    return None if threshold is None else float(threshold)
