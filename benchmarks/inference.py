@@ -62,6 +62,7 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=200, help="single-image predictions per variant")
     ap.add_argument("--bs", type=int, default=32, help="batch size for throughput")
     ap.add_argument("--threads", type=int, default=None, help="intra-op threads (default: all cores)")
+    ap.add_argument("--slim", type=Path, default=None, help="a slim venv (requirements-serve.txt, no torch): size + cold start")
     args = ap.parse_args()
 
     import torch
@@ -152,6 +153,57 @@ def main() -> None:
               f"{base['p50'] / r['p50']:6.2f} {r['thr'] / base['thr']:8.2f} {r['acc']:9.4f} {r['diff']:9.1e}")
     print()
     print("targets (lite0 at 224 px, 2 cores): p50 <= 6 ms per image with decode; >= 250 images/s in batches")
+    deploy_table(args, model_path, onnx_path, blobs, targets, classes, base, threads)
+
+
+def deploy_table(args, model_path: Path, onnx_path: Path, blobs: list[bytes], targets: list[int],
+                 classes: list[str], eager: dict, threads: int) -> None:
+    """Issue 14's table: torch eager / ONNX fp32 / ONNX INT8 on the torch-free runtime; slim env size + cold start."""
+    from ursa.inference.quantize import Int8Refused, export_int8
+    from ursa.inference.runtime import load_onnx
+
+    int8 = onnx_path.with_name(onnx_path.stem + ".int8.onnx")
+    if not int8.is_file() or int8.stat().st_mtime < onnx_path.stat().st_mtime:
+        try:
+            export_int8(onnx_path, model_path, None, int8, say=print)  # the run's own split and data
+        except Int8Refused as e:
+            print(f"int8: {e}")
+    rows = {"torch eager": dict(p50=eager["p50"], p99=eager["p99"], thr=eager["thr"], err=1 - eager["acc"],
+                                mb=model_path.stat().st_size / 1e6)}
+    for name, path in (("ONNX fp32 (runtime)", onnx_path), ("ONNX INT8 (runtime)", int8)):
+        if not path.is_file():
+            continue
+        pred = load_onnx(path, threads)
+        for b in blobs[:10]:
+            pred.predict_one(b)
+        lat = []
+        for k in range(args.n):
+            t = time.perf_counter()
+            pred.predict_one(blobs[k % len(blobs)])
+            lat.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        answers = [a for _, a in pred.stream(blobs, args.bs)]
+        thr = len(blobs) / (time.perf_counter() - t)
+        err = sum(a.index != y for a, y in zip(answers, targets)) / len(targets)
+        rows[name] = dict(p50=percentile(lat, 50) * 1e3, p99=percentile(lat, 99) * 1e3, thr=thr, err=err,
+                          mb=path.stat().st_size / 1e6)
+    print()
+    print(f"{'backend':<22} {'p50 ms':>7} {'p99 ms':>7} {'img/s':>7} {'error %':>8} {'file MB':>8}")
+    for name, r in rows.items():
+        print(f"{name:<22} {r['p50']:7.2f} {r['p99']:7.2f} {r['thr']:7.0f} {100 * r['err']:8.2f} {r['mb']:8.1f}")
+    if args.slim is not None:
+        size = subprocess.run(["du", "-sm", str(args.slim)], capture_output=True, text=True).stdout.split()[0]
+        starts = []
+        for _ in range(3):
+            t = time.perf_counter()
+            subprocess.run([str(args.slim / "bin" / "ursa"), "predict", str(onnx_path), str(args.data / "black")],
+                           capture_output=True, check=False)  # noqa: S603 - our own venv
+            starts.append(time.perf_counter() - t)
+        one = next(iter(sorted((args.data / "black").glob("*.jpg"))))
+        t = time.perf_counter()
+        subprocess.run([str(args.slim / "bin" / "ursa"), "predict", str(onnx_path), str(one)], capture_output=True)
+        print(f"slim env {args.slim}: {size} MB on disk; cold start to first prediction {time.perf_counter() - t:.2f} s "
+              f"(one image), {statistics.median(starts):.2f} s for the black/ folder")
 
 
 if __name__ == "__main__":

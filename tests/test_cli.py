@@ -74,7 +74,7 @@ def test_predict_json_lines(tiny_model, capsys):
     assert len(lines) == 2
     for f, line in zip(files, lines):
         obj = json.loads(line)
-        assert set(obj) == {"file", "label", "index", "probs"} and obj["file"] == f
+        assert set(obj) >= {"file", "label", "index", "probs"} and obj["file"] == f
         assert obj["label"] == ["black", "grizzly", "teddy"][obj["index"]]
         assert abs(sum(obj["probs"].values()) - 1) < 1e-5
 

@@ -94,3 +94,34 @@ def test_onnx_file_without_ursa_metadata_is_refused(tmp_path):
     junk.write_bytes(b"not onnx at all")
     with pytest.raises(ModelFileError, match="not a readable ONNX model"):
         load_predictor(junk)
+
+
+def test_exported_graph_has_static_padding(exported):
+    """No run-time "same" padding arithmetic (Shape/Ceil/Pad chains): one Conv per convolution, fusable."""
+    import onnx
+
+    ops = [n.op_type for n in onnx.load(str(exported.with_suffix(".onnx"))).graph.node]
+    assert not {"Shape", "Ceil", "Pad", "Gather"} & set(ops), sorted(set(ops))
+    assert len(ops) < 250  # 600+ with dynamic padding (lite0)
+
+
+def test_static_padding_is_exact_at_odd_sizes():
+    import torch
+
+    from ursa.inference.static import with_static_padding
+    from ursa.vision.models import create_model
+
+    model = create_model(n_classes=3, pretrained=False).eval()
+    for size in (97, 128):
+        static, n = with_static_padding(model, size)
+        x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(size))
+        with torch.no_grad():
+            assert n >= 4 and torch.equal(static(x), model(x))
+
+
+def test_write_onnx_beside_never_fails_the_run(tmp_path, caplog):
+    from ursa.inference.export import write_onnx_beside
+
+    bad = tmp_path / "model.safetensors"
+    bad.write_bytes(b"nope")
+    assert write_onnx_beside(bad) is None and "no ONNX file written" in caplog.text

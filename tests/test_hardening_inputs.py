@@ -480,10 +480,7 @@ def test_the_cleaners_csv_files_are_safe_and_cleaned_csv_trains(tmp_path):
     assert back.classes[back.labels[[back.rel(i) for i in range(len(back))].index(first_evil)]] == "-neg"
 
 
-# The readers below are not in this change's files; issue 17's report names the one-line fix for
-# each (call ursa.util.files.csv_row_values / csv_cell_value on what csv.reader returns). Strict:
-# once fixed they pass, and the marker must go.
-NEEDS_READER_FIX = pytest.mark.xfail(strict=True, reason="reader does not yet take the spreadsheet quote off (issue 17, item 8)")
+# ursa's own readers take the spreadsheet quote off again (ursa.util.files.csv_row_values / csv_cell_value).
 
 
 def test_the_cleaners_log_replays_decisions_about_formula_named_files(tmp_path):
@@ -497,7 +494,6 @@ def test_the_cleaners_log_replays_decisions_about_formula_named_files(tmp_path):
     assert again.load() == 1 and again.label_of(names[0]) == "-neg"
 
 
-@NEEDS_READER_FIX
 def test_interpret_reads_a_split_csv_with_formula_named_classes(tmp_path):
     from ursa.diagnose.interpret import load_items
 

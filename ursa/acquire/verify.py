@@ -40,6 +40,7 @@ from ursa.acquire.verify_summary import QUARANTINE, UNREADABLE, VerifySummary
 from ursa.errors import ImageError, UrsaError
 from ursa.util.files import atomic_write_csv, csv_line, write_staged
 from ursa.util.progress import progress_bar
+from ursa.vision.dedupe import find_duplicates
 from ursa.vision.images import MAX_PIXELS, is_image_file, open_image
 
 REPORT_NAME = "verify.csv"
@@ -274,6 +275,7 @@ def verify_images(
     *,
     max_pixels: int = MAX_PIXELS,
     progress: bool = True,
+    duplicates: bool = True,
 ) -> VerifySummary:
     """Decode every image under ``folder`` and set aside (or delete) the broken ones, with a record.
 
@@ -344,5 +346,9 @@ def verify_images(
         if bar:
             bar.stop()
         report.close()
-        summary.elapsed = time.perf_counter() - started
+    if duplicates:
+        kept = [p for p, is_image in iter_images(root) if is_image]
+        names = [p.relative_to(root).as_posix() for p in kept]
+        summary.duplicates = find_duplicates(kept, names, [n.split("/")[0] if "/" in n else "" for n in names])
+    summary.elapsed = time.perf_counter() - started
     return summary

@@ -27,6 +27,7 @@ class VerifySummary:
     problems: Counter = field(default_factory=Counter)  # kind -> count of broken files
     ignored: list[str] = field(default_factory=list)  # files without an image extension, left alone
     elapsed: float = 0.0
+    duplicates: Any = None  # vision.dedupe.DuplicateReport of the images left: exact and near copies, per class
 
     @property
     def checked(self) -> int:
@@ -49,6 +50,7 @@ class VerifySummary:
             "problems": dict(self.problems.most_common()),
             "ignored": self.ignored,
             "elapsed_s": round(self.elapsed, 3),
+            "duplicates": self.duplicates.to_dict() if self.duplicates is not None else None,
         }
 
     def to_json(self) -> str:
@@ -83,5 +85,12 @@ class VerifySummary:
             shown = ", ".join(self.ignored[:5]) + (", ..." if len(self.ignored) > 5 else "")
             n = len(self.ignored)
             lines.append(f"Left alone {n} file{'s' if n != 1 else ''} without an image extension: {shown}")
+        dup = self.duplicates.lines() if self.duplicates is not None else []
+        if dup:
+            lines.append(f"Duplicates ({len(dup)} group{'s' if len(dup) != 1 else ''}, left in place: `ursa clean` shows "
+                         "them side by side, `ursa train --dedupe-split` keeps each group on one side of the split):")
+            lines += [f"  {line}" for line in dup[:20]]
+            if len(dup) > 20:
+                lines.append(f"  ... {len(dup) - 20} more (--json lists them all)")
         lines.append(f"Record of every file: {self.report}")
         return "\n".join(lines)

@@ -16,6 +16,7 @@ import typer
 from ursa.cli.acquire import download_cmd, verify_cmd
 from ursa.cli.clean import clean_cmd
 from ursa.cli.deploy import export_cmd, predict_cmd, serve_cmd
+from ursa.cli.insight import curve_cmd, show_cmd
 from ursa.cli.lesson import sgd_cmd
 from ursa.cli.train import interpret_cmd, lr_find_cmd, train_cmd
 from ursa.errors import UrsaError
@@ -23,8 +24,10 @@ from ursa.errors import UrsaError
 COMMANDS: list[tuple[str, Callable]] = [
     ("download", download_cmd),
     ("verify", verify_cmd),
+    ("show", show_cmd),
     ("lr-find", lr_find_cmd),
     ("train", train_cmd),
+    ("curve", curve_cmd),
     ("interpret", interpret_cmd),
     ("clean", clean_cmd),
     ("predict", predict_cmd),

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any, Iterator, Optional
 
 import typer
 
@@ -11,50 +11,111 @@ from ursa.cli.common import BACKEND_HELP
 from ursa.errors import UrsaError
 
 
+def image_inputs(inputs: list[Path]) -> list[Path]:
+    """Files as given, folders expanded to their image files (sorted, sub-folders included)."""
+    from ursa.vision.images import is_image_file
+
+    out: list[Path] = []
+    for p in inputs:
+        if p.is_dir():
+            found = sorted(f for f in p.rglob("*") if f.is_file() and is_image_file(f))
+            if not found:
+                raise UrsaError(f"{p}: no image files in this folder (looked for .jpg, .png, .webp, ...)")
+            out += found
+        else:
+            out.append(p)
+    return out
+
+
 def predict_cmd(
     model: Annotated[Path, typer.Argument(help="model.safetensors written by `ursa train` (or model.onnx).")],
-    images: Annotated[list[Path], typer.Argument(help="Image files.")],
+    images: Annotated[list[Path], typer.Argument(help="Image files or folders of images.")],
     json_out: Annotated[bool, typer.Option("--json", help="One JSON object per line.")] = False,
     backend: Annotated[str, typer.Option("--backend", help=BACKEND_HELP)] = "auto",
+    bs: Annotated[int, typer.Option("--bs", min=1, help="Images per batch on the ONNX path.")] = 32,
+    unsure: Annotated[Optional[float], typer.Option("--unsure", min=0.0, max=1.0, help="Answer 'unsure' below this top (calibrated) probability [default: the model's stored threshold; 0 turns it off].")] = None,
 ) -> None:
-    """Predict the class of each image; exit status 1 when some could not be read (the rest are still predicted)."""
+    """Predict the class of each image, streaming results in order; exit status 1 when some could not be read."""
     import json
 
     from ursa.errors import ImageError
-    from ursa.inference.predictor import load_predictor
+    from ursa.inference.runtime import current_onnx
 
-    pred = load_predictor(model, backend=backend)
+    files = image_inputs(images)
+    threshold: Any = "model" if unsure is None else (unsure or None)
+    fast, why = current_onnx(model, backend)
+    if fast is not None:
+        said = f"backend: onnxruntime ({fast.source}, {'int8' if fast.describe()['int8'] else 'fp32'}; {why})"
+        answers = fast.stream(files, bs, threshold)
+    else:
+        from ursa.inference.predictor import load_predictor
+
+        pred = load_predictor(model, backend="torch" if backend == "auto" else backend)
+        said = f"backend: torch ({why})"
+        answers = _one_by_one(pred, files, threshold)
     failed = 0
-    for f in images:
-        try:
-            label, index, probs = pred.predict(f)
-        except ImageError as e:
-            if len(images) == 1:  # the one input given is bad: a usage error, exit 2
-                raise UrsaError(f"{e}; give a JPEG, PNG, GIF, WEBP, BMP or TIFF image") from None
+    for f, ans in answers:
+        if isinstance(ans, ImageError):
+            if len(files) == 1:  # the one input given is bad: a usage error, exit 2, one line
+                raise UrsaError(f"{ans}; give a JPEG, PNG, GIF, WEBP, BMP or TIFF image") from None
             failed += 1
-            typer.echo(f"error: {e}", err=True)
+            typer.echo(f"error: {ans}", err=True)
             continue
+        if said:  # once, before the first answer
+            typer.echo(said, err=True)
+            said = ""
         if json_out:
-            typer.echo(json.dumps({"file": str(f), "label": label, "index": index, "probs": probs}))
+            typer.echo(json.dumps({"file": str(f), **ans.to_json()}))
+        elif ans.unsure:
+            typer.echo(f"{f}: unsure (best guess {ans.label} {ans.confidence:.3f}, below {ans.threshold:.2f})")
         else:
-            typer.echo(f"{f}: {label} ({probs[label]:.3f})")
+            typer.echo(f"{f}: {ans.label} ({ans.confidence:.3f})")
     if failed:
-        typer.echo(f"{failed} of {len(images)} images could not be read; the others were predicted", err=True)
+        typer.echo(f"{failed} of {len(files)} images could not be read; the others were predicted", err=True)
         raise typer.Exit(1)  # the job ran but did not fully succeed
 
 
+def _one_by_one(pred: Any, files: list[Path], threshold: Any = "model") -> Iterator[tuple[Path, Any]]:
+    """The torch predictor's answers (or ImageErrors), one image at a time."""
+    from ursa.errors import ImageError
+
+    for f in files:
+        try:
+            yield f, pred.predict_one(f, threshold)
+        except ImageError as e:
+            yield f, e
+
+
 def export_cmd(
-    model: Annotated[Path, typer.Argument(help="model.safetensors written by `ursa train`.")],
+    model: Annotated[Path, typer.Argument(help="model.safetensors written by `ursa train` (or its model.onnx, for --int8).")],
     onnx: Annotated[bool, typer.Option("--onnx", help="Write an ONNX model for onnxruntime.")] = False,
+    int8: Annotated[bool, typer.Option("--int8", help="Also write MODEL.int8.onnx, checked against fp32 on the run's validation images.")] = False,
+    data: Annotated[Optional[Path], typer.Option("--data", help="The training data folder, for --int8 [default: the one in the model's config].")] = None,
+    method: Annotated[str, typer.Option("--int8-method", help="auto (try both, keep the fastest that passes), static or dynamic.")] = "auto",
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="ONNX file to write [default: MODEL with .onnx].")] = None,
 ) -> None:
-    """Export the model for other runtimes: `--onnx` writes MODEL.onnx, which predict and serve then use."""
-    from ursa.inference.export import export_onnx
+    """Export the model for other runtimes: `--onnx` writes MODEL.onnx (predict and serve then use it), `--int8` an INT8 copy."""
+    if not onnx and not int8:
+        raise UrsaError("nothing to export: pass --onnx or --int8 (the model file itself is already the portable export)")
+    if model.suffix.lower() == ".onnx":
+        if onnx or not int8:
+            raise UrsaError(f"{model}: --onnx exports a model.safetensors file; give that one")
+        fp32, source = model, model.with_suffix(".safetensors")
+    else:
+        from ursa.inference.export import export_onnx
 
-    if not onnx:
-        raise UrsaError("nothing to export: pass --onnx (the model file itself is already the portable export)")
-    path = export_onnx(model, out)
-    typer.echo(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB); checked against torch to 1e-4")
+        fp32, source = (out if out is not None and not int8 else model.with_suffix(".onnx")), model
+        if onnx or not fp32.is_file() or fp32.stat().st_mtime < model.stat().st_mtime:
+            fp32 = export_onnx(model, fp32)
+            typer.echo(f"wrote {fp32} ({fp32.stat().st_size / 1e6:.1f} MB); checked against torch to 1e-4")
+    if int8:
+        from ursa.inference.quantize import export_int8
+
+        path, report = export_int8(fp32, source, data, out if model.suffix.lower() == ".onnx" or onnx is False else None,
+                                   method=method, say=lambda line: typer.echo(line, err=True))
+        typer.echo(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB, {report['method']}): top-1 agreement with fp32 "
+                   f"{100 * report['agreement']:.1f}%, error rate {100 * report['error_fp32']:.2f}% -> "
+                   f"{100 * report['error_int8']:.2f}% ({report['error_change_points']:+.2f} points)")
 
 
 def serve_cmd(
@@ -69,6 +130,13 @@ def serve_cmd(
     batch_wait_ms: Annotated[float, typer.Option("--batch-wait-ms", min=0.0, help="How long an idle server waits to fill a batch.")] = 0.0,
     bf16: Annotated[bool, typer.Option("--bf16", help="bfloat16 autocast on the torch backend (see docs/serve.md).")] = False,
     access_log: Annotated[bool, typer.Option("--access-log/--no-access-log", help="Log one line per request.")] = True,
+    max_pixels: Annotated[int, typer.Option("--max-pixels", min=1, help="Most decoded pixels of one image (JPEGs decode at reduced size); 413 above.")] = 40_000_000,
+    max_request_pixels: Annotated[int, typer.Option("--max-request-pixels", min=1, help="Most decoded pixels of all images of one request; 413 above.")] = 120_000_000,
+    request_timeout: Annotated[float, typer.Option("--request-timeout", min=0.001, help="Seconds to decode and predict once the body is in; 503 after.")] = 30.0,
+    read_timeout: Annotated[float, typer.Option("--read-timeout", min=0.001, help="Seconds a request body may pause; 408 after.")] = 10.0,
+    body_timeout: Annotated[float, typer.Option("--body-timeout", min=0.001, help="Seconds for a whole request body; 408 after.")] = 60.0,
+    header_timeout: Annotated[float, typer.Option("--header-timeout", min=0.001, help="Seconds for the request line and headers; 408 after.")] = 10.0,
+    limit_concurrency: Annotated[int, typer.Option("--limit-concurrency", min=1, help="Open connections before new ones get 503 (idle ones are closed first).")] = 256,
 ) -> None:
     """Serve the model: a web page at / and a JSON API at /predict, until Ctrl-C."""
     from ursa.apps.serve import ServeConfig, serve
@@ -79,6 +147,8 @@ def serve_cmd(
     if host not in ("127.0.0.1", "localhost", "::1"):
         typer.echo(f"warning: listening on {host}: anyone who can reach this computer can use the model", err=True)
     cfg = ServeConfig(model=model, max_bytes=parse_bytes(max_bytes), backend=backend, threads=threads,
-                      max_batch=max_batch, batch_wait_ms=batch_wait_ms, bf16=bf16)
+                      max_batch=max_batch, batch_wait_ms=batch_wait_ms, bf16=bf16, max_pixels=max_pixels,
+                      max_request_pixels=max_request_pixels, request_timeout=request_timeout, read_timeout=read_timeout,
+                      body_timeout=body_timeout, header_timeout=header_timeout, limit_concurrency=limit_concurrency)
     serve(cfg, host=host, port=port, workers=workers, access_log=access_log,
           ready=lambda url: typer.echo(f"serving {model} at {url} (Ctrl-C to stop)", err=True))

@@ -62,6 +62,9 @@ def train_cmd(
     cache: Annotated[Optional[bool], typer.Option("--cache/--no-cache", help="Train the frozen stage on cached body features (fast) [default: cache].")] = None,
     views: Annotated[Optional[int], typer.Option("--views", help="Augmented views of each image in the feature cache, cycled over the epochs (2 is ~1.9x faster on the bears set, one more error in 189) [default: one per epoch].")] = None,
     bf16_features: Annotated[Optional[bool], typer.Option("--bf16-features/--no-bf16-features", help="bfloat16 autocast for the feature cache's body pass (torch engine only) [default: off].")] = None,
+    dedupe_split: Annotated[Optional[bool], typer.Option("--dedupe-split/--no-dedupe-split", help="Keep each group of near-duplicate images on one side of the validation split [default: off].")] = None,
+    curve: Annotated[Optional[bool], typer.Option("--curve/--no-curve", help="Add the learning curve (how many images are enough) to the report; ~25 s on the bears set [default: off].")] = None,
+    target_precision: Annotated[Optional[float], typer.Option("--target-precision", help=f"Precision the 'unsure' threshold aims at on the validation set [default: {default('target_precision')}].")] = None,
     quiet: Quiet = False,
 ) -> None:
     """Fine-tune a pretrained network on your images: frozen one-cycle (then unfreeze, if asked)."""
@@ -72,7 +75,7 @@ def train_cmd(
         split_seed=split_seed, epochs=epochs, lr=lr, unfreeze_epochs=unfreeze_epochs,
         unfreeze_lr=parse_slice(unfreeze_lr), unfreeze_size=unfreeze_size, bf16=bf16, bn_stats_frozen=bn_stats_frozen,
         bs=bs, wd=wd, label_smoothing=label_smoothing, cache=cache, views=views, bf16_features=bf16_features,
-        quiet=quiet or None,
+        dedupe_split=dedupe_split, curve=curve, target_precision=target_precision, quiet=quiet or None,
     )
     res = train(cfg)
     m = res.metrics
@@ -83,7 +86,8 @@ def train_cmd(
     typer.echo(f"model: {res.model_path}")
     if res.files is not None and res.files.best is not None:
         typer.echo(f"best epoch's weights: {res.files.best}")
-    typer.echo(f"history: {res.out / 'history.csv'}, plots: losses.png, lr.png, metrics.png; settings: config.json")
+    typer.echo(f"history: {res.out / 'history.csv'}, plots: batch.png, losses.png, lr.png, metrics.png, reliability.png"
+               + (", curve.png" if "curve" in res.insight else "") + "; settings: config.json")
     found = res.files.advice if res.files is not None else []
     for a in found:
         typer.echo(f"advice: {a.text()}")

@@ -22,6 +22,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from ursa.errors import DataError
+from ursa.util.files import csv_cell_value
 
 
 @dataclass
@@ -133,7 +134,7 @@ def load_items(model_path: str | Path, data: str | Path, classes: Sequence[str],
                csv_path: str | Path | None = None,
                config: dict | None = None) -> tuple[list[tuple[str, Path, int]], str, list[tuple[str, str]]]:
     """(name, path, class index) of the images to interpret, which split that is, and items left out."""
-    from ursa.vision.data import load_dataset, split_settings
+    from ursa.vision.data import dedupe_setting, load_dataset, split_settings
 
     data = Path(data)
     split_csv = Path(model_path).parent / "split.csv"
@@ -154,7 +155,7 @@ def load_items(model_path: str | Path, data: str | Path, classes: Sequence[str],
         skipped += [(name, "missing: file not found") for name, p, _ in items if not p.is_file()]
         return [it for it in items if it[1].is_file()], "valid", skipped
     valid_pct, seed = split_settings(config)
-    ds = load_dataset(data, csv_path, valid_pct, seed)
+    ds = load_dataset(data, csv_path, valid_pct, seed, dedupe=dedupe_setting(config))
     unknown = sorted(set(ds.classes) - set(classes))
     if unknown:
         raise DataError(f"{data}: class(es) {', '.join(unknown)} are not classes of the model ({', '.join(classes)})")
@@ -168,7 +169,8 @@ def _read_split(path: Path) -> list[tuple[str, str, bool]]:
         reader = csv.DictReader(f)
         if not reader.fieldnames or not {"name", "label", "is_valid"} <= set(reader.fieldnames):
             raise DataError(f"{path}: expected columns name,label,is_valid")
-        return [(r["name"], r["label"], r["is_valid"].strip().lower() in ("true", "1", "yes")) for r in reader]
+        return [(csv_cell_value(r["name"]), csv_cell_value(r["label"]), r["is_valid"].strip().lower() in ("true", "1", "yes"))
+                for r in reader]
 
 
 def interpret_model(model_path: str | Path, data: str | Path, all_images: bool = False,

@@ -15,10 +15,12 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any, Callable
 
+from ursa import __version__
 from ursa.errors import ArchError, ModelFileError
-from ursa.vision.models import get_spec, list_archs
 
 FORMAT = "ursa.model"
 FORMAT_VERSION = "1"
@@ -77,7 +79,17 @@ def _text(name: str, v: Any) -> str:
     return v
 
 
+def _arch_name(name: str, v: Any) -> str:
+    """An ONNX export carries its network in the graph: the arch only has to be a name (no torch needed)."""
+    if not isinstance(v, str) or not v.strip():
+        raise _Bad(name, "an architecture name (e.g. efficientnet_lite0)", v)
+    return v
+
+
 def _arch(name: str, v: Any) -> str:
+    """A safetensors file is rebuilt from its arch: it must be one this ursa can build (imports torch)."""
+    from ursa.vision.models import get_spec, list_archs
+
     known = f"one of {', '.join(list_archs())} or a timm model name"
     if not isinstance(v, str) or not v.strip():
         raise _Bad(name, f"an architecture name ({known})", v)
@@ -189,12 +201,62 @@ FIELDS: dict[str, tuple[Callable[[str, Any], Any], bool, bool]] = {
     "calibration": (_calibration, False, True),
     "ursa_version": (_text, False, False),
     "created": (_text, False, False),
-    "arch": (_arch, True, False),
+    "arch": (_arch_name, True, False),  # header files: `_arch` as well, once the cheap checks passed
 }
 DEFAULTS: dict[str, Any] = {"metrics": {}, "config": {}, "calibration": {}, "ursa_version": "?", "created": ""}
 
 
-def checked_fields(raw: Any, path: object, where: str, encoded: bool) -> dict[str, Any]:
+ONNX_META_KEY = "ursa"  # an ONNX export's custom metadata key holding the full ModelMeta as JSON
+
+
+@dataclass
+class ModelMeta:
+    """What the header says about a model: enough to rebuild it and preprocess its inputs (torch-free, for the runtime)."""
+
+    arch: str
+    classes: list[str]
+    input_size: int
+    mean: list[float]
+    std: list[float]
+    head: dict[str, Any]
+    metrics: dict[str, Any] = field(default_factory=dict)
+    config: dict[str, Any] = field(default_factory=dict)  # the training run's configuration (optional)
+    calibration: dict[str, Any] = field(default_factory=dict)  # temperature scaling and threshold (optional)
+    ursa_version: str = __version__
+    created: str = ""
+    format: str = FORMAT
+    format_version: str = FORMAT_VERSION
+
+    def to_header(self) -> dict[str, str]:
+        """safetensors metadata is str -> str: structured values are JSON."""
+        d = asdict(self)
+        return {k: v if isinstance(v, str) else json.dumps(v) for k, v in d.items()}
+
+    def to_json(self) -> str:
+        """The whole metadata as one JSON object: what an ONNX export carries under ONNX_META_KEY."""
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str, path: Path) -> "ModelMeta":
+        """Parse `to_json`'s form with the same schema as a header; keys this version does not know are ignored."""
+        where = "ONNX file's ursa metadata"
+        try:
+            raw = json.loads(text)
+        except (ValueError, TypeError, RecursionError) as e:
+            raise ModelFileError(f"{path}: {where} is not valid JSON ({type(e).__name__}){REDO_ONNX}") from None
+        return cls(**checked_fields(raw, path, where, encoded=False))
+
+    @classmethod
+    def from_header(cls, h: dict[str, str], path: Path, buildable: bool = True) -> "ModelMeta":
+        """Parse and check a safetensors header's metadata (structured values are JSON strings) against the schema.
+
+        buildable=False skips the check that this ursa can build the arch (it imports torch): for
+        readers that only compare metadata, such as the torch-free runtime.
+        """
+        return cls(**checked_fields(h, path, "model header", encoded=True, buildable=buildable))
+
+
+def checked_fields(raw: Any, path: object, where: str, encoded: bool, buildable: bool = True) -> dict[str, Any]:
     """ModelMeta's keyword arguments from a header (encoded: JSON strings) or an ONNX export's object, all checked."""
     redo = REDO if encoded else REDO_ONNX
     if not isinstance(raw, dict):
@@ -202,8 +264,6 @@ def checked_fields(raw: Any, path: object, where: str, encoded: bool) -> dict[st
     if raw.get("format") != FORMAT:
         raise ModelFileError(f"{path}: not an ursa model file (no format={FORMAT} in its {where}); export one with `ursa train`")
     if raw.get("format_version") != FORMAT_VERSION:
-        from ursa import __version__
-
         shown = raw.get("format_version")
         shown = shown if isinstance(shown, str) and len(shown) <= 20 else given(shown)
         raise ModelFileError(
@@ -222,6 +282,8 @@ def checked_fields(raw: Any, path: object, where: str, encoded: bool) -> dict[st
             if encoded and json_encoded:
                 value = _decode(name, value)
             out[name] = check(name, value)
+        if encoded and buildable:
+            _arch("arch", out["arch"])
         if out["head"]["n_classes"] != len(out["classes"]):
             raise _Bad("head.n_classes", f"the number of classes ({len(out['classes'])})", out["head"]["n_classes"])
     except _Bad as e:

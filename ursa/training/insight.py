@@ -24,7 +24,7 @@ from ursa.training.learner import Learner
 from ursa.util.files import atomic_write_text
 from ursa.util.progress import progress_bar
 from ursa.vision import dedupe
-from ursa.vision.data import ImageDataset, ensure_both_sides, is_valid_split
+from ursa.vision.data import ImageDataset, dedupe_split, is_valid_split
 from ursa.vision.models import create_head
 from ursa.vision.show import imbalance_warning, split_counts
 
@@ -33,29 +33,20 @@ LEAK_METHOD = (f"Exact copies by sha256 of the bytes; near-duplicates by percept
                "No model is involved, so different photos of one scene are not counted.")
 
 
-def rule_split(ds: ImageDataset, valid_pct: float, seed: int) -> list[bool] | None:
-    """The hashed split rule's answer for every item, or None when the layout (train/valid folders, a CSV's is_valid) set the split."""
-    rule = [is_valid_split(ds.rel(i), valid_pct, seed) for i in range(len(ds))]
-    return rule if rule == list(ds.is_valid) else None
-
-
 def apply_dedupe_split(ds: ImageDataset, valid_pct: float, seed: int, console: Console | None = None) -> int:
-    """--dedupe-split: keep each near-duplicate group on one side (where the rule puts its smallest name); items moved.
+    """--dedupe-split with a console line: ``vision.data.dedupe_split``; items moved.
 
     A split given by the folder layout or a CSV column is the user's: left alone, with a warning.
     """
-    if rule_split(ds, valid_pct, seed) is None:
+    done = dedupe_split(ds, valid_pct, seed)
+    if done is None:
         if console is not None:
             console.print("[yellow]warning:[/] --dedupe-split: the split comes from the folder layout or the CSV's "
                           "is_valid column, so it is left as given", highlight=False)
         return 0
-    names = [ds.rel(i) for i in range(len(ds))]
-    new, groups = dedupe.stable_group_split(ds.files, names, lambda n: is_valid_split(n, valid_pct, seed))
-    moved = sum(a != b for a, b in zip(new, ds.is_valid))
-    ds.is_valid = new
-    ensure_both_sides(ds, valid_pct)
+    groups, moved = done
     if console is not None:
-        console.print(f"--dedupe-split: {len(groups)} group(s) of near-duplicates kept on one side ({moved} image(s) "
+        console.print(f"--dedupe-split: {groups} group(s) of near-duplicates kept on one side ({moved} image(s) "
                       "moved)", highlight=False)
     return moved
 

@@ -33,6 +33,11 @@ VALID_NAMES = ("valid", "val", "validation", "test")
 SKIP_DIRS = {"_quarantine", "__pycache__", "models"}
 
 
+def dedupe_setting(config: dict | None) -> bool:
+    """Whether a run's config asked for --dedupe-split (so later stages see the same split)."""
+    return bool((config or {}).get("dedupe_split", False))
+
+
 def split_settings(config: dict | None) -> tuple[float, int]:
     """(valid_pct, split seed) of a run's config: its split_seed, else its seed; the defaults for a model without one."""
     config = config or {}
@@ -263,11 +268,31 @@ def from_csv(root: str | Path, csv_path: str | Path, valid_pct: float = VALID_PC
     return ds
 
 
-def load_dataset(root: str | Path, csv_path: str | Path | None = None, valid_pct: float = VALID_PCT, seed: int = SEED) -> ImageDataset:
-    """Pick the reader for the layout given."""
-    if csv_path is not None:
-        return from_csv(root, csv_path, valid_pct, seed)
-    return from_folder(root, valid_pct, seed)
+def load_dataset(root: str | Path, csv_path: str | Path | None = None, valid_pct: float = VALID_PCT, seed: int = SEED,
+                 dedupe: bool = False) -> ImageDataset:
+    """Pick the reader for the layout given; ``dedupe`` keeps near-duplicate groups on one side (--dedupe-split)."""
+    ds = from_csv(root, csv_path, valid_pct, seed) if csv_path is not None else from_folder(root, valid_pct, seed)
+    if dedupe:
+        dedupe_split(ds, valid_pct, seed)
+    return ds
+
+
+def dedupe_split(ds: ImageDataset, valid_pct: float, seed: int) -> tuple[int, int] | None:
+    """Keep each near-duplicate group where the split rule puts its smallest name: (groups, items moved).
+
+    None, and the split left alone, when the folder layout or a CSV's is_valid column set it: that
+    split is the user's. Stable like the rule itself: a group's side depends only on its members.
+    """
+    from ursa.vision.dedupe import stable_group_split
+
+    names = [ds.rel(i) for i in range(len(ds))]
+    if [is_valid_split(n, valid_pct, seed) for n in names] != list(ds.is_valid):
+        return None
+    new, groups = stable_group_split(ds.files, names, lambda n: is_valid_split(n, valid_pct, seed))
+    moved = sum(a != b for a, b in zip(new, ds.is_valid))
+    ds.is_valid = new
+    ensure_both_sides(ds, valid_pct)
+    return len(groups), moved
 
 
 def _existing_dir(root: str | Path) -> Path:

@@ -17,7 +17,7 @@ from ursa.apps.clean.scores import Scores, score_dataset
 from ursa.apps.clean.sweep import sweep_temp_files
 from ursa.inference.modelfile import load_model
 from ursa.util.progress import progress_bar
-from ursa.vision.data import load_dataset, split_settings
+from ursa.vision.data import dedupe_setting, load_dataset, split_settings
 
 log = logging.getLogger("ursa")
 
@@ -82,7 +82,7 @@ def prepare(data: Path, model_path: Path, csv_path: Path | None = None, threshol
     timings = {} if timings is None else timings
     t0 = time.perf_counter()
     model, meta = load_model(model_path)
-    ds = load_dataset(data, csv_path, *split_settings(meta.config))  # the split the model's run used
+    ds = load_dataset(data, csv_path, *split_settings(meta.config), dedupe=dedupe_setting(meta.config))  # the run's split
     t1 = time.perf_counter()
     with progress_bar(console, quiet) as prog:
         task = prog.add_task("predictions and embeddings", total=len(ds))

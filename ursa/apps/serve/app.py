@@ -59,6 +59,27 @@ async def predict_checked(request: Request, data: bytes, gate: DecodeGate, cost:
     return await state.batcher.submit(x)
 
 
+def request_threshold(request: Request) -> Any:
+    """?threshold= : a probability, or none/off (never unsure); absent: the model's stored threshold ("model")."""
+    raw = request.query_params.get("threshold")
+    if raw is None:
+        return "model"
+    if raw.strip().lower() in ("", "none", "off"):
+        return None
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not 0.0 <= value <= 1.0:
+        raise ApiError(422, f"threshold: expected a probability from 0 to 1 (or 'none'), got {raw[:40]!r}")
+    return value
+
+
+def judged(result: Prediction, threshold: Any) -> Prediction:
+    """The answer judged by the request's threshold when it gave one."""
+    return result if threshold == "model" else result.with_threshold(threshold)
+
+
 def new_gate(request: Request) -> DecodeGate:
     """The decode pool as one request sees it: its own window, the process's pixel budget."""
     state = request.app.state
@@ -93,6 +114,7 @@ async def predict(request: Request) -> Response:
     """One image, as the raw body or as multipart field 'file'."""
     config: ServeConfig = request.app.state.config
     try:
+        threshold = request_threshold(request)
         body = await read_body(request, config)
         if is_multipart(request):
             form = await parse_form(request, body)
@@ -116,7 +138,7 @@ async def predict(request: Request) -> Response:
                 raise ApiError(422, "a url-encoded form cannot carry a file: upload the image as multipart field 'file'")
         try:
             async with asyncio.timeout(config.request_timeout):
-                result = await predict_one(request, data, new_gate(request))
+                result = judged(await predict_one(request, data, new_gate(request)), threshold)
         except TimeoutError:
             raise too_slow(config) from None
     except ApiError as e:
@@ -131,6 +153,7 @@ async def predict_batch(request: Request) -> Response:
     state = request.app.state
     config: ServeConfig = state.config
     try:
+        threshold = request_threshold(request)
         body = await read_body(request, config)
         if not is_multipart(request):
             raise ApiError(422, "send the images as multipart form fields named 'files'")
@@ -164,7 +187,7 @@ async def predict_batch(request: Request) -> Response:
         try:
             if isinstance(cost, ApiError):
                 raise cost
-            return {"file": name, **(await predict_checked(request, data, gate, cost)).to_json()}
+            return {"file": name, **judged(await predict_checked(request, data, gate, cost), threshold).to_json()}
         except ApiError as e:
             return {"file": name, "error": e.message, "status": e.status}
 

@@ -1,0 +1,58 @@
+"""INT8 export: checked against fp32 on the run's validation images, refused (exit 1) when it loses accuracy."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from ursa.cli import main
+from ursa.inference.quantize import Int8Refused, export_int8
+from ursa.inference.runtime import load_onnx
+
+
+@pytest.fixture(scope="module")
+def run_copy(tiny_run: Path, tmp_path_factory) -> Path:
+    """The tiny run's model file, split and config in a folder of its own."""
+    d = tmp_path_factory.mktemp("int8run")
+    for name in ("model.safetensors", "split.csv", "config.json"):
+        shutil.copy2(tiny_run / name, d / name)
+    return d / "model.safetensors"
+
+
+def test_cli_int8_writes_a_checked_file_with_its_numbers(run_copy, capsys):
+    assert main(["export", str(run_copy), "--int8", "--int8-method", "static"]) == 0
+    out, err = capsys.readouterr()
+    int8 = run_copy.with_name("model.int8.onnx")
+    assert int8.is_file() and run_copy.with_suffix(".onnx").is_file() and "agreement" in out
+    pred = load_onnx(int8)
+    report = pred.describe()["int8"]
+    assert report["method"] == "static" and 0 <= report["agreement"] <= 1 and report["n_valid"] > 0
+    assert report["error_change_points"] <= 1.0
+    assert pred.meta.classes == load_onnx(run_copy.with_suffix(".onnx")).meta.classes  # metadata carried over
+    assert pred.predict_batch([p for p in sorted(run_copy.parent.glob("*.jpg"))]) == []
+
+
+def test_int8_is_refused_when_the_error_rises_too_much(run_copy):
+    fp32 = run_copy.with_suffix(".onnx")
+    if not fp32.is_file():
+        assert main(["export", str(run_copy), "--onnx"]) == 0
+    before = fp32.read_bytes()
+    out = run_copy.with_name("refused.int8.onnx")
+    with pytest.raises(Int8Refused) as e:
+        export_int8(fp32, run_copy, out=out, method="dynamic", max_rise=-100.0)  # no model can pass this
+    assert e.value.exit_code == 1 and "not written" in str(e.value)
+    assert not out.exists() and fp32.read_bytes() == before
+
+
+def test_int8_needs_the_run_split_and_data(tmp_path, run_copy, capsys):
+    alone = tmp_path / "model.safetensors"
+    shutil.copy2(run_copy, alone)
+    assert main(["export", str(alone), "--int8"]) == 2
+    assert "split.csv" in capsys.readouterr().err
+    shutil.copy2(run_copy.with_name("split.csv"), tmp_path / "split.csv")
+    assert main(["export", str(alone), "--int8", "--data", str(tmp_path / "nowhere")]) == 2
+    assert "data folder not found" in capsys.readouterr().err
+    assert json.loads((run_copy.with_name("config.json")).read_text())["data"]  # the default comes from here

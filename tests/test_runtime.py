@@ -1,0 +1,196 @@
+"""The torch-free runtime: preprocessing reproduced from the ONNX metadata, streaming batches, no torch imported."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from ursa.cli import main
+from ursa.errors import ImageError
+from ursa.inference.export import export_onnx
+from ursa.inference.preprocess import DECODE_SCALE, Preprocess, preprocess_spec
+from ursa.inference.runtime import current_onnx, load_onnx
+from tests.conftest import HELDOUT, ROOT, SHARED, make_image
+
+MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
+
+
+@pytest.fixture(scope="module")
+def onnx_model(tiny_model: Path, tmp_path_factory) -> Path:
+    """The tiny model exported to ONNX in its own folder (model.safetensors + model.onnx)."""
+    d = tmp_path_factory.mktemp("runtime")
+    shutil.copy2(tiny_model, d / "model.safetensors")
+    export_onnx(d / "model.safetensors")
+    return d / "model.onnx"
+
+
+def odd_images(folder: Path) -> list[Path]:
+    """Images in the modes that trip up decoders: CMYK, palette with transparency, 16-bit grey, LA, EXIF-rotated."""
+    out = [make_image(folder / "cmyk.jpg", size=(300, 200), mode="CMYK"),
+           make_image(folder / "gray16.png", size=(180, 260), mode="I;16"),
+           make_image(folder / "la.png", size=(90, 70), mode="LA")]
+    pal = Image.new("P", (250, 190))
+    pal.putpalette([i % 256 for i in range(768)])
+    pal.paste(37, (10, 10, 120, 90))
+    pal.save(folder / "pal.png", transparency=0)
+    rot = Image.fromarray(np.random.default_rng(1).integers(0, 255, (120, 333, 3), dtype=np.uint8))
+    exif = rot.getexif()
+    exif[0x0112] = 6  # rotate 90 when shown
+    rot.save(folder / "exif.jpg", exif=exif.tobytes(), quality=90)
+    return out + [folder / "pal.png", folder / "exif.jpg"]
+
+
+def shared_images(name: str, per_kind: int) -> list[Path]:
+    """Up to per_kind images of each decoded format/mode listed in the shared set's manifest."""
+    manifest = SHARED / "manifests" / f"{name}.csv"
+    if not manifest.is_file():
+        pytest.skip(f"{manifest} absent: the shared datasets are not on this machine")
+    kinds: dict[str, list[Path]] = {}
+    with open(manifest, newline="") as f:
+        for row in csv.DictReader(f):
+            kind = " ".join(row["decoded"].split()[:2])
+            kinds.setdefault(kind, []).append(SHARED / name / row["file"])
+    return [p for files in kinds.values() for p in files[:per_kind] if p.is_file()]
+
+
+def torch_pipeline(size: int, mean: list[float] = MEAN, std: list[float] = STD):
+    """The training pipeline's evaluation transform, as training scores the model."""
+    from ursa.vision.transforms import decode_size, eval_transform, load_pixels
+
+    tfm = eval_transform(size, mean, std)
+    return lambda f: tfm(load_pixels(f, decode_size(size))).numpy()
+
+
+def test_decode_scale_matches_the_training_pipeline():
+    from ursa.vision.transforms import DECODE_SCALE as TRAINING
+
+    assert DECODE_SCALE == TRAINING
+
+
+@pytest.mark.parametrize("size", [224, 128])
+def test_numpy_preprocessing_is_the_eval_transform_bit_for_bit(tmp_path, size):
+    files = odd_images(tmp_path) + list(HELDOUT.glob("*.jpg"))[:4]
+    if (SHARED / "manifests").is_dir():
+        files += shared_images("bears_fullsize", 3) + shared_images("bears", 3)
+    ours, theirs = Preprocess(preprocess_spec(size, MEAN, STD)), torch_pipeline(size)
+    for f in files:
+        got, want = ours(f), theirs(f)
+        assert got.shape == want.shape == (3, size, size) and got.dtype == np.float32
+        assert np.abs(got - want).max() < 1e-5, f  # identical pixels; only float rounding of the normalisation
+
+
+def test_onnx_with_numpy_preprocessing_matches_torch_on_real_images(onnx_model, tmp_path):
+    import torch
+
+    from ursa.inference.modelfile import load_model
+
+    files = odd_images(tmp_path) + sorted(HELDOUT.glob("*.jpg"))
+    if (SHARED / "manifests").is_dir():
+        files += shared_images("bears_fullsize", 4) + shared_images("bears", 4)
+    model, meta = load_model(onnx_model.with_suffix(".safetensors"))
+    pipe = torch_pipeline(meta.input_size, meta.mean, meta.std)
+    pred = load_onnx(onnx_model)
+    with torch.inference_mode():  # the run may have fitted a temperature: both sides apply it
+        logits = model(torch.stack([torch.from_numpy(pipe(f)) for f in files]))
+        want = (logits / pred.temperature).softmax(1).numpy()
+    got = np.array([[p.probs[c] for c in pred.classes] for p in pred.predict_batch(files, bs=5)])
+    assert np.abs(got - want).max() < 1e-4
+    assert pred.predict(files[0])[1] == int(want[0].argmax())
+
+
+def test_onnx_file_carries_its_preprocessing(onnx_model):
+    import onnx
+
+    props = {p.key: p.value for p in onnx.load(str(onnx_model)).metadata_props}
+    spec = json.loads(props["preprocess"])
+    assert spec["resize"]["short_side"] == spec["crop"]["size"][0] == 128
+    assert spec["mean"] and spec["std"] and spec["crop"]["kind"] == "center"
+    assert Preprocess(spec).decode == round(128 * DECODE_SCALE)
+
+
+def test_stream_keeps_order_and_reports_bad_files_in_place(onnx_model, tmp_path):
+    good = sorted(HELDOUT.glob("*.jpg"))[:5]
+    bad = tmp_path / "bad.jpg"
+    bad.write_bytes(b"not an image")
+    sources = good[:2] + [bad] + good[2:] + [good[0].read_bytes()]
+    pred = load_onnx(onnx_model)
+    out = list(pred.stream(sources, bs=2))
+    assert [s for s, _ in out] == sources
+    assert isinstance(out[2][1], ImageError) and "bad.jpg" in str(out[2][1])
+    singles = [pred.predict_one(s) for s in good]
+    streamed = [a for _, a in out if not isinstance(a, ImageError)]
+    for a, b in zip(singles, streamed):
+        assert a.label == b.label and max(abs(a.probs[c] - b.probs[c]) for c in a.probs) < 1e-5
+    assert streamed[-1].probs == pytest.approx(singles[0].probs, abs=1e-5)  # bytes decode like the file
+    with pytest.raises(ImageError):
+        pred.predict_batch(sources)
+
+
+def test_calibration_temperature_and_threshold_apply(onnx_model):
+    pred = load_onnx(onnx_model)
+    f = sorted(HELDOUT.glob("*.jpg"))[0]
+    plain = pred.predict_one(f)
+    pred.temperature, pred.threshold = 4.0, 0.999
+    hot = pred.predict_one(f)
+    assert hot.label == plain.label and hot.confidence < plain.confidence and hot.unsure
+
+
+def test_auto_backend_uses_a_current_export_only(onnx_model, tmp_path):
+    model = onnx_model.with_suffix(".safetensors")
+    fast, why = current_onnx(model)
+    assert fast is not None and "current" in why
+    assert current_onnx(model, "torch")[0] is None
+    other = tmp_path / "model.safetensors"
+    shutil.copy2(model, other)
+    assert current_onnx(other)[0] is None  # no export beside it
+
+
+BLOCK_TORCH = """
+import sys, importlib.abc
+class Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split('.')[0] in ('torch', 'timm', 'torchvision'):
+            raise ImportError('blocked for this test: ' + name)
+sys.meta_path.insert(0, Block())
+from ursa.cli import main
+rc = main(sys.argv[1:])
+assert not [m for m in sys.modules if m.split('.')[0] in ('torch', 'timm', 'torchvision')]
+sys.exit(rc)
+"""
+
+
+def test_predict_runs_with_torch_unimportable(onnx_model, tmp_path):
+    images = sorted(HELDOUT.glob("*.jpg"))[:3]
+    alone = tmp_path / "bears.onnx"
+    shutil.copy2(onnx_model, alone)
+    for model in (alone, onnx_model.with_suffix(".safetensors")):  # an .onnx file, or a current one beside the model
+        r = subprocess.run([sys.executable, "-c", BLOCK_TORCH, "predict", str(model), *map(str, images), "--json"],
+                           capture_output=True, text=True, cwd=ROOT, timeout=120)
+        assert r.returncode == 0, r.stderr
+        lines = [json.loads(line) for line in r.stdout.splitlines()]
+        assert [line["file"] for line in lines] == list(map(str, images))
+        assert "backend: onnxruntime" in r.stderr
+
+
+def test_cli_predict_folder_streams_and_exit_codes(onnx_model, tmp_path, capsys):
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for f in sorted(HELDOUT.glob("*.jpg"))[:3]:
+        shutil.copy2(f, folder / f.name)
+    (folder / "broken.jpg").write_bytes(b"\xff\xd8\xff broken")
+    assert main(["predict", str(onnx_model), str(folder)]) == 1  # some unreadable: the rest predicted
+    out, err = capsys.readouterr()
+    assert len(out.splitlines()) == 3 and "1 of 4 images could not be read" in err and "backend: onnxruntime" in err
+    assert main(["predict", str(onnx_model), str(folder / "broken.jpg")]) == 2  # the one input is bad
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert main(["predict", str(onnx_model), str(empty)]) == 2

@@ -1,0 +1,226 @@
+"""The slim runtime: an ursa ONNX file on ONNX Runtime with numpy + Pillow preprocessing, no torch anywhere.
+
+This module and everything it imports (``metaschema``, ``preprocess``, ``results``, ``session``,
+``vision.images``) are torch-free, so ``ursa predict model.onnx`` and a server can run in an
+environment without torch or timm (``pip install ursa[serve] --no-deps`` style, see
+docs/deploy.md). Preprocessing comes from the file's ``preprocess`` metadata (older exports:
+rebuilt from input size, mean and std), bit-identical to the training pipeline's evaluation
+transform. Calibration is applied as in the torch predictor: logits / temperature, softmax, and
+``unsure`` below the threshold.
+
+Batches decode in a thread pool while the previous batch runs through the network (Pillow and
+numpy release the GIL), and results come back in input order as soon as each batch is done.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Sequence
+
+import numpy as np
+
+from ursa.errors import ImageError, ModelFileError, UrsaError
+from ursa.inference.metaschema import ONNX_META_KEY, ModelMeta
+from ursa.inference.preprocess import PREPROCESS_KEY, Preprocess, check_spec, preprocess_spec
+from ursa.inference.results import Prediction, check_threshold
+from ursa.inference.session import check_session_fits, ort_session
+from ursa.vision.images import Source
+
+
+def cores() -> int:
+    """CPU cores this process may use."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        return os.cpu_count() or 1
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    """Row-wise softmax in float64 then float32 (stable: the row maximum is subtracted)."""
+    z = logits.astype(np.float64)
+    z -= z.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return (e / e.sum(axis=1, keepdims=True)).astype(np.float32)
+
+
+class OnnxPredictor:
+    """Loaded once, used many times: numpy preprocessing + ONNX Runtime + calibrated softmax."""
+
+    backend = "onnx"
+
+    def __init__(self, session: Any, meta: ModelMeta, spec: dict[str, Any] | None = None,
+                 source: Path | None = None, decoders: int | None = None) -> None:
+        self.session, self.meta, self.source = session, meta, source
+        self.spec = spec or preprocess_spec(meta.input_size, meta.mean, meta.std)
+        self.preprocess = Preprocess(self.spec)
+        cal = meta.calibration or {}
+        self.temperature = float(cal.get("temperature") or 1.0)
+        self.threshold: float | None = check_threshold(cal.get("threshold"))
+        self.classes = list(meta.classes)
+        self.size = int(meta.input_size)
+        self.model = None  # no torch module: callers that need body features use the torch predictor
+        self.bf16 = False
+        self._input = session.get_inputs()[0].name
+        self._decoders = decoders or max(1, cores())
+
+    def logits(self, x: np.ndarray) -> np.ndarray:
+        """Raw logits for a preprocessed batch float32 [N, 3, H, W]."""
+        return self.session.run(None, {self._input: np.ascontiguousarray(x, dtype=np.float32)})[0]
+
+    def probs(self, x: np.ndarray) -> np.ndarray:
+        """Calibrated probabilities for a preprocessed batch (the model's temperature applied)."""
+        return softmax(self.logits(x) / np.float32(self.temperature))
+
+    def result(self, p: Sequence[float], threshold: float | None | str = "model") -> Prediction:
+        """One row of probabilities as a Prediction, judged by the model's unsure threshold unless another is given."""
+        values = [float(v) for v in p]
+        i = int(np.argmax(values))
+        pred = Prediction(self.classes[i], i, dict(zip(self.classes, values)))
+        return pred.with_threshold(self.threshold if threshold == "model" else threshold)  # type: ignore[arg-type]
+
+    def predict_arrays(self, xs: Sequence[np.ndarray], threshold: float | None | str = "model") -> list[Prediction]:
+        """Forward already-preprocessed images as one batch."""
+        return [self.result(p, threshold) for p in self.probs(np.stack(list(xs)))]
+
+    def predict(self, source: Source) -> tuple[str, int, dict[str, float]]:
+        """(label, index, probs) for one image, as fastai's learn.predict returns."""
+        return self.predict_one(source).as_tuple()
+
+    def predict_one(self, source: Source, threshold: float | None | str = "model") -> Prediction:
+        """One image's full answer, unsure flag included."""
+        return self.result(self.probs(self.preprocess(source)[None])[0], threshold)
+
+    def predict_batch(self, sources: Sequence[Source], bs: int = 32,
+                      threshold: float | None | str = "model") -> list[Prediction]:
+        """Many images, batched, decoding in parallel; raises ImageError on the first unreadable one."""
+        out: list[Prediction] = []
+        for _, answer in self.stream(sources, bs, threshold):
+            if isinstance(answer, ImageError):
+                raise answer
+            out.append(answer)
+        return out
+
+    def stream(self, sources: Iterable[Source], bs: int = 32,
+               threshold: float | None | str = "model") -> Iterator[tuple[Source, Prediction | ImageError]]:
+        """(source, Prediction or the ImageError that made it unreadable) in input order, batch by batch.
+
+        Decoding runs in a thread pool up to two batches ahead of the network, so the decode of
+        batch k+1 overlaps the forward pass of batch k.
+        """
+        items = list(sources)
+        with ThreadPoolExecutor(self._decoders, thread_name_prefix="ursa-decode") as pool:
+            pending: list[tuple[Source, Future]] = []
+            ahead = 0
+            for start in range(0, len(items), bs):
+                while ahead < min(len(items), start + 2 * bs):
+                    pending.append((items[ahead], pool.submit(self.preprocess, items[ahead])))
+                    ahead += 1
+                batch, pending = pending[:bs], pending[bs:]
+                yield from self._forward(batch, threshold)
+
+    def _forward(self, batch: list[tuple[Source, Future]],
+                 threshold: float | None | str) -> Iterator[tuple[Source, Prediction | ImageError]]:
+        arrays: list[np.ndarray] = []
+        answers: list[Prediction | ImageError | None] = []
+        for _, fut in batch:
+            try:
+                arrays.append(fut.result())
+                answers.append(None)
+            except ImageError as e:
+                answers.append(e)
+        preds = iter(self.predict_arrays(arrays, threshold) if arrays else [])
+        for (src, _), ans in zip(batch, answers):
+            yield src, ans if ans is not None else next(preds)
+
+    def describe(self) -> dict[str, Any]:
+        """What serve's /model says: enough for a client to know what it is talking to."""
+        m = self.meta
+        return {
+            "classes": self.classes, "arch": m.arch, "input_size": self.size, "metrics": m.metrics,
+            "version": m.ursa_version, "created": m.created, "format_version": m.format_version,
+            "backend": "onnx", "file": self.source.name if self.source else None,
+            "temperature": self.temperature, "unsure_threshold": self.threshold,
+            "int8": json.loads(self.session.get_modelmeta().custom_metadata_map.get("int8", "null")),
+        }
+
+
+def open_session(path: Path, threads: int) -> Any:
+    """A session for a user's .onnx file (`ort_session`'s settings), with one clear line when it is not ONNX."""
+    if not path.is_file():
+        raise ModelFileError(f"{path}: ONNX file not found; create it with `ursa export MODEL --onnx`")
+    try:
+        return ort_session(str(path), threads, spinning=True)
+    except UrsaError:
+        raise
+    except Exception as e:  # onnxruntime raises its own exception types for bad files
+        raise ModelFileError(f"{path}: not a readable ONNX model ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+
+
+def read_onnx_meta(session: Any, path: Path) -> tuple[ModelMeta, dict[str, Any]]:
+    """The ursa metadata and the preprocessing an `ursa export --onnx` file carries."""
+    props = session.get_modelmeta().custom_metadata_map
+    if ONNX_META_KEY not in props:
+        raise ModelFileError(f"{path}: not an ursa ONNX export (no {ONNX_META_KEY!r} metadata); create one with `ursa export MODEL --onnx`")
+    meta = ModelMeta.from_json(props[ONNX_META_KEY], path)
+    if PREPROCESS_KEY not in props:  # exports before the preprocess entry: the rule was the same
+        return meta, preprocess_spec(meta.input_size, meta.mean, meta.std)
+    try:
+        spec = json.loads(props[PREPROCESS_KEY])
+    except (ValueError, RecursionError):
+        spec = None
+    return meta, check_spec(spec, path)
+
+
+def load_onnx(path: str | Path, threads: int | None = None) -> OnnxPredictor:
+    """An ursa ONNX file ready to predict, without torch: the runtime's entry point."""
+    path = Path(path)
+    session = open_session(path, threads or cores())
+    meta, spec = read_onnx_meta(session, path)
+    check_session_fits(session, len(meta.classes), meta.input_size, path)
+    return OnnxPredictor(session, meta, spec, source=path)
+
+
+def stale_reason(onnx_meta: ModelMeta, meta: ModelMeta) -> str | None:
+    """Why an ONNX export does not belong to this model file, or None when it does (mtimes lie, metadata doesn't)."""
+    if onnx_meta.created != meta.created:
+        return f"exported from the model created {onnx_meta.created or '?'}, this model file was created {meta.created or '?'}"
+    if onnx_meta.classes != meta.classes:
+        return "its classes differ from the model file's"
+    return None
+
+
+def current_onnx(path: str | Path, backend: str = "auto", threads: int | None = None) -> tuple[OnnxPredictor | None, str]:
+    """The ONNX predictor that `backend` picks for `path` (torch-free), or None and why torch runs instead.
+
+    The rule of ``predictor.resolve_backend``: a .onnx path runs itself; "onnx" needs MODEL.onnx
+    beside the model; "auto" uses it only when it is at least as new and was exported from this
+    model file (same ``created`` and classes); "torch" never.
+    """
+    path = Path(path)
+    if backend not in ("auto", "torch", "onnx"):
+        raise UrsaError(f"--backend must be one of auto, torch, onnx (got {backend!r})")
+    if path.suffix.lower() == ".onnx":
+        if backend == "torch":
+            raise UrsaError(f"{path}: --backend torch needs the model.safetensors file, not the ONNX export")
+        return load_onnx(path, threads), "an .onnx file"
+    if not path.is_file():
+        raise ModelFileError(f"{path}: model file not found")
+    beside = path.with_suffix(".onnx")
+    if backend == "torch":
+        return None, "--backend torch"
+    if not beside.is_file():
+        if backend == "onnx":
+            raise UrsaError(f"{beside}: ONNX file not found; create it with `ursa export {path} --onnx`")
+        return None, f"no {beside.name} beside the model (`ursa export {path} --onnx` makes one)"
+    if backend == "auto" and beside.stat().st_mtime < path.stat().st_mtime:
+        return None, f"{beside.name} is older than the model file"
+    from ursa.inference.header import read_meta
+
+    pred = load_onnx(beside, threads)
+    stale = stale_reason(pred.meta, read_meta(path, buildable=False)) if backend == "auto" else None
+    if stale:
+        return None, f"{beside.name} is stale ({stale})"
+    return pred, f"{beside.name} is current"
