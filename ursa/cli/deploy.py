@@ -140,7 +140,7 @@ def serve_cmd(
 ) -> None:
     """Serve the model: a web page at / and a JSON API at /predict, until Ctrl-C."""
     from ursa.apps.serve import ServeConfig, serve
-    from ursa.inference.predictor import check_backend
+    from ursa.apps.serve.model import check_backend
     from ursa.util.numbers import parse_bytes
 
     check_backend(backend)
@@ -151,4 +151,4 @@ def serve_cmd(
                       max_request_pixels=max_request_pixels, request_timeout=request_timeout, read_timeout=read_timeout,
                       body_timeout=body_timeout, header_timeout=header_timeout, limit_concurrency=limit_concurrency)
     serve(cfg, host=host, port=port, workers=workers, access_log=access_log,
-          ready=lambda url: typer.echo(f"serving {model} at {url} (Ctrl-C to stop)", err=True))
+          ready=lambda url, how: typer.echo(f"serving {model} at {url} on {how} (Ctrl-C to stop)", err=True))

@@ -2,7 +2,8 @@
 
 ``config`` (ServeConfig and its trip through the environment), ``body`` (reading and checking
 request bodies), ``limits`` (decoded pixels per image and request, one request's share of the
-decode pool), ``batching`` (decode pool, inference thread, micro-batches), ``app`` (the routes
+decode pool), ``batching`` (decode pool, inference thread, micro-batches), ``model`` (which
+predictor runs: the torch-free ONNX runtime, or torch, imported only then), ``app`` (the routes
 and ``create_app``), ``runner`` (uvicorn with its limits, one process or several workers).
 """
 

@@ -30,10 +30,10 @@ from ursa.apps.serve.body import close_form, image_error, is_multipart, is_urlen
 from ursa.apps.serve.config import MAX_BATCH_FILES, ServeConfig
 from ursa.apps.serve.limits import DecodeGate, PixelBudget, check_image_pixels, check_request_pixels
 from ursa.apps.web import ApiError, Assets, TimedH11Protocol, asset, error_response, quiet_repeats
+from ursa.apps.serve.model import batch_runner, decode_side, default_threads, load_model
 from ursa.errors import ImageError, UrsaError
-from ursa.inference.predictor import Prediction, Predictor, default_threads, load_predictor
+from ursa.inference.results import Prediction
 from ursa.vision.images import sniff_format
-from ursa.vision.transforms import decode_size
 
 log = logging.getLogger("ursa.apps.serve")
 
@@ -230,23 +230,30 @@ ROUTES = [
 
 
 def create_app(model_path: str | Path | None = None, *, config: ServeConfig | None = None,
-               predictor: Predictor | None = None, **settings: Any) -> Starlette:
-    """The web app around one model, loaded now (once per process), ready for uvicorn or TestClient."""
+               predictor: Any = None, **settings: Any) -> Starlette:
+    """The web app around one model, loaded now (once per process), ready for uvicorn or TestClient.
+
+    `predictor`: an ``OnnxPredictor`` (numpy arrays, no torch) or a torch ``Predictor``; by default
+    ``model.load_model`` picks one by the backend rule and imports torch only when torch must run.
+    """
     if config is None:
         if model_path is None:
             raise UrsaError("create_app needs a model path")
         config = ServeConfig(model=Path(model_path), **settings)
-    pred = predictor or load_predictor(config.model, backend=config.backend, threads=config.threads, bf16=config.bf16)
+    why = "given"
+    if predictor is None:
+        predictor, why = load_model(config.model, config.backend, config.threads, config.bf16)
+    pred = predictor
     threads = config.threads or default_threads()
     # onnxruntime has its own intra-op pool: torch on the inference thread only stacks and softmaxes.
     infer_pool = ThreadPool(1, threads if pred.backend == "torch" else 1, "ursa-infer")
     app = Starlette(routes=ROUTES, lifespan=lifespan,
                     exception_handlers={HTTPException: http_error, Exception: server_error})
-    app.state.config, app.state.predictor = config, pred
-    app.state.batcher = MicroBatcher(pred.predict_tensors, max_batch=config.max_batch,
+    app.state.config, app.state.predictor, app.state.backend_reason = config, pred, why
+    app.state.batcher = MicroBatcher(batch_runner(pred), max_batch=config.max_batch,
                                      wait_ms=config.batch_wait_ms, pool=infer_pool)
     app.state.decode_pool = ThreadPool(max(2, default_threads()), 1, "ursa-decode")
-    app.state.decode_side = decode_size(pred.size)  # the short side images are decoded at (JPEG draft)
+    app.state.decode_side = decode_side(pred)  # the short side images are decoded at (JPEG draft)
     # Decodes in flight hold at most two of the largest images' pixels (or any number of small ones).
     app.state.pixel_budget = PixelBudget(2 * config.max_pixels)
     app.state.info = {**pred.describe(), "max_bytes": config.max_bytes, "max_batch_files": MAX_BATCH_FILES,

@@ -1,22 +1,22 @@
 """Threads for `ursa serve`: decoding in a small pool, every forward on one inference thread, in micro-batches.
 
 The event loop never runs a forward pass: requests wait on futures while the inference thread
-works, and those that arrive meanwhile are run together as the next batch.
+works, and those that arrive meanwhile are run together as the next batch. Nothing here knows
+what an image is (numpy arrays on ONNX Runtime, tensors on torch), and torch is never imported.
 """
 
 from __future__ import annotations
 
 import asyncio
+import sys
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable
 
-import torch
-
-from ursa.inference.predictor import Prediction
+from ursa.inference.results import Prediction
 
 
 def set_torch_threads(n: int) -> None:
-    """Fix this thread's torch (OpenMP) thread count.
+    """Fix this thread's torch (OpenMP) thread count, when torch is loaded at all (the ONNX path never imports it).
 
     Each thread that runs torch ops gets its own OpenMP team. Preprocessing ops are small, and
     with 2 threads on a busy 2-core machine they took ~40 ms instead of ~1 ms (a thread waiting
@@ -24,6 +24,9 @@ def set_torch_threads(n: int) -> None:
     uses --threads. get_num_threads() first: torch initialises a thread's count lazily from a
     process-wide value on its first op, which would otherwise overwrite what is set here.
     """
+    torch = sys.modules.get("torch")  # never imported here: a slim install has none, and ONNX needs none
+    if torch is None:
+        return
     torch.get_num_threads()
     torch.set_num_threads(n)
 

@@ -9,9 +9,9 @@ import uvicorn
 
 from ursa.apps.serve.app import app_from_env, create_app
 from ursa.apps.serve.config import ServeConfig
+from ursa.apps.serve.model import default_threads, load_model
 from ursa.apps.web import Server, TimedH11Protocol, quiet_repeats, server_config
 from ursa.errors import UrsaError
-from ursa.inference.predictor import default_threads, load_predictor
 from ursa.util.net import check_port, raise_open_files_limit
 
 FILES_RESERVED = 64  # descriptors the process needs besides connections: the model, logs, pipes, the listening socket
@@ -21,8 +21,11 @@ WORKER_FACTORY = f"{app_from_env.__module__}:{app_from_env.__name__}"
 
 
 def serve(config: ServeConfig, host: str = "127.0.0.1", port: int = 8000, workers: int = 1,
-          access_log: bool = True, log_level: str = "info", ready: Callable[[str], None] | None = None) -> None:
-    """Run the app until SIGINT/SIGTERM, then finish in-flight requests and return (exit status 0)."""
+          access_log: bool = True, log_level: str = "info", ready: Callable[[str, str], None] | None = None) -> None:
+    """Run the app until SIGINT/SIGTERM, then finish in-flight requests and return (exit status 0).
+
+    ready(url, backend): called once the model is loaded, before serving; backend says which runs and why.
+    """
     if workers < 1:
         raise UrsaError(f"--workers must be at least 1 (got {workers})")
     check_port(host, port)
@@ -37,14 +40,14 @@ def serve(config: ServeConfig, host: str = "127.0.0.1", port: int = 8000, worker
         ucfg = server_config(app, host, port, header_timeout=config.header_timeout, access_log=access_log,
                              log_level=log_level, timeout_graceful_shutdown=10, server_header=False, **limits)
         if ready:
-            ready(f"http://{host}:{port}")
+            ready(f"http://{host}:{port}", f"{app.state.info['backend']} ({app.state.backend_reason})")
         Server(ucfg).run()
         return
     # Check the model in this process (clear error, exit 2) before forking workers that load it.
-    load_predictor(config.model, backend=config.backend, threads=1)
+    pred, why = load_model(config.model, config.backend, threads=1)
     os.environ.update(config.to_env())
     if ready:
-        ready(f"http://{host}:{port}")
+        ready(f"http://{host}:{port}", f"{pred.backend} ({why})")
     quiet_repeats()
     # uvicorn builds the workers' Config itself: app_from_env sets their header deadline on TimedH11Protocol.
     uvicorn.run(WORKER_FACTORY, factory=True, host=host, port=port, workers=workers, http=TimedH11Protocol,
