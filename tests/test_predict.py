@@ -14,7 +14,8 @@ from ursa.cli import main
 from ursa.errors import ImageError, ModelFileError, UrsaError
 from ursa.inference.export import export_onnx
 from ursa.inference.modelfile import load_model, save_model
-from ursa.inference.predictor import Predictor, check_backend, load_predictor, resolve_backend
+from ursa.inference.predictor import Predictor, check_backend, load_predictor
+from ursa.inference.runtime import OnnxPredictor
 from tests.conftest import HELDOUT
 
 
@@ -34,21 +35,34 @@ def _touch(path: Path, t: float) -> None:
 
 
 def test_backend_rule(model_dir, tmp_path):
+    """load_predictor follows runtime.current_onnx: the ONNX runtime when it is picked, torch otherwise."""
     model, onnx_file = model_dir / "model.safetensors", model_dir / "model.onnx"
-    assert resolve_backend(model, "auto") == ("onnx", onnx_file)  # up-to-date export beside it
-    assert resolve_backend(model, "torch") == ("torch", model)
-    assert resolve_backend(onnx_file, "auto") == ("onnx", onnx_file)
+    auto = load_predictor(model, "auto")  # up-to-date export beside it
+    assert isinstance(auto, OnnxPredictor) and auto.backend == "onnx" and auto.source == onnx_file
+    assert isinstance(load_predictor(model, "torch"), Predictor)
+    assert load_predictor(onnx_file, "auto").source == onnx_file
+    assert load_predictor(model, "onnx").source == onnx_file
     lone = tmp_path / "model.safetensors"
     shutil.copy2(model, lone)
-    assert resolve_backend(lone, "auto") == ("torch", lone)  # nothing beside it
+    assert load_predictor(lone, "auto").backend == "torch"  # nothing beside it
     with pytest.raises(UrsaError, match="ursa export"):
-        resolve_backend(lone, "onnx")
+        load_predictor(lone, "onnx")
     with pytest.raises(UrsaError, match="safetensors"):
-        resolve_backend(onnx_file, "torch")
+        load_predictor(onnx_file, "torch")
     with pytest.raises(UrsaError, match=r"^--backend must be one of auto, torch, onnx \(got 'tensorrt'\)$"):
-        resolve_backend(model, "tensorrt")
+        load_predictor(model, "tensorrt")
     with pytest.raises(ModelFileError, match="not found"):
-        resolve_backend(tmp_path / "missing.safetensors")
+        load_predictor(tmp_path / "missing.safetensors")
+
+
+def test_both_backends_answer_alike_through_load_predictor(model_dir):
+    files = sorted(HELDOUT.glob("*.jpg"))
+    fast, slow = load_predictor(model_dir / "model.safetensors"), load_predictor(model_dir / "model.safetensors", "torch")
+    assert (fast.backend, slow.backend) == ("onnx", "torch")
+    for a, b in zip(fast.predict_batch(files), slow.predict_batch(files)):
+        assert a.label == b.label and max(abs(a.probs[c] - b.probs[c]) for c in a.probs) < 1e-4
+    xs = [slow.preprocess(f) for f in files[:3]]  # torch tensors, as serve's torch path makes them
+    assert [p.label for p in fast.predict_tensors(xs)] == [p.label for p in slow.predict_tensors(xs)]
 
 
 def test_auto_ignores_an_export_older_than_the_model(model_dir, tmp_path):
@@ -56,7 +70,6 @@ def test_auto_ignores_an_export_older_than_the_model(model_dir, tmp_path):
     shutil.copytree(model_dir, d)
     t = (d / "model.safetensors").stat().st_mtime
     _touch(d / "model.onnx", t - 60)
-    assert resolve_backend(d / "model.safetensors") == ("torch", d / "model.safetensors")
     assert load_predictor(d / "model.safetensors").backend == "torch"
 
 
@@ -68,11 +81,11 @@ def test_auto_ignores_an_export_of_another_model(model_dir, tmp_path, caplog):
     meta.created = "2001-01-01T00:00:00+00:00"
     save_model(model, d / "model.safetensors", meta)
     _touch(d / "model.onnx", (d / "model.safetensors").stat().st_mtime + 60)
-    assert resolve_backend(d / "model.safetensors")[0] == "onnx"
+    assert load_predictor(d / "model.safetensors", "onnx").backend == "onnx"  # asked for: it runs
     with caplog.at_level("WARNING", logger="ursa"):
         pred = load_predictor(d / "model.safetensors")
     assert pred.backend == "torch"
-    assert "Re-export" in caplog.text
+    assert "Re-export" in caplog.text and "stale" in caplog.text
 
 
 def test_predict_shapes_and_batch_agree(model_dir):
@@ -168,7 +181,7 @@ def test_trained_model_carries_its_calibration_and_predict_applies_it(model_dir)
     assert torch.allclose(pred.probs(x), want, atol=1e-6)
     onnx = load_predictor(model_dir / "model.onnx")
     assert onnx.temperature == pytest.approx(c["temperature"]), "the ONNX export carries it too"
-    assert torch.allclose(onnx.probs(x), want, atol=1e-4)
+    assert torch.allclose(torch.from_numpy(onnx.probs(x.numpy())), want, atol=1e-4)
 
 
 def test_a_model_file_without_calibration_behaves_as_before(model_dir, tmp_path):

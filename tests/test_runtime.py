@@ -88,6 +88,26 @@ def test_numpy_preprocessing_is_the_eval_transform_bit_for_bit(tmp_path, size):
         assert np.abs(got - want).max() < 1e-5, f  # identical pixels; only float rounding of the normalisation
 
 
+# sizes that reach every branch of the banded resizes: Pillow upscaling, shrinking by under 2 (its own
+# resample, reproduced), by 2..4 and by over 4 (Pillow runs: its reducing_gap path), an axis Pillow or
+# torch leaves alone (short side already the decode size), 1-pixel strips and odd aspect ratios
+SIZES = [(1, 40), (40, 1), (3, 700), (129, 224), (224, 129), (258, 258), (258, 301), (301, 258),
+         (300, 400), (517, 389), (600, 1200), (1500, 1100), (257, 259)]
+
+
+@pytest.mark.parametrize("size", [224, 96])
+def test_banded_resizes_are_bit_exact_on_every_geometry(tmp_path, size):
+    rng = np.random.default_rng(size)
+    ours, theirs = Preprocess(preprocess_spec(size, MEAN, STD)), torch_pipeline(size)
+    for w, h in SIZES:
+        f = tmp_path / f"{w}x{h}.png"
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(f)
+        got, want = ours(f), theirs(f)
+        assert got.shape == want.shape == (3, size, size)
+        assert np.abs(got - want).max() < 1e-5, (w, h)  # one pixel off by one level is 0.017: caught
+        assert np.array_equal(ours.resized(f), ours.pixels(f).transpose(2, 0, 1))
+
+
 def test_onnx_with_numpy_preprocessing_matches_torch_on_real_images(onnx_model, tmp_path):
     import torch
 

@@ -182,7 +182,9 @@ def interpret_model(model_path: str | Path, data: str | Path, all_images: bool =
     from ursa.errors import ImageError
     from ursa.inference.predictor import load_predictor
 
-    pred = load_predictor(model_path)
+    # torch even when a current model.onnx sits beside the model: the embedding map needs the body's
+    # pooled features, and the exported graph ends in logits (docs/deploy.md)
+    pred = load_predictor(model_path, backend="torch")
     items, split, skipped = load_items(model_path, data, pred.classes, all_images, csv_path, pred.meta.config)
     if not items:
         raise DataError(f"{data}: no images to interpret")

@@ -1,4 +1,4 @@
-"""Predictor: the model file plus its preprocessing, for one image or many, torch or onnxruntime.
+"""Predictor: the model file plus its preprocessing, for one image or many, on torch (or the ONNX runtime).
 
 Preprocessing is exactly the validation pipeline the model was scored with during training
 (``vision.transforms.load_pixels`` at the decode size, with its reduced-size JPEG decode, then
@@ -6,7 +6,8 @@ Preprocessing is exactly the validation pipeline the model was scored with durin
 
 ``load_predictor`` is the entry point (``load_learner`` is its fastai-familiar alias). Backend
 names are checked in one place, ``check_backend``. Backend rule (shared by ``ursa predict`` and
-``ursa serve``), see ``resolve_backend``:
+``ursa serve``; it lives in ``runtime.current_onnx``, which returns the torch-free
+``runtime.OnnxPredictor`` when ONNX Runtime runs):
 
 - a path ending in ``.onnx`` runs on onnxruntime;
 - ``backend="onnx"`` runs ``MODEL.onnx`` beside ``MODEL.safetensors`` (an error when missing);
@@ -30,12 +31,11 @@ import os
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
-import numpy as np
 import torch
 
-from ursa.errors import ModelFileError, UrsaError
-from ursa.inference.modelfile import ONNX_META_KEY, ModelMeta, load_model, read_meta
-from ursa.inference.onnx import ort_session
+from ursa.errors import UrsaError
+from ursa.inference.modelfile import ModelMeta, load_model
+from ursa.inference.runtime import OnnxPredictor, current_onnx
 from ursa.inference.results import Prediction, check_threshold  # one answer type for torch and the ONNX runtime
 from ursa.vision.images import Source
 from ursa.vision.transforms import decode_size, eval_transform, load_pixels
@@ -83,10 +83,10 @@ def default_threads(workers: int = 1) -> int:
 class Predictor:
     """Loaded once, used many times: preprocess + forward + softmax, batched."""
 
-    def __init__(self, model: torch.nn.Module | None, meta: ModelMeta, backend: str = "torch",
-                 onnx_session: Any = None, bf16: bool = False, source: Path | None = None) -> None:
-        self.model, self.meta, self.backend, self.session, self.bf16 = model, meta, backend, onnx_session, bf16
-        self.source = source
+    backend = "torch"  # runtime.OnnxPredictor says "onnx"
+
+    def __init__(self, model: torch.nn.Module, meta: ModelMeta, bf16: bool = False, source: Path | None = None) -> None:
+        self.model, self.meta, self.bf16, self.source = model, meta, bf16, source
         cal = getattr(meta, "calibration", None) or {}  # model files before calibration have none
         self.temperature = float(cal.get("temperature") or 1.0)
         self.threshold: float | None = check_threshold(cal.get("threshold"))
@@ -94,9 +94,7 @@ class Predictor:
         self.size = int(meta.input_size)
         self._decode = decode_size(self.size)
         self._tfm = eval_transform(self.size, meta.mean, meta.std)
-        self._input_name = onnx_session.get_inputs()[0].name if onnx_session is not None else None
-        if self.model is not None:
-            self.model.eval().to(memory_format=torch.channels_last)
+        self.model.eval().to(memory_format=torch.channels_last)
 
     def preprocess(self, source: Source) -> torch.Tensor:
         """Decode and transform to a normalised CHW tensor; raises ImageError for unusable input."""
@@ -106,9 +104,6 @@ class Predictor:
     @torch.inference_mode()
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """Raw (uncalibrated) logits for a preprocessed batch [N, 3, H, W]."""
-        if self.backend == "onnx":
-            arr = np.ascontiguousarray(x.numpy(), dtype=np.float32)
-            return torch.from_numpy(self.session.run(None, {self._input_name: arr})[0]).float()
         x = x.contiguous(memory_format=torch.channels_last)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bf16):
             return self.model(x).float()
@@ -120,9 +115,7 @@ class Predictor:
 
     @torch.inference_mode()
     def probs_and_features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Calibrated probabilities and the pooled body features (None on ONNX Runtime, whose graph ends in logits)."""
-        if self.model is None:
-            return self.probs(x), None
+        """Calibrated probabilities and the pooled body features (for interpret's embedding map)."""
         x = x.contiguous(memory_format=torch.channels_last)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bf16):
             f = self.model.features(x)
@@ -162,52 +155,28 @@ class Predictor:
         return {
             "classes": self.classes, "arch": m.arch, "input_size": self.size, "metrics": m.metrics,
             "version": m.ursa_version, "created": m.created, "format_version": m.format_version,
-            "backend": self.backend + ("+bf16" if self.bf16 and self.backend == "torch" else ""),
+            "backend": "torch" + ("+bf16" if self.bf16 else ""),
             "file": self.source.name if self.source else None,
             "temperature": self.temperature, "unsure_threshold": self.threshold,
         }
 
 
-def resolve_backend(path: str | Path, backend: str = "auto") -> tuple[str, Path]:
-    """Which backend runs which file: the one rule for predict and serve (see the module doc)."""
-    path = Path(path)
-    check_backend(backend)
-    if path.suffix.lower() == ".onnx":
-        if backend == "torch":
-            raise UrsaError(f"{path}: --backend torch needs the model.safetensors file, not the ONNX export")
-        if not path.is_file():
-            raise ModelFileError(f"{path}: ONNX file not found; create it with `ursa export MODEL --onnx`")
-        return "onnx", path
-    if not path.is_file():
-        raise ModelFileError(f"{path}: model file not found")
-    beside = path.with_suffix(".onnx")
-    if backend == "onnx":
-        if not beside.is_file():
-            raise UrsaError(f"{beside}: ONNX file not found; create it with `ursa export {path} --onnx`")
-        return "onnx", beside
-    if backend == "auto" and beside.is_file() and beside.stat().st_mtime >= path.stat().st_mtime:
-        return "onnx", beside
-    return "torch", path
-
-
 def load_predictor(path: str | Path, backend: str = "auto", threads: int | None = None,
-                   bf16: bool = False) -> Predictor:
-    """Load a model file for inference, on the backend `resolve_backend` picks: the one loader for predict and serve."""
-    path = Path(path)
+                   bf16: bool = False) -> Predictor | OnnxPredictor:
+    """Load a model file for inference on the backend ``runtime.current_onnx`` picks: the one loader for predict and serve.
+
+    ONNX Runtime (a ``runtime.OnnxPredictor``, numpy in and out) for a .onnx path, for backend "onnx",
+    and for "auto" with a current MODEL.onnx beside the model; torch (``Predictor``) otherwise.
+    """
     check_backend(backend)
     threads = threads or default_threads()
+    fast, why = current_onnx(path, backend, threads)
+    if fast is not None:
+        return fast
+    if backend == "auto" and "stale" in why:
+        log.warning("%s; running %s with torch. Re-export with `ursa export %s --onnx`", why, path, path)
     torch.set_num_threads(threads)
-    kind, file = resolve_backend(path, backend)
-    if kind == "onnx":
-        pred = _load_onnx(file, threads)
-        if backend == "auto" and file != path:
-            stale = _stale_reason(pred.meta, read_meta(path))
-            if stale:
-                log.warning("%s: not used (%s); running %s with torch. Re-export with `ursa export %s --onnx`",
-                            file, stale, path, path)
-                return _load_torch(path, bf16)
-        return pred
-    return _load_torch(file, bf16)
+    return _load_torch(Path(path), bf16)
 
 
 load_learner = load_predictor
@@ -216,36 +185,4 @@ load_learner = load_predictor
 
 def _load_torch(path: Path, bf16: bool) -> Predictor:
     model, meta = load_model(path)
-    return Predictor(model, meta, backend="torch", bf16=bf16, source=path)
-
-
-def _stale_reason(onnx_meta: ModelMeta, meta: ModelMeta) -> str | None:
-    """Why an ONNX export does not belong to this model file, or None when it does (mtimes lie, metadata doesn't)."""
-    if onnx_meta.created != meta.created:
-        return f"exported from the model created {onnx_meta.created or '?'}, this model file was created {meta.created or '?'}"
-    if onnx_meta.classes != meta.classes:
-        return "its classes differ from the model file's"
-    return None
-
-
-def onnx_session(path: Path, threads: int) -> Any:
-    """A session for a user's .onnx file (`ort_session`'s settings), with one clear line when it is not ONNX."""
-    try:
-        return ort_session(str(path), threads, spinning=True)
-    except UrsaError:
-        raise
-    except Exception as e:  # onnxruntime raises its own exception types for bad files
-        raise ModelFileError(f"{path}: not a readable ONNX model ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
-
-
-def onnx_meta(session: Any, path: Path) -> ModelMeta:
-    """The ursa metadata an `ursa export --onnx` file carries (custom metadata key "ursa")."""
-    meta_map = session.get_modelmeta().custom_metadata_map
-    if ONNX_META_KEY not in meta_map:
-        raise ModelFileError(f"{path}: not an ursa ONNX export (no {ONNX_META_KEY!r} metadata); create one with `ursa export MODEL --onnx`")
-    return ModelMeta.from_json(meta_map[ONNX_META_KEY], path)
-
-
-def _load_onnx(path: Path, threads: int) -> Predictor:
-    sess = onnx_session(path, threads)
-    return Predictor(None, onnx_meta(sess, path), backend="onnx", onnx_session=sess, source=path)
+    return Predictor(model, meta, bf16=bf16, source=path)

@@ -85,6 +85,10 @@ class OnnxPredictor:
         """Forward already-preprocessed images as one batch."""
         return [self.result(p, threshold) for p in self.probs(np.stack(list(xs)))]
 
+    def predict_tensors(self, xs: Sequence[Any], threshold: float | None | str = "model") -> list[Prediction]:
+        """The torch Predictor's name for ``predict_arrays`` (anything numpy can take), so code written for it runs here."""
+        return self.predict_arrays([np.asarray(x, dtype=np.float32) for x in xs], threshold)
+
     def predict(self, source: Source) -> tuple[str, int, dict[str, float]]:
         """(label, index, probs) for one image, as fastai's learn.predict returns."""
         return self.predict_one(source).as_tuple()

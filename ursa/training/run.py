@@ -1,7 +1,8 @@
 """The run writer: everything a run leaves in its folder, written once, at the end.
 
 config.json, split.csv, history.csv, the curves, advice.txt, report.html/json and the model
-file (plus best.safetensors when the error got worse at the end). One pass over the validation
+file with its ONNX export beside it (model.onnx, so predict and serve run ONNX Runtime; a failed
+export only warns), plus best.safetensors when the error got worse at the end. One pass over the validation
 images gives the final model's logits and body features: the temperature and the "unsure"
 threshold are fitted on the logits before the model file is written (they go into its
 ``calibration``; reliability.png shows them), and the features place the images on the report's
@@ -25,6 +26,7 @@ from ursa.diagnose.insight_plots import plot_curve, plot_reliability
 from ursa.diagnose.interpret import Interpretation
 from ursa.diagnose.plots import plot_losses, plot_lr, plot_metrics
 from ursa.diagnose.report import run_plots, write_report
+from ursa.inference.export import write_onnx_beside
 from ursa.training.config import TrainConfig
 from ursa.training.learner import Learner
 from ursa.util.files import atomic_write_text
@@ -87,6 +89,9 @@ def write_run(out: Path, learn: Learner, cfg: TrainConfig, ds: ImageDataset, inf
     if cal is not None:
         insight["calibration"] = cal.to_json()
     model = learn.export(out / "model.safetensors", config=config, calibration=cal.to_meta() if cal else None)
+    t = time.perf_counter()
+    write_onnx_beside(model)  # the fast path by default (predict, serve); a failure only warns
+    timings["onnx"] = time.perf_counter() - t
     best = None
     b = learn.best
     if any(a.rule == "too_many_epochs" for a in advice) and b.state is not None and b.row is not None:
