@@ -87,3 +87,14 @@ def test_target_precision_is_checked_with_the_other_options(tmp_path):
     for bad in (0, 1.5, float("nan"), "high"):
         with pytest.raises(ConfigError, match=r"^--target-precision: expected a number in \(0, 1\]"):
             TrainConfig(data=tmp_path, target_precision=bad)
+
+
+def test_a_validation_set_with_too_few_mistakes_keeps_the_raw_probabilities():
+    """All answers right: the NLL falls forever as T -> 0; the fit must not make the model claim certainty."""
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 3, 22)
+    logits = rng.normal(0, 0.5, (22, 3))
+    logits[np.arange(22), y] += 2.0  # every answer right, none certain
+    c = cal.calibrate(logits, y)
+    assert c.mistakes == 0 and c.temperature == 1.0 and "too few" in c.summary()
+    assert cal.fit_temperature(logits, y) >= cal.T_RANGE[0]

@@ -22,7 +22,10 @@ import numpy as np
 
 N_BINS = 15
 TARGET_PRECISION = 0.95
-T_RANGE = (0.05, 20.0)  # temperatures searched (1/T is searched, where the NLL is convex)
+T_RANGE = (0.25, 20.0)  # temperatures searched (1/T is searched, where the NLL is convex)
+# With fewer validation mistakes than this the NLL keeps falling as T -> 0 (every answer right: sharpen
+# forever), so the fit would make a small run's model claim certainty it never earned: keep T = 1.
+MIN_MISTAKES = 3
 
 
 def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
@@ -141,6 +144,7 @@ class Calibration:
     kept: float  # share of validation answers at or above the threshold
     kept_precision: float
     n: int
+    mistakes: int = -1  # validation answers that were wrong (-1: not counted)
 
     def to_meta(self) -> dict[str, Any]:
         """The model file's ``calibration`` (temperature, threshold, target_precision, ece_before, ece_after)."""
@@ -160,7 +164,10 @@ class Calibration:
         """One line for the console and the report."""
         s = (f"calibration: temperature {self.temperature:.2f}, expected calibration error {100 * self.ece_before:.1f}% "
              f"-> {100 * self.ece_after:.1f}% on {self.n} validation images")
-        if self.ece_after > self.ece_before:
+        if 0 <= self.mistakes < MIN_MISTAKES:
+            s += (f" (only {self.mistakes} wrong answer(s) to learn from: too few to fit a temperature, so the "
+                  "probabilities are kept as the network gives them)")
+        elif self.ece_after > self.ece_before:
             s += (f" (the raw model was already close to calibrated: the temperature lowers the log-loss, "
                   f"{self.nll_before:.3f} -> {self.nll_after:.3f}, not the binned error, which is noisy on few images)")
         if self.threshold is None:
@@ -175,9 +182,10 @@ def calibrate(logits: np.ndarray, y: np.ndarray, target_precision: float = TARGE
         raise ValueError(f"target precision must be in (0, 1], got {target_precision}")
     logits = np.asarray(logits, dtype=np.float64)
     y = np.asarray(y, dtype=np.int64)
-    t = fit_temperature(logits, y)
+    mistakes = int((logits.argmax(1) != y).sum()) if len(y) else 0
+    t = fit_temperature(logits, y) if mistakes >= MIN_MISTAKES else 1.0
     before, after = softmax(logits), softmax(logits, t)
     threshold = choose_threshold(after, y, target_precision)
     kept, kept_precision = coverage(after, y, threshold)
     return Calibration(t, threshold, target_precision, ece(before, y), ece(after, y), nll(logits, y), nll(logits, y, t),
-                       kept, kept_precision, len(y))
+                       kept, kept_precision, len(y), mistakes)
