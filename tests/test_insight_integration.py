@@ -78,3 +78,50 @@ def test_serve_threshold_per_request(tiny_model, tmp_path):
         assert bad.status_code == 422 and "threshold" in bad.json()["error"]
         batch = c.post("/predict/batch?threshold=off", files=[("files", ("a.jpg", data, "image/jpeg"))]).json()
         assert batch[0]["unsure"] is False
+
+
+def test_show_out_may_be_a_folder(tmp_path):
+    from ursa.cli import main
+
+    out = tmp_path / "grid"
+    out.mkdir()
+    assert main(["show", str(SAMPLE), "--out", str(out), "--n", "4"]) == 0
+    assert (out / "batch.png").is_file()
+
+
+def test_crafted_numbers_in_a_model_header_are_one_line(tiny_model, tmp_path, capsys):
+    """10**400 overflows math.isfinite; a temperature of 1e-300 would turn every answer into NaN."""
+    from safetensors.torch import load_file, save_file
+
+    from ursa.cli import main
+    from ursa.inference.modelfile import read_header
+
+    img = next((SAMPLE / "teddy").iterdir())
+    for key, value in (("mean", "[1" + "0" * 400 + ", 0.5, 0.5]"), ("calibration", '{"temperature": 1e-300}'),
+                       ("calibration", '{"temperature": 1' + "0" * 400 + "}")):
+        header = dict(read_header(tiny_model))
+        header[key] = value
+        bad = tmp_path / "bad.safetensors"
+        save_file(load_file(str(tiny_model)), str(bad), metadata=header)
+        assert main(["predict", str(bad), str(img), "--backend", "torch"]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and key in err and "Traceback" not in err
+
+
+def test_a_crafted_preprocess_entry_is_one_clear_error():
+    """Missing scale, a crop that is not the model's size, non-numbers: refused at load, not on every request."""
+    import copy
+
+    from ursa.errors import ModelFileError
+    from ursa.inference.preprocess import check_spec, preprocess_spec
+
+    good = preprocess_spec(224, [0.5] * 3, [0.5] * 3)
+    assert check_spec(good, "m.onnx", 224) == good
+    for change in (lambda s: s.pop("scale"), lambda s: s["crop"].update(size=[100, 100]),
+                   lambda s: s.update(mean=["a", 0, 0]), lambda s: s.update(std=[1e999, 1, 1])):
+        bad = copy.deepcopy(good)
+        change(bad)
+        with pytest.raises(ModelFileError, match="preprocess metadata"):
+            check_spec(bad, "m.onnx", 224)
+    with pytest.raises(ModelFileError):
+        check_spec(good, "m.onnx", 128)  # made for another input size

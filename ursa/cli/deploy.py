@@ -97,6 +97,9 @@ def export_cmd(
     """Export the model for other runtimes: `--onnx` writes MODEL.onnx (predict and serve then use it), `--int8` an INT8 copy."""
     if not onnx and not int8:
         raise UrsaError("nothing to export: pass --onnx or --int8 (the model file itself is already the portable export)")
+    if onnx and int8 and out is not None:
+        raise UrsaError("--out names one file, and --onnx --int8 writes two (MODEL.onnx and MODEL.int8.onnx): "
+                        "drop --out, or export them one at a time")
     if model.suffix.lower() == ".onnx":
         if onnx or not int8:
             raise UrsaError(f"{model}: --onnx exports a model.safetensors file; give that one")

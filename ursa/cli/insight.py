@@ -73,7 +73,9 @@ def show_cmd(
 
     cfg = make_config(data, config, csv=csv, arch=arch, size=size, valid_pct=valid_pct, seed=seed,
                       dedupe_split=dedupe_split)
-    check_outside(out.parent if out.suffix else out, data)
+    if out.is_dir():  # --out FOLDER: the grid goes inside it, as batch.png
+        out = out / "batch.png"
+    check_outside(out.parent, data)
     ds = load_dataset(cfg.data, cfg.csv, cfg.valid_pct, cfg.split_seed_used)
     if cfg.dedupe_split:
         apply_dedupe_split(ds, cfg.valid_pct, cfg.split_seed_used)

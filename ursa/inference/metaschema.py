@@ -56,7 +56,10 @@ def _is_int(v: Any) -> bool:
 
 
 def _is_number(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    try:  # a huge JSON integer (10**400) overflows a float: not a number this file can mean
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    except OverflowError:
+        return False
 
 
 def _int_in(lo: int, hi: int) -> Callable[[str, Any], int]:
@@ -169,9 +172,12 @@ def _unit_or_null(lo_open: bool) -> Callable[[str, Any], float | None]:
     return check
 
 
+T_BOUNDS = (0.01, 100.0)  # calibration fits T in [0.25, 20]; outside this a float32 softmax turns to NaN or mush
+
+
 def _temperature(name: str, v: Any) -> float:
-    if not _is_number(v) or v <= 0:
-        raise _Bad(name, "a finite number above 0", v)
+    if not _is_number(v) or not T_BOUNDS[0] <= v <= T_BOUNDS[1]:
+        raise _Bad(name, f"a number from {T_BOUNDS[0]} to {T_BOUNDS[1]:g}", v)
     return float(v)
 
 

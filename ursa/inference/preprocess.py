@@ -13,6 +13,8 @@ pipeline's. The rule travels inside the ONNX file as its ``preprocess`` metadata
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
@@ -42,13 +44,22 @@ def preprocess_spec(size: int, mean: list[float], std: list[float]) -> dict[str,
     }
 
 
-def check_spec(spec: Any, path: object) -> dict[str, Any]:
-    """A preprocess entry this version can reproduce, or one clear line."""
+def _finite(values: Any) -> bool:
+    return all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in values)
+
+
+def check_spec(spec: Any, path: object, size: int | None = None) -> dict[str, Any]:
+    """A preprocess entry this version can reproduce (for a model of input ``size``, when given), or one clear line."""
     try:
+        short = int(spec["resize"]["short_side"])
         ok = (spec["version"] == 1 and spec["crop"]["kind"] == "center" and spec["layout"] == "NCHW"
-              and int(spec["decode"]["short_side"]) >= int(spec["resize"]["short_side"]) > 0
-              and len(spec["mean"]) in (1, 3) and len(spec["std"]) in (1, 3) and min(spec["std"]) > 0)
-    except (KeyError, TypeError, ValueError):
+              and int(spec["decode"]["short_side"]) >= short > 0
+              and [int(v) for v in spec["crop"]["size"]] == [short, short]
+              and (size is None or short == size)
+              and _finite([spec["scale"]]) and spec["scale"] > 0
+              and len(spec["mean"]) in (1, 3) and len(spec["std"]) in (1, 3)
+              and _finite(spec["mean"]) and _finite(spec["std"]) and min(spec["std"]) > 0)
+    except (KeyError, TypeError, ValueError, ArithmeticError):
         ok = False
     if not ok:
         raise ModelFileError(f"{path}: its preprocess metadata is not one this ursa can reproduce; "
