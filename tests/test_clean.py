@@ -224,6 +224,7 @@ def test_export_writes_the_rankings(planted, tmp_path: Path, tiny_model, capsys)
     assert main(["clean", str(root), "--model", str(tiny_model), "--export", str(out), "--quiet"]) == 0
     said = capsys.readouterr().out
     assert "likely label error" in said and "1 unreadable" in said
+    assert said.splitlines()[0] == "model pass: ONNX Runtime (model.onnx is current)"  # train wrote it beside the model
     top = _rows(out / "top_losses.csv")
     assert list(top[0]) == ["name", "label", "predicted", "loss"] and len(top) == 122
     assert [float(r["loss"]) for r in top] == sorted((float(r["loss"]) for r in top), reverse=True)
@@ -236,6 +237,29 @@ def test_export_writes_the_rankings(planted, tmp_path: Path, tiny_model, capsys)
     assert dups[0]["exact"] == "true"
     assert _rows(out / "unreadable.csv")[0]["name"] == names["broken"]
     assert _snapshot(root) == before and not (root / "cleaned.csv").exists()  # export writes only into DIR
+
+
+def test_onnx_and_torch_model_passes_rank_alike(planted, tiny_model, tmp_path: Path):
+    """The cleaner runs on a current model.onnx (no torch model pass) and ranks as torch does, within tolerance."""
+    root, names, ds, fast, fast_ranks = planted
+    lone = tmp_path / "model.safetensors"  # the same model without its export: torch
+    shutil.copy2(tiny_model, lone)
+    _, slow, slow_ranks = clean.prepare(root, lone, quiet=True)
+    assert fast.backend == "ONNX Runtime (model.onnx is current)"
+    assert slow.backend.startswith("torch (no model.onnx beside the model")
+    assert fast.names == slow.names and fast.unreadable == slow.unreadable and fast.pool == slow.pool
+    ok = fast.readable
+    assert np.abs(fast.probs[ok] - slow.probs[ok]).max() < 1e-4, "raw softmax on both (no temperature)"
+    assert fast.emb.shape == slow.emb.shape and np.abs(fast.emb - slow.emb).max() < 1e-3
+    assert fast_ranks.top_losses[:10] == slow_ranks.top_losses[:10]
+    assert fast_ranks.issues[:5] == slow_ranks.issues[:5]
+    assert np.nanmax(np.abs(fast_ranks.quality - slow_ranks.quality)) < 1e-2
+    exact = {frozenset((p.a, p.b)) for p in fast_ranks.duplicates if p.exact}
+    assert exact and exact == {frozenset((p.a, p.b)) for p in slow_ranks.duplicates if p.exact}
+    sims = {frozenset((p.a, p.b)): p.similarity for p in slow_ranks.duplicates}
+    for p in fast_ranks.duplicates:
+        if abs(p.similarity - fast_ranks.threshold) > 1e-3:  # clear of the threshold: found by both
+            assert abs(sims[frozenset((p.a, p.b))] - p.similarity) < 1e-3
 
 
 def test_user_errors_exit_2(tmp_path: Path, tiny_model, capsys):

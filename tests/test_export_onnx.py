@@ -125,3 +125,49 @@ def test_write_onnx_beside_never_fails_the_run(tmp_path, caplog):
     bad = tmp_path / "model.safetensors"
     bad.write_bytes(b"nope")
     assert write_onnx_beside(bad) is None and "no ONNX file written" in caplog.text
+
+
+def test_export_has_logits_then_body_features_matching_torch(exported):
+    """Output 0 stays the logits (every one-output reader works); output 1 is Classifier.features, batched."""
+    import onnx
+    import torch
+
+    from ursa.inference.modelfile import load_model
+    from ursa.inference.runtime import load_onnx
+
+    proto = onnx.load(str(exported.with_suffix(".onnx")))
+    assert [o.name for o in proto.graph.output] == ["logits", "features"]
+    for out in proto.graph.output:
+        assert out.type.tensor_type.shape.dim[0].dim_param  # any batch size, features too
+    model, meta = load_model(exported)
+    onnx_pred = load_onnx(exported.with_suffix(".onnx"))
+    x = np.stack([onnx_pred.preprocess(f) for f in sorted(HELDOUT.glob("*.jpg"))[:5]])
+    with torch.inference_mode():
+        want = model.eval().features(torch.from_numpy(x)).numpy()
+    logits, feats = onnx_pred.logits_and_features(x)
+    assert feats.shape == want.shape == (5, 2 * meta.head["n_features"]) and feats.dtype == np.float32
+    assert np.abs(feats - want).max() < 1e-3
+    assert np.array_equal(logits, onnx_pred.logits(x))  # the same output 0 as before
+
+
+def test_check_onnx_refuses_features_that_differ(exported):
+    """The export's check covers the features output too: a graph whose features disagree is refused."""
+    import onnx
+    from onnx import helper
+
+    from ursa.inference.export import check_onnx
+    from ursa.inference.modelfile import load_model
+
+    model, meta = load_model(exported)
+    proto = onnx.load(str(exported.with_suffix(".onnx")))
+    g = proto.graph
+    feat = g.output[1].name
+    producer = next(n for n in g.node if feat in n.output)
+    producer.output[list(producer.output).index(feat)] = "raw_features"
+    for n in g.node:  # the head still reads the true features; only the output is scaled
+        n.input[:] = ["raw_features" if i == feat else i for i in n.input]
+    g.initializer.append(onnx.numpy_helper.from_array(np.array(1.01, dtype=np.float32), "k"))
+    g.node.append(helper.make_node("Mul", ["raw_features", "k"], [feat]))
+    assert check_onnx(exported.with_suffix(".onnx").read_bytes(), model, meta.input_size) < 1e-4  # the real file passes
+    with pytest.raises(ModelFileError, match="body features differ"):
+        check_onnx(proto.SerializeToString(), model, meta.input_size)

@@ -125,3 +125,19 @@ def test_a_crafted_preprocess_entry_is_one_clear_error():
             check_spec(bad, "m.onnx", 224)
     with pytest.raises(ModelFileError):
         check_spec(good, "m.onnx", 128)  # made for another input size
+
+
+def test_a_damaged_model_onnx_beside_the_model_falls_back_to_torch(tiny_run, tmp_path, capsys):
+    """ursa train writes model.onnx every time: a broken one must not stop the model file itself from running."""
+    from ursa.cli import main
+    from ursa.inference.runtime import current_onnx
+
+    model = tmp_path / "model.safetensors"
+    shutil.copy2(tiny_run / "model.safetensors", model)
+    model.with_suffix(".onnx").write_bytes(b"not an onnx file")
+    pred, why = current_onnx(model, "auto")
+    assert pred is None and "unusable" in why
+    img = next((SAMPLE / "teddy").iterdir())
+    assert main(["predict", str(model), str(img)]) == 0
+    assert "backend: torch" in capsys.readouterr().err
+    assert main(["predict", str(model), str(img), "--backend", "onnx"]) == 2  # asked for ONNX: say it cannot

@@ -151,6 +151,8 @@ def test_cli_interpret_writes_the_report_and_prints_the_summary(tiny_model, samp
     html = (out / "report.html").read_text()
     assert html.count("<div class='card") == 4
     assert "Rules checked" in html, "history.csv beside the model: its advice is in the report"
+    assert "backend: ONNX Runtime (model.onnx is current)" in text  # train wrote model.onnx beside the model
+    assert json.loads((out / "report.json").read_text())["info"]["backend"].startswith("ONNX Runtime")
 
 
 def test_cli_interpret_refuses_classes_the_model_does_not_know(tiny_model, tmp_path, capsys):
@@ -179,3 +181,21 @@ def test_without_split_csv_the_runs_own_split_settings_are_used(tiny_model, samp
     ds = load_dataset(sample_dir, valid_pct=0.5, seed=7)
     assert split == "valid" and sorted(n for n, _, _ in items) == sorted(ds.rel(i) for i in ds.valid_idx)
     assert sorted(n for n, _, _ in items) != sorted(load_dataset(sample_dir).rel(i) for i in load_dataset(sample_dir).valid_idx)
+
+
+@pytest.mark.slow
+def test_onnx_and_torch_backends_interpret_alike(tiny_model, tiny_run, sample_dir, tmp_path):
+    """A current model.onnx beside the model runs interpret on ONNX Runtime, with torch's numbers within tolerance."""
+    assert (tiny_run / "model.onnx").is_file(), "ursa train writes model.onnx beside the model"
+    fast = interpret_model(tiny_model, sample_dir)
+    slow = interpret_model(tiny_model, sample_dir, backend="torch")
+    assert fast.backend.startswith("ONNX Runtime") and slow.backend.startswith("torch")
+    assert fast.files == slow.files and fast.error_rate == slow.error_rate
+    assert np.abs(fast.probs - slow.probs).max() < 1e-4, "calibrated on both: the same temperature"
+    assert fast.features is not None and np.abs(fast.features - slow.features).max() < 1e-3
+    assert [t[0] for t in fast.top_losses(5)] == [t[0] for t in slow.top_losses(5)]
+    lone = tmp_path / "model.safetensors"  # no export beside it: torch, and the reason is said
+    shutil.copy(tiny_model, lone)
+    shutil.copy(tiny_run / "split.csv", tmp_path / "split.csv")
+    alone = interpret_model(lone, sample_dir)
+    assert alone.backend.startswith("torch (no model.onnx beside the model") and alone.error_rate == slow.error_rate

@@ -32,7 +32,17 @@ def test_cli_int8_writes_a_checked_file_with_its_numbers(run_copy, capsys):
     assert report["method"] == "static" and 0 <= report["agreement"] <= 1 and report["n_valid"] > 0
     assert report["error_change_points"] <= 1.0
     assert pred.meta.classes == load_onnx(run_copy.with_suffix(".onnx")).meta.classes  # metadata carried over
-    assert pred.predict_batch([p for p in sorted(run_copy.parent.glob("*.jpg"))]) == []
+    # the fp32 file's two outputs survive quantization: logits first (what predict/serve read), then features
+    assert [o.name for o in pred.session.get_outputs()] == ["logits", "features"] and pred.has_features
+    from ursa.vision.data import read_split
+
+    data = Path(json.loads((run_copy.parent / "config.json").read_text())["data"])
+    valid = [data / name for name, _, is_valid in read_split(run_copy.parent / "split.csv") if is_valid][:8]
+    fp32 = load_onnx(run_copy.with_suffix(".onnx")).predict_batch(valid)
+    got = pred.predict_batch(valid)
+    assert len(got) == len(valid) == 8
+    agree = sum(a.label == b.label for a, b in zip(got, fp32)) / len(valid)
+    assert agree >= 0.75, f"INT8 agrees with fp32 on {agree:.0%} of 8 validation images"
 
 
 def test_int8_is_refused_when_the_error_rises_too_much(run_copy):

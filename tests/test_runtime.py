@@ -214,3 +214,52 @@ def test_cli_predict_folder_streams_and_exit_codes(onnx_model, tmp_path, capsys)
     empty = tmp_path / "empty"
     empty.mkdir()
     assert main(["predict", str(onnx_model), str(empty)]) == 2
+
+
+def _one_output_export(model: Path, out: Path) -> Path:
+    """An ONNX file as `ursa export --onnx` wrote it before the features output: logits only, same metadata."""
+    from ursa.inference.export import ONNX_INPUT, ONNX_OUTPUT, onnx_props, set_props
+    from ursa.inference.modelfile import load_model
+    from ursa.inference.static import export_graph
+
+    net, meta = load_model(model)
+    proto = export_graph(net, meta.input_size, ONNX_INPUT, ONNX_OUTPUT)
+    set_props(proto, onnx_props(meta))
+    out.write_bytes(proto.SerializeToString())
+    return out
+
+
+def test_probs_and_features_match_torch_calibrated(onnx_model):
+    """The ONNX predictor's (probs, features) are torch Predictor.probs_and_features': temperature applied, same shapes."""
+    import torch
+
+    from ursa.inference.predictor import load_predictor
+
+    onnx_pred = load_onnx(onnx_model)
+    torch_pred = load_predictor(onnx_model.with_suffix(".safetensors"), backend="torch")
+    files = sorted(HELDOUT.glob("*.jpg"))[:4]
+    x = np.stack([onnx_pred.preprocess(f) for f in files])
+    for t in (1.0, 2.5):  # a real temperature too: it must divide the logits on both backends alike
+        onnx_pred.temperature = torch_pred.temperature = t
+        p, f = onnx_pred.probs_and_features(x)
+        tp, tf = torch_pred.probs_and_features(torch.from_numpy(x))
+        assert p.dtype == f.dtype == np.float32 and p.shape == tuple(tp.shape) and f.shape == tuple(tf.shape)
+        assert np.abs(p - tp.numpy()).max() < 1e-4 and np.abs(f - tf.numpy()).max() < 1e-3
+    assert np.allclose(onnx_pred.probs_and_features(x)[0], onnx_pred.probs(x), atol=1e-7)
+
+
+def test_an_export_without_features_still_predicts_and_interpret_falls_back(onnx_model, tmp_path):
+    from ursa.inference.runtime import NoFeaturesOutput, current_onnx_with_features
+
+    model = tmp_path / "model.safetensors"
+    shutil.copy2(onnx_model.with_suffix(".safetensors"), model)
+    old = _one_output_export(model, tmp_path / "model.onnx")
+    pred = load_onnx(old)
+    assert not pred.has_features and len(pred.predict_batch(sorted(HELDOUT.glob("*.jpg"))[:2])) == 2
+    with pytest.raises(NoFeaturesOutput, match="export it again"):
+        pred.probs_and_features(np.zeros((1, 3, pred.size, pred.size), np.float32))
+    fast, why = current_onnx(model)
+    assert fast is not None  # predict and serve still take it
+    fast, why = current_onnx_with_features(model)
+    assert fast is None and "no body-features output" in why  # interpret and clean run torch, and say why
+    assert current_onnx_with_features(onnx_model.with_suffix(".safetensors"))[0] is not None

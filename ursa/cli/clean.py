@@ -40,6 +40,7 @@ def clean_cmd(
             clean.check_writable(data, csv)
     took: dict[str, float] = {}
     ds, scores, ranks = clean.prepare(data, model, csv, threshold=threshold, quiet=quiet, timings=took)
+    typer.echo(f"model pass: {scores.backend}")
     typer.echo(clean.summary_line(scores, ranks))
     if export is not None:
         files = clean.export_rankings(export, scores, ranks)

@@ -173,12 +173,14 @@ def interpret_cmd(
     run = model.parent
     hist = History.read_csv(run / "history.csv") if (run / "history.csv").is_file() else None
     info = {"title": "ursa interpretation", "model": str(model), "data": str(data),
-            "set": "every image" if all_images else "validation set" + (" (split.csv)" if (run / "split.csv").is_file() and csv is None else "")}
+            "set": "every image" if all_images else "validation set" + (" (split.csv)" if (run / "split.csv").is_file() and csv is None else ""),
+            "backend": interp.backend}
     files = write_report(out, interp, hist, run_plots(run), info, k=top)
     if json_out:
         typer.echo(files["json"].read_text())
         return
     what = "images" if all_images else "validation images"
+    typer.echo(f"backend: {interp.backend}")
     typer.echo(f"error rate {interp.error_rate:.4f} on {len(interp)} {what}"
                + (f"; {len(interp.skipped)} skipped (unreadable or missing)" if interp.skipped else ""))
     typer.echo(interp.confusion_text())

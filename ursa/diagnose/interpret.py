@@ -13,7 +13,6 @@ split hashes each file's relative path. Unreadable images are skipped, counted a
 
 from __future__ import annotations
 
-import csv
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,7 +21,6 @@ from typing import Callable, Sequence
 import numpy as np
 
 from ursa.errors import DataError
-from ursa.util.files import csv_cell_value
 
 
 @dataclass
@@ -37,6 +35,7 @@ class Interpretation:
     split: str = "valid"  # "valid" or "all"
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (file, why)
     features: np.ndarray | None = None  # [n, d] pooled body features, when known: the report's embedding map
+    backend: str = ""  # what ran the model, e.g. "ONNX Runtime (model.onnx is current)"; "" when not recorded
 
     def __post_init__(self) -> None:
         self.targets = np.asarray(self.targets, dtype=np.int64).reshape(-1)
@@ -134,14 +133,14 @@ def load_items(model_path: str | Path, data: str | Path, classes: Sequence[str],
                csv_path: str | Path | None = None,
                config: dict | None = None) -> tuple[list[tuple[str, Path, int]], str, list[tuple[str, str]]]:
     """(name, path, class index) of the images to interpret, which split that is, and items left out."""
-    from ursa.vision.data import dedupe_setting, load_dataset, split_settings
+    from ursa.vision.data import dedupe_setting, load_dataset, read_split, split_settings
 
     data = Path(data)
     split_csv = Path(model_path).parent / "split.csv"
     index = {c: i for i, c in enumerate(classes)}
     skipped: list[tuple[str, str]] = []
     if not all_images and csv_path is None and split_csv.is_file():
-        rows = _read_split(split_csv)
+        rows = read_split(split_csv)
         items = []
         for name, label, is_valid in rows:
             if not is_valid:
@@ -164,40 +163,43 @@ def load_items(model_path: str | Path, data: str | Path, classes: Sequence[str],
     return items, "all" if all_images else "valid", skipped
 
 
-def _read_split(path: Path) -> list[tuple[str, str, bool]]:
-    with open(path, newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f)
-        if not reader.fieldnames or not {"name", "label", "is_valid"} <= set(reader.fieldnames):
-            raise DataError(f"{path}: expected columns name,label,is_valid")
-        return [(csv_cell_value(r["name"]), csv_cell_value(r["label"]), r["is_valid"].strip().lower() in ("true", "1", "yes"))
-                for r in reader]
-
-
 def interpret_model(model_path: str | Path, data: str | Path, all_images: bool = False,
                     csv_path: str | Path | None = None, bs: int = 32,
-                    progress: Callable[[int, int], None] | None = None) -> Interpretation:
-    """Load a model file and predict its validation set (or every image) in batches; bad files are skipped."""
-    import torch
+                    progress: Callable[[int, int], None] | None = None, backend: str = "auto") -> Interpretation:
+    """Load a model file and predict its validation set (or every image) in batches; bad files are skipped.
 
+    ONNX Runtime runs when a current MODEL.onnx with the body-features output sits beside the model
+    (``runtime.current_onnx_with_features``; backend "auto"), torch otherwise or with backend "torch";
+    ``Interpretation.backend`` says which. Both give calibrated probabilities and pooled features.
+    """
     from ursa.errors import ImageError
-    from ursa.inference.predictor import load_predictor
+    from ursa.inference.runtime import backend_line, current_onnx_with_features
 
-    # torch even when a current model.onnx sits beside the model: the embedding map needs the body's
-    # pooled features, and the exported graph ends in logits (docs/deploy.md)
-    pred = load_predictor(model_path, backend="torch")
+    if backend not in ("auto", "torch"):
+        raise ValueError(f"interpret_model: backend must be 'auto' or 'torch' (got {backend!r})")
+    fast, why = current_onnx_with_features(model_path) if backend == "auto" else (None, "--backend torch")
+    if fast is not None:
+        pred, stack, to_numpy = fast, np.stack, np.asarray
+    else:
+        import torch
+
+        from ursa.inference.predictor import load_predictor
+
+        pred = load_predictor(model_path, backend="torch")
+        stack, to_numpy = torch.stack, (lambda t: t.numpy())
     items, split, skipped = load_items(model_path, data, pred.classes, all_images, csv_path, pred.meta.config)
     if not items:
         raise DataError(f"{data}: no images to interpret")
     names, paths, targets, probs, feats = [], [], [], [], []
-    batch: list[torch.Tensor] = []
+    batch: list = []
     kept: list[tuple[str, Path, int]] = []
 
     def flush() -> None:
         if batch:
-            p, f = pred.probs_and_features(torch.stack(batch))  # calibrated; features for the embedding map
-            probs.append(p.numpy())
+            p, f = pred.probs_and_features(stack(batch))  # calibrated; features for the embedding map
+            probs.append(to_numpy(p))
             if f is not None:
-                feats.append(f.numpy())
+                feats.append(to_numpy(f))
             for n, p, t in kept:
                 names.append(n)
                 paths.append(p)
@@ -218,5 +220,6 @@ def interpret_model(model_path: str | Path, data: str | Path, all_images: bool =
     flush()
     if not names:
         raise DataError(f"{data}: none of the {len(items)} images could be read")
-    features = np.concatenate(feats) if len(feats) == len(probs) else None  # none on ONNX Runtime
-    return Interpretation(pred.classes, names, paths, np.array(targets), np.concatenate(probs), split, skipped, features)
+    features = np.concatenate(feats) if len(feats) == len(probs) else None
+    return Interpretation(pred.classes, names, paths, np.array(targets), np.concatenate(probs), split, skipped, features,
+                          backend_line(fast, why))

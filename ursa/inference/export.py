@@ -13,6 +13,7 @@ from ursa import __version__
 from ursa.errors import ModelFileError
 from ursa.inference.modelfile import ONNX_META_KEY, ModelMeta, load_model
 from ursa.inference.preprocess import PREPROCESS_KEY, preprocess_spec
+from ursa.inference.runtime import FEATURES_OUTPUT
 from ursa.inference.session import ort_session
 from ursa.inference.static import export_graph
 from ursa.util.files import atomic_path
@@ -22,6 +23,26 @@ log = logging.getLogger("ursa")
 
 ONNX_OPSET = 17  # supported by every onnxruntime since 1.15
 ONNX_INPUT, ONNX_OUTPUT = "input", "logits"
+# Output 1: the pooled body features the head consumes (``Classifier.features``), for interpret's
+# embedding map and the cleaner's rankings; output 0 stays the logits, so one-output readers still work.
+ONNX_FEATURES = FEATURES_OUTPUT
+
+
+class LogitsAndFeatures(torch.nn.Module):
+    """A classifier that also returns the pooled body features: (logits, features), one forward pass."""
+
+    def __init__(self, model: Classifier) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        f = self.model.features(x)
+        return self.model.head(f), f
+
+
+def export_two_outputs(model: Classifier, size: int, opset: int = ONNX_OPSET) -> Any:
+    """The classifier as an ONNX ModelProto with outputs (logits, features): dynamic batch, static padding folded."""
+    return export_graph(LogitsAndFeatures(model), size, ONNX_INPUT, [ONNX_OUTPUT, ONNX_FEATURES], opset)
 
 
 def onnx_props(meta: ModelMeta, extra: dict[str, str] | None = None) -> dict[str, str]:
@@ -46,8 +67,9 @@ def export_onnx(model_path: str | Path, out: str | Path | None = None, *, opset:
                 check: bool = True) -> Path:
     """Write MODEL.onnx (dynamic batch, static padding, classes + metadata + preprocessing inside) for servers without torch.
 
-    ``check`` runs the export once on onnxruntime and refuses a file whose probabilities differ
-    from torch's by more than 1e-4.
+    Outputs: ``logits`` (output 0) and ``features`` (the pooled body features, for interpret and
+    clean). ``check`` runs the export once on onnxruntime and refuses a file whose probabilities
+    differ from torch's by more than 1e-4 or whose features differ by more than 1e-3.
     """
     model_path = Path(model_path)
     out = Path(out) if out is not None else model_path.with_suffix(".onnx")
@@ -55,7 +77,7 @@ def export_onnx(model_path: str | Path, out: str | Path | None = None, *, opset:
         raise ModelFileError(f"{out}: the ONNX file would overwrite the model file; choose another --out")
     model, meta = load_model(model_path)
     try:
-        proto = export_graph(model, meta.input_size, ONNX_INPUT, ONNX_OUTPUT, opset)
+        proto = export_two_outputs(model, meta.input_size, opset)
     except ImportError:  # pragma: no cover - declared dependency
         raise ModelFileError("the onnx package is not installed: pip install onnx onnxruntime") from None
     set_props(proto, onnx_props(meta))
@@ -79,14 +101,22 @@ def write_onnx_beside(model_path: str | Path) -> Path | None:
         return None
 
 
-def check_onnx(graph: bytes | str, model: Classifier, size: int, tol: float = 1e-4) -> float:
-    """Same probabilities from onnxruntime as from torch, or a ModelFileError; the largest difference."""
+def check_onnx(graph: bytes | str, model: Classifier, size: int, tol: float = 1e-4, feature_tol: float = 1e-3) -> float:
+    """Same probabilities (and body features, when the graph has them) from onnxruntime as from torch, or a
+    ModelFileError; the largest probability difference."""
     sess = ort_session(graph, threads=1)
     x = torch.randn(3, 3, size, size, generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
-        want = model(x).softmax(1)
-    got = torch.from_numpy(sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]).softmax(1)
+        f = model.features(x)
+        want = model.head(f).softmax(1)
+    outs = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})
+    got = torch.from_numpy(outs[0]).softmax(1)
     err = float((want - got).abs().max())
     if err > tol:
         raise ModelFileError(f"ONNX export differs from torch by {err:.2g} in probability; not written")
+    if len(outs) > 1:
+        got_f = torch.from_numpy(outs[1])
+        if got_f.shape != f.shape or not torch.allclose(got_f, f, atol=feature_tol, rtol=feature_tol):
+            ferr = float((got_f - f).abs().max()) if got_f.shape == f.shape else float("inf")
+            raise ModelFileError(f"ONNX export's body features differ from torch's by {ferr:.2g}; not written")
     return err

@@ -11,7 +11,6 @@ fp32 file stays as it was. The data folder comes from the model's ``config`` (``
 
 from __future__ import annotations
 
-import csv
 import json
 import tempfile
 import time
@@ -23,6 +22,7 @@ import numpy as np
 from ursa.errors import DataError, ImageError, UrsaError
 from ursa.inference.runtime import OnnxPredictor, load_onnx
 from ursa.util.files import atomic_path
+from ursa.vision.data import read_split as read_split_csv
 
 METHODS = ("auto", "static", "dynamic")
 
@@ -33,7 +33,7 @@ class Int8Refused(UrsaError):
     exit_code = 1
 
 
-def read_split(model_path: Path, data: Path | None, config: dict[str, Any]) -> tuple[Path, list[tuple[Path, str]], list[tuple[Path, str]]]:
+def run_images(model_path: Path, data: Path | None, config: dict[str, Any]) -> tuple[Path, list[tuple[Path, str]], list[tuple[Path, str]]]:
     """The run's data folder, training and validation images with labels, from split.csv beside the model."""
     split = model_path.parent / "split.csv"
     if not split.is_file():
@@ -43,10 +43,8 @@ def read_split(model_path: Path, data: Path | None, config: dict[str, Any]) -> t
     if not str(folder) or not folder.is_dir():
         raise DataError(f"{folder or '(none)'}: data folder not found; pass the training data with --data DIR")
     train, valid = [], []
-    with open(split, newline="", encoding="utf-8") as f:
-        for row in csv.DictReader(f):
-            item = (folder / row["name"], row["label"])
-            (valid if str(row.get("is_valid", "")).lower() in ("true", "1") else train).append(item)
+    for name, label, is_valid in read_split_csv(split):
+        (valid if is_valid else train).append((folder / name, label))
     if not valid:
         raise DataError(f"{split}: no validation images; the INT8 check needs some")
     return folder, train, valid
@@ -116,7 +114,7 @@ def export_int8(fp32: Path, model_path: Path, data: Path | None = None, out: Pat
         raise UrsaError(f"--int8-method must be one of {', '.join(METHODS)} (got {method!r})")
     out = out or fp32.with_name(fp32.stem + ".int8.onnx")
     base = load_onnx(fp32)
-    _, train, valid = read_split(model_path, data, base.meta.config)
+    _, train, valid = run_images(model_path, data, base.meta.config)
     rng = np.random.default_rng(0)
     calib = [train[i][0] for i in rng.permutation(len(train))[:n_calib]] if train else [p for p, _ in valid]
     ref, err32, rate32 = score(base, valid)

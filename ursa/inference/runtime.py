@@ -30,6 +30,13 @@ from ursa.inference.session import check_session_fits, ort_session
 from ursa.vision.images import Source
 
 
+FEATURES_OUTPUT = "features"  # the export's second output: the pooled body features (export.ONNX_FEATURES)
+
+
+class NoFeaturesOutput(UrsaError):
+    """An ONNX file exported before it carried the body features: interpret and clean run torch instead."""
+
+
 def cores() -> int:
     """CPU cores this process may use."""
     try:
@@ -61,14 +68,41 @@ class OnnxPredictor:
         self.threshold: float | None = check_threshold(cal.get("threshold"))
         self.classes = list(meta.classes)
         self.size = int(meta.input_size)
-        self.model = None  # no torch module: callers that need body features use the torch predictor
+        self.model = None  # no torch module: body features come from the graph's "features" output (when it has one)
         self.bf16 = False
         self._input = session.get_inputs()[0].name
+        outs = [o.name for o in session.get_outputs()]
+        self._logits = outs[0]
+        self._features = FEATURES_OUTPUT if FEATURES_OUTPUT in outs[1:] else None
         self._decoders = decoders or max(1, cores())
 
     def logits(self, x: np.ndarray) -> np.ndarray:
         """Raw logits for a preprocessed batch float32 [N, 3, H, W]."""
-        return self.session.run(None, {self._input: np.ascontiguousarray(x, dtype=np.float32)})[0]
+        return self.session.run([self._logits], {self._input: np.ascontiguousarray(x, dtype=np.float32)})[0]
+
+    @property
+    def has_features(self) -> bool:
+        """Whether the graph also outputs the pooled body features (exports since interpret/clean run on ONNX)."""
+        return self._features is not None
+
+    def check_features(self) -> None:
+        """Raise NoFeaturesOutput when the file predates the features output (the caller then runs torch)."""
+        if self._features is None:
+            where = self.source or "this ONNX model"
+            raise NoFeaturesOutput(f"{where}: has no body-features output (exported before ursa added it); "
+                                   "export it again with `ursa export MODEL --onnx`")
+
+    def logits_and_features(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Raw logits [N, C] and pooled body features [N, F] (float32) of a preprocessed batch, in one run."""
+        self.check_features()
+        logits, feats = self.session.run([self._logits, self._features],
+                                         {self._input: np.ascontiguousarray(x, dtype=np.float32)})
+        return logits, feats.astype(np.float32, copy=False)
+
+    def probs_and_features(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Calibrated probabilities and pooled body features, as torch's ``Predictor.probs_and_features`` (numpy)."""
+        logits, feats = self.logits_and_features(x)
+        return softmax(logits / np.float32(self.temperature)), feats
 
     def probs(self, x: np.ndarray) -> np.ndarray:
         """Calibrated probabilities for a preprocessed batch (the model's temperature applied)."""
@@ -139,6 +173,10 @@ class OnnxPredictor:
         for (src, _), ans in zip(batch, answers):
             yield src, ans if ans is not None else next(preds)
 
+    def int8_report(self) -> Any:
+        """The INT8 check stored by `ursa export --int8` (agreement, error change), or None for an fp32 file."""
+        return _json_or_none(self.session.get_modelmeta().custom_metadata_map.get("int8"))
+
     def describe(self) -> dict[str, Any]:
         """What serve's /model says: enough for a client to know what it is talking to."""
         m = self.meta
@@ -147,7 +185,7 @@ class OnnxPredictor:
             "version": m.ursa_version, "created": m.created, "format_version": m.format_version,
             "backend": "onnx", "file": self.source.name if self.source else None,
             "temperature": self.temperature, "unsure_threshold": self.threshold,
-            "int8": json.loads(self.session.get_modelmeta().custom_metadata_map.get("int8", "null")),
+            "int8": self.int8_report(),
         }
 
 
@@ -163,6 +201,14 @@ def open_session(path: Path, threads: int) -> Any:
         raise ModelFileError(f"{path}: not a readable ONNX model ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
 
 
+def _json_or_none(text: str | None) -> Any:
+    """A metadata value that should be JSON; None when it is absent or damaged (it is only shown, never used)."""
+    try:
+        return json.loads(text) if text is not None else None
+    except (ValueError, RecursionError):
+        return None
+
+
 def read_onnx_meta(session: Any, path: Path) -> tuple[ModelMeta, dict[str, Any]]:
     """The ursa metadata and the preprocessing an `ursa export --onnx` file carries."""
     props = session.get_modelmeta().custom_metadata_map
@@ -175,7 +221,7 @@ def read_onnx_meta(session: Any, path: Path) -> tuple[ModelMeta, dict[str, Any]]
         spec = json.loads(props[PREPROCESS_KEY])
     except (ValueError, RecursionError):
         spec = None
-    return meta, check_spec(spec, path)
+    return meta, check_spec(spec, path, meta.input_size)
 
 
 def load_onnx(path: str | Path, threads: int | None = None) -> OnnxPredictor:
@@ -223,8 +269,34 @@ def current_onnx(path: str | Path, backend: str = "auto", threads: int | None = 
         return None, f"{beside.name} is older than the model file"
     from ursa.inference.header import read_meta
 
-    pred = load_onnx(beside, threads)
+    try:
+        pred = load_onnx(beside, threads)
+    except UrsaError as e:
+        if backend == "onnx":
+            raise
+        # train writes model.onnx every time: a damaged one must not stop the model file itself from running
+        return None, f"{beside.name} is unusable ({str(e).splitlines()[0][:200]})"
     stale = stale_reason(pred.meta, read_meta(path, buildable=False)) if backend == "auto" else None
     if stale:
         return None, f"{beside.name} is stale ({stale})"
     return pred, f"{beside.name} is current"
+
+
+def current_onnx_with_features(path: str | Path, threads: int | None = None) -> tuple[OnnxPredictor | None, str]:
+    """`current_onnx(path, "auto")` for interpret and clean: the ONNX predictor only when it also gives body features.
+
+    None and the reason (shown to the user) when there is no current export, when it cannot be
+    loaded, or when it predates the features output; the caller then runs torch.
+    """
+    try:
+        pred, why = current_onnx(path, "auto", threads)
+        if pred is not None:
+            pred.check_features()
+    except UrsaError as e:  # a broken or old export beside a good model file: torch still works
+        return None, str(e)
+    return pred, why
+
+
+def backend_line(pred: OnnxPredictor | None, why: str) -> str:
+    """The one line interpret and clean print about what runs the model, e.g. "ONNX Runtime (model.onnx is current)"."""
+    return f"{'ONNX Runtime' if pred is not None else 'torch'} ({why})"

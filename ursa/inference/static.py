@@ -16,7 +16,7 @@ import copy
 import inspect
 import io
 import warnings
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -170,10 +170,11 @@ def _drop_dead_nodes(g: Any) -> None:
         g.initializer.remove(init)
 
 
-def export_graph(module: nn.Module, size: int, input_name: str, output_name: str, opset: int = 17) -> Any:
+def export_graph(module: nn.Module, size: int, input_name: str, output_name: str | Sequence[str], opset: int = 17) -> Any:
     """`module` (eval mode) as an ONNX ModelProto: dynamic batch, fixed size x size input, static padding folded."""
     import onnx
 
+    names = [output_name] if isinstance(output_name, str) else list(output_name)
     static, _ = with_static_padding(module, size)
     static.eval()
     buf = io.BytesIO()
@@ -182,8 +183,8 @@ def export_graph(module: nn.Module, size: int, input_name: str, output_name: str
         # torch 2.x; its deprecation notice and tracer notes are not the user's concern.
         warnings.simplefilter("ignore")
         torch.onnx.export(static, (torch.zeros(2, 3, size, size),), buf, **torchscript_exporter(),
-                          opset_version=opset, input_names=[input_name], output_names=[output_name],
-                          dynamic_axes={input_name: {0: "batch"}, output_name: {0: "batch"}})
+                          opset_version=opset, input_names=[input_name], output_names=names,
+                          dynamic_axes={n: {0: "batch"} for n in [input_name, *names]})
     proto = onnx.load_from_string(buf.getvalue())
     fold_pads(proto)
     return proto

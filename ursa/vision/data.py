@@ -110,6 +110,16 @@ class ImageDataset:
         atomic_write_text(path, "\n".join(lines) + "\n")
 
 
+def read_split(path: Path) -> list[tuple[str, str, bool]]:
+    """split.csv back as (name, label, is_valid): the one reader of what ``ImageDataset.write_split`` wrote."""
+    with open(path, newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        if not reader.fieldnames or not {"name", "label", "is_valid"} <= set(reader.fieldnames):
+            raise DataError(f"{path}: expected columns name,label,is_valid")
+        return [(csv_cell_value(r["name"]), csv_cell_value(r["label"]),
+                 (r["is_valid"] or "").strip().lower() in ("true", "1", "yes")) for r in reader]
+
+
 def _class_dirs(folder: Path) -> list[Path]:
     return sorted(
         p for p in folder.iterdir()

@@ -14,6 +14,7 @@ import torch
 
 from ursa.errors import DataError, ImageError
 from ursa.inference.onnx import onnx_features
+from ursa.inference.runtime import softmax
 from ursa.vision.images import open_image
 from ursa.vision.transforms import decode_size, eval_transform, pil_to_tensor, resize_short
 
@@ -31,6 +32,7 @@ class Scores:
     sha256: list[str]  # "" when the file could not be read at all
     unreadable: dict[int, str] = field(default_factory=dict)
     pool: str = "avg"  # "concat": emb is [max-pool, avg-pool] side by side
+    backend: str = ""  # what ran the model pass, e.g. "ONNX Runtime (model.onnx is current)"
 
     @property
     def avg_emb(self) -> np.ndarray:
@@ -78,29 +80,63 @@ def read_item(path: Path, short_side: int, tfm: Callable) -> tuple[Any, str, str
     return tfm(pil_to_tensor(resize_short(im, short_side))), digest, ""
 
 
+def read_item_onnx(path: Path, preprocess: Callable[[bytes], np.ndarray]) -> tuple[Any, str, str]:
+    """``read_item`` for the ONNX path: the runtime's numpy preprocessing (bit-identical pixels) on the file's bytes."""
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        return None, "", f"missing: cannot read file ({e.strerror or e})"
+    digest = hashlib.sha256(data).hexdigest()
+    try:
+        return preprocess(data), digest, ""
+    except ImageError as e:
+        return None, digest, f"{e.kind}: {e.reason}"
+
+
 def score_dataset(ds: Any, model: Any, meta: Any, bs: int = 64, progress: Callable[[int], None] | None = None,
-                  workers: int | None = None) -> Scores:
-    """One batched eval-mode pass (features, then head): probabilities, losses, embeddings of every item."""
+                  workers: int | None = None, onnx: Any = None, backend: str = "") -> Scores:
+    """One batched eval-mode pass (features, then head): probabilities, losses, embeddings of every item.
+
+    ``onnx``: a ``runtime.OnnxPredictor`` whose graph outputs the body features (then ``model`` may be
+    None): the whole pass runs on ONNX Runtime from the exported file. Otherwise torch's model, its
+    body exported in memory to ONNX Runtime when it can. Probabilities are the raw softmax on both
+    (no temperature): the rankings were tuned on them. ``backend`` is recorded on the Scores.
+    """
     cols = class_map(ds.classes, meta.classes)
-    size = int(meta.input_size)
-    short = decode_size(size)  # the same preprocessing as the validation set in training
-    tfm = eval_transform(size, meta.mean, meta.std)
-    model = model.eval().to(memory_format=torch.channels_last)
-    fast = onnx_features(model, size)  # 2.4x faster than eager torch here (bears); None: torch
+    pool_kind = str((meta.head or {}).get("pool", "concat")) if onnx is not None else model.head_cfg.pool
+    if onnx is not None:
+        onnx.check_features()
+        read: Callable[[Path], tuple[Any, str, str]] = lambda p: read_item_onnx(p, onnx.preprocess)  # noqa: E731
+
+        def forward(xs: list) -> tuple[np.ndarray, np.ndarray]:
+            logits, f = onnx.logits_and_features(np.stack(xs))
+            return softmax(logits), f
+    else:
+        size = int(meta.input_size)
+        short = decode_size(size)  # the same preprocessing as the validation set in training
+        tfm = eval_transform(size, meta.mean, meta.std)
+        model = model.eval().to(memory_format=torch.channels_last)
+        fast = onnx_features(model, size)  # 2.4x faster than eager torch here (bears); None: torch
+        read = lambda p: read_item(p, short, tfm)  # noqa: E731
+
+        def forward(xs: list) -> tuple[np.ndarray, np.ndarray]:
+            with torch.inference_mode():
+                xb = torch.stack(xs).contiguous(memory_format=torch.channels_last)
+                f = model.features(xb) if fast is None else fast(xb)
+                return model.head(f).float().softmax(1).numpy(), f.float().numpy()
 
     n = len(ds)
-    n_feat = model.head_cfg.n_features * (2 if model.head_cfg.pool == "concat" else 1)
     probs = np.full((n, len(ds.classes)), np.nan, dtype=np.float32)
-    emb = np.zeros((n, n_feat), dtype=np.float32)
+    emb: np.ndarray | None = None
     hashes = [""] * n
     unreadable: dict[int, str] = {}
     workers = workers or min(4, (os.cpu_count() or 1) + 1)
     chunks = [list(range(i, min(i + bs, n))) for i in range(0, n, bs)]
 
     def decode(chunk: list[int]) -> list:
-        return [pool.submit(read_item, ds.files[i], short, tfm) for i in chunk]
+        return [pool.submit(read, ds.files[i]) for i in chunk]
 
-    with ThreadPoolExecutor(workers) as pool, torch.inference_mode():
+    with ThreadPoolExecutor(workers) as pool:
         pending = decode(chunks[0]) if chunks else []
         for k, chunk in enumerate(chunks):
             results = [f.result() for f in pending]
@@ -114,16 +150,19 @@ def score_dataset(ds: Any, model: Any, meta: Any, bs: int = 64, progress: Callab
                     good.append(i)
                     xs.append(x)
             if xs:
-                xb = torch.stack(xs).contiguous(memory_format=torch.channels_last)
-                f = model.features(xb) if fast is None else fast(xb)
-                p = model.head(f).float().softmax(1)[:, cols]
-                p = p / p.sum(1, keepdim=True).clamp_min(1e-12)
-                probs[good] = p.numpy()
-                emb[good] = f.float().numpy()
+                p, f = forward(xs)
+                p = p[:, cols]
+                probs[good] = p / np.maximum(p.sum(1, keepdims=True), 1e-12)
+                if emb is None:
+                    emb = np.zeros((n, f.shape[1]), dtype=np.float32)
+                emb[good] = f
             if progress:
                 progress(len(chunk))
+    if emb is None:  # nothing readable: the width the head config gives
+        head = meta.head or {}
+        emb = np.zeros((n, int(head.get("n_features", 0)) * (2 if pool_kind == "concat" else 1)), dtype=np.float32)
     labels = np.asarray(ds.labels, dtype=np.int64)
     with np.errstate(divide="ignore", invalid="ignore"):
         loss = -np.log(np.clip(probs[np.arange(n), labels], 1e-12, 1.0)).astype(np.float32)
     return Scores([ds.rel(i) for i in range(n)], labels, list(ds.classes), probs, loss, emb, hashes, unreadable,
-                  model.head_cfg.pool)
+                  pool_kind, backend)

@@ -16,6 +16,7 @@ from ursa.apps.clean.ranking import DUP_THRESHOLD, Rankings, rank
 from ursa.apps.clean.scores import Scores, score_dataset
 from ursa.apps.clean.sweep import sweep_temp_files
 from ursa.inference.modelfile import load_model
+from ursa.inference.runtime import backend_line, current_onnx_with_features
 from ursa.util.progress import progress_bar
 from ursa.vision.data import dedupe_setting, load_dataset, split_settings
 
@@ -77,16 +78,24 @@ def json_number(v: Any) -> float | None:
 def prepare(data: Path, model_path: Path, csv_path: Path | None = None, threshold: float = DUP_THRESHOLD,
             quiet: bool = False, console: Console | None = None,
             timings: dict[str, float] | None = None) -> tuple[Any, Scores, Rankings]:
-    """Load data and model, score every item (with a progress bar) and rank: the shared first half."""
+    """Load data and model, score every item (with a progress bar) and rank: the shared first half.
+
+    The model pass runs on ONNX Runtime when a current MODEL.onnx with the body-features output sits
+    beside the model, torch otherwise; ``Scores.backend`` says which and why.
+    """
     console = console or Console(stderr=True, quiet=quiet)
     timings = {} if timings is None else timings
     t0 = time.perf_counter()
-    model, meta = load_model(model_path)
+    fast, why = current_onnx_with_features(model_path)  # ONNX Runtime from a current model.onnx, else torch
+    backend = backend_line(fast, why)
+    log.info("clean: model pass on %s", backend)
+    model, meta = (None, fast.meta) if fast is not None else load_model(model_path)
     ds = load_dataset(data, csv_path, *split_settings(meta.config), dedupe=dedupe_setting(meta.config))  # the run's split
     t1 = time.perf_counter()
     with progress_bar(console, quiet) as prog:
         task = prog.add_task("predictions and embeddings", total=len(ds))
-        scores = score_dataset(ds, model, meta, progress=lambda k: prog.update(task, advance=k))
+        scores = score_dataset(ds, model, meta, progress=lambda k: prog.update(task, advance=k), onnx=fast,
+                               backend=backend)
     t2 = time.perf_counter()
     ranks = rank(scores, threshold)
     timings.update(load=t1 - t0, model_pass=t2 - t1, rankings=time.perf_counter() - t2)
