@@ -66,3 +66,16 @@ def test_int8_needs_the_run_split_and_data(tmp_path, run_copy, capsys):
     assert main(["export", str(alone), "--int8", "--data", str(tmp_path / "nowhere")]) == 2
     assert "data folder not found" in capsys.readouterr().err
     assert json.loads((run_copy.with_name("config.json")).read_text())["data"]  # the default comes from here
+
+
+@pytest.mark.slow
+def test_train_int8_writes_the_checked_copy_beside_the_model(tmp_path):
+    from tests.conftest import SAMPLE
+
+    out = tmp_path / "run"
+    assert main(["train", str(SAMPLE), "--out", str(out), "--epochs", "1", "--size", "128", "--int8", "-q"]) == 0
+    int8 = out / "model.int8.onnx"
+    assert int8.is_file() and (out / "model.onnx").is_file()
+    assert load_onnx(int8).describe()["int8"]["n_valid"] > 0
+    assert "INT8 copy: model.int8.onnx" in (out / "advice.txt").read_text()
+    assert json.loads((out / "config.json").read_text())["int8"] is True

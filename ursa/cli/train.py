@@ -65,6 +65,7 @@ def train_cmd(
     dedupe_split: Annotated[Optional[bool], typer.Option("--dedupe-split/--no-dedupe-split", help="Keep each group of near-duplicate images on one side of the validation split [default: off].")] = None,
     curve: Annotated[Optional[bool], typer.Option("--curve/--no-curve", help="Add the learning curve (how many images are enough) to the report; ~25 s on the bears set [default: off].")] = None,
     target_precision: Annotated[Optional[float], typer.Option("--target-precision", help=f"Precision the 'unsure' threshold aims at on the validation set [default: {default('target_precision')}].")] = None,
+    int8: Annotated[Optional[bool], typer.Option("--int8/--no-int8", help="Also write model.int8.onnx (smaller, faster), checked against fp32 on the validation images and not written when it loses over 1 point [default: off].")] = None,
     quiet: Quiet = False,
 ) -> None:
     """Fine-tune a pretrained network on your images: frozen one-cycle (then unfreeze, if asked)."""
@@ -75,7 +76,7 @@ def train_cmd(
         split_seed=split_seed, epochs=epochs, lr=lr, unfreeze_epochs=unfreeze_epochs,
         unfreeze_lr=parse_slice(unfreeze_lr), unfreeze_size=unfreeze_size, bf16=bf16, bn_stats_frozen=bn_stats_frozen,
         bs=bs, wd=wd, label_smoothing=label_smoothing, cache=cache, views=views, bf16_features=bf16_features,
-        dedupe_split=dedupe_split, curve=curve, target_precision=target_precision, quiet=quiet or None,
+        dedupe_split=dedupe_split, curve=curve, target_precision=target_precision, int8=int8, quiet=quiet or None,
     )
     res = train(cfg)
     m = res.metrics

@@ -96,6 +96,8 @@ class TrainConfig:
     dedupe_split: bool = False
     curve: bool = False
     target_precision: float = 0.95
+    # Deploy (docs/deploy.md): also write model.int8.onnx, checked against fp32 on the validation images.
+    int8: bool = False
     quiet: bool = False  # how to show it, not what to compute: not saved in config.json
 
     def __post_init__(self) -> None:

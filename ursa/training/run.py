@@ -90,8 +90,12 @@ def write_run(out: Path, learn: Learner, cfg: TrainConfig, ds: ImageDataset, inf
         insight["calibration"] = cal.to_json()
     model = learn.export(out / "model.safetensors", config=config, calibration=cal.to_meta() if cal else None)
     t = time.perf_counter()
-    write_onnx_beside(model)  # the fast path by default (predict, serve); a failure only warns
+    onnx_file = write_onnx_beside(model)  # the fast path by default (predict, serve); a failure only warns
     timings["onnx"] = time.perf_counter() - t
+    if cfg.int8 and onnx_file is not None:
+        t = time.perf_counter()
+        notes.append(_int8_copy(onnx_file, model, cfg, console))
+        timings["int8"] = time.perf_counter() - t
     best = None
     b = learn.best
     if any(a.rule == "too_many_epochs" for a in advice) and b.state is not None and b.row is not None:
@@ -139,3 +143,17 @@ def _valid_pass(learn: Learner, cfg: TrainConfig, out: Path, console: Console, t
     timings["calibration"] = time.perf_counter() - t
     console.print(cal.summary(), highlight=False)
     return logits, y, feats, cal
+
+
+def _int8_copy(onnx_file: Path, model: Path, cfg: TrainConfig, console: Console) -> str:
+    """--int8: the checked INT8 copy, or why there is none; never fails the run (the fp32 files stay)."""
+    from ursa.errors import UrsaError
+    from ursa.inference.quantize import export_int8
+
+    try:
+        path, rep = export_int8(onnx_file, model, cfg.data, say=lambda line: console.print(line, highlight=False))
+    except UrsaError as e:
+        console.print(f"[yellow]warning:[/] no INT8 copy: {e}", highlight=False)
+        return f"No INT8 copy was written: {e}"
+    return (f"INT8 copy: {path.name} ({rep['method']}), top-1 agreement with fp32 {100 * rep['agreement']:.1f}%, "
+            f"error rate {100 * rep['error_fp32']:.2f}% -> {100 * rep['error_int8']:.2f}%.")
