@@ -143,7 +143,7 @@ def serve_cmd(
 ) -> None:
     """Serve the model: a web page at / and a JSON API at /predict, until Ctrl-C."""
     from ursa.apps.serve import ServeConfig, serve
-    from ursa.apps.serve.model import check_backend
+    from ursa.inference.results import check_backend
     from ursa.util.numbers import parse_bytes
 
     check_backend(backend)

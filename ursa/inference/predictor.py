@@ -33,24 +33,13 @@ from typing import Any, Iterator, Sequence
 
 import torch
 
-from ursa.errors import UrsaError
 from ursa.inference.modelfile import ModelMeta, load_model
 from ursa.inference.runtime import OnnxPredictor, current_onnx
-from ursa.inference.results import Prediction, check_threshold  # one answer type for torch and the ONNX runtime
+from ursa.inference.results import BACKENDS, Prediction, check_backend, check_threshold  # noqa: F401 - re-exported for callers
 from ursa.vision.images import Source
 from ursa.vision.transforms import decode_size, eval_transform, load_pixels
 
 log = logging.getLogger("ursa")
-
-BACKENDS = ("auto", "torch", "onnx")
-
-
-def check_backend(name: str) -> str:
-    """The one check of a backend name (CLI, serve and load_predictor alike), so every caller says the same line."""
-    if name not in BACKENDS:
-        raise UrsaError(f"--backend must be one of {', '.join(BACKENDS)} (got {name!r})")
-    return name
-
 
 @contextlib.contextmanager
 def one_torch_thread() -> Iterator[None]:

@@ -44,3 +44,13 @@ def check_threshold(threshold: float | None) -> float | None:
     if threshold is not None and not (isinstance(threshold, (int, float)) and 0.0 <= float(threshold) <= 1.0):
         raise UrsaError(f"unsure threshold: expected a probability from 0 to 1, got {threshold!r}")
     return None if threshold is None else float(threshold)
+
+
+BACKENDS = ("auto", "torch", "onnx")
+
+
+def check_backend(name: str) -> str:
+    """The one check of a backend name (CLI, serve, load_predictor and the runtime alike): torch-free, one line."""
+    if name not in BACKENDS:
+        raise UrsaError(f"--backend must be one of {', '.join(BACKENDS)} (got {name!r})")
+    return name

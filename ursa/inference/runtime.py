@@ -25,7 +25,7 @@ import numpy as np
 from ursa.errors import ImageError, ModelFileError, UrsaError
 from ursa.inference.metaschema import ONNX_META_KEY, ModelMeta
 from ursa.inference.preprocess import PREPROCESS_KEY, Preprocess, check_spec, preprocess_spec
-from ursa.inference.results import Prediction, check_threshold
+from ursa.inference.results import Prediction, check_backend, check_threshold
 from ursa.inference.session import check_session_fits, ort_session
 from ursa.vision.images import Source
 
@@ -250,8 +250,7 @@ def current_onnx(path: str | Path, backend: str = "auto", threads: int | None = 
     model file (same ``created`` and classes); "torch" never.
     """
     path = Path(path)
-    if backend not in ("auto", "torch", "onnx"):
-        raise UrsaError(f"--backend must be one of auto, torch, onnx (got {backend!r})")
+    check_backend(backend)
     if path.suffix.lower() == ".onnx":
         if backend == "torch":
             raise UrsaError(f"{path}: --backend torch needs the model.safetensors file, not the ONNX export")

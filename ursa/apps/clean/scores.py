@@ -66,29 +66,15 @@ def class_map(data_classes: Sequence[str], model_classes: Sequence[str]) -> list
     return [list(model_classes).index(c) for c in data_classes]
 
 
-def read_item(path: Path, short_side: int, tfm: Callable) -> tuple[Any, str, str]:
-    """(tensor or None, sha256 of the file's bytes, reason when unreadable); reads each file once."""
+def read_item(path: Path, decode: Callable[[bytes], Any]) -> tuple[Any, str, str]:
+    """(preprocessed pixels or None, sha256 of the file's bytes, reason when unreadable); reads each file once."""
     try:
         data = path.read_bytes()
     except OSError as e:
         return None, "", f"missing: cannot read file ({e.strerror or e})"
     digest = hashlib.sha256(data).hexdigest()
     try:
-        im = open_image(data, min_size=short_side)
-    except ImageError as e:
-        return None, digest, f"{e.kind}: {e.reason}"
-    return tfm(pil_to_tensor(resize_short(im, short_side))), digest, ""
-
-
-def read_item_onnx(path: Path, preprocess: Callable[[bytes], np.ndarray]) -> tuple[Any, str, str]:
-    """``read_item`` for the ONNX path: the runtime's numpy preprocessing (bit-identical pixels) on the file's bytes."""
-    try:
-        data = path.read_bytes()
-    except OSError as e:
-        return None, "", f"missing: cannot read file ({e.strerror or e})"
-    digest = hashlib.sha256(data).hexdigest()
-    try:
-        return preprocess(data), digest, ""
+        return decode(data), digest, ""
     except ImageError as e:
         return None, digest, f"{e.kind}: {e.reason}"
 
@@ -106,7 +92,7 @@ def score_dataset(ds: Any, model: Any, meta: Any, bs: int = 64, progress: Callab
     pool_kind = str((meta.head or {}).get("pool", "concat")) if onnx is not None else model.head_cfg.pool
     if onnx is not None:
         onnx.check_features()
-        read: Callable[[Path], tuple[Any, str, str]] = lambda p: read_item_onnx(p, onnx.preprocess)  # noqa: E731
+        pixels_of: Callable[[bytes], Any] = onnx.preprocess  # the runtime's numpy pixels, bit-identical to torch's
 
         def forward(xs: list) -> tuple[np.ndarray, np.ndarray]:
             logits, f = onnx.logits_and_features(np.stack(xs))
@@ -117,7 +103,10 @@ def score_dataset(ds: Any, model: Any, meta: Any, bs: int = 64, progress: Callab
         tfm = eval_transform(size, meta.mean, meta.std)
         model = model.eval().to(memory_format=torch.channels_last)
         fast = onnx_features(model, size)  # 2.4x faster than eager torch here (bears); None: torch
-        read = lambda p: read_item(p, short, tfm)  # noqa: E731
+
+        def torch_pixels(data: bytes) -> Any:
+            return tfm(pil_to_tensor(resize_short(open_image(data, min_size=short), short)))
+        pixels_of = torch_pixels
 
         def forward(xs: list) -> tuple[np.ndarray, np.ndarray]:
             with torch.inference_mode():
@@ -134,7 +123,7 @@ def score_dataset(ds: Any, model: Any, meta: Any, bs: int = 64, progress: Callab
     chunks = [list(range(i, min(i + bs, n))) for i in range(0, n, bs)]
 
     def decode(chunk: list[int]) -> list:
-        return [pool.submit(read, ds.files[i]) for i in chunk]
+        return [pool.submit(read_item, ds.files[i], pixels_of) for i in chunk]
 
     with ThreadPoolExecutor(workers) as pool:
         pending = decode(chunks[0]) if chunks else []

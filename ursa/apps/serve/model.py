@@ -13,21 +13,11 @@ from __future__ import annotations
 import logging
 from typing import Any, Callable
 
-from ursa.errors import UrsaError
 from ursa.inference.preprocess import DECODE_SCALE
+from ursa.inference.results import check_backend
 from ursa.inference.runtime import cores, current_onnx
 
 log = logging.getLogger("ursa.apps.serve")
-
-BACKENDS = ("auto", "torch", "onnx")
-
-
-def check_backend(name: str) -> str:
-    """The same one line as ``predictor.check_backend`` (which imports torch), for the torch-free CLI and config."""
-    if name not in BACKENDS:
-        raise UrsaError(f"--backend must be one of {', '.join(BACKENDS)} (got {name!r})")
-    return name
-
 
 def default_threads(workers: int = 1) -> int:
     """Intra-op threads per process: the cores shared out between worker processes."""
