@@ -9,10 +9,13 @@ wrote beside it (the exact assignment used in training) when present; otherwise 
 recomputed from DATA with the validation share and split seed the run used (its config, stored
 in the model file's metadata), which gives the same assignment for the same files because the
 split hashes each file's relative path. Unreadable images are skipped, counted and listed, never fatal.
+With ``tta=True`` the probabilities are averaged over the mirrors the model was trained with
+(``inference.tta``); the features for the embedding map stay the plain view's.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +24,8 @@ from typing import Callable, Sequence
 import numpy as np
 
 from ursa.errors import DataError
+
+log = logging.getLogger("ursa")
 
 
 @dataclass
@@ -36,6 +41,7 @@ class Interpretation:
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (file, why)
     features: np.ndarray | None = None  # [n, d] pooled body features, when known: the report's embedding map
     backend: str = ""  # what ran the model, e.g. "ONNX Runtime (model.onnx is current)"; "" when not recorded
+    tta: str = ""  # the test-time views averaged, e.g. "2 views (original, horizontal mirror)"; "" without TTA
 
     def __post_init__(self) -> None:
         self.targets = np.asarray(self.targets, dtype=np.int64).reshape(-1)
@@ -165,19 +171,22 @@ def load_items(model_path: str | Path, data: str | Path, classes: Sequence[str],
 
 def interpret_model(model_path: str | Path, data: str | Path, all_images: bool = False,
                     csv_path: str | Path | None = None, bs: int = 32,
-                    progress: Callable[[int, int], None] | None = None, backend: str = "auto") -> Interpretation:
+                    progress: Callable[[int, int], None] | None = None, backend: str = "auto",
+                    tta: bool = False) -> Interpretation:
     """Load a model file and predict its validation set (or every image) in batches; bad files are skipped.
 
     ONNX Runtime runs when a current MODEL.onnx with the body-features output sits beside the model
     (``runtime.current_onnx_with_features``; backend "auto"), torch otherwise or with backend "torch";
     ``Interpretation.backend`` says which. Both give calibrated probabilities and pooled features.
+    ``tta``: average over the mirrors the model was trained with (``Interpretation.tta`` says which views).
     """
     from ursa.errors import ImageError
     from ursa.inference.runtime import backend_line, current_onnx_with_features
+    from ursa.inference.tta import NO_VIEWS, views_text
 
     if backend not in ("auto", "torch"):
         raise ValueError(f"interpret_model: backend must be 'auto' or 'torch' (got {backend!r})")
-    fast, why = current_onnx_with_features(model_path) if backend == "auto" else (None, "--backend torch")
+    fast, why = current_onnx_with_features(model_path, tta=tta) if backend == "auto" else (None, "--backend torch")
     if fast is not None:
         pred, stack, to_numpy = fast, np.stack, np.asarray
     else:
@@ -185,8 +194,10 @@ def interpret_model(model_path: str | Path, data: str | Path, all_images: bool =
 
         from ursa.inference.predictor import load_predictor
 
-        pred = load_predictor(model_path, backend="torch")
+        pred = load_predictor(model_path, backend="torch", tta=tta)
         stack, to_numpy = torch.stack, (lambda t: t.numpy())
+    if tta and len(pred.views) == 1:
+        log.warning(NO_VIEWS)
     items, split, skipped = load_items(model_path, data, pred.classes, all_images, csv_path, pred.meta.config)
     if not items:
         raise DataError(f"{data}: no images to interpret")
@@ -222,4 +233,4 @@ def interpret_model(model_path: str | Path, data: str | Path, all_images: bool =
         raise DataError(f"{data}: none of the {len(items)} images could be read")
     features = np.concatenate(feats) if len(feats) == len(probs) else None
     return Interpretation(pred.classes, names, paths, np.array(targets), np.concatenate(probs), split, skipped, features,
-                          backend_line(fast, why))
+                          backend_line(fast, why), views_text(pred.views) if len(pred.views) > 1 else "")

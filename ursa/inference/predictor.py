@@ -21,6 +21,10 @@ on the validation set) has its logits divided by it before the softmax, on eithe
 the probabilities mean what they say; its ``threshold`` marks an answer whose top probability is
 below it as ``unsure`` (the class is still given). A file without calibration behaves as before
 (temperature 1, nothing unsure).
+
+Test-time augmentation (``tta=True``, fastai's ``learn.tta``): each batch also runs the mirrors
+the model was trained with, in the same forward pass, and the calibrated probabilities are
+averaged; the views and the average are ``tta``'s (numpy), shared with the ONNX runtime.
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ import torch
 from ursa.inference.modelfile import ModelMeta, load_model
 from ursa.inference.runtime import OnnxPredictor, current_onnx
 from ursa.inference.results import BACKENDS, Prediction, check_backend, check_threshold  # noqa: F401 - re-exported for callers
+from ursa.inference.tta import mean_probs, tta_views, view_batch
 from ursa.vision.images import Source
 from ursa.vision.transforms import decode_size, eval_transform, load_pixels
 
@@ -74,8 +79,10 @@ class Predictor:
 
     backend = "torch"  # runtime.OnnxPredictor says "onnx"
 
-    def __init__(self, model: torch.nn.Module, meta: ModelMeta, bf16: bool = False, source: Path | None = None) -> None:
+    def __init__(self, model: torch.nn.Module, meta: ModelMeta, bf16: bool = False, source: Path | None = None,
+                 tta: bool = False) -> None:
         self.model, self.meta, self.bf16, self.source = model, meta, bf16, source
+        self.views = tta_views(getattr(meta, "config", None), tta, source)  # ("original",) unless TTA adds mirrors
         cal = getattr(meta, "calibration", None) or {}  # model files before calibration have none
         self.temperature = float(cal.get("temperature") or 1.0)
         self.threshold: float | None = check_threshold(cal.get("threshold"))
@@ -99,17 +106,25 @@ class Predictor:
 
     @torch.inference_mode()
     def probs(self, x: torch.Tensor) -> torch.Tensor:
-        """Calibrated probabilities for a preprocessed batch [N, 3, H, W] (the model's temperature applied)."""
-        return (self.logits(x) / self.temperature).softmax(1)
+        """Calibrated probabilities for a preprocessed batch [N, 3, H, W] (the model's temperature applied; averaged over the TTA views)."""
+        n = len(self.views)
+        if n == 1:
+            return (self.logits(x) / self.temperature).softmax(1)
+        logits = self.logits(torch.from_numpy(view_batch(x.numpy(), n)))
+        return torch.from_numpy(mean_probs(logits.numpy(), n, self.temperature))
 
     @torch.inference_mode()
     def probs_and_features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Calibrated probabilities and the pooled body features (for interpret's embedding map)."""
-        x = x.contiguous(memory_format=torch.channels_last)
+        """Calibrated probabilities (averaged over the TTA views) and the plain view's pooled body features (interpret's map)."""
+        n = len(self.views)
+        xs = x if n == 1 else torch.from_numpy(view_batch(x.numpy(), n))
+        xs = xs.contiguous(memory_format=torch.channels_last)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bf16):
-            f = self.model.features(x)
+            f = self.model.features(xs)
             logits = self.model.head(f)
-        return (logits.float() / self.temperature).softmax(1), f.float()
+        if n == 1:
+            return (logits.float() / self.temperature).softmax(1), f.float()
+        return torch.from_numpy(mean_probs(logits.float().numpy(), n, self.temperature)), f[: len(x)].float()
 
     def result(self, p: torch.Tensor, threshold: float | None | str = "model") -> Prediction:
         """One row of probabilities as a Prediction, judged by the model's unsure threshold unless another is given."""
@@ -151,27 +166,28 @@ class Predictor:
 
 
 def load_predictor(path: str | Path, backend: str = "auto", threads: int | None = None,
-                   bf16: bool = False) -> Predictor | OnnxPredictor:
+                   bf16: bool = False, tta: bool = False) -> Predictor | OnnxPredictor:
     """Load a model file for inference on the backend ``runtime.current_onnx`` picks: the one loader for predict and serve.
 
     ONNX Runtime (a ``runtime.OnnxPredictor``, numpy in and out) for a .onnx path, for backend "onnx",
     and for "auto" with a current MODEL.onnx beside the model; torch (``Predictor``) otherwise.
+    ``tta``: also run the mirrors the model was trained with and average (``Predictor.views`` says which).
     """
     check_backend(backend)
     threads = threads or default_threads()
-    fast, why = current_onnx(path, backend, threads)
+    fast, why = current_onnx(path, backend, threads, tta)
     if fast is not None:
         return fast
     if backend == "auto" and "stale" in why:
         log.warning("%s; running %s with torch. Re-export with `ursa export %s --onnx`", why, path, path)
     torch.set_num_threads(threads)
-    return _load_torch(Path(path), bf16)
+    return _load_torch(Path(path), bf16, tta)
 
 
 load_learner = load_predictor
 """fastai's name for `load_predictor` (``learn = load_learner(path)``), kept so fastai-style code reads the same."""
 
 
-def _load_torch(path: Path, bf16: bool) -> Predictor:
+def _load_torch(path: Path, bf16: bool, tta: bool = False) -> Predictor:
     model, meta = load_model(path)
-    return Predictor(model, meta, bf16=bf16, source=path)
+    return Predictor(model, meta, bf16=bf16, source=path, tta=tta)

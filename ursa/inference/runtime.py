@@ -6,7 +6,9 @@ environment without torch or timm (``pip install ursa[serve] --no-deps`` style, 
 docs/deploy.md). Preprocessing comes from the file's ``preprocess`` metadata (older exports:
 rebuilt from input size, mean and std), bit-identical to the training pipeline's evaluation
 transform. Calibration is applied as in the torch predictor: logits / temperature, softmax, and
-``unsure`` below the threshold.
+``unsure`` below the threshold. With ``tta=True`` each batch also runs the mirrors the model was
+trained with (``tta``: one forward pass of 2N or 3N images) and the calibrated probabilities are
+averaged; the body features come from the plain view.
 
 Batches decode in a thread pool while the previous batch runs through the network (Pillow and
 numpy release the GIL), and results come back in input order as soon as each batch is done.
@@ -25,8 +27,9 @@ import numpy as np
 from ursa.errors import ImageError, ModelFileError, UrsaError
 from ursa.inference.metaschema import ONNX_META_KEY, ModelMeta
 from ursa.inference.preprocess import PREPROCESS_KEY, Preprocess, check_spec, preprocess_spec
-from ursa.inference.results import Prediction, check_backend, check_threshold
+from ursa.inference.results import Prediction, check_backend, check_threshold, softmax
 from ursa.inference.session import check_session_fits, ort_session
+from ursa.inference.tta import mean_probs, tta_views, view_batch
 from ursa.vision.images import Source
 
 
@@ -45,22 +48,15 @@ def cores() -> int:
         return os.cpu_count() or 1
 
 
-def softmax(logits: np.ndarray) -> np.ndarray:
-    """Row-wise softmax in float64 then float32 (stable: the row maximum is subtracted)."""
-    z = logits.astype(np.float64)
-    z -= z.max(axis=1, keepdims=True)
-    e = np.exp(z)
-    return (e / e.sum(axis=1, keepdims=True)).astype(np.float32)
-
-
 class OnnxPredictor:
     """Loaded once, used many times: numpy preprocessing + ONNX Runtime + calibrated softmax."""
 
     backend = "onnx"
 
     def __init__(self, session: Any, meta: ModelMeta, spec: dict[str, Any] | None = None,
-                 source: Path | None = None, decoders: int | None = None) -> None:
+                 source: Path | None = None, decoders: int | None = None, tta: bool = False) -> None:
         self.session, self.meta, self.source = session, meta, source
+        self.views = tta_views(meta.config, tta, source)  # ("original",) unless TTA adds the trained mirrors
         self.spec = spec or preprocess_spec(meta.input_size, meta.mean, meta.std)
         self.preprocess = Preprocess(self.spec)
         cal = meta.calibration or {}
@@ -100,13 +96,20 @@ class OnnxPredictor:
         return logits, feats.astype(np.float32, copy=False)
 
     def probs_and_features(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Calibrated probabilities and pooled body features, as torch's ``Predictor.probs_and_features`` (numpy)."""
-        logits, feats = self.logits_and_features(x)
-        return softmax(logits / np.float32(self.temperature)), feats
+        """Calibrated probabilities (averaged over the TTA views) and the plain view's pooled body features (numpy)."""
+        n = len(self.views)
+        if n == 1:
+            logits, feats = self.logits_and_features(x)
+            return softmax(logits / np.float32(self.temperature)), feats
+        logits, feats = self.logits_and_features(view_batch(x, n))
+        return mean_probs(logits, n, self.temperature), feats[: len(x)]
 
     def probs(self, x: np.ndarray) -> np.ndarray:
-        """Calibrated probabilities for a preprocessed batch (the model's temperature applied)."""
-        return softmax(self.logits(x) / np.float32(self.temperature))
+        """Calibrated probabilities for a preprocessed batch (the model's temperature applied; averaged over the TTA views)."""
+        n = len(self.views)
+        if n == 1:
+            return softmax(self.logits(x) / np.float32(self.temperature))
+        return mean_probs(self.logits(view_batch(x, n)), n, self.temperature)
 
     def result(self, p: Sequence[float], threshold: float | None | str = "model") -> Prediction:
         """One row of probabilities as a Prediction, judged by the model's unsure threshold unless another is given."""
@@ -224,13 +227,13 @@ def read_onnx_meta(session: Any, path: Path) -> tuple[ModelMeta, dict[str, Any]]
     return meta, check_spec(spec, path, meta.input_size)
 
 
-def load_onnx(path: str | Path, threads: int | None = None) -> OnnxPredictor:
-    """An ursa ONNX file ready to predict, without torch: the runtime's entry point."""
+def load_onnx(path: str | Path, threads: int | None = None, tta: bool = False) -> OnnxPredictor:
+    """An ursa ONNX file ready to predict, without torch: the runtime's entry point (tta: average the trained mirrors too)."""
     path = Path(path)
     session = open_session(path, threads or cores())
     meta, spec = read_onnx_meta(session, path)
     check_session_fits(session, len(meta.classes), meta.input_size, path)
-    return OnnxPredictor(session, meta, spec, source=path)
+    return OnnxPredictor(session, meta, spec, source=path, tta=tta)
 
 
 def stale_reason(onnx_meta: ModelMeta, meta: ModelMeta) -> str | None:
@@ -242,19 +245,20 @@ def stale_reason(onnx_meta: ModelMeta, meta: ModelMeta) -> str | None:
     return None
 
 
-def current_onnx(path: str | Path, backend: str = "auto", threads: int | None = None) -> tuple[OnnxPredictor | None, str]:
+def current_onnx(path: str | Path, backend: str = "auto", threads: int | None = None,
+                 tta: bool = False) -> tuple[OnnxPredictor | None, str]:
     """The ONNX predictor that `backend` picks for `path` (torch-free), or None and why torch runs instead.
 
     The rule of ``predictor.resolve_backend``: a .onnx path runs itself; "onnx" needs MODEL.onnx
     beside the model; "auto" uses it only when it is at least as new and was exported from this
-    model file (same ``created`` and classes); "torch" never.
+    model file (same ``created`` and classes); "torch" never. ``tta`` is passed to the predictor.
     """
     path = Path(path)
     check_backend(backend)
     if path.suffix.lower() == ".onnx":
         if backend == "torch":
             raise UrsaError(f"{path}: --backend torch needs the model.safetensors file, not the ONNX export")
-        return load_onnx(path, threads), "an .onnx file"
+        return load_onnx(path, threads, tta), "an .onnx file"
     if not path.is_file():
         raise ModelFileError(f"{path}: model file not found")
     beside = path.with_suffix(".onnx")
@@ -269,7 +273,7 @@ def current_onnx(path: str | Path, backend: str = "auto", threads: int | None = 
     from ursa.inference.header import read_meta
 
     try:
-        pred = load_onnx(beside, threads)
+        pred = load_onnx(beside, threads, tta)
     except UrsaError as e:
         if backend == "onnx":
             raise
@@ -281,14 +285,15 @@ def current_onnx(path: str | Path, backend: str = "auto", threads: int | None = 
     return pred, f"{beside.name} is current"
 
 
-def current_onnx_with_features(path: str | Path, threads: int | None = None) -> tuple[OnnxPredictor | None, str]:
+def current_onnx_with_features(path: str | Path, threads: int | None = None,
+                               tta: bool = False) -> tuple[OnnxPredictor | None, str]:
     """`current_onnx(path, "auto")` for interpret and clean: the ONNX predictor only when it also gives body features.
 
     None and the reason (shown to the user) when there is no current export, when it cannot be
     loaded, or when it predates the features output; the caller then runs torch.
     """
     try:
-        pred, why = current_onnx(path, "auto", threads)
+        pred, why = current_onnx(path, "auto", threads, tta)
         if pred is not None:
             pred.check_features()
     except UrsaError as e:  # a broken or old export beside a good model file: torch still works
