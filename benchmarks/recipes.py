@@ -188,9 +188,37 @@ def run_ursa(set_dir: Path, split: Path, recipe: str, seed: int, flags: list[str
                 rec["recipe_json"] = json.loads((run_dir / "recipe.json").read_text())
             except ValueError as e:
                 rec["recipe_json"] = {"unreadable": str(e)}
+        if recipe == "default" and r["rc"] == 0 and (run_dir / "model.safetensors").is_file():
+            rec["tta"] = tta_errors(run_dir / "model.safetensors", set_dir, Path(tmp))
         if rec["error_rate"] is None:
             rec["failure"] = (r["stderr"].strip().splitlines() or r["stdout"].strip().splitlines() or ["no output"])[-1]
         return rec
+
+
+def tta_errors(model: Path, set_dir: Path, tmp: Path) -> dict:
+    """The model's validation error from `ursa interpret` without and with --tta (the test-time augmentation question)."""
+    out = {}
+    for key, flag in (("plain", "--no-tta"), ("tta", "--tta")):
+        cmd = [sys.executable, "-m", "ursa", "interpret", str(model), str(set_dir), "--out", str(tmp / f"interp_{key}"),
+               "--json", "-q", flag]
+        p = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+        try:
+            out[key] = float(json.loads(p.stdout)["error_rate"])
+        except (ValueError, KeyError, TypeError):
+            out[key] = None
+    return out
+
+
+def print_tta(sets: list[str], records: list[dict]) -> None:
+    """Per set: the default recipe's models, validation error without and with --tta (mean over seeds)."""
+    print("\ntest-time augmentation (`ursa interpret --tta`) on the default recipe's models:")
+    for s in sets:
+        pairs = [r["tta"] for r in records if r["set"] == s and r.get("tta") and None not in r["tta"].values()]
+        if pairs:
+            plain = statistics.mean(t["plain"] for t in pairs)
+            tta = statistics.mean(t["tta"] for t in pairs)
+            print(f"  {s:<12} without {plain:.4f}, with --tta {tta:.4f} ({len(pairs)} model(s); "
+                  + ", ".join(f"{t['plain']:.4f}->{t['tta']:.4f}" for t in pairs) + ")")
 
 
 def fastai_command(venv: Path, set_dir: Path, split: Path, out: Path, seed: int) -> list[str]:
@@ -389,6 +417,7 @@ def main(argv: list[str] | None = None) -> int:
     print_table(sets, recipes, summaries, fastai, fastai_notes)
     aims = write_report(args.results, report, records, summaries, fastai, fastai_runs, sets, recipes)
     print_aims(sets, aims, records)
+    print_tta(sets, records)
     print(f"\nwritten: {args.results / 'recipes.json'}")
     return 1 if any(r["error_rate"] is None for r in records) else 0
 

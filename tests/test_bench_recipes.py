@@ -146,7 +146,9 @@ def test_a_run_measures_each_process_and_judges_the_aims(bench, tmp_path, monkey
     out = capsys.readouterr().out
     assert "decided (seed 0): size=96, flips=none, probe={" in out
     data = json.loads((results / "recipes.json").read_text())
-    assert len(data["runs"]) == 8 and all(r["rc"] == 0 and 0 < r["rss_mb"] < 500 and r["wall_s"] > 0 for r in data["runs"])
+    # No upper bound on the RSS here: a child forked from a big pytest process (torch loaded by earlier
+    # tests) reports the parent's size at fork in ru_maxrss; the benchmark's own parent is small.
+    assert len(data["runs"]) == 8 and all(r["rc"] == 0 and r["rss_mb"] > 0 and r["wall_s"] > 0 for r in data["runs"])
     assert data["summaries"]["bears"]["frozen"]["errs"] == [0.04, 0.04] and data["summaries"]["bears"]["default"]["err_sd"] == 0
     assert data["fastai"]["bears"]["err_mean"] == 0.05 and data["fastai"]["bears"]["rss_max"] == 3000.0
     # default 0.01 vs fastai 0.05 and frozen 0.04, seconds against fastai's 1000 s: every aim held.

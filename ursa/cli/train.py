@@ -21,6 +21,19 @@ ConfigOpt = Annotated[Optional[Path], typer.Option("--config", help="Start from 
 SeedOpt = Annotated[Optional[int], typer.Option("--seed", help=f"Seed of training (and of the split, unless --split-seed) [default: {default('seed')}].")]
 
 
+def parse_budget(text: str | None) -> float | None:
+    """--budget: seconds as 90, 90s, 1.5m or 2h; None when not given."""
+    if text is None:
+        return None
+    t = text.strip().lower()
+    scale = {"s": 1, "m": 60, "h": 3600}.get(t[-1:], None)
+    try:
+        value = float(t[:-1] if scale else t) * (scale or 1)
+    except ValueError:
+        raise UrsaError(f"--budget: expected seconds such as 90, 90s, 3m or 1h, got {text!r}") from None
+    return value
+
+
 def make_config(data: Path, base_run: Path | None, **options: Any) -> TrainConfig:
     """The run's config: TrainConfig's defaults (or an earlier run's config.json), then the options given.
 
@@ -45,17 +58,19 @@ def train_cmd(
     config: ConfigOpt = None,
     arch: ArchOpt = None,
     pretrained: Annotated[Optional[bool], typer.Option("--pretrained/--no-pretrained", help="Start from ImageNet weights [default: pretrained].")] = None,
-    size: SizeOpt = None,
+    size: Annotated[Optional[int], typer.Option("--size", help="Input size in pixels (32-1024) [default: from the images: the network's own for photos, smaller for small images such as 64 px tiles].")] = None,
     valid_pct: ValidOpt = None,
     seed: SeedOpt = None,
     split_seed: Annotated[Optional[int], typer.Option("--split-seed", help="Seed of the validation split [default: --seed].")] = None,
     epochs: Annotated[Optional[int], typer.Option("--epochs", help=f"Frozen epochs (head only) [default: {default('epochs')}].")] = None,
     lr: Annotated[Optional[float], typer.Option("--lr", help=f"Max learning rate of the frozen stage [default: {default('lr')}].")] = None,
-    unfreeze_epochs: Annotated[Optional[int], typer.Option("--unfreeze-epochs", help="Epochs of fine-tuning everything afterwards (the lesson uses 2; off by default: on the bears set it cost 3x the time and did not lower the error) [default: 0].")] = None,
-    unfreeze_lr: Annotated[Optional[str], typer.Option("--unfreeze-lr", help="LO,HI learning rates for early and late layers while fine-tuning [default: lr/100,lr/10].")] = None,
+    budget: Annotated[Optional[str], typer.Option("--budget", help=f"Wall time for the run, e.g. 90, 90s, 3m: after the frozen stage, fine-tune only when the frozen body is weak here and the rest fits enough epochs; 0: frozen stage only [default: {default('budget'):.0f}s].")] = None,
+    unfreeze_epochs: Annotated[Optional[int], typer.Option("--unfreeze-epochs", help="Fine-tune everything for exactly this many epochs afterwards, whatever the budget (the lesson's recipe: 2; 0: frozen stage only) [default: the budget decides].")] = None,
+    flips: Annotated[Optional[str], typer.Option("--flips", help="Mirror images as augmentation: none (digits, text), horizontal (photos), all (also vertical flips and quarter turns: satellite, microscopy), auto [default: auto: none for grayscale images, else horizontal].")] = None,
+    unfreeze_lr: Annotated[Optional[str], typer.Option("--unfreeze-lr", help="LO,HI learning rates for early layers and the head while fine-tuning [default: lr/300,lr/3].")] = None,
     unfreeze_size: Annotated[Optional[int], typer.Option("--unfreeze-size", help="Fine-tune at this smaller input size (progressive resizing; cheaper) [default: --size].")] = None,
     bf16: Annotated[Optional[bool], typer.Option("--bf16/--no-bf16", help="bfloat16 autocast while fine-tuning (less memory; slower on many CPUs) [default: off].")] = None,
-    bn_stats_frozen: Annotated[Optional[bool], typer.Option("--bn-stats-frozen/--bn-stats-train", help="Keep the body's BatchNorm statistics fixed while fine-tuning [default: train them].")] = None,
+    bn_stats_frozen: Annotated[Optional[bool], typer.Option("--bn-stats-frozen/--bn-stats-train", help="Keep BatchNorm statistics fixed while fine-tuning (--bn-stats-train made the loss jump when unfreezing) [default: frozen].")] = None,
     bs: BsOpt = None,
     wd: Annotated[Optional[float], typer.Option("--wd", help=f"AdamW weight decay [default: {default('wd')}].")] = None,
     label_smoothing: Annotated[Optional[float], typer.Option("--label-smoothing", help="Label smoothing of the loss, 0 to <1 [default: 0].")] = None,
@@ -68,12 +83,13 @@ def train_cmd(
     int8: Annotated[Optional[bool], typer.Option("--int8/--no-int8", help="Also write model.int8.onnx (smaller, faster), checked against fp32 on the validation images and not written when it loses over 1 point [default: off].")] = None,
     quiet: Quiet = False,
 ) -> None:
-    """Fine-tune a pretrained network on your images: frozen one-cycle (then unfreeze, if asked)."""
+    """Fine-tune a pretrained network on your images: frozen one-cycle, then fine-tuning when it pays and fits --budget."""
     from ursa.training.recipe import train
 
     cfg = make_config(
         data, config, out=out, csv=csv, arch=arch, pretrained=pretrained, size=size, valid_pct=valid_pct, seed=seed,
-        split_seed=split_seed, epochs=epochs, lr=lr, unfreeze_epochs=unfreeze_epochs,
+        split_seed=split_seed, epochs=epochs, lr=lr, budget=parse_budget(budget), unfreeze_epochs=unfreeze_epochs,
+        flips=flips,
         unfreeze_lr=parse_slice(unfreeze_lr), unfreeze_size=unfreeze_size, bf16=bf16, bn_stats_frozen=bn_stats_frozen,
         bs=bs, wd=wd, label_smoothing=label_smoothing, cache=cache, views=views, bf16_features=bf16_features,
         dedupe_split=dedupe_split, curve=curve, target_precision=target_precision, int8=int8, quiet=quiet or None,
@@ -84,6 +100,9 @@ def train_cmd(
         f"error_rate {m['error_rate']:.4f} (accuracy {m['accuracy']:.4f}) on {res.n_valid} validation images; "
         f"{res.seconds:.0f} s, peak memory {res.peak_rss_mb:.0f} MB"
     )
+    if res.plan is not None:
+        typer.echo(f"recipe: {res.plan.size} px, flips {res.plan.flips}, fine-tuning: {res.plan.fine_tune_why} "
+                   "(recipe.json)")
     typer.echo(f"model: {res.model_path}")
     if res.files is not None and res.files.best is not None:
         typer.echo(f"best epoch's weights: {res.files.best}")
@@ -155,6 +174,7 @@ def interpret_cmd(
     top: Annotated[int, typer.Option("--top", min=0, help="Top losses shown as pictures.")] = 12,
     min_val: Annotated[int, typer.Option("--min-val", min=1, help="Most-confused pairs with at least this many images.")] = 1,
     json_out: Annotated[bool, typer.Option("--json", help="Print report.json instead of the summary.")] = False,
+    tta: Annotated[bool, typer.Option("--tta/--no-tta", help="Test-time augmentation: also predict the mirror image(s) the model was trained with and average the calibrated probabilities (2-3x the compute).")] = False,
     quiet: Quiet = False,
 ) -> None:
     """Confusion matrix, most confused classes, precision/recall and top losses, as report.html/json."""
@@ -169,19 +189,19 @@ def interpret_cmd(
     console = Console(stderr=True, quiet=quiet)
     with progress_bar(console, quiet) as prog:
         task = prog.add_task("predicting", total=None)
-        interp = interpret_model(model, data, all_images=all_images, csv_path=csv,
+        interp = interpret_model(model, data, all_images=all_images, csv_path=csv, tta=tta,
                                  progress=lambda k, n: prog.update(task, completed=k, total=n))
     run = model.parent
     hist = History.read_csv(run / "history.csv") if (run / "history.csv").is_file() else None
     info = {"title": "ursa interpretation", "model": str(model), "data": str(data),
             "set": "every image" if all_images else "validation set" + (" (split.csv)" if (run / "split.csv").is_file() and csv is None else ""),
-            "backend": interp.backend}
+            "backend": interp.backend, "tta": interp.tta or "off"}
     files = write_report(out, interp, hist, run_plots(run), info, k=top)
     if json_out:
         typer.echo(files["json"].read_text())
         return
     what = "images" if all_images else "validation images"
-    typer.echo(f"backend: {interp.backend}")
+    typer.echo(f"backend: {interp.backend}" + (f"; tta: {interp.tta}" if interp.tta else ""))
     typer.echo(f"error rate {interp.error_rate:.4f} on {len(interp)} {what}"
                + (f"; {len(interp.skipped)} skipped (unreadable or missing)" if interp.skipped else ""))
     typer.echo(interp.confusion_text())

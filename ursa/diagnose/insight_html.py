@@ -134,3 +134,26 @@ def leakage_html(leak: dict[str, Any] | None, thumb: Callable[[Path, int], Any])
             parts.append(f"<p class='note'>{n - MAX_PAIRS_SHOWN} more in report.json.</p>")
     parts.append(f"<p class='note'>{_e(leak.get('method', ''))}</p></section>")
     return "".join(parts)
+
+
+def recipe_html(recipe: dict[str, Any] | None, rows: list[dict] | None) -> str:
+    """What the default recipe decided (size, flips, fine-tuning) and why, and what each stage did."""
+    if not recipe:
+        return ""
+    decisions = [("input size", f"{recipe.get('size')} px", recipe.get("size_why", "")),
+                 ("flips", str(recipe.get("flips")), recipe.get("flips_why", "")),
+                 ("fine-tuning", f"{recipe.get('fine_tune_epochs', 0)} epoch(s)", recipe.get("fine_tune_why", ""))]
+    parts = ["<section id='recipe'><h2>The recipe</h2><table><tr><th>decision</th><th>chosen</th><th>why</th></tr>"]
+    parts += [f"<tr><td>{_e(a)}</td><td>{_e(b)}</td><td>{_e(c)}</td></tr>" for a, b, c in decisions]
+    parts.append("</table>")
+    stages: dict[str, list[dict]] = {}
+    for r in rows or []:
+        stages.setdefault(str(r.get("stage")), []).append(r)
+    if stages:
+        parts.append("<table><tr><th>stage</th><th>epochs</th><th>best error</th><th>last error</th><th>seconds</th></tr>")
+        for name, rs in stages.items():
+            errs = [r["error_rate"] for r in rs]
+            parts.append(f"<tr><td>{_e(name)}</td><td>{len(rs)}</td><td>{_pct(min(errs))}</td><td>{_pct(errs[-1])}</td>"
+                         f"<td>{sum(r.get('seconds', 0) for r in rs):.0f}</td></tr>")
+        parts.append("</table>")
+    return "".join(parts) + "</section>"

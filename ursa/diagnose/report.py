@@ -95,7 +95,7 @@ def _verdicts(h: History | None, advice: Sequence[Advice]) -> list[dict]:
     return out
 
 
-INSIGHT_KEYS = ("calibration", "curve", "leakage", "data", "embedding")
+INSIGHT_KEYS = ("calibration", "curve", "leakage", "data", "embedding", "recipe")
 
 
 def build_json(interp: "Interpretation | None", h: History | None, advice: Sequence[Advice],
@@ -317,6 +317,7 @@ def build_html(interp: "Interpretation | None", h: History | None, advice: Seque
                                                     for n, v in stats) + "</div>")
     verdicts = _verdicts(h, advice)
     parts.append(_advice_html(advice, verdicts, notes, h is not None))
+    parts.append(insight_html.recipe_html(insight.get("recipe"), h.rows if h is not None else None))
     parts.append(insight_html.batch_html(pics["batch"], insight.get("data")))
     parts.append(_plots_html(plots, h))
     if interp is not None and cm_png is not None:

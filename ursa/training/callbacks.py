@@ -223,6 +223,26 @@ class AdvicePrinter(Callback):
                 learn.console.print(f"[yellow]advice:[/] {a.text()}", highlight=False)
 
 
+class BudgetStop(Callback):
+    """Ends a fit after the epoch that leaves too little time for another one before ``deadline`` (perf_counter)."""
+
+    order = 70
+
+    def __init__(self, deadline: float) -> None:
+        self.deadline = deadline
+        self.t0 = 0.0
+        self.longest = 0.0
+
+    def before_epoch(self, learn: Any) -> None:
+        self.t0 = time.perf_counter()
+
+    def after_epoch(self, learn: Any) -> None:
+        now = time.perf_counter()
+        self.longest = max(self.longest, now - self.t0)
+        if learn.epoch_in_fit + 1 < learn.n_epoch and now + self.longest > self.deadline:
+            raise CancelFitException(f"--budget: no time for epoch {learn.epoch_in_fit + 2} of {learn.n_epoch}")
+
+
 def default_callbacks() -> list[Callback]:
     """The callbacks every learner has, in order."""
     return [ProgressCallback(), Recorder(), EpochTable(), DivergenceGuard(), BestWeights(), AdvicePrinter()]

@@ -15,10 +15,13 @@ from pathlib import Path
 from typing import Any
 
 from ursa.errors import UrsaError
-from ursa.vision import DEFAULT_ARCH
+from ursa.vision import DEFAULT_ARCH, FLIPS
 from ursa.vision.data import SEED, VALID_PCT, split_settings
 
 FEATURE_BACKENDS = ("auto", "torch")
+FLIP_CHOICES = ("auto", *FLIPS)
+# Seconds `ursa train` may take by default, start to model file (docs/train.md: a few minutes on a laptop).
+DEFAULT_BUDGET = 120.0
 
 
 class ConfigError(UrsaError):
@@ -47,7 +50,9 @@ class LearnerConfig:
     # Internal (tests compare engines with it): "auto" runs the cache's body pass on ONNX Runtime when it can.
     feature_backend: str = "auto"
     bf16_features: bool = False  # bfloat16 autocast for the cache's body pass (torch engine)
-    bn_stats_frozen: bool = False  # body BatchNorm kept in eval mode while fine-tuning
+    # BatchNorm statistics kept fixed while fine-tuning (docs/train.md): switching to the batch statistics of
+    # 32 augmented images changed the features under the trained head and made the loss jump.
+    bn_stats_frozen: bool = True
     spill_dir: Path | None = None  # internal: set by the recipe (RUN/features), where a large cache is memory-mapped
     quiet: bool = False  # no progress bars
 
@@ -70,17 +75,20 @@ class TrainConfig:
     csv: Path | None = None
     arch: str = DEFAULT_ARCH
     pretrained: bool = True
-    size: int | None = None  # input size; None: the architecture's
+    size: int | None = None  # input size; None: the recipe decides from the images (training/plan.py)
+    flips: str = "auto"  # which mirror images augment training: none, horizontal, all; auto: from the images
     valid_pct: float = VALID_PCT
     seed: int = SEED
     split_seed: int | None = None  # seed of the validation split; None: the same as seed
     epochs: int = 4  # frozen epochs (head only)
     lr: float = 3e-3
-    # Measured on the bears set (benchmarks/train.py, 3 seeds): the cached frozen stage alone reaches
-    # error 0.026 in 35 s and 1.6 GB; adding 2 unfrozen epochs was worse (0.042) in 116 s and 4.2 GB.
-    # So fine-tuning is opt-in: --unfreeze-epochs 2 gives the lesson's full recipe.
-    unfreeze_epochs: int = 0
-    unfreeze_lr: tuple[float, float] | None = None  # (lo, hi); None: (lr/100, lr/10)
+    # Wall seconds for the whole run. After the frozen stage the recipe fine-tunes only when the
+    # frozen body is weak on this data and the rest of the budget fits enough epochs (training/plan.py).
+    budget: float = DEFAULT_BUDGET
+    # Fine-tuning epochs; None: the budget decides. A number gives the lesson's recipe exactly
+    # (--unfreeze-epochs 2 after 4 frozen epochs), 0 the frozen stage alone.
+    unfreeze_epochs: int | None = None
+    unfreeze_lr: tuple[float, float] | None = None  # (lo, hi); None: (lr/300, lr/3), fastai's fine_tune spread
     unfreeze_size: int | None = None  # progressive resizing: fine-tune at a smaller size (cheaper)
     bf16: bool = False  # bfloat16 autocast while fine-tuning
     bs: int = 32
@@ -120,9 +128,12 @@ class TrainConfig:
         _expect(self.split_seed is None or isinstance(self.split_seed, int), "--split-seed", "a whole number",
                 self.split_seed)
         for opt, v in (("--epochs", self.epochs), ("--unfreeze-epochs", self.unfreeze_epochs)):
-            _expect(isinstance(v, int) and v >= 0, opt, "a whole number >= 0", v)
-        _expect(self.epochs + self.unfreeze_epochs > 0, "--epochs/--unfreeze-epochs", "at least one epoch in all",
-                (self.epochs, self.unfreeze_epochs))
+            _expect(v is None or (isinstance(v, int) and v >= 0), opt, "a whole number >= 0", v)
+        _expect(self.epochs + (self.unfreeze_epochs or 0) > 0,
+                "--epochs/--unfreeze-epochs", "at least one epoch in all", (self.epochs, self.unfreeze_epochs))
+        _expect(_number(self.budget) and self.budget >= 0, "--budget", "seconds >= 0 (0: the frozen stage only)",
+                self.budget)
+        _expect(self.flips in FLIP_CHOICES, "--flips", " or ".join(FLIP_CHOICES), self.flips)
         _expect(_number(self.lr) and self.lr > 0, "--lr", "a positive number", self.lr)
         if self.unfreeze_lr is not None:
             lo_hi = self.unfreeze_lr
@@ -140,8 +151,8 @@ class TrainConfig:
 
     @property
     def unfreeze_lrs(self) -> tuple[float, float]:
-        """(lo, hi) learning rates of fine-tuning: slice(lr/100, lr/10) unless given."""
-        return self.unfreeze_lr or (self.lr / 100, self.lr / 10)
+        """(lo, hi) learning rates of fine-tuning: slice(lr/300, lr/3) = (1e-5, 1e-3) unless given (docs/train.md)."""
+        return self.unfreeze_lr or (self.lr / 300, self.lr / 3)
 
     def learner_config(self, spill_dir: Path | None = None) -> LearnerConfig:
         """The learner's part of this config."""

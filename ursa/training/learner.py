@@ -51,6 +51,7 @@ class Learner:
         self.best: BestWeights = next(cb for cb in self.cbs if isinstance(cb, BestWeights))
         self.diverged = False
         self.epochs_done = 0  # epochs trained so far, over every fit
+        self.kept_row: dict | None = None  # set by use_best(): the history row whose weights the model holds
         self._cache: FeatureCache | None = None
         self.model.to(memory_format=torch.channels_last)
 
@@ -64,6 +65,21 @@ class Learner:
         """Train every layer (use a slice of learning rates); cached body features no longer hold."""
         self.model.unfreeze()
         self._cache = None
+
+    def use_best(self) -> dict | None:
+        """Put back the best epoch's weights (lowest error, then valid loss) when they beat the last epoch's.
+
+        Returns that epoch's history row, or None when the last epoch is the best; metrics and the
+        exported model file then describe the kept epoch.
+        """
+        b, rows = self.best, self.recorder.rows
+        if b.state is None or b.row is None or not rows or b.row["epoch"] == rows[-1]["epoch"]:
+            return None
+        if (b.row["error_rate"], b.row["valid_loss"]) >= (rows[-1]["error_rate"], rows[-1]["valid_loss"]):
+            return None
+        self.model.load_state_dict(b.state)
+        self.kept_row = dict(b.row)
+        return self.kept_row
 
     def drop_features(self) -> None:
         """Free the feature cache (it is computed again when a frozen fit needs it)."""
@@ -83,10 +99,12 @@ class Learner:
         return F.cross_entropy(logits, y, label_smoothing=self.config.label_smoothing)
 
     def fit_one_cycle(self, n_epoch: int, max_lr: float | slice = 3e-3, pct_start: float = 0.25, *,
-                      size: int | None = None, bf16: bool = False, stage: str | None = None) -> None:
+                      size: int | None = None, bf16: bool = False, stage: str | None = None,
+                      cbs: Sequence[Callback] = ()) -> None:
         """Train n_epoch epochs with one cycle: LR warms up then anneals, momentum the other way.
 
-        ``size``: train at this input size (progressive resizing); ``bf16``: bfloat16 autocast.
+        ``size``: train at this input size (progressive resizing); ``bf16``: bfloat16 autocast;
+        ``cbs``: callbacks for this fit only, beside the learner's own.
         """
         if n_epoch <= 0:
             return
@@ -101,7 +119,7 @@ class Learner:
             groups = param_groups(self.model.param_groups(), max_lr)
         opt = make_optimizer(groups, self.config.wd)
         sched = one_cycle(opt, n_epoch * source.n_batches, pct_start)
-        self.run(n_epoch, source, opt, sched, stage=stage, bf16=bf16)
+        self.run(n_epoch, source, opt, sched, stage=stage, bf16=bf16, cbs=[*self.cbs, *cbs] if cbs else None)
 
     def lr_find(self, **kwargs: Any) -> Any:
         """Sweep learning rates and suggest one (see ursa.training.lr_find); the state is restored after."""
@@ -260,7 +278,7 @@ class Learner:
         fitted on the validation set for these weights (``diagnose.calibration``).
         """
         if metrics is None and self.recorder.rows:
-            last = self.recorder.rows[-1]
+            last = self.kept_row or self.recorder.rows[-1]
             metrics = {k: last[k] for k in ("valid_loss", "error_rate", "accuracy")}
         meta = ModelMeta(
             arch=self.model.arch, classes=list(self.dls.classes), input_size=self.dls.size,

@@ -70,10 +70,13 @@ def batchnorms(module: nn.Module) -> list[nn.Module]:
 
 
 def set_train_modes(model: nn.Module, frozen: bool, bn_eval_frozen: bool, bn_eval_unfrozen: bool) -> None:
-    """The one BatchNorm rule: train mode, with the body's BatchNorm in eval mode when the rule says so.
+    """The one BatchNorm rule: train mode, with the body's BatchNorm in eval mode where the rule says so.
 
-    Frozen with a feature cache, the body's statistics must be the ones the cache was made with;
-    fine-tuning with bn_stats_frozen keeps them fixed too (small CPU batches give noisy statistics).
+    Frozen with a feature cache, the body's statistics must be the ones the cache was made with.
+    Fine-tuning with bn_stats_frozen keeps them fixed too: the features the head was trained on
+    stay the same function when the body is unfrozen (batch statistics of 32 augmented images made
+    the loss jump). The head's BatchNorm keeps training: with it fixed as well the loss jumped
+    again (it absorbs the body's moving features).
     """
     model.train()
     body = getattr(model, "body", None)

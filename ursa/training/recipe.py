@@ -11,6 +11,9 @@ writes into the data folder.
 
 from __future__ import annotations
 
+import dataclasses
+import json
+import math
 import resource
 import time
 from dataclasses import dataclass, field
@@ -22,14 +25,21 @@ from rich.console import Console
 from ursa.errors import DivergedError
 from ursa.training import insight
 from ursa.training.config import TrainConfig
+from ursa.training.callbacks import BudgetStop
 from ursa.training.learner import Learner
+from ursa.training.plan import (GOOD_ENOUGH, Plan, choose_flips, choose_size, epoch_cap, epoch_seconds,
+                                fine_tune_epochs)
 from ursa.training.run import RunFiles, write_run
-from ursa.util.files import check_outside
+from ursa.util.files import atomic_write_text, check_outside
 from ursa.util.progress import progress_bar
 from ursa.vision.data import ImageDataset, load_dataset
 from ursa.vision.loaders import dataloaders
 from ursa.vision.models import create_model, get_spec
+from ursa.vision.probe import probe_images
 from ursa.vision.show import write_batch
+
+# Seconds the budget keeps for what follows training: the report pass, the model file, its ONNX export.
+RESERVE = 8.0
 
 
 @dataclass
@@ -49,6 +59,7 @@ class TrainResult:
     files: RunFiles | None = None
     insight: dict = field(default_factory=dict)  # report.json's calibration, curve, leakage, data
     timings: dict = field(default_factory=dict)  # seconds each insight part added
+    plan: Plan | None = None  # what the recipe decided (size, flips, fine-tuning) and why
 
 
 def peak_rss_mb(workers: bool = False) -> float:
@@ -65,6 +76,13 @@ def peak_rss_mb(workers: bool = False) -> float:
 def build_learner(cfg: TrainConfig, console: Console | None = None,
                   spill_dir: Path | None = None) -> tuple[Learner, ImageDataset]:
     """Dataset, decoded pixels, model and learner from a config: the one folder -> learner recipe."""
+    learn, ds, _ = prepare(cfg, console, spill_dir)
+    return learn, ds
+
+
+def prepare(cfg: TrainConfig, console: Console | None = None,
+            spill_dir: Path | None = None) -> tuple[Learner, ImageDataset, Plan]:
+    """build_learner, also returning the plan: the input size and flips decided from the images, and why."""
     console = console or Console(stderr=True, quiet=cfg.quiet)
     torch.manual_seed(cfg.seed)
     ds = load_dataset(cfg.data, cfg.csv, cfg.valid_pct, cfg.split_seed_used)
@@ -72,11 +90,14 @@ def build_learner(cfg: TrainConfig, console: Console | None = None,
     if cfg.dedupe_split:
         insight.apply_dedupe_split(ds, cfg.valid_pct, cfg.split_seed_used, console)
     spec = get_spec(cfg.arch)
-    size = cfg.size or spec.input_size
+    probe = probe_images([ds.files[i] for i in ds.train_idx], cfg.seed)
+    size, size_why = choose_size(probe, spec.input_size, cfg.size)
+    flips, flips_why = choose_flips(probe, cfg.flips)
+    plan = Plan(size, size_why, flips, flips_why, cfg.budget, probe=probe.to_json())
     model = create_model(cfg.arch, n_classes=len(ds.classes), pretrained=cfg.pretrained)
     with progress_bar(console, cfg.quiet) as prog:
         task = prog.add_task("decoding images", total=len(ds))
-        dls = dataloaders(ds, size, spec.mean, spec.std, bs=cfg.bs, seed=cfg.seed,
+        dls = dataloaders(ds, size, spec.mean, spec.std, bs=cfg.bs, seed=cfg.seed, flips=flips,
                           progress=lambda n: prog.update(task, advance=n))
     counts = ds.class_counts(ds.train_idx)
     console.print(
@@ -84,14 +105,18 @@ def build_learner(cfg: TrainConfig, console: Console | None = None,
         f"{len(ds.train_idx)} train / {len(ds.valid_idx)} valid; {cfg.arch} at {size}px",
         highlight=False,
     )
-    return Learner(dls, model, cfg.learner_config(spill_dir), console=console), ds
+    for line in plan.lines():
+        console.print(f"recipe: {line}", highlight=False)
+    return Learner(dls, model, cfg.learner_config(spill_dir), console=console), ds, plan
 
 
 def train(cfg: TrainConfig, console: Console | None = None) -> TrainResult:
     """Run the recipe and write the run folder; raises UrsaError for bad input, DivergedError (exit 3)."""
     t0 = time.perf_counter()
     console = console or Console(stderr=True, quiet=cfg.quiet)
-    learn, ds = build_learner(cfg, console, spill_dir=cfg.out / "features")
+    learn, ds, plan = prepare(cfg, console, spill_dir=cfg.out / "features")
+    # The flips chosen, not "auto": TTA and a retrain with --config read what the model was trained with.
+    cfg = dataclasses.replace(cfg, flips=plan.flips)
     found, timings = _before(cfg, learn, ds, console)
     try:
         learn.freeze()
@@ -106,28 +131,73 @@ def train(cfg: TrainConfig, console: Console | None = None) -> TrainResult:
                 console.print("[yellow]warning:[/] --curve needs the feature cache (--cache): no learning curve",
                               highlight=False)
             timings["curve"] = time.perf_counter() - t
-        if cfg.unfreeze_epochs > 0:
-            learn.unfreeze()
-            lo, hi = cfg.unfreeze_lrs
-            learn.fit_one_cycle(cfg.unfreeze_epochs, slice(lo, hi), size=cfg.unfreeze_size, bf16=cfg.bf16)
+        _fine_tune(cfg, learn, plan, t0, console)
     except DivergedError as e:
+        found["recipe"] = plan.to_json()
         write_run(cfg.out, learn, cfg, ds, console=console, insight=found)
         raise DivergedError(f"{e} See {cfg.out / 'advice.txt'}; no model file was written.") from None
     finally:
         learn.drop_features()  # free the cache's memory before the report pass
+    found["recipe"] = plan.to_json()
+    atomic_write_text(cfg.out / "recipe.json", json.dumps(plan.to_json(), indent=1) + "\n")
     files = write_run(cfg.out, learn, cfg, ds, {
         "data": str(cfg.data), "images": f"{len(ds.train_idx)} train / {len(ds.valid_idx)} valid",
-        "time": f"{time.perf_counter() - t0:.0f} s"}, console, insight=found)
+        "time": f"{time.perf_counter() - t0:.0f} s"},
+        console, insight=found, notes=[n for n in [plan.advice(learn.recorder.rows, learn.kept_row)] if n])
     timings.update(files.timings)
     if files.calibration is not None:
         found["calibration"] = files.calibration.to_json()
-    if files.diverged:  # the rules saw what the guard did not (a fit cancelled mid-epoch): still no model file
+    if files.model is None and files.diverged:  # the rules saw what the guard did not: still no model file
         found = next(a for a in files.advice if a.rule == "diverged")
         raise DivergedError(f"{found.text()} See {cfg.out / 'advice.txt'}; no model file was written.")
-    last = learn.recorder.rows[-1] if learn.recorder.rows else {}
+    last = learn.kept_row or (learn.recorder.rows[-1] if learn.recorder.rows else {})
     metrics = {k: last.get(k) for k in ("valid_loss", "error_rate", "accuracy")}
     return TrainResult(cfg.out, files.model, metrics, time.perf_counter() - t0, peak_rss_mb(learn.dls.num_workers > 0),
-                       ds.classes, len(ds.train_idx), len(ds.valid_idx), ds.skipped, learn, files, found, timings)
+                       ds.classes, len(ds.train_idx), len(ds.valid_idx), ds.skipped, learn, files, found, timings,
+                       plan)
+
+
+def _fine_tune(cfg: TrainConfig, learn: Learner, plan: Plan, t0: float, console: Console) -> None:
+    """The fine-tuning stage: the lesson's fixed epochs when given, else as many as the budget allows and pay."""
+    lo, hi = cfg.unfreeze_lrs
+    if cfg.unfreeze_epochs is not None:
+        plan.fine_tune_epochs = cfg.unfreeze_epochs
+        plan.fine_tune_why = f"--unfreeze-epochs {cfg.unfreeze_epochs}"
+        if cfg.unfreeze_epochs > 0:
+            learn.unfreeze()
+            learn.fit_one_cycle(cfg.unfreeze_epochs, slice(lo, hi), size=cfg.unfreeze_size, bf16=cfg.bf16)
+        return
+    rows = learn.recorder.rows
+    frozen_error = min((r["error_rate"] for r in rows), default=float("nan"))
+    left = cfg.budget - (time.perf_counter() - t0) - RESERVE
+    if cfg.budget <= 0:
+        plan.fine_tune_why = "--budget 0: the frozen stage only"
+    elif math.isnan(frozen_error) or frozen_error <= GOOD_ENOUGH:  # decided without spending anything
+        plan.fine_tune_epochs, plan.fine_tune_why = fine_tune_epochs(frozen_error, left, 1.0)
+    else:
+        learn.unfreeze()
+        t = time.perf_counter()
+        plan.epoch_seconds = epoch_seconds(learn, cfg.unfreeze_size, cfg.bf16)
+        left -= time.perf_counter() - t
+        plan.fine_tune_epochs, plan.fine_tune_why = fine_tune_epochs(frozen_error, left, plan.epoch_seconds,
+                                                                     epoch_cap(cfg.budget))
+        if plan.fine_tune_epochs == 0:
+            learn.freeze()
+    console.print(f"recipe: fine-tuning: {plan.fine_tune_why}", highlight=False)
+    if plan.fine_tune_epochs > 0:
+        deadline = t0 + cfg.budget - RESERVE
+        try:
+            learn.fit_one_cycle(plan.fine_tune_epochs, slice(lo, hi), size=cfg.unfreeze_size, bf16=cfg.bf16,
+                                cbs=[BudgetStop(deadline)])
+        except DivergedError as e:  # the frozen stage's weights (or a better epoch's) are still good: keep them
+            learn.diverged = False
+            plan.fine_tune_why += f"; stopped: {e}"
+            console.print(f"[yellow]warning:[/] fine-tuning stopped: {e}", highlight=False)
+        kept = learn.use_best()
+        if kept is not None:
+            plan.fine_tune_why += f"; kept the weights of epoch {kept['epoch']} (error {kept['error_rate']:.4f})"
+            console.print(f"recipe: kept the best epoch's weights: epoch {kept['epoch']}, error rate "
+                          f"{kept['error_rate']:.4f} (the last epoch had {rows[-1]['error_rate']:.4f})", highlight=False)
 
 
 def _before(cfg: TrainConfig, learn: Learner, ds: ImageDataset, console: Console) -> tuple[dict, dict]:
@@ -136,7 +206,8 @@ def _before(cfg: TrainConfig, learn: Learner, ds: ImageDataset, console: Console
     timings: dict = {}
     t = time.perf_counter()
     cfg.out.mkdir(parents=True, exist_ok=True)
-    write_batch(ds, learn.dls.size, learn.dls.mean, learn.dls.std, cfg.out / "batch.png", seed=cfg.seed)
+    write_batch(ds, learn.dls.size, learn.dls.mean, learn.dls.std, cfg.out / "batch.png", seed=cfg.seed,
+                flips=learn.dls.flips)
     timings["batch"] = time.perf_counter() - t
     if found["data"]["warning"]:
         console.print(f"[yellow]warning:[/] imbalanced classes: {found['data']['warning']}", highlight=False)

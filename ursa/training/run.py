@@ -16,7 +16,7 @@ import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from rich.console import Console
 
@@ -53,10 +53,12 @@ class RunFiles:
 
 
 def write_run(out: Path, learn: Learner, cfg: TrainConfig, ds: ImageDataset, info: dict[str, Any] | None = None,
-              console: Console | None = None, insight: dict[str, Any] | None = None) -> RunFiles:
+              console: Console | None = None, insight: dict[str, Any] | None = None,
+              notes: Sequence[str] = ()) -> RunFiles:
     """Write the run folder; no model file when the learner diverged (its advice says why).
 
-    ``insight``: what the recipe measured (``data``, ``leakage``, ``curve``), for the report.
+    ``insight``: what the recipe measured (``data``, ``leakage``, ``curve``), for the report;
+    ``notes``: what the recipe has to say (advice.txt and the report show them).
     """
     out = Path(out)
     console = console or learn.console
@@ -72,12 +74,13 @@ def write_run(out: Path, learn: Learner, cfg: TrainConfig, ds: ImageDataset, inf
     plot_metrics(r.rows, out / "metrics.png")
     h = r.history(learn.diverged)
     advice = advise(h)
-    notes: list[str] = []
+    notes = list(notes)
     earlier = (out / "model.safetensors").exists()
     if not (learn.diverged and earlier):  # an earlier run's model keeps the settings and split it was made with
         atomic_write_text(out / "config.json", json.dumps(config, indent=1) + "\n")
         ds.write_split(out / "split.csv")
-    if learn.diverged or any(a.rule == "diverged" for a in advice):
+    # A fit that diverged after the recipe put back the best epoch's weights (learn.kept_row) still has a good model.
+    if learn.diverged or (any(a.rule == "diverged" for a in advice) and learn.kept_row is None):
         notes.append("No model file was written by this run." + (
             " (model.safetensors, config.json and split.csv in this folder are from an earlier run.)" if earlier else ""))
         write_advice(out / "advice.txt", advice, h, notes)
@@ -98,7 +101,8 @@ def write_run(out: Path, learn: Learner, cfg: TrainConfig, ds: ImageDataset, inf
         timings["int8"] = time.perf_counter() - t
     best = None
     b = learn.best
-    if any(a.rule == "too_many_epochs" for a in advice) and b.state is not None and b.row is not None:
+    if (any(a.rule == "too_many_epochs" for a in advice) and b.state is not None and b.row is not None
+            and learn.kept_row is None):  # the recipe already put the best weights into the model file
         metrics = {k: b.row[k] for k in ("valid_loss", "error_rate", "accuracy")}
         metrics["epoch"] = b.epoch
         best = learn.export(out / "best.safetensors", metrics=metrics, config=config, state=b.state)

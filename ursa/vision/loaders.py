@@ -90,6 +90,7 @@ class DataLoaders:
     pixels: list[torch.Tensor | None] | None
     num_workers: int = 0
     seed: int = 42
+    flips: str = "horizontal"  # which mirror images the training transform draws (transforms.FLIPS)
 
     @property
     def classes(self) -> list[str]:
@@ -104,7 +105,7 @@ class DataLoaders:
                drop_last: bool | None = None) -> DataLoader:
         """A DataLoader over items idx, augmented when train, at size (default: self.size)."""
         size = size or self.size
-        tfm = train_transform(size, self.mean, self.std) if train else eval_transform(size, self.mean, self.std)
+        tfm = train_transform(size, self.mean, self.std, self.flips) if train else eval_transform(size, self.mean, self.std)
         ps = PixelSet(self.dataset, idx, tfm, self.short_side, self.pixels)
         shuffle = train if shuffle is None else shuffle
         bs = bs or self.bs
@@ -140,6 +141,7 @@ def dataloaders(
     cache: bool | None = None,
     progress: Callable[[int], None] | None = None,
     seed: int = 42,
+    flips: str = "horizontal",
 ) -> DataLoaders:
     """Decode once into memory when it fits (skipping and naming unreadable files), then build loaders.
 
@@ -179,7 +181,7 @@ def dataloaders(
     ensure_both_sides(ds, 0.2)
     if num_workers is None:
         num_workers = 0 if pixels is not None else min(4, os.cpu_count() or 1)
-    return DataLoaders(ds, size, tuple(mean), tuple(std), bs, pixels, num_workers, seed)
+    return DataLoaders(ds, size, tuple(mean), tuple(std), bs, pixels, num_workers, seed, flips)
 
 
 def iter_batches(items: Sequence, bs: int) -> Iterator[Sequence]:

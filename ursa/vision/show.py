@@ -49,10 +49,10 @@ def _font(size: int):
 
 
 def batch_grid(ds: ImageDataset, size: int, mean: Sequence[float], std: Sequence[float], n: int = N_SHOW,
-               seed: int = 42, augment: bool = True) -> Image.Image:
+               seed: int = 42, augment: bool = True, flips: str = "horizontal") -> Image.Image:
     """A grid of n training images through the training transform (augmented unless told otherwise), labelled."""
     idx = pick(ds, n, seed)
-    tfm = train_transform(size, mean, std)
+    tfm = train_transform(size, mean, std, flips)
     m = torch.tensor(list(mean)).view(3, 1, 1)
     s = torch.tensor(list(std)).view(3, 1, 1)
     tiles: list[tuple[Image.Image, str]] = []
@@ -92,10 +92,10 @@ def batch_grid(ds: ImageDataset, size: int, mean: Sequence[float], std: Sequence
 
 
 def write_batch(ds: ImageDataset, size: int, mean: Sequence[float], std: Sequence[float], path: str | Path,
-                n: int = N_SHOW, seed: int = 42) -> Path:
+                n: int = N_SHOW, seed: int = 42, flips: str = "horizontal") -> Path:
     """batch.png: the grid, written atomically."""
     path = Path(path)
-    img = batch_grid(ds, size, mean, std, n, seed)
+    img = batch_grid(ds, size, mean, std, n, seed, flips=flips)
     with atomic_path(path) as tmp:
         img.save(tmp, format="PNG")
     return path

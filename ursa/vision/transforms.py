@@ -9,6 +9,7 @@ import torch
 from PIL import Image
 from torchvision.transforms import v2
 
+from ursa.vision import FLIPS
 from ursa.vision.images import Source, open_image
 
 # Images are decoded once, to this multiple of the input size on the short side.
@@ -45,17 +46,31 @@ def pil_to_tensor(im: Image.Image) -> torch.Tensor:
     return torch.from_numpy(a.copy()).permute(2, 0, 1).contiguous()
 
 
-def train_transform(size: int, mean: Sequence[float], std: Sequence[float]) -> Callable:
-    """fastai's get_transforms in spirit: random resized crop, flip, small rotation and warp, lighting."""
+def train_transform(size: int, mean: Sequence[float], std: Sequence[float], flips: str = "horizontal") -> Callable:
+    """fastai's get_transforms in spirit: random resized crop, flips as the data allows, small rotation and warp, lighting."""
+    if flips not in FLIPS:
+        raise ValueError(f"flips must be one of {', '.join(FLIPS)}, not {flips!r}")
+    mirror: list[Callable] = []
+    if flips != "none":
+        mirror.append(v2.RandomHorizontalFlip())
+    if flips == "all":
+        mirror += [v2.RandomVerticalFlip(), v2.RandomApply([QuarterTurn()], p=0.5)]
     return v2.Compose([
         v2.RandomResizedCrop(size, scale=(0.35, 1.0), ratio=(3 / 4, 4 / 3), antialias=True),
-        v2.RandomHorizontalFlip(),
+        *mirror,
         v2.RandomApply([v2.RandomAffine(degrees=10, scale=(1.0, 1.1))], p=0.75),
         v2.RandomPerspective(distortion_scale=0.2, p=0.5),
         v2.RandomApply([v2.ColorJitter(brightness=0.2, contrast=0.2)], p=0.75),
         v2.ToDtype(torch.float32, scale=True),
         v2.Normalize(list(mean), list(std)),
     ])
+
+
+class QuarterTurn(torch.nn.Module):
+    """Rotate a square crop by 90 degrees: with both flips, all eight symmetries of a square."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.rot90(x, 1, dims=(-2, -1))
 
 
 def eval_transform(size: int, mean: Sequence[float], std: Sequence[float]) -> Callable:

@@ -1,0 +1,158 @@
+"""Fine-tuning that pays (issue 15): a sound hand-over from the frozen stage, and the data-aware default recipe."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import make_image
+from ursa.training.config import DEFAULT_BUDGET
+from ursa.training.plan import (GOOD_ENOUGH, MAX_EPOCHS, MIN_EPOCHS, choose_flips, choose_size, epoch_cap,
+                                fine_tune_epochs)
+from ursa.vision.probe import ImageProbe, probe_images
+from ursa.vision.transforms import QuarterTurn, train_transform
+
+
+def _mnist_learner(shared: Path, bn_stats_frozen: bool):
+    from ursa.training.config import TrainConfig
+    from ursa.training.recipe import build_learner
+
+    cfg = TrainConfig(data=shared / "mnist_dev", out=Path("/nonexistent-run"), size=64, flips="none",
+                      bn_stats_frozen=bn_stats_frozen, quiet=True)
+    learn, _ = build_learner(cfg)
+    return learn, cfg
+
+
+def _hand_over(shared: Path, bn_stats_frozen: bool) -> tuple[float, float]:
+    """Train loss of the last frozen epoch and of the first unfrozen one (the lesson's hand-over)."""
+    learn, cfg = _mnist_learner(shared, bn_stats_frozen)
+    learn.freeze()
+    learn.fit_one_cycle(3, cfg.lr)
+    learn.unfreeze()
+    lo, hi = cfg.unfreeze_lrs
+    learn.fit_one_cycle(2, slice(lo, hi))
+    rows = learn.recorder.rows
+    return rows[2]["train_loss"], rows[3]["train_loss"]
+
+
+def test_first_unfrozen_epoch_loss_is_not_above_the_last_frozen_one(shared_datasets, one_thread):
+    frozen, unfrozen = _hand_over(shared_datasets, bn_stats_frozen=True)
+    assert unfrozen <= frozen, (frozen, unfrozen)
+
+
+def test_with_batch_statistics_the_loss_jumps_when_unfreezing(shared_datasets, one_thread):
+    """The failure the default avoids, kept visible: the check above can fail."""
+    frozen, unfrozen = _hand_over(shared_datasets, bn_stats_frozen=False)
+    assert unfrozen > 1.5 * frozen, (frozen, unfrozen)
+
+
+def test_the_size_comes_from_the_images_unless_given():
+    tiles = ImageProbe(400, 64, 64, 0.0)
+    digits = ImageProbe(400, 28, 28, 1.0)
+    photos = ImageProbe(400, 189, 266, 0.0)
+    assert choose_size(tiles, 224, None)[0] == 64
+    assert "12x the compute" in choose_size(tiles, 224, None)[1]
+    assert choose_size(digits, 224, None)[0] == 64  # never below 64: a 1x1 feature map learns little
+    assert choose_size(ImageProbe(10, 100, 120, 0.0), 224, None)[0] == 128
+    assert choose_size(photos, 224, None)[0] == 224  # photos near the network's size keep it
+    assert choose_size(tiles, 224, 96) == (96, "--size")
+    assert choose_size(ImageProbe(0, 0, 0, 0.0), 240, None)[0] == 240  # nothing readable: the network's size
+
+
+def test_flips_follow_the_images_unless_given():
+    assert choose_flips(ImageProbe(400, 28, 28, 1.0), None)[0] == "none"
+    assert choose_flips(ImageProbe(400, 28, 28, 1.0), "auto")[0] == "none"
+    assert choose_flips(ImageProbe(400, 200, 300, 0.02), None)[0] == "horizontal"
+    assert choose_flips(ImageProbe(400, 28, 28, 1.0), "horizontal") == ("horizontal", "--flips")
+
+
+def test_flips_decide_the_mirrors_in_the_training_transform():
+    def kinds(flips: str) -> set[str]:
+        return {type(t).__name__ for t in train_transform(64, (0.5,) * 3, (0.5,) * 3, flips).transforms} | {
+            type(u).__name__ for t in train_transform(64, (0.5,) * 3, (0.5,) * 3, flips).transforms
+            for u in getattr(t, "transforms", [])}
+
+    assert not {"RandomHorizontalFlip", "RandomVerticalFlip"} & kinds("none")
+    assert "RandomHorizontalFlip" in kinds("horizontal") and "RandomVerticalFlip" not in kinds("horizontal")
+    assert {"RandomHorizontalFlip", "RandomVerticalFlip", "QuarterTurn"} <= kinds("all")
+    x = torch.arange(4).view(1, 2, 2)
+    assert QuarterTurn()(x).tolist() == [[[1, 3], [0, 2]]]
+    with pytest.raises(ValueError, match="flips"):
+        train_transform(64, (0.5,) * 3, (0.5,) * 3, "diagonal")
+
+
+def test_fine_tuning_is_planned_from_the_frozen_error_and_the_budget():
+    n, why = fine_tune_epochs(GOOD_ENOUGH / 2, 1000, 5)
+    assert n == 0 and "already gets" in why
+    n, why = fine_tune_epochs(0.2, 1000, 5)
+    assert n == MAX_EPOCHS and "weak" in why
+    n, why = fine_tune_epochs(0.2, 42, 10)
+    assert n == 4
+    n, why = fine_tune_epochs(0.2, (MIN_EPOCHS - 1) * 10 + 5, 10)
+    assert n == 0 and "raise --budget" in why
+    assert fine_tune_epochs(math.nan, 1000, 5)[0] == 0
+    # A larger budget raises the cap in proportion: a user who gives more time gets more epochs.
+    assert epoch_cap(DEFAULT_BUDGET) == MAX_EPOCHS and epoch_cap(2 * DEFAULT_BUDGET) == 2 * MAX_EPOCHS
+    assert epoch_cap(1) == MIN_EPOCHS
+    assert fine_tune_epochs(0.2, 1000, 5, epoch_cap(2 * DEFAULT_BUDGET))[0] == 2 * MAX_EPOCHS
+
+
+def test_probe_reads_sizes_and_tells_grayscale(tmp_path):
+    files = [make_image(tmp_path / f"g{i}.png", size=(28, 28), mode="L") for i in range(3)]
+    files += [make_image(tmp_path / f"rgbgrey{i}.jpg", color=(90, 90, 90), size=(40, 30)) for i in range(2)]
+    p = probe_images(files)
+    assert (p.n, p.median_short, p.grayscale) == (5, 28, 1.0)
+    files = [make_image(tmp_path / f"c{i}.jpg", color=(200, 30, 30), size=(64, 64)) for i in range(4)]
+    (tmp_path / "broken.jpg").write_bytes(b"not an image")
+    p = probe_images([*files, tmp_path / "broken.jpg"])
+    assert (p.n, p.median_short, p.grayscale) == (4, 64, 0.0)
+
+
+def test_budget_stop_ends_the_fit_when_the_next_epoch_would_not_fit():
+    from conftest import sample_learner
+    from ursa.training.callbacks import BudgetStop
+
+    learn = sample_learner(64)
+    learn.freeze()
+    learn.fit_one_cycle(5, 3e-3, cbs=[BudgetStop(time.perf_counter() - 1)])
+    assert len(learn.recorder.rows) == 1  # the first epoch ran; no time for a second
+    learn.fit_one_cycle(2, 3e-3, cbs=[BudgetStop(time.perf_counter() + 3600)])
+    assert len(learn.recorder.rows) == 3
+
+
+def test_default_recipe_fine_tunes_weak_bodies_within_the_budget_and_says_why(shared_datasets, tmp_path, one_thread):
+    """mnist_dev: 28 px grayscale digits -> 64 px, no flips, fine-tuning planned from the measured epoch time."""
+    from ursa.training.config import TrainConfig
+    from ursa.training.recipe import train
+
+    t = time.perf_counter()
+    res = train(TrainConfig(data=shared_datasets / "mnist_dev", out=tmp_path / "run", budget=45, quiet=True))
+    wall = time.perf_counter() - t
+    plan = json.loads((tmp_path / "run" / "recipe.json").read_text())
+    assert plan["size"] == 64 and plan["flips"] == "none"
+    assert plan["fine_tune_epochs"] >= MIN_EPOCHS, plan["fine_tune_why"]
+    stages = [r["stage"] for r in res.learner.recorder.rows]
+    assert stages.count("frozen") == 4 and 1 <= stages.count("unfrozen") <= plan["fine_tune_epochs"]
+    assert wall < 45 * 1.5  # the budget holds, give or take the first batch's warm-up on a busy machine
+    report = json.loads((tmp_path / "run" / "report.json").read_text())
+    assert report["recipe"]["fine_tune_epochs"] == plan["fine_tune_epochs"]
+    # The error the run reports is the kept weights' error, which is the model file's.
+    from ursa.inference.header import read_meta
+
+    assert read_meta(res.model_path).metrics["error_rate"] == pytest.approx(res.metrics["error_rate"])
+
+
+def test_budget_zero_and_explicit_epochs_skip_the_plan(sample_dir, tmp_path, one_thread):
+    from ursa.training.config import TrainConfig
+    from ursa.training.recipe import train
+
+    res = train(TrainConfig(data=sample_dir, out=tmp_path / "a", size=64, epochs=1, budget=0, quiet=True))
+    assert res.plan.fine_tune_epochs == 0 and "--budget 0" in res.plan.fine_tune_why
+    res = train(TrainConfig(data=sample_dir, out=tmp_path / "b", size=64, epochs=1, unfreeze_epochs=1, quiet=True))
+    assert [r["stage"] for r in res.learner.recorder.rows] == ["frozen", "unfrozen"]
+    assert res.plan.fine_tune_why == "--unfreeze-epochs 1"
