@@ -176,6 +176,11 @@ class TrainConfig:
         """Rebuild from to_json()'s dict (unknown keys from newer versions ignored), then apply overrides."""
         known = {f.name for f in fields(cls)}
         kw = {k: v for k, v in d.items() if k in known}
+        if "budget" not in d:  # a config.json from before the budget recipe: its values were the old defaults
+            if kw.get("unfreeze_epochs") == 0:
+                kw["unfreeze_epochs"] = None  # the old default (frozen only): the budget decides now
+            if kw.get("bn_stats_frozen") is False:
+                kw.pop("bn_stats_frozen")  # the old default made the loss jump when unfreezing
         kw.update(overrides)
         if kw.get("unfreeze_lr") is not None:
             kw["unfreeze_lr"] = tuple(kw["unfreeze_lr"])

@@ -66,16 +66,17 @@ class Learner:
         self.model.unfreeze()
         self._cache = None
 
-    def use_best(self) -> dict | None:
-        """Put back the best epoch's weights (lowest error, then valid loss) when they beat the last epoch's.
+    def use_best(self, force: bool = False) -> dict | None:
+        """Put back the best epoch's weights when their error is lower than the last epoch's (by an image or more).
 
-        Returns that epoch's history row, or None when the last epoch is the best; metrics and the
-        exported model file then describe the kept epoch.
+        Returns that epoch's history row, or None when the last epoch is as good; metrics and the
+        exported model file then describe the kept epoch. ``force``: put them back whatever the last
+        epoch did (after a fit that diverged, whose last row is not the model's).
         """
         b, rows = self.best, self.recorder.rows
-        if b.state is None or b.row is None or not rows or b.row["epoch"] == rows[-1]["epoch"]:
+        if b.state is None or b.row is None or not rows:
             return None
-        if (b.row["error_rate"], b.row["valid_loss"]) >= (rows[-1]["error_rate"], rows[-1]["valid_loss"]):
+        if not force and (b.row["epoch"] == rows[-1]["epoch"] or b.row["error_rate"] >= rows[-1]["error_rate"]):
             return None
         self.model.load_state_dict(b.state)
         self.kept_row = dict(b.row)

@@ -168,11 +168,13 @@ def _fine_tune(cfg: TrainConfig, learn: Learner, plan: Plan, t0: float, console:
             learn.fit_one_cycle(cfg.unfreeze_epochs, slice(lo, hi), size=cfg.unfreeze_size, bf16=cfg.bf16)
         return
     rows = learn.recorder.rows
-    frozen_error = min((r["error_rate"] for r in rows), default=float("nan"))
-    left = cfg.budget - (time.perf_counter() - t0) - RESERVE
+    frozen_error = rows[-1]["error_rate"] if rows else float("nan")  # what the model is now
+    plan.spent = time.perf_counter() - t0
+    left = cfg.budget - plan.spent - RESERVE
     if cfg.budget <= 0:
         plan.fine_tune_why = "--budget 0: the frozen stage only"
-    elif math.isnan(frozen_error) or frozen_error <= GOOD_ENOUGH:  # decided without spending anything
+    elif math.isnan(frozen_error) or round(frozen_error, 6) <= GOOD_ENOUGH or left <= 0:
+        # decided without spending anything more: good enough already, or no time left to spend
         plan.fine_tune_epochs, plan.fine_tune_why = fine_tune_epochs(frozen_error, left, 1.0)
     else:
         learn.unfreeze()
@@ -184,20 +186,27 @@ def _fine_tune(cfg: TrainConfig, learn: Learner, plan: Plan, t0: float, console:
         if plan.fine_tune_epochs == 0:
             learn.freeze()
     console.print(f"recipe: fine-tuning: {plan.fine_tune_why}", highlight=False)
+    force = False
     if plan.fine_tune_epochs > 0:
         deadline = t0 + cfg.budget - RESERVE
+        n_before = len(rows)
         try:
             learn.fit_one_cycle(plan.fine_tune_epochs, slice(lo, hi), size=cfg.unfreeze_size, bf16=cfg.bf16,
                                 cbs=[BudgetStop(deadline)])
-        except DivergedError as e:  # the frozen stage's weights (or a better epoch's) are still good: keep them
-            learn.diverged = False
-            plan.fine_tune_why += f"; stopped: {e}"
+        except DivergedError as e:  # the best epoch so far (frozen or not) is still good: keep it
+            learn.diverged, force = False, True
+            plan.fine_tune_why += f"; fine-tuning diverged and was stopped ({e})"
             console.print(f"[yellow]warning:[/] fine-tuning stopped: {e}", highlight=False)
-        kept = learn.use_best()
-        if kept is not None:
-            plan.fine_tune_why += f"; kept the weights of epoch {kept['epoch']} (error {kept['error_rate']:.4f})"
-            console.print(f"recipe: kept the best epoch's weights: epoch {kept['epoch']}, error rate "
-                          f"{kept['error_rate']:.4f} (the last epoch had {rows[-1]['error_rate']:.4f})", highlight=False)
+        done = len(rows) - n_before
+        if not force and done < plan.fine_tune_epochs:
+            plan.fine_tune_why += f"; --budget stopped it after {done} of {plan.fine_tune_epochs} epochs"
+    # Keep the best epoch (over both stages) when it beats the last by an image or more.
+    last = rows[-1]["error_rate"] if rows else float("nan")
+    kept = learn.use_best(force=force)
+    if kept is not None:
+        plan.fine_tune_why += f"; kept the weights of epoch {kept['epoch']} (error {kept['error_rate']:.4f})"
+        console.print(f"recipe: kept the best epoch's weights: epoch {kept['epoch']}, error rate "
+                      f"{kept['error_rate']:.4f} (the last epoch had {last:.4f})", highlight=False)
 
 
 def _before(cfg: TrainConfig, learn: Learner, ds: ImageDataset, console: Console) -> tuple[dict, dict]:
