@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from ursa.cli.common import CsvOpt, DataArg, Quiet
+from ursa.cli.common import CsvOpt, DataArg, DeviceOpt, Quiet
 
 
 def clean_cmd(
@@ -20,6 +20,7 @@ def clean_cmd(
     export: Annotated[Optional[Path], typer.Option("--export", help="Write the rankings as CSV files into DIR and exit (no page).", metavar="DIR")] = None,
     threshold: Annotated[float, typer.Option("--threshold", min=0.0, max=1.0, help="Cosine similarity above which two images are near-duplicates (measured on bears: docs/clean.md).")] = 0.88,
     quiet: Quiet = False,
+    device: DeviceOpt = "auto",
 ) -> None:
     """Find top losses, likely label errors and duplicates; keep, exclude or relabel them in your browser.
 
@@ -29,9 +30,11 @@ def clean_cmd(
     import time
 
     from ursa.apps import clean
+    from ursa.inference.placement import place
     from ursa.util.net import check_port
 
     t0 = time.perf_counter()
+    where = place(device)  # an unknown or absent device: one line, exit 2, before a port or the data is touched
     if export is None and host not in ("127.0.0.1", "localhost", "::1"):
         typer.echo(f"warning: listening on {host}: anyone who can reach this computer can see your images", err=True)
     if export is None:  # fail before the slow pass, not after it
@@ -39,7 +42,8 @@ def clean_cmd(
         if data.is_dir():
             clean.check_writable(data, csv)
     took: dict[str, float] = {}
-    ds, scores, ranks = clean.prepare(data, model, csv, threshold=threshold, quiet=quiet, timings=took)
+    ds, scores, ranks = clean.prepare(data, model, csv, threshold=threshold, quiet=quiet, timings=took, device=where,
+                                      say=lambda line: typer.echo(line, err=True))
     typer.echo(f"model pass: {scores.backend}")
     typer.echo(clean.summary_line(scores, ranks))
     if export is not None:

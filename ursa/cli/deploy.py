@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any, Iterator, Optional
+from typing import Annotated, Any, Optional
 
 import typer
 
-from ursa.cli.common import BACKEND_HELP
+from ursa.cli.common import BACKEND_HELP, DeviceOpt
 from ursa.errors import UrsaError
 
 
@@ -32,44 +32,48 @@ def predict_cmd(
     images: Annotated[list[Path], typer.Argument(help="Image files or folders of images.")],
     json_out: Annotated[bool, typer.Option("--json", help="One JSON object per line.")] = False,
     backend: Annotated[str, typer.Option("--backend", help=BACKEND_HELP)] = "auto",
-    bs: Annotated[int, typer.Option("--bs", min=1, help="Images per batch on the ONNX path.")] = 32,
+    bs: Annotated[int, typer.Option("--bs", min=1, help="Images per batch (ONNX Runtime, or torch on a GPU; torch on the CPU takes one at a time).")] = 32,
     unsure: Annotated[Optional[float], typer.Option("--unsure", min=0.0, max=1.0, help="Answer 'unsure' below this top (calibrated) probability [default: the model's stored threshold; 0 turns it off].")] = None,
     tta: Annotated[bool, typer.Option("--tta/--no-tta", help="Test-time augmentation: also predict the mirror image(s) the model was trained with and average the calibrated probabilities (2-3x the compute).")] = False,
+    device: DeviceOpt = "auto",
 ) -> None:
     """Predict the class of each image, streaming results in order; exit status 1 when some could not be read."""
     import json
 
     from ursa.errors import ImageError
+    from ursa.inference.placement import place
     from ursa.inference.runtime import current_onnx
     from ursa.inference.tta import NO_VIEWS, views_text
 
+    where = place(device)  # an unknown or absent device: one line, exit 2, before anything is read
     files = image_inputs(images)
     threshold: Any = "model" if unsure is None else (unsure or None)
-    fast, why = current_onnx(model, backend, tta=tta)
+    fast, why = current_onnx(model, backend, tta=tta, device=where)
     if fast is not None:
         said, views = f"backend: onnxruntime ({fast.source}, {'int8' if fast.describe()['int8'] else 'fp32'}; {why})", fast.views
         answers = fast.stream(files, bs, threshold)
     else:
         from ursa.inference.predictor import load_predictor
 
-        pred = load_predictor(model, backend="torch" if backend == "auto" else backend, tta=tta)
+        pred = load_predictor(model, backend="torch" if backend == "auto" else backend, tta=tta, device=where)
         said, views = f"backend: torch ({why})", pred.views
-        answers = _one_by_one(pred, files, threshold)
+        answers = pred.stream(files, 1 if where.is_cpu else bs, threshold)  # the CPU: one at a time, as always
+    said += f"; {(fast if fast is not None else pred).device_line()}"
     if len(views) > 1:
         said += f"; tta: {views_text(views)}"
     elif tta:
         typer.echo(f"warning: {NO_VIEWS}", err=True)
     failed = 0
     for f, ans in answers:
+        if isinstance(ans, ImageError) and len(files) == 1:  # the one input given is bad: a usage error, exit 2, one line
+            raise UrsaError(f"{ans}; give a JPEG, PNG, GIF, WEBP, BMP or TIFF image") from None
+        if said:  # once, before any answer or error: which backend, on which device
+            typer.echo(said, err=True)
+            said = ""
         if isinstance(ans, ImageError):
-            if len(files) == 1:  # the one input given is bad: a usage error, exit 2, one line
-                raise UrsaError(f"{ans}; give a JPEG, PNG, GIF, WEBP, BMP or TIFF image") from None
             failed += 1
             typer.echo(f"error: {ans}", err=True)
             continue
-        if said:  # once, before the first answer
-            typer.echo(said, err=True)
-            said = ""
         if json_out:
             typer.echo(json.dumps({"file": str(f), **ans.to_json()}))
         elif ans.unsure:
@@ -79,17 +83,6 @@ def predict_cmd(
     if failed:
         typer.echo(f"{failed} of {len(files)} images could not be read; the others were predicted", err=True)
         raise typer.Exit(1)  # the job ran but did not fully succeed
-
-
-def _one_by_one(pred: Any, files: list[Path], threshold: Any = "model") -> Iterator[tuple[Path, Any]]:
-    """The torch predictor's answers (or ImageErrors), one image at a time."""
-    from ursa.errors import ImageError
-
-    for f in files:
-        try:
-            yield f, pred.predict_one(f, threshold)
-        except ImageError as e:
-            yield f, e
 
 
 def export_cmd(
@@ -146,18 +139,22 @@ def serve_cmd(
     body_timeout: Annotated[float, typer.Option("--body-timeout", min=0.001, help="Seconds for a whole request body; 408 after.")] = 60.0,
     header_timeout: Annotated[float, typer.Option("--header-timeout", min=0.001, help="Seconds for the request line and headers; 408 after.")] = 10.0,
     limit_concurrency: Annotated[int, typer.Option("--limit-concurrency", min=1, help="Open connections before new ones get 503 (idle ones are closed first).")] = 256,
+    device: DeviceOpt = "auto",
 ) -> None:
     """Serve the model: a web page at / and a JSON API at /predict, until Ctrl-C."""
     from ursa.apps.serve import ServeConfig, serve
+    from ursa.inference.placement import place
     from ursa.inference.results import check_backend
     from ursa.util.numbers import parse_bytes
 
     check_backend(backend)
+    where = place(device)  # an unknown or absent device: one line, exit 2, before a port is opened
     if host not in ("127.0.0.1", "localhost", "::1"):
         typer.echo(f"warning: listening on {host}: anyone who can reach this computer can use the model", err=True)
     cfg = ServeConfig(model=model, max_bytes=parse_bytes(max_bytes), backend=backend, threads=threads,
                       max_batch=max_batch, batch_wait_ms=batch_wait_ms, bf16=bf16, max_pixels=max_pixels,
                       max_request_pixels=max_request_pixels, request_timeout=request_timeout, read_timeout=read_timeout,
-                      body_timeout=body_timeout, header_timeout=header_timeout, limit_concurrency=limit_concurrency)
+                      body_timeout=body_timeout, header_timeout=header_timeout, limit_concurrency=limit_concurrency,
+                      device=where.name)
     serve(cfg, host=host, port=port, workers=workers, access_log=access_log,
           ready=lambda url, how: typer.echo(f"serving {model} at {url} on {how} (Ctrl-C to stop)", err=True))

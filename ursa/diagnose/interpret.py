@@ -19,7 +19,7 @@ import logging
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -42,6 +42,7 @@ class Interpretation:
     features: np.ndarray | None = None  # [n, d] pooled body features, when known: the report's embedding map
     backend: str = ""  # what ran the model, e.g. "ONNX Runtime (model.onnx is current)"; "" when not recorded
     tta: str = ""  # the test-time views averaged, e.g. "2 views (original, horizontal mirror)"; "" without TTA
+    device: str = ""  # where the model ran, e.g. "device: cpu (2 threads)"; "" when not recorded
 
     def __post_init__(self) -> None:
         self.targets = np.asarray(self.targets, dtype=np.int64).reshape(-1)
@@ -172,21 +173,29 @@ def load_items(model_path: str | Path, data: str | Path, classes: Sequence[str],
 def interpret_model(model_path: str | Path, data: str | Path, all_images: bool = False,
                     csv_path: str | Path | None = None, bs: int = 32,
                     progress: Callable[[int, int], None] | None = None, backend: str = "auto",
-                    tta: bool = False) -> Interpretation:
+                    tta: bool = False, device: str = "auto",
+                    say: Callable[[str], None] | None = None) -> Interpretation:
     """Load a model file and predict its validation set (or every image) in batches; bad files are skipped.
 
     ONNX Runtime runs when a current MODEL.onnx with the body-features output sits beside the model
-    (``runtime.current_onnx_with_features``; backend "auto"), torch otherwise or with backend "torch";
-    ``Interpretation.backend`` says which. Both give calibrated probabilities and pooled features.
-    ``tta``: average over the mirrors the model was trained with (``Interpretation.tta`` says which views).
+    (``runtime.current_onnx_with_features``; backend "auto") and can run on ``device``, torch otherwise
+    or with backend "torch"; ``Interpretation.backend`` says which. Both give calibrated probabilities
+    and pooled features. ``tta``: average over the mirrors the model was trained with
+    (``Interpretation.tta`` says which views). ``device``: auto, cpu, cuda, cuda:N or mps (a
+    ``DeviceError`` when unknown or absent); ``say`` hears its line once, before the pass
+    (``Interpretation.device`` keeps it). The images stream through in batches of ``bs``
+    (``runtime.stream_batches``): at most two batches of pixels are held, never the whole set.
     """
     from ursa.errors import ImageError
-    from ursa.inference.runtime import backend_line, current_onnx_with_features
+    from ursa.inference.placement import place
+    from ursa.inference.runtime import backend_line, cores, current_onnx_with_features, stream_batches
     from ursa.inference.tta import NO_VIEWS, views_text
 
     if backend not in ("auto", "torch"):
         raise ValueError(f"interpret_model: backend must be 'auto' or 'torch' (got {backend!r})")
-    fast, why = current_onnx_with_features(model_path, tta=tta) if backend == "auto" else (None, "--backend torch")
+    where = place(device)
+    fast, why = (current_onnx_with_features(model_path, tta=tta, device=where) if backend == "auto"
+                 else (None, "--backend torch"))
     if fast is not None:
         pred, stack, to_numpy = fast, np.stack, np.asarray
     else:
@@ -194,43 +203,39 @@ def interpret_model(model_path: str | Path, data: str | Path, all_images: bool =
 
         from ursa.inference.predictor import load_predictor
 
-        pred = load_predictor(model_path, backend="torch", tta=tta)
+        pred = load_predictor(model_path, backend="torch", tta=tta, device=where)
         stack, to_numpy = torch.stack, (lambda t: t.numpy())
     if tta and len(pred.views) == 1:
         log.warning(NO_VIEWS)
     items, split, skipped = load_items(model_path, data, pred.classes, all_images, csv_path, pred.meta.config)
     if not items:
         raise DataError(f"{data}: no images to interpret")
+    line = pred.device_line()
+    if say is not None:  # after the checks of model and data, so their errors stay one line
+        say(line)
+
+    def forward(xs: list) -> list[tuple[Any, Any]]:
+        p, f = pred.probs_and_features(stack(xs))  # calibrated; features for the embedding map
+        p, f = to_numpy(p), (None if f is None else to_numpy(f))
+        return [(p[i], None if f is None else f[i]) for i in range(len(xs))]
+
     names, paths, targets, probs, feats = [], [], [], [], []
-    batch: list = []
-    kept: list[tuple[str, Path, int]] = []
-
-    def flush() -> None:
-        if batch:
-            p, f = pred.probs_and_features(stack(batch))  # calibrated; features for the embedding map
-            probs.append(to_numpy(p))
-            if f is not None:
-                feats.append(to_numpy(f))
-            for n, p, t in kept:
-                names.append(n)
-                paths.append(p)
-                targets.append(t)
-            batch.clear()
-            kept.clear()
-
-    for k, (name, path, target) in enumerate(items, 1):
-        try:
-            batch.append(pred.preprocess(path))
-            kept.append((name, path, target))
-        except ImageError as e:
-            skipped.append((name, f"{e.kind}: {e.reason}"))
-        if len(batch) >= bs:
-            flush()
+    decoders = 0 if where.is_cpu else min(4, cores())  # the CPU decodes between batches, as it always did
+    answers = stream_batches(items, bs, lambda item: pred.preprocess(item[1]), forward, decoders)
+    for k, ((name, path, target), ans) in enumerate(answers, 1):
+        if isinstance(ans, ImageError):
+            skipped.append((name, f"{ans.kind}: {ans.reason}"))
+        else:
+            names.append(name)
+            paths.append(path)
+            targets.append(target)
+            probs.append(ans[0])
+            if ans[1] is not None:
+                feats.append(ans[1])
         if progress:
             progress(k, len(items))
-    flush()
     if not names:
         raise DataError(f"{data}: none of the {len(items)} images could be read")
-    features = np.concatenate(feats) if len(feats) == len(probs) else None
-    return Interpretation(pred.classes, names, paths, np.array(targets), np.concatenate(probs), split, skipped, features,
-                          backend_line(fast, why), views_text(pred.views) if len(pred.views) > 1 else "")
+    features = np.stack(feats) if len(feats) == len(probs) else None
+    return Interpretation(pred.classes, names, paths, np.array(targets), np.stack(probs), split, skipped, features,
+                          backend_line(fast, why), views_text(pred.views) if len(pred.views) > 1 else "", line)

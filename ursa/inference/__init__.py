@@ -16,11 +16,13 @@ _WHERE = {
     "Prediction": "ursa.inference.predictor",
     "Predictor": "ursa.inference.predictor",
     "OnnxPredictor": "ursa.inference.runtime",
+    "Placement": "ursa.inference.placement",
     "export_onnx": "ursa.inference.export",
     "load_learner": "ursa.inference.predictor",
     "load_model": "ursa.inference.modelfile",
     "load_onnx": "ursa.inference.runtime",
     "load_predictor": "ursa.inference.predictor",
+    "place": "ursa.inference.placement",
     "read_meta": "ursa.inference.modelfile",
     "save_model": "ursa.inference.modelfile",
 }

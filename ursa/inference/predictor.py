@@ -25,6 +25,11 @@ below it as ``unsure`` (the class is still given). A file without calibration be
 Test-time augmentation (``tta=True``, fastai's ``learn.tta``): each batch also runs the mirrors
 the model was trained with, in the same forward pass, and the calibrated probabilities are
 averaged; the views and the average are ``tta``'s (numpy), shared with the ONNX runtime.
+
+Devices (``device=``, ``--device``; ``placement.place``): the model file holds CPU tensors only and
+loads on the CPU; the torch ``Predictor`` then moves the network to its device (CUDA: channels_last,
+autocast in ``util.device.autocast_dtype``; MPS: float32). Preprocessing stays on the CPU, each
+batch goes over with a non-blocking copy and the answers come back to the CPU.
 """
 
 from __future__ import annotations
@@ -33,14 +38,17 @@ import contextlib
 import logging
 import os
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 import torch
 
+from ursa.errors import ImageError
 from ursa.inference.modelfile import ModelMeta, load_model
-from ursa.inference.runtime import OnnxPredictor, current_onnx
+from ursa.inference.placement import Placement, place
+from ursa.inference.runtime import OnnxPredictor, cores, current_onnx, stream_batches
 from ursa.inference.results import BACKENDS, Prediction, check_backend, check_threshold  # noqa: F401 - re-exported for callers
 from ursa.inference.tta import mean_probs, tta_views, view_batch
+from ursa.util.device import autocast_dtype, describe
 from ursa.vision.images import Source
 from ursa.vision.transforms import decode_size, eval_transform, load_pixels
 
@@ -80,8 +88,10 @@ class Predictor:
     backend = "torch"  # runtime.OnnxPredictor says "onnx"
 
     def __init__(self, model: torch.nn.Module, meta: ModelMeta, bf16: bool = False, source: Path | None = None,
-                 tta: bool = False) -> None:
+                 tta: bool = False, device: "torch.device | Placement | str | None" = None) -> None:
         self.model, self.meta, self.bf16, self.source = model, meta, bf16, source
+        self.device = torch_device(device)  # None: the CPU, as before devices existed
+        self.amp = autocast_dtype(self.device)  # CUDA: bf16 where supported, else fp16; None on CPU and MPS
         self.views = tta_views(getattr(meta, "config", None), tta, source)  # ("original",) unless TTA adds mirrors
         cal = getattr(meta, "calibration", None) or {}  # model files before calibration have none
         self.temperature = float(cal.get("temperature") or 1.0)
@@ -90,7 +100,17 @@ class Predictor:
         self.size = int(meta.input_size)
         self._decode = decode_size(self.size)
         self._tfm = eval_transform(self.size, meta.mean, meta.std)
-        self.model.eval().to(memory_format=torch.channels_last)
+        self.model.eval().to(self.device, memory_format=torch.channels_last)
+
+    def _autocast(self) -> Any:
+        """Mixed precision where the device has it (CUDA), else bf16 on the CPU when asked (--bf16)."""
+        if self.amp is not None:
+            return torch.autocast(self.device.type, dtype=self.amp)
+        return torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bf16 and self.device.type == "cpu")
+
+    def _on_device(self, x: torch.Tensor) -> torch.Tensor:
+        """A preprocessed batch on the network's device, channels_last (a no-op copy on the CPU)."""
+        return x.to(self.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
 
     def preprocess(self, source: Source) -> torch.Tensor:
         """Decode and transform to a normalised CHW tensor; raises ImageError for unusable input."""
@@ -100,9 +120,9 @@ class Predictor:
     @torch.inference_mode()
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """Raw (uncalibrated) logits for a preprocessed batch [N, 3, H, W]."""
-        x = x.contiguous(memory_format=torch.channels_last)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bf16):
-            return self.model(x).float()
+        x = self._on_device(x)
+        with self._autocast():
+            return self.model(x).float().cpu()
 
     @torch.inference_mode()
     def probs(self, x: torch.Tensor) -> torch.Tensor:
@@ -110,21 +130,22 @@ class Predictor:
         n = len(self.views)
         if n == 1:
             return (self.logits(x) / self.temperature).softmax(1)
-        logits = self.logits(torch.from_numpy(view_batch(x.numpy(), n)))
+        logits = self.logits(torch.from_numpy(view_batch(x.cpu().numpy(), n)))
         return torch.from_numpy(mean_probs(logits.numpy(), n, self.temperature))
 
     @torch.inference_mode()
     def probs_and_features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Calibrated probabilities (averaged over the TTA views) and the plain view's pooled body features (interpret's map)."""
         n = len(self.views)
-        xs = x if n == 1 else torch.from_numpy(view_batch(x.numpy(), n))
-        xs = xs.contiguous(memory_format=torch.channels_last)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bf16):
+        xs = x if n == 1 else torch.from_numpy(view_batch(x.cpu().numpy(), n))
+        xs = self._on_device(xs)
+        with self._autocast():
             f = self.model.features(xs)
             logits = self.model.head(f)
+        logits, f = logits.float().cpu(), f[: len(x)].float().cpu()
         if n == 1:
-            return (logits.float() / self.temperature).softmax(1), f.float()
-        return torch.from_numpy(mean_probs(logits.float().numpy(), n, self.temperature)), f[: len(x)].float()
+            return (logits / self.temperature).softmax(1), f
+        return torch.from_numpy(mean_probs(logits.numpy(), n, self.temperature)), f
 
     def result(self, p: torch.Tensor, threshold: float | None | str = "model") -> Prediction:
         """One row of probabilities as a Prediction, judged by the model's unsure threshold unless another is given."""
@@ -153,41 +174,68 @@ class Predictor:
             out += self.predict_tensors([self.preprocess(s) for s in sources[i:i + bs]], threshold)
         return out
 
+    def stream(self, sources: Iterable[Source], bs: int = 32, threshold: float | None | str = "model",
+               workers: int | None = None) -> Iterator[tuple[Source, Prediction | ImageError]]:
+        """(source, Prediction or the ImageError that made it unreadable) in input order, ``bs`` images a batch.
+
+        Never more than two batches of decoded images are held (``runtime.stream_batches``). ``workers``
+        decode ahead in threads; default: none on the CPU (the network needs the cores), 4 on a GPU.
+        """
+        if workers is None:
+            workers = 0 if self.device.type == "cpu" else min(4, cores())
+        yield from stream_batches(sources, bs, self.preprocess, lambda xs: self.predict_tensors(xs, threshold), workers)
+
+    def device_line(self) -> str:
+        """Where this runs, for the first line a command prints (``util.device.describe``)."""
+        return describe(self.device)
+
     def describe(self) -> dict[str, Any]:
         """What serve's /model says: enough for a client to know what it is talking to."""
         m = self.meta
         return {
             "classes": self.classes, "arch": m.arch, "input_size": self.size, "metrics": m.metrics,
             "version": m.ursa_version, "created": m.created, "format_version": m.format_version,
-            "backend": "torch" + ("+bf16" if self.bf16 else ""),
+            "backend": "torch" + ("+bf16" if self.bf16 and self.amp is None else ""), "device": str(self.device),
             "file": self.source.name if self.source else None,
             "temperature": self.temperature, "unsure_threshold": self.threshold,
         }
 
 
 def load_predictor(path: str | Path, backend: str = "auto", threads: int | None = None,
-                   bf16: bool = False, tta: bool = False) -> Predictor | OnnxPredictor:
+                   bf16: bool = False, tta: bool = False, device: "str | Placement" = "auto") -> Predictor | OnnxPredictor:
     """Load a model file for inference on the backend ``runtime.current_onnx`` picks: the one loader for predict and serve.
 
     ONNX Runtime (a ``runtime.OnnxPredictor``, numpy in and out) for a .onnx path, for backend "onnx",
     and for "auto" with a current MODEL.onnx beside the model; torch (``Predictor``) otherwise.
     ``tta``: also run the mirrors the model was trained with and average (``Predictor.views`` says which).
+    ``device``: auto (CUDA, then MPS, then the CPU), cpu, cuda, cuda:N, mps, or a ``placement.Placement``;
+    torch runs on a GPU that ONNX Runtime cannot use. An unknown or absent device is a ``DeviceError``.
     """
     check_backend(backend)
+    where = place(device)
     threads = threads or default_threads()
-    fast, why = current_onnx(path, backend, threads, tta)
+    fast, why = current_onnx(path, backend, threads, tta, where)
     if fast is not None:
         return fast
     if backend == "auto" and "stale" in why:
         log.warning("%s; running %s with torch. Re-export with `ursa export %s --onnx`", why, path, path)
     torch.set_num_threads(threads)
-    return _load_torch(Path(path), bf16, tta)
+    return _load_torch(Path(path), bf16, tta, where)
 
 
 load_learner = load_predictor
 """fastai's name for `load_predictor` (``learn = load_learner(path)``), kept so fastai-style code reads the same."""
 
 
-def _load_torch(path: Path, bf16: bool, tta: bool = False) -> Predictor:
-    model, meta = load_model(path)
-    return Predictor(model, meta, bf16=bf16, source=path, tta=tta)
+def torch_device(device: "torch.device | Placement | str | None") -> torch.device:
+    """A torch.device from what callers give: None (the CPU), a name (``placement.place``'s rules) or a Placement."""
+    if device is None:
+        return torch.device("cpu")
+    if isinstance(device, torch.device):
+        return device
+    return place(device).torch()
+
+
+def _load_torch(path: Path, bf16: bool, tta: bool = False, device: "Placement | None" = None) -> Predictor:
+    model, meta = load_model(path)  # CPU tensors: the file holds nothing device-specific
+    return Predictor(model, meta, bf16=bf16, source=path, tta=tta, device=device)

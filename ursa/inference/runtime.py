@@ -16,16 +16,20 @@ numpy release the GIL), and results come back in input order as soon as each bat
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
 from ursa.errors import ImageError, ModelFileError, UrsaError
 from ursa.inference.metaschema import ONNX_META_KEY, ModelMeta
+from ursa.inference.placement import CPU, Placement, onnx_device, onnx_line, onnx_refusal
 from ursa.inference.preprocess import PREPROCESS_KEY, Preprocess, check_spec, preprocess_spec
 from ursa.inference.results import Prediction, check_backend, check_threshold, softmax
 from ursa.inference.session import check_session_fits, ort_session
@@ -48,14 +52,62 @@ def cores() -> int:
         return os.cpu_count() or 1
 
 
+def stream_batches(sources: Iterable[Source], bs: int, decode: Callable[[Source], Any],
+                   forward: Callable[[list[Any]], list[Any]], workers: int = 0) -> Iterator[tuple[Source, Any]]:
+    """(source, forward's answer or the ImageError that made it unreadable) in input order, batch by batch.
+
+    With ``workers`` > 0 decoding runs in a thread pool up to two batches ahead of the network (the
+    decode of batch k+1 overlaps the forward pass of batch k); with 0, in this thread. Either way at
+    most two batches of decoded images are held, however many sources there are (both backends).
+    """
+    bs, it = max(1, int(bs)), iter(sources)
+    if workers <= 0:
+        while batch := [(s, partial(decode, s)) for s in itertools.islice(it, bs)]:
+            yield from _answers(batch, forward)
+        return
+    with ThreadPoolExecutor(workers, thread_name_prefix="ursa-decode") as pool:
+        pending: deque[tuple[Source, Callable[[], Any]]] = deque()
+        while True:
+            for s in itertools.islice(it, max(0, 2 * bs - len(pending))):
+                pending.append((s, pool.submit(decode, s).result))
+            if not pending:
+                return
+            yield from _answers([pending.popleft() for _ in range(min(bs, len(pending)))], forward)
+
+
+def _answers(batch: list[tuple[Source, Callable[[], Any]]],
+             forward: Callable[[list[Any]], list[Any]]) -> Iterator[tuple[Source, Any]]:
+    """One batch: decode (or collect) each item, forward the readable ones together, answer in order."""
+    sources = [src for src, _ in batch]
+    got = [_decoded(get) for _, get in batch]
+    batch.clear()  # the futures hold the decoded pixels too
+    errors = [e for _, e in got]
+    arrays = [x for x, e in got if e is None]
+    del got
+    preds = iter(forward(arrays) if arrays else [])
+    del arrays  # the decoded pixels go before the answers are handed out
+    for src, err in zip(sources, errors):
+        yield src, err if err is not None else next(preds)
+
+
+def _decoded(get: Callable[[], Any]) -> tuple[Any, ImageError | None]:
+    """(pixels, None), or (None, the ImageError) for an unreadable image."""
+    try:
+        return get(), None
+    except ImageError as e:
+        return None, e.with_traceback(None)  # its frames would keep this batch's pixels alive
+
+
 class OnnxPredictor:
     """Loaded once, used many times: numpy preprocessing + ONNX Runtime + calibrated softmax."""
 
     backend = "onnx"
 
     def __init__(self, session: Any, meta: ModelMeta, spec: dict[str, Any] | None = None,
-                 source: Path | None = None, decoders: int | None = None, tta: bool = False) -> None:
+                 source: Path | None = None, decoders: int | None = None, tta: bool = False,
+                 device: str = "cpu", threads: int | None = None) -> None:
         self.session, self.meta, self.source = session, meta, source
+        self.device, self.threads = device, threads or cores()  # where the session runs ("cpu", "cuda:N")
         self.views = tta_views(meta.config, tta, source)  # ("original",) unless TTA adds the trained mirrors
         self.spec = spec or preprocess_spec(meta.input_size, meta.mean, meta.std)
         self.preprocess = Preprocess(self.spec)
@@ -148,33 +200,15 @@ class OnnxPredictor:
                threshold: float | None | str = "model") -> Iterator[tuple[Source, Prediction | ImageError]]:
         """(source, Prediction or the ImageError that made it unreadable) in input order, batch by batch.
 
-        Decoding runs in a thread pool up to two batches ahead of the network, so the decode of
-        batch k+1 overlaps the forward pass of batch k.
+        Decoding runs in a thread pool up to two batches ahead of the network (``stream_batches``),
+        so the decode of batch k+1 overlaps the forward pass of batch k.
         """
-        items = list(sources)
-        with ThreadPoolExecutor(self._decoders, thread_name_prefix="ursa-decode") as pool:
-            pending: list[tuple[Source, Future]] = []
-            ahead = 0
-            for start in range(0, len(items), bs):
-                while ahead < min(len(items), start + 2 * bs):
-                    pending.append((items[ahead], pool.submit(self.preprocess, items[ahead])))
-                    ahead += 1
-                batch, pending = pending[:bs], pending[bs:]
-                yield from self._forward(batch, threshold)
+        yield from stream_batches(sources, bs, self.preprocess, lambda xs: self.predict_arrays(xs, threshold),
+                                  self._decoders)
 
-    def _forward(self, batch: list[tuple[Source, Future]],
-                 threshold: float | None | str) -> Iterator[tuple[Source, Prediction | ImageError]]:
-        arrays: list[np.ndarray] = []
-        answers: list[Prediction | ImageError | None] = []
-        for _, fut in batch:
-            try:
-                arrays.append(fut.result())
-                answers.append(None)
-            except ImageError as e:
-                answers.append(e)
-        preds = iter(self.predict_arrays(arrays, threshold) if arrays else [])
-        for (src, _), ans in zip(batch, answers):
-            yield src, ans if ans is not None else next(preds)
+    def device_line(self) -> str:
+        """Where this runs, for the first line a command prints: "device: cpu (2 threads)"."""
+        return onnx_line(self.device, self.threads)
 
     def int8_report(self) -> Any:
         """The INT8 check stored by `ursa export --int8` (agreement, error change), or None for an fp32 file."""
@@ -186,18 +220,18 @@ class OnnxPredictor:
         return {
             "classes": self.classes, "arch": m.arch, "input_size": self.size, "metrics": m.metrics,
             "version": m.ursa_version, "created": m.created, "format_version": m.format_version,
-            "backend": "onnx", "file": self.source.name if self.source else None,
+            "backend": "onnx", "device": self.device, "file": self.source.name if self.source else None,
             "temperature": self.temperature, "unsure_threshold": self.threshold,
             "int8": self.int8_report(),
         }
 
 
-def open_session(path: Path, threads: int) -> Any:
+def open_session(path: Path, threads: int, device: str = "cpu") -> Any:
     """A session for a user's .onnx file (`ort_session`'s settings), with one clear line when it is not ONNX."""
     if not path.is_file():
         raise ModelFileError(f"{path}: ONNX file not found; create it with `ursa export MODEL --onnx`")
     try:
-        return ort_session(str(path), threads, spinning=True)
+        return ort_session(str(path), threads, spinning=True, device=device)
     except UrsaError:
         raise
     except Exception as e:  # onnxruntime raises its own exception types for bad files
@@ -227,13 +261,17 @@ def read_onnx_meta(session: Any, path: Path) -> tuple[ModelMeta, dict[str, Any]]
     return meta, check_spec(spec, path, meta.input_size)
 
 
-def load_onnx(path: str | Path, threads: int | None = None, tta: bool = False) -> OnnxPredictor:
-    """An ursa ONNX file ready to predict, without torch: the runtime's entry point (tta: average the trained mirrors too)."""
+def load_onnx(path: str | Path, threads: int | None = None, tta: bool = False, device: str = "cpu") -> OnnxPredictor:
+    """An ursa ONNX file ready to predict, without torch: the runtime's entry point (tta: average the trained mirrors too).
+
+    ``device``: "cpu", or "cuda:N" on onnxruntime-gpu (``placement.onnx_device`` says which a --device gives).
+    """
     path = Path(path)
-    session = open_session(path, threads or cores())
+    threads = threads or cores()
+    session = open_session(path, threads, device)
     meta, spec = read_onnx_meta(session, path)
     check_session_fits(session, len(meta.classes), meta.input_size, path)
-    return OnnxPredictor(session, meta, spec, source=path, tta=tta)
+    return OnnxPredictor(session, meta, spec, source=path, tta=tta, device=device, threads=threads)
 
 
 def stale_reason(onnx_meta: ModelMeta, meta: ModelMeta) -> str | None:
@@ -246,24 +284,34 @@ def stale_reason(onnx_meta: ModelMeta, meta: ModelMeta) -> str | None:
 
 
 def current_onnx(path: str | Path, backend: str = "auto", threads: int | None = None,
-                 tta: bool = False) -> tuple[OnnxPredictor | None, str]:
+                 tta: bool = False, device: Placement | None = None) -> tuple[OnnxPredictor | None, str]:
     """The ONNX predictor that `backend` picks for `path` (torch-free), or None and why torch runs instead.
 
     The rule of ``predictor.resolve_backend``: a .onnx path runs itself; "onnx" needs MODEL.onnx
     beside the model; "auto" uses it only when it is at least as new and was exported from this
     model file (same ``created`` and classes); "torch" never. ``tta`` is passed to the predictor.
+    ``device`` (``placement.place``; None: the CPU): where ONNX Runtime cannot run (MPS; CUDA without
+    its CUDA provider) torch runs instead, and an .onnx file or "onnx" there is a DeviceError.
     """
     path = Path(path)
     check_backend(backend)
+    where = device or CPU
+    on = onnx_device(where)
     if path.suffix.lower() == ".onnx":
         if backend == "torch":
             raise UrsaError(f"{path}: --backend torch needs the model.safetensors file, not the ONNX export")
-        return load_onnx(path, threads, tta), "an .onnx file"
+        if on is None:
+            raise onnx_refusal(where, path.name)
+        return load_onnx(path, threads, tta, on), "an .onnx file"
     if not path.is_file():
         raise ModelFileError(f"{path}: model file not found")
     beside = path.with_suffix(".onnx")
     if backend == "torch":
         return None, "--backend torch"
+    if on is None:
+        if backend == "onnx":
+            raise onnx_refusal(where, "--backend onnx")
+        return None, f"ONNX Runtime cannot use {where.name} here"
     if not beside.is_file():
         if backend == "onnx":
             raise UrsaError(f"{beside}: ONNX file not found; create it with `ursa export {path} --onnx`")
@@ -273,7 +321,7 @@ def current_onnx(path: str | Path, backend: str = "auto", threads: int | None = 
     from ursa.inference.header import read_meta
 
     try:
-        pred = load_onnx(beside, threads, tta)
+        pred = load_onnx(beside, threads, tta, on)
     except UrsaError as e:
         if backend == "onnx":
             raise
@@ -285,15 +333,15 @@ def current_onnx(path: str | Path, backend: str = "auto", threads: int | None = 
     return pred, f"{beside.name} is current"
 
 
-def current_onnx_with_features(path: str | Path, threads: int | None = None,
-                               tta: bool = False) -> tuple[OnnxPredictor | None, str]:
+def current_onnx_with_features(path: str | Path, threads: int | None = None, tta: bool = False,
+                               device: Placement | None = None) -> tuple[OnnxPredictor | None, str]:
     """`current_onnx(path, "auto")` for interpret and clean: the ONNX predictor only when it also gives body features.
 
     None and the reason (shown to the user) when there is no current export, when it cannot be
     loaded, or when it predates the features output; the caller then runs torch.
     """
     try:
-        pred, why = current_onnx(path, "auto", threads, tta)
+        pred, why = current_onnx(path, "auto", threads, tta, device)
         if pred is not None:
             pred.check_features()
     except UrsaError as e:  # a broken or old export beside a good model file: torch still works

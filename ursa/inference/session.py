@@ -5,12 +5,14 @@ from __future__ import annotations
 from typing import Any
 
 from ursa.errors import ModelFileError, UrsaError
+from ursa.util.device import DeviceError
 
 
-def ort_session(model: bytes | str, threads: int, spinning: bool = True) -> Any:
-    """An ONNX Runtime CPU session with `threads` intra-op threads; spinning=False lets idle threads sleep.
+def ort_session(model: bytes | str, threads: int, spinning: bool = True, device: str = "cpu") -> Any:
+    """An ONNX Runtime session with `threads` intra-op threads; spinning=False lets idle threads sleep.
 
     Tuned for small machines: all graph optimisations, one op at a time (the inter-op pool off).
+    ``device``: "cpu", or "cuda:N" for onnxruntime-gpu's CUDA provider (a DeviceError when it does not start).
     """
     try:
         import onnxruntime as ort
@@ -25,7 +27,15 @@ def ort_session(model: bytes | str, threads: int, spinning: bool = True) -> Any:
     so.log_severity_level = 3
     if not spinning:
         so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    return ort.InferenceSession(model, so, providers=["CPUExecutionProvider"])
+    if device == "cpu":
+        return ort.InferenceSession(model, so, providers=["CPUExecutionProvider"])
+    index = int(device.split(":")[1]) if ":" in device else 0
+    sess = ort.InferenceSession(model, so, providers=[("CUDAExecutionProvider", {"device_id": index}),
+                                                      "CPUExecutionProvider"])
+    if "CUDAExecutionProvider" not in sess.get_providers():  # onnxruntime falls back to the CPU quietly
+        raise DeviceError(f"--device {device}: ONNX Runtime could not start its CUDA provider on {device}; "
+                          "use --device cpu, or check the CUDA libraries onnxruntime-gpu needs")
+    return sess
 
 
 def check_session_fits(session: Any, n_classes: int, size: int, path: object) -> None:

@@ -6,7 +6,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 from rich.console import Console
@@ -16,7 +16,9 @@ from ursa.apps.clean.ranking import DUP_THRESHOLD, Rankings, rank
 from ursa.apps.clean.scores import Scores, score_dataset
 from ursa.apps.clean.sweep import sweep_temp_files
 from ursa.inference.modelfile import load_model
+from ursa.inference.placement import Placement, place
 from ursa.inference.runtime import backend_line, current_onnx_with_features
+from ursa.util.device import describe
 from ursa.util.progress import progress_bar
 from ursa.vision.data import dedupe_setting, load_dataset, split_settings
 
@@ -76,26 +78,30 @@ def json_number(v: Any) -> float | None:
 
 
 def prepare(data: Path, model_path: Path, csv_path: Path | None = None, threshold: float = DUP_THRESHOLD,
-            quiet: bool = False, console: Console | None = None,
-            timings: dict[str, float] | None = None) -> tuple[Any, Scores, Rankings]:
+            quiet: bool = False, console: Console | None = None, timings: dict[str, float] | None = None,
+            device: "str | Placement" = "auto", say: Callable[[str], None] | None = None) -> tuple[Any, Scores, Rankings]:
     """Load data and model, score every item (with a progress bar) and rank: the shared first half.
 
     The model pass runs on ONNX Runtime when a current MODEL.onnx with the body-features output sits
-    beside the model, torch otherwise; ``Scores.backend`` says which and why.
+    beside the model (and ONNX Runtime can use ``device``), torch on ``device`` otherwise;
+    ``Scores.backend`` says which and why. ``say`` hears the device line once, before the pass.
     """
     console = console or Console(stderr=True, quiet=quiet)
     timings = {} if timings is None else timings
     t0 = time.perf_counter()
-    fast, why = current_onnx_with_features(model_path)  # ONNX Runtime from a current model.onnx, else torch
+    where = place(device)
+    fast, why = current_onnx_with_features(model_path, device=where)  # ONNX Runtime from a current model.onnx, else torch
     backend = backend_line(fast, why)
     log.info("clean: model pass on %s", backend)
     model, meta = (None, fast.meta) if fast is not None else load_model(model_path)
     ds = load_dataset(data, csv_path, *split_settings(meta.config), dedupe=dedupe_setting(meta.config))  # the run's split
+    if say is not None:  # after the checks of model and data, so their errors stay one line
+        say(fast.device_line() if fast is not None else describe(where.torch()))
     t1 = time.perf_counter()
     with progress_bar(console, quiet) as prog:
         task = prog.add_task("predictions and embeddings", total=len(ds))
         scores = score_dataset(ds, model, meta, progress=lambda k: prog.update(task, advance=k), onnx=fast,
-                               backend=backend)
+                               backend=backend, device=None if fast is not None else where.torch())
     t2 = time.perf_counter()
     ranks = rank(scores, threshold)
     timings.update(load=t1 - t0, model_pass=t2 - t1, rankings=time.perf_counter() - t2)

@@ -242,7 +242,7 @@ def create_app(model_path: str | Path | None = None, *, config: ServeConfig | No
         config = ServeConfig(model=Path(model_path), **settings)
     why = "given"
     if predictor is None:
-        predictor, why = load_model(config.model, config.backend, config.threads, config.bf16)
+        predictor, why = load_model(config.model, config.backend, config.threads, config.bf16, config.device)
     pred = predictor
     threads = config.threads or default_threads()
     # onnxruntime has its own intra-op pool: torch on the inference thread only stacks and softmaxes.

@@ -37,6 +37,7 @@ class ServeConfig:
     body_timeout: float = 60.0  # seconds for the whole body (408 after): 10 MB at 1.4 Mbit/s
     header_timeout: float = 10.0  # seconds for the request line and headers (408, connection closed)
     limit_concurrency: int = 256  # open connections before uvicorn answers 503; bounds bodies held in memory
+    device: str = "auto"  # --device: where the network runs (inference.placement.place)
 
     def __post_init__(self) -> None:
         for name in ("max_bytes", "max_pixels", "max_request_pixels", "decode_window", "limit_concurrency"):
@@ -65,4 +66,5 @@ class ServeConfig:
         return cls(model=Path(model), max_bytes=int(get("max_bytes", DEFAULT_MAX_BYTES)), backend=get("backend", "auto"),
                    threads=int(threads) if threads else None, max_batch=int(max_batch) if max_batch else 16,
                    batch_wait_ms=float(get("batch_wait_ms", 0.0)), bf16=get("bf16", "False") == "True",
+                   device=get("device", "auto"),
                    **{k: (float if t == "float" else int)(get(k)) for k, t in limits.items() if get(k) is not None})

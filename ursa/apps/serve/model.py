@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 from typing import Any, Callable
 
+from ursa.inference.placement import Placement, place
 from ursa.inference.preprocess import DECODE_SCALE
 from ursa.inference.results import check_backend
 from ursa.inference.runtime import cores, current_onnx
@@ -24,18 +25,28 @@ def default_threads(workers: int = 1) -> int:
     return max(1, cores() // max(1, workers))
 
 
-def load_model(model: Any, backend: str = "auto", threads: int | None = None, bf16: bool = False) -> tuple[Any, str]:
-    """(predictor, why this backend): the ONNX runtime when `backend` picks it, else torch, imported only now."""
+def load_model(model: Any, backend: str = "auto", threads: int | None = None, bf16: bool = False,
+               device: "str | Placement" = "auto") -> tuple[Any, str]:
+    """(predictor, why this backend): the ONNX runtime when `backend` (and `device`) pick it, else torch, imported only now."""
     check_backend(backend)
+    where = place(device)  # torch-free for cpu, and for auto with no GPU in sight
     threads = threads or default_threads()
-    fast, why = current_onnx(model, backend, threads)
+    fast, why = current_onnx(model, backend, threads, device=where)
     if fast is not None:
         return fast, why
     if backend == "auto" and "stale" in why:
         log.warning("%s; running %s with torch. Re-export with `ursa export %s --onnx`", why, model, model)
     from ursa.inference.predictor import load_predictor  # torch: only on this path
 
-    return load_predictor(model, backend="torch", threads=threads, bf16=bf16), why
+    return load_predictor(model, backend="torch", threads=threads, bf16=bf16, device=where), why
+
+
+def device_text(pred: Any, workers: int = 1, threads: int | None = None) -> str:
+    """Where the predictor runs, as the serving line says it ("device: cpu (2 threads)"; per worker when several)."""
+    line = getattr(pred, "device_line", None)
+    if workers > 1 and str(getattr(pred, "device", "cpu")) == "cpu":
+        return f"device: cpu ({workers} workers, {threads or default_threads(workers)} threads each)"
+    return line() if line is not None else "device: cpu"
 
 
 def batch_runner(pred: Any) -> Callable[[list[Any]], list[Any]]:

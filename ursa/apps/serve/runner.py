@@ -9,9 +9,10 @@ import uvicorn
 
 from ursa.apps.serve.app import app_from_env, create_app
 from ursa.apps.serve.config import ServeConfig
-from ursa.apps.serve.model import default_threads, load_model
+from ursa.apps.serve.model import default_threads, device_text, load_model
 from ursa.apps.web import Server, TimedH11Protocol, quiet_repeats, server_config
 from ursa.errors import UrsaError
+from ursa.inference.placement import place
 from ursa.util.net import check_port, raise_open_files_limit
 
 FILES_RESERVED = 64  # descriptors the process needs besides connections: the model, logs, pipes, the listening socket
@@ -24,10 +25,11 @@ def serve(config: ServeConfig, host: str = "127.0.0.1", port: int = 8000, worker
           access_log: bool = True, log_level: str = "info", ready: Callable[[str, str], None] | None = None) -> None:
     """Run the app until SIGINT/SIGTERM, then finish in-flight requests and return (exit status 0).
 
-    ready(url, backend): called once the model is loaded, before serving; backend says which runs and why.
+    ready(url, backend): called once the model is loaded, before serving; backend says which runs, why, and on what.
     """
     if workers < 1:
         raise UrsaError(f"--workers must be at least 1 (got {workers})")
+    place(config.device)  # an unknown or absent device: one line, exit 2, before the port is checked or opened
     check_port(host, port)
     config.threads = config.threads or default_threads(workers)
     # Over limit_concurrency open connections a new one is answered 503 at once; the limit stays well under
@@ -40,14 +42,15 @@ def serve(config: ServeConfig, host: str = "127.0.0.1", port: int = 8000, worker
         ucfg = server_config(app, host, port, header_timeout=config.header_timeout, access_log=access_log,
                              log_level=log_level, timeout_graceful_shutdown=10, server_header=False, **limits)
         if ready:
-            ready(f"http://{host}:{port}", f"{app.state.info['backend']} ({app.state.backend_reason})")
+            ready(f"http://{host}:{port}", f"{app.state.info['backend']} ({app.state.backend_reason}); "
+                                           f"{device_text(app.state.predictor)}")
         Server(ucfg).run()
         return
     # Check the model in this process (clear error, exit 2) before forking workers that load it.
-    pred, why = load_model(config.model, config.backend, threads=1)
+    pred, why = load_model(config.model, config.backend, threads=1, device=config.device)
     os.environ.update(config.to_env())
     if ready:
-        ready(f"http://{host}:{port}", f"{pred.backend} ({why})")
+        ready(f"http://{host}:{port}", f"{pred.backend} ({why}); {device_text(pred, workers, config.threads)}")
     quiet_repeats()
     # uvicorn builds the workers' Config itself: app_from_env sets their header deadline on TimedH11Protocol.
     uvicorn.run(WORKER_FACTORY, factory=True, host=host, port=port, workers=workers, http=TimedH11Protocol,
