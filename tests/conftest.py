@@ -131,3 +131,15 @@ def wait_until(page, expression: str, timeout: float = 15.0) -> None:
         if time.monotonic() > end:
             raise AssertionError(f"timed out waiting for {expression}")
         time.sleep(0.05)
+
+
+def load_benchmark(name: str):
+    """A script in benchmarks/ as a module (benchmarks/ is not a package); the caller pops it from sys.modules."""
+    import importlib.util
+    import sys
+
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", ROOT / "benchmarks" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[f"bench_{name}"] = mod
+    spec.loader.exec_module(mod)
+    return mod

@@ -32,3 +32,13 @@ def parse_slice(text: str | None) -> tuple[float, float] | None:
     except ValueError:
         raise UrsaError(f"--unfreeze-lr: expected two numbers LO,HI, got {text!r}") from None
     return lo, hi
+
+
+def device_option(help_extra: str = "") -> Any:
+    """--device, the same on every command that runs a network (checked by ursa.util.device)."""
+    from ursa.util.device import DEVICE_HELP
+
+    return typer.Option("--device", help=DEVICE_HELP + help_extra)
+
+
+DeviceOpt = Annotated[str, device_option()]

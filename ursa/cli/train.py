@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import os
+import sys
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
 import typer
 
-from ursa.cli.common import CsvOpt, DataArg, Quiet, default, parse_slice
+from ursa.cli.common import CsvOpt, DataArg, DeviceOpt, Quiet, default, parse_slice
 from ursa.errors import UrsaError
 from ursa.training.config import TrainConfig, read_run_config
 from ursa.util.files import check_outside
@@ -81,11 +83,28 @@ def train_cmd(
     curve: Annotated[Optional[bool], typer.Option("--curve/--no-curve", help="Add the learning curve (how many images are enough) to the report; ~25 s on the bears set [default: off].")] = None,
     target_precision: Annotated[Optional[float], typer.Option("--target-precision", help=f"Precision the 'unsure' threshold aims at on the validation set [default: {default('target_precision')}].")] = None,
     int8: Annotated[Optional[bool], typer.Option("--int8/--no-int8", help="Also write model.int8.onnx (smaller, faster), checked against fp32 on the validation images and not written when it loses over 1 point [default: off].")] = None,
+    device: DeviceOpt = "auto",
+    pixels: Annotated[Optional[str], typer.Option("--pixels", help="Where decoded images live: auto (in memory when they fit, else decoded per batch by loader workers), memory or stream [default: auto].")] = None,
+    resume: Annotated[Optional[Path], typer.Option("--resume", help="Go on with a stopped run (Ctrl-C, kill, a lost node) from its last completed epoch: its run folder; its options are used.")] = None,
+    nproc: Annotated[Optional[int], typer.Option("--nproc", min=1, help="Train with N processes on this machine: starts `torchrun --nproc-per-node N -m ursa train ...` (gloo on CPUs, NCCL on GPUs).")] = None,
     quiet: Quiet = False,
 ) -> None:
     """Fine-tune a pretrained network on your images: frozen one-cycle, then fine-tuning when it pays and fits --budget."""
     from ursa.training.recipe import train
 
+    if nproc is not None and nproc > 1 and "WORLD_SIZE" not in os.environ:
+        import subprocess
+
+        cmd = torchrun_command(nproc, sys.argv)
+        typer.echo(f"starting: {' '.join(cmd)}", err=True)
+        raise typer.Exit(subprocess.run(cmd).returncode)
+    if resume is not None:
+        from ursa.training.resume import resume_config
+
+        cfg, ckpt = resume_config(resume, data, device=device, pixels=pixels, quiet=quiet or None)
+        res = train(cfg, resume=ckpt)
+        _say_result(res)
+        return
     cfg = make_config(
         data, config, out=out, csv=csv, arch=arch, pretrained=pretrained, size=size, valid_pct=valid_pct, seed=seed,
         split_seed=split_seed, epochs=epochs, lr=lr, budget=parse_budget(budget), unfreeze_epochs=unfreeze_epochs,
@@ -93,8 +112,33 @@ def train_cmd(
         unfreeze_lr=parse_slice(unfreeze_lr), unfreeze_size=unfreeze_size, bf16=bf16, bn_stats_frozen=bn_stats_frozen,
         bs=bs, wd=wd, label_smoothing=label_smoothing, cache=cache, views=views, bf16_features=bf16_features,
         dedupe_split=dedupe_split, curve=curve, target_precision=target_precision, int8=int8, quiet=quiet or None,
+        device=device, pixels=pixels,
     )
-    res = train(cfg)
+    _say_result(train(cfg))
+
+
+def torchrun_command(nproc: int, argv: list[str]) -> list[str]:
+    """`ursa train ... --nproc N` as torchrun's command line (the same options, without --nproc)."""
+    args = list(argv[1:])
+    start = args.index("train") if "train" in args else 0
+    rest, skip = [], False
+    for a in args[start:]:
+        if skip:
+            skip = False
+            continue
+        if a == "--nproc":
+            skip = True
+            continue
+        if a.startswith("--nproc="):
+            continue
+        rest.append(a)
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "-m", "ursa", *rest]
+
+
+def _say_result(res: Any) -> None:
+    """The run's summary on stdout (rank 0 only: the other ranks say nothing)."""
+    if res.model_path is None and res.files is None:
+        return
     m = res.metrics
     typer.echo(
         f"error_rate {m['error_rate']:.4f} (accuracy {m['accuracy']:.4f}) on {res.n_valid} validation images; "
@@ -130,6 +174,7 @@ def lr_find_cmd(
     valid_pct: ValidOpt = None,
     seed: SeedOpt = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
+    device: DeviceOpt = "auto",
     quiet: Quiet = False,
 ) -> None:
     """Find a learning rate: sweep it from 1e-7 to 10 over 100 batches and suggest one (lr_find.png)."""
@@ -140,7 +185,7 @@ def lr_find_cmd(
 
     # The sweep itself is the lesson's, fixed: 1e-7 to 10 over at most 100 batches (lr_find's defaults).
     cfg = make_config(data, config, out=out, csv=csv, arch=arch, size=size, bs=bs, valid_pct=valid_pct, seed=seed,
-                      lr=lr, quiet=quiet or None)
+                      lr=lr, quiet=quiet or None, device=device)
     learn, _ = build_learner(cfg)
     learn.freeze()
     if unfrozen:
@@ -175,6 +220,7 @@ def interpret_cmd(
     min_val: Annotated[int, typer.Option("--min-val", min=1, help="Most-confused pairs with at least this many images.")] = 1,
     json_out: Annotated[bool, typer.Option("--json", help="Print report.json instead of the summary.")] = False,
     tta: Annotated[bool, typer.Option("--tta/--no-tta", help="Test-time augmentation: also predict the mirror image(s) the model was trained with and average the calibrated probabilities (2-3x the compute).")] = False,
+    device: DeviceOpt = "auto",
     quiet: Quiet = False,
 ) -> None:
     """Confusion matrix, most confused classes, precision/recall and top losses, as report.html/json."""
@@ -189,7 +235,8 @@ def interpret_cmd(
     console = Console(stderr=True, quiet=quiet)
     with progress_bar(console, quiet) as prog:
         task = prog.add_task("predicting", total=None)
-        interp = interpret_model(model, data, all_images=all_images, csv_path=csv, tta=tta,
+        interp = interpret_model(model, data, all_images=all_images, csv_path=csv, tta=tta, device=device,
+                                 say=lambda line: prog.console.print(line, highlight=False),
                                  progress=lambda k, n: prog.update(task, completed=k, total=n))
     run = model.parent
     hist = History.read_csv(run / "history.csv") if (run / "history.csv").is_file() else None

@@ -239,7 +239,8 @@ class BudgetStop(Callback):
     def after_epoch(self, learn: Any) -> None:
         now = time.perf_counter()
         self.longest = max(self.longest, now - self.t0)
-        if learn.epoch_in_fit + 1 < learn.n_epoch and now + self.longest > self.deadline:
+        over = learn.epoch_in_fit + 1 < learn.n_epoch and now + self.longest > self.deadline
+        if learn.dist.agree([float(over)])[0]:  # rank 0's clock decides for all ranks
             raise CancelFitException(f"--budget: no time for epoch {learn.epoch_in_fit + 2} of {learn.n_epoch}")
 
 

@@ -15,10 +15,13 @@ from pathlib import Path
 from typing import Any
 
 from ursa.errors import UrsaError
+from ursa.util.device import check_device_name
 from ursa.vision import DEFAULT_ARCH, FLIPS
 from ursa.vision.data import SEED, VALID_PCT, split_settings
 
 FEATURE_BACKENDS = ("auto", "torch")
+# Where decoded pixels live: auto (memory when they fit ursa.vision.loaders.MEMORY_BUDGET), memory, stream (per batch).
+PIXEL_MODES = ("auto", "memory", "stream")
 FLIP_CHOICES = ("auto", *FLIPS)
 # Seconds `ursa train` may take by default, start to model file (docs/train.md: a few minutes on a laptop).
 DEFAULT_BUDGET = 120.0
@@ -54,6 +57,7 @@ class LearnerConfig:
     # 32 augmented images changed the features under the trained head and made the loss jump.
     bn_stats_frozen: bool = True
     spill_dir: Path | None = None  # internal: set by the recipe (RUN/features), where a large cache is memory-mapped
+    device: str = "cpu"  # a resolved torch device name (ursa.util.device.resolve_device), e.g. "cpu", "cuda:0"
     quiet: bool = False  # no progress bars
 
     def __post_init__(self) -> None:
@@ -106,7 +110,11 @@ class TrainConfig:
     target_precision: float = 0.95
     # Deploy (docs/deploy.md): also write model.int8.onnx, checked against fp32 on the validation images.
     int8: bool = False
-    quiet: bool = False  # how to show it, not what to compute: not saved in config.json
+    # How to run, not what to compute (not saved in config.json, nor in the model file): where the
+    # network runs (--device: auto, cpu, cuda, cuda:N, mps) and where decoded pixels live (--pixels).
+    device: str = "auto"
+    pixels: str = "auto"
+    quiet: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "data", Path(self.data))
@@ -134,6 +142,8 @@ class TrainConfig:
         _expect(_number(self.budget) and self.budget >= 0, "--budget", "seconds >= 0 (0: the frozen stage only)",
                 self.budget)
         _expect(self.flips in FLIP_CHOICES, "--flips", " or ".join(FLIP_CHOICES), self.flips)
+        _expect(self.pixels in PIXEL_MODES, "--pixels", " or ".join(PIXEL_MODES), self.pixels)
+        check_device_name(self.device)
         _expect(_number(self.lr) and self.lr > 0, "--lr", "a positive number", self.lr)
         if self.unfreeze_lr is not None:
             lo_hi = self.unfreeze_lr
@@ -154,18 +164,19 @@ class TrainConfig:
         """(lo, hi) learning rates of fine-tuning: slice(lr/300, lr/3) = (1e-5, 1e-3) unless given (docs/train.md)."""
         return self.unfreeze_lr or (self.lr / 300, self.lr / 3)
 
-    def learner_config(self, spill_dir: Path | None = None) -> LearnerConfig:
-        """The learner's part of this config."""
+    def learner_config(self, spill_dir: Path | None = None, device: str = "cpu") -> LearnerConfig:
+        """The learner's part of this config (device: the resolved one, e.g. "cuda:0")."""
         return LearnerConfig(
             wd=self.wd, label_smoothing=self.label_smoothing, seed=self.seed, cache=self.cache, views=self.views,
             bf16_features=self.bf16_features, bn_stats_frozen=self.bn_stats_frozen, spill_dir=spill_dir,
-            quiet=self.quiet,
+            device=device, quiet=self.quiet,
         )
 
     def to_json(self) -> dict[str, Any]:
         """JSON-friendly dict (paths as strings) for config.json and the model file's metadata."""
         d = asdict(self)
-        d.pop("quiet")
+        for how in ("quiet", "device", "pixels"):  # how it ran, not what it computed: a model file is device-free
+            d.pop(how)
         for k in ("data", "out", "csv"):
             d[k] = None if d[k] is None else str(d[k])
         d["unfreeze_lr"] = None if self.unfreeze_lr is None else list(self.unfreeze_lr)

@@ -22,6 +22,7 @@ import torch
 from rich.console import Console
 
 from ursa.inference.onnx import onnx_features
+from ursa.util.device import autocast_dtype
 from ursa.util.progress import progress_bar
 from ursa.vision.loaders import DataLoaders
 from ursa.vision.models import Classifier
@@ -40,6 +41,7 @@ class FeatureCache:
     valid_y: torch.Tensor
     size: int
     augmented: bool
+    computed: int = 0  # images this process ran through the body (its share under torchrun)
 
     @property
     def nbytes(self) -> int:
@@ -57,20 +59,25 @@ def _alloc(n: int, f: int, total_bytes: int, spill_dir: Path | None, name: str) 
 def compute_features(model: Classifier, dls: DataLoaders, n_views: int, *, augment: bool = True,
                      size: int | None = None, seed: int = 42, backend: str = "auto", bf16: bool = False,
                      spill_dir: Path | None = None, console: Console | None = None,
-                     quiet: bool = True) -> FeatureCache:
+                     quiet: bool = True, device: torch.device | None = None,
+                     shard: tuple[int, int] | None = None) -> FeatureCache:
     """One streaming pass of the body in eval mode over K train views and the validation set.
 
-    backend "auto" runs the body on ONNX Runtime (about 2x eager torch here), falling back to
-    torch when the export or its check fails; "torch" always uses torch (bf16 autocast if asked).
+    backend "auto" runs the body on ONNX Runtime on the CPU (about 2x eager torch here), falling
+    back to torch when the export or its check fails; "torch" always uses torch (bf16 autocast if
+    asked). On a GPU the body runs there, in its mixed precision. ``shard`` = (rank, world): only
+    this rank's share of the rows (every world-th image) is computed; ``gather_cache`` puts them together.
     """
     size = size or dls.size
+    device = device or torch.device("cpu")
     console = console or Console(stderr=True, quiet=quiet)
     model.body.eval()
     if backend not in ("auto", "torch"):
         raise ValueError(f"backend must be 'auto' or 'torch', not {backend!r}")
-    fast = onnx_features(model, size) if backend == "auto" and not bf16 else None
+    on_cpu = device.type == "cpu"
+    fast = onnx_features(model, size) if backend == "auto" and not bf16 and on_cpu else None
     threads = torch.get_num_threads()
-    run = _Pass(model, dls, n_views, augment, size, seed, spill_dir, console, quiet)
+    run = _Pass(model, dls, n_views, augment, size, seed, spill_dir, console, quiet, shard or (0, 1))
     try:
         if fast is not None:
             # torch only augments now (in the prefetch thread); ONNX Runtime has its own threads.
@@ -78,13 +85,19 @@ def compute_features(model: Classifier, dls: DataLoaders, n_views: int, *, augme
             with torch.inference_mode():
                 return run(fast, "ONNX Runtime")
 
+        amp = autocast_dtype(device)
+
         def body(xb: torch.Tensor) -> torch.Tensor:
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-                return model.features(xb).float()
+            xb = xb.to(device, non_blocking=True)
+            if amp is not None:
+                with torch.autocast(device.type, dtype=amp):
+                    return model.features(xb).float().cpu()
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16 and on_cpu):
+                return model.features(xb).float().cpu()
 
         # torch runs body and augmentation on the same OpenMP threads: no second thread to compete with it.
         with torch.inference_mode():
-            return run(body, "torch")
+            return run(body, "torch" if on_cpu else f"torch on {device}")
     finally:
         torch.set_num_threads(threads)
 
@@ -102,19 +115,23 @@ class _Pass:
     spill_dir: Path | None
     console: Console
     quiet: bool
+    shard: tuple[int, int] = (0, 1)
 
     def __call__(self, body: Callable[[torch.Tensor], torch.Tensor], engine: str) -> FeatureCache:
         dls, model, n_views, spill_dir = self.dls, self.model, self.n_views, self.spill_dir
-        train_idx, valid_idx = dls.dataset.train_idx, dls.dataset.valid_idx
+        rank, world = self.shard
+        train_idx, valid_idx = dls.dataset.train_idx[rank::world], dls.dataset.valid_idx[rank::world]
         n_feat = model.head_cfg.n_features * (2 if model.head_cfg.pool == "concat" else 1)
         total_bytes = (n_views * len(train_idx) + len(valid_idx)) * n_feat * 4
         self.console.print(
             f"feature cache: {n_views} view(s) of {len(train_idx)} training images + {len(valid_idx)} validation "
             f"images, {total_bytes / 1e6:.0f} MB" + (" (memory-mapped)" if spill_dir and total_bytes > RAM_BUDGET else "")
-            + f"; body on {engine}",
+            + f"; body on {engine}" + (f"; this rank's share of {world}" if world > 1 else ""),
             highlight=False,
         )
-        prefetching = engine != "torch"  # torch would compete with itself for the same cores
+        if world > 1 and spill_dir is not None:
+            spill_dir = spill_dir / f"rank{rank}"  # each rank its own files
+        prefetching = engine == "ONNX Runtime"  # torch would compete with itself for the same cores
         views = []
         # Measured on 2 cores: batches of 8 are fastest on either engine (and the prefetch thread
         # stays one small batch ahead).
@@ -131,7 +148,16 @@ class _Pass:
             _fill(body, dls.loader(valid_idx, train=False, size=self.size, bs=bs, shuffle=False), valid, prog, task,
                   prefetching)
         labels = torch.tensor(dls.dataset.labels, dtype=torch.long)
-        return FeatureCache(views, labels[train_idx], valid, labels[valid_idx], self.size, self.augment)
+        return FeatureCache(views, labels[train_idx], valid, labels[valid_idx], self.size, self.augment,
+                            n_views * len(train_idx) + len(valid_idx))
+
+
+def gather_cache(local: FeatureCache, gather_rows: Callable[[torch.Tensor, int], torch.Tensor],
+                 n_train: int, n_valid: int) -> FeatureCache:
+    """The whole cache from every rank's share (gather_rows: ``training.dist.Dist.gather_rows``), rows in order."""
+    return FeatureCache([gather_rows(v, n_train) for v in local.train_views], gather_rows(local.train_y, n_train),
+                        gather_rows(local.valid, n_valid), gather_rows(local.valid_y, n_valid), local.size,
+                        local.augmented, local.computed)
 
 
 def prefetch(it: Iterable, depth: int = 2) -> Iterator:

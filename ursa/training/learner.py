@@ -30,9 +30,11 @@ from ursa.training.callbacks import (
     default_callbacks,
 )
 from ursa.training.config import LearnerConfig
-from ursa.training.features import FeatureCache, compute_features
+from ursa.training.dist import Dist
+from ursa.training.features import FeatureCache, compute_features, gather_cache
 from ursa.training.optim import head_lr, make_optimizer, one_cycle, param_groups
 from ursa.training.sources import BatchSource, CachedFeatures, ImageBatches, Metrics, metrics_from_probs
+from ursa.util.device import autocast_dtype
 from ursa.util.files import atomic_path
 from ursa.vision.loaders import DataLoaders
 from ursa.vision.models import Classifier
@@ -42,9 +44,18 @@ class Learner:
     """Model + data + a fixed configuration, with fastai's verbs."""
 
     def __init__(self, dls: DataLoaders, model: Classifier, config: LearnerConfig | None = None,
-                 cbs: Iterable[Callback] = (), console: Console | None = None) -> None:
+                 cbs: Iterable[Callback] = (), console: Console | None = None, dist: Dist | None = None) -> None:
         self.dls, self.model = dls, model
         self.config = config or LearnerConfig()
+        self.dist = dist or Dist()  # this process's rank under torchrun (rank 0 of 1 without)
+        self.device = torch.device(self.config.device)
+        # CUDA: bf16 autocast where the GPU has it, else fp16 with a gradient scaler; the CPU: fp32 (or --bf16)
+        self.amp = autocast_dtype(self.device)
+        self.scaler = torch.amp.GradScaler("cuda") if self.amp == torch.float16 else None
+        self.feature_counts: list[float] = []  # images each rank ran through the body for the feature cache
+        self.fit_args: dict = {}  # the current fit's settings (a checkpoint saves them)
+        self.fit_generator: torch.Generator | None = None
+        self.sched: Any = None
         self.console = console or Console(stderr=True, quiet=self.config.quiet)
         self.cbs = sorted([*default_callbacks(), *cbs], key=lambda cb: cb.order)
         self.recorder: Recorder = next(cb for cb in self.cbs if isinstance(cb, Recorder))
@@ -53,7 +64,7 @@ class Learner:
         self.epochs_done = 0  # epochs trained so far, over every fit
         self.kept_row: dict | None = None  # set by use_best(): the history row whose weights the model holds
         self._cache: FeatureCache | None = None
-        self.model.to(memory_format=torch.channels_last)
+        self.model.to(self.device, memory_format=torch.channels_last)
 
     # --- fastai verbs --------------------------------------------------------------------------
 
@@ -101,11 +112,12 @@ class Learner:
 
     def fit_one_cycle(self, n_epoch: int, max_lr: float | slice = 3e-3, pct_start: float = 0.25, *,
                       size: int | None = None, bf16: bool = False, stage: str | None = None,
-                      cbs: Sequence[Callback] = ()) -> None:
+                      cbs: Sequence[Callback] = (), resume: Any = None) -> None:
         """Train n_epoch epochs with one cycle: LR warms up then anneals, momentum the other way.
 
         ``size``: train at this input size (progressive resizing); ``bf16``: bfloat16 autocast;
-        ``cbs``: callbacks for this fit only, beside the learner's own.
+        ``cbs``: callbacks for this fit only, beside the learner's own; ``resume``: a
+        ``training.checkpoint.Checkpoint`` of this fit to go on from (its optimiser, schedule and random state).
         """
         if n_epoch <= 0:
             return
@@ -120,7 +132,15 @@ class Learner:
             groups = param_groups(self.model.param_groups(), max_lr)
         opt = make_optimizer(groups, self.config.wd)
         sched = one_cycle(opt, n_epoch * source.n_batches, pct_start)
-        self.run(n_epoch, source, opt, sched, stage=stage, bf16=bf16, cbs=[*self.cbs, *cbs] if cbs else None)
+        first = 0
+        self.fit_args = {"n_epoch": n_epoch, "max_lr": [max_lr.start, max_lr.stop] if isinstance(max_lr, slice) else max_lr,
+                         "pct_start": pct_start, "size": size, "bf16": bf16, "stage": stage}
+        if resume is not None:
+            first = resume.restore_fit(self, opt, sched)
+        self.run(n_epoch, source, opt, sched, stage=stage, bf16=bf16, cbs=[*self.cbs, *cbs] if cbs else None,
+                 first_epoch=first)
+        if cached:
+            self.dist.sync_module(self.model.head)
 
     def lr_find(self, **kwargs: Any) -> Any:
         """Sweep learning rates and suggest one (see ursa.training.lr_find); the state is restored after."""
@@ -137,22 +157,44 @@ class Learner:
         keep=False: a feature cache computed for this source is not kept for later fits.
         """
         generator = generator or self._generator()
+        self.fit_generator = generator  # a checkpoint saves its state: a resumed run shuffles on as before
         if cached:
-            return CachedFeatures(self.model.head, self._features(n_views, size, keep), self.dls.bs, generator)
+            # Every rank trains the same head on the gathered features (cheaper than syncing a 1 s fit);
+            # fit_one_cycle copies rank 0's head to all at the end, so they agree exactly.
+            return CachedFeatures(self.model.head, self._features(n_views, size, keep), self.dls.bs, generator,
+                                  self.device)
+        d = self.dist
         return ImageBatches(self.model, self.dls, augment=self.config.augment, size=size, generator=generator,
                             bn_eval_frozen=self.config.cache, bn_eval_unfrozen=self.config.bn_stats_frozen,
-                            validate=self.validate)
+                            validate=self.validate, device=self.device,
+                            shard=(d.rank, d.world) if d.active else None, wrap=self._ddp if d.active else None)
+
+    def _ddp(self, module: torch.nn.Module) -> torch.nn.Module:
+        """torch's DistributedDataParallel around what is trained: gradients averaged across the ranks."""
+        from torch.nn.parallel import DistributedDataParallel
+
+        ids = [self.device.index] if self.device.type == "cuda" else None
+        return DistributedDataParallel(module, device_ids=ids)
+
+    def autocast(self, bf16: bool = False) -> Any:
+        """Mixed precision where it runs: the GPU's (bf16 or fp16), else bfloat16 on the CPU when asked."""
+        if self.amp is not None:
+            return torch.autocast(self.device.type, dtype=self.amp)
+        return torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16 and self.device.type == "cpu")
 
     def run(self, n_epoch: int, source: BatchSource, opt: torch.optim.Optimizer, sched: Any = None, *,
             stage: str = "", bf16: bool = False, validate: bool = True,
-            cbs: Sequence[Callback] | None = None) -> None:
-        """The training loop: events around every batch and epoch; cbs replaces the learner's own callbacks."""
-        self.n_epoch, self.source, self.opt, self.stage = n_epoch, source, opt, stage
+            cbs: Sequence[Callback] | None = None, first_epoch: int = 0) -> None:
+        """The training loop: events around every batch and epoch; cbs replaces the learner's own callbacks.
+
+        ``first_epoch``: a resumed fit starts there (the epochs before it are in the checkpoint).
+        """
+        self.n_epoch, self.source, self.opt, self.sched, self.stage = n_epoch, source, opt, sched, stage
         self.metrics: Metrics = (float("nan"),) * 3
         self._running = sorted(cbs, key=lambda cb: cb.order) if cbs is not None else self.cbs
         try:
             self._event("before_fit")
-            for e in range(n_epoch):
+            for e in range(first_epoch, n_epoch):
                 self.epoch, self.epoch_in_fit, self.n_iter = self.epochs_done, e, source.n_batches
                 try:
                     self._event("before_epoch")
@@ -184,17 +226,23 @@ class Learner:
 
     def _one_batch(self, source: BatchSource, opt: torch.optim.Optimizer, sched: Any, bf16: bool) -> None:
         self._event("before_batch")
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        with self.autocast(bf16):
             self.pred = source.forward(self.xb)
         self.loss = self.loss_func(self.pred.float(), self.yb)
         self._event("after_loss")
         self.lr = opt.param_groups[-1]["lr"]  # the rate this batch uses
         opt.zero_grad(set_to_none=True)
-        self.loss.backward()
-        opt.step()
+        if self.scaler is not None:  # fp16 on a GPU: scale the loss so small gradients do not vanish
+            self.scaler.scale(self.loss).backward()
+            self.scaler.step(opt)
+            self.scaler.update()
+        else:
+            self.loss.backward()
+            opt.step()
         if sched is not None:
             sched.step()
-        self.loss_value = float(self.loss.detach())
+        # Every rank sees the same (averaged) loss, so the guard and the rules decide the same everywhere.
+        self.loss_value = self.dist.mean(float(self.loss.detach()))
         self._event("after_step")
 
     def _event(self, name: str) -> None:
@@ -210,10 +258,16 @@ class Learner:
         """The feature cache, computed (one streaming pass) unless it already has enough views at this size."""
         cache = self._cache
         if cache is None or len(cache.train_views) < n_views or cache.size != (size or self.dls.size):
-            cfg = self.config
+            cfg, d = self.config, self.dist
+            # Under torchrun each rank runs the body on its share of the images; the shares are gathered.
             cache = compute_features(self.model, self.dls, n_views, augment=cfg.augment, size=size, seed=cfg.seed,
                                      backend=cfg.feature_backend, bf16=cfg.bf16_features, spill_dir=cfg.spill_dir,
-                                     console=self.console, quiet=cfg.quiet)
+                                     console=self.console, quiet=cfg.quiet, device=self.device,
+                                     shard=(d.rank, d.world) if d.active else None)
+            self.feature_counts = d.each(float(cache.computed))
+            if d.active:
+                cache = gather_cache(cache, d.gather_rows, len(self.dls.dataset.train_idx),
+                                     len(self.dls.dataset.valid_idx))
             if keep:
                 self._cache = cache
         return cache
@@ -240,16 +294,23 @@ class Learner:
         dl = self.dls.loader(idx, train=False, bs=min(self.dls.bs, 16))
         logits, ys, feats = [], [], []
         for xb, yb in dl:
-            f = self.model.features(xb)
-            logits.append(self.model.head(f).float())
+            with self.autocast():
+                f = self.model.features(xb.to(self.device, non_blocking=True))
+                logits.append(self.model.head(f).float().cpu())
             ys.append(yb)
             if features:
-                feats.append(f.float())
+                feats.append(f.float().cpu())
         return torch.cat(logits), torch.cat(ys), torch.cat(feats) if features else None
 
     def validate(self) -> Metrics:
-        """valid_loss, error_rate, accuracy on the validation set."""
-        probs, y = self.get_preds()
+        """valid_loss, error_rate, accuracy on the validation set (each rank a share under torchrun, gathered)."""
+        d = self.dist
+        if not d.active:
+            probs, y = self.get_preds()
+            return metrics_from_probs(probs, y)
+        idx = self.dls.dataset.valid_idx
+        probs, y = self.get_preds(d.shard(idx))
+        probs, y = d.gather_rows(probs, len(idx)), d.gather_rows(y, len(idx))
         return metrics_from_probs(probs, y)
 
     # --- checkpoints and export ----------------------------------------------------------------

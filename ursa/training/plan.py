@@ -52,6 +52,8 @@ class Plan:
     probe: dict = field(default_factory=dict)
     epoch_seconds: float | None = None  # measured cost of one fine-tuning epoch
     spent: float | None = None  # seconds the run had taken when fine-tuning was decided
+    pixels: str = "memory"  # decoded pixels kept in memory, or decoded per batch ("stream")
+    run: dict = field(default_factory=dict)  # where it ran: device, ranks, resumed from (training/resume.py)
 
     def lines(self) -> list[str]:
         """The recipe in words, for the first lines of the run and the report."""
@@ -152,10 +154,13 @@ def epoch_seconds(learn: Learner, size: int | None = None, bf16: bool = False, b
         t = start = time.perf_counter()
         first = 0.0
         for i, (xb, yb) in enumerate(dl):
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            xb, yb = xb.to(learn.device, non_blocking=True), yb.to(learn.device, non_blocking=True)
+            with learn.autocast(bf16):
                 loss = learn.loss_func(model(xb).float(), yb)
             loss.backward()
             model.zero_grad(set_to_none=True)
+            if learn.device.type == "cuda":
+                torch.cuda.synchronize(learn.device)  # time the work, not its queueing
             now = time.perf_counter()
             if i > 0:  # the first batch pays for warm-up (allocations, kernel choice)
                 per_image.append((now - t) / len(xb))
@@ -167,4 +172,4 @@ def epoch_seconds(learn: Learner, size: int | None = None, bf16: bool = False, b
     model.load_state_dict(state)
     each = sum(per_image) / len(per_image) if per_image else first  # a one-batch set: its only batch, warm-up and all
     n_train, n_valid = len(dls.dataset.train_idx), len(dls.dataset.valid_idx)
-    return each * (n_train + n_valid / 3)
+    return each * (n_train + n_valid / 3) / learn.dist.world  # under torchrun each rank does its share

@@ -14,10 +14,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import resource
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Sequence
 
 import torch
 from rich.console import Console
@@ -25,7 +27,10 @@ from rich.console import Console
 from ursa.errors import DivergedError
 from ursa.training import insight
 from ursa.training.config import TrainConfig
-from ursa.training.callbacks import BudgetStop
+from ursa.training.callbacks import BudgetStop, Callback
+from ursa.training.checkpoint import Checkpoint, CheckpointWriter, remove_checkpoint
+from ursa.training.dist import Dist, describe_dist, rank_device
+from ursa.training.resume import resume_line, run_facts, split_digest, start_ranks
 from ursa.training.learner import Learner
 from ursa.training.plan import (GOOD_ENOUGH, Plan, choose_flips, choose_size, epoch_cap, epoch_seconds,
                                 fine_tune_epochs)
@@ -33,7 +38,8 @@ from ursa.training.run import RunFiles, write_run
 from ursa.util.files import atomic_write_text, check_outside
 from ursa.util.progress import progress_bar
 from ursa.vision.data import ImageDataset, load_dataset
-from ursa.vision.loaders import dataloaders
+from ursa.util.device import describe
+from ursa.vision.loaders import MEMORY_BUDGET, dataloaders
 from ursa.vision.models import create_model, get_spec
 from ursa.vision.probe import probe_images
 from ursa.vision.show import write_batch
@@ -80,10 +86,15 @@ def build_learner(cfg: TrainConfig, console: Console | None = None,
     return learn, ds
 
 
-def prepare(cfg: TrainConfig, console: Console | None = None,
-            spill_dir: Path | None = None) -> tuple[Learner, ImageDataset, Plan]:
-    """build_learner, also returning the plan: the input size and flips decided from the images, and why."""
-    console = console or Console(stderr=True, quiet=cfg.quiet)
+def prepare(cfg: TrainConfig, console: Console | None = None, spill_dir: Path | None = None,
+            dist: Dist | None = None, cbs: Sequence[Callback] = ()) -> tuple[Learner, ImageDataset, Plan]:
+    """build_learner, also returning the plan: the input size and flips decided from the images, and why.
+
+    ``dist``: this rank under torchrun (from ``start_ranks``); ``cbs``: callbacks the learner gets.
+    """
+    dist = dist or Dist()
+    device = rank_device(cfg.device, dist.local_rank, dist.world)
+    console = console or Console(stderr=True, quiet=cfg.quiet or not dist.main)
     torch.manual_seed(cfg.seed)
     ds = load_dataset(cfg.data, cfg.csv, cfg.valid_pct, cfg.split_seed_used)
     check_outside(cfg.out, cfg.data, "run folder")
@@ -95,33 +106,63 @@ def prepare(cfg: TrainConfig, console: Console | None = None,
     flips, flips_why = choose_flips(probe, cfg.flips)
     plan = Plan(size, size_why, flips, flips_why, cfg.budget, probe=probe.to_json())
     model = create_model(cfg.arch, n_classes=len(ds.classes), pretrained=cfg.pretrained)
+    in_memory = {"auto": None, "memory": True, "stream": False}[cfg.pixels]
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))  # ranks on this machine each hold their pixels
     with progress_bar(console, cfg.quiet) as prog:
         task = prog.add_task("decoding images", total=len(ds))
         dls = dataloaders(ds, size, spec.mean, spec.std, bs=cfg.bs, seed=cfg.seed, flips=flips,
-                          progress=lambda n: prog.update(task, advance=n))
+                          progress=lambda n: prog.update(task, advance=n), cache=in_memory,
+                          pin_memory=device.type == "cuda", memory_budget=MEMORY_BUDGET // max(local_world, 1))
     counts = ds.class_counts(ds.train_idx)
+    # The first line, once data and network are known to be usable (bad input stays a one-line error).
+    console.print(describe(device) + (f"; {describe_dist(dist)}" if dist.active else ""), highlight=False)
     console.print(
         f"{len(ds)} images, {len(ds.classes)} classes ({', '.join(f'{c} {n}' for c, n in counts.items())} for training), "
         f"{len(ds.train_idx)} train / {len(ds.valid_idx)} valid; {cfg.arch} at {size}px",
         highlight=False,
     )
+    console.print(dls.pixels_line() + ("" if cfg.pixels == "auto" else f" (--pixels {cfg.pixels})"), highlight=False)
+    plan.pixels = "memory" if dls.in_memory else "stream"
     for line in plan.lines():
         console.print(f"recipe: {line}", highlight=False)
-    return Learner(dls, model, cfg.learner_config(spill_dir), console=console), ds, plan
+    learn = Learner(dls, model, cfg.learner_config(spill_dir, str(device)), cbs=cbs, console=console, dist=dist)
+    return learn, ds, plan
 
 
-def train(cfg: TrainConfig, console: Console | None = None) -> TrainResult:
-    """Run the recipe and write the run folder; raises UrsaError for bad input, DivergedError (exit 3)."""
-    t0 = time.perf_counter()
-    console = console or Console(stderr=True, quiet=cfg.quiet)
-    learn, ds, plan = prepare(cfg, console, spill_dir=cfg.out / "features")
+def train(cfg: TrainConfig, console: Console | None = None, resume: Checkpoint | None = None) -> TrainResult:
+    """Run the recipe and write the run folder; raises UrsaError for bad input, DivergedError (exit 3).
+
+    Under torchrun every rank runs this; rank 0 alone prints and writes. ``resume``: the
+    checkpoint of a stopped run of this config (``ursa train --resume RUN``) to go on from.
+    """
+    dist = start_ranks(cfg.device)
+    try:
+        return _train(cfg, console, resume, dist)
+    finally:
+        dist.close()
+
+
+def _train(cfg: TrainConfig, console: Console | None, resume: Checkpoint | None, dist: Dist) -> TrainResult:
+    t0 = time.perf_counter() - (float(resume.index.get("elapsed", 0.0)) if resume else 0.0)
+    console = console or Console(stderr=True, quiet=cfg.quiet or not dist.main)
+    plan_box: list[Plan] = []
+    writer = CheckpointWriter(cfg.out, lambda: {"config": cfg.to_json(), "elapsed": time.perf_counter() - t0,
+                                                "plan": plan_box[0].to_json(), "split": split_digest(ds)})
+    learn, ds, plan = prepare(cfg, console, cfg.out / "features", dist, cbs=[writer])
+    plan_box.append(plan)
+    if resume is not None:
+        resume_line(resume, ds, plan, console)
     # The flips chosen, not "auto": TTA and a retrain with --config read what the model was trained with.
     cfg = dataclasses.replace(cfg, flips=plan.flips)
-    found, timings = _before(cfg, learn, ds, console)
+    found, timings = _before(cfg, learn, ds, console) if dist.main else ({}, {})
     try:
         learn.freeze()
-        learn.fit_one_cycle(cfg.epochs, cfg.lr)
-        if cfg.curve and cfg.epochs > 0 and not learn.diverged:
+        frozen_resume = resume if resume is not None and resume.stage == "frozen" else None
+        if resume is not None:
+            resume.restore_learner(learn)
+        if resume is None or (frozen_resume is not None and not frozen_resume.fit_done):
+            learn.fit_one_cycle(cfg.epochs, cfg.lr, resume=frozen_resume)
+        if cfg.curve and cfg.epochs > 0 and not learn.diverged and resume is None and dist.main:
             t = time.perf_counter()
             curve = insight.learner_curve(learn, cfg, quiet=cfg.quiet)
             if curve is not None:
@@ -131,14 +172,19 @@ def train(cfg: TrainConfig, console: Console | None = None) -> TrainResult:
                 console.print("[yellow]warning:[/] --curve needs the feature cache (--cache): no learning curve",
                               highlight=False)
             timings["curve"] = time.perf_counter() - t
-        _fine_tune(cfg, learn, plan, t0, console)
+        _fine_tune(cfg, learn, plan, t0, console, resume if resume is not None and resume.stage != "frozen" else None)
     except DivergedError as e:
         found["recipe"] = plan.to_json()
-        write_run(cfg.out, learn, cfg, ds, console=console, insight=found)
+        if dist.main:
+            write_run(cfg.out, learn, cfg, ds, console=console, insight=found)
         raise DivergedError(f"{e} See {cfg.out / 'advice.txt'}; no model file was written.") from None
     finally:
         learn.drop_features()  # free the cache's memory before the report pass
+    plan.run = run_facts(learn, resume)
     found["recipe"] = plan.to_json()
+    if not dist.main:  # rank 0 alone writes the run folder
+        return TrainResult(cfg.out, None, {}, time.perf_counter() - t0, peak_rss_mb(learn.dls.num_workers > 0),
+                           ds.classes, len(ds.train_idx), len(ds.valid_idx), ds.skipped, learn, plan=plan)
     atomic_write_text(cfg.out / "recipe.json", json.dumps(plan.to_json(), indent=1) + "\n")
     files = write_run(cfg.out, learn, cfg, ds, {
         "data": str(cfg.data), "images": f"{len(ds.train_idx)} train / {len(ds.valid_idx)} valid",
@@ -150,6 +196,7 @@ def train(cfg: TrainConfig, console: Console | None = None) -> TrainResult:
     if files.model is None and files.diverged:  # the rules saw what the guard did not: still no model file
         found = next(a for a in files.advice if a.rule == "diverged")
         raise DivergedError(f"{found.text()} See {cfg.out / 'advice.txt'}; no model file was written.")
+    remove_checkpoint(cfg.out)  # the model file is written: nothing left to resume
     last = learn.kept_row or (learn.recorder.rows[-1] if learn.recorder.rows else {})
     metrics = {k: last.get(k) for k in ("valid_loss", "error_rate", "accuracy")}
     return TrainResult(cfg.out, files.model, metrics, time.perf_counter() - t0, peak_rss_mb(learn.dls.num_workers > 0),
@@ -157,9 +204,21 @@ def train(cfg: TrainConfig, console: Console | None = None) -> TrainResult:
                        plan)
 
 
-def _fine_tune(cfg: TrainConfig, learn: Learner, plan: Plan, t0: float, console: Console) -> None:
+def _fine_tune(cfg: TrainConfig, learn: Learner, plan: Plan, t0: float, console: Console,
+               resume: Checkpoint | None = None) -> None:
     """The fine-tuning stage: the lesson's fixed epochs when given, else as many as the budget allows and pay."""
     lo, hi = cfg.unfreeze_lrs
+    if resume is not None:  # a stopped run's fine-tuning goes on with what it had decided
+        before = resume.index["plan"]
+        plan.fine_tune_epochs, plan.fine_tune_why = before["fine_tune_epochs"], before["fine_tune_why"]
+        plan.epoch_seconds, plan.spent = before.get("epoch_seconds"), before.get("spent")
+        learn.unfreeze()
+        if not resume.fit_done:
+            learn.fit_one_cycle(plan.fine_tune_epochs, slice(lo, hi), size=cfg.unfreeze_size, bf16=cfg.bf16,
+                                cbs=[BudgetStop(t0 + cfg.budget - RESERVE)] if cfg.unfreeze_epochs is None else [],
+                                resume=resume)
+        _keep_best(learn, plan, console, False)
+        return
     if cfg.unfreeze_epochs is not None:
         plan.fine_tune_epochs = cfg.unfreeze_epochs
         plan.fine_tune_why = f"--unfreeze-epochs {cfg.unfreeze_epochs}"
@@ -183,6 +242,7 @@ def _fine_tune(cfg: TrainConfig, learn: Learner, plan: Plan, t0: float, console:
         left -= time.perf_counter() - t
         plan.fine_tune_epochs, plan.fine_tune_why = fine_tune_epochs(frozen_error, left, plan.epoch_seconds,
                                                                      epoch_cap(cfg.budget))
+        plan.fine_tune_epochs = int(learn.dist.agree([plan.fine_tune_epochs])[0])  # rank 0's clock decides
         if plan.fine_tune_epochs == 0:
             learn.freeze()
     console.print(f"recipe: fine-tuning: {plan.fine_tune_why}", highlight=False)
@@ -200,7 +260,12 @@ def _fine_tune(cfg: TrainConfig, learn: Learner, plan: Plan, t0: float, console:
         done = len(rows) - n_before
         if not force and done < plan.fine_tune_epochs:
             plan.fine_tune_why += f"; --budget stopped it after {done} of {plan.fine_tune_epochs} epochs"
-    # Keep the best epoch (over both stages) when it beats the last by an image or more.
+    _keep_best(learn, plan, console, force)
+
+
+def _keep_best(learn: Learner, plan: Plan, console: Console, force: bool) -> None:
+    """Keep the best epoch (over both stages) when it beats the last by an image or more."""
+    rows = learn.recorder.rows
     last = rows[-1]["error_rate"] if rows else float("nan")
     kept = learn.use_best(force=force)
     if kept is not None:

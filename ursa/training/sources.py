@@ -10,10 +10,11 @@ at the end of an epoch, and the validation metrics.
 from __future__ import annotations
 
 import math
-from typing import Callable, Iterator, Protocol
+from typing import Callable, Iterable, Iterator, Protocol
 
 import torch
 from torch import nn
+from torch.utils.data import DistributedSampler
 
 from ursa.training.features import FeatureCache
 from ursa.training.optim import recalibrate_bn, set_train_modes
@@ -50,35 +51,59 @@ def metrics_from_probs(probs: torch.Tensor, y: torch.Tensor) -> Metrics:
     return loss, 1.0 - acc, acc
 
 
+def to_device(batches: Iterable[Batch], device: torch.device) -> Iterator[Batch]:
+    """Batches copied to the device (non-blocking from pinned memory on a GPU); as they are on the CPU."""
+    if device.type == "cpu":
+        yield from batches
+        return
+    for xb, yb in batches:
+        yield xb.to(device, non_blocking=True), yb.to(device, non_blocking=True)
+
+
 class ImageBatches:
-    """Augmented training images through the model; a frozen body's features recalibrate the head's BatchNorm."""
+    """Augmented training images through the model; a frozen body's features recalibrate the head's BatchNorm.
+
+    Under torchrun, ``shard`` = (rank, world) gives each rank its part of every epoch (torch's
+    DistributedSampler) and ``wrap`` puts what is trained into DistributedDataParallel, which
+    averages the gradients across ranks.
+    """
 
     def __init__(self, model: Classifier, dls: DataLoaders, *, augment: bool, size: int | None,
                  generator: torch.Generator, bn_eval_frozen: bool, bn_eval_unfrozen: bool,
-                 validate: Callable[[], Metrics]) -> None:
+                 validate: Callable[[], Metrics], device: torch.device | None = None,
+                 shard: tuple[int, int] | None = None, wrap: Callable[[nn.Module], nn.Module] | None = None) -> None:
         self.model, self.module = model, model
-        self.dl = dls.loader(dls.dataset.train_idx, train=augment, size=size, shuffle=True, generator=generator)
+        self.device = device or torch.device("cpu")
+        # Under torchrun --bs is the batch of all ranks together: the same steps, so the same recipe, as one process.
+        bs = max(2, dls.bs // shard[1]) if shard else None
+        self.dl = dls.loader(dls.dataset.train_idx, train=augment, size=size, shuffle=True, generator=generator,
+                             shard=shard, bs=bs)
         self.n_batches = len(self.dl)
         self.bn_eval_frozen, self.bn_eval_unfrozen = bn_eval_frozen, bn_eval_unfrozen
         self._validate = validate
         self.frozen_feats: list[torch.Tensor] = []
+        wrap = wrap or (lambda m: m)
+        # What runs the trained part: the whole model, or (body frozen) the head on the body's features.
+        self.train_net = wrap(model.head) if model.is_frozen else wrap(model)
 
     def train_modes(self) -> None:
         """Train mode, with the body's BatchNorm in eval mode where the rule says so."""
         set_train_modes(self.model, self.model.is_frozen, self.bn_eval_frozen, self.bn_eval_unfrozen)
 
     def batches(self, epoch: int) -> Iterator[Batch]:
-        """One pass of the shuffled, augmented training set."""
+        """One pass of the shuffled, augmented training set (this rank's share of it under torchrun)."""
         self.frozen_feats = []
-        return iter(self.dl)
+        if isinstance(self.dl.sampler, DistributedSampler):
+            self.dl.sampler.set_epoch(epoch)
+        return to_device(self.dl, self.device)
 
     def forward(self, xb: torch.Tensor) -> torch.Tensor:
         """Logits; a frozen body's features are kept to recalibrate the head at the end of the epoch."""
         if self.model.is_frozen:
             f = self.model.features(xb)
             self.frozen_feats.append(f.detach().float())
-            return self.model.head(f)
-        return self.model(xb)
+            return self.train_net(f)
+        return self.train_net(xb)
 
     def end_epoch(self) -> None:
         """Precise BN for the head when the body was frozen."""
@@ -94,8 +119,10 @@ class ImageBatches:
 class CachedFeatures:
     """Cached body features for the head: epoch e uses view e mod K, reshuffled every epoch."""
 
-    def __init__(self, head: nn.Module, cache: FeatureCache, bs: int, generator: torch.Generator) -> None:
+    def __init__(self, head: nn.Module, cache: FeatureCache, bs: int, generator: torch.Generator,
+                 device: torch.device | None = None) -> None:
         self.module, self.cache, self.bs, self.g = head, cache, bs, generator
+        self.device = device or torch.device("cpu")
         n = len(cache.train_y)
         self.drop_last = n > bs  # drop a small last batch, as the image loader does
         self.n_batches = n // bs if self.drop_last else math.ceil(n / bs)
@@ -113,9 +140,9 @@ class CachedFeatures:
         self.epoch_batches = []
         for b in range(self.n_batches):
             idx = perm[b * bs:(b + 1) * bs]
-            xb = feats[idx]
+            xb = feats[idx].to(self.device, non_blocking=True)
             self.epoch_batches.append(xb)
-            yield xb, cache.train_y[idx]
+            yield xb, cache.train_y[idx].to(self.device)
 
     def forward(self, xb: torch.Tensor) -> torch.Tensor:
         """The head on pooled features."""
@@ -131,5 +158,6 @@ class CachedFeatures:
         """The head on the cached validation features (equal to the frozen model on the images)."""
         self.module.eval()
         v = self.cache.valid
-        probs = torch.cat([self.module(v[i:i + 1024]).softmax(1) for i in range(0, len(v), 1024)])
+        probs = torch.cat([self.module(v[i:i + 1024].to(self.device)).float().softmax(1).cpu()
+                           for i in range(0, len(v), 1024)])
         return metrics_from_probs(probs, self.cache.valid_y)

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from typing import Callable, Iterator, Sequence
 
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from ursa.errors import DataError, ImageError
 from ursa.vision.data import ImageDataset, ensure_both_sides
@@ -91,6 +91,21 @@ class DataLoaders:
     num_workers: int = 0
     seed: int = 42
     flips: str = "horizontal"  # which mirror images the training transform draws (transforms.FLIPS)
+    pin_memory: bool = False  # page-locked batches for fast, non-blocking copies to a GPU
+    decoded_bytes: int = 0  # the estimate the memory-or-stream decision was made on
+
+    @property
+    def in_memory(self) -> bool:
+        """Pixels decoded once and kept; else decoded per batch by loader workers."""
+        return self.pixels is not None
+
+    def pixels_line(self) -> str:
+        """Where the pixels live and why, for the first lines a run prints."""
+        size = f"{self.decoded_bytes / 1e9:.2f} GB" if self.decoded_bytes >= 1e8 else f"{self.decoded_bytes / 1e6:.0f} MB"
+        if self.in_memory:
+            return f"pixels: decoded once and kept in memory ({size})"
+        return (f"pixels: decoded per batch by {self.num_workers} loader worker(s), not kept in memory "
+                f"({size} decoded)")
 
     @property
     def classes(self) -> list[str]:
@@ -102,8 +117,12 @@ class DataLoaders:
 
     def loader(self, idx: Sequence[int], train: bool, size: int | None = None, bs: int | None = None,
                shuffle: bool | None = None, generator: torch.Generator | None = None,
-               drop_last: bool | None = None) -> DataLoader:
-        """A DataLoader over items idx, augmented when train, at size (default: self.size)."""
+               drop_last: bool | None = None, shard: tuple[int, int] | None = None) -> DataLoader:
+        """A DataLoader over items idx, augmented when train, at size (default: self.size).
+
+        ``shard``: (rank, world) under torchrun: torch's DistributedSampler gives this rank its
+        share of idx, reshuffled by ``sampler.set_epoch`` each epoch.
+        """
         size = size or self.size
         tfm = train_transform(size, self.mean, self.std, self.flips) if train else eval_transform(size, self.mean, self.std)
         ps = PixelSet(self.dataset, idx, tfm, self.short_side, self.pixels)
@@ -112,10 +131,14 @@ class DataLoaders:
         # Training drops a last small batch (BatchNorm dislikes tiny batches); evaluation never does.
         drop_last = (shuffle and len(ps) > bs) if drop_last is None else drop_last
         nw = self.num_workers
+        sampler = None
+        if shard is not None:
+            sampler = DistributedSampler(ps, num_replicas=shard[1], rank=shard[0], shuffle=shuffle, seed=self.seed)
+            shuffle = False
         return DataLoader(
-            ps, batch_size=bs, shuffle=shuffle, drop_last=drop_last,
+            ps, batch_size=bs, shuffle=shuffle, drop_last=drop_last, sampler=sampler,
             num_workers=nw, collate_fn=collate, persistent_workers=False, generator=generator,
-            worker_init_fn=_worker_init if nw else None,
+            worker_init_fn=_worker_init if nw else None, pin_memory=self.pin_memory,
         )
 
     @property
@@ -142,14 +165,18 @@ def dataloaders(
     progress: Callable[[int], None] | None = None,
     seed: int = 42,
     flips: str = "horizontal",
+    pin_memory: bool = False,
+    memory_budget: int = MEMORY_BUDGET,
 ) -> DataLoaders:
     """Decode once into memory when it fits (skipping and naming unreadable files), then build loaders.
 
-    When the set is too big for memory, images are decoded per batch in worker processes.
+    When the decoded set is bigger than memory_budget (or cache=False), images are decoded per
+    batch in worker processes: memory then stays flat however many images there are.
     """
     short = decode_size(size)
+    decoded = estimate_bytes(len(ds), short)
     if cache is None:
-        cache = estimate_bytes(len(ds), short) <= MEMORY_BUDGET
+        cache = decoded <= memory_budget
     pixels = None
     if cache:
         pixels, reasons = decode_all(ds, short, progress=progress)
@@ -181,7 +208,7 @@ def dataloaders(
     ensure_both_sides(ds, 0.2)
     if num_workers is None:
         num_workers = 0 if pixels is not None else min(4, os.cpu_count() or 1)
-    return DataLoaders(ds, size, tuple(mean), tuple(std), bs, pixels, num_workers, seed, flips)
+    return DataLoaders(ds, size, tuple(mean), tuple(std), bs, pixels, num_workers, seed, flips, pin_memory, decoded)
 
 
 def iter_batches(items: Sequence, bs: int) -> Iterator[Sequence]:

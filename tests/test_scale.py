@@ -1,0 +1,187 @@
+"""Issue 13 on the CPU: torchrun with gloo, devices, resume after SIGKILL, streaming pixels (mnist_dev, 64 px)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT
+
+# 1 frozen epoch (feature cache) + 3 fine-tuning epochs: both kinds of fit, ~20 s at 64 px on 2 cores.
+RECIPE = ["--epochs", "1", "--unfreeze-epochs", "3", "--quiet"]
+
+
+def _ursa(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "ursa", *args], capture_output=True, text=True, cwd=ROOT,
+                          timeout=timeout)
+
+
+def _history(run: Path) -> list[dict]:
+    import csv
+
+    with open(run / "history.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def _error(run: Path) -> float:
+    return float(_history(run)[-1]["error_rate"])
+
+
+@pytest.fixture(scope="module")
+def mnist(shared_datasets: Path) -> Path:
+    return shared_datasets / "mnist_dev"
+
+
+@pytest.fixture(scope="module")
+def single_run(mnist: Path, tmp_path_factory) -> Path:
+    """The uninterrupted, single-process run the others are compared with."""
+    out = tmp_path_factory.mktemp("single") / "run"
+    r = _ursa("train", str(mnist), "--out", str(out), *[a for a in RECIPE if a != "--quiet"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    (out.parent / "stderr.txt").write_text(r.stderr)
+    return out
+
+
+def test_torchrun_two_ranks_gloo(mnist: Path, single_run: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           "-m", "ursa", "train", str(mnist), "--out", str(out), *RECIPE]
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    # rank 0 alone prints the result and writes the run folder
+    assert r.stdout.count("error_rate ") == 1, r.stdout
+    assert (out / "model.safetensors").is_file() and (out / "report.html").is_file()
+    assert not (out / "checkpoint").exists()  # removed once the model file is written
+    facts = json.loads((out / "recipe.json").read_text())["run"]
+    assert facts["world_size"] == 2 and facts["backend"] == "gloo"
+    # the feature cache was computed once in total: each image (1 view of the training set + the
+    # validation set) on exactly one rank, the two shares about equal
+    import csv
+
+    with open(out / "split.csv", newline="") as f:
+        split = list(csv.DictReader(f))
+    n_valid = sum(row["is_valid"] in ("True", "true", "1") for row in split)
+    n_train = len(split) - n_valid
+    assert n_valid > 0
+    per_rank = facts["feature_images_per_rank"]
+    assert len(per_rank) == 2 and sum(per_rank) == n_train + n_valid, (per_rank, n_train, n_valid)
+    assert abs(per_rank[0] - per_rank[1]) <= 2
+    rows = _history(out)
+    assert [r["stage"] for r in rows] == ["frozen", "unfrozen", "unfrozen", "unfrozen"]
+    # the same split and recipe: the error is within 6 images of 99 of one process's
+    assert abs(_error(out) - _error(single_run)) <= 0.061, (_error(out), _error(single_run))
+
+
+def test_resume_after_sigkill(mnist: Path, single_run: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    index = out / "checkpoint" / "checkpoint.json"
+    proc = subprocess.Popen([sys.executable, "-m", "ursa", "train", str(mnist), "--out", str(out), *RECIPE],
+                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    killed_after = None
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            done = json.loads(index.read_text())["epochs_done"]
+        except (OSError, ValueError, KeyError):
+            done = 0
+        if done >= 2:
+            os.kill(proc.pid, signal.SIGKILL)
+            killed_after = done
+            break
+        time.sleep(0.02)
+    proc.wait(timeout=60)
+    assert killed_after == 2, f"the run was not killed after its second epoch ({killed_after}); {proc.stderr.read()[-2000:]}"
+    assert not (out / "model.safetensors").exists()
+    # the checkpoint is safetensors + JSON only (nothing that unpickles)
+    assert {p.suffix for p in (out / "checkpoint").iterdir()} == {".json", ".safetensors"}
+    r = _ursa("train", str(mnist), "--resume", str(out))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "resuming" in r.stderr
+    rows = _history(out)
+    assert [int(r["epoch"]) for r in rows] == [0, 1, 2, 3]  # every epoch once
+    assert [r["stage"] for r in rows] == ["frozen", "unfrozen", "unfrozen", "unfrozen"]
+    assert abs(_error(out) - _error(single_run)) <= 0.021, (_error(out), _error(single_run))
+    assert json.loads((out / "recipe.json").read_text())["run"]["resumed_after_epoch"] == 1
+    assert not (out / "checkpoint").exists()
+
+
+def test_resume_without_checkpoint_is_one_line_exit_2(single_run: Path, mnist: Path, tmp_path: Path,
+                                                      capsys) -> None:
+    from ursa.cli import main
+
+    for run, words in ((single_run, "nothing to resume"), (tmp_path / "nowhere", "no checkpoint there")):
+        rc = main(["train", str(mnist), "--resume", str(run)])
+        err = capsys.readouterr().err
+        assert rc == 2 and words in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+
+
+@pytest.mark.parametrize("command", ["train", "lr-find"])
+@pytest.mark.parametrize("device, words", [("cuda", "no CUDA GPU"), ("cuda:3", "no CUDA GPU"),
+                                           ("tpu", "expected auto, cpu, cuda, cuda:N or mps")])
+def test_a_device_this_machine_lacks_is_one_line_exit_2(mnist: Path, tmp_path: Path, capsys, command: str,
+                                                        device: str, words: str) -> None:
+    import torch
+
+    from ursa.cli import main
+
+    if torch.cuda.is_available() and device.startswith("cuda"):
+        pytest.skip("this machine has a GPU")
+    rc = main([command, str(mnist), "--out", str(tmp_path / "run"), "--device", device])
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    assert words in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "run").exists()
+
+
+def test_auto_device_is_the_cpu_here_and_says_so_first(single_run: Path) -> None:
+    import torch
+
+    from ursa.util.device import resolve_device
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    assert resolve_device("auto") == torch.device("cpu")
+    first = (single_run.parent / "stderr.txt").read_text().splitlines()[0]
+    assert first.startswith("device: cpu ("), first
+
+
+def test_streaming_pixels_give_the_same_predictions_as_in_memory(mnist: Path) -> None:
+    import torch
+
+    from ursa.training.learner import Learner
+    from ursa.training.config import LearnerConfig
+    from ursa.vision.data import load_dataset
+    from ursa.vision.loaders import dataloaders
+    from ursa.vision.models import create_model, get_spec
+
+    spec = get_spec("efficientnet_lite0")
+    preds, caches = [], []
+    for in_memory in (True, False):
+        ds = load_dataset(mnist, None, 0.2, 42)
+        ds.drop({i for i in range(len(ds)) if i % 4}, {})  # every 4th image: quick to decode twice, all classes
+        dls = dataloaders(ds, 64, spec.mean, spec.std, bs=16, cache=in_memory, num_workers=0 if in_memory else 2)
+        assert dls.in_memory is in_memory
+        assert dls.pixels_line().startswith("pixels: decoded once and kept in memory") is in_memory
+        torch.manual_seed(0)
+        learn = Learner(dls, create_model("efficientnet_lite0", n_classes=len(ds.classes)),
+                        LearnerConfig(quiet=True, feature_backend="torch"))
+        preds.append(learn.get_preds()[0])
+        caches.append(learn.cached_features(1).valid)
+    assert torch.equal(preds[0], preds[1])
+    assert torch.equal(caches[0], caches[1])
+
+
+def test_torchrun_command_keeps_the_options_but_nproc() -> None:
+    from ursa.cli.train import torchrun_command
+
+    cmd = torchrun_command(3, ["ursa", "train", "data", "--nproc", "3", "--epochs", "2", "--nproc=3"])
+    assert cmd[1:] == ["-m", "torch.distributed.run", "--nproc-per-node", "3", "-m", "ursa", "train", "data",
+                       "--epochs", "2"]

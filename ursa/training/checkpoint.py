@@ -1,0 +1,216 @@
+"""Checkpoints after every epoch, and going on from the last one after a run was killed.
+
+``CheckpointWriter`` (a callback; rank 0 only) writes ``RUN/checkpoint/`` after each epoch: the
+weights, the optimiser's state, the random generators' states and the best epoch's weights as
+safetensors, and ``checkpoint.json`` (the fit's settings, the schedule's position, the history so
+far, Python's and NumPy's random state, and what the recipe decided). Each file is written
+atomically and ``checkpoint.json``, written last, names the files of its epoch, so a kill at any
+moment leaves the previous complete checkpoint. No pickle: safetensors and JSON only, on save and
+on load. ``ursa train DATA --resume RUN`` reads it back (``read_checkpoint``) and the recipe calls
+``restore_learner`` and ``fit_one_cycle(..., resume=ckpt)``, which calls ``restore_fit``.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from ursa.errors import UrsaError
+from ursa.training.callbacks import Callback
+from ursa.util.files import atomic_path, atomic_write_text
+
+FOLDER = "checkpoint"
+INDEX = "checkpoint.json"
+VERSION = 1
+
+
+class ResumeError(UrsaError):
+    """--resume RUN: there is no usable checkpoint there."""
+
+
+class CheckpointWriter(Callback):
+    """After every epoch, rank 0 writes the checkpoint a killed run goes on from (``extra``: the recipe's state)."""
+
+    order = 80  # after the recorder and the best-epoch keeper: the epoch's row and best weights are in
+
+    def __init__(self, run: Path, extra: Callable[[], dict]) -> None:
+        self.folder, self.extra = Path(run) / FOLDER, extra
+
+    def after_epoch(self, learn: Any) -> None:
+        if learn.dist.main:
+            write_checkpoint(self.folder, learn, self.extra())
+
+
+def _cpu(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
+
+
+def _save(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp))
+
+
+def write_checkpoint(folder: Path, learn: Any, extra: dict) -> Path:
+    """This epoch's checkpoint: three safetensors files, then checkpoint.json naming them; older epochs removed."""
+    folder.mkdir(parents=True, exist_ok=True)
+    n = learn.epochs_done
+    files = {"weights": f"e{n}.weights.safetensors", "state": f"e{n}.state.safetensors"}
+    _save(_cpu(learn.model.state_dict()), folder / files["weights"])
+    opt = learn.opt.state_dict()
+    tensors = {f"opt.{i}.{k}": v for i, st in opt["state"].items() for k, v in st.items() if torch.is_tensor(v)}
+    tensors["rng.torch"] = torch.get_rng_state()
+    if getattr(learn, "fit_generator", None) is not None:
+        tensors["rng.fit_generator"] = learn.fit_generator.get_state()
+    if learn.device.type == "cuda":
+        tensors["rng.cuda"] = torch.cuda.get_rng_state(learn.device)
+    _save(_cpu(tensors), folder / files["state"])
+    best = learn.best
+    if best.state is not None:
+        files["best"] = f"e{n}.best.safetensors"
+        _save(_cpu(best.state), folder / files["best"])
+    r = learn.recorder
+    np_state = np.random.get_state()
+    index = {
+        "version": VERSION, "epochs_done": n, "stage": learn.stage, "epoch_in_fit": learn.epoch_in_fit + 1,
+        "fit": learn.fit_args, "sched_steps": int(learn.sched.last_epoch) if learn.sched is not None else 0,
+        "param_groups": [{k: _jsonable(v) for k, v in g.items()} for g in opt["param_groups"]],
+        "recorder": {"rows": r.rows, "batch_losses": r.batch_losses, "batch_lrs": r.batch_lrs,
+                     "batch_epochs": r.batch_epochs},
+        "best": {"epoch": best.epoch, "row": best.row},
+        "rng": {"python": _jsonable(random.getstate()),
+                "numpy": [np_state[0], np_state[1].tolist(), *(_jsonable(v) for v in np_state[2:])]},
+        "files": files, **extra,
+    }
+    atomic_write_text(folder / INDEX, json.dumps(index) + "\n")
+    keep = set(files.values()) | {INDEX}
+    for old in folder.glob("e*.safetensors"):
+        if old.name not in keep:
+            old.unlink(missing_ok=True)
+    return folder / INDEX
+
+
+def _jsonable(v: Any) -> Any:
+    if isinstance(v, (tuple, list)):
+        return [_jsonable(x) for x in v]
+    if isinstance(v, float) and v != v:
+        return None
+    if isinstance(v, (np.integer,)):
+        return int(v)
+    if isinstance(v, (np.floating,)):
+        return float(v)
+    return v
+
+
+def _tuples(v: Any) -> Any:
+    return tuple(_tuples(x) for x in v) if isinstance(v, list) else v
+
+
+@dataclass
+class Checkpoint:
+    """A run's last complete checkpoint, read back (JSON index + the tensors it names)."""
+
+    folder: Path
+    index: dict
+
+    @property
+    def stage(self) -> str:
+        return self.index["stage"]
+
+    @property
+    def epoch_in_fit(self) -> int:
+        """Epochs of the checkpointed fit already done."""
+        return int(self.index["epoch_in_fit"])
+
+    @property
+    def fit_done(self) -> bool:
+        return self.epoch_in_fit >= int(self.index["fit"]["n_epoch"])
+
+    def tensors(self, name: str) -> dict[str, torch.Tensor]:
+        path = self.folder / self.index["files"][name]
+        try:
+            return load_file(str(path), device="cpu")
+        except Exception as e:  # noqa: BLE001 - a damaged file is the user's problem to see, not a traceback
+            raise ResumeError(f"{path}: checkpoint file is damaged ({type(e).__name__}); train again without --resume") from None
+
+    def restore_learner(self, learn: Any) -> None:
+        """Weights, history, best epoch and epoch count as they were after the checkpointed epoch."""
+        learn.model.load_state_dict(self.tensors("weights"))
+        r, rec = learn.recorder, self.index["recorder"]
+        r.rows[:] = [_nan_row(row) for row in rec["rows"]]
+        r.batch_losses[:], r.batch_lrs[:], r.batch_epochs[:] = rec["batch_losses"], rec["batch_lrs"], rec["batch_epochs"]
+        b = self.index["best"]
+        if "best" in self.index["files"]:
+            learn.best.state = {k: v.to(learn.device) for k, v in self.tensors("best").items()}
+            learn.best.epoch, learn.best.row = b["epoch"], _nan_row(b["row"])
+        learn.epochs_done = int(self.index["epochs_done"])
+
+    def restore_fit(self, learn: Any, opt: torch.optim.Optimizer, sched: Any) -> int:
+        """The optimiser, schedule and random state of the checkpointed fit; returns the epoch to start at."""
+        state = self.tensors("state")
+        with warnings.catch_warnings():  # stepping a fresh schedule to where it was, without optimiser steps
+            warnings.simplefilter("ignore")
+            for _ in range(int(self.index["sched_steps"])):
+                sched.step()
+        per_param: dict[int, dict[str, torch.Tensor]] = {}
+        for key, v in state.items():
+            if key.startswith("opt."):
+                _, i, k = key.split(".", 2)
+                per_param.setdefault(int(i), {})[k] = v.to(learn.device) if k != "step" else v
+        groups = [dict(g) for g in self.index["param_groups"]]
+        for g in groups:
+            g["betas"] = tuple(g["betas"])
+        opt.load_state_dict({"state": per_param, "param_groups": groups})
+        torch.set_rng_state(state["rng.torch"])
+        if "rng.fit_generator" in state and getattr(learn, "fit_generator", None) is not None:
+            learn.fit_generator.set_state(state["rng.fit_generator"])
+        if "rng.cuda" in state and learn.device.type == "cuda":
+            torch.cuda.set_rng_state(state["rng.cuda"], learn.device)
+        rng = self.index["rng"]
+        random.setstate(_tuples(rng["python"]))
+        name, keys, *rest = rng["numpy"]
+        np.random.set_state((name, np.array(keys, dtype=np.uint32), *rest))
+        return self.epoch_in_fit
+
+
+def _nan_row(row: dict | None) -> dict | None:
+    if row is None:
+        return None
+    return {k: (float("nan") if v is None and k != "stage" else v) for k, v in row.items()}
+
+
+def read_checkpoint(run: Path) -> Checkpoint:
+    """RUN/checkpoint/checkpoint.json, checked; a clear error when there is nothing to resume."""
+    run = Path(run)
+    path = run / FOLDER / INDEX
+    if not path.is_file():
+        finished = (run / "model.safetensors").is_file()
+        raise ResumeError(f"--resume {run}: " + ("that run finished (model.safetensors is there): nothing to resume"
+                                                  if finished else f"no checkpoint there ({path} is missing); "
+                                                  "give the run folder of a run that was stopped"))
+    try:
+        index = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise ResumeError(f"{path}: not a readable checkpoint ({e}); train again without --resume") from None
+    if not isinstance(index, dict) or index.get("version") != VERSION or "files" not in index:
+        raise ResumeError(f"{path}: not a checkpoint this version of ursa writes; train again without --resume")
+    missing = [f for f in index["files"].values() if not (path.parent / f).is_file()]
+    if missing:
+        raise ResumeError(f"{path}: checkpoint files missing ({', '.join(missing)}); train again without --resume")
+    return Checkpoint(path.parent, index)
+
+
+def remove_checkpoint(run: Path) -> None:
+    """The run finished (its model file is written): the checkpoint is no longer needed."""
+    folder = Path(run) / FOLDER
+    if folder.is_dir():
+        for f in folder.iterdir():
+            f.unlink(missing_ok=True)
+        folder.rmdir()
