@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import importlib.util
 import sys
 from pathlib import Path
 
 import pytest
+
+from conftest import load_benchmark
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "datasets"
@@ -15,11 +16,7 @@ SHARED = ROOT.parent / "shared" / "datasets"
 @pytest.fixture(scope="module")
 def bench():
     """The benchmark script as a module (benchmarks/ is not a package)."""
-    spec = importlib.util.spec_from_file_location("bench_recipes", ROOT / "benchmarks" / "recipes.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["bench_recipes"] = mod
-    spec.loader.exec_module(mod)
-    yield mod
+    yield load_benchmark("recipes")
     sys.modules.pop("bench_recipes", None)
 
 
