@@ -110,6 +110,13 @@ def test_resume_after_sigkill(mnist: Path, single_run: Path, tmp_path: Path) -> 
     assert abs(_error(out) - _error(single_run)) <= 0.021, (_error(out), _error(single_run))
     assert json.loads((out / "recipe.json").read_text())["run"]["resumed_after_epoch"] == 1
     assert not (out / "checkpoint").exists()
+    # the same weights as the uninterrupted run (on the CPU the same numbers; a little slack for kernels)
+    from safetensors.torch import load_file
+
+    mine, theirs = load_file(str(out / "model.safetensors")), load_file(str(single_run / "model.safetensors"))
+    assert mine.keys() == theirs.keys()
+    worst = max(float((mine[k].float() - theirs[k].float()).abs().max()) for k in mine if mine[k].numel())
+    assert worst < 1e-3, worst
 
 
 def test_resume_without_checkpoint_is_one_line_exit_2(single_run: Path, mnist: Path, tmp_path: Path,
@@ -183,5 +190,74 @@ def test_torchrun_command_keeps_the_options_but_nproc() -> None:
     from ursa.cli.train import torchrun_command
 
     cmd = torchrun_command(3, ["ursa", "train", "data", "--nproc", "3", "--epochs", "2", "--nproc=3"])
-    assert cmd[1:] == ["-m", "torch.distributed.run", "--nproc-per-node", "3", "-m", "ursa", "train", "data",
-                       "--epochs", "2"]
+    assert cmd[1:] == ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "3", "-m", "ursa",
+                       "train", "data", "--epochs", "2"]
+
+
+def test_nproc_checks_the_folder_before_starting_torchrun(tmp_path: Path, capsys) -> None:
+    from ursa.cli import main
+
+    rc = main(["train", str(tmp_path / "missing"), "--nproc", "2"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "folder not found" in err and "starting:" not in err, err
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_resume_refuses_options_that_would_change_the_run(single_run: Path, mnist: Path, capsys) -> None:
+    from ursa.cli import main
+
+    rc = main(["train", str(mnist), "--resume", str(single_run), "--epochs", "3", "--lr", "0.01"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "leave out --epochs, --lr" in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_gather_rows_puts_every_ranks_share_back_in_order(monkeypatch) -> None:
+    """The interleaving and chunking of Dist.gather_rows, with torch's all_gather played by a stand-in."""
+    import torch
+
+    from ursa.training import dist as dist_module
+    from ursa.training.dist import Dist
+
+    world, n, chunk = 3, 23, 4  # shares of 8, 8 and 7 rows, gathered 4 rows at a time
+    full = torch.arange(n * 2, dtype=torch.float32).reshape(n, 2)
+    shares = [full[r::world] for r in range(world)]
+    calls: list[int] = []
+
+    def all_gather(parts: list[torch.Tensor], pad: torch.Tensor) -> None:
+        start = len(calls) * chunk
+        calls.append(len(pad))
+        for r, part in enumerate(parts):
+            rows = shares[r][start:start + len(pad)]
+            part.zero_()
+            part[:len(rows)] = rows
+
+    monkeypatch.setattr(dist_module.torch_dist, "all_gather", all_gather)
+    d = Dist(rank=1, world=world, backend="gloo")
+    assert d.shard(list(range(n))) == list(range(1, n, world))
+    assert torch.equal(d.gather_rows(shares[1], n, chunk=chunk), full)
+    assert calls == [4, 4]  # 8 rows in the largest share: two chunks, never all rows of all ranks at once
+    out = torch.full((n, 2), -1.0)
+    calls.clear()
+    assert d.gather_rows(shares[1], n, out=out, chunk=chunk) is out and torch.equal(out, full)
+
+
+def test_torchrun_budget_decision_and_curve_on_rank_0_do_not_hang(mnist: Path, tmp_path: Path) -> None:
+    """The default recipe under torchrun: ranks agree on the fine-tuning decision though rank 0 alone ran the curve."""
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           "-m", "ursa", "train", str(mnist), "--out", str(out), "--epochs", "1", "--budget", "30", "--curve"]
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stderr.count("recipe: fine-tuning:") == 1, r.stderr[-3000:]
+    plan = json.loads((out / "recipe.json").read_text())
+    assert plan["run"]["world_size"] == 2 and plan["spent"] is not None and "curve" in r.stderr
+
+
+def test_nproc_wrapper_gives_rank_0s_error_and_exit_code(mnist: Path, tmp_path: Path) -> None:
+    """`ursa train --nproc 2` that diverges: rank 0 writes the folder and says why, exit 3, no torchrun traceback."""
+    out = tmp_path / "run"
+    r = _ursa("train", str(mnist), "--out", str(out), "--nproc", "2", "--epochs", "1", "--unfreeze-epochs", "1",
+              "--lr", "50", timeout=600)
+    assert r.returncode == 3, r.stderr[-3000:]
+    assert "error: learning rate too high" in r.stderr and "Traceback" not in r.stderr, r.stderr[-3000:]
+    assert (out / "advice.txt").is_file() and not (out / "model.safetensors").exists()

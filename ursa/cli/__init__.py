@@ -21,6 +21,7 @@ from ursa.cli.deploy import export_cmd, predict_cmd, serve_cmd
 from ursa.cli.insight import curve_cmd, show_cmd
 from ursa.cli.lesson import sgd_cmd
 from ursa.cli.train import interpret_cmd, lr_find_cmd, train_cmd
+from ursa.cli.common import EXIT_FILE
 from ursa.errors import UrsaError
 
 # Top-level modules of the `train` extra (pyproject.toml): one missing means a slim install, not a bug.
@@ -73,8 +74,7 @@ def main(argv: list[str] | None = None) -> int:
         # Without standalone mode click returns a command's typer.Exit code instead of exiting.
         result = app(args=argv, standalone_mode=False)
     except UrsaError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return e.exit_code
+        return _user_error(e)
     except typer.Exit as e:
         return e.exit_code
     except typer.Abort:
@@ -95,6 +95,20 @@ def main(argv: list[str] | None = None) -> int:
             return 2 if e.exit_code not in (0, 1) else e.exit_code or 2
         raise
     return result if isinstance(result, int) else 0
+
+
+def _user_error(e: UrsaError) -> int:
+    """One line on stderr; under torchrun rank 0 alone says it (every rank meets the same bad input)."""
+    import os
+
+    rank = os.environ.get("RANK")
+    if rank in (None, "0"):
+        print(f"error: {e}", file=sys.stderr)
+        code_file = os.environ.get(EXIT_FILE)
+        if rank == "0" and code_file:
+            with open(code_file, "w", encoding="utf-8") as f:  # for `ursa train --nproc`: torchrun's own code is 1
+                f.write(f"{e.exit_code}\n")
+    return e.exit_code
 
 
 def entry() -> None:

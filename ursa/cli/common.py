@@ -14,6 +14,8 @@ from ursa.training.config import TrainConfig
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="Hide progress bars.")]
 DataArg = Annotated[Path, typer.Argument(help="Folder with one sub-folder of images per class (or train/ and valid/).")]
 CsvOpt = Annotated[Optional[Path], typer.Option("--csv", help="CSV of name,label relative to DATA (fastai's cleaned.csv).")]
+# Under `ursa train --nproc N`, rank 0 writes its exit code here (torchrun itself says 1 for any failure).
+EXIT_FILE = "URSA_EXIT_CODE_FILE"
 BACKEND_HELP = "auto (MODEL.onnx beside MODEL when it is up to date), torch or onnx."
 
 

@@ -9,7 +9,7 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from ursa.cli.common import CsvOpt, DataArg, DeviceOpt, Quiet, default, parse_slice
+from ursa.cli.common import EXIT_FILE, CsvOpt, DataArg, DeviceOpt, Quiet, default, parse_slice
 from ursa.errors import UrsaError
 from ursa.training.config import TrainConfig, read_run_config
 from ursa.util.files import check_outside
@@ -92,29 +92,62 @@ def train_cmd(
     """Fine-tune a pretrained network on your images: frozen one-cycle, then fine-tuning when it pays and fits --budget."""
     from ursa.training.recipe import train
 
-    if nproc is not None and nproc > 1 and "WORLD_SIZE" not in os.environ:
-        import subprocess
-
-        cmd = torchrun_command(nproc, sys.argv)
-        typer.echo(f"starting: {' '.join(cmd)}", err=True)
-        raise typer.Exit(subprocess.run(cmd).returncode)
+    options = dict(
+        out=out, csv=csv, arch=arch, pretrained=pretrained, size=size, valid_pct=valid_pct, seed=seed,
+        split_seed=split_seed, epochs=epochs, lr=lr, budget=parse_budget(budget), unfreeze_epochs=unfreeze_epochs,
+        flips=flips, unfreeze_lr=parse_slice(unfreeze_lr), unfreeze_size=unfreeze_size, bf16=bf16,
+        bn_stats_frozen=bn_stats_frozen, bs=bs, wd=wd, label_smoothing=label_smoothing, cache=cache, views=views,
+        bf16_features=bf16_features, dedupe_split=dedupe_split, curve=curve, target_precision=target_precision,
+        int8=int8,
+    )
+    ckpt = None
     if resume is not None:
         from ursa.training.resume import resume_config
 
+        given = [f"--{k.replace('_', '-')}" for k, v in options.items() if v is not None]
+        if given or config is not None:
+            raise UrsaError(f"--resume {resume}: the run goes on with its own options; leave out "
+                            f"{', '.join(given + (['--config'] if config is not None else []))} "
+                            "(only --device, --pixels, --nproc and --quiet may change)")
         cfg, ckpt = resume_config(resume, data, device=device, pixels=pixels, quiet=quiet or None)
-        res = train(cfg, resume=ckpt)
-        _say_result(res)
-        return
-    cfg = make_config(
-        data, config, out=out, csv=csv, arch=arch, pretrained=pretrained, size=size, valid_pct=valid_pct, seed=seed,
-        split_seed=split_seed, epochs=epochs, lr=lr, budget=parse_budget(budget), unfreeze_epochs=unfreeze_epochs,
-        flips=flips,
-        unfreeze_lr=parse_slice(unfreeze_lr), unfreeze_size=unfreeze_size, bf16=bf16, bn_stats_frozen=bn_stats_frozen,
-        bs=bs, wd=wd, label_smoothing=label_smoothing, cache=cache, views=views, bf16_features=bf16_features,
-        dedupe_split=dedupe_split, curve=curve, target_precision=target_precision, int8=int8, quiet=quiet or None,
-        device=device, pixels=pixels,
-    )
-    _say_result(train(cfg))
+    else:
+        cfg = make_config(data, config, quiet=quiet or None, device=device, pixels=pixels, **options)
+    if nproc is not None and nproc > 1 and "WORLD_SIZE" not in os.environ:
+        raise typer.Exit(_launch(cfg, nproc))
+    _say_result(train(cfg, resume=ckpt))
+
+
+def _launch(cfg: TrainConfig, nproc: int) -> int:
+    """`ursa train --nproc N`: check what can be checked here (one line, exit 2), then torchrun; rank 0's exit code."""
+    import subprocess
+    import tempfile
+
+    from ursa.training.dist import rank_device
+    from ursa.vision.data import load_dataset
+
+    rank_device(cfg.device, 0, nproc)
+    load_dataset(cfg.data, cfg.csv, cfg.valid_pct, cfg.split_seed_used)  # a bad folder fails once, here
+    cmd = torchrun_command(nproc, sys.argv)
+    typer.echo(f"starting: {' '.join(cmd)}", err=True)
+    # torchrun's own default, set here so it does not print a banner about it: the cores shared out
+    threads = os.environ.get("OMP_NUM_THREADS") or str(max(1, (os.cpu_count() or 1) // nproc))
+    with tempfile.TemporaryDirectory(prefix="ursa-nproc-") as tmp:
+        code_file = Path(tmp) / "exit_code"
+        env = {**os.environ, EXIT_FILE: str(code_file), "OMP_NUM_THREADS": threads}
+        proc = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, text=True, bufsize=1)
+        assert proc.stderr is not None
+        said = False
+        for line in proc.stderr:
+            # After rank 0's one-line error, what follows is torchrun reporting that a rank failed
+            # (a ChildFailedError traceback): the user needs the line, not that.
+            if not said:
+                sys.stderr.write(line)
+            said = said or line.startswith("error: ")
+        rc = proc.wait()
+        if rc != 0 and code_file.is_file():  # torchrun says 1 for any failure: give rank 0's (2 bad input, 3 diverged)
+            return int(code_file.read_text().strip() or rc)
+    return rc
+
 
 
 def torchrun_command(nproc: int, argv: list[str]) -> list[str]:
@@ -132,7 +165,9 @@ def torchrun_command(nproc: int, argv: list[str]) -> list[str]:
         if a.startswith("--nproc="):
             continue
         rest.append(a)
-    return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "-m", "ursa", *rest]
+    # --standalone: a free port and a local rendezvous, so two runs on one machine do not collide
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
+            "-m", "ursa", *rest]
 
 
 def _say_result(res: Any) -> None:

@@ -39,14 +39,32 @@ class ResumeError(UrsaError):
 class CheckpointWriter(Callback):
     """After every epoch, rank 0 writes the checkpoint a killed run goes on from (``extra``: the recipe's state)."""
 
-    order = 80  # after the recorder and the best-epoch keeper: the epoch's row and best weights are in
+    # After the recorder and the best-epoch keeper (the epoch's row and best weights are in), before
+    # BudgetStop (70): an epoch the budget ends the fit after is checkpointed too, its time counted.
+    order = 65
 
     def __init__(self, run: Path, extra: Callable[[], dict]) -> None:
         self.folder, self.extra = Path(run) / FOLDER, extra
+        self.warned = False
 
     def after_epoch(self, learn: Any) -> None:
-        if learn.dist.main:
-            write_checkpoint(self.folder, learn, self.extra())
+        self.write(learn, stopped=False)
+
+    def after_cancel_fit(self, learn: Any) -> None:
+        """The fit was ended early (the budget): a resumed run must not train its remaining epochs."""
+        if learn.recorder.rows:
+            self.write(learn, stopped=True)
+
+    def write(self, learn: Any, stopped: bool) -> None:
+        if not learn.dist.main:
+            return
+        try:
+            write_checkpoint(self.folder, learn, {**self.extra(), "fit_stopped": stopped})
+        except OSError as e:  # a full disk must not end the training itself
+            if not self.warned:
+                learn.console.print(f"[yellow]warning:[/] could not write the checkpoint in {self.folder} ({e}); "
+                                    "the run goes on, but --resume will not be able to use it", highlight=False)
+                self.warned = True
 
 
 def _cpu(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -81,6 +99,8 @@ def write_checkpoint(folder: Path, learn: Any, extra: dict) -> Path:
     index = {
         "version": VERSION, "epochs_done": n, "stage": learn.stage, "epoch_in_fit": learn.epoch_in_fit + 1,
         "fit": learn.fit_args, "sched_steps": int(learn.sched.last_epoch) if learn.sched is not None else 0,
+        "total_steps": int(getattr(learn.sched, "total_steps", 0) or 0), "world": learn.dist.world,
+        "scaler": learn.scaler.state_dict() if learn.scaler is not None else None,
         "param_groups": [{k: _jsonable(v) for k, v in g.items()} for g in opt["param_groups"]],
         "recorder": {"rows": r.rows, "batch_losses": r.batch_losses, "batch_lrs": r.batch_lrs,
                      "batch_epochs": r.batch_epochs},
@@ -131,7 +151,8 @@ class Checkpoint:
 
     @property
     def fit_done(self) -> bool:
-        return self.epoch_in_fit >= int(self.index["fit"]["n_epoch"])
+        """The checkpointed fit ran all its epochs, or the budget ended it."""
+        return bool(self.index.get("fit_stopped")) or self.epoch_in_fit >= int(self.index["fit"]["n_epoch"])
 
     def tensors(self, name: str) -> dict[str, torch.Tensor]:
         path = self.folder / self.index["files"][name]
@@ -154,6 +175,11 @@ class Checkpoint:
 
     def restore_fit(self, learn: Any, opt: torch.optim.Optimizer, sched: Any) -> int:
         """The optimiser, schedule and random state of the checkpointed fit; returns the epoch to start at."""
+        total = int(getattr(sched, "total_steps", 0) or 0)
+        if self.index.get("total_steps") not in (None, 0, total) or self.index.get("world", 1) != learn.dist.world:
+            raise ResumeError(f"--resume {self.folder.parent}: the run was started with {self.index.get('world', 1)} "
+                              f"process(es) and {self.index.get('total_steps')} steps in this stage, this one has "
+                              f"{learn.dist.world} and {total}: resume it with as many processes as it started with")
         state = self.tensors("state")
         with warnings.catch_warnings():  # stepping a fresh schedule to where it was, without optimiser steps
             warnings.simplefilter("ignore")
@@ -168,6 +194,8 @@ class Checkpoint:
         for g in groups:
             g["betas"] = tuple(g["betas"])
         opt.load_state_dict({"state": per_param, "param_groups": groups})
+        if self.index.get("scaler") and learn.scaler is not None:
+            learn.scaler.load_state_dict(self.index["scaler"])
         torch.set_rng_state(state["rng.torch"])
         if "rng.fit_generator" in state and getattr(learn, "fit_generator", None) is not None:
             learn.fit_generator.set_state(state["rng.fit_generator"])
@@ -199,7 +227,10 @@ def read_checkpoint(run: Path) -> Checkpoint:
         index = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
         raise ResumeError(f"{path}: not a readable checkpoint ({e}); train again without --resume") from None
-    if not isinstance(index, dict) or index.get("version") != VERSION or "files" not in index:
+    needed = ("files", "stage", "epochs_done", "epoch_in_fit", "fit", "sched_steps", "param_groups", "recorder",
+              "best", "rng", "config", "plan")
+    if (not isinstance(index, dict) or index.get("version") != VERSION or any(k not in index for k in needed)
+            or not isinstance(index["files"], dict)):
         raise ResumeError(f"{path}: not a checkpoint this version of ursa writes; train again without --resume")
     missing = [f for f in index["files"].values() if not (path.parent / f).is_file()]
     if missing:
@@ -211,6 +242,7 @@ def remove_checkpoint(run: Path) -> None:
     """The run finished (its model file is written): the checkpoint is no longer needed."""
     folder = Path(run) / FOLDER
     if folder.is_dir():
+        (folder / INDEX).unlink(missing_ok=True)  # first: a kill halfway leaves no index naming missing files
         for f in folder.iterdir():
             f.unlink(missing_ok=True)
         folder.rmdir()

@@ -55,20 +55,33 @@ class Dist:
         """This rank's items: every world-th one from its rank (sizes differ by at most one)."""
         return list(idx[self.rank::self.world])
 
-    def gather_rows(self, local: torch.Tensor, n_total: int) -> torch.Tensor:
-        """The full tensor back from each rank's shard(): rows in the original order (padded for the collective)."""
+    def gather_rows(self, local: torch.Tensor, n_total: int, out: torch.Tensor | None = None,
+                    chunk: int = 8192) -> torch.Tensor:
+        """The full tensor back from each rank's shard(): rows in the original order, into ``out`` when given.
+
+        Gathered ``chunk`` rows of each shard at a time, so a large (memory-mapped) cache never
+        needs world copies of itself in memory or on the GPU.
+        """
         if not self.active:
-            return local
-        rows = -(-n_total // self.world)
-        dev = self._device() or local.device  # NCCL gathers on the GPU
-        pad = torch.zeros((rows, *local.shape[1:]), dtype=local.dtype, device=dev)
-        pad[:len(local)] = local
-        parts = [torch.empty_like(pad) for _ in range(self.world)]
-        torch_dist.all_gather(parts, pad)
-        out = torch.empty((n_total, *local.shape[1:]), dtype=local.dtype, device=local.device)
-        for r, part in enumerate(parts):
-            n = len(range(r, n_total, self.world))
-            out[r::self.world] = part[:n].to(local.device)
+            if out is None:
+                return local
+            out[:] = local
+            return out
+        shape = local.shape[1:]
+        out = torch.empty((n_total, *shape), dtype=local.dtype) if out is None else out
+        rows = -(-n_total // self.world)  # the largest shard
+        dev = self._device() or torch.device("cpu")  # NCCL gathers on the GPU
+        for s in range(0, rows, chunk):
+            e = min(rows, s + chunk)
+            pad = torch.zeros((e - s, *shape), dtype=local.dtype, device=dev)
+            n_mine = max(0, min(len(local), e) - s)
+            pad[:n_mine] = local[s:s + n_mine]
+            parts = [torch.empty_like(pad) for _ in range(self.world)]
+            torch_dist.all_gather(parts, pad)
+            for r, part in enumerate(parts):
+                k = max(0, min(len(range(r, n_total, self.world)), e) - s)  # rows of shard r in this chunk
+                if k:  # shard r's row j is row j * world + r of the whole
+                    out[s * self.world + r:(s + k - 1) * self.world + r + 1:self.world] = part[:k].to(out.device)
         return out
 
     def mean(self, value: float) -> float:
@@ -129,6 +142,9 @@ class Dist:
 def rank_device(spec: str, local_rank: int, world: int) -> torch.device:
     """This rank's device: --device as given, with each rank on its own GPU (cuda:LOCAL_RANK) under torchrun."""
     device = resolve_device(spec)
+    if device.type == "mps" and world > 1:
+        raise DeviceError("--device mps: torchrun with several processes needs CUDA (NCCL) or the CPU (gloo); "
+                          "use one process on Apple's GPU, or --device cpu")
     if device.type == "cuda" and world > 1:
         if ":" in spec:
             raise DeviceError(f"--device {spec}: under torchrun each rank takes cuda:LOCAL_RANK; give --device cuda or auto")

@@ -152,12 +152,19 @@ class _Pass:
                             n_views * len(train_idx) + len(valid_idx))
 
 
-def gather_cache(local: FeatureCache, gather_rows: Callable[[torch.Tensor, int], torch.Tensor],
-                 n_train: int, n_valid: int) -> FeatureCache:
-    """The whole cache from every rank's share (gather_rows: ``training.dist.Dist.gather_rows``), rows in order."""
-    return FeatureCache([gather_rows(v, n_train) for v in local.train_views], gather_rows(local.train_y, n_train),
-                        gather_rows(local.valid, n_valid), gather_rows(local.valid_y, n_valid), local.size,
-                        local.augmented, local.computed)
+def gather_cache(local: FeatureCache, gather_rows: Callable[..., torch.Tensor], n_train: int, n_valid: int,
+                 spill_dir: Path | None = None) -> FeatureCache:
+    """The whole cache from every rank's share (gather_rows: ``training.dist.Dist.gather_rows``), rows in order.
+
+    Memory-mapped under spill_dir (this rank's own folder) when the whole is over RAM_BUDGET.
+    """
+    n_feat = local.valid.shape[1]
+    total = (len(local.train_views) * n_train + n_valid) * n_feat * 4
+    views = [gather_rows(v, n_train, _alloc(n_train, n_feat, total, spill_dir, f"all_train_view{k}"))
+             for k, v in enumerate(local.train_views)]
+    valid = gather_rows(local.valid, n_valid, _alloc(n_valid, n_feat, total, spill_dir, "all_valid"))
+    return FeatureCache(views, gather_rows(local.train_y, n_train), valid, gather_rows(local.valid_y, n_valid),
+                        local.size, local.augmented, local.computed)
 
 
 def prefetch(it: Iterable, depth: int = 2) -> Iterator:

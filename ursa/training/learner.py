@@ -139,8 +139,8 @@ class Learner:
             first = resume.restore_fit(self, opt, sched)
         self.run(n_epoch, source, opt, sched, stage=stage, bf16=bf16, cbs=[*self.cbs, *cbs] if cbs else None,
                  first_epoch=first)
-        if cached:
-            self.dist.sync_module(self.model.head)
+        # Every rank ends with rank 0's weights (the cached head is trained on every rank; DDP's are equal already).
+        self.dist.sync_module(self.model.head if cached else self.model)
 
     def lr_find(self, **kwargs: Any) -> Any:
         """Sweep learning rates and suggest one (see ursa.training.lr_find); the state is restored after."""
@@ -211,7 +211,8 @@ class Learner:
                     self._event("after_cancel_epoch")  # the rest of the batches are skipped; still validated
                 source.end_epoch()
                 if validate:
-                    self.metrics = source.validate()
+                    # rank 0's figures on every rank: the recorder, the guard and the rules then agree everywhere
+                    self.metrics = tuple(self.dist.agree(list(source.validate())))  # type: ignore[assignment]
                     self.epochs_done += 1
                 self._event("after_epoch")
         except CancelFitException as stop:
@@ -266,8 +267,9 @@ class Learner:
                                      shard=(d.rank, d.world) if d.active else None)
             self.feature_counts = d.each(float(cache.computed))
             if d.active:
+                spill = cfg.spill_dir / f"rank{d.rank}" if cfg.spill_dir is not None else None
                 cache = gather_cache(cache, d.gather_rows, len(self.dls.dataset.train_idx),
-                                     len(self.dls.dataset.valid_idx))
+                                     len(self.dls.dataset.valid_idx), spill)
             if keep:
                 self._cache = cache
         return cache
@@ -309,7 +311,11 @@ class Learner:
             probs, y = self.get_preds()
             return metrics_from_probs(probs, y)
         idx = self.dls.dataset.valid_idx
-        probs, y = self.get_preds(d.shard(idx))
+        mine = d.shard(idx)
+        if mine:
+            probs, y = self.get_preds(mine)
+        else:  # fewer validation images than ranks
+            probs, y = torch.zeros(0, len(self.dls.classes)), torch.zeros(0, dtype=torch.long)
         probs, y = d.gather_rows(probs, len(idx)), d.gather_rows(y, len(idx))
         return metrics_from_probs(probs, y)
 

@@ -24,9 +24,9 @@ from typing import Sequence
 import torch
 from rich.console import Console
 
-from ursa.errors import DivergedError
+from ursa.errors import DivergedError, UrsaError
 from ursa.training import insight
-from ursa.training.config import TrainConfig
+from ursa.training.config import ConfigError, TrainConfig
 from ursa.training.callbacks import BudgetStop, Callback
 from ursa.training.checkpoint import Checkpoint, CheckpointWriter, remove_checkpoint
 from ursa.training.dist import Dist, describe_dist, rank_device
@@ -94,6 +94,9 @@ def prepare(cfg: TrainConfig, console: Console | None = None, spill_dir: Path | 
     """
     dist = dist or Dist()
     device = rank_device(cfg.device, dist.local_rank, dist.world)
+    if dist.active and not cfg.cache:
+        raise ConfigError("--no-cache: under torchrun the frozen stage trains on the feature cache (computed in "
+                          "shares by the ranks); leave out --no-cache")
     console = console or Console(stderr=True, quiet=cfg.quiet or not dist.main)
     torch.manual_seed(cfg.seed)
     ds = load_dataset(cfg.data, cfg.csv, cfg.valid_pct, cfg.split_seed_used)
@@ -138,6 +141,11 @@ def train(cfg: TrainConfig, console: Console | None = None, resume: Checkpoint |
     dist = start_ranks(cfg.device)
     try:
         return _train(cfg, console, resume, dist)
+    except UrsaError:
+        # The same error on every rank (bad input, a divergence): torchrun stops all ranks as soon as one
+        # exits with an error, so the others wait here until rank 0 has written the run folder and said why.
+        dist.barrier()
+        raise
     finally:
         dist.close()
 
@@ -206,29 +214,47 @@ def _train(cfg: TrainConfig, console: Console | None, resume: Checkpoint | None,
 
 def _fine_tune(cfg: TrainConfig, learn: Learner, plan: Plan, t0: float, console: Console,
                resume: Checkpoint | None = None) -> None:
-    """The fine-tuning stage: the lesson's fixed epochs when given, else as many as the budget allows and pay."""
+    """The fine-tuning stage: the lesson's fixed epochs when given, else as many as the budget allows and pay.
+
+    ``resume``: a stopped run's fine-tuning checkpoint: the same stage goes on with what it had decided.
+    """
     lo, hi = cfg.unfreeze_lrs
-    if resume is not None:  # a stopped run's fine-tuning goes on with what it had decided
+    fixed = cfg.unfreeze_epochs is not None
+    if resume is not None:
         before = resume.index["plan"]
         plan.fine_tune_epochs, plan.fine_tune_why = before["fine_tune_epochs"], before["fine_tune_why"]
         plan.epoch_seconds, plan.spent = before.get("epoch_seconds"), before.get("spent")
+    elif fixed:
+        plan.fine_tune_epochs, plan.fine_tune_why = cfg.unfreeze_epochs, f"--unfreeze-epochs {cfg.unfreeze_epochs}"
+    else:
+        _decide(cfg, learn, plan, t0)
+        console.print(f"recipe: fine-tuning: {plan.fine_tune_why}", highlight=False)
+    force = False
+    if plan.fine_tune_epochs > 0:
         learn.unfreeze()
-        if not resume.fit_done:
-            learn.fit_one_cycle(plan.fine_tune_epochs, slice(lo, hi), size=cfg.unfreeze_size, bf16=cfg.bf16,
-                                cbs=[BudgetStop(t0 + cfg.budget - RESERVE)] if cfg.unfreeze_epochs is None else [],
-                                resume=resume)
-        _keep_best(learn, plan, console, False)
-        return
-    if cfg.unfreeze_epochs is not None:
-        plan.fine_tune_epochs = cfg.unfreeze_epochs
-        plan.fine_tune_why = f"--unfreeze-epochs {cfg.unfreeze_epochs}"
-        if cfg.unfreeze_epochs > 0:
-            learn.unfreeze()
-            learn.fit_one_cycle(cfg.unfreeze_epochs, slice(lo, hi), size=cfg.unfreeze_size, bf16=cfg.bf16)
-        return
+        if resume is None or not resume.fit_done:
+            try:
+                learn.fit_one_cycle(plan.fine_tune_epochs, slice(lo, hi), size=cfg.unfreeze_size, bf16=cfg.bf16,
+                                    cbs=[] if fixed else [BudgetStop(t0 + cfg.budget - RESERVE)], resume=resume)
+            except DivergedError as e:
+                if fixed:
+                    raise  # the lesson's recipe as asked: a divergence fails the run (exit 3)
+                learn.diverged, force = False, True  # the best epoch so far (frozen or not) is still good: keep it
+                plan.fine_tune_why += f"; fine-tuning diverged and was stopped ({e})"
+                console.print(f"[yellow]warning:[/] fine-tuning stopped: {e}", highlight=False)
+        done = sum(r["stage"] == "unfrozen" for r in learn.recorder.rows)
+        if not fixed and not force and done < plan.fine_tune_epochs and "--budget stopped" not in plan.fine_tune_why:
+            plan.fine_tune_why += f"; --budget stopped it after {done} of {plan.fine_tune_epochs} epochs"
+    if not fixed:  # the lesson's recipe keeps its last epoch (the run writer saves a better one beside it)
+        _keep_best(learn, plan, console, force)
+
+
+def _decide(cfg: TrainConfig, learn: Learner, plan: Plan, t0: float) -> None:
+    """How many fine-tuning epochs pay and fit the budget; rank 0's clock and error decide for every rank."""
     rows = learn.recorder.rows
     frozen_error = rows[-1]["error_rate"] if rows else float("nan")  # what the model is now
-    plan.spent = time.perf_counter() - t0
+    spent, frozen_error = learn.dist.agree([time.perf_counter() - t0, frozen_error])
+    plan.spent = spent
     left = cfg.budget - plan.spent - RESERVE
     if cfg.budget <= 0:
         plan.fine_tune_why = "--budget 0: the frozen stage only"
@@ -238,29 +264,12 @@ def _fine_tune(cfg: TrainConfig, learn: Learner, plan: Plan, t0: float, console:
     else:
         learn.unfreeze()
         t = time.perf_counter()
-        plan.epoch_seconds = epoch_seconds(learn, cfg.unfreeze_size, cfg.bf16)
-        left -= time.perf_counter() - t
+        seconds = epoch_seconds(learn, cfg.unfreeze_size, cfg.bf16)
+        plan.epoch_seconds, left = learn.dist.agree([seconds, left - (time.perf_counter() - t)])
         plan.fine_tune_epochs, plan.fine_tune_why = fine_tune_epochs(frozen_error, left, plan.epoch_seconds,
                                                                      epoch_cap(cfg.budget))
-        plan.fine_tune_epochs = int(learn.dist.agree([plan.fine_tune_epochs])[0])  # rank 0's clock decides
         if plan.fine_tune_epochs == 0:
             learn.freeze()
-    console.print(f"recipe: fine-tuning: {plan.fine_tune_why}", highlight=False)
-    force = False
-    if plan.fine_tune_epochs > 0:
-        deadline = t0 + cfg.budget - RESERVE
-        n_before = len(rows)
-        try:
-            learn.fit_one_cycle(plan.fine_tune_epochs, slice(lo, hi), size=cfg.unfreeze_size, bf16=cfg.bf16,
-                                cbs=[BudgetStop(deadline)])
-        except DivergedError as e:  # the best epoch so far (frozen or not) is still good: keep it
-            learn.diverged, force = False, True
-            plan.fine_tune_why += f"; fine-tuning diverged and was stopped ({e})"
-            console.print(f"[yellow]warning:[/] fine-tuning stopped: {e}", highlight=False)
-        done = len(rows) - n_before
-        if not force and done < plan.fine_tune_epochs:
-            plan.fine_tune_why += f"; --budget stopped it after {done} of {plan.fine_tune_epochs} epochs"
-    _keep_best(learn, plan, console, force)
 
 
 def _keep_best(learn: Learner, plan: Plan, console: Console, force: bool) -> None:

@@ -77,7 +77,8 @@ def autocast_dtype(device: "torch.device") -> "torch.dtype | None":
 
     if device.type != "cuda":
         return None
-    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    # bf16 in hardware from Ampere (compute capability 8) on; is_bf16_supported() also says yes where it is emulated.
+    return torch.bfloat16 if torch.cuda.get_device_capability(device)[0] >= 8 else torch.float16
 
 
 def _mps_available() -> bool:
