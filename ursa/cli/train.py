@@ -114,7 +114,7 @@ def train_cmd(
         cfg = make_config(data, config, quiet=quiet or None, device=device, pixels=pixels, **options)
     if nproc is not None and nproc > 1 and "WORLD_SIZE" not in os.environ:
         raise typer.Exit(_launch(cfg, nproc))
-    _say_result(train(cfg, resume=ckpt))
+    _say_result(train(cfg) if ckpt is None else train(cfg, resume=ckpt))
 
 
 def _launch(cfg: TrainConfig, nproc: int) -> int:
