@@ -92,14 +92,6 @@ class Dist:
         torch_dist.all_reduce(t)
         return float(t.item()) / self.world
 
-    def total(self, values: Sequence[float]) -> list[float]:
-        """Element-wise sums over the ranks (counts each rank computed)."""
-        if not self.active:
-            return list(values)
-        t = torch.tensor(list(values), dtype=torch.float64, device=self._device())
-        torch_dist.all_reduce(t)
-        return t.tolist()
-
     def each(self, value: float) -> list[float]:
         """Every rank's value, in rank order."""
         if not self.active:
