@@ -6,7 +6,7 @@ expected and what was found (``ModelFileError``, exit 2), never a traceback or a
 starts and then answers 500 to every request. The safetensors header holds strings (structured
 values JSON-encoded); an ONNX export holds the same fields as one JSON object. Both pass here.
 
-Optional fields (``metrics``, ``config``, ``calibration``) default to empty objects, so files
+Optional fields (``metrics``, ``config``, ``calibration``, ``openset``, ``conformal``) default to empty objects, so files
 written before they existed still load and the format version stays "1". Top-level keys this
 version does not know are ignored (a newer ursa may add some).
 """
@@ -195,6 +195,35 @@ def _calibration(name: str, v: Any) -> dict[str, Any]:
     return {k: CALIBRATION_FIELDS[k](f"{name}.{k}", x) if k in CALIBRATION_FIELDS else x for k, x in v.items()}
 
 
+def _scores(name: str, v: Any) -> list[float]:
+    if not isinstance(v, list) or not all(_is_number(x) for x in v):
+        raise _Bad(name, "a list of finite numbers", v)
+    return v
+
+
+def _openset(name: str, v: Any) -> dict[str, Any]:
+    """Unknown detection (``inference.openset``): an empty object (none) or the method, k, share kept and the arrays."""
+    _object(name, v)
+    if not v:
+        return v
+    if v.get("method") != "knn":
+        raise _Bad(f"{name}.method", "'knn'", v.get("method", MISSING))
+    _int_in(1, 1000)(f"{name}.k", v.get("k", MISSING))
+    _unit_or_null(True)(f"{name}.keep", v.get("keep", MISSING))
+    _scores(f"{name}.valid_scores", v.get("valid_scores", MISSING))
+    for key in ("center", "basis", "reference"):
+        _object(f"{name}.{key}", v.get(key, MISSING))  # bytes and shapes: openset.decode_array, when used
+    return v
+
+
+def _conformal(name: str, v: Any) -> dict[str, Any]:
+    """Prediction sets (``inference.openset.ConformalSets``): an empty object or the validation scores."""
+    _object(name, v)
+    if v:
+        _scores(f"{name}.scores", v.get("scores", MISSING))
+    return v
+
+
 # name -> (check, required, JSON-encoded in a safetensors header). Order: cheap checks first, arch last.
 FIELDS: dict[str, tuple[Callable[[str, Any], Any], bool, bool]] = {
     "classes": (_classes, True, True),
@@ -205,11 +234,13 @@ FIELDS: dict[str, tuple[Callable[[str, Any], Any], bool, bool]] = {
     "metrics": (_object, False, True),
     "config": (_object, False, True),
     "calibration": (_calibration, False, True),
+    "openset": (_openset, False, True),
+    "conformal": (_conformal, False, True),
     "ursa_version": (_text, False, False),
     "created": (_text, False, False),
     "arch": (_arch_name, True, False),  # header files: `_arch` as well, once the cheap checks passed
 }
-DEFAULTS: dict[str, Any] = {"metrics": {}, "config": {}, "calibration": {}, "ursa_version": "?", "created": ""}
+DEFAULTS: dict[str, Any] = {"metrics": {}, "config": {}, "calibration": {}, "openset": {}, "conformal": {}, "ursa_version": "?", "created": ""}
 
 
 ONNX_META_KEY = "ursa"  # an ONNX export's custom metadata key holding the full ModelMeta as JSON
@@ -228,6 +259,8 @@ class ModelMeta:
     metrics: dict[str, Any] = field(default_factory=dict)
     config: dict[str, Any] = field(default_factory=dict)  # the training run's configuration (optional)
     calibration: dict[str, Any] = field(default_factory=dict)  # temperature scaling and threshold (optional)
+    openset: dict[str, Any] = field(default_factory=dict)  # unknown detection: inference.openset (optional)
+    conformal: dict[str, Any] = field(default_factory=dict)  # prediction sets: inference.openset (optional)
     ursa_version: str = __version__
     created: str = ""
     format: str = FORMAT

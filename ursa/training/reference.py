@@ -1,0 +1,60 @@
+"""The open-world parts of a model file, fitted once at the end of a run (``run.write_run`` calls ``fit_open_world``).
+
+The unknown-detection reference needs the final model's body features of the training images:
+the feature cache's when it still holds (the body never changed after it was computed: a run with
+no fine-tuning; one augmented view per image), else one pass of the final model over the training
+images with the evaluation transform. The threshold is chosen on the validation features the run
+writer already has; the prediction sets' scores come from the same pass's calibrated probabilities.
+Fitting never fails a run: on any error the model file is written without them (it then says it
+cannot tell) and the console says why.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from rich.console import Console
+
+from ursa.diagnose.openset import fit_conformal, fit_unknown, open_world_insight, unknown_summary
+from ursa.inference.openset import CANNOT_TELL, UnknownDetector
+from ursa.training.learner import Learner
+from ursa.vision.data import ImageDataset
+
+
+def training_features(learn: Learner, ds: ImageDataset) -> tuple[np.ndarray, str]:
+    """The final model's pooled body features of the training images, and where they came from."""
+    cache = learn.feature_cache
+    if cache is not None and cache.size == learn.dls.size and cache.train_views:
+        return cache.train_views[0].numpy(), "the feature cache (frozen body, one augmented view of each training image)"
+    _, _, feats = learn.get_logits(ds.train_idx, features=True)
+    assert feats is not None
+    return feats.numpy(), "the final model over the training images (evaluation transform)"
+
+
+def fit_open_world(learn: Learner, ds: ImageDataset, keep: float, valid_feats: np.ndarray | None,
+                   valid_probs: np.ndarray | None, valid_y: np.ndarray | None,
+                   console: Console) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """ModelMeta fields ``openset`` and ``conformal`` (each empty when it could not be fitted), and the report's section."""
+    out: dict[str, Any] = {"openset": {}, "conformal": {}}
+    det: UnknownDetector | None = None
+    note = CANNOT_TELL
+    if valid_probs is not None and valid_y is not None and len(valid_y):
+        out["conformal"] = fit_conformal(valid_probs, valid_y).to_meta()
+    try:
+        if valid_feats is None or len(ds.train_idx) == 0:
+            raise RuntimeError("no validation features")
+        feats, source = training_features(learn, ds)
+        det = fit_unknown(feats, valid_feats, keep, source=source)
+        if valid_probs is not None and len(valid_probs):  # serve's drift line compares its answers with these
+            answered = np.bincount(np.asarray(valid_probs).argmax(1), minlength=len(ds.classes)) / len(valid_probs)
+            det.figures["valid_mix"] = {c: float(v) for c, v in zip(ds.classes, answered)}
+        out["openset"] = det.to_meta()
+        console.print(unknown_summary(det), highlight=False)
+    except Exception as e:  # noqa: BLE001 - the model file matters more; it then says it cannot tell
+        det, note = None, f"not fitted: {type(e).__name__}: {e}"
+        console.print(f"[yellow]warning:[/] no unknown detection in the model file: {type(e).__name__}: {e}", highlight=False)
+    insight = None
+    if valid_probs is not None and valid_y is not None:
+        insight = open_world_insight(valid_probs, valid_y, ds.classes, None, det, None if det else note)
+    return out, insight
