@@ -187,10 +187,12 @@ def candidates(T: float) -> dict[str, Callable]:
         "energy": energy(T),
         "kNN k=1, full, fp32": knn_full(1),
         "kNN k=10, full, fp32": knn_full(10),
-        "kNN k=10, PCA 128, fp16 (shipped)": knn_shipped(10, 128),
+        "kNN k=10, PCA 128, fp16": knn_shipped(10, 128),
+        "kNN k=20, PCA 128, fp16 (shipped)": knn_shipped(20, 128),
+        "kNN k=20, PCA 256, fp16": knn_shipped(20, 256),
         "kNN k=10, PCA 64, fp16": knn_shipped(10, 64),
         "Mahalanobis (class, PCA 128)": mahalanobis(128),
-        "kNN k=10 + top probability": combined(knn_shipped(10, 128), top_prob(T)),
+        "kNN k=20 + top probability": combined(knn_shipped(20, 128), top_prob(T)),
     }
 
 
@@ -241,6 +243,7 @@ def main() -> None:
     ap.add_argument("--budget", default="0", help="`ursa train --budget` of both models (0: frozen stage only)")
     ap.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "ursa-openset")
     ap.add_argument("--data", type=Path, default=DATA)
+    ap.add_argument("--out", type=Path, default=RESULTS / "openset.json")
     a = ap.parse_args()
     a.work.mkdir(parents=True, exist_ok=True)
     grebes3 = a.work / "grebes3"  # three species, as links: nothing is written into the data folder
@@ -253,7 +256,7 @@ def main() -> None:
     rows = evaluate("bears", bears, {s: images(a.data / s) for s in ("eurosat_dev", "mnist_dev", "cub_grebes")})
     rows += evaluate("3 grebes", grebes, {"Horned_Grebe": images(a.data / "cub_grebes" / "Horned_Grebe")})
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "openset.json").write_text(json.dumps({"budget": a.budget, "keep": KEEP, "rows": rows}, indent=1) + "\n")
+    a.out.write_text(json.dumps({"budget": a.budget, "keep": KEEP, "rows": rows}, indent=1) + "\n")
     print(table(rows))
 
 

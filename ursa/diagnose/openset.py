@@ -16,7 +16,7 @@ import numpy as np
 
 from ursa.inference.openset import ConformalSets, UnknownDetector, keep_share, normalise
 
-K, DIMS = 10, 128  # benchmarks/openset.py: mean similarity to the 10 nearest, 128 principal axes
+K, DIMS = 20, 128  # benchmarks/openset.py: mean similarity to the 20 nearest, 128 principal axes (docs/open-world.md)
 MAX_REFERENCE = 20_000  # training images kept as the reference (a spread-out subset above this): 5 MB at 128 dims
 
 
