@@ -237,3 +237,38 @@ def test_a_damaged_reference_is_one_clear_line(world_run, tmp_path):
         save_file({k: f.get_tensor(k) for k in f.keys()}, str(tmp_path / "m.safetensors"), metadata=meta)
     with pytest.raises(ModelFileError, match="openset.reference"):
         load_predictor(tmp_path / "m.safetensors", backend="torch")
+
+
+@pytest.mark.browser
+def test_the_served_page_says_none_of_these(world_run, browser):
+    import threading
+    import time
+
+    import uvicorn
+
+    from tests.conftest import wait_until
+    from ursa.apps.serve import create_app
+    from tests.test_slim import free_port
+
+    app = create_app(world_run / "run" / "model.safetensors", backend="onnx")
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    t = threading.Thread(target=server.run, daemon=True)
+    t.start()
+    try:
+        deadline = time.monotonic() + 20
+        while not server.started and time.monotonic() < deadline:
+            time.sleep(0.05)
+        page = browser.new_page()
+        page.goto(f"http://127.0.0.1:{port}/")
+        wait_until(page, "document.getElementById('model-info').textContent.includes('classes')")
+        page.set_input_files("#file", str(world_run / "checker.png"))
+        page.wait_for_selector("#bars .bar", timeout=30_000)
+        assert page.text_content("#label").startswith("none of these (closest: ")
+        assert "unlike the training images" in page.text_content("#confidence")
+        page.set_input_files("#file", str(world_run / "warm_new.png"))
+        wait_until(page, "document.getElementById('label').textContent === 'warm'")
+        page.close()
+    finally:
+        server.should_exit = True
+        t.join(10)

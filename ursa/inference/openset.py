@@ -128,7 +128,7 @@ class UnknownDetector:
     def to_meta(self) -> dict[str, Any]:
         """The metadata ``openset`` field."""
         return {"method": "knn", "k": int(self.k), "keep": float(self.keep), "threshold": self.threshold,
-                "valid_scores": [round(float(s), 6) for s in self.valid_scores], "figures": dict(self.figures),
+                "valid_scores": [float(s) for s in self.valid_scores], "figures": dict(self.figures),
                 "center": encode_array(self.center, "float32"), "basis": encode_array(self.basis, "float16"),
                 "reference": encode_array(self.reference, "float16")}
 
@@ -184,7 +184,7 @@ class ConformalSets:
 
     def to_meta(self) -> dict[str, Any]:
         """The metadata ``conformal`` field."""
-        return {"score": "1-p_true", "scores": [round(float(s), 6) for s in self.scores]}
+        return {"score": "1-p_true", "scores": [float(s) for s in self.scores]}
 
     @classmethod
     def from_meta(cls, d: dict[str, Any] | None) -> "ConformalSets | None":
