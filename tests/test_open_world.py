@@ -107,6 +107,23 @@ def test_the_trained_model_records_its_threshold_and_figures(world_run):
     assert "Open world" in (world_run / "run" / "report.html").read_text()
 
 
+def test_interpret_reports_unknown_scores_and_set_coverage(world_run):
+    from ursa.diagnose.interpret import interpret_model
+
+    interp = interpret_model(world_run / "run" / "model.safetensors", world_run / "data")
+    u = interp.open_world["unknown"]
+    assert u["fitted"] and u["n"] == len(interp) and 0 <= u["turned_away"] <= 0.5
+    assert interp.open_world["sets"]["per_class"]["warm"]["n"] >= 1
+
+
+def test_keep_on_train_is_checked():
+    from ursa.errors import UrsaError
+    from ursa.training.config import TrainConfig
+
+    with pytest.raises(UrsaError, match="--keep"):
+        TrainConfig(data=ROOT, keep=1.5)
+
+
 def test_prediction_set_coverage_on_a_synthetic_problem_is_within_2_points():
     """Labels drawn from the (calibrated) probabilities themselves: split conformal must cover ~90% of new pictures."""
     from ursa.diagnose.openset import fit_conformal

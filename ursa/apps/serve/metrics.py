@@ -20,7 +20,9 @@ import threading
 from collections import Counter as Tally, deque
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, generate_latest
+
+disable_created_metrics()  # no *_created series: they double the page and say only when the process started
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"  # the classic text format every Prometheus reads
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
@@ -98,7 +100,7 @@ class ServeMetrics:
             said = "unknown share cannot be told (model without a reference)" if unknown is None else (
                 f"{100 * unknown:.1f}% unknown" + (f" (validation: {100 * self.valid_unknown:.1f}%)"
                                                    if self.valid_unknown is not None else ""))
-            line = f"last {n} answers: {said}" + (f"; class mix {tv:.2f} from the validation mix (total variation)"
+            line = f"last {n} answer{'s' if n > 1 else ''}: {said}" + (f"; class mix {tv:.2f} from the validation mix (total variation)"
                                                   if tv is not None else "")
             if unknown_alert or mix_alert:
                 line += "; DRIFT: the pictures sent no longer look like the validation set"
