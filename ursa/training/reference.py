@@ -1,9 +1,10 @@
 """The open-world parts of a model file, fitted once at the end of a run (``run.write_run`` calls ``fit_open_world``).
 
 The unknown-detection reference needs the final model's body features of the training images:
-the feature cache's when it still holds (the body never changed after it was computed: a run with
-no fine-tuning; one augmented view per image), else one pass of the final model over the training
-images with the evaluation transform. The threshold is chosen on the validation features the run
+one pass of the final model over them with the evaluation transform, as the validation images and
+every picture sent later are seen (the feature cache holds augmented views of a body that
+fine-tuning may have changed since; benchmarks/openset.py measured the evaluation-transform
+reference). The threshold is chosen on the validation features the run
 writer already has; the prediction sets' scores come from the same pass's calibrated probabilities.
 Fitting never fails a run: on any error the model file is written without them (it then says it
 cannot tell) and the console says why.
@@ -23,10 +24,7 @@ from ursa.vision.data import ImageDataset
 
 
 def training_features(learn: Learner, ds: ImageDataset) -> tuple[np.ndarray, str]:
-    """The final model's pooled body features of the training images, and where they came from."""
-    cache = learn.feature_cache
-    if cache is not None and cache.size == learn.dls.size and cache.train_views:
-        return cache.train_views[0].numpy(), "the feature cache (frozen body, one augmented view of each training image)"
+    """The final model's pooled body features of the training images (evaluation transform), and where they came from."""
     _, _, feats = learn.get_logits(ds.train_idx, features=True)
     assert feats is not None
     return feats.numpy(), "the final model over the training images (evaluation transform)"

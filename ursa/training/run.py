@@ -93,7 +93,9 @@ def write_run(out: Path, learn: Learner, cfg: TrainConfig, ds: ImageDataset, inf
     if cal is not None:
         insight["calibration"] = cal.to_json()
     probs = softmax(logits, cal.temperature if cal else 1.0) if logits is not None else None  # what predict will say: calibrated
+    t = time.perf_counter()
     world, insight["open_world"] = fit_open_world(learn, ds, cfg.keep, feats, probs, y, console)
+    timings["open_world"] = time.perf_counter() - t  # one pass over the training images
     model = learn.export(out / "model.safetensors", config=config, calibration=cal.to_meta() if cal else None,
                          open_world=world)
     t = time.perf_counter()
