@@ -289,3 +289,31 @@ def test_the_served_page_says_none_of_these(world_run, browser):
     finally:
         server.should_exit = True
         t.join(10)
+
+
+@pytest.mark.parametrize("damage", ["keep_null", "k_zero", "no_reference_rows", "figures_list", "scores_text", "not_base64"])
+def test_damaged_open_world_metadata_is_one_line_never_a_traceback(world_run, tmp_path, damage):
+    from ursa.errors import ModelFileError
+    from ursa.inference.predictor import load_predictor
+
+    src = world_run / "run" / "model.safetensors"
+    with safe_open(str(src), "pt") as f:
+        meta = dict(f.metadata())
+        o = json.loads(meta["openset"])
+        if damage == "keep_null":
+            o["keep"] = None
+        elif damage == "k_zero":
+            o["k"] = 0
+        elif damage == "no_reference_rows":
+            o["reference"] = {"dtype": "float16", "shape": [0, o["reference"]["shape"][1]], "data": ""}
+        elif damage == "figures_list":
+            o["figures"] = [1, 2]
+        elif damage == "scores_text":
+            o["valid_scores"] = ["high"]
+        else:
+            o["basis"]["data"] = "not base64!"
+        meta["openset"] = json.dumps(o)
+        save_file({k: f.get_tensor(k) for k in f.keys()}, str(tmp_path / "m.safetensors"), metadata=meta)
+    with pytest.raises(ModelFileError, match="openset") as e:
+        load_predictor(tmp_path / "m.safetensors", backend="torch")
+    assert "\n" not in str(e.value)

@@ -209,8 +209,11 @@ def _openset(name: str, v: Any) -> dict[str, Any]:
     if v.get("method") != "knn":
         raise _Bad(f"{name}.method", "'knn'", v.get("method", MISSING))
     _int_in(1, 1000)(f"{name}.k", v.get("k", MISSING))
-    _unit_or_null(True)(f"{name}.keep", v.get("keep", MISSING))
+    keep = v.get("keep", MISSING)
+    if not _is_number(keep) or not 0 < keep <= 1:
+        raise _Bad(f"{name}.keep", "a share of validation images in (0, 1]", keep)
     _scores(f"{name}.valid_scores", v.get("valid_scores", MISSING))
+    _object(f"{name}.figures", v.get("figures", {}))
     for key in ("center", "basis", "reference"):
         _object(f"{name}.{key}", v.get(key, MISSING))  # bytes and shapes: openset.decode_array, when used
     return v

@@ -140,7 +140,8 @@ class UnknownDetector:
         center = decode_array(d.get("center"), "openset.center", where)
         basis = decode_array(d.get("basis"), "openset.basis", where)
         ref = decode_array(d.get("reference"), "openset.reference", where)
-        if center.ndim != 1 or basis.shape[:1] != center.shape or ref.ndim != 2 or basis.ndim != 2 or ref.shape[1] != basis.shape[1]:
+        if (center.ndim != 1 or basis.ndim != 2 or ref.ndim != 2 or basis.shape[0] != center.shape[0]
+                or ref.shape[1] != basis.shape[1] or ref.shape[0] == 0 or basis.shape[1] == 0):
             raise ModelFileError(f"{where}: model metadata field 'openset' is damaged: its arrays' shapes do not fit "
                                  f"(center {list(center.shape)}, basis {list(basis.shape)}, reference {list(ref.shape)}); "
                                  "train the model again")
