@@ -188,6 +188,16 @@ def stored(det) -> Callable:
     return fit
 
 
+def either(a: Callable, b: Callable) -> Callable:
+    """The larger of two scores, each standardised on the training images: unknown when either one says so."""
+    def fit(lg, ft, y):
+        (sa, na), (sb, nb) = a(lg, ft, y), b(lg, ft, y)
+        ra, rb = sa(lg, ft), sb(lg, ft)
+        ma, da, mb, db = ra.mean(), ra.std() + 1e-9, rb.mean(), rb.std() + 1e-9
+        return (lambda l, f: np.maximum((sa(l, f) - ma) / da, (sb(l, f) - mb) / db)), na + nb
+    return fit
+
+
 def candidates(T: float, det=None) -> dict[str, Callable]:
     more = {"as stored by ursa train (model file)": stored(det)} if det is not None else {}
     return {**more,
@@ -201,6 +211,7 @@ def candidates(T: float, det=None) -> dict[str, Callable]:
         "kNN k=10, PCA 64, fp16": knn_shipped(10, 64),
         "Mahalanobis (class, PCA 128)": mahalanobis(128),
         "kNN k=20 + top probability": combined(knn_shipped(20, 128), top_prob(T)),
+        "max(kNN k=20, top probability)": either(knn_shipped(20, 128), top_prob(T)),
     }
 
 
