@@ -133,6 +133,8 @@ class _Pass:
             spill_dir = spill_dir / f"rank{rank}"  # each rank its own files
         prefetching = engine == "ONNX Runtime"  # torch would compete with itself for the same cores
         views = []
+        labels = torch.tensor(dls.dataset.labels, dtype=torch.long)
+        train_y, valid_y = labels[train_idx].clone(), labels[valid_idx].clone()
         # Measured on 2 cores: batches of 8 are fastest on either engine (and the prefetch thread
         # stays one small batch ahead).
         bs = 8
@@ -142,13 +144,12 @@ class _Pass:
                 torch.manual_seed(self.seed * 1000 + k)  # reproducible augmentation of view k
                 out = _alloc(len(train_idx), n_feat, total_bytes, spill_dir, f"train_view{k}")
                 dl = dls.loader(train_idx, train=self.augment, size=self.size, bs=bs, shuffle=False)
-                _fill(body, dl, out, prog, task, prefetching)
+                _fill(body, dl, out, train_y, prog, task, prefetching)
                 views.append(out)
             valid = _alloc(len(valid_idx), n_feat, total_bytes, spill_dir, "valid")
-            _fill(body, dls.loader(valid_idx, train=False, size=self.size, bs=bs, shuffle=False), valid, prog, task,
-                  prefetching)
-        labels = torch.tensor(dls.dataset.labels, dtype=torch.long)
-        return FeatureCache(views, labels[train_idx], valid, labels[valid_idx], self.size, self.augment,
+            _fill(body, dls.loader(valid_idx, train=False, size=self.size, bs=bs, shuffle=False), valid, valid_y, prog,
+                  task, prefetching)
+        return FeatureCache(views, train_y, valid, valid_y, self.size, self.augment,
                             n_views * len(train_idx) + len(valid_idx))
 
 
@@ -205,11 +206,16 @@ def prefetch(it: Iterable, depth: int = 2) -> Iterator:
         thread.join(timeout=10)
 
 
-def _fill(body: Callable[[torch.Tensor], torch.Tensor], dl, out: torch.Tensor, prog, task, prefetching: bool) -> None:
+def _fill(body: Callable[[torch.Tensor], torch.Tensor], dl, out: torch.Tensor, y: torch.Tensor, prog, task,
+          prefetching: bool) -> None:
+    """Features of every item into out; an item that failed to read (negative label) gets that label in y."""
     i = 0
     assert not dl.drop_last, "feature cache needs every item"
-    for xb, _ in (prefetch(dl) if prefetching else dl):
+    for xb, yb in (prefetch(dl) if prefetching else dl):
         f = body(xb)
         out[i:i + len(f)] = f
+        failed = yb < 0
+        if bool(failed.any()):
+            y[i:i + len(f)][failed] = yb[failed]  # skipped in every view: this view could not read it
         i += len(f)
         prog.update(task, advance=len(f))
