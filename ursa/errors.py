@@ -40,7 +40,11 @@ class DivergedError(UrsaError):
     exit_code = 3
 
 
-class NoSpaceError(UrsaError):
+class WriteError(UrsaError):
+    """A file could not be written (the message names it); nothing half-written is left behind."""
+
+
+class NoSpaceError(WriteError):
     """The disk (or quota) filled up while ursa was writing a file; nothing half-written is left behind."""
 
 

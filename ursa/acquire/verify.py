@@ -200,9 +200,12 @@ class _Report:
             self.fh.flush()  # survives a killed process; fsync on close
 
     def close(self) -> None:
-        self.fh.flush()
-        os.fsync(self.fh.fileno())
-        self.fh.close()
+        try:
+            with no_space_line(self.path):
+                self.fh.flush()
+                os.fsync(self.fh.fileno())
+        finally:
+            self.fh.close()
 
 
 def _apply(res: _Result, folder: Path, delete: bool, report: _Report, summary: VerifySummary) -> None:

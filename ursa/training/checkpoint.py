@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
-from ursa.errors import NoSpaceError
+from ursa.errors import WriteError
 from ursa.training.callbacks import Callback
 from ursa.training.checkpoint_index import ResumeError, check_index
 from ursa.util.files import atomic_write_text, save_tensors
@@ -74,7 +74,7 @@ class CheckpointWriter(Callback):
             return
         try:
             write_checkpoint(self.folder, learn, {**self.extra(), "fit_stopped": stopped})
-        except (OSError, NoSpaceError) as e:  # a full disk must not end the training itself
+        except (OSError, WriteError) as e:  # a full disk must not end the training itself
             if not self.warned:
                 learn.console.print(f"[yellow]warning:[/] could not write the checkpoint in {self.folder} ({e}); "
                                     "the run goes on, but --resume will not be able to use it", highlight=False)

@@ -11,6 +11,7 @@ the default K (one view per epoch) each epoch still sees a fresh augmentation.
 from __future__ import annotations
 
 import queue
+import shutil
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +22,7 @@ import torch
 
 from rich.console import Console
 
+from ursa.errors import NoSpaceError
 from ursa.inference.onnx import onnx_features
 from ursa.util.device import autocast_dtype
 from ursa.util.progress import progress_bar
@@ -29,6 +31,7 @@ from ursa.vision.models import Classifier
 
 # Above this many bytes of features, store them in a memory-mapped file instead of RAM.
 RAM_BUDGET = 1_000_000_000
+SPILL_SHARE = 0.9  # of the free disk space a memory-mapped cache may take
 
 
 @dataclass
@@ -54,6 +57,18 @@ def _alloc(n: int, f: int, total_bytes: int, spill_dir: Path | None, name: str) 
         mm = np.lib.format.open_memmap(spill_dir / f"{name}.npy", mode="w+", dtype=np.float32, shape=(n, f))
         return torch.from_numpy(mm)
     return torch.empty(n, f, dtype=torch.float32)
+
+
+def check_free_space(spill_dir: Path, total_bytes: int, n_views: int) -> None:
+    """Refuse, before the pass, a memory-mapped cache the disk cannot hold (NoSpaceError, one line)."""
+    where = Path(spill_dir)
+    while not where.exists() and where != where.parent:
+        where = where.parent
+    free = shutil.disk_usage(where).free
+    if total_bytes > free * SPILL_SHARE:
+        raise NoSpaceError(f"{spill_dir}: the feature cache needs {total_bytes / 1e9:.1f} GB ({n_views} view(s) of every "
+                           f"training image), only {free / 1e9:.1f} GB are free there: give --views N (N views cycled "
+                           "over the epochs, e.g. --views 4) or fewer --epochs, or free some space")
 
 
 def compute_features(model: Classifier, dls: DataLoaders, n_views: int, *, augment: bool = True,
@@ -129,6 +144,8 @@ class _Pass:
             + f"; body on {engine}" + (f"; this rank's share of {world}" if world > 1 else ""),
             highlight=False,
         )
+        if spill_dir is not None and total_bytes > RAM_BUDGET:
+            check_free_space(spill_dir, total_bytes, n_views)
         if world > 1 and spill_dir is not None:
             spill_dir = spill_dir / f"rank{rank}"  # each rank its own files
         prefetching = engine == "ONNX Runtime"  # torch would compete with itself for the same cores

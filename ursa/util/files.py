@@ -17,7 +17,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping, Sequence
 
-from ursa.errors import NoSpaceError
+from ursa.errors import NoSpaceError, WriteError
 
 # The errors a full disk (or a full quota) gives: every writer turns them into one NoSpaceError line.
 NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
@@ -104,9 +104,14 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
 def save_tensors(path: str | Path, tensors: Mapping[str, Any], metadata: dict[str, str] | None = None) -> Path:
     """A safetensors file written atomically by Python (so a full disk is an OSError with its errno, and the
     file gets FILE_MODE: safetensors' own writer makes 0600 files and raises its own error type)."""
+    from safetensors import SafetensorError
     from safetensors.torch import save
 
-    atomic_write_bytes(path, save(dict(tensors), metadata=metadata))
+    try:
+        data = save(dict(tensors), metadata=metadata)
+    except SafetensorError as e:
+        raise WriteError(f"could not write {path}: safetensors refused the tensors ({e})") from None
+    atomic_write_bytes(path, data)
     return Path(path)
 
 
