@@ -94,7 +94,7 @@ def test_every_learner_attribute_exists_after_init(tmp_path) -> None:
 
     for c, col in (("a", (200, 20, 20)), ("b", (20, 20, 200))):
         (tmp_path / c).mkdir()
-        for i in range(4):
+        for i in range(6):
             Image.new("RGB", (36, 36), (col[0], i * 30, col[2])).save(tmp_path / c / f"{i}.png")
     torch.manual_seed(0)
     ds = load_dataset(tmp_path)
