@@ -91,3 +91,15 @@ def test_the_cleaner_releases_its_lock_when_it_stops(tmp_path: Path, capsys) -> 
     assert not (data / ".ursa-clean.lock").exists()
     with FolderLock(data, ".ursa-clean.lock", "data folder"):
         pass
+
+
+def test_a_lock_in_a_folder_ursa_cannot_write_is_one_line(tmp_path: Path) -> None:
+    import pytest
+
+    from ursa.errors import WriteError
+    from ursa.util.lock import FolderLock
+
+    (tmp_path / ".ursa.lock").symlink_to(tmp_path / "elsewhere")  # O_NOFOLLOW: never a lock through a link
+    with pytest.raises(WriteError, match="cannot create ursa's lock file"):
+        FolderLock(tmp_path, ".ursa.lock", "run folder").acquire()
+    assert not (tmp_path / "elsewhere").exists()

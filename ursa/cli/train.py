@@ -148,7 +148,9 @@ def _run_folder(out: Path, resume: bool = False) -> Iterator[Any]:
     """The run folder held by the one process that writes it (rank 0, or the --nproc launcher); None elsewhere."""
     from ursa.training.runfolder import RunFolder
 
-    if os.environ.get("RANK", "0") != "0" or os.environ.get(RUN_LOCKED) or (resume and not out.is_dir()):
+    held = os.environ.get(RUN_LOCKED)
+    if os.environ.get("RANK", "0") != "0" or (held and Path(held).resolve() == Path(out).resolve()) or (
+            resume and not out.is_dir()):
         yield None  # (no folder to resume: resume_config says so in one line)
         return
     with RunFolder(out, lambda line: typer.echo(line, err=True), resume=resume) as run:
@@ -171,7 +173,7 @@ def _launch(cfg: TrainConfig, nproc: int) -> int:
     threads = os.environ.get("OMP_NUM_THREADS") or str(max(1, (os.cpu_count() or 1) // nproc))
     with tempfile.TemporaryDirectory(prefix="ursa-nproc-") as tmp:
         code_file = Path(tmp) / "exit_code"
-        env = {**os.environ, EXIT_FILE: str(code_file), "OMP_NUM_THREADS": threads, RUN_LOCKED: str(cfg.out)}
+        env = {**os.environ, EXIT_FILE: str(code_file), "OMP_NUM_THREADS": threads, RUN_LOCKED: str(cfg.out.resolve())}
         proc = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, text=True, bufsize=1)
         assert proc.stderr is not None
         said = False

@@ -19,7 +19,7 @@ from datetime import datetime
 from pathlib import Path
 from types import TracebackType
 
-from ursa.errors import BusyError
+from ursa.errors import BusyError, WriteError
 
 
 class FolderLock:
@@ -33,6 +33,13 @@ class FolderLock:
 
     def acquire(self) -> "FolderLock":
         """Take the lock, or raise BusyError naming the holder; never waits."""
+        try:
+            return self._acquire()
+        except OSError as e:  # a read-only folder, a link at the lock's name: the user's to fix, one line
+            raise WriteError(f"{self.path}: cannot create ursa's lock file there ({e.strerror or e}); "
+                             f"give a {self.what} ursa can write to") from None
+
+    def _acquire(self) -> "FolderLock":
         self.created = not self.folder.exists()
         self.folder.mkdir(parents=True, exist_ok=True)
         for _ in range(10):
