@@ -426,8 +426,11 @@ def test_stale_temp_files_of_ursas_own_names_are_swept_on_start(tmp_path) -> Non
     for p in old + keep:
         p.write_text("x")
         os.utime(p, (time.time() - 3600, time.time() - 3600))
-    fresh = out / ".model.onnx.ab12cd34.tmp"  # maybe a write in progress
+    fresh = out / ".model.onnx.ab12cd34.tmp"  # maybe `ursa export` writing it right now
     fresh.write_text("x")
+    killed = out / "checkpoint" / ".checkpoint.json.a1b2c3d4.tmp"  # a kill just now: only this run writes there
+    killed.write_text("x")
+    old.append(killed)
     with RunFolder(out, lambda line: None):
         pass
     assert not any(p.exists() for p in old)

@@ -26,13 +26,14 @@ from safetensors.torch import load_file
 from ursa.errors import WriteError
 from ursa.training.callbacks import Callback
 from ursa.training.checkpoint_index import ResumeError, check_index
+from ursa.training.runfolder import CHECKPOINT, sweep_checkpoint_temps
 from ursa.util.files import atomic_write_text, save_tensors
 from ursa.util.manifest import Manifest
 
 __all__ = ["Checkpoint", "CheckpointWriter", "ResumeError", "read_checkpoint", "remove_checkpoint",
            "write_checkpoint"]
 
-FOLDER = "checkpoint"
+FOLDER = CHECKPOINT
 INDEX = "checkpoint.json"
 VERSION = 1
 
@@ -94,18 +95,20 @@ def write_checkpoint(folder: Path, learn: Any, extra: dict) -> Path:
     folder = checkpoint_folder(Path(folder).parent)
     folder.mkdir(parents=True, exist_ok=True)
     manifest = Manifest(folder)
+    if INDEX not in manifest.files:
+        manifest.add([INDEX], rewritten=True)  # ursa's index, replaced every epoch
     n = learn.epochs_done
     files = {"weights": f"e{n}.weights.safetensors", "state": f"e{n}.state.safetensors"}
     try:
         index = _write_files(folder, manifest, learn, files, extra)
         atomic_write_text(folder / INDEX, json.dumps(index) + "\n")
-        manifest.add([INDEX])
     except BaseException:
         named = _named(folder)  # what the last good checkpoint.json names stays; this epoch's orphans go
         manifest.remove([f for f in files.values() if f not in named])
         raise
+    # After the index only removals, and no manifest write: a kill here leaves no temp file behind.
     keep = set(files.values()) | {INDEX}
-    manifest.remove([name for name in manifest.files if name not in keep])
+    manifest.remove([name for name in manifest.files if name not in keep], save=False)
     return folder / INDEX
 
 
@@ -316,9 +319,10 @@ def remove_checkpoint(run: Path) -> None:
     if folder.is_symlink() or not folder.is_dir():
         return
     manifest = Manifest(folder)
-    manifest.remove([INDEX])  # first: a kill halfway leaves no index naming missing files
-    manifest.remove(list(manifest.files))
+    manifest.remove([INDEX], save=False)  # first: a kill halfway leaves no index naming missing files
+    manifest.remove(list(manifest.files), save=False)
     manifest.drop()
+    sweep_checkpoint_temps(folder)  # what a killed write left there (ursa's own temp names; the run lock is held)
     try:
         folder.rmdir()
     except OSError:

@@ -92,19 +92,27 @@ class RunFolder:
 
 
 def sweep_temps(out: Path, min_age: float = MIN_TEMP_AGE, now: float | None = None) -> list[Path]:
-    """Remove the temp files a killed write left for a run file or a checkpoint file (ursa's own names only)."""
+    """Remove the temp files a killed write left for a run file (untouched for min_age) or a checkpoint file."""
+    return _sweep(out, is_run_file, min_age, now) + sweep_checkpoint_temps(out / CHECKPOINT)
+
+
+def sweep_checkpoint_temps(folder: Path) -> list[Path]:
+    """The checkpoint folder's: at any age (only the run that holds the run folder's lock writes there)."""
+    return _sweep(folder, lambda name: bool(CHECKPOINT_FILE.match(name)), 0.0, None)
+
+
+def _sweep(folder: Path, known: Callable[[str], bool], min_age: float, now: float | None) -> list[Path]:
     now = time.time() if now is None else now
-    removed = []
-    for folder, known in ((out, is_run_file), (out / CHECKPOINT, lambda n: bool(CHECKPOINT_FILE.match(n)))):
-        if folder.is_symlink() or not folder.is_dir():
+    removed: list[Path] = []
+    if folder.is_symlink() or not folder.is_dir():
+        return removed
+    for e in os.scandir(folder):
+        target = temp_target(e.name)
+        if target is None or not (known(target) or target == MANIFEST) or not e.is_file(follow_symlinks=False):
             continue
-        for e in os.scandir(folder):
-            target = temp_target(e.name)
-            if target is None or not (known(target) or target == MANIFEST) or not e.is_file(follow_symlinks=False):
-                continue
-            if now - e.stat(follow_symlinks=False).st_mtime >= min_age:
-                os.unlink(e.path)
-                removed.append(Path(e.path))
+        if now - e.stat(follow_symlinks=False).st_mtime >= min_age:
+            os.unlink(e.path)
+            removed.append(Path(e.path))
     return removed
 
 

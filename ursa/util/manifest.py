@@ -18,6 +18,7 @@ from typing import Iterable
 from ursa.util.files import atomic_write_text
 
 MANIFEST = ".ursa-files.json"
+ANY = [-1, -1]  # a file ursa rewrites in place of itself (recorded by name): see Manifest.add(rewritten=True)
 
 
 class Manifest:
@@ -37,35 +38,44 @@ class Manifest:
         if not isinstance(files, dict):
             return {}
         return {k: v for k, v in files.items() if _plain_name(k) and isinstance(v, list) and len(v) == 2
-                and all(isinstance(x, int) for x in v)}
+                and all(isinstance(x, int) and not isinstance(x, bool) for x in v)}
 
     @property
     def exists(self) -> bool:
         return self.path.is_file()
 
-    def add(self, names: Iterable[str]) -> None:
-        """Record files ursa has just written (names inside the folder); saved at once."""
+    def add(self, names: Iterable[str], rewritten: bool = False) -> None:
+        """Record files ursa has just written (names inside the folder); saved at once.
+
+        ``rewritten``: a file ursa replaces again and again (an index), recorded by name alone: it is
+        ursa's while it is a plain file, whatever its size and time.
+        """
         for name in names:
             st = _stat(self.folder / name)
-            if st is not None and _plain_name(name):
-                self.files[name] = [st.st_size, st.st_mtime_ns]
+            if _plain_name(name) and (rewritten or st is not None):
+                self.files[name] = ANY if rewritten else [st.st_size, st.st_mtime_ns]  # type: ignore[union-attr]
         self.save()
 
     def ours(self, name: str) -> bool:
         """The file at name is still the plain file ursa wrote there."""
         want = self.files.get(name)
         st = _stat(self.folder / name)
-        return want is not None and st is not None and [st.st_size, st.st_mtime_ns] == want
+        return want is not None and st is not None and (want == ANY or [st.st_size, st.st_mtime_ns] == want)
 
-    def remove(self, names: Iterable[str]) -> list[str]:
-        """Delete the named files that are still ursa's own (see ``ours``); forget them all. Returns what went."""
+    def remove(self, names: Iterable[str], save: bool = True) -> list[str]:
+        """Delete the named files that are still ursa's own (see ``ours``); forget them all. Returns what went.
+
+        ``save=False``: the manifest file is not rewritten (one write fewer for a kill to interrupt); an
+        entry for a file that is gone is harmless and dropped at the next save.
+        """
         gone = []
         for name in list(names):
             if self.ours(name):
                 (self.folder / name).unlink(missing_ok=True)
                 gone.append(name)
             self.files.pop(name, None)
-        self.save()
+        if save:
+            self.save()
         return gone
 
     def save(self) -> None:
