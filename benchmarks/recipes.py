@@ -92,8 +92,8 @@ def read_default_budget() -> tuple[bool, float | None]:
 
 def recipe_flags(recipe: str, has_budget: bool, budget: float | None) -> list[str] | str:
     """The recipe's `ursa train` flags (LRFIND: made per run), or why it is skipped (a str)."""
-    if recipe != "frozen" and recipe != "lesson" and not has_budget:
-        return "skipped: TrainConfig has no `budget` field yet (the data-aware default is not in this checkout)"
+    if recipe == "double" and not has_budget:
+        return "skipped: TrainConfig has no `budget` field (nothing to double)"
     if recipe == "double":
         if not isinstance(budget, (int, float)) or isinstance(budget, bool) or budget <= 0:
             return f"skipped: the default budget is {budget!r}, not a number of seconds to double"
@@ -343,7 +343,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:  # every input checked (and every split made) before the first hour-long run
         set_dirs, recipes, venv = check_args(args)
-        has_budget, budget = read_default_budget() if set(recipes) - {"frozen", "lesson"} else (True, None)
+        has_budget, budget = read_default_budget() if "double" in recipes else (True, None)
         splits = {s: ensure_split(d, args.results, write=not args.dry_run) for s, d in set_dirs.items()}
     except InputError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -59,15 +59,19 @@ def test_split_is_made_once_deterministically_and_both_files_agree(bench, tmp_pa
 
 
 def test_committed_splits_are_what_the_script_makes(bench):
-    """benchmarks/results/splits/ holds the split the script would make from the shared sets."""
-    if not SHARED.is_dir():
-        pytest.skip(f"shared datasets not found at {SHARED}")
-    for s in bench.SETS:
-        anchor_csv, ursa_csv = bench.split_paths(bench.RESULTS, s)
-        assert anchor_csv.is_file() and ursa_csv.is_file(), f"{s}: split files not committed"
-        made = bench.make_split(SHARED / s)
+    """benchmarks/results/splits/ holds the split the script would make from each set (the shared ones when here)."""
+    folders = [SHARED / s for s in bench.SETS if SHARED.is_dir()]
+    folders += [d for d in sorted(bench.DATASETS.iterdir()) if (d / ".built.json").is_file() and (d.name + "/") not in
+                (bench.DATASETS / ".gitignore").read_text().split()]  # the committed held-out sets: no /work/shared needed
+    assert len(folders) >= 4
+    for d in folders:
+        anchor_csv, ursa_csv = bench.split_paths(bench.RESULTS, d.name)
+        train_csv = bench.train_split_path(bench.RESULTS, d.name)
+        assert anchor_csv.is_file() and ursa_csv.is_file() and train_csv.is_file(), f"{d.name}: split files not committed"
+        made = bench.make_split(d)
         assert bench.read_split(anchor_csv, ("path", "label", "is_valid")) == made
         assert bench.read_split(ursa_csv, ("name", "label", "is_valid")) == made
+        assert bench.ensure_split(d, bench.RESULTS, write=False) == made  # the training file agrees too
 
 
 def test_aims_say_held_or_missed(bench):
@@ -107,12 +111,12 @@ def test_dry_run_prints_the_four_recipes_commands_and_writes_nothing(bench, tmp_
     # ursa trains on the 80% only (name,label): the 20% test images are not in its file.
     assert all(c[c.index("--csv") + 1] == str(results / "splits" / "toy.train.csv") for c in cmds)
     assert not results.exists()
-    # Before the lead's `budget` field exists: default and double are skipped with a reason, not a crash.
+    # Without a `budget` field (a recipe that counts instead of timing): double is skipped with a reason, not a crash.
     monkeypatch.setattr(bench, "read_default_budget", lambda: (False, None))
     assert bench.main(argv) == 0
     out = capsys.readouterr().out
-    assert "default: skipped: TrainConfig has no `budget` field" in out and "double: skipped" in out
-    assert sum(" -m ursa train " in line for line in out.splitlines()) == 4
+    assert "double: skipped: TrainConfig has no `budget` field" in out and "default: skipped" not in out
+    assert sum(" -m ursa train " in line for line in out.splitlines()) == 6
     # The default list of recipes: lr-find's suggestion runs lr-find first, then trains with it.
     argv_all = argv[:-2] + ["--seeds", "1"]
     monkeypatch.setattr(bench, "read_default_budget", lambda: (True, 60))
@@ -253,3 +257,69 @@ def test_a_rule_that_loses_to_the_choice_fitted_on_the_other_sets_is_missed(benc
     # One set alone: nothing to fit the choice on.
     one = check_rule(rule, recs, ["a"], (), {"a": 10})
     assert one["rows"][0]["verdict"] == "not measured (no other set)"
+
+
+@pytest.fixture(scope="module")
+def build():
+    """benchmarks/datasets/build.py as a module."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_datasets_build", ROOT / "benchmarks" / "datasets" / "build.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["bench_datasets_build"] = mod
+    spec.loader.exec_module(mod)
+    yield mod
+    sys.modules.pop("bench_datasets_build", None)
+
+
+def test_committed_sets_are_what_build_made_and_small(build):
+    """Every committed set still has the images its .built.json counted and hashed; 40 MB in all at most."""
+    import json
+
+    total = 0
+    for name, spec in build.SETS.items():
+        folder = build.HERE / name
+        if not spec.committed:
+            continue
+        info = json.loads((folder / build.MARKER).read_text())
+        assert build.folder_stats(folder) == {k: info[k] for k in ("classes", "images", "bytes")}, name
+        assert build.tree_sha256(folder) == info["sha256"], f"{name}: images changed since build.py made them"
+        assert len(info["classes"]) >= 3 and min(info["classes"].values()) >= 40, name
+        total += info["bytes"]
+    assert total <= 40e6
+
+
+def test_build_is_repeatable_and_never_replaces_a_folder_it_did_not_make(build, tmp_path, capsys):
+    pytest.importorskip("sklearn")
+    out = tmp_path / "sets"
+    assert build.main(["--sets", "uci_digits", "--out", str(out)]) == 0
+    first = build.tree_sha256(out / "uci_digits")
+    (out / "uci_digits" / "3" / "extra.png").write_bytes(b"x")  # a set it made is replaced whole
+    assert build.main(["--sets", "uci_digits", "--out", str(out)]) == 0
+    assert build.tree_sha256(out / "uci_digits") == first == build.tree_sha256(build.HERE / "uci_digits")
+    assert sorted(p.name for p in out.iterdir()) == ["uci_digits"]  # no temp folders left behind
+    mine = out / "cc0_textures"
+    (mine / "a").mkdir(parents=True)
+    (mine / "a" / "photo.jpg").write_bytes(b"mine")
+    capsys.readouterr()
+    assert build.main(["--sets", "cc0_textures", "--out", str(out)]) == 2
+    assert "was not made by this script" in capsys.readouterr().err
+    assert (mine / "a" / "photo.jpg").read_bytes() == b"mine"
+    assert build.main(["--sets", "nope", "--out", str(out)]) == 2
+    assert build.main(["--sets", "omniglot_greek", "--out", str(out)]) == 2
+    assert "needs --omniglot" in capsys.readouterr().err
+
+
+def test_a_pickled_array_is_read_without_unpickling(build):
+    import pickle
+
+    import numpy as np
+
+    class Boom:
+        def __reduce__(self):
+            return (exec, ("raise SystemExit('executed')",))
+
+    arr = np.arange(200, dtype=np.uint8).reshape(2, 10, 10)
+    assert build.pickled_array_bytes(pickle.dumps(arr, protocol=4)) == arr.tobytes()
+    with pytest.raises(build.BuildError, match="expected one array buffer"):
+        build.pickled_array_bytes(pickle.dumps(Boom(), protocol=4))  # nothing runs; no array found
