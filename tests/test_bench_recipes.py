@@ -175,7 +175,7 @@ def test_a_run_measures_each_process_and_judges_the_aims(bench, tmp_path, monkey
     set_dir = make_set(tmp_path / "data", "bears", n=5)
     results = tmp_path / "results"
     monkeypatch.delenv("FASTAI_VENV", raising=False)
-    fake_ursa(bench, monkeypatch, calls := [])
+    fake_ursa(bench, monkeypatch, [])
     bench.ensure_split(set_dir, results)
     sha = hashlib.sha256(bench.split_paths(results, "bears")[0].read_bytes()).hexdigest()
     (results / "fastai").mkdir()
