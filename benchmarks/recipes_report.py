@@ -16,6 +16,7 @@ def summarize(records: list[dict]) -> dict:
             "err_sd": statistics.stdev(errs) if len(errs) > 1 else (0.0 if errs else None),
             "errs": errs, "reported_mean": statistics.mean(reported) if reported else None,
             "wall_mean": statistics.mean(r["wall_s"] for r in ok) if ok else None,
+            "same_as_default": sum(bool(r.get("same_as_default")) for r in ok),
             "rss_max": max(r["rss_mb"] for r in ok) if ok else None}
 
 
@@ -70,7 +71,8 @@ def table_lines(set_name: str, info: str, recipes: list[str], summaries: dict, f
             lines.append(f"  {name:<16} {'-':>2} {(fastai_note or 'not measured') if name.startswith('fastai') else 'not run'}")
             continue
         err = f"{fmt(sm['err_mean'], '.4f')} ± {fmt(sm['err_sd'], '.4f')}"
-        extra = f" ({sm['failed']} failed)" if sm.get("failed") else ""
+        extra = (f" ({sm['failed']} failed)" if sm.get("failed") else "") + (
+            f" ({sm['same_as_default']} = the default's run: what it decided)" if sm.get("same_as_default") else "")
         lines.append(f"  {name:<16} {sm['n']:>2} {err:>17} {fmt(sm.get('reported_mean'), '.4f'):>9}  {fmt(sm['wall_mean'], '.1f'):>7} "
                      f"{fmt(sm['rss_max'], '.0f'):>7}  " + ", ".join(f"{e:.4f}" for e in sm["errs"]) + extra)
     return lines

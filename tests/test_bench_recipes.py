@@ -237,6 +237,7 @@ def test_rules_are_checked_leave_one_set_out_on_held_out_errors(bench, tmp_path,
     assert [r["optimism"] for r in rules["epoch kept"]["rows"]] == [-0.01] * 3
     assert "rule: flips (default vs flips_none, flips_horizontal, flips_all)" in out and "checked on: held on 2 of 2" in out
     assert "toy: 20 images, 4 test (0.2500 a picture)" in out
+    assert data["summaries"]["toy"]["flips_none"]["same_as_default"] == 1 and "(1 = the default's run: what it decided)" in out
 
 
 def test_a_rule_that_loses_to_the_choice_fitted_on_the_other_sets_is_missed(bench):
