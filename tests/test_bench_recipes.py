@@ -156,7 +156,7 @@ for i, f in enumerate(files):
 def fake_ursa(bench, monkeypatch, calls: list) -> None:
     """`ursa train`, `ursa lr-find` and `ursa predict` replaced by tiny scripts (no training); train calls recorded."""
     def train(data, split, out, seed, flags):
-        calls.append((Path(data).name, list(flags)))
+        calls.append((Path(split).name, list(flags)))
         return [sys.executable, "-c", FAKE_URSA, str(out), *flags]
 
     monkeypatch.setattr(bench, "ursa_command", train)
@@ -215,12 +215,15 @@ def test_rules_are_checked_leave_one_set_out_on_held_out_errors(bench, tmp_path,
     monkeypatch.delenv("FASTAI_VENV", raising=False)
     fake_ursa(bench, monkeypatch, calls := [])
     argv = ["--root", str(tmp_path / "data"), "--datasets", str(tmp_path / "none"), "--seeds", "1", "--results", str(results),
-            "--recipes", "default,lrfind,flips_none,flips_horizontal,flips_all", "--fitted-on", "bears"]
+            "--recipes", "default,lrfind,flips_none,flips_horizontal,flips_all,optimistic", "--fitted-on", "bears"]
     assert bench.main(["--sets", "bears,toy,other", *argv]) == 0
     out = capsys.readouterr().out
     data = json.loads((results / "recipes.json").read_text())
     # flips_none is what the default decided: not run again; lr-find's suggestion is given as --lr.
-    assert sorted({f[-2] if f else "" for _, f in calls}) == ["", "--flips", "--lr"] and len(calls) == 12
+    assert sorted({f[-2] if f else "" for _, f in calls}) == ["", "--flips", "--lr"] and len(calls) == 15
+    # Every run trains on the 80% only, except `optimistic`: the 80/20 file, choosing its epoch on the test images.
+    assert sorted({(split, not f) for split, f in calls if not split.endswith(".train.csv")}) == \
+        [("bears.ursa.csv", True), ("other.ursa.csv", True), ("toy.ursa.csv", True)]
     assert [f for _, f in calls if "--lr" in f] == [["--lr", "0.0012"]] * 3
     runs = {(r["set"], r["recipe"]): r for r in data["runs"]}
     assert runs["toy", "flips_none"]["same_as_default"] and runs["toy", "lrfind"]["lr_used"] == 0.0012
@@ -235,6 +238,7 @@ def test_rules_are_checked_leave_one_set_out_on_held_out_errors(bench, tmp_path,
     assert rules["learning rate"]["summary"]["checked on"] == {"held": 2, "of": 2}
     assert rules["input size"]["not_run"] == ["size128", "size224"]
     assert [r["optimism"] for r in rules["epoch kept"]["rows"]] == [-0.01] * 3
+    assert [r["honesty_cost"] for r in rules["epoch kept"]["rows"]] == [0.0] * 3
     assert "rule: flips (default vs flips_none, flips_horizontal, flips_all)" in out and "checked on: held on 2 of 2" in out
     assert "toy: 20 images, 4 test (0.2500 a picture)" in out
     assert data["summaries"]["toy"]["flips_none"]["same_as_default"] == 1 and "(1 = the default's run: what it decided)" in out
