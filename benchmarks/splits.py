@@ -31,10 +31,10 @@ def write_atomic(path: Path, text: str) -> None:
         Path(tmp).unlink(missing_ok=True)
 
 
-def csv_text(header: list[str], rows: list[tuple[str, str, bool]]) -> str:
-    """CSV of (path, label, is_valid) rows, is_valid as True/False (what pandas writes and both readers take)."""
+def csv_text(header: list[str], rows: list[tuple]) -> str:
+    """CSV of the rows as they are (a bool as True/False: what pandas writes and both readers take)."""
     buf = io.StringIO()
-    csv.writer(buf, lineterminator="\n").writerows([header, *((p, label, str(v)) for p, label, v in rows)])
+    csv.writer(buf, lineterminator="\n").writerows([header, *(tuple(map(str, r)) for r in rows)])
     return buf.getvalue()
 
 
@@ -80,7 +80,7 @@ def ensure_split(set_dir: Path, results: Path, write: bool = True) -> list[tuple
     rows = read_split(anchor_csv, ("path", "label", "is_valid")) if anchor_csv.is_file() else make_split(set_dir)
     if ursa_csv.is_file() and read_split(ursa_csv, ("name", "label", "is_valid")) != rows:
         raise InputError(f"{ursa_csv} and {anchor_csv} assign different images; delete both to make them again")
-    train_text = csv_text(["name", "label"], [(p, c, False) for p, c, v in rows if not v]).replace(",False\n", "\n")
+    train_text = csv_text(["name", "label"], [(p, c) for p, c, v in rows if not v])
     if train_csv.is_file() and train_csv.read_text(encoding="utf-8") != train_text:
         raise InputError(f"{train_csv} is not the training part of {anchor_csv}; delete it to make it again")
     for path, text in ((anchor_csv, csv_text(["path", "label", "is_valid"], rows)),
