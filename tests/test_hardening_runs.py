@@ -312,15 +312,24 @@ def test_the_untampered_stopped_run_resumes_and_leaves_the_users_files(runs, tmp
     from ursa.cli import main
 
     data, _, stopped, _ = runs
+    from ursa.util.manifest import Manifest
+
     run = tmp_path / "ok"
     shutil.copytree(stopped, run)
     (run / "checkpoint" / "notes.txt").write_text("mine\n")
+    (run / "model.int8.onnx").write_text("an earlier run's INT8 model")  # written by ursa, per the manifest
+    Manifest(run).add(["model.int8.onnx"])
+    (run / "notes.txt").write_text("the user's")
+    time.sleep(0.1)
     rc = main(["train", str(data), "--resume", str(run), "--quiet"])
     err = capsys.readouterr().err
     assert rc == 0, err
     assert (run / "model.safetensors").is_file() and "overwrites" not in err
     assert sorted(p.name for p in (run / "checkpoint").iterdir()) == ["notes.txt"]
     assert "model.safetensors" in json.loads((run / ".ursa-files.json").read_text())["files"]
+    # the stale INT8 model beside the new model is gone (and said), the user's file is not
+    assert not (run / "model.int8.onnx").exists() and "model.int8.onnx" in err, err
+    assert (run / "notes.txt").read_text() == "the user's"
 
 
 # --- a lock per run folder -------------------------------------------------------------------------------------------
