@@ -366,6 +366,7 @@ class Learner:
         else:  # fewer validation images than ranks
             probs, y = torch.zeros(0, len(self.dls.classes)), torch.zeros(0, dtype=torch.long)
         probs, y = d.gather_rows(probs, len(idx)), d.gather_rows(y, len(idx))
+        self.note_vanished(y)  # every rank's unreadable images, so rank 0 reports them all
         return metrics_from_probs(probs, y)
 
     # --- checkpoints and export ----------------------------------------------------------------
