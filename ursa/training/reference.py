@@ -25,9 +25,10 @@ from ursa.vision.data import ImageDataset
 
 def training_features(learn: Learner, ds: ImageDataset) -> tuple[np.ndarray, str]:
     """The final model's pooled body features of the training images (evaluation transform), and where they came from."""
-    _, _, feats = learn.get_logits(ds.train_idx, features=True)
+    _, y, feats = learn.get_logits(ds.train_idx, features=True)
     assert feats is not None
-    return feats.numpy(), "the final model over the training images (evaluation transform)"
+    keep = (y >= 0).numpy()  # an image that changed or vanished since the scan has a negative label: not a reference
+    return feats.numpy()[keep], "the final model over the training images (evaluation transform)"
 
 
 def fit_open_world(learn: Learner, ds: ImageDataset, keep: float, valid_feats: np.ndarray | None,
