@@ -317,3 +317,17 @@ def test_damaged_open_world_metadata_is_one_line_never_a_traceback(world_run, tm
     with pytest.raises(ModelFileError, match="openset") as e:
         load_predictor(tmp_path / "m.safetensors", backend="torch")
     assert "\n" not in str(e.value)
+
+
+def test_an_onnx_file_without_the_features_output_says_it_cannot_tell(world_run, tmp_path):
+    import onnx
+
+    from ursa.inference.runtime import load_onnx
+
+    proto = onnx.load(str(world_run / "run" / "model.onnx"))
+    keep = [o for o in proto.graph.output if o.name != "features"]
+    del proto.graph.output[:]
+    proto.graph.output.extend(keep)
+    onnx.save(proto, str(tmp_path / "old.onnx"))
+    ans = load_onnx(tmp_path / "old.onnx").predict_one(world_run / "checker.png")
+    assert ans.unknown is None and "export it again" in ans.note
