@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 from rich.console import Console
 
-from ursa.diagnose.openset import fit_conformal, fit_unknown, open_world_insight, unknown_summary
+from ursa.diagnose.openset import MAX_REFERENCE, fit_conformal, fit_unknown, open_world_insight, unknown_summary
 from ursa.inference.openset import CANNOT_TELL, UnknownDetector
 from ursa.training.learner import Learner
 from ursa.vision.data import ImageDataset
@@ -25,7 +25,10 @@ from ursa.vision.data import ImageDataset
 
 def training_features(learn: Learner, ds: ImageDataset) -> tuple[np.ndarray, str]:
     """The final model's pooled body features of the training images (evaluation transform), and where they came from."""
-    _, y, feats = learn.get_logits(ds.train_idx, features=True)
+    idx = list(ds.train_idx)
+    if len(idx) > MAX_REFERENCE:  # the reference keeps at most this many: run only those (evenly spaced, deterministic)
+        idx = [idx[i] for i in np.linspace(0, len(idx) - 1, MAX_REFERENCE).round().astype(int)]
+    _, y, feats = learn.get_logits(idx, features=True)
     assert feats is not None
     keep = (y >= 0).numpy()  # an image that changed or vanished since the scan has a negative label: not a reference
     return feats.numpy()[keep], "the final model over the training images (evaluation transform)"
