@@ -75,7 +75,7 @@ def predict_cmd(
             typer.echo(f"error: {ans}", err=True)
             continue
         if json_out:
-            typer.echo(json.dumps({"file": str(f), **ans.to_json()}))
+            typer.echo(json.dumps({"file": str(f), **ans.to_json()}, allow_nan=False))  # Prediction: finite only
         elif ans.unsure:
             typer.echo(f"{f}: unsure (best guess {ans.label} {ans.confidence:.3f}, below {ans.threshold:.2f})")
         else:

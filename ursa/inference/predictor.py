@@ -217,7 +217,7 @@ def load_predictor(path: str | Path, backend: str = "auto", threads: int | None 
     fast, why = current_onnx(path, backend, threads, tta, where)
     if fast is not None:
         return fast
-    if backend == "auto" and "stale" in why:
+    if why.stale:
         log.warning("%s; running %s with torch. Re-export with `ursa export %s --onnx`", why, path, path)
     torch.set_num_threads(threads)
     return _load_torch(Path(path), bf16, tta, where)

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from ursa.errors import UrsaError
+from ursa.errors import ModelOutputError, UrsaError
 
 
 @dataclass
@@ -19,6 +20,12 @@ class Prediction:
     probs: dict[str, float]
     unsure: bool = False
     threshold: float | None = None  # the threshold the answer was judged by (None: none)
+
+    def __post_init__(self) -> None:
+        """A NaN or infinite probability is never an answer (nor bare NaN in JSON): the model itself is damaged."""
+        if not all(math.isfinite(p) for p in self.probs.values()):
+            raise ModelOutputError("the model gave probabilities that are not finite numbers (NaN or infinity): "
+                                   "its weights are damaged; train or export it again")
 
     def as_tuple(self) -> tuple[str, int, dict[str, float]]:
         """fastai's (label, index, probs) shape."""

@@ -34,7 +34,7 @@ def load_model(model: Any, backend: str = "auto", threads: int | None = None, bf
     fast, why = current_onnx(model, backend, threads, device=where)
     if fast is not None:
         return fast, why
-    if backend == "auto" and "stale" in why:
+    if why.stale:
         log.warning("%s; running %s with torch. Re-export with `ursa export %s --onnx`", why, model, model)
     from ursa.inference.predictor import load_predictor  # torch: only on this path
 
