@@ -51,10 +51,11 @@ _BROADCAST = ipaddress.ip_address("255.255.255.255")
 class AddressRefused(Exception):
     """A connection the address rule (or a port check) stopped before any byte was sent."""
 
-    def __init__(self, host: str, reason: str, kind: str = "refused") -> None:
+    def __init__(self, host: str, reason: str, kind: str = "refused", allowable: bool = False) -> None:
         self.host = host
         self.reason = reason
         self.kind = kind
+        self.allowable = allowable  # a private address that --allow-private (or --allow) would let through
         super().__init__(reason)
 
 
@@ -139,6 +140,11 @@ class AddressPolicy:
 
     def problem(self, address: str, host: str | None = None) -> str | None:
         """Why a download must not connect to this address (reached from host), or None when it may."""
+        refused = self.refusal(address, host)
+        return None if refused is None else refused.reason
+
+    def refusal(self, address: str, host: str | None = None) -> AddressRefused | None:
+        """The refusal of this address (its reason, and whether --allow-private would lift it), or None when it may connect."""
         found = self.verdict(address)
         if found is None:
             return None
@@ -148,8 +154,8 @@ class AddressPolicy:
         else:
             hint = f"use {ALLOW_HINT} to fetch from private networks"
         if host is not None and host.strip("[]") != address:
-            return f"{host} resolves to {shown}, {what}; {hint}"
-        return f"{shown} is {what}; {hint}"
+            return AddressRefused(host, f"{host} resolves to {shown}, {what}; {hint}", allowable=not always)
+        return AddressRefused(host or address, f"{shown} is {what}; {hint}", allowable=not always)
 
 
 async def system_resolve(host: str, port: int) -> list[str]:
@@ -199,9 +205,9 @@ class GuardedBackend(httpcore.AsyncNetworkBackend):
             raise AddressRefused(host, f"port {port} is out of range 1-65535", "bad_url")
         addresses = await self.resolve(host, port, timeout)
         for address in addresses:  # one bad address refuses the name: a rebinding server may use either
-            why = self.policy.problem(address, host)
-            if why is not None:
-                raise AddressRefused(host, why)
+            refused = self.policy.refusal(address, host)
+            if refused is not None:
+                raise AddressRefused(host, refused.reason, allowable=refused.allowable)
         last: Exception | None = None
         for address in addresses:
             try:

@@ -64,6 +64,7 @@ class Fetched:
     kind: str | None = None
     detail: str = ""
     content_type: str = ""
+    allowable: bool = False  # refused for a private address that --allow-private would let through
 
 
 @dataclass
@@ -255,7 +256,7 @@ async def _attempt(client: Any, url: str, opt: FetchOptions) -> Fetched:
         detail = e.reason
         if e.kind == "refused" and e.host != _host_of(url):
             detail += f" (a redirect from {_host_of(url)} led there)"
-        return Fetched(None, None, e.kind, detail)
+        return Fetched(None, None, e.kind, detail, allowable=e.allowable)
     except httpx.TooManyRedirects:
         return Fetched(None, None, "redirect", "too many redirects (a redirect loop?)")
     except httpx.UnsupportedProtocol as e:

@@ -38,7 +38,8 @@ from typing import Iterator
 from ursa.acquire.manifest import MANIFEST_NAME
 from ursa.acquire.verify_summary import QUARANTINE, UNREADABLE, VerifySummary
 from ursa.errors import ImageError, UrsaError
-from ursa.util.files import atomic_write_csv, csv_line, write_staged
+from ursa.util.files import NAME_ERRORS, atomic_write_csv, csv_line, write_staged
+from ursa.util.names import printable
 from ursa.util.progress import progress_bar
 from ursa.vision.dedupe import find_duplicates
 from ursa.vision.images import MAX_PIXELS, is_image_file, open_image
@@ -187,15 +188,16 @@ class _Report:
             raw = path.read_bytes()
             if raw and not raw.endswith(b"\n"):
                 raw = raw[: raw.rfind(b"\n") + 1]
-            rows = list(csv.reader(raw.decode("utf-8", errors="replace").splitlines()))
+            rows = list(csv.reader(raw.decode("utf-8", errors=NAME_ERRORS).splitlines()))
             if rows and tuple(rows[0]) != REPORT_COLUMNS:
                 raise VerifyError(f"{path}: not an ursa verify report; move it away and run verify again")
             history = [r for r in rows[1:] if len(r) == 3 and r[1] in ("quarantined", "deleted", "fixed")]
         atomic_write_csv(path, REPORT_COLUMNS, history)
-        self.fh = open(path, "a", newline="", encoding="utf-8")
+        self.fh = open(path, "a", newline="", encoding="utf-8", errors=NAME_ERRORS)
 
     def write(self, file: str, status: str, reason: str) -> None:
-        self.fh.write(csv_line([file, status, " ".join(reason.split())]))
+        # a report for people: every name on its one line, raw bytes and control characters visibly escaped
+        self.fh.write(csv_line([printable(file), status, printable(" ".join(reason.split()))]))
         self.fh.flush()  # survives a killed process; fsync on close
 
     def close(self) -> None:
