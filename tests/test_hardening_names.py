@@ -137,8 +137,8 @@ def test_verify_and_show_run_on_names_not_utf8(odd_names, tmp_path, capsys):
     report = (odd_names / "verify.csv").read_bytes().splitlines()
     assert len(report) == 1 + 18  # complete: a row per image, none lost to a crash half-way
     assert "caf\\xe9" in out.out + out.err and "\udce9" not in out.out + out.err
-    assert main(["show", str(odd_names), "--out", str(tmp_path / "show"), "--size", "32"]) == 0
-    assert (tmp_path / "show" / "batch.png").is_file()
+    assert main(["show", str(odd_names), "--out", str(tmp_path / "batch.png"), "--size", "32"]) == 0
+    assert (tmp_path / "batch.png").is_file()
     out = capsys.readouterr().out
     assert "ok\\nline" in out and "\nline " not in out
 

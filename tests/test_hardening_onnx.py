@@ -155,6 +155,7 @@ def _with_props(src: Path, dst: Path, change) -> Path:
     lambda p: p.update(preprocess=json.dumps(_spec(lambda s: s.update(scale=1e308)))),
     lambda p: p.update(preprocess=json.dumps(GOOD).replace('"scale": 0.00392156862745098', '"scale": NaN')),
     lambda p: p.update(ursa=p["ursa"].replace('"mean": [0.5, 0.5, 0.5]', '"mean": [1e308, 0.5, 0.5]')),
+    lambda p: p.update(ursa=p["ursa"].replace('"metrics": {}', '"metrics": {"error_rate": NaN}')),
 ])
 def test_a_crafted_onnx_file_is_one_line_exit_2(pair, tmp_path, capsys, change):
     bad = _with_props(pair["mine"].with_suffix(".onnx"), tmp_path / "bad.onnx", change)

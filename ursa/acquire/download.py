@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping
 from urllib.parse import urlsplit
 
-from ursa.acquire.addresses import ALLOW_HINT, AddressPolicy
+from ursa.acquire.addresses import AddressPolicy
 from ursa.acquire.fetch import (
     FetchOptions, HostPool, MemoryBudget, decode_blocks, fetch, inspect_image, one_line, prepare_image,
 )
@@ -143,12 +143,12 @@ async def _run(
 
     def record(cls: str, url: str, status: str, *, file: str = "", http_status: int | None = None,
                kind: str | None = None, detail: str = "", nbytes: int | None = None, sha: str = "",
-               allowable: bool = False) -> None:
+               by_rule: bool = False) -> None:
         error = f"{kind}: {one_line(detail)}" if kind else ""
         writer.write({"url": url, "class": cls, "file": file, "status": status, "http_status": http_status,
                       "error": error, "bytes": nbytes, "sha256": sha})
         summary.add(cls, status, kind if status == "failed" else None)
-        if status == "refused" and allowable:  # decided by the address rule's verdict, not by the message
+        if status == "refused" and by_rule:  # the address rule's verdict, not the message's wording
             summary.refused_address += 1
 
     def advance() -> None:
@@ -174,7 +174,7 @@ async def _run(
             if got.data is None:
                 status = "refused" if got.kind == "refused" else "failed"
                 record(cls, url, status, http_status=got.http_status, kind=got.kind, detail=got.detail,
-                       allowable=got.allowable)
+                       by_rule=got.by_rule)
                 return
             n = len(got.data)
             try:
@@ -236,8 +236,9 @@ async def _run(
 
 
 def _retry_row(row: Mapping[str, str]) -> bool:
-    """Whether a row's URL is worth another try: it failed, or its address was refused (the rule may allow it now)."""
-    return row["status"] == "failed" or (row["status"] == "refused" and ALLOW_HINT in row["error"])
+    """Whether a row's URL is worth another try: it failed, or it was refused though the URL itself is fine (so its
+    address was: the rule or --allow-private may let it through now; checking again sends nothing)."""
+    return row["status"] == "failed" or (row["status"] == "refused" and url_problem(row["url"]) is None)
 
 
 def _plan_resume(

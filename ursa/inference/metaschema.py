@@ -73,6 +73,10 @@ def _int_in(lo: int, hi: int) -> Callable[[str, Any], int]:
 def _object(name: str, v: Any) -> dict[str, Any]:
     if not isinstance(v, dict):
         raise _Bad(name, "an object", v)
+    try:  # shown as JSON by serve's /model and predict --json: NaN and Infinity are not JSON
+        json.dumps(v, allow_nan=False)
+    except (ValueError, TypeError, RecursionError):
+        raise _Bad(name, "an object of JSON values (finite numbers, strings, lists, objects)", v) from None
     return v
 
 
@@ -316,7 +320,7 @@ class ModelMeta:
         """Parse `to_json`'s form with the same schema as a header; keys this version does not know are ignored."""
         where = "ONNX file's ursa metadata"
         try:
-            raw = loads(text)
+            raw = json.loads(text)
         except (ValueError, TypeError, RecursionError) as e:
             raise ModelFileError(f"{path}: {where} is not valid JSON ({type(e).__name__}){REDO_ONNX}") from None
         return cls(**checked_fields(raw, path, where, encoded=False))
@@ -382,7 +386,7 @@ def _decode(name: str, value: Any) -> Any:
     if not isinstance(value, str):
         return value
     try:
-        return loads(value)
+        return json.loads(value)  # NaN parses here and is refused by the field's check, which names it
     except RecursionError:
         raise _Bad(name, "JSON nested at most a few hundred levels deep", value[:40]) from None
     except ValueError:

@@ -17,7 +17,6 @@ numpy release the GIL), and results come back in input order as soon as each bat
 from __future__ import annotations
 
 import itertools
-import os
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
@@ -30,9 +29,11 @@ from ursa.errors import ImageError, ModelFileError, UrsaError
 from ursa.inference.metaschema import ONNX_META_KEY, ModelMeta, loads
 from ursa.inference.placement import CPU, Placement, onnx_device, onnx_line, onnx_refusal
 from ursa.inference.preprocess import PREPROCESS_KEY, Preprocess, check_spec, preprocess_spec
-from ursa.inference.results import Prediction, check_backend, check_threshold, softmax
+from ursa.inference.results import Prediction, check_backend, check_threshold
 from ursa.inference.session import check_session_fits, ort_session
 from ursa.inference.tta import mean_probs, tta_views, view_batch
+from ursa.util.device import cores
+from ursa.util.numbers import softmax
 from ursa.vision.images import Source
 
 
@@ -41,14 +42,6 @@ FEATURES_OUTPUT = "features"  # the export's second output: the pooled body feat
 
 class NoFeaturesOutput(UrsaError):
     """An ONNX file exported before it carried the body features: interpret and clean run torch instead."""
-
-
-def cores() -> int:
-    """CPU cores this process may use."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover - not Linux
-        return os.cpu_count() or 1
 
 
 def stream_batches(sources: Iterable[Source], bs: int, decode: Callable[[Source], Any],
@@ -151,7 +144,7 @@ class OnnxPredictor:
         n = len(self.views)
         if n == 1:
             logits, feats = self.logits_and_features(x)
-            return softmax(logits / np.float32(self.temperature)), feats
+            return softmax(logits / np.float32(self.temperature), dtype=np.float32), feats
         logits, feats = self.logits_and_features(view_batch(x, n))
         return mean_probs(logits, n, self.temperature), feats[: len(x)]
 
@@ -159,7 +152,7 @@ class OnnxPredictor:
         """Calibrated probabilities for a preprocessed batch (the model's temperature applied; averaged over the TTA views)."""
         n = len(self.views)
         if n == 1:
-            return softmax(self.logits(x) / np.float32(self.temperature))
+            return softmax(self.logits(x) / np.float32(self.temperature), dtype=np.float32)
         return mean_probs(self.logits(view_batch(x, n)), n, self.temperature)
 
     def result(self, p: Sequence[float], threshold: float | None | str = "model") -> Prediction:
