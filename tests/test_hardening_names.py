@@ -162,3 +162,17 @@ def test_skipped_folders_are_said_once(tmp_path, caplog):
     assert ds.classes == ["a", "b"]
     said = [r.getMessage() for r in caplog.records if "skipped" in r.getMessage()]
     assert len(said) == 1 and all(n in said[0] for n in ("_quarantine (ursa's quarantine)", ".hidden (hidden)", "_notes"))
+
+
+def test_verify_never_quarantines_into_a_users_folder_named_quarantine(tmp_path, capsys):
+    data = _folder(tmp_path / "d", ["a", "b", "_quarantine"], per_class=2)
+    (data / "a" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    before = sorted(p.name for p in (data / "_quarantine").iterdir())
+    assert main(["verify", str(data)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "_quarantine" in err[0] and "rename it" in err[0]
+    assert sorted(p.name for p in (data / "_quarantine").iterdir()) == before and (data / "a" / "broken.png").exists()
+    (data / "_quarantine").rename(data / "kept")
+    assert main(["verify", str(data)]) == 0  # verify's own quarantine: made, marked, used again on the next run
+    assert (data / "_quarantine" / ".ursa-quarantine").exists() and not (data / "a" / "broken.png").exists()
+    assert main(["verify", str(data)]) == 0
