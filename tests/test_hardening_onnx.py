@@ -171,8 +171,22 @@ def test_nan_probabilities_are_never_an_answer_nor_bare_nan_json(tmp_path, capsy
     onnx_file = export_onnx(model, check=False)
     image = make_image(tmp_path / "x.png", size=(40, 36))
     for path in (onnx_file, model):
-        assert main(["predict", str(path), str(image), "--json", "--backend", "onnx" if path == model else "auto"]) == 2
+        assert main(["predict", str(path), str(image), "--json", "--backend", "torch" if path == model else "auto"]) == 2
         out = capsys.readouterr()
         assert "NaN" not in out.out and "not finite" in out.err and len(out.err.strip().splitlines()) <= 2
     with pytest.raises(ModelOutputError):
         Prediction("a", 0, {"a": float("nan"), "b": 0.5})
+
+
+def test_serve_answers_a_nan_model_with_its_one_line_in_valid_json(tmp_path, one_thread):
+    from starlette.testclient import TestClient
+
+    from ursa.apps.serve import create_app
+    from ursa.inference.export import export_onnx
+
+    onnx_file = export_onnx(_model(tmp_path / "model.safetensors", 0, poison=True), check=False)
+    image = make_image(tmp_path / "x.png", size=(40, 36)).read_bytes()
+    with TestClient(create_app(onnx_file), raise_server_exceptions=False) as c:
+        r = c.post("/predict", files={"file": ("x.png", image, "image/png")})
+        assert r.status_code == 500 and "not finite" in r.json()["error"]  # valid JSON: r.json() parses it
+        assert c.get("/model").status_code == 200  # the server keeps answering

@@ -17,6 +17,7 @@ import csv
 import hashlib
 import logging
 import os
+import reprlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -47,10 +48,10 @@ def split_settings(config: dict | None) -> tuple[float, int]:
         seed = config.get("seed", SEED)
     pct = config.get("valid_pct", VALID_PCT)
     if not (isinstance(seed, int) and not isinstance(seed, bool) and 0 <= seed < 2**32):
-        raise DataError(f"the run's split seed: expected a whole number from 0 to {2**32 - 1}, got {str(seed)[:40]!r}; "
+        raise DataError(f"the run's split seed: expected a whole number from 0 to {2**32 - 1}, got {reprlib.repr(seed)}; "
                         "give --split-seed or train again")
     if not (isinstance(pct, (int, float)) and not isinstance(pct, bool) and 0 < pct < 1):
-        raise DataError(f"the run's valid_pct: expected a number between 0 and 1, got {str(pct)[:40]!r}; train again")
+        raise DataError(f"the run's valid_pct: expected a number between 0 and 1, got {reprlib.repr(pct)}; train again")
     return float(pct), seed
 
 
