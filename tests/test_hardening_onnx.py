@@ -190,3 +190,12 @@ def test_serve_answers_a_nan_model_with_its_one_line_in_valid_json(tmp_path, one
         r = c.post("/predict", files={"file": ("x.png", image, "image/png")})
         assert r.status_code == 500 and "not finite" in r.json()["error"]  # valid JSON: r.json() parses it
         assert c.get("/model").status_code == 200  # the server keeps answering
+
+
+def test_predict_prints_one_line_per_image_whatever_its_name(pair, tmp_path, capsys):
+    odd = make_image(tmp_path / os.fsdecode(b"new\nline\xff.png"), size=(40, 36))
+    assert main(["predict", str(pair["mine"].with_suffix(".onnx")), str(odd)]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert len(out) == 1 and "new\\nline\\xff.png: " in out[0]
+    assert main(["predict", str(pair["mine"].with_suffix(".onnx")), str(odd), "--json"]) == 0
+    assert os.fsencode(json.loads(capsys.readouterr().out)["file"]) == os.fsencode(str(odd))  # JSON: the exact name
