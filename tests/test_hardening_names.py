@@ -176,3 +176,12 @@ def test_verify_never_quarantines_into_a_users_folder_named_quarantine(tmp_path,
     assert main(["verify", str(data)]) == 0  # verify's own quarantine: made, marked, used again on the next run
     assert (data / "_quarantine" / ".ursa-quarantine").exists() and not (data / "a" / "broken.png").exists()
     assert main(["verify", str(data)]) == 0
+
+
+def test_html_pages_show_names_with_visible_escapes_through_one_function():
+    from ursa.diagnose import explore, insight_html, report
+    from ursa.util.names import html_text
+
+    assert report._e is insight_html._e is explore._e is html_text
+    assert html_text(raw(b"caf\xe9") + "<b>\x1b") == "caf\\xe9&lt;b&gt;\\x1b"  # encodable as UTF-8, every byte visible
+    html_text(raw(b"caf\xe9")).encode("utf-8")

@@ -12,6 +12,7 @@ case costs one ``str.isprintable``). Files ursa reads back keep the real bytes i
 from __future__ import annotations
 
 import codecs
+import html
 import unicodedata
 
 _SHORT = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
@@ -33,6 +34,15 @@ def printable(name: str) -> str:
     if name.isprintable():
         return name
     return "".join(_escaped(ch) for ch in name)
+
+
+def html_text(value: object) -> str:
+    """Any value as HTML text, quotes escaped too: raw bytes and control characters visible as in `printable`,
+    but newlines and tabs kept (HTML lays them out as spaces; a message may hold them)."""
+    text = str(value)
+    if not text.isprintable():
+        text = "".join(ch if ch in _SHORT else _escaped(ch) for ch in text)
+    return html.escape(text, quote=True)
 
 
 def same_when_normalised(names: list[str]) -> tuple[str, str] | None:
