@@ -198,7 +198,8 @@ class TrainConfig:
         if self.unfreeze_lr is not None:
             lo_hi = self.unfreeze_lr
             _expect(len(lo_hi) == 2 and all(_number(v) for v in lo_hi) and 0 < lo_hi[0] <= lo_hi[1],
-                    "--unfreeze-lr", "LO,HI with 0 < LO <= HI", ",".join(map(str, lo_hi)))
+                    "--unfreeze-lr", "LO,HI with 0 < LO <= HI",
+                    ",".join(map(shown, lo_hi[:3])) + (",..." if len(lo_hi) > 3 else ""))
         _expect(_whole(self.bs, 2), "--bs", "a whole number >= 2", self.bs)
         _expect(_number(self.target_precision) and 0 < self.target_precision <= 1, "--target-precision",
                 "a number in (0, 1]", self.target_precision)
