@@ -131,6 +131,13 @@ def test_names_print_on_one_line_with_visible_escapes(odd_names):
     assert printable("tab\there\x1b\u2028") == "tab\\there\\x1b\\u2028" and printable("café") == "café"
 
 
+def test_the_console_writes_any_name_the_cli_prints():
+    from ursa.util.names import ERRORS
+
+    assert (raw(b"caf\xe9") + " 中").encode("utf-8", ERRORS) == "caf\\xe9 中".encode()
+    assert (raw(b"caf\xe9") + " 中").encode("latin-1", ERRORS) == b"caf\\xe9 \\u4e2d"  # a narrow console too
+
+
 def test_verify_and_show_run_on_names_not_utf8(odd_names, tmp_path, capsys):
     assert main(["verify", str(odd_names)]) == 0
     out = capsys.readouterr()

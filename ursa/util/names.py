@@ -65,7 +65,9 @@ ERRORS = "ursa.names"  # an encoding error handler: a console stream writes surr
 def _encode_error(e: UnicodeError) -> tuple[str, int]:
     if not isinstance(e, UnicodeEncodeError):
         raise e
-    return "".join(_escaped(ch) for ch in e.object[e.start:e.end]), e.end
+    bad = e.object[e.start:e.end]  # raw bytes of a name as \xNN; anything else the console cannot show as \uNNNN
+    return "".join(f"\\x{ord(ch) - 0xDC00:02x}" if 0xDC80 <= ord(ch) <= 0xDCFF
+                   else ch.encode("ascii", "backslashreplace").decode("ascii") for ch in bad), e.end
 
 
 codecs.register_error(ERRORS, _encode_error)
