@@ -72,6 +72,13 @@ def test_a_bad_seed_is_one_line_on_every_command(tmp_path, capsys, command, argv
     assert len(err) == 1 and "--seed: expected a whole number from 0 to" in err[0]
 
 
+def test_a_bad_seed_under_nproc_is_one_line_before_torchrun_starts(tmp_path, capsys):
+    data = _folder(tmp_path / "d", ["a", "b"])
+    assert main(["train", str(data), "--seed", "-1", "--nproc", "2", "--out", str(tmp_path / "o")]) == 2
+    out = capsys.readouterr()
+    assert len(out.err.strip().splitlines()) == 1 and "starting:" not in out.err and "--seed: expected" in out.err
+
+
 @pytest.mark.parametrize("config", [
     {"unfreeze_lr": 5}, {"cache": "false"}, {"seed": -1}, {"seed": 10**25}, {"dedupe_split": "false"},
     {"seed": json.loads("[" * 200 + "]" * 200)},
