@@ -199,3 +199,20 @@ def test_html_pages_show_names_with_visible_escapes_through_one_function():
     assert report._e is insight_html._e is explore._e is html_text
     assert html_text(raw(b"caf\xe9") + "<b>\x1b") == "caf\\xe9&lt;b&gt;\\x1b"  # encodable as UTF-8, every byte visible
     html_text(raw(b"caf\xe9")).encode("utf-8")
+
+
+def test_the_cleaners_log_and_cleaned_csv_take_names_not_utf8(odd_names):
+    from ursa.apps import clean
+
+    ds = from_folder(odd_names, 0.3, 1)
+    names = [ds.rel(i) for i in range(len(ds))]
+    labels = [ds.classes[i] for i in ds.labels]
+    d = clean.Decisions(odd_names, names, labels, ds.classes)
+    odd = [i for i, n in enumerate(names) if not n.startswith("bear/")]
+    d.decide(names[odd[0]], "relabel", "bear")
+    d.decide(names[odd[1]], "exclude")
+    again = clean.Decisions(odd_names, names, labels, ds.classes)
+    assert again.load() == 2  # the log replays, names intact
+    assert again.label_of(names[odd[0]]) == "bear" and again.label_of(names[odd[1]]) is None
+    cleaned = from_csv(odd_names, odd_names / "cleaned.csv")  # and trains: every name is a file on disk
+    assert len(cleaned) == len(ds) - 1
