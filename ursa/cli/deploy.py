@@ -47,6 +47,7 @@ def predict_cmd(
     from ursa.inference.placement import place
     from ursa.inference.runtime import current_onnx
     from ursa.inference.tta import NO_VIEWS, views_text
+    from ursa.util.names import printable
 
     keep = None if keep is None else keep_share(keep, "--keep")
     level = None if level is None else level_share(level)
@@ -87,15 +88,18 @@ def predict_cmd(
         if keep is not None or level is not None:
             ans = runner.world.judge(ans, keep, level)
         if json_out:
-            typer.echo(json.dumps({"file": str(f), **ans.to_json()}))
+            typer.echo(json.dumps({"file": str(f), **ans.to_json()}, allow_nan=False))  # Prediction: finite only
             continue
-        in_set = f"; set {{{', '.join(ans.labels)}}} at {ans.level:g}" if ans.labels is not None else ""
+        in_set = f"; set {{{', '.join(printable(c) for c in ans.labels)}}} at {ans.level:g}" if ans.labels is not None else ""
+        name = printable(str(f))  # printable: a newline or raw byte in a name never splits the line
         if ans.unknown:
-            typer.echo(f"{f}: {ans.shown} (unknown score {ans.unknown_score:.3f} above {ans.unknown_threshold:.3f}){in_set}")
+            typer.echo(f"{name}: none of these (closest: {printable(ans.label)}) (unknown score {ans.unknown_score:.3f} "
+                       f"above {ans.unknown_threshold:.3f}){in_set}")
         elif ans.unsure:
-            typer.echo(f"{f}: unsure (best guess {ans.label} {ans.confidence:.3f}, below {ans.threshold:.2f}){in_set}")
+            typer.echo(f"{name}: unsure (best guess {printable(ans.label)} {ans.confidence:.3f}, "
+                       f"below {ans.threshold:.2f}){in_set}")
         else:
-            typer.echo(f"{f}: {ans.label} ({ans.confidence:.3f}){in_set}")
+            typer.echo(f"{name}: {printable(ans.label)} ({ans.confidence:.3f}){in_set}")
     if failed:
         typer.echo(f"{failed} of {len(files)} images could not be read; the others were predicted", err=True)
         raise typer.Exit(1)  # the job ran but did not fully succeed

@@ -224,7 +224,7 @@ class OpenWorld:
         """Unknown scores of a batch's body features, or Nones."""
         if self.detector is None or feats is None:
             return [None] * (0 if feats is None else len(feats))
-        return [float(s) for s in self.detector.score(np.asarray(feats, dtype=np.float32))]
+        return [float(s) if np.isfinite(s) else None for s in self.detector.score(np.asarray(feats, dtype=np.float32))]
 
     def threshold(self, keep: float | None = None) -> float | None:
         """The unknown threshold for a share kept (None: the model's own), or None when it cannot tell."""
