@@ -271,28 +271,19 @@ def _scores(name: str, v: Any) -> list[float]:
     return v
 
 
-def _openset(name: str, v: Any) -> dict[str, Any]:
-    """Unknown detection (``inference.openset``): an empty object (none) or the method, k, share kept and the arrays."""
-    _object(name, v)
-    if not v:
-        return v
-    if v.get("method") != "knn":
+def _openset(name: str, v: Any) -> dict[str, Any]:  # inference.openset: empty, or method, k, keep, scores, arrays
+    if _object(name, v) and v.get("method") != "knn":
         raise _Bad(f"{name}.method", "'knn'", v.get("method", MISSING))
-    _int_in(1, 1000)(f"{name}.k", v.get("k", MISSING))
-    keep = v.get("keep", MISSING)
-    if not _is_number(keep) or not 0 < keep <= 1:
+    if v and (not _is_number(keep := v.get("keep", MISSING)) or not 0 < keep <= 1):
         raise _Bad(f"{name}.keep", "a share of validation images in (0, 1]", keep)
-    _scores(f"{name}.valid_scores", v.get("valid_scores", MISSING))
-    _object(f"{name}.figures", v.get("figures", {}))
-    for key in ("center", "basis", "reference"):
-        _object(f"{name}.{key}", v.get(key, MISSING))  # bytes and shapes: openset.decode_array, when used
+    for key in ("k", "valid_scores", "figures", "center", "basis", "reference") if v else ():  # arrays: openset.decode_array
+        check = {"k": _int_in(1, 1000), "valid_scores": _scores}.get(key, _object)
+        check(f"{name}.{key}", v.get(key, {} if key == "figures" else MISSING))
     return v
 
 
-def _conformal(name: str, v: Any) -> dict[str, Any]:
-    """Prediction sets (``inference.openset.ConformalSets``): an empty object or the validation scores."""
-    _object(name, v)
-    if v:
+def _conformal(name: str, v: Any) -> dict[str, Any]:  # inference.openset.ConformalSets: empty, or the scores
+    if _object(name, v):
         _scores(f"{name}.scores", v.get("scores", MISSING))
     return v
 
@@ -314,8 +305,7 @@ FIELDS: dict[str, tuple[Callable[[str, Any], Any], bool, bool]] = {
     "fingerprint": (_fingerprint, False, False),
     "arch": (_arch_name, True, False),  # header files: `_arch` as well, once the cheap checks passed
 }
-DEFAULTS: dict[str, Any] = {"metrics": {}, "config": {}, "calibration": {}, "openset": {}, "conformal": {},
-                           "ursa_version": "?", "created": "", "fingerprint": ""}
+DEFAULTS: dict[str, Any] = {"metrics": {}, "config": {}, "calibration": {}, "openset": {}, "conformal": {}, "ursa_version": "?", "created": "", "fingerprint": ""}
 
 
 ONNX_META_KEY = "ursa"  # an ONNX export's custom metadata key holding the full ModelMeta as JSON
