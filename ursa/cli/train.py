@@ -261,7 +261,8 @@ def lr_find_cmd(
             learn.fit_one_cycle(head_epochs, cfg.lr)
         learn.unfreeze()
     out.mkdir(parents=True, exist_ok=True)
-    res = learn.lr_find(plot=out / "lr_find.png")
+    default_lr = cfg.unfreeze_lrs[1] if unfrozen else cfg.lr
+    res = learn.lr_find(plot=out / "lr_find.png", default=default_lr)
     atomic_write_text(out / "lr_find.json", json.dumps(res.to_dict(), indent=1) + "\n")
     if json_out:
         typer.echo(json.dumps({k: v for k, v in res.to_dict().items() if k not in ("lrs", "losses", "smoothed")}))
@@ -269,12 +270,13 @@ def lr_find_cmd(
     how = "whole network" if unfrozen else "head only" + (", on cached body features" if res.cached else "")
     typer.echo(f"lr_find ({how}): {len(res.lrs)} batches, lr {res.lrs[0]:.0e} to {res.lrs[-1]:.1e}"
                + (" (stopped: the loss blew up)" if res.stopped_early else ""))
-    typer.echo(f"suggested learning rate: {res.suggestion:.1e} (valley)")
-    for line in res.explain():
-        typer.echo(f"  {line}")
-    s = res.suggestion
-    use = f"--unfreeze-lr {s / 100:.0e},{s:.0e}" if unfrozen else f"--lr {s:.0e}"
-    typer.echo(f"use it: ursa train {data} {use}")
+    s = float(f"{res.suggestion:.1e}")  # the one number, printed and used alike
+    typer.echo(f"suggested learning rate: {s:.1e} ({res.suggestion_why})")  # valley and steep: lr_find.json, the plot
+    if s == float(f"{default_lr:.1e}"):
+        typer.echo(f"use it: ursa train {data} (the default{' fine-tuning rate' if unfrozen else ''} is {s:.1e})")
+    else:
+        use = f"--unfreeze-lr {s / 100:.1e},{s:.1e}" if unfrozen else f"--lr {s:.1e}"
+        typer.echo(f"use it: ursa train {data} {use}")
     typer.echo(f"plot: {out / 'lr_find.png'}")
 
 
