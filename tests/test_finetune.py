@@ -93,7 +93,9 @@ def test_fine_tuning_is_planned_from_the_frozen_error_and_the_budget():
     n, how, why = fine_tune_epochs(0.2, 80, tiles, DEFAULT_BUDGET)
     assert n == MAX_EPOCHS and "leaves 20.0% error" in why
     each, before = tiles.epoch_seconds, tiles.frozen_seconds + 8.0
-    assert fine_tune_epochs(0.2, 80, tiles, before + 4.5 * each)[0] == MIN_EPOCHS  # the cap at a small budget
+    small = before + 4.5 * each
+    assert fine_tune_epochs(0.2, 80, tiles, small)[0] == 4  # what fits
+    assert fine_tune_epochs(0.2, 80, tiles, small, epoch_cap(small))[0] == MIN_EPOCHS  # the cap at a small budget
     n, how, why = fine_tune_epochs(0.2, 80, tiles, before + (MIN_EPOCHS - 0.5) * each)
     assert (n, how) == (0, FineTune.TOO_FEW_FIT) and "raise --budget" in why
     assert fine_tune_epochs(math.nan, 80, tiles, 1000)[0] == 0

@@ -106,12 +106,12 @@ def suggest(lrs: Sequence[float], smoothed: Sequence[float], valley: float, defa
     lr_min, v_min = min(finite, key=lambda t: t[1])
     start = finite[0][1]
     if default <= lr_min:
-        return default, f"the default: the loss still falls there (its minimum is at {lr_min:.1e})"
+        return default, "the default: the loss still falls there (lr_find.png)"
     at_default = min(finite, key=lambda t: abs(math.log(t[0]) - math.log(default)))[1]
     if default <= finite[-1][0] and at_default - v_min <= RISE_SHARE * max(start - v_min, 0.0):
-        return default, f"the default: the loss is still near its minimum there (at {lr_min:.1e})"
-    return min(valley, default), (f"the valley: the loss is rising again at the default {default:.0e} "
-                                  f"(its minimum is at {lr_min:.1e}), so the default is too high here")
+        return default, "the default: the loss is still near its minimum there (lr_find.png)"
+    return min(valley, default), ("the valley: the loss is already rising again at the default, which is too high "
+                                  "here (lr_find.png)")
 
 
 def lr_schedule(start_lr: float = START_LR, end_lr: float = END_LR, num_it: int = NUM_IT) -> list[float]:
