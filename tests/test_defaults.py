@@ -200,3 +200,30 @@ def test_calibration_figures_are_also_given_cross_fitted():
     assert min(inside) >= 0.95 and np.mean(cross) < np.mean(inside)
     assert "other half" in cal.summary() and cal.to_json()["ece_cross"] is not None
     assert calibrate(logits[:3], y[:3]).ece_cross is None
+
+
+@pytest.mark.slow
+def test_a_retrain_replays_the_decisions_scores_unchanged_pictures_and_says_when_the_clock_cut_it(tmp_path):
+    """--config RUN on cleaned labels: RUN's decisions replayed, the excluded picture named, a wall-clock cut marked."""
+    from ursa.cli.train import make_config
+    from ursa.training.recipe import train
+    from ursa.vision.data import read_split
+
+    data = _noise_set(tmp_path / "data", n=8)
+    first = train(make_config(data, None, out=tmp_path / "a", epochs=1, budget=10.0, quiet=True))
+    assert first.plan.fine_tune is FineTune.PLANNED and not first.plan.compare
+    rows = read_split(tmp_path / "a" / "split.csv")
+    gone = next(name for name, _, valid in rows if valid)
+    (tmp_path / "cleaned.csv").write_text("name,label\n" + "".join(f"{n},{lab}\n" for n, lab, _ in rows if n != gone))
+    cfg = make_config(data, tmp_path / "a", out=tmp_path / "b", csv=tmp_path / "cleaned.csv", time_limit=1e-3,
+                      quiet=True)
+    second = train(cfg)
+    plan = second.plan
+    assert plan.fine_tune is FineTune.REPLAYED and plan.fine_tune_epochs == first.plan.fine_tune_epochs
+    assert plan.size == first.plan.size and "decided" in plan.size_why
+    assert plan.compare["excluded"] == [gone] and plan.compare["unchanged"] == first.n_valid - 1
+    # the clock cut fine-tuning after its first epoch: said, not hidden
+    assert plan.cut and plan.stopped is Stop.TIME_LIMIT and plan.epochs_done == 1 and "CUT" in plan.fine_tune_why
+    recipe = json.loads((tmp_path / "b" / "recipe.json").read_text())
+    assert recipe["cut"] and recipe["compare"]["excluded"] == [gone]
+    assert "Cut" in (tmp_path / "b" / "report.html").read_text()
