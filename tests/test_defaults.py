@@ -150,7 +150,7 @@ def test_lr_find_keeps_the_default_while_the_loss_still_falls():
 
 
 @pytest.mark.slow
-def test_the_default_recipe_decides_the_same_and_trains_the_same_model_on_a_busy_machine(tmp_path):
+def test_the_default_recipe_decides_the_same_and_trains_the_same_model_on_a_busy_machine(tmp_path, one_thread):
     """Acceptance (issue 28): the default recipe twice, once with every core saturated: same decisions, same weights."""
     from safetensors.torch import load_file
 
