@@ -112,6 +112,11 @@ def test_cleaning_is_scored_on_the_unchanged_validation_pictures(tmp_path):
     assert c["excluded"] == ["a/2.jpg"] and c["relabelled"] == ["b/4.jpg"] and c["unchanged"] == 2
     assert c["error_rate"] == pytest.approx(1 / 3) and c["error_rate_unchanged"] == 0.5
     assert "1 excluded, 1 relabelled" in compare_line(c) and "50.00% (1 of 2)" in compare_line(c)
+    assert c["earlier_error_rate_unchanged"] is None and "compare it with" in compare_line(c)
+    # the earlier model got a/2 (now excluded) and b/3 wrong: on the unchanged pictures it had 1 of 2 wrong too
+    c = compare_valid(split, ["a/1.jpg", "b/3.jpg", "b/4.jpg"], ["a", "b", "a"], [True, False, True],
+                      earlier_wrong=["a/2.jpg", "b/3.jpg"])
+    assert c["earlier_errors_unchanged"] == 1 and "the earlier model: 50.00%, 1 of 2" in compare_line(c)
     assert compare_valid(tmp_path / "missing.csv", [], [], []) is None
 
 
@@ -222,6 +227,7 @@ def test_a_retrain_replays_the_decisions_scores_unchanged_pictures_and_says_when
     assert plan.fine_tune is FineTune.REPLAYED and plan.fine_tune_epochs == first.plan.fine_tune_epochs
     assert plan.size == first.plan.size and "decided" in plan.size_why
     assert plan.compare["excluded"] == [gone] and plan.compare["unchanged"] == first.n_valid - 1
+    assert plan.compare["earlier_errors_unchanged"] == len(set(first.plan.wrong) - {gone})  # the same pictures, both
     # the clock cut fine-tuning after its first epoch: said, not hidden
     assert plan.cut and plan.stopped is Stop.TIME_LIMIT and plan.epochs_done == 1 and "CUT" in plan.fine_tune_why
     recipe = json.loads((tmp_path / "b" / "recipe.json").read_text())

@@ -184,7 +184,9 @@ def _recipe_figures(recipe: dict[str, Any]) -> str:
     if c:
         what = ", ".join(f"{len(c[k])} {k}" for k in ("excluded", "relabelled", "added") if c.get(k)) or "none changed"
         same = _pct(c["error_rate_unchanged"]) if c.get("error_rate_unchanged") is not None else "n/a"
+        was = c.get("earlier_error_rate_unchanged")
+        then = f" (the earlier model: {_pct(was)})" if was is not None else " (compare it with the earlier run)"
         lines.append(f"Against {_e(c.get('earlier', ''))}: validation pictures {_e(what)}; error {same} on the "
-                     f"{c.get('unchanged')} unchanged pictures, {_pct(c.get('error_rate') or 0)} on all "
-                     f"{c.get('valid_now')}: compare the first with the earlier run.")
+                     f"{c.get('unchanged')} unchanged pictures{then}, {_pct(c.get('error_rate') or 0)} on all "
+                     f"{c.get('valid_now')}.")
     return "".join(f"<p class='note'>{line}</p>" for line in lines)

@@ -130,6 +130,7 @@ class Plan:
     seconds: float | None = None  # the one time figure: wall seconds from start to the end of training
     honest: dict = field(default_factory=dict)  # the kept error and its selection-corrected figure (honest.py)
     compare: dict = field(default_factory=dict)  # after --config RUN: validation pictures changed since (compare.py)
+    wrong: list = field(default_factory=list)  # validation pictures the kept model gets wrong (a retrain compares)
     pixels: str = "memory"  # decoded pixels kept in memory, or decoded per batch ("stream")
     run: dict = field(default_factory=dict)  # where it ran: device, ranks, resumed from (training/resume.py)
 

@@ -32,7 +32,7 @@ from ursa.training.checkpoint import Checkpoint, CheckpointWriter, remove_checkp
 from ursa.training.dist import Dist, describe_dist, rank_device
 from ursa.training.resume import resume_line, run_facts, split_digest, start_ranks
 from ursa.training.learner import Learner
-from ursa.training.compare import compare_line, compare_valid
+from ursa.training.compare import compare_line, compare_valid, earlier_wrong
 from ursa.training.honest import ValidCorrect, honest_figures
 from ursa.training.plan import (RESERVE, FineTune, Plan, Stop, Work, choose_flips, choose_size, count_gflops, epoch_cap,
                                 fine_tune_epochs, time_limit)
@@ -301,11 +301,13 @@ def _figures(cfg: TrainConfig, learn: Learner, ds: ImageDataset, plan: Plan, see
         if corrected is not None:
             console.print(f"honest figure: error {kept_error:.4f} on the epoch kept, {corrected:.4f} corrected for "
                           "choosing it on these pictures (cross-fitted over two halves)", highlight=False)
+    names = [ds.rel(i) for i in ds.valid_idx]
+    plan.wrong = [n for n, ok in zip(names, seen.correct[at].tolist()) if not ok]
     earlier = (cfg.replay or {}).get("from")
     if earlier:
-        names = [ds.rel(i) for i in ds.valid_idx]
         labels = [ds.classes[ds.labels[i]] for i in ds.valid_idx]
-        c = compare_valid(Path(earlier) / "split.csv", names, labels, seen.correct[at].tolist())
+        c = compare_valid(Path(earlier) / "split.csv", names, labels, seen.correct[at].tolist(),
+                          earlier_wrong(Path(earlier)))
         if c is not None:
             plan.compare = c
             console.print(f"recipe: {compare_line(c)}", highlight=False)
