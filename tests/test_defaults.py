@@ -233,3 +233,12 @@ def test_a_retrain_replays_the_decisions_scores_unchanged_pictures_and_says_when
     recipe = json.loads((tmp_path / "b" / "recipe.json").read_text())
     assert recipe["cut"] and recipe["compare"]["excluded"] == [gone]
     assert "Cut" in (tmp_path / "b" / "report.html").read_text()
+
+
+def test_time_limit_on_the_command_line(tmp_path, capsys):
+    from ursa.cli import main
+    from ursa.cli.train import parse_budget
+
+    assert parse_budget("10m", "--time-limit") == 600
+    assert main(["train", str(tmp_path), "--out", str(tmp_path / "run"), "--time-limit", "abc"]) == 2
+    assert "--time-limit: expected seconds" in capsys.readouterr().err
