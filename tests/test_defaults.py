@@ -99,6 +99,10 @@ def test_the_selection_corrected_error_is_not_optimistic_by_construction():
     same = [torch.tensor([True, True, False, True])] * 3  # no choice to make: the same figure
     assert selection_corrected(same) == 0.25
     assert honest_figures([torch.tensor([True])], 0.0)["selection_corrected"] is None
+    # a picture whose file vanished during training (label < 0, never "right") is left out, as the error rate does
+    known = torch.tensor([True, True, True, True, False])
+    vanished = [torch.tensor([True, True, False, True, False])] * 3
+    assert honest_figures(vanished, 0.25, known)["selection_corrected"] == 0.25
 
 
 def test_cleaning_is_scored_on_the_unchanged_validation_pictures(tmp_path):

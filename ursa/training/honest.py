@@ -29,6 +29,7 @@ class ValidCorrect(Callback):
 
     def __init__(self) -> None:
         self.correct: list[torch.Tensor] = []  # one bool vector per validated epoch, in epoch order
+        self.known: torch.Tensor | None = None  # pictures readable in every epoch (a vanished file's label is < 0)
 
     @torch.inference_mode()
     def after_epoch(self, learn: Any) -> None:
@@ -39,10 +40,12 @@ class ValidCorrect(Callback):
             src.module.eval()
             v = src.cache.valid
             pred = torch.cat([src.module(v[i:i + 1024].to(src.device)).argmax(1).cpu() for i in range(0, len(v), 1024)])
-            self.correct.append(pred == src.cache.valid_y)
+            y = src.cache.valid_y
         else:
             probs, y = learn.get_preds()
-            self.correct.append(probs.argmax(1) == y)
+            pred = probs.argmax(1)
+        self.correct.append(pred == y)
+        self.known = (y >= 0) if self.known is None else self.known & (y >= 0)
 
 
 def _choose(wrong: list[int]) -> int:
@@ -64,8 +67,13 @@ def selection_corrected(correct: list[torch.Tensor]) -> float | None:
     return wrong / n
 
 
-def honest_figures(correct: list[torch.Tensor], kept_error: float) -> dict:
-    """recipe.json's ``honest``: the raw kept error, the selection-corrected one and how it was made."""
+def honest_figures(correct: list[torch.Tensor], kept_error: float, known: torch.Tensor | None = None) -> dict:
+    """recipe.json's ``honest``: the raw kept error, the selection-corrected one and how it was made.
+
+    ``known``: the pictures readable in every epoch (the others are left out, as the error rate leaves them out).
+    """
+    if known is not None and not bool(known.all()):
+        correct = [c[known] for c in correct]
     corrected = selection_corrected(correct)
     return {"error_rate": kept_error, "selection_corrected": corrected, "epochs": len(correct),
             "method": METHOD if corrected is not None else "too few validation pictures to cross-fit"}

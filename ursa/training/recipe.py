@@ -297,7 +297,7 @@ def _figures(cfg: TrainConfig, learn: Learner, ds: ImageDataset, plan: Plan, see
     at = next((i for i, r in enumerate(rows) if learn.kept_row and r["epoch"] == learn.kept_row["epoch"]), -1)
     kept_error = rows[at]["error_rate"]
     if cfg.unfreeze_epochs is None:  # the default recipe chose its epoch on the validation pictures
-        plan.honest = honest_figures(seen.correct, kept_error)
+        plan.honest = honest_figures(seen.correct, kept_error, seen.known)
         corrected = plan.honest["selection_corrected"]
         if corrected is not None:
             console.print(f"honest figure: error {kept_error:.4f} on the epoch kept, {corrected:.4f} corrected for "
