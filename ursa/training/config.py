@@ -200,10 +200,11 @@ class TrainConfig:
                 self.budget)
         _expect(self.time_limit is None or (_number(self.time_limit) and self.time_limit > 0), "--time-limit",
                 "wall seconds > 0", self.time_limit)
-        _expect(self.replay is None or (isinstance(self.replay, dict) and all(
-            isinstance(self.replay.get(k), int) and not isinstance(self.replay.get(k), bool)
-            for k in ("size", "fine_tune_epochs") if self.replay.get(k) is not None)), "replay",
-            "a dict of whole numbers (size, fine_tune_epochs) from an earlier run's recipe.json", self.replay)
+        r = self.replay
+        _expect(r is None or (isinstance(r, dict) and isinstance(r.get("from", ""), str)
+                              and (r.get("size") is None or _whole(r["size"], 32, 1024))
+                              and (r.get("fine_tune_epochs") is None or _whole(r["fine_tune_epochs"], 0, 1000))),
+                "replay", "an earlier run's folder and its decisions (size 32-1024, fine_tune_epochs >= 0)", r)
         _expect(self.flips in FLIP_CHOICES, "--flips", " or ".join(FLIP_CHOICES), self.flips)
         _expect(self.pixels in PIXEL_MODES, "--pixels", " or ".join(PIXEL_MODES), self.pixels)
         check_device_name(self.device)
