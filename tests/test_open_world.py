@@ -331,3 +331,23 @@ def test_an_onnx_file_without_the_features_output_says_it_cannot_tell(world_run,
     onnx.save(proto, str(tmp_path / "old.onnx"))
     ans = load_onnx(tmp_path / "old.onnx").predict_one(world_run / "checker.png")
     assert ans.unknown is None and "export it again" in ans.note
+
+
+def test_the_benchmark_figures_are_computed_right():
+    import sys
+
+    from tests.conftest import load_benchmark
+
+    bench = load_benchmark("openset")
+    try:
+        known, unknown = np.array([0.1, 0.2, 0.3, 0.4]), np.array([0.35, 0.5, 0.6])
+        assert bench.auroc(known, unknown) == pytest.approx(11 / 12)  # 11 of the 12 pairs ordered right
+        assert bench.auroc(known, known) == pytest.approx(0.5)  # ties count half
+        valid = np.arange(100) / 100
+        assert bench.threshold(valid, 0.95) == pytest.approx(0.94)  # keeps 95 of 100
+        assert bench.kept_two_fold(valid) == pytest.approx(0.95, abs=0.03)
+        rows = bench.with_ratios([{"model": "m", "score": "top probability (baseline)", "seconds_per_picture": 2.0},
+                                  {"model": "m", "score": "kNN", "seconds_per_picture": 10.0}])
+        assert [r["vs_top_prob"] for r in rows] == [1.0, 5.0]
+    finally:
+        sys.modules.pop("bench_openset", None)
