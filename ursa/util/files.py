@@ -52,6 +52,30 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
             os.fsync(f.fileno())
 
 
+def write_new(path: str | Path, data: bytes) -> Path:
+    """Write bytes under `path`, or `stem-2.ext`, `stem-3.ext`, ... when taken: whole (fsynced, then hard-linked into
+    place, which fails rather than replace), never over a file that is already there. The path written."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())
+        for n in range(1, 100_000):
+            target = path if n == 1 else path.with_name(f"{path.stem}-{n}{path.suffix}")
+            try:
+                os.link(tmp, target)
+                return target
+            except FileExistsError:
+                continue
+        raise FileExistsError(f"{path}: no free name beside it")
+    finally:
+        os.unlink(tmp)
+
+
 def write_staged(path: str | Path, data: bytes, tag: str = "part") -> Path:
     """The first half of a two-phase atomic write: data fsynced under a hidden name beside path.
 

@@ -1,0 +1,178 @@
+"""Heat maps (issue 23, "why it answered that"): exact evidence maps, where they point, both backends, the CLI."""
+
+from __future__ import annotations
+
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.conftest import HELDOUT, load_benchmark
+
+
+@pytest.fixture(scope="module")
+def bench():
+    """benchmarks/explain.py: the generated patch pictures and the tiny network."""
+    yield load_benchmark("explain")
+    sys.modules.pop("bench_explain", None)
+
+
+def test_evidence_is_the_exact_decomposition_of_the_margin(one_thread):
+    """J is autograd's gradient; each class's map sums over its places to its logit margin less the head's bias."""
+    import torch
+    from torch import nn
+
+    from ursa.inference.evidence import evidence, head_jacobian
+    from ursa.vision.models import Classifier, HeadConfig
+
+    torch.manual_seed(0)
+    body = nn.Sequential(nn.Conv2d(3, 8, 3, 2, 1), nn.ReLU(), nn.Conv2d(8, 16, 3, 2, 1), nn.ReLU6())
+    model = Classifier(body, HeadConfig(16, 3, hidden=32, dropout=0.2)).eval()
+    for m in model.head:
+        if isinstance(m, nn.BatchNorm1d):  # not the identity a fresh BatchNorm is
+            m.running_mean.normal_()
+            m.running_var.uniform_(0.5, 2)
+            m.weight.data.normal_()
+    x = torch.randn(4, 3, 32, 32)
+    x[0, :, :8, :8] = 9.0  # saturates ReLU6 in places: ties at the maximum are split
+    f = model.features(x).detach().requires_grad_(True)
+    y = model.head(f)
+    logits, jac = head_jacobian(model.head, f.detach())
+    assert torch.allclose(logits, y.detach())
+    for j in range(3):
+        grad, = torch.autograd.grad(y[:, j].sum(), f, retain_graph=True)
+        assert torch.allclose(grad, jac[:, j], atol=1e-6)
+    _, maps = evidence(model, x)
+    assert maps.shape == (4, 3, 8, 8)
+    with torch.no_grad():
+        bias = logits - (jac @ f.detach().unsqueeze(2)).squeeze(2)
+    margin = lambda v: v - (v.sum(1, keepdim=True) - v) / 2  # noqa: E731 - the mean of the other two
+    assert torch.allclose(maps.sum((2, 3)), margin(logits) - margin(bias), atol=1e-5)
+
+
+def test_a_head_it_cannot_map_is_refused_by_name():
+    from torch import nn
+
+    from ursa.inference.evidence import NoEvidenceMaps, head_jacobian
+    import torch
+
+    with pytest.raises(NoEvidenceMaps, match="got GELU"):
+        head_jacobian(nn.Sequential(nn.Linear(4, 4), nn.GELU(), nn.Linear(4, 2)), torch.zeros(1, 4))
+
+
+def test_map_peaks_on_the_patch_that_decides_the_class(bench, one_thread):
+    """Trained on pictures whose class is a small square's colour (a yellow distractor in each), the map's peak is on it."""
+    x, y, _ = bench.patch_images(320, seed=0)
+    model = bench.train(bench.tiny_classifier(), bench.to_input(x), y, epochs=10)
+    xt, yt, boxes = bench.patch_images(64, seed=1)
+    pred, maps = bench.maps_by_method(model, bench.to_input(xt))
+    assert (pred == yt).mean() >= 0.9
+    hit, mass = bench.pointing(maps["exact-margin"], boxes, 64)
+    assert hit >= 0.85, f"the map's peak was on the deciding square in {hit:.0%} of the pictures"
+    # a map that ignores the picture fails the same check: the test can fail
+    flat_hit, _ = bench.pointing(np.random.default_rng(0).random(maps["exact-margin"].shape), boxes, 64)
+    assert flat_hit < 0.5
+
+
+def test_overlay_blends_where_the_evidence_is_and_captions(tmp_path):
+    from ursa.inference.explain import Explanation, overlay_name, write_overlay
+    from ursa.inference.results import Prediction
+
+    pixels = np.full((32, 32, 3), 128, np.uint8)
+    heat = np.zeros((4, 4), np.float32)
+    heat[0, 0], heat[3, 3] = 5.0, -7.0  # negative evidence is not drawn
+    e = Explanation(Prediction("teddy", 1, {"black": 0.1, "teddy": 0.9}), heat, pixels)
+    im = np.asarray(e.overlay())
+    assert im.shape == (32 + 22, 32, 3)
+    assert abs(int(im[2, 2, 0]) - 128) > 40 and np.array_equal(im[30, 30], [128, 128, 128])
+    assert e.weights().max() == 1.0 and e.weights().min() == 0.0
+    assert e.to_json()["evidence"]["class"] == "teddy"
+    assert overlay_name(Path("a/b c.jpg"), e.prediction) == "b_c.teddy-0.900.png"
+    first = write_overlay(tmp_path, Path("x.jpg"), e)
+    (tmp_path / "mine.png").write_bytes(b"user's")
+    second = write_overlay(tmp_path, Path("x.jpg"), e)
+    assert first.name == "x.teddy-0.900.png" and second.name == "x.teddy-0.900-2.png"
+    assert first.read_bytes()[:4] == b"\x89PNG" and (tmp_path / "mine.png").read_bytes() == b"user's"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine.png", "x.teddy-0.900-2.png", "x.teddy-0.900.png"]
+
+
+@pytest.fixture(scope="module")
+def exported(tiny_model: Path, tmp_path_factory) -> Path:
+    """A copy of the tiny model with a fresh model.onnx beside it."""
+    from ursa.inference.export import export_onnx
+
+    d = tmp_path_factory.mktemp("explain")
+    shutil.copy2(tiny_model, d / "model.safetensors")
+    export_onnx(d / "model.safetensors")
+    return d / "model.safetensors"
+
+
+def test_torch_and_onnx_maps_agree(exported, one_thread):
+    from ursa.inference.explain import explain_arrays
+    from ursa.inference.predictor import load_predictor
+    from ursa.inference.runtime import load_onnx
+
+    files = sorted(HELDOUT.glob("*.jpg"))[:4]
+    torch_pred = load_predictor(exported, backend="torch", device="cpu")
+    onnx_pred = load_onnx(exported.with_suffix(".onnx"))
+    a = explain_arrays(torch_pred, [torch_pred.preprocess(f) for f in files])
+    b = explain_arrays(onnx_pred, [onnx_pred.preprocess(f) for f in files])
+    for ea, eb in zip(a, b):
+        assert ea.prediction.label == eb.prediction.label
+        assert ea.heat.shape == eb.heat.shape == (4, 4)  # 128 px on EfficientNet-Lite0
+        assert np.abs(ea.heat - eb.heat).max() <= 1e-3 * max(1.0, float(np.abs(ea.heat).max()))
+        assert np.abs(ea.pixels.astype(int) - eb.pixels.astype(int)).max() <= 1
+
+
+def test_cli_predict_explain_writes_one_overlay_per_picture(exported, tmp_path, capsys, one_thread):
+    from PIL import Image
+
+    from ursa.cli import main
+
+    imgs = tmp_path / "imgs"
+    imgs.mkdir()
+    for f in sorted(HELDOUT.glob("*.jpg"))[:3]:
+        shutil.copy2(f, imgs / f.name)
+    (imgs / "broken.jpg").write_bytes(b"not a picture")
+    for backend in ("onnx", "torch"):
+        out = tmp_path / f"why-{backend}"
+        rc = main(["predict", str(exported), str(imgs), "--explain", str(out), "--backend", backend])
+        said = capsys.readouterr()
+        assert rc == 1 and "1 of 4 images could not be read" in said.err  # the broken one is skipped and counted
+        pngs = sorted(out.glob("*.png"))
+        assert len(pngs) == 3, said
+        for png, line in zip(pngs, [ln for ln in said.out.splitlines() if ln.strip()]):
+            label = line.split(": ")[1].split(" ")[0]
+            assert f".{label}-" in png.name
+            assert Image.open(png).size == (128, 128 + 22)
+        assert f"wrote 3 overlays to {out}" in said.err
+
+
+def test_explain_refuses_an_output_folder_inside_the_pictures(exported, tmp_path):
+    from ursa.cli import main
+
+    imgs = tmp_path / "imgs"
+    imgs.mkdir()
+    shutil.copy2(sorted(HELDOUT.glob("*.jpg"))[0], imgs / "a.jpg")
+    assert main(["predict", str(exported), str(imgs), "--explain", str(imgs / "why")]) == 2
+    assert not (imgs / "why").exists()
+
+
+def test_an_onnx_file_without_evidence_says_to_export_again(exported, tmp_path, capsys):
+    """Exports before heat maps have no evidence output: one line naming the file, exit 2."""
+    import onnx
+
+    from ursa.cli import main
+
+    proto = onnx.load(str(exported.with_suffix(".onnx")))
+    out = next(o for o in proto.graph.output if o.name == "evidence")
+    proto.graph.output.remove(out)
+    old = tmp_path / "old.onnx"
+    onnx.save(proto, str(old))
+    img = sorted(HELDOUT.glob("*.jpg"))[0]
+    assert main(["predict", str(old), str(img), "--explain", str(tmp_path / "why")]) == 2
+    err = capsys.readouterr().err
+    assert "old.onnx: has no evidence-map output" in err and "ursa export" in err and "Traceback" not in err
+    assert main(["predict", str(old), str(img)]) == 0  # without --explain it predicts as before

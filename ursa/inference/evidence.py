@@ -1,0 +1,113 @@
+"""Evidence maps in torch: how much each place of the last feature map adds to the predicted class's score.
+
+ursa's classifier is ``body -> pool -> head`` (``vision.models``): the pool puts the channel-wise
+maximum and mean of the body's last feature map ``A`` [C, h, w] side by side (fastai's concat
+pool; or the mean alone), and the head is BatchNorm, dropout, linear, ReLU, BatchNorm, dropout,
+linear. In evaluation mode that head is piecewise linear: with its ReLU pattern fixed, every
+logit is ``y_j = J_j . p + b_j`` exactly, where ``p`` is the pooled vector and ``J`` the head's
+Jacobian (``head_jacobian``: the weights multiplied back through the layers, the ReLU mask
+included). The pooled vector itself is a sum over places: the mean puts ``A_k(x)/hw`` at every
+place ``x``, the maximum puts ``A_k`` at its arg-max (split evenly among ties). So
+
+    M_j(x) = sum_k A_k(x) * (J_j[avg k] / hw + J_j[max k] * [x is channel k's arg-max])
+
+sums over the places to ``y_j - b_j`` exactly: the class activation map (CAM, Zhou et al. 2016)
+generalised from a linear head on a mean pool to this head and pool. The map shown for class
+``c`` is ``M_c`` minus the mean of the other classes' maps, so it sums to c's logit margin over
+the others (the quantity the softmax turns into c's probability; for two classes exactly the
+log-odds, less the bias). Grad-CAM instead weights ``A_k`` everywhere by the mean gradient: the
+same as this for the mean half of the pool, but it spreads the maximum half's weight over every
+place instead of the place that gave the maximum. docs/explain.md has the comparison on images
+whose class is decided by one small patch.
+
+``EvidenceModel`` wraps a ``Classifier`` so one forward pass gives (logits, pooled features,
+per-class maps): the ONNX export's three outputs (``export``), so the torch-free runtime reads the
+map from the graph. The body itself stays non-linear: a place of ``A`` stands for its receptive
+field, not for one pixel, and the map is as coarse as ``A`` (7 x 7 for a 224 px EfficientNet-Lite0).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ursa.errors import UrsaError
+from ursa.vision.models import Classifier
+
+
+class NoEvidenceMaps(UrsaError):
+    """A head made of layers other than BatchNorm1d, Dropout, Linear and ReLU: no exact map for it."""
+
+
+def head_jacobian(head: nn.Sequential, f: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logits [N, K], d logits / d f [N, K, F]) of an evaluation-mode head, exact for its ReLU pattern at f."""
+    masks, x = [], f
+    for m in head:
+        if isinstance(m, nn.ReLU):
+            masks.append((x > 0).to(x.dtype))
+        x = m(x)
+    jac: torch.Tensor | None = None
+    for m in reversed(head):
+        if isinstance(m, nn.Linear):
+            jac = m.weight if jac is None else jac @ m.weight  # [K, F] until a ReLU mask makes it per image
+        elif isinstance(m, nn.BatchNorm1d) and jac is not None:
+            scale = torch.rsqrt(m.running_var + m.eps)
+            jac = jac * (scale if m.weight is None else m.weight * scale)
+        elif isinstance(m, nn.ReLU) and jac is not None:
+            jac = jac * masks.pop().unsqueeze(1)
+        elif not isinstance(m, (nn.Dropout, nn.Identity)) or jac is None:
+            raise NoEvidenceMaps(f"expected a head of BatchNorm1d, Dropout, Linear and ReLU ending in Linear, "
+                                 f"got {type(m).__name__}")
+    assert jac is not None
+    if jac.dim() == 2:  # no ReLU: the same for every image
+        jac = jac + torch.zeros_like(f[:, :1]).unsqueeze(1)
+    return x, jac
+
+
+def contrast(jac: torch.Tensor) -> torch.Tensor:
+    """Each class's weights minus the mean of the other classes' ([N, K, F]): the weights of the logit margin."""
+    k = jac.shape[1]
+    if k < 2:
+        return jac
+    return jac * (k / (k - 1)) - jac.sum(1, keepdim=True) / (k - 1)
+
+
+def place_maps(fmap: torch.Tensor, weights: torch.Tensor, pool: str) -> torch.Tensor:
+    """Per-class maps [N, K, h, w]: weights [N, K, F] on the pooled vector spread back over the places of fmap [N, C, h, w]."""
+    c, h, w = fmap.shape[1:]
+    a = fmap.flatten(2)  # [N, C, hw]
+    if pool == "concat":  # AdaptiveConcatPool2d: [max, mean]
+        w_max, w_avg = weights[..., :c], weights[..., c:]
+        top = a.amax(2, keepdim=True)
+        ties = (a == top).to(a.dtype)
+        share = ties / ties.sum(2, keepdim=True)
+        out = w_avg @ a / (h * w) + w_max @ (a * share)
+    else:
+        out = weights @ a / (h * w)
+    return out.unflatten(2, (h, w))  # no batch size written into an exported graph
+
+
+class EvidenceModel(nn.Module):
+    """A classifier returning (logits, pooled features, per-class evidence maps) from one forward pass."""
+
+    def __init__(self, model: Classifier) -> None:
+        super().__init__()
+        self.model = model
+        head_jacobian(model.head, torch.zeros(2, _pooled_width(model)))  # NoEvidenceMaps now, not at export
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        fmap = self.model.body(x)
+        f = self.model.pool(fmap)
+        logits, jac = head_jacobian(self.model.head, f)
+        return logits, f, place_maps(fmap, contrast(jac), self.model.head_cfg.pool)
+
+
+def _pooled_width(model: Classifier) -> int:
+    return model.head_cfg.n_features * (2 if model.head_cfg.pool == "concat" else 1)
+
+
+def evidence(model: Classifier, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logits [N, K], evidence maps [N, K, h, w]) of a preprocessed batch, in float32 (the model in eval mode)."""
+    with torch.inference_mode():
+        logits, _, maps = EvidenceModel(model)(x.float())
+    return logits, maps
