@@ -176,3 +176,15 @@ def test_an_onnx_file_without_evidence_says_to_export_again(exported, tmp_path, 
     err = capsys.readouterr().err
     assert "old.onnx: has no evidence-map output" in err and "ursa export" in err and "Traceback" not in err
     assert main(["predict", str(old), str(img)]) == 0  # without --explain it predicts as before
+
+
+def test_report_shows_overlays_for_the_top_losses(tiny_run):
+    """The training report's "Why it answered that": one overlay per top loss, after the top losses."""
+    import json
+
+    page = (tiny_run / "report.html").read_text()
+    assert page.index("id='top-losses'") < page.index("id='why-top-losses'")
+    section = page.split("id='why-top-losses'")[1].split("</section>")[0]
+    n = json.loads((tiny_run / "report.json").read_text())["n_items"]
+    assert section.count("src='data:image/png;base64,") == min(12, n) > 0
+    assert "no heat maps" not in section
