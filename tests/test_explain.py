@@ -188,3 +188,18 @@ def test_report_shows_overlays_for_the_top_losses(tiny_run):
     n = json.loads((tiny_run / "report.json").read_text())["n_items"]
     assert section.count("src='data:image/png;base64,") == min(12, n) > 0
     assert "no heat maps" not in section
+
+
+def test_slim_install_draws_overlays_without_torch(exported, tmp_path):
+    """`ursa predict model.onnx --explain DIR` with torch, timm and torchvision unimportable."""
+    from tests.test_slim import blocked
+
+    img = sorted(HELDOUT.glob("*.jpg"))[0]
+    out = tmp_path / "why"
+    r = blocked("predict", str(exported.with_suffix(".onnx")), str(img), "--explain", str(out), "--json")
+    assert r.returncode == 0, r.stderr
+    import json
+
+    answer = json.loads(r.stdout.strip().splitlines()[-1])
+    assert Path(answer["overlay"]).parent == out and Path(answer["overlay"]).is_file()
+    assert Path(answer["overlay"]).name.startswith(img.stem + "." + answer["label"] + "-")
