@@ -23,8 +23,9 @@ how much the predicted class's logit margin drops when the picture under the map
 blanked (higher: the map points at what the model actually uses).
 
     .venv/bin/python benchmarks/explain.py [--nets tiny,lite0] [--n-train 384] [--n-test 128]
+    .venv/bin/python benchmarks/explain.py --overhead    # what the evidence output costs ONNX Runtime
 
-Results: benchmarks/results/explain.json.
+Results: benchmarks/results/explain.json (and explain_overhead.json).
 """
 
 from __future__ import annotations
@@ -196,6 +197,41 @@ def run_net(net: str, n_train: int, n_test: int, seed: int) -> dict:
     return row
 
 
+def onnx_overhead(size: int = 224, bs: int = 8, reps: int = 20) -> dict:
+    """What the evidence output costs ONNX Runtime: the export with it against the one without (logits + features),
+    both run for the logits alone (what predict and serve ask for) and with the maps, interleaved; median ratios."""
+    import statistics
+
+    import torch
+
+    from ursa.inference.export import LogitsAndFeatures, export_two_outputs
+    from ursa.inference.session import ort_session
+    from ursa.inference.static import export_graph
+    from ursa.vision.models import create_model
+
+    torch.manual_seed(0)
+    model = create_model("efficientnet_lite0", 3).eval()
+    old = export_graph(LogitsAndFeatures(model), size, "input", ["logits", "features"]).SerializeToString()
+    new = export_two_outputs(model, size).SerializeToString()
+    s_old, s_new = ort_session(old, threads=1), ort_session(new, threads=1)
+    x = np.random.default_rng(0).standard_normal((bs, 3, size, size)).astype(np.float32)
+    runs = {"without": lambda: s_old.run(["logits"], {"input": x}),
+            "with, logits asked": lambda: s_new.run(["logits"], {"input": x}),
+            "with, logits + maps asked": lambda: s_new.run(["logits", "evidence"], {"input": x})}
+    times: dict[str, list[float]] = {k: [] for k in runs}
+    for f in runs.values():
+        f()  # warm up
+    for _ in range(reps):
+        for k, f in runs.items():
+            t = time.perf_counter()
+            f()
+            times[k].append(time.perf_counter() - t)
+    base = statistics.median(times["without"])
+    return {"size": size, "bs": bs, "reps": reps, "threads": 1,
+            "ratio_vs_without": {k: round(statistics.median(v) / base, 3) for k, v in times.items()},
+            "graph_bytes": {"without": len(old), "with": len(new)}}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--nets", default="tiny,lite0")
@@ -203,10 +239,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--n-test", type=int, default=128)
     ap.add_argument("--seeds", type=int, default=2)
     ap.add_argument("--out", type=Path, default=RESULTS / "explain.json")
+    ap.add_argument("--overhead", action="store_true", help="Only measure what the evidence output costs ONNX Runtime.")
     args = ap.parse_args(argv)
     import torch
 
     torch.set_num_threads(1)
+    if args.overhead:
+        res = onnx_overhead()
+        print(json.dumps(res, indent=1))
+        out = args.out.with_name(args.out.stem + "_overhead.json")
+        out.write_text(json.dumps({"machine": platform.platform(), **res}, indent=1) + "\n")
+        print(f"wrote {out}")
+        return 0
     rows = [run_net(net, args.n_train, args.n_test, seed)
             for net in args.nets.split(",") for seed in range(args.seeds)]
     print(f"{'net':6} {'seed':>4} {'acc':>5}  " + "  ".join(f"{m:>22}" for m in rows[0]["methods"]))

@@ -41,15 +41,20 @@ class NoEvidenceMaps(UrsaError):
 
 def head_jacobian(head: nn.Sequential, f: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(logits [N, K], d logits / d f [N, K, F]) of an evaluation-mode head, exact for its ReLU pattern at f."""
-    masks, x = [], f
+    masks, wts, x = [], [], f
     for m in head:
         if isinstance(m, nn.ReLU):
             masks.append((x > 0).to(x.dtype))
-        x = m(x)
+        if isinstance(m, nn.Linear):  # one transposed weight for the forward and the Jacobian: one copy in ONNX
+            wts.append(m.weight.t())
+            x = x @ wts[-1] if m.bias is None else x @ wts[-1] + m.bias
+        else:
+            x = m(x)
     jac: torch.Tensor | None = None
     for m in reversed(head):
-        if isinstance(m, nn.Linear):
-            jac = m.weight if jac is None else jac @ m.weight  # [K, F] until a ReLU mask makes it per image
+        if isinstance(m, nn.Linear):  # [K, F] until a ReLU mask makes it per image
+            wt = wts.pop()
+            jac = wt.t() if jac is None else (wt @ jac.transpose(-1, -2)).transpose(-1, -2)
         elif isinstance(m, nn.BatchNorm1d) and jac is not None:
             scale = torch.rsqrt(m.running_var + m.eps)
             jac = jac * (scale if m.weight is None else m.weight * scale)
