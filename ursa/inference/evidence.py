@@ -71,7 +71,7 @@ def head_jacobian(head: nn.Sequential, f: torch.Tensor) -> tuple[torch.Tensor, t
 
 def contrast(jac: torch.Tensor) -> torch.Tensor:
     """Each class's weights minus the mean of the other classes' ([N, K, F]): the weights of the logit margin."""
-    k = jac.shape[1]
+    k = int(jac.shape[1])  # a constant in an exported graph
     if k < 2:
         return jac
     return jac * (k / (k - 1)) - jac.sum(1, keepdim=True) / (k - 1)
@@ -79,17 +79,13 @@ def contrast(jac: torch.Tensor) -> torch.Tensor:
 
 def place_maps(fmap: torch.Tensor, weights: torch.Tensor, pool: str) -> torch.Tensor:
     """Per-class maps [N, K, h, w]: weights [N, K, F] on the pooled vector spread back over the places of fmap [N, C, h, w]."""
-    c, h, w = fmap.shape[1:]
-    a = fmap.flatten(2)  # [N, C, hw]
+    c, h, w = (int(v) for v in fmap.shape[1:])  # fixed by the input size: constants in an exported graph
+    spread = "nkc,nchw->nkhw"  # no reshapes, so the exported graph has no shape arithmetic
     if pool == "concat":  # AdaptiveConcatPool2d: [max, mean]
-        w_max, w_avg = weights[..., :c], weights[..., c:]
-        top = a.amax(2, keepdim=True)
-        ties = (a == top).to(a.dtype)
-        share = ties / ties.sum(2, keepdim=True)
-        out = w_avg @ a / (h * w) + w_max @ (a * share)
-    else:
-        out = weights @ a / (h * w)
-    return out.unflatten(2, (h, w))  # no batch size written into an exported graph
+        ties = (fmap == fmap.amax((2, 3), keepdim=True)).to(fmap.dtype)
+        share = ties / ties.sum((2, 3), keepdim=True)
+        return torch.einsum(spread, weights[..., c:], fmap) / (h * w) + torch.einsum(spread, weights[..., :c], fmap * share)
+    return torch.einsum(spread, weights, fmap) / (h * w)
 
 
 class EvidenceModel(nn.Module):
