@@ -203,3 +203,19 @@ def test_slim_install_draws_overlays_without_torch(exported, tmp_path):
     answer = json.loads(r.stdout.strip().splitlines()[-1])
     assert Path(answer["overlay"]).parent == out and Path(answer["overlay"]).is_file()
     assert Path(answer["overlay"]).name.startswith(img.stem + "." + answer["label"] + "-")
+
+
+def test_with_tta_the_answer_is_the_averaged_one_and_the_map_the_plain_views(exported, one_thread):
+    from ursa.inference.explain import explain_arrays
+    from ursa.inference.runtime import load_onnx
+
+    plain, tta = load_onnx(exported.with_suffix(".onnx")), load_onnx(exported.with_suffix(".onnx"), tta=True)
+    if len(tta.views) < 2:
+        pytest.skip("the tiny model was trained without flips")
+    files = sorted(HELDOUT.glob("*.jpg"))[:3]
+    xs = [tta.preprocess(f) for f in files]
+    got = explain_arrays(tta, xs)
+    for e, want, base in zip(got, tta.predict_arrays(xs), explain_arrays(plain, xs)):
+        assert e.prediction.probs == want.probs  # the TTA answer, as predict gives it
+        if e.prediction.label == base.prediction.label:
+            assert np.array_equal(e.heat, base.heat)  # the map of the plain view

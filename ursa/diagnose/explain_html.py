@@ -62,9 +62,9 @@ def overlays_html(interp: "Interpretation", overlays: dict[str, Any] | None) -> 
     for i, png in overlays.get("items", []):
         actual, pred = interp.classes[interp.targets[i]], interp.classes[interp.preds[i]]
         fix = "" if actual == pred else f" (actually {e(actual)})"
-        parts.append(f"<div class='card{'' if actual == pred else ' miss'}'><div class='img'>"
+        parts.append(f"<figure class='card{'' if actual == pred else ' miss'}' style='margin:0'><div class='img'>"
                      f"<img alt='{e(interp.files[i])}: evidence for {e(pred)}' src='data:image/png;base64,{png}'>"
                      f"</div><div class='txt'><div class='pred'>{e(pred)}{fix}</div>"
-                     f"<div class='file' title='{e(interp.files[i])}'>{e(interp.files[i])}</div></div></div>")
+                     f"<div class='file' title='{e(interp.files[i])}'>{e(interp.files[i])}</div></div></figure>")
     parts.append("</div></section>")
     return "".join(parts)
