@@ -150,7 +150,7 @@ def test_cli_predict_explain_writes_one_overlay_per_picture(exported, tmp_path, 
         assert f"wrote 3 overlays to {out}" in said.err
 
 
-def test_explain_refuses_an_output_folder_inside_the_pictures(exported, tmp_path):
+def test_explain_refuses_an_output_folder_inside_the_pictures_or_unwritable(exported, tmp_path, capsys):
     from ursa.cli import main
 
     imgs = tmp_path / "imgs"
@@ -158,6 +158,27 @@ def test_explain_refuses_an_output_folder_inside_the_pictures(exported, tmp_path
     shutil.copy2(sorted(HELDOUT.glob("*.jpg"))[0], imgs / "a.jpg")
     assert main(["predict", str(exported), str(imgs), "--explain", str(imgs / "why")]) == 2
     assert not (imgs / "why").exists()
+    a_file = tmp_path / "taken"
+    a_file.write_text("mine")
+    assert main(["predict", str(exported), str(imgs / "a.jpg"), "--explain", str(a_file)]) == 2
+    err = capsys.readouterr().err
+    assert f"{a_file}: cannot make this folder for the overlays" in err and "Traceback" not in err
+    assert a_file.read_text() == "mine"
+
+
+def test_write_new_without_hard_links_still_never_replaces(tmp_path, monkeypatch):
+    import os
+
+    from ursa.util.files import write_new
+
+    def no_links(src, dst):
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(os, "link", no_links)
+    (tmp_path / "a.png").write_bytes(b"user's")
+    got = write_new(tmp_path / "a.png", b"ours")
+    assert got.name == "a-2.png" and got.read_bytes() == b"ours" and (tmp_path / "a.png").read_bytes() == b"user's"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-2.png", "a.png"]  # no temp file left
 
 
 def test_an_onnx_file_without_evidence_says_to_export_again(exported, tmp_path, capsys):

@@ -13,6 +13,7 @@ how the maps are computed and why this method.
 from __future__ import annotations
 
 import io
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +22,7 @@ from typing import Any, Iterable, Iterator, Sequence
 import numpy as np
 from PIL import Image, ImageDraw
 
-from ursa.errors import ImageError
+from ursa.errors import ImageError, UrsaError
 from ursa.inference.results import Prediction, softmax
 from ursa.inference.runtime import cores, stream_batches
 from ursa.util.files import check_outside, write_new
@@ -134,9 +135,17 @@ def _as_input(pred: Any, batch: np.ndarray) -> Any:
 def explainable(pred: Any, out_dir: Path | None = None, data_dirs: Sequence[Path] = ()) -> None:
     """Refuse now, in one line, what would fail later: an ONNX export without the evidence output (or a head
     with no exact map), an output folder inside a folder of pictures. One forward pass of a blank image."""
-    for d in data_dirs:
-        if out_dir is not None:
+    if out_dir is not None:
+        for d in data_dirs:
             check_outside(out_dir, d, "--explain folder")
+        try:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            writable = os.access(out_dir, os.W_OK | os.X_OK)
+        except OSError as e:
+            raise UrsaError(f"{out_dir}: cannot make this folder for the overlays ({e.strerror}); "
+                            "give --explain a folder you can write to") from None
+        if not writable:
+            raise UrsaError(f"{out_dir}: cannot write overlays into this folder; give --explain a folder you can write to")
     pred.logits_and_evidence(_as_input(pred, np.zeros((1, 3, pred.size, pred.size), np.float32)))
 
 
@@ -161,4 +170,7 @@ def safe(text: str) -> str:
 
 def write_overlay(out_dir: Path, source: Source, e: Explanation) -> Path:
     """The overlay PNG in out_dir under overlay_name (a free variant when the name is taken: nothing is replaced)."""
-    return write_new(out_dir / overlay_name(source, e.prediction), e.png())
+    try:
+        return write_new(out_dir / overlay_name(source, e.prediction), e.png())
+    except OSError as err:  # the disk filled up, the folder went away: one line, not a traceback
+        raise UrsaError(f"{out_dir}: could not write an overlay ({err.strerror or err}); the answers so far are above") from None

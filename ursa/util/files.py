@@ -71,9 +71,17 @@ def write_new(path: str | Path, data: bytes) -> Path:
                 return target
             except FileExistsError:
                 continue
+            except OSError:  # no hard links on this file system: reserve the name, then move the whole file onto it
+                try:
+                    os.close(os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+                except FileExistsError:
+                    continue
+                os.replace(tmp, target)
+                return target
         raise FileExistsError(f"{path}: no free name beside it")
     finally:
-        os.unlink(tmp)
+        if os.path.exists(tmp):
+            os.unlink(tmp)
 
 
 def write_staged(path: str | Path, data: bytes, tag: str = "part") -> Path:
