@@ -240,3 +240,16 @@ def test_with_tta_the_answer_is_the_averaged_one_and_the_map_the_plain_views(exp
         assert e.prediction.probs == want.probs  # the TTA answer, as predict gives it
         if e.prediction.label == base.prediction.label:
             assert np.array_equal(e.heat, base.heat)  # the map of the plain view
+
+
+def test_report_section_says_whose_evidence_when_tta_changed_the_answer():
+    from ursa.diagnose.explain_html import overlays_html
+    from ursa.diagnose.interpret import Interpretation
+
+    interp = Interpretation(["a", "b"], ["x.jpg", "y.jpg"], [Path("x.jpg"), Path("y.jpg")], [0, 1],
+                            [[0.9, 0.1], [0.6, 0.4]])
+    html = overlays_html(interp, {"items": [(0, "AAAA", "a"), (1, "BBBB", "b")], "note": None})
+    assert html.count("<figure class='card") == 2 and html.count("map: evidence for") == 1
+    assert "evidence for b, the answer without TTA" in html  # y.jpg: answered a (with TTA), mapped b
+    assert overlays_html(interp, None) == ""
+    assert "no heat maps: old export" in overlays_html(interp, {"items": [], "note": "no heat maps: old export"})

@@ -61,7 +61,7 @@ def predict_cmd(
         answers = pred.stream(files, 1 if where.is_cpu else bs, threshold)  # the CPU: one at a time, as always
     said += f"; {(fast if fast is not None else pred).device_line()}"
     if explain is not None:
-        from ursa.inference.explain import explain_stream, explainable
+        from ursa.inference.explain import explain_stream, explainable, write_overlay
 
         explainable(fast if fast is not None else pred, explain, [d for d in images if d.is_dir()])
         answers = explain_stream(fast if fast is not None else pred, files, bs if fast is not None or not where.is_cpu else 1, threshold)
@@ -83,8 +83,6 @@ def predict_cmd(
             continue
         extra = {}
         if explain is not None:  # an Explanation: write its overlay, then answer as always
-            from ursa.inference.explain import write_overlay
-
             extra = {"overlay": str(write_overlay(explain, f, ans))}
             ans, written = ans.prediction, written + 1
         if json_out:

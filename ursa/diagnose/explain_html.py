@@ -19,7 +19,8 @@ if TYPE_CHECKING:
 
 
 def top_loss_overlays(model: str | Path, interp: "Interpretation", k: int) -> dict[str, Any]:
-    """{"items": [(index, base64 PNG)], "note": why there are none, or None} for the k top losses."""
+    """{"items": [(index, base64 PNG, the class its map is for)], "note": why there are none, or None} for the k top
+    losses. The map is for what the plain picture gets (the report's answer may average TTA views)."""
     from ursa.inference.explain import explain_arrays, explainable
     from ursa.inference.runtime import current_onnx
 
@@ -43,7 +44,7 @@ def top_loss_overlays(model: str | Path, interp: "Interpretation", k: int) -> di
             e = explain_arrays(pred, [pred.preprocess(interp.paths[i])])[0]
         except ImageError:
             continue  # shown as unreadable in the top losses already
-        items.append((i, base64.b64encode(e.png()).decode("ascii")))
+        items.append((i, base64.b64encode(e.png()).decode("ascii"), e.prediction.label))
     return {"items": items, "note": None}
 
 
@@ -59,11 +60,13 @@ def overlays_html(interp: "Interpretation", overlays: dict[str, Any] | None) -> 
     if overlays.get("note"):
         parts.append(f"<p class='note'>{e(overlays['note'])}</p>")
     parts.append("<div class='grid'>")
-    for i, png in overlays.get("items", []):
+    for i, png, mapped in overlays.get("items", []):
         actual, pred = interp.classes[interp.targets[i]], interp.classes[interp.preds[i]]
         fix = "" if actual == pred else f" (actually {e(actual)})"
+        if mapped != pred:  # TTA changed the answer: say whose evidence is drawn
+            fix += f"<div class='note'>map: evidence for {e(mapped)}, the answer without TTA</div>"
         parts.append(f"<figure class='card{'' if actual == pred else ' miss'}' style='margin:0'><div class='img'>"
-                     f"<img alt='{e(interp.files[i])}: evidence for {e(pred)}' src='data:image/png;base64,{png}'>"
+                     f"<img alt='{e(interp.files[i])}: evidence for {e(mapped)}' src='data:image/png;base64,{png}'>"
                      f"</div><div class='txt'><div class='pred'>{e(pred)}{fix}</div>"
                      f"<div class='file' title='{e(interp.files[i])}'>{e(interp.files[i])}</div></div></figure>")
     parts.append("</div></section>")
