@@ -12,17 +12,19 @@ networks:
 
 Methods (all from the same forward pass):
 
-- ``exact-margin``: what ursa draws (``inference.evidence``): the exact decomposition of the
-  predicted class's logit margin over the others, the head's Jacobian put back on the places;
-- ``exact-logit``: the same for the class's logit alone (CAM's usual target);
-- ``gradcam-logit``: Grad-CAM (Selvaraju et al. 2017): A weighted by the mean gradient of the logit,
-  ReLU; ``gradcam-margin``: Grad-CAM of the margin.
+- ``ursa``: what ursa draws (``inference.evidence``, in the ONNX graph too): Grad-CAM of the
+  predicted class's logit margin over the others, its weights from the head's exact Jacobian;
+- ``exact-margin``: the exact decomposition of the margin (the maximum half of the pool put where
+  the maximum is); ``exact-logit``: the same for the class's logit alone (CAM's usual target);
+- ``gradcam-logit`` / ``gradcam-margin``: Grad-CAM (Selvaraju et al. 2017) by autograd: A weighted
+  by the mean gradient of the logit (of the margin), ReLU. ``gradcam-margin`` is ``ursa`` computed
+  independently: the two agree.
 
 Also the share of the positive evidence inside the square (higher: more focused), and deletion:
 how much the predicted class's logit margin drops when the picture under the map's arg-max place is
 blanked (higher: the map points at what the model actually uses).
 
-    .venv/bin/python benchmarks/explain.py [--nets tiny,lite0] [--n-train 384] [--n-test 128]
+    .venv/bin/python benchmarks/explain.py [--nets tiny,lite0] [--n-train 256] [--n-test 128] [--seeds 3]
     .venv/bin/python benchmarks/explain.py --overhead    # what the evidence output costs ONNX Runtime
 
 Results: benchmarks/results/explain.json (and explain_overhead.json).
@@ -109,27 +111,26 @@ def train(model, x, y, epochs: int = 10, lr: float = 3e-3, bs: int = 32, seed: i
 
 
 def maps_by_method(model, x) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-    """(predicted class [N], {method: the predicted class's map [N, h, w]})."""
+    """(predicted class [N], {method: the predicted class's map [N, h, w]}); the Grad-CAM ones by autograd."""
     import torch
 
     from ursa.inference.evidence import contrast, evidence, head_jacobian, place_maps
 
-    logits, margin = evidence(model, x)
+    logits, drawn = evidence(model, x)
     pred = logits.argmax(1)
     rows = torch.arange(len(x))
-    out = {"exact-margin": margin[rows, pred]}
+    out = {"ursa": drawn[rows, pred]}  # what ursa draws: Grad-CAM of the margin, from the Jacobian, in-graph
     with torch.inference_mode():
         fmap = model.body(x.float())
         _, jac = head_jacobian(model.head, model.pool(fmap))
-        out["exact-logit"] = place_maps(fmap, jac, model.head_cfg.pool)[rows, pred]
-    for name, weights in (("gradcam-logit", jac), ("gradcam-margin", contrast(jac))):
+        out["exact-margin"] = place_maps(fmap, contrast(jac), model.head_cfg.pool, "exact")[rows, pred]
+        out["exact-logit"] = place_maps(fmap, jac, model.head_cfg.pool, "exact")[rows, pred]
+    for name in ("gradcam-logit", "gradcam-margin"):
         a = fmap.detach().clone().requires_grad_(True)
         score = model.head(model.pool(a))
         target = score if name == "gradcam-logit" else score - (score.sum(1, keepdim=True) - score) / (score.shape[1] - 1)
         grad, = torch.autograd.grad(target[rows, pred].sum(), a)
-        alpha = grad.mean((2, 3), keepdim=True)
-        out[name] = torch.relu((alpha * a).sum(1)).detach()
-        del weights
+        out[name] = torch.relu((grad.mean((2, 3), keepdim=True) * a).sum(1)).detach()
     return pred.numpy(), {k: v.numpy() for k, v in out.items()}
 
 
@@ -177,12 +178,12 @@ def run_net(net: str, n_train: int, n_test: int, seed: int) -> dict:
     xtr, ytr, _ = patch_images(n_train, size, patch, seed)
     xte, yte, boxes = patch_images(n_test, size, patch, seed + 1)
     t0 = time.perf_counter()
+    torch.manual_seed(seed)  # the initial weights differ by seed too
     if net == "tiny":
         model = train(tiny_classifier(), to_input(xtr), ytr, epochs=10, seed=seed)
     else:
         from ursa.vision.models import create_model
 
-        torch.manual_seed(seed)
         model = train(create_model("efficientnet_lite0", 2), to_input(xtr), ytr, epochs=30, seed=seed, head_only=True)
     train_s = time.perf_counter() - t0
     xt = to_input(xte)
@@ -235,9 +236,10 @@ def onnx_overhead(size: int = 224, bs: int = 8, reps: int = 20) -> dict:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--nets", default="tiny,lite0")
-    ap.add_argument("--n-train", type=int, default=384)
+    ap.add_argument("--n-train", type=int, default=256)
     ap.add_argument("--n-test", type=int, default=128)
-    ap.add_argument("--seeds", type=int, default=2)
+    ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--first-seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=RESULTS / "explain.json")
     ap.add_argument("--overhead", action="store_true", help="Only measure what the evidence output costs ONNX Runtime.")
     args = ap.parse_args(argv)
@@ -252,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"wrote {out}")
         return 0
     rows = [run_net(net, args.n_train, args.n_test, seed)
-            for net in args.nets.split(",") for seed in range(args.seeds)]
+            for net in args.nets.split(",") for seed in range(args.first_seed, args.first_seed + args.seeds)]
     print(f"{'net':6} {'seed':>4} {'acc':>5}  " + "  ".join(f"{m:>22}" for m in rows[0]["methods"]))
     for r in rows:
         cells = "  ".join(f"{v['pointing']:>6.3f} / {v['mass_in_square']:.3f} / {v['deletion']:<6.2f}"

@@ -12,13 +12,19 @@ place ``x``, the maximum puts ``A_k`` at its arg-max (split evenly among ties). 
     M_j(x) = sum_k A_k(x) * (J_j[avg k] / hw + J_j[max k] * [x is channel k's arg-max])
 
 sums over the places to ``y_j - b_j`` exactly: the class activation map (CAM, Zhou et al. 2016)
-generalised from a linear head on a mean pool to this head and pool. The map shown for class
-``c`` is ``M_c`` minus the mean of the other classes' maps, so it sums to c's logit margin over
-the others (the quantity the softmax turns into c's probability; for two classes exactly the
-log-odds, less the bias). Grad-CAM instead weights ``A_k`` everywhere by the mean gradient: the
-same as this for the mean half of the pool, but it spreads the maximum half's weight over every
-place instead of the place that gave the maximum. docs/explain.md has the comparison on images
-whose class is decided by one small patch.
+generalised from a linear head on a mean pool to this head and pool ("exact"). Grad-CAM
+(Selvaraju et al. 2017) weights each ``A_k`` everywhere by its mean gradient, ``J_j[avg k] / hw +
+J_j[max k] / hw``: the same for the mean half of the pool, while the maximum half's weight is spread
+over every place in proportion to ``A_k`` instead of put on the one place that gave the maximum.
+Measured on pictures whose class is decided by one small square (``benchmarks/explain.py``,
+docs/explain.md), the exact map puts more of its evidence on the square but, for channels that
+respond broadly, spikes at whichever place happens to hold their maximum, so its peak missed the
+square in up to 44% of the pictures for some trainings where Grad-CAM's never did. ursa draws
+Grad-CAM ("gradcam"), with its weights computed, not back-propagated: for this head the gradient
+is the Jacobian ``J``, so the maps need no autograd and run inside the ONNX graph. The map shown
+for class ``c`` uses ``J_c`` minus the mean of the other classes' rows: the gradient of c's logit
+margin over the others (the quantity the softmax turns into c's probability; for two classes
+the log-odds), so evidence that raises every class alike cancels.
 
 ``EvidenceModel`` wraps a ``Classifier`` so one forward pass gives (logits, pooled features,
 per-class maps): the ONNX export's three outputs (``export``), so the torch-free runtime reads the
@@ -69,6 +75,17 @@ def head_jacobian(head: nn.Sequential, f: torch.Tensor) -> tuple[torch.Tensor, t
     return x, jac
 
 
+def check_head(head: nn.Module) -> None:
+    """NoEvidenceMaps unless `head` is what ``head_jacobian`` maps exactly (checked by type, nothing run)."""
+    layers = list(head) if isinstance(head, nn.Sequential) else [head]
+    allowed = (nn.BatchNorm1d, nn.Dropout, nn.Identity, nn.Linear, nn.ReLU)
+    bad = next((m for m in layers if not isinstance(m, allowed)), None)
+    last = next((m for m in reversed(layers) if not isinstance(m, (nn.Dropout, nn.Identity))), None)
+    if bad is not None or not isinstance(last, nn.Linear):
+        got = type(bad if bad is not None else last).__name__
+        raise NoEvidenceMaps(f"expected a head of BatchNorm1d, Dropout, Linear and ReLU ending in Linear, got {got}")
+
+
 def contrast(jac: torch.Tensor) -> torch.Tensor:
     """Each class's weights minus the mean of the other classes' ([N, K, F]): the weights of the logit margin."""
     k = int(jac.shape[1])  # a constant in an exported graph
@@ -77,15 +94,23 @@ def contrast(jac: torch.Tensor) -> torch.Tensor:
     return jac * (k / (k - 1)) - jac.sum(1, keepdim=True) / (k - 1)
 
 
-def place_maps(fmap: torch.Tensor, weights: torch.Tensor, pool: str) -> torch.Tensor:
-    """Per-class maps [N, K, h, w]: weights [N, K, F] on the pooled vector spread back over the places of fmap [N, C, h, w]."""
+def place_maps(fmap: torch.Tensor, weights: torch.Tensor, pool: str, method: str = "gradcam") -> torch.Tensor:
+    """Per-class maps [N, K, h, w]: weights [N, K, F] on the pooled vector spread back over the places of fmap [N, C, h, w].
+
+    "gradcam" (what ursa draws): every channel weighted everywhere by its mean gradient, the maximum
+    half of the pool treated like the mean half. "exact": the maximum half's weight put only where
+    the maximum is (ties split), so the map sums to ``weights . pooled`` exactly.
+    """
     c, h, w = (int(v) for v in fmap.shape[1:])  # fixed by the input size: constants in an exported graph
     spread = "nkc,nchw->nkhw"  # no reshapes, so the exported graph has no shape arithmetic
-    if pool == "concat":  # AdaptiveConcatPool2d: [max, mean]
-        ties = (fmap == fmap.amax((2, 3), keepdim=True)).to(fmap.dtype)
-        share = ties / ties.sum((2, 3), keepdim=True)
-        return torch.einsum(spread, weights[..., c:], fmap) / (h * w) + torch.einsum(spread, weights[..., :c], fmap * share)
-    return torch.einsum(spread, weights, fmap) / (h * w)
+    if pool != "concat":
+        return torch.einsum(spread, weights, fmap) / (h * w)
+    w_max, w_avg = weights[..., :c], weights[..., c:]  # AdaptiveConcatPool2d: [max, mean]
+    if method == "gradcam":
+        return torch.einsum(spread, w_avg + w_max, fmap) / (h * w)
+    ties = (fmap == fmap.amax((2, 3), keepdim=True)).to(fmap.dtype)
+    share = ties / ties.sum((2, 3), keepdim=True)
+    return torch.einsum(spread, w_avg, fmap) / (h * w) + torch.einsum(spread, w_max, fmap * share)
 
 
 class EvidenceModel(nn.Module):
@@ -94,17 +119,13 @@ class EvidenceModel(nn.Module):
     def __init__(self, model: Classifier) -> None:
         super().__init__()
         self.model = model
-        head_jacobian(model.head, torch.zeros(2, _pooled_width(model)))  # NoEvidenceMaps now, not at export
+        check_head(model.head)  # NoEvidenceMaps now, not half-way through an export
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         fmap = self.model.body(x)
         f = self.model.pool(fmap)
         logits, jac = head_jacobian(self.model.head, f)
         return logits, f, place_maps(fmap, contrast(jac), self.model.head_cfg.pool)
-
-
-def _pooled_width(model: Classifier) -> int:
-    return model.head_cfg.n_features * (2 if model.head_cfg.pool == "concat" else 1)
 
 
 def evidence(model: Classifier, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
