@@ -27,7 +27,8 @@ blanked (higher: the map points at what the model actually uses).
     .venv/bin/python benchmarks/explain.py [--nets tiny,lite0] [--n-train 256] [--n-test 128] [--seeds 3]
     .venv/bin/python benchmarks/explain.py --overhead    # what the evidence output costs ONNX Runtime
 
-Results: benchmarks/results/explain.json (and explain_overhead.json).
+Results: --out (default benchmarks/results/explain.json) and explain_overhead.json. docs/explain.md's
+figures: results/explain_tiny.json (--nets tiny --seeds 8), results/explain_lite0.json (--nets lite0 --seeds 3).
 """
 
 from __future__ import annotations

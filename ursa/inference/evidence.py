@@ -18,8 +18,8 @@ J_j[max k] / hw``: the same for the mean half of the pool, while the maximum hal
 over every place in proportion to ``A_k`` instead of put on the one place that gave the maximum.
 Measured on pictures whose class is decided by one small square (``benchmarks/explain.py``,
 docs/explain.md), the exact map puts more of its evidence on the square but, for channels that
-respond broadly, spikes at whichever place happens to hold their maximum, so its peak missed the
-square in up to 44% of the pictures for some trainings where Grad-CAM's never did. ursa draws
+respond broadly, spikes at whichever place happens to hold their maximum: on one of eight small
+trainings its peak was on the square in 24% of the pictures, where Grad-CAM's always was. ursa draws
 Grad-CAM ("gradcam"), with its weights computed, not back-propagated: for this head the gradient
 is the Jacobian ``J``, so the maps need no autograd and run inside the ONNX graph. The map shown
 for class ``c`` uses ``J_c`` minus the mean of the other classes' rows: the gradient of c's logit
