@@ -38,6 +38,7 @@ def predict_cmd(
     keep: Annotated[Optional[float], typer.Option("--keep", help="Answer 'none of these' to pictures less like the training images than all but this share of the validation images [default: the share chosen when training, `ursa train --keep`, 0.95 unless set].")] = None,
     level: Annotated[Optional[float], typer.Option("--set", help="Also answer the smallest set of labels holding the true one this share of the time, e.g. 0.9 (split conformal on the validation images).")] = None,
     device: DeviceOpt = "auto",
+    explain: Annotated[Optional[Path], typer.Option("--explain", help="Also write a heat-map overlay PNG per image into this folder (the evidence for the predicted class; see docs/explain.md).")] = None,
 ) -> None:
     """Predict the class of each image, streaming results in order; exit status 1 when some could not be read."""
     import json
@@ -68,6 +69,12 @@ def predict_cmd(
     said += f"; {runner.device_line()}"
     if level is not None:
         runner.world.check_sets()  # one line, exit 2, before any image is read
+    if explain is not None:
+        from ursa.inference.explain import explain_stream, explainable, write_overlay
+
+        explainable(runner, explain, [d for d in images if d.is_dir()])
+        answers = explain_stream(runner, files, bs if fast is not None or not where.is_cpu else 1, threshold)
+        written = 0
     if len(views) > 1:
         said += f"; tta: {views_text(views)}"
     elif tta:
@@ -85,10 +92,14 @@ def predict_cmd(
             failed += 1
             typer.echo(f"error: {ans}", err=True)
             continue
+        extra = {}
+        if explain is not None:  # an Explanation: write its overlay, then answer as always
+            extra = {"overlay": str(write_overlay(explain, f, ans))}
+            ans, written = ans.prediction, written + 1
         if keep is not None or level is not None:
             ans = runner.world.judge(ans, keep, level)
         if json_out:
-            typer.echo(json.dumps({"file": str(f), **ans.to_json()}, allow_nan=False))  # Prediction: finite only
+            typer.echo(json.dumps({"file": str(f), **ans.to_json(), **extra}, allow_nan=False))  # Prediction: finite only
             continue
         in_set = f"; set {{{', '.join(printable(c) for c in ans.labels)}}} at {ans.level:g}" if ans.labels is not None else ""
         name = printable(str(f))  # printable: a newline or raw byte in a name never splits the line
@@ -100,6 +111,8 @@ def predict_cmd(
                        f"below {ans.threshold:.2f}){in_set}")
         else:
             typer.echo(f"{name}: {printable(ans.label)} ({ans.confidence:.3f}){in_set}")
+    if explain is not None:
+        typer.echo(f"wrote {written} overlays to {printable(str(explain))}", err=True)
     if failed:
         typer.echo(f"{failed} of {len(files)} images could not be read; the others were predicted", err=True)
         raise typer.Exit(1)  # the job ran but did not fully succeed

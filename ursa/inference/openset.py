@@ -235,7 +235,9 @@ class OpenWorld:
     def judge(self, pred: Any, keep: float | None = None, level: float | None = None) -> Any:
         """``pred`` judged unknown or not at the threshold keeping ``keep`` (None: the model's), with its set at ``level``."""
         t = self.threshold(keep)
-        pred = pred.with_unknown(t, self.why)
+        why = self.why or (None if pred.unknown_score is not None else
+                           "this answer was computed without the body features (an explain pass), so it cannot tell")
+        pred = pred.with_unknown(t, why)
         if level is not None:
             self.check_sets()
             classes = list(pred.probs)

@@ -97,6 +97,7 @@ async function predict(file) {
   $("confidence").textContent = said;
   drawBars(body.probs, body.label);
   $("timing").textContent = `answered in ${ms.toFixed(0)} ms`;
+  document.dispatchEvent(new CustomEvent("ursa:predicted", { detail: { file, body } })); // explain.js: "why?"
 }
 
 function firstImage(list) {
