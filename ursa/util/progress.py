@@ -37,8 +37,8 @@ class RateColumn(ProgressColumn):
 def make_console(quiet: bool = False, stderr: bool = True) -> Console:
     """A rich console on stderr (stdout stays clean for --json) that soft-wraps when not writing to a terminal."""
     console = Console(stderr=stderr, quiet=quiet)
-    if not console.is_terminal and not console.is_jupyter:
-        console.soft_wrap = True  # a pipe or a file: one sentence, one line, whatever its length
+    if not console.is_terminal:
+        console.soft_wrap = True  # a pipe, a file or a notebook: one sentence, one line, whatever its length
     return console
 
 
