@@ -69,7 +69,7 @@ def test_lesson2_notebook_runs_in_a_real_kernel(tmp_path: Path):
 
     shutil.copytree(SAMPLE, data)  # the cleaner writes its log into the data folder: a copy
     env = {"URSA_NB_DATA": str(data), "URSA_NB_HELDOUT": str(HELDOUT), "URSA_NB_OUT": str(tmp_path / "run"),
-           "URSA_NB_SIZE": "128", "URSA_NB_EPOCHS": "3", "URSA_NB_BUDGET": "0",
+           "URSA_NB_SIZE": "0", "URSA_NB_EPOCHS": "4", "URSA_NB_BUDGET": "0",
            "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     old = {k: os.environ.get(k) for k in env}
     os.environ.update(env)  # the kernel inherits this process's environment
