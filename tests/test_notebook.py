@@ -156,6 +156,20 @@ def test_import_ursa_is_light_and_names_load_on_use():
 
     with pytest.raises(AttributeError, match="no attribute 'nope'"):
         ursa.nope  # noqa: B018
+    blocked = ("import sys, importlib.abc\n"
+               "class Block(importlib.abc.MetaPathFinder):\n"
+               "    def find_spec(self, name, path=None, target=None):\n"
+               "        if name.split('.')[0] == 'ipywidgets':\n"
+               "            raise ModuleNotFoundError(f'No module named {name!r}', name=name)\n"
+               "sys.meta_path.insert(0, Block())\n"
+               "import ursa\n"
+               "try:\n"
+               "    ursa.ImageClassifierCleaner\n"
+               "except ModuleNotFoundError as e:\n"
+               "    print(e)\n")
+    r = subprocess.run([sys.executable, "-c", blocked], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert r.stdout.strip() == ("ursa.ImageClassifierCleaner needs the 'notebook' extra (no module 'ipywidgets' "
+                                "here): pip install 'ursa[notebook]'"), r.stdout + r.stderr
 
 
 # --- the device: auto ----------------------------------------------------------------------------

@@ -32,9 +32,22 @@ _LAZY = {
 __all__ = ["__version__", *_LAZY]
 
 
+# What a missing package means: the extra that brings it (pip install 'ursa[EXTRA]').
+_EXTRAS = {"ipywidgets": "notebook", "torch": "train", "torchvision": "train", "timm": "train",
+           "safetensors": "train", "matplotlib": "train"}
+
+
 def __getattr__(name: str) -> Any:
     if name in _LAZY:
-        value = getattr(importlib.import_module(_LAZY[name]), name)
+        try:
+            module = importlib.import_module(_LAZY[name])
+        except ModuleNotFoundError as e:
+            extra = _EXTRAS.get((e.name or "").split(".")[0])
+            if extra is None:
+                raise
+            raise ModuleNotFoundError(f"ursa.{name} needs the {extra!r} extra (no module {e.name!r} here): "
+                                      f"pip install 'ursa[{extra}]'", name=e.name) from None
+        value = getattr(module, name)
         globals()[name] = value
         return value
     raise AttributeError(f"module 'ursa' has no attribute {name!r}")
