@@ -38,3 +38,15 @@ class DivergedError(UrsaError):
     """Training stopped because the loss diverged; the last good weights were kept."""
 
     exit_code = 3
+
+
+class WriteError(UrsaError):
+    """A file could not be written (the message names it); nothing half-written is left behind."""
+
+
+class NoSpaceError(WriteError):
+    """The disk (or quota) filled up while ursa was writing a file; nothing half-written is left behind."""
+
+
+class BusyError(UrsaError):
+    """Another ursa process is using this run folder or data folder (it holds the folder's lock)."""

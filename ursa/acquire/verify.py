@@ -38,7 +38,7 @@ from typing import Iterator
 from ursa.acquire.manifest import MANIFEST_NAME
 from ursa.acquire.verify_summary import QUARANTINE, UNREADABLE, VerifySummary
 from ursa.errors import ImageError, UrsaError
-from ursa.util.files import atomic_write_csv, csv_line, write_staged
+from ursa.util.files import atomic_write_csv, csv_line, no_space_line, write_staged
 from ursa.util.progress import progress_bar
 from ursa.vision.dedupe import find_duplicates
 from ursa.vision.images import MAX_PIXELS, is_image_file, open_image
@@ -195,13 +195,17 @@ class _Report:
         self.fh = open(path, "a", newline="", encoding="utf-8")
 
     def write(self, file: str, status: str, reason: str) -> None:
-        self.fh.write(csv_line([file, status, " ".join(reason.split())]))
-        self.fh.flush()  # survives a killed process; fsync on close
+        with no_space_line(self.path):
+            self.fh.write(csv_line([file, status, " ".join(reason.split())]))
+            self.fh.flush()  # survives a killed process; fsync on close
 
     def close(self) -> None:
-        self.fh.flush()
-        os.fsync(self.fh.fileno())
-        self.fh.close()
+        try:
+            with no_space_line(self.path):
+                self.fh.flush()
+                os.fsync(self.fh.fileno())
+        finally:
+            self.fh.close()
 
 
 def _apply(res: _Result, folder: Path, delete: bool, report: _Report, summary: VerifySummary) -> None:
@@ -266,6 +270,13 @@ def _default_workers(paths: list[Path]) -> int:
     return 1
 
 
+def _sweep_staged(root: Path) -> None:
+    """Remove the hidden fixed copies (``.NAME.PID.fixed.part``, write_staged's names) not yet moved into place."""
+    for stale in root.rglob(".*.fixed.part"):
+        if stale.is_file() and not stale.is_symlink():
+            stale.unlink(missing_ok=True)
+
+
 def verify_images(
     folder: str | Path,
     delete: bool = False,
@@ -302,8 +313,7 @@ def verify_images(
             paths.append(p)
         else:
             summary.ignored.append(p.relative_to(root).as_posix())
-    for stale in root.rglob(".*.fixed.part"):  # left by a killed --fix run
-        stale.unlink(missing_ok=True)
+    _sweep_staged(root)  # left by a killed --fix run
     n_workers = workers if workers is not None else _default_workers(paths)
 
     try:
@@ -342,6 +352,9 @@ def verify_images(
                 futures = [pool.submit(_check_batch, b, *args) for b in batches]
                 for fut in as_completed(futures):
                     handle(fut.result())
+    except BaseException:
+        _sweep_staged(root)  # a full disk (or Ctrl-C) mid-run: no half-done fixed copies left in the data folder
+        raise
     finally:
         if bar:
             bar.stop()

@@ -18,13 +18,13 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from ursa.errors import ModelFileError
 from ursa.inference.header import read_header, read_meta
 from ursa.inference.metaschema import FORMAT, FORMAT_VERSION, ONNX_META_KEY, ModelMeta
 from ursa.vision.models import Classifier, HeadConfig, create_backbone, create_head
-from ursa.util.files import atomic_path
+from ursa.util.files import save_tensors
 
 __all__ = ["ONNX_META_KEY", "ModelMeta", "load_model", "read_header", "read_meta", "save_model"]
 
@@ -35,9 +35,7 @@ def save_model(model: Classifier, path: str | Path, meta: ModelMeta) -> Path:
     if not meta.created:
         meta.created = datetime.now(timezone.utc).isoformat(timespec="seconds")
     state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
-    with atomic_path(path) as tmp:
-        save_file(state, str(tmp), metadata=meta.to_header())
-    return path
+    return save_tensors(path, state, metadata=meta.to_header())  # a full disk: one NoSpaceError line
 
 
 def load_model(path: str | Path) -> tuple[Classifier, ModelMeta]:

@@ -251,7 +251,8 @@ def _fine_tune(cfg: TrainConfig, learn: Learner, plan: Plan, t0: float, console:
             except DivergedError as e:
                 if fixed:
                     raise  # the lesson's recipe as asked: a divergence fails the run (exit 3)
-                learn.diverged, force = False, True  # the best epoch so far (frozen or not) is still good: keep it
+                learn.recovered()  # the best epoch so far (frozen or not) is still good: keep it
+                force = True
                 plan.fine_tune_why += f"; fine-tuning diverged and was stopped ({e})"
                 console.print(f"[yellow]warning:[/] fine-tuning stopped: {e}", highlight=False)
         done = sum(r["stage"] == "unfrozen" for r in learn.recorder.rows)

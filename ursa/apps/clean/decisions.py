@@ -47,6 +47,11 @@ class Decisions:
         """DATA/cleaned.csv: what the next training run reads."""
         return self.root / CLEANED_NAME
 
+    def replay(self) -> int:
+        """Forget the state and replay the whole log again (what any process appended is in it)."""
+        self.state, self.skipped_rows, self.other_rows = {}, 0, 0
+        return self.load()
+
     def load(self) -> int:
         """Replay clean_log.csv; returns how many rows applied (rows for other files or classes are kept but ignored)."""
         path = self.log_path
@@ -103,7 +108,9 @@ class Decisions:
         new = {"keep": old, "exclude": "", "relabel": label, "undo": old}[action]
         with self._lock:
             self._append_log([now(), name, old, action, new])
-            self._apply(name, action, new)
+            # cleaned.csv is rebuilt from the whole log, not from this process's memory: every decision
+            # in the log is in it, whoever appended it (the folder lock keeps a second cleaner out anyway).
+            self.replay()
             self.write_cleaned()
             return self.item(name)
 
