@@ -253,6 +253,11 @@ def test_cleaner_widget_decisions_land_in_the_log_and_survive(tiny_model: Path, 
     assert shown[relabelled] == "teddy" and shown[deleted] == DELETE
     cleaner.split.value = "Valid"
     assert all(n not in cleaner.names for n in (relabelled, deleted))
+    from ursa.errors import BusyError
+
+    with pytest.raises(BusyError, match="another ursa process is using this data folder"):
+        ImageClassifierCleaner(str(tiny_model), data=sample_copy)  # one cleaner per folder, as `ursa clean`
+    cleaner.close()  # the kernel restarts: its lock goes with it
     # A restarted kernel: a new process replays the log
     r = subprocess.run([sys.executable, "-c", RESTARTED, str(tiny_model), str(sample_copy), "grizzly"],
                        capture_output=True, text=True, cwd=ROOT, timeout=300)

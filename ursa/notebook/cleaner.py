@@ -5,7 +5,9 @@ the same ranking (top losses), the same crash-safe ``DATA/clean_log.csv`` (appen
 per decision, replayed on start, last decision wins) mirrored in ``DATA/cleaned.csv``. Each
 dropdown shows the decision the log holds, so what you chose is still there after switching
 category or split, and after restarting the kernel (fastai#3084 loses both). No image is moved or
-deleted: "<Delete>" excludes it from cleaned.csv. ipywidgets 8, so it renders in JupyterLab too.
+deleted: "<Delete>" excludes it from cleaned.csv. Like ``ursa clean`` it holds the data folder's
+lock (``util.lock``) while open, so a second cleaner is refused, not raced; ``close()`` lets go.
+ipywidgets 8, so it renders in JupyterLab too.
 """
 
 from __future__ import annotations
@@ -17,8 +19,9 @@ from typing import Any
 
 import ipywidgets as widgets
 
-from ursa.apps.clean import prepare, start_session
+from ursa.apps.clean import CLEAN_LOCK, LOCK_WHAT, check_writable, prepare, start_session
 from ursa.errors import ImageError, UrsaError
+from ursa.util.lock import FolderLock
 from ursa.vision.images import open_image
 
 KEEP, DELETE = "<Keep>", "<Delete>"
@@ -32,8 +35,17 @@ class ImageClassifierCleaner(widgets.VBox):
     def __init__(self, learn: Any, data: str | Path | None = None, csv: str | Path | None = None,
                  max_n: int = 12) -> None:
         model, data, csv = self._sources(learn, data, csv)
-        ds, scores, ranks = prepare(Path(data), model, Path(csv) if csv else None, quiet=True)
-        self.session = start_session(ds, scores, ranks, model.name, Path(csv) if csv else None)
+        csv = Path(csv) if csv else None
+        check_writable(Path(data), csv)
+        # One cleaner per data folder, this widget or `ursa clean`: a second is refused (BusyError) before the
+        # slow pass; held until close() or the kernel ends (the kernel drops the lock however it ends).
+        self.lock: FolderLock | None = FolderLock(Path(data), CLEAN_LOCK, LOCK_WHAT).acquire()
+        try:
+            ds, scores, ranks = prepare(Path(data), model, csv, quiet=True)
+            self.session = start_session(ds, scores, ranks, model.name, csv)
+        except BaseException:
+            self.release()
+            raise
         self.max_n = max_n
         classes = list(scores.classes)
         self.category = widgets.Dropdown(options=classes, value=classes[0], description="category")
@@ -107,6 +119,17 @@ class ImageClassifierCleaner(widgets.VBox):
             self.decisions.decide(name, "exclude")
         else:
             self.decisions.decide(name, "relabel", value)
+
+    def release(self) -> None:
+        """Let another cleaner (or `ursa clean`) have the data folder; the decisions made stay in the log."""
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
+
+    def close(self) -> None:
+        """Close the widget and release the data folder."""
+        self.release()
+        super().close()
 
     def summary(self) -> dict[str, int]:
         """total, decided, kept, excluded, relabelled."""
