@@ -228,6 +228,7 @@ print(json.dumps(dict(zip(c.names, [d.value for d in c.choices]))))
 """
 
 
+@pytest.mark.filterwarnings("error::pytest.PytestUnraisableExceptionWarning")  # a refused widget closes cleanly
 def test_cleaner_widget_decisions_land_in_the_log_and_survive(tiny_model: Path, sample_copy: Path):
     """Choose in the widget: the log has it at once; switching category and a new kernel show it again."""
     pytest.importorskip("ipywidgets")

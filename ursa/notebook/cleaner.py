@@ -39,7 +39,8 @@ class ImageClassifierCleaner(widgets.VBox):
         check_writable(Path(data), csv)
         # One cleaner per data folder, this widget or `ursa clean`: a second is refused (BusyError) before the
         # slow pass; held until close() or the kernel ends (the kernel drops the lock however it ends).
-        self.lock: FolderLock | None = FolderLock(Path(data), CLEAN_LOCK, LOCK_WHAT).acquire()
+        self.lock: FolderLock | None = None  # set first: a refused widget is still closed (and released) cleanly
+        self.lock = FolderLock(Path(data), CLEAN_LOCK, LOCK_WHAT).acquire()
         try:
             ds, scores, ranks = prepare(Path(data), model, csv, quiet=True)
             self.session = start_session(ds, scores, ranks, model.name, csv)
@@ -122,7 +123,7 @@ class ImageClassifierCleaner(widgets.VBox):
 
     def release(self) -> None:
         """Let another cleaner (or `ursa clean`) have the data folder; the decisions made stay in the log."""
-        if self.lock is not None:
+        if getattr(self, "lock", None) is not None:
             self.lock.release()
             self.lock = None
 
