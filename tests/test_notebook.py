@@ -266,3 +266,26 @@ def test_cleaner_widget_decisions_land_in_the_log_and_survive(tiny_model: Path, 
     again = json.loads(r.stdout.strip().splitlines()[-1])
     assert again[relabelled] == "teddy" and again[deleted] == DELETE
     assert cleaner.summary()["relabelled"] == 1 and cleaner.summary()["excluded"] == 1
+
+
+# --- data and pictures, without training ------------------------------------------------------------
+
+
+def test_data_from_folder_and_csv_and_pictures_outside_a_notebook(tmp_path: Path):
+    """from_csv reads `ursa clean`'s cleaned.csv as --csv does; outside a kernel pictures are returned, not shown."""
+    import ursa
+    from ursa.notebook.pictures import Picture, in_notebook, show
+
+    dls = ursa.ImageDataLoaders.from_folder(SAMPLE, valid_pct=0.2, seed=42)
+    assert dls.classes == ["black", "grizzly", "teddy"] and "<table>" in dls._repr_html_()
+    files = sorted(p.relative_to(SAMPLE).as_posix() for p in SAMPLE.rglob("*.jpg"))
+    keep = [f for f in files if f.startswith("black/")][:15] + [f for f in files if f.startswith("grizzly/")][:15]
+    csv = tmp_path / "cleaned.csv"
+    csv.write_text("name,label\n" + "".join(f"{f},{f.split('/')[0]}\n" for f in keep))
+    from_csv = ursa.ImageDataLoaders.from_csv(SAMPLE, csv)
+    assert from_csv.classes == ["black", "grizzly"] and len(from_csv.dataset) == len(keep)
+    assert not in_notebook()
+    pic = dls.show_batch(n=4)
+    assert isinstance(pic, Picture) and pic._repr_png_().startswith(PNG)
+    assert show(pic) is pic
+    assert pic.save(tmp_path / "batch.png").read_bytes() == pic.png
