@@ -30,6 +30,10 @@ class ModelFileError(UrsaError):
     """A model file is missing, truncated, or not an ursa model."""
 
 
+class ModelOutputError(ModelFileError):
+    """A model gave probabilities that are not finite numbers (NaN or infinity): its weights are damaged."""
+
+
 class ArchError(UrsaError):
     """An architecture name that ursa cannot build (or cannot load weights for offline)."""
 

@@ -30,7 +30,7 @@ def split_digest(ds: ImageDataset) -> str:
     """A fingerprint of the validation split (which images, which labels): a resumed run must have the same."""
     h = hashlib.sha256()
     for i in ds.valid_idx:
-        h.update(f"{ds.rel(i)}\t{ds.labels[i]}\n".encode())
+        h.update(f"{ds.rel(i)}\t{ds.labels[i]}\n".encode("utf-8", "surrogateescape"))  # a name's bytes on disk
     return f"{len(ds.valid_idx)}:{h.hexdigest()[:16]}"
 
 

@@ -134,9 +134,14 @@ def write_staged(path: str | Path, data: bytes, tag: str = "part") -> Path:
     return tmp
 
 
+# A file name that is not valid UTF-8 reaches Python surrogate-escaped (PEP 383); ursa's own files
+# (CSV, HTML) carry it as its bytes on disk, so it round-trips to the same file, never crashes a writer.
+NAME_ERRORS = "surrogateescape"
+
+
 def atomic_write_text(path: str | Path, text: str) -> None:
-    """Text version of atomic_write_bytes (UTF-8)."""
-    atomic_write_bytes(path, text.encode("utf-8"))
+    """Text version of atomic_write_bytes (UTF-8; names that are not UTF-8 as their own bytes, ``NAME_ERRORS``)."""
+    atomic_write_bytes(path, text.encode("utf-8", NAME_ERRORS))
 
 
 # Spreadsheets run a cell that starts with one of these as a formula (OWASP "CSV injection").

@@ -16,7 +16,7 @@ from typing import Any, Sequence
 
 from ursa.apps.web import clip
 from ursa.errors import UrsaError
-from ursa.util.files import atomic_write_csv, csv_line, csv_row_values
+from ursa.util.files import NAME_ERRORS, atomic_write_csv, csv_line, csv_row_values
 
 LOG_NAME = "clean_log.csv"
 CLEANED_NAME = "cleaned.csv"
@@ -60,7 +60,7 @@ class Decisions:
         if not path.exists():
             return 0
         try:
-            text = path.read_text(encoding="utf-8")
+            text = path.read_text(encoding="utf-8", errors=NAME_ERRORS)  # names as their bytes on disk
         except (OSError, UnicodeDecodeError) as e:
             raise UrsaError(f"{path}: cannot read the cleaning log ({e}); move it aside to start afresh") from None
         rows = list(csv.reader(io.StringIO(text)))
@@ -125,7 +125,7 @@ class Decisions:
                 f.seek(-1, os.SEEK_END)
                 if f.read(1) != b"\n":  # a previous run died mid-line: never glue onto it
                     f.write(b"\n")
-            f.write(text.encode("utf-8"))
+            f.write(text.encode("utf-8", NAME_ERRORS))
             f.flush()
             os.fsync(f.fileno())
 
