@@ -196,6 +196,9 @@ def test_vision_learner_picks_the_cpu_through_auto(monkeypatch):
 
     Learner(learn.learner.dls, learn.model, LearnerConfig(quiet=True))  # a Learner made by hand: auto too
     assert asked[-1] == "auto"
+    other_seed = ursa.vision_learner(dls, size=64, quiet=True, seed=7)  # another training seed, the same split
+    assert {other_seed.dataset.rel(i) for i in other_seed.dataset.valid_idx} == \
+        {dls.dataset.rel(i) for i in dls.dataset.valid_idx}
     with pytest.raises(Exception, match="expected one of TrainConfig's settings"):
         ursa.vision_learner(dls, epoch=3)  # a typo is one clear line, not a TypeError
 

@@ -75,8 +75,9 @@ def vision_learner(dls: ImageDataLoaders, arch: str = DEFAULT_ARCH, **settings: 
             raise ConfigError(f"vision_learner: expected one of TrainConfig's settings ({', '.join(sorted(known))}), "
                               f"got {k!r}")
     settings.setdefault("bs", dls.bs)
+    # The split is the ImageDataLoaders' (its seed), also when seed= sets another training seed.
     cfg = TrainConfig(data=dls.path, csv=dls.csv, valid_pct=dls.valid_pct, arch=arch,
-                      **{"seed": dls.seed, **settings})
+                      **{"seed": dls.seed, "split_seed": dls.seed, **settings})
     console = make_console(cfg.quiet)
     learn, ds, plan = prepare(cfg, console)
     learn.freeze()  # fastai's vision_learner: the pretrained body frozen, the head to train
