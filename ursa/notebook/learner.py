@@ -33,7 +33,7 @@ NOT_SETTINGS = ("data", "csv", "valid_pct", "out", "arch")
 
 
 class SuggestedLR(float):
-    """lr_find's answer: a float (the valley, fastai's default suggestion) that also carries the sweep."""
+    """lr_find's answer: a float (the suggestion, as `ursa lr-find` makes it) that also carries the sweep."""
 
     result: LRFinderResult
 
@@ -58,7 +58,8 @@ class SuggestedLR(float):
         return Picture.from_figure(lr_find_figure(r.lrs, r.losses, r.smoothed, r.suggestions()), "lr_find")
 
     def __repr__(self) -> str:
-        return f"SuggestedLR(valley={self.valley:.2e}, steep={self.steep:.2e})"
+        return (f"SuggestedLR({float(self):.2e}: {self.result.suggestion_why}; "
+                f"valley={self.valley:.2e}, steep={self.steep:.2e})")
 
 
 def vision_learner(dls: ImageDataLoaders, arch: str = DEFAULT_ARCH, **settings: Any) -> "VisionLearner":
@@ -107,6 +108,8 @@ class VisionLearner:
 
     def lr_find(self, show_plot: bool = True, **kwargs: Any) -> SuggestedLR:
         """Sweep learning rates (the state is restored after); the plot inline, the valley returned as a float."""
+        # As `ursa lr-find`: the recipe's rate is kept while the loss still falls there (lr_find.suggest)
+        kwargs.setdefault("default", self.cfg.lr if self.model.is_frozen else self.cfg.unfreeze_lrs[1])
         s = SuggestedLR(self.learner.lr_find(**kwargs))
         if show_plot:
             show(s.plot())
