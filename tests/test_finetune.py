@@ -104,6 +104,21 @@ def test_fine_tuning_is_planned_from_the_frozen_error_and_the_budget():
     assert fine_tune_epochs(0.2, 1000, 5, epoch_cap(2 * DEFAULT_BUDGET))[0] == 2 * MAX_EPOCHS
 
 
+def test_the_budget_advice_follows_the_decision_not_its_wording():
+    from ursa.training.plan import Plan
+
+    plan = Plan(size=64, size_why="--size", flips="none", flips_why="--flips", budget=60)
+    rows = [{"stage": "frozen", "error_rate": 0.2}]
+    plan.decide_fine_tuning(fine_tune_epochs(0.2, 5, 10), 0.2)  # would pay, does not fit
+    assert plan.budget_short and "--budget" in plan.advice(rows, None)
+    plan.fine_tune_why = "reworded"  # the sentence is for people: rewording it changes no decision
+    assert plan.advice(rows, None) is not None
+    plan.decide_fine_tuning(fine_tune_epochs(GOOD_ENOUGH / 2, 5, 10), GOOD_ENOUGH / 2)  # nothing to win
+    assert not plan.budget_short and plan.advice(rows, None) is None
+    plan.decide_fine_tuning(fine_tune_epochs(math.nan, 5, 10), math.nan)
+    assert not plan.budget_short
+
+
 def test_probe_reads_sizes_and_tells_grayscale(tmp_path):
     files = [make_image(tmp_path / f"g{i}.png", size=(28, 28), mode="L") for i in range(3)]
     files += [make_image(tmp_path / f"rgbgrey{i}.jpg", color=(90, 90, 90), size=(40, 30)) for i in range(2)]

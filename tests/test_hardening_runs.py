@@ -179,6 +179,7 @@ TAMPERINGS = {
     "config text": _set("config", "abc"),
     "config deep": _set("config", {"a": _deep(30)}),
     "plan text": _set("plan", "abc"),
+    "plan flag text": _set("plan.budget_short", "yes"),
     "fit text": _set("fit", "abc"),
     "fit n_epoch 0": _set("fit.n_epoch", 0),
     "max_lr inf": _set("fit.max_lr", float("inf")),

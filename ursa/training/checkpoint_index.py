@@ -207,6 +207,9 @@ def _plan(plan: dict) -> None:
         raise _Bad(f"plan.fine_tune_why: expected text, got {_show(plan.get('fine_tune_why'))}")
     for k in ("epoch_seconds", "spent"):
         _num(plan, k, 0.0, optional=True)
+    for k in ("budget_short", "budget_stopped"):
+        if not isinstance(plan.get(k, False), bool):
+            raise _Bad(f"plan.{k}: expected true or false, got {_show(plan.get(k))}")
 
 
 def _files(files: dict, folder: Path) -> None:

@@ -49,6 +49,8 @@ class Plan:
     budget: float
     fine_tune_epochs: int = 0
     fine_tune_why: str = "not decided yet"
+    budget_short: bool = False  # fine-tuning would pay, but --budget did not fit it (advice: raise --budget)
+    budget_stopped: bool = False  # --budget stopped fine-tuning before its planned epochs
     probe: dict = field(default_factory=dict)
     epoch_seconds: float | None = None  # measured cost of one fine-tuning epoch
     spent: float | None = None  # seconds the run had taken when fine-tuning was decided
@@ -58,6 +60,12 @@ class Plan:
     def lines(self) -> list[str]:
         """The recipe in words, for the first lines of the run and the report."""
         return [f"input size {self.size} px: {self.size_why}", f"flips {self.flips}: {self.flips_why}"]
+
+    def decide_fine_tuning(self, decision: tuple[int, str], frozen_error: float) -> None:
+        """Record ``fine_tune_epochs``' answer; a refusal on a finite error above GOOD_ENOUGH is the budget's."""
+        self.fine_tune_epochs, self.fine_tune_why = decision
+        self.budget_short = (decision[0] == 0 and math.isfinite(frozen_error)
+                             and round(frozen_error, 6) > GOOD_ENOUGH)
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -70,7 +78,7 @@ class Plan:
             return None
         f_err = min(r["error_rate"] for r in frozen)
         if not tuned:
-            if "raise --budget" in self.fine_tune_why:
+            if self.budget_short:
                 return (f"Fine-tuning might lower the error ({f_err:.1%} with the frozen body) but did not fit the "
                         f"budget: --budget {suggest_budget(self):.0f} lets it try (the best epoch is kept, so it "
                         "cannot end worse on the validation set).")

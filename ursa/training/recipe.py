@@ -224,6 +224,7 @@ def _fine_tune(cfg: TrainConfig, learn: Learner, plan: Plan, t0: float, console:
     if resume is not None:
         before = resume.index["plan"]
         plan.fine_tune_epochs, plan.fine_tune_why = before["fine_tune_epochs"], before["fine_tune_why"]
+        plan.budget_short, plan.budget_stopped = before.get("budget_short", False), before.get("budget_stopped", False)
         plan.epoch_seconds, plan.spent = before.get("epoch_seconds"), before.get("spent")
     elif fixed:
         plan.fine_tune_epochs, plan.fine_tune_why = cfg.unfreeze_epochs, f"--unfreeze-epochs {cfg.unfreeze_epochs}"
@@ -245,7 +246,8 @@ def _fine_tune(cfg: TrainConfig, learn: Learner, plan: Plan, t0: float, console:
                 plan.fine_tune_why += f"; fine-tuning diverged and was stopped ({e})"
                 console.print(f"[yellow]warning:[/] fine-tuning stopped: {e}", highlight=False)
         done = sum(r["stage"] == "unfrozen" for r in learn.recorder.rows)
-        if not fixed and not force and done < plan.fine_tune_epochs and "--budget stopped" not in plan.fine_tune_why:
+        if not fixed and not force and done < plan.fine_tune_epochs and not plan.budget_stopped:
+            plan.budget_stopped = True
             plan.fine_tune_why += f"; --budget stopped it after {done} of {plan.fine_tune_epochs} epochs"
     if not fixed:  # the lesson's recipe keeps its last epoch (the run writer saves a better one beside it)
         _keep_best(learn, plan, console, force)
@@ -262,14 +264,14 @@ def _decide(cfg: TrainConfig, learn: Learner, plan: Plan, t0: float) -> None:
         plan.fine_tune_why = "--budget 0: the frozen stage only"
     elif math.isnan(frozen_error) or round(frozen_error, 6) <= GOOD_ENOUGH or left <= 0:
         # decided without spending anything more: good enough already, or no time left to spend
-        plan.fine_tune_epochs, plan.fine_tune_why = fine_tune_epochs(frozen_error, left, 1.0)
+        plan.decide_fine_tuning(fine_tune_epochs(frozen_error, left, 1.0), frozen_error)
     else:
         learn.unfreeze()
         t = time.perf_counter()
         seconds = epoch_seconds(learn, cfg.unfreeze_size, cfg.bf16)
         plan.epoch_seconds, left = learn.dist.agree([seconds, left - (time.perf_counter() - t)])
-        plan.fine_tune_epochs, plan.fine_tune_why = fine_tune_epochs(frozen_error, left, plan.epoch_seconds,
-                                                                     epoch_cap(cfg.budget))
+        plan.decide_fine_tuning(fine_tune_epochs(frozen_error, left, plan.epoch_seconds, epoch_cap(cfg.budget)),
+                                frozen_error)
         if plan.fine_tune_epochs == 0:
             learn.freeze()
 
