@@ -136,7 +136,7 @@ def test_export_has_logits_then_body_features_matching_torch(exported):
     from ursa.inference.runtime import load_onnx
 
     proto = onnx.load(str(exported.with_suffix(".onnx")))
-    assert [o.name for o in proto.graph.output] == ["logits", "features"]
+    assert [o.name for o in proto.graph.output] == ["logits", "features", "evidence"]
     for out in proto.graph.output:
         assert out.type.tensor_type.shape.dim[0].dim_param  # any batch size, features too
     model, meta = load_model(exported)

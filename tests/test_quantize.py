@@ -38,7 +38,7 @@ def test_cli_int8_writes_a_checked_file_with_its_numbers(run_copy, capsys):
     assert report["error_change_points"] <= 1.0
     assert pred.meta.classes == load_onnx(run_copy.with_suffix(".onnx")).meta.classes  # metadata carried over
     # the fp32 file's two outputs survive quantization: logits first (what predict/serve read), then features
-    assert [o.name for o in pred.session.get_outputs()] == ["logits", "features"] and pred.has_features
+    assert [o.name for o in pred.session.get_outputs()] == ["logits", "features", "evidence"] and pred.has_features
     from ursa.vision.data import read_split
 
     data = Path(json.loads((run_copy.parent / "config.json").read_text())["data"])

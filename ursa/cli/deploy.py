@@ -36,6 +36,7 @@ def predict_cmd(
     unsure: Annotated[Optional[float], typer.Option("--unsure", min=0.0, max=1.0, help="Answer 'unsure' below this top (calibrated) probability [default: the model's stored threshold; 0 turns it off].")] = None,
     tta: Annotated[bool, typer.Option("--tta/--no-tta", help="Test-time augmentation: also predict the mirror image(s) the model was trained with and average the calibrated probabilities (2-3x the compute).")] = False,
     device: DeviceOpt = "auto",
+    explain: Annotated[Optional[Path], typer.Option("--explain", help="Also write a heat-map overlay PNG per image into this folder (the evidence for the predicted class; see docs/explain.md).")] = None,
 ) -> None:
     """Predict the class of each image, streaming results in order; exit status 1 when some could not be read."""
     import json
@@ -60,6 +61,12 @@ def predict_cmd(
         said, views = f"backend: torch ({why})", pred.views
         answers = pred.stream(files, 1 if where.is_cpu else bs, threshold)  # the CPU: one at a time, as always
     said += f"; {(fast if fast is not None else pred).device_line()}"
+    if explain is not None:
+        from ursa.inference.explain import explain_stream, explainable, write_overlay
+
+        explainable(fast if fast is not None else pred, explain, [d for d in images if d.is_dir()])
+        answers = explain_stream(fast if fast is not None else pred, files, bs if fast is not None or not where.is_cpu else 1, threshold)
+        written = 0
     if len(views) > 1:
         said += f"; tta: {views_text(views)}"
     elif tta:
@@ -75,13 +82,19 @@ def predict_cmd(
             failed += 1
             typer.echo(f"error: {ans}", err=True)
             continue
+        extra = {}
+        if explain is not None:  # an Explanation: write its overlay, then answer as always
+            extra = {"overlay": str(write_overlay(explain, f, ans))}
+            ans, written = ans.prediction, written + 1
         if json_out:
-            typer.echo(json.dumps({"file": str(f), **ans.to_json()}, allow_nan=False))  # Prediction: finite only
+            typer.echo(json.dumps({"file": str(f), **ans.to_json(), **extra}, allow_nan=False))  # Prediction: finite only
         elif ans.unsure:  # printable: a newline or raw byte in a name never splits the line
             typer.echo(f"{printable(str(f))}: unsure (best guess {printable(ans.label)} {ans.confidence:.3f}, "
                        f"below {ans.threshold:.2f})")
         else:
             typer.echo(f"{printable(str(f))}: {printable(ans.label)} ({ans.confidence:.3f})")
+    if explain is not None:
+        typer.echo(f"wrote {written} overlays to {printable(str(explain))}", err=True)
     if failed:
         typer.echo(f"{failed} of {len(files)} images could not be read; the others were predicted", err=True)
         raise typer.Exit(1)  # the job ran but did not fully succeed

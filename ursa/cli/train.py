@@ -353,7 +353,7 @@ def interpret_cmd(
     info = {"title": "ursa interpretation", "model": str(model), "data": str(data),
             "set": "every image" if all_images else "validation set" + (" (split.csv)" if (run / "split.csv").is_file() and csv is None else ""),
             "backend": interp.backend, "tta": interp.tta or "off"}
-    files = write_report(out, interp, hist, run_plots(run), info, k=top)
+    files = write_report(out, interp, hist, run_plots(run), info, k=top, model=model)
     if json_out:
         typer.echo(files["json"].read_text())
         return
