@@ -23,10 +23,15 @@ def run_copy(tiny_run: Path, tmp_path_factory) -> Path:
 
 
 def test_cli_int8_writes_a_checked_file_with_its_numbers(run_copy, capsys):
+    from ursa.util.manifest import Manifest
+
+    Manifest(run_copy.parent).add(["model.safetensors"])  # a run folder, as `ursa train` leaves it
     assert main(["export", str(run_copy), "--int8", "--int8-method", "static"]) == 0
     out, err = capsys.readouterr()
     int8 = run_copy.with_name("model.int8.onnx")
     assert int8.is_file() and run_copy.with_suffix(".onnx").is_file() and "agreement" in out
+    # recorded as ursa's in the run folder's manifest: the next run there removes it (no stale INT8 model served)
+    assert {"model.onnx", "model.int8.onnx"} <= set(Manifest(run_copy.parent).files)
     pred = load_onnx(int8)
     report = pred.describe()["int8"]
     assert report["method"] == "static" and 0 <= report["agreement"] <= 1 and report["n_valid"] > 0

@@ -142,15 +142,28 @@ def export_cmd(
         fp32, source = (out if out is not None and not int8 else model.with_suffix(".onnx")), model
         if onnx or not fp32.is_file() or fp32.stat().st_mtime < model.stat().st_mtime:
             fp32 = export_onnx(model, fp32)
+            record_in_run(fp32)
             typer.echo(f"wrote {fp32} ({fp32.stat().st_size / 1e6:.1f} MB); checked against torch to 1e-4")
     if int8:
         from ursa.inference.quantize import export_int8
 
         path, report = export_int8(fp32, source, data, out if model.suffix.lower() == ".onnx" or onnx is False else None,
                                    method=method, say=lambda line: typer.echo(line, err=True))
+        record_in_run(path)
         typer.echo(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB, {report['method']}): top-1 agreement with fp32 "
                    f"{100 * report['agreement']:.1f}%, error rate {100 * report['error_fp32']:.2f}% -> "
                    f"{100 * report['error_int8']:.2f}% ({report['error_change_points']:+.2f} points)")
+
+
+def record_in_run(path: Path) -> None:
+    """A file export wrote into a run folder (one with ursa's manifest) is ursa's: recorded there, so the next
+    training run into that folder replaces or removes it instead of leaving an older model beside the new one."""
+    from ursa.training.runfolder import is_run_file
+    from ursa.util.manifest import Manifest
+
+    manifest = Manifest(path.parent)
+    if manifest.exists and is_run_file(path.name):
+        manifest.add([path.name])
 
 
 def serve_cmd(

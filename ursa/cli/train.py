@@ -335,15 +335,14 @@ def interpret_cmd(
     quiet: Quiet = False,
 ) -> None:
     """Confusion matrix, most confused classes, precision/recall and top losses, as report.html/json."""
-    from rich.console import Console
 
     from ursa.diagnose.advice import History
     from ursa.diagnose.interpret import interpret_model
     from ursa.diagnose.report import run_plots, write_report
-    from ursa.util.progress import progress_bar
+    from ursa.util.progress import make_console, progress_bar
 
     check_outside(out, data)
-    console = Console(stderr=True, quiet=quiet)
+    console = make_console(quiet)
     with progress_bar(console, quiet) as prog:
         task = prog.add_task("predicting", total=None)
         interp = interpret_model(model, data, all_images=all_images, csv_path=csv, tta=tta, device=device,

@@ -18,6 +18,7 @@ from ursa.inference.runtime import EVIDENCE_OUTPUT, FEATURES_OUTPUT
 from ursa.inference.session import ort_session
 from ursa.inference.static import export_graph
 from ursa.util.files import atomic_write_bytes
+from ursa.util.names import printable
 from ursa.vision.models import Classifier
 
 log = logging.getLogger("ursa")
@@ -93,7 +94,8 @@ def export_onnx(model_path: str | Path, out: str | Path | None = None, *, opset:
         raise ModelFileError("the onnx package is not installed: pip install onnx onnxruntime") from None
     set_props(proto, onnx_props(meta))
     proto.producer_name, proto.producer_version = "ursa", __version__
-    proto.doc_string = f"ursa {meta.arch} classifier: {', '.join(meta.classes)}"
+    # protobuf strings are UTF-8: a class name that is not (its raw bytes) is shown escaped; the metadata keeps it whole
+    proto.doc_string = printable(f"ursa {meta.arch} classifier: {', '.join(meta.classes)}")
     data = proto.SerializeToString()
     if check:
         check_onnx(data, model, meta.input_size)

@@ -97,7 +97,7 @@ class LearnerConfig:
     # 32 augmented images changed the features under the trained head and made the loss jump.
     bn_stats_frozen: bool = True
     spill_dir: Path | None = None  # internal: set by the recipe (RUN/features), where a large cache is memory-mapped
-    device: str = "cpu"  # a resolved torch device name (ursa.util.device.resolve_device), e.g. "cpu", "cuda:0"
+    device: str = "auto"  # a torch device name or auto, resolved by ursa.util.device.resolve_device (CUDA, MPS, the CPU)
     quiet: bool = False  # no progress bars
 
     def __post_init__(self) -> None:
@@ -110,6 +110,7 @@ class LearnerConfig:
                 "a whole number >= 1", self.views)
         _expect(self.feature_backend in FEATURE_BACKENDS, "feature_backend", " or ".join(FEATURE_BACKENDS),
                 self.feature_backend)
+        check_device_name(self.device)
 
 
 @dataclass(frozen=True)

@@ -38,7 +38,7 @@ from ursa.training.plan import (RESERVE, FineTune, Plan, Stop, Work, choose_flip
                                 fine_tune_epochs, time_limit)
 from ursa.training.run import RunFiles, write_run
 from ursa.util.files import atomic_write_text, check_outside
-from ursa.util.progress import progress_bar
+from ursa.util.progress import make_console, progress_bar
 from ursa.vision.data import ImageDataset, load_dataset
 from ursa.util.device import describe
 from ursa.vision.loaders import MEMORY_BUDGET, dataloaders
@@ -97,7 +97,7 @@ def prepare(cfg: TrainConfig, console: Console | None = None, spill_dir: Path | 
     if dist.active and not cfg.cache:
         raise ConfigError("--no-cache: under torchrun the frozen stage trains on the feature cache (computed in "
                           "shares by the ranks); leave out --no-cache")
-    console = console or Console(stderr=True, quiet=cfg.quiet or not dist.main)
+    console = console or make_console(cfg.quiet or not dist.main)
     torch.manual_seed(cfg.seed)
     ds = load_dataset(cfg.data, cfg.csv, cfg.valid_pct, cfg.split_seed_used)
     check_outside(cfg.out, cfg.data, "run folder")
@@ -161,7 +161,7 @@ def train(cfg: TrainConfig, console: Console | None = None, resume: Checkpoint |
 
 def _train(cfg: TrainConfig, console: Console | None, resume: Checkpoint | None, dist: Dist) -> TrainResult:
     t0 = time.perf_counter() - (float(resume.index.get("elapsed", 0.0)) if resume else 0.0)
-    console = console or Console(stderr=True, quiet=cfg.quiet or not dist.main)
+    console = console or make_console(cfg.quiet or not dist.main)
     plan_box: list[Plan] = []
     writer = CheckpointWriter(cfg.out, lambda: {"config": cfg.to_json(), "elapsed": time.perf_counter() - t0,
                                                 "plan": plan_box[0].to_json(), "split": split_digest(ds)})
@@ -224,6 +224,18 @@ def _train(cfg: TrainConfig, console: Console | None, resume: Checkpoint | None,
     return TrainResult(cfg.out, files.model, metrics, plan.seconds, peak_rss_mb(learn.dls.num_workers > 0),
                        ds.classes, len(ds.train_idx), len(ds.valid_idx), ds.skipped, learn, files, found, timings,
                        plan)
+
+
+def fit_stages(cfg: TrainConfig, learn: Learner, plan: Plan, console: Console, t0: float | None = None) -> None:
+    """The recipe's stages on a built learner, without the run folder (the notebook's ``fine_tune``).
+
+    The frozen epochs, then fine-tuning when it pays and fits ``cfg.budget`` (counted from ``t0``,
+    default now), the best epoch kept; the same decisions as ``ursa train``.
+    """
+    t0 = time.perf_counter() if t0 is None else t0
+    learn.freeze()
+    learn.fit_one_cycle(cfg.epochs, cfg.lr)
+    _fine_tune(cfg, learn, plan, t0, console)
 
 
 def _fine_tune(cfg: TrainConfig, learn: Learner, plan: Plan, t0: float, console: Console,
