@@ -90,7 +90,9 @@ def test_serve_answers_predict_with_torch_unimportable(exported, tmp_path, which
                                 cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
         try:
             url = f"http://127.0.0.1:{port}"
-            assert wait_healthy(proc, url, log) == {"status": "ok", "backend": "onnx"}
+            health = wait_healthy(proc, url, log)
+            assert {k: health[k] for k in ("status", "backend")} == {"status": "ok", "backend": "onnx"}
+            assert health["drift"]["answers"] == 0  # the drift line, torch-free too
             r = httpx.post(url + "/predict", files={"file": (image.name, image.read_bytes(), "image/jpeg")}, timeout=30)
             assert r.status_code == 200, r.text
             got = r.json()

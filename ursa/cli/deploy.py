@@ -35,6 +35,8 @@ def predict_cmd(
     bs: Annotated[int, typer.Option("--bs", min=1, help="Images per batch (ONNX Runtime, or torch on a GPU; torch on the CPU takes one at a time).")] = 32,
     unsure: Annotated[Optional[float], typer.Option("--unsure", min=0.0, max=1.0, help="Answer 'unsure' below this top (calibrated) probability [default: the model's stored threshold; 0 turns it off].")] = None,
     tta: Annotated[bool, typer.Option("--tta/--no-tta", help="Test-time augmentation: also predict the mirror image(s) the model was trained with and average the calibrated probabilities (2-3x the compute).")] = False,
+    keep: Annotated[Optional[float], typer.Option("--keep", help="Answer 'none of these' to pictures less like the training images than all but this share of the validation images [default: the share chosen when training, `ursa train --keep`, 0.95 unless set].")] = None,
+    level: Annotated[Optional[float], typer.Option("--set", help="Also answer the smallest set of labels holding the true one this share of the time, e.g. 0.9 (split conformal on the validation images).")] = None,
     device: DeviceOpt = "auto",
     explain: Annotated[Optional[Path], typer.Option("--explain", help="Also write a heat-map overlay PNG per image into this folder (the evidence for the predicted class; see docs/explain.md).")] = None,
 ) -> None:
@@ -42,11 +44,14 @@ def predict_cmd(
     import json
 
     from ursa.errors import ImageError
+    from ursa.inference.openset import keep_share, level_share
     from ursa.inference.placement import place
     from ursa.inference.runtime import current_onnx
     from ursa.inference.tta import NO_VIEWS, views_text
     from ursa.util.names import printable
 
+    keep = None if keep is None else keep_share(keep, "--keep")
+    level = None if level is None else level_share(level)
     where = place(device)  # an unknown or absent device: one line, exit 2, before anything is read
     files = image_inputs(images)
     threshold: Any = "model" if unsure is None else (unsure or None)
@@ -60,17 +65,22 @@ def predict_cmd(
         pred = load_predictor(model, backend="torch" if backend == "auto" else backend, tta=tta, device=where)
         said, views = f"backend: torch ({why})", pred.views
         answers = pred.stream(files, 1 if where.is_cpu else bs, threshold)  # the CPU: one at a time, as always
-    said += f"; {(fast if fast is not None else pred).device_line()}"
+    runner = fast if fast is not None else pred
+    said += f"; {runner.device_line()}"
+    if level is not None:
+        runner.world.check_sets()  # one line, exit 2, before any image is read
     if explain is not None:
         from ursa.inference.explain import explain_stream, explainable, write_overlay
 
-        explainable(fast if fast is not None else pred, explain, [d for d in images if d.is_dir()])
-        answers = explain_stream(fast if fast is not None else pred, files, bs if fast is not None or not where.is_cpu else 1, threshold)
+        explainable(runner, explain, [d for d in images if d.is_dir()])
+        answers = explain_stream(runner, files, bs if fast is not None or not where.is_cpu else 1, threshold)
         written = 0
     if len(views) > 1:
         said += f"; tta: {views_text(views)}"
     elif tta:
         typer.echo(f"warning: {NO_VIEWS}", err=True)
+    if runner.world.why:
+        said += f"\nnote: {runner.world.why}"
     failed = 0
     for f, ans in answers:
         if isinstance(ans, ImageError) and len(files) == 1:  # the one input given is bad: a usage error, exit 2, one line
@@ -86,13 +96,21 @@ def predict_cmd(
         if explain is not None:  # an Explanation: write its overlay, then answer as always
             extra = {"overlay": str(write_overlay(explain, f, ans))}
             ans, written = ans.prediction, written + 1
+        if keep is not None or level is not None:
+            ans = runner.world.judge(ans, keep, level)
         if json_out:
             typer.echo(json.dumps({"file": str(f), **ans.to_json(), **extra}, allow_nan=False))  # Prediction: finite only
-        elif ans.unsure:  # printable: a newline or raw byte in a name never splits the line
-            typer.echo(f"{printable(str(f))}: unsure (best guess {printable(ans.label)} {ans.confidence:.3f}, "
-                       f"below {ans.threshold:.2f})")
+            continue
+        in_set = f"; set {{{', '.join(printable(c) for c in ans.labels)}}} at {ans.level:g}" if ans.labels is not None else ""
+        name = printable(str(f))  # printable: a newline or raw byte in a name never splits the line
+        if ans.unknown:
+            typer.echo(f"{name}: none of these (closest: {printable(ans.label)}) (unknown score {ans.unknown_score:.3f} "
+                       f"above {ans.unknown_threshold:.3f}){in_set}")
+        elif ans.unsure:
+            typer.echo(f"{name}: unsure (best guess {printable(ans.label)} {ans.confidence:.3f}, "
+                       f"below {ans.threshold:.2f}){in_set}")
         else:
-            typer.echo(f"{printable(str(f))}: {printable(ans.label)} ({ans.confidence:.3f})")
+            typer.echo(f"{name}: {printable(ans.label)} ({ans.confidence:.3f}){in_set}")
     if explain is not None:
         typer.echo(f"wrote {written} overlays to {printable(str(explain))}", err=True)
     if failed:
@@ -167,6 +185,7 @@ def serve_cmd(
     body_timeout: Annotated[float, typer.Option("--body-timeout", min=0.001, help="Seconds for a whole request body; 408 after.")] = 60.0,
     header_timeout: Annotated[float, typer.Option("--header-timeout", min=0.001, help="Seconds for the request line and headers; 408 after.")] = 10.0,
     limit_concurrency: Annotated[int, typer.Option("--limit-concurrency", min=1, help="Open connections before new ones get 503 (idle ones are closed first).")] = 256,
+    drift_window: Annotated[int, typer.Option("--drift-window", min=1, help="/health's drift line compares the last N answers with the validation set's.")] = 500,
     device: DeviceOpt = "auto",
 ) -> None:
     """Serve the model: a web page at / and a JSON API at /predict, until Ctrl-C."""
@@ -183,6 +202,6 @@ def serve_cmd(
                       max_batch=max_batch, batch_wait_ms=batch_wait_ms, bf16=bf16, max_pixels=max_pixels,
                       max_request_pixels=max_request_pixels, request_timeout=request_timeout, read_timeout=read_timeout,
                       body_timeout=body_timeout, header_timeout=header_timeout, limit_concurrency=limit_concurrency,
-                      device=where.name)
+                      device=where.name, drift_window=drift_window)
     serve(cfg, host=host, port=port, workers=workers, access_log=access_log,
           ready=lambda url, how: typer.echo(f"serving {model} at {url} on {how} (Ctrl-C to stop)", err=True))

@@ -109,6 +109,7 @@ def train_cmd(
     dedupe_split: Annotated[Optional[bool], typer.Option("--dedupe-split/--no-dedupe-split", help="Keep each group of near-duplicate images on one side of the validation split [default: off].")] = None,
     curve: Annotated[Optional[bool], typer.Option("--curve/--no-curve", help="Add the learning curve (how many images are enough) to the report; ~25 s on the bears set [default: off].")] = None,
     target_precision: Annotated[Optional[float], typer.Option("--target-precision", help=f"Precision the 'unsure' threshold aims at on the validation set [default: {default('target_precision')}].")] = None,
+    keep: Annotated[Optional[float], typer.Option("--keep", help=f"Share of validation images the 'none of these' (unknown) threshold keeps [default: {default('keep')}].")] = None,
     int8: Annotated[Optional[bool], typer.Option("--int8/--no-int8", help="Also write model.int8.onnx (smaller, faster), checked against fp32 on the validation images and not written when it loses over 1 point [default: off].")] = None,
     device: DeviceOpt = "auto",
     pixels: Annotated[Optional[str], typer.Option("--pixels", help="Where decoded images live: auto (in memory when they fit, else decoded per batch by loader workers), memory or stream [default: auto].")] = None,
@@ -124,7 +125,7 @@ def train_cmd(
         flips=flips, unfreeze_lr=parse_slice(unfreeze_lr), unfreeze_size=unfreeze_size, bf16=bf16,
         bn_stats_frozen=bn_stats_frozen, bs=bs, wd=wd, label_smoothing=label_smoothing, cache=cache, views=views,
         bf16_features=bf16_features, dedupe_split=dedupe_split, curve=curve, target_precision=target_precision,
-        int8=int8,
+        keep=keep, int8=int8,
     )
     if resume is not None:
         from ursa.training.resume import resume_config
@@ -365,6 +366,11 @@ def interpret_cmd(
     typer.echo("most confused (actual -> predicted): " + (", ".join(f"{a} -> {p} ({n})" for a, p, n in mc) or "none"))
     for c, m in interp.per_class().items():
         typer.echo(f"  {c}: precision {m['precision']:.3f}, recall {m['recall']:.3f} ({m['support']} images)")
+    unknown = (interp.open_world or {}).get("unknown") or {}
+    if unknown.get("fitted") and unknown.get("turned_away") is not None:
+        typer.echo(f"{unknown['line']}; {100 * unknown['turned_away']:.1f}% of these images would be answered 'none of these'")
+    else:
+        typer.echo(f"unknown detection: {unknown.get('note') or 'not available'}")
     for name, why in interp.skipped[:10]:
         typer.echo(f"skipped {name}: {why}", err=True)
     typer.echo(f"report: {files['html']} (and {files['json'].name})")

@@ -43,6 +43,7 @@ class Interpretation:
     backend: str = ""  # what ran the model, e.g. "ONNX Runtime (model.onnx is current)"; "" when not recorded
     tta: str = ""  # the test-time views averaged, e.g. "2 views (original, horizontal mirror)"; "" without TTA
     device: str = ""  # where the model ran, e.g. "device: cpu (2 threads)"; "" when not recorded
+    open_world: dict[str, Any] | None = None  # unknown scores and prediction sets on these images (diagnose.openset)
 
     def __post_init__(self) -> None:
         self.targets = np.asarray(self.targets, dtype=np.int64).reshape(-1)
@@ -214,12 +215,13 @@ def interpret_model(model_path: str | Path, data: str | Path, all_images: bool =
     if say is not None:  # after the checks of model and data, so their errors stay one line
         say(line)
 
-    def forward(xs: list) -> list[tuple[Any, Any]]:
+    def forward(xs: list) -> list[tuple[Any, Any, Any]]:
         p, f = pred.probs_and_features(stack(xs))  # calibrated; features for the embedding map
         p, f = to_numpy(p), (None if f is None else to_numpy(f))
-        return [(p[i], None if f is None else f[i]) for i in range(len(xs))]
+        s = pred.world.scores(f) if f is not None else [None] * len(xs)  # unknown scores (None: cannot tell)
+        return [(p[i], None if f is None else f[i], s[i]) for i in range(len(xs))]
 
-    names, paths, targets, probs, feats = [], [], [], [], []
+    names, paths, targets, probs, feats, scores = [], [], [], [], [], []
     decoders = 0 if where.is_cpu else min(4, cores())  # the CPU decodes between batches, as it always did
     answers = stream_batches(items, bs, lambda item: pred.preprocess(item[1]), forward, decoders)
     for k, ((name, path, target), ans) in enumerate(answers, 1):
@@ -230,6 +232,7 @@ def interpret_model(model_path: str | Path, data: str | Path, all_images: bool =
             paths.append(path)
             targets.append(target)
             probs.append(ans[0])
+            scores.append(ans[2])
             if ans[1] is not None:
                 feats.append(ans[1])
         if progress:
@@ -237,5 +240,8 @@ def interpret_model(model_path: str | Path, data: str | Path, all_images: bool =
     if not names:
         raise DataError(f"{data}: none of the {len(items)} images could be read")
     features = np.stack(feats) if len(feats) == len(probs) else None
+    from ursa.diagnose.openset import open_world_insight
+
+    ow = open_world_insight(np.stack(probs), targets, pred.classes, scores, pred.world.detector, pred.world.why)
     return Interpretation(pred.classes, names, paths, np.array(targets), np.stack(probs), split, skipped, features,
-                          backend_line(fast, why), views_text(pred.views) if len(pred.views) > 1 else "", line)
+                          backend_line(fast, why), views_text(pred.views) if len(pred.views) > 1 else "", line, ow)

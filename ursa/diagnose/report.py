@@ -11,7 +11,7 @@
   actual and columns = predicted, ``most_confused`` as [actual, predicted, count],
   ``per_class`` precision/recall/support, ``error_rate``, ``top_losses`` as [file, actual,
   predicted, loss, probability], plus ``advice``, ``rules`` and ``history``, and when measured
-  ``calibration``, ``curve``, ``leakage``, ``data`` and ``embedding``).
+  ``calibration``, ``curve``, ``leakage``, ``data``, ``embedding`` and ``open_world`` (``openset_html``)).
 
 ``finish_run`` is what ``ursa train`` calls once the model file is written.
 """
@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Sequence
 from ursa.diagnose import explain_html, explore, insight_html
 from ursa.diagnose.advice import RULE_DESCRIPTIONS, RULES, Advice, History, advise, check
 from ursa.util.names import html_text as _e  # the one HTML escape: names on one line, visible
+from ursa.diagnose.openset_html import open_world_html
 
 if TYPE_CHECKING:
     from ursa.diagnose.interpret import Interpretation
@@ -95,7 +96,7 @@ def _verdicts(h: History | None, advice: Sequence[Advice]) -> list[dict]:
     return out
 
 
-INSIGHT_KEYS = ("calibration", "curve", "leakage", "data", "embedding", "recipe")
+INSIGHT_KEYS = ("calibration", "curve", "leakage", "data", "embedding", "recipe", "open_world")
 
 
 def build_json(interp: "Interpretation | None", h: History | None, advice: Sequence[Advice],
@@ -321,6 +322,7 @@ def build_html(interp: "Interpretation | None", h: History | None, advice: Seque
         parts.append(explore.embedding_section(interp, insight.get("embedding")))
         parts.append(_top_losses_html(interp, thumbs, k) + explain_html.overlays_html(interp, insight.get("overlays")))
     parts.append(insight_html.calibration_html(insight.get("calibration"), pics["reliability"]))
+    parts.append(open_world_html(insight.get("open_world")))
     parts.append(insight_html.curve_html(insight.get("curve"), pics["curve"]))
     parts.append(insight_html.leakage_html(insight.get("leakage"), thumbnail))
     if interp is not None and interp.skipped:
@@ -364,6 +366,7 @@ def write_report(out: str | Path, interp: "Interpretation | None" = None, histor
         emb = explore.embedding(interp)
         if emb is not None:
             insight["embedding"] = emb
+        insight.setdefault("open_world", interp.open_world)  # interpret's own figures (a training run gives its own)
         for i in explore.thumb_order(interp):
             im = thumbnail(interp.paths[i], explore.THUMB_SMALL)
             if im is not None:

@@ -6,7 +6,7 @@ expected and what was found (``ModelFileError``, exit 2), never a traceback or a
 starts and then answers 500 to every request. The safetensors header holds strings (structured
 values JSON-encoded); an ONNX export holds the same fields as one JSON object. Both pass here.
 
-Optional fields (``metrics``, ``config``, ``calibration``) default to empty objects, so files
+Optional fields (``metrics``, ``config``, ``calibration``, ``openset``, ``conformal``) default to empty objects, so files
 written before they existed still load and the format version stays "1". Top-level keys this
 version does not know are ignored (a newer ursa may add some).
 """
@@ -265,6 +265,29 @@ def check_preprocess(spec: Any, path: object, size: int | None = None) -> dict[s
                              f"{e.expected}, got {given(e.value)}{REDO_ONNX}") from None
 
 
+def _scores(name: str, v: Any) -> list[float]:
+    if not isinstance(v, list) or not all(_is_number(x) for x in v):
+        raise _Bad(name, "a list of finite numbers", v)
+    return v
+
+
+def _openset(name: str, v: Any) -> dict[str, Any]:  # inference.openset: empty, or method, k, keep, scores, arrays
+    if _object(name, v) and v.get("method") != "knn":
+        raise _Bad(f"{name}.method", "'knn'", v.get("method", MISSING))
+    if v and (not _is_number(keep := v.get("keep", MISSING)) or not 0 < keep <= 1):
+        raise _Bad(f"{name}.keep", "a share of validation images in (0, 1]", keep)
+    for key in ("k", "valid_scores", "figures", "center", "basis", "reference") if v else ():  # arrays: openset.decode_array
+        check = {"k": _int_in(1, 1000), "valid_scores": _scores}.get(key, _object)
+        check(f"{name}.{key}", v.get(key, {} if key == "figures" else MISSING))
+    return v
+
+
+def _conformal(name: str, v: Any) -> dict[str, Any]:  # inference.openset.ConformalSets: empty, or the scores
+    if _object(name, v):
+        _scores(f"{name}.scores", v.get("scores", MISSING))
+    return v
+
+
 # name -> (check, required, JSON-encoded in a safetensors header). Order: cheap checks first, arch last.
 FIELDS: dict[str, tuple[Callable[[str, Any], Any], bool, bool]] = {
     "classes": (_classes, True, True),
@@ -275,13 +298,14 @@ FIELDS: dict[str, tuple[Callable[[str, Any], Any], bool, bool]] = {
     "metrics": (_object, False, True),
     "config": (_object, False, True),
     "calibration": (_calibration, False, True),
+    "openset": (_openset, False, True),
+    "conformal": (_conformal, False, True),
     "ursa_version": (_text, False, False),
     "created": (_text, False, False),
     "fingerprint": (_fingerprint, False, False),
     "arch": (_arch_name, True, False),  # header files: `_arch` as well, once the cheap checks passed
 }
-DEFAULTS: dict[str, Any] = {"metrics": {}, "config": {}, "calibration": {}, "ursa_version": "?", "created": "",
-                           "fingerprint": ""}
+DEFAULTS: dict[str, Any] = {"metrics": {}, "config": {}, "calibration": {}, "openset": {}, "conformal": {}, "ursa_version": "?", "created": "", "fingerprint": ""}
 
 
 ONNX_META_KEY = "ursa"  # an ONNX export's custom metadata key holding the full ModelMeta as JSON
@@ -300,6 +324,8 @@ class ModelMeta:
     metrics: dict[str, Any] = field(default_factory=dict)
     config: dict[str, Any] = field(default_factory=dict)  # the training run's configuration (optional)
     calibration: dict[str, Any] = field(default_factory=dict)  # temperature scaling and threshold (optional)
+    openset: dict[str, Any] = field(default_factory=dict)  # unknown detection: inference.openset (optional)
+    conformal: dict[str, Any] = field(default_factory=dict)  # prediction sets: inference.openset (optional)
     ursa_version: str = __version__
     created: str = ""
     fingerprint: str = ""  # SHA-256 of the weights (``modelfile.weights_fingerprint``): an export belongs to it

@@ -43,6 +43,7 @@ import torch
 
 from ursa.errors import ImageError
 from ursa.inference.modelfile import ModelMeta, load_model
+from ursa.inference.openset import OpenWorld
 from ursa.inference.placement import Placement, place
 from ursa.inference.runtime import OnnxPredictor, cores, current_onnx, stream_batches
 from ursa.util.device import default_threads  # the one home; kept importable from here
@@ -87,6 +88,7 @@ class Predictor:
         cal = getattr(meta, "calibration", None) or {}  # model files before calibration have none
         self.temperature = float(cal.get("temperature") or 1.0)
         self.threshold: float | None = check_threshold(cal.get("threshold"))
+        self.world = OpenWorld.from_meta(meta, source or "model")  # unknown detection and prediction sets (may be absent)
         self.classes = list(meta.classes)
         self.size = int(meta.input_size)
         self._decode = decode_size(self.size)
@@ -145,24 +147,29 @@ class Predictor:
         logits, maps = evidence(self.model, self._on_device(x))
         return logits.cpu().numpy(), maps.cpu().numpy()
 
-    def result(self, p: torch.Tensor, threshold: float | None | str = "model") -> Prediction:
-        """One row of probabilities as a Prediction, judged by the model's unsure threshold unless another is given."""
+    def result(self, p: torch.Tensor, threshold: float | None | str = "model", score: float | None = None) -> Prediction:
+        """One row of probabilities (and its unknown score) as a Prediction, judged by the model's thresholds unless another is given."""
         values = p.tolist()
         i = int(max(range(len(values)), key=values.__getitem__))
-        pred = Prediction(self.classes[i], i, {c: float(v) for c, v in zip(self.classes, values)})
-        return pred.with_threshold(self.threshold if threshold == "model" else threshold)  # type: ignore[arg-type]
+        pred = Prediction(self.classes[i], i, {c: float(v) for c, v in zip(self.classes, values)}, unknown_score=score)
+        pred = pred.with_threshold(self.threshold if threshold == "model" else threshold)  # type: ignore[arg-type]
+        return self.world.judge(pred)
 
     def predict_tensors(self, xs: Sequence[torch.Tensor], threshold: float | None | str = "model") -> list[Prediction]:
-        """Forward already-preprocessed images as one batch."""
-        return [self.result(p, threshold) for p in self.probs(torch.stack(list(xs)))]
+        """Forward already-preprocessed images as one batch (with the body features when the model has an unknown detector)."""
+        x = torch.stack(list(xs))
+        if self.world.detector is None:
+            return [self.result(p, threshold) for p in self.probs(x)]
+        probs, feats = self.probs_and_features(x)
+        return [self.result(p, threshold, s) for p, s in zip(probs, self.world.scores(feats.numpy()))]
 
     def predict(self, source: Source) -> tuple[str, int, dict[str, float]]:
         """(label, index, probs) for one image, as fastai's learn.predict returns."""
-        return self.result(self.probs(self.preprocess(source)[None])[0]).as_tuple()
+        return self.predict_one(source).as_tuple()
 
     def predict_one(self, source: Source, threshold: float | None | str = "model") -> Prediction:
-        """One image's full answer, unsure flag included ("model": the model's threshold; None: never unsure)."""
-        return self.result(self.probs(self.preprocess(source)[None])[0], threshold)
+        """One image's full answer, unsure and unknown flags included ("model": the model's threshold; None: never unsure)."""
+        return self.predict_tensors([self.preprocess(source)], threshold)[0]
 
     def predict_batch(self, sources: Sequence[Source], bs: int = 32,
                       threshold: float | None | str = "model") -> list[Prediction]:
@@ -195,7 +202,7 @@ class Predictor:
             "version": m.ursa_version, "created": m.created, "format_version": m.format_version,
             "backend": "torch" + ("+bf16" if self.bf16 and self.amp is None else ""), "device": str(self.device),
             "file": self.source.name if self.source else None,
-            "temperature": self.temperature, "unsure_threshold": self.threshold,
+            "temperature": self.temperature, "unsure_threshold": self.threshold, **self.world.describe(),
         }
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from ursa.errors import ModelOutputError, UrsaError
@@ -14,13 +14,20 @@ __all__ = ["BACKENDS", "Prediction", "check_backend", "check_threshold", "softma
 
 @dataclass
 class Prediction:
-    """One image's answer: label, its index, every class's probability, and whether it is below the unsure threshold."""
+    """One image's answer: label, its index, every class's probability, whether it is below the unsure threshold,
+    and whether it looks like none of the classes (``unknown``; None: the model cannot tell, ``note`` says why)."""
 
     label: str
     index: int
     probs: dict[str, float]
     unsure: bool = False
     threshold: float | None = None  # the threshold the answer was judged by (None: none)
+    unknown: bool | None = None  # unlike the training images (inference.openset); None: cannot tell
+    unknown_score: float | None = None  # higher: less like the training images
+    unknown_threshold: float | None = None
+    note: str | None = None  # why unknown is None
+    labels: list[str] | None = None  # the prediction set, when one was asked for (--set)
+    level: float | None = None  # its coverage level
 
     def __post_init__(self) -> None:
         """A NaN or infinite probability is never an answer (nor bare NaN in JSON): the model itself is damaged."""
@@ -41,7 +48,22 @@ class Prediction:
         """The same answer judged by another threshold (a per-request setting); None: never unsure."""
         check_threshold(threshold)
         unsure = threshold is not None and self.confidence < threshold
-        return Prediction(self.label, self.index, self.probs, unsure, threshold)
+        return replace(self, unsure=unsure, threshold=threshold)
+
+    def with_unknown(self, threshold: float | None, note: str | None = None) -> "Prediction":
+        """The same answer judged unknown (score above ``threshold``) or not; None: cannot tell (``note``: why)."""
+        if threshold is None or self.unknown_score is None:
+            return replace(self, unknown=None, unknown_threshold=None, note=note)
+        return replace(self, unknown=bool(self.unknown_score > threshold), unknown_threshold=float(threshold), note=None)
+
+    def with_set(self, labels: list[str], level: float) -> "Prediction":
+        """The same answer with its prediction set."""
+        return replace(self, labels=list(labels), level=float(level))
+
+    @property
+    def shown(self) -> str:
+        """The console's and the page's words: the label, or "none of these (closest: LABEL)"."""
+        return f"none of these (closest: {self.label})" if self.unknown else self.label
 
     def _repr_html_(self) -> str:
         """In a notebook: the label (and whether it is unsure), then one bar per class, most likely first."""
@@ -56,8 +78,14 @@ class Prediction:
 
     def to_json(self) -> dict[str, Any]:
         """What the web API returns for one image (fields are only ever added, never renamed)."""
-        return {"label": self.label, "index": self.index, "probs": self.probs, "unsure": self.unsure,
-                "threshold": self.threshold}
+        out = {"label": self.label, "index": self.index, "probs": self.probs, "unsure": self.unsure,
+               "threshold": self.threshold, "unknown": self.unknown, "unknown_score": self.unknown_score,
+               "unknown_threshold": self.unknown_threshold}
+        if self.note:
+            out["note"] = self.note
+        if self.labels is not None:
+            out["set"], out["set_level"] = self.labels, self.level
+        return out
 
 
 def check_threshold(threshold: float | None) -> float | None:

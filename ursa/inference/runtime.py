@@ -27,6 +27,7 @@ import numpy as np
 
 from ursa.errors import ImageError, ModelFileError, UrsaError
 from ursa.inference.metaschema import ONNX_META_KEY, ModelMeta, loads
+from ursa.inference.openset import OpenWorld
 from ursa.inference.placement import CPU, Placement, onnx_device, onnx_line, onnx_refusal
 from ursa.inference.preprocess import PREPROCESS_KEY, Preprocess, check_spec, preprocess_spec
 from ursa.inference.results import Prediction, check_backend, check_threshold
@@ -120,6 +121,10 @@ class OnnxPredictor:
         self._logits = outs[0]
         self._features = FEATURES_OUTPUT if FEATURES_OUTPUT in outs[1:] else None
         self._evidence = EVIDENCE_OUTPUT if EVIDENCE_OUTPUT in outs[1:] else None
+        self.world = OpenWorld.from_meta(meta, source or "model")  # unknown detection and prediction sets (may be absent)
+        if self._features is None:  # an export from before the features output: the score has nothing to work on
+            self.world = self.world.without_features("this ONNX file has no body-features output, so it cannot tell "
+                                                     "unknown pictures; export it again with `ursa export MODEL --onnx`")
         self._decoders = decoders or max(1, cores())
 
     def logits(self, x: np.ndarray) -> np.ndarray:
@@ -169,16 +174,21 @@ class OnnxPredictor:
             return softmax(self.logits(x) / np.float32(self.temperature), dtype=np.float32)
         return mean_probs(self.logits(view_batch(x, n)), n, self.temperature)
 
-    def result(self, p: Sequence[float], threshold: float | None | str = "model") -> Prediction:
-        """One row of probabilities as a Prediction, judged by the model's unsure threshold unless another is given."""
+    def result(self, p: Sequence[float], threshold: float | None | str = "model", score: float | None = None) -> Prediction:
+        """One row of probabilities (and its unknown score) as a Prediction, judged by the model's thresholds unless another is given."""
         values = [float(v) for v in p]
         i = int(np.argmax(values))
-        pred = Prediction(self.classes[i], i, dict(zip(self.classes, values)))
-        return pred.with_threshold(self.threshold if threshold == "model" else threshold)  # type: ignore[arg-type]
+        pred = Prediction(self.classes[i], i, dict(zip(self.classes, values)), unknown_score=score)
+        pred = pred.with_threshold(self.threshold if threshold == "model" else threshold)  # type: ignore[arg-type]
+        return self.world.judge(pred)
 
     def predict_arrays(self, xs: Sequence[np.ndarray], threshold: float | None | str = "model") -> list[Prediction]:
-        """Forward already-preprocessed images as one batch."""
-        return [self.result(p, threshold) for p in self.probs(np.stack(list(xs)))]
+        """Forward already-preprocessed images as one batch (with the body features when the model has an unknown detector)."""
+        x = np.stack(list(xs))
+        if self.world.detector is None:
+            return [self.result(p, threshold) for p in self.probs(x)]
+        probs, feats = self.probs_and_features(x)
+        return [self.result(p, threshold, s) for p, s in zip(probs, self.world.scores(feats))]
 
     def predict_tensors(self, xs: Sequence[Any], threshold: float | None | str = "model") -> list[Prediction]:
         """The torch Predictor's name for ``predict_arrays`` (anything numpy can take), so code written for it runs here."""
@@ -189,8 +199,8 @@ class OnnxPredictor:
         return self.predict_one(source).as_tuple()
 
     def predict_one(self, source: Source, threshold: float | None | str = "model") -> Prediction:
-        """One image's full answer, unsure flag included."""
-        return self.result(self.probs(self.preprocess(source)[None])[0], threshold)
+        """One image's full answer, unsure and unknown flags included."""
+        return self.predict_arrays([self.preprocess(source)], threshold)[0]
 
     def predict_batch(self, sources: Sequence[Source], bs: int = 32,
                       threshold: float | None | str = "model") -> list[Prediction]:
@@ -227,7 +237,7 @@ class OnnxPredictor:
             "classes": self.classes, "arch": m.arch, "input_size": self.size, "metrics": m.metrics,
             "version": m.ursa_version, "created": m.created, "format_version": m.format_version,
             "backend": "onnx", "device": self.device, "file": self.source.name if self.source else None,
-            "temperature": self.temperature, "unsure_threshold": self.threshold,
+            "temperature": self.temperature, "unsure_threshold": self.threshold, **self.world.describe(),
             "int8": self.int8_report(),
         }
 

@@ -157,6 +157,8 @@ class TrainConfig:
     dedupe_split: bool = False
     curve: bool = False
     target_precision: float = 0.95
+    # Open world (docs/open-world.md): the share of validation images the "none of these" threshold keeps.
+    keep: float = 0.95
     # Deploy (docs/deploy.md): also write model.int8.onnx, checked against fp32 on the validation images.
     int8: bool = False
     # How to run, not what to compute (not saved in config.json, nor in the model file): where the
@@ -218,6 +220,7 @@ class TrainConfig:
         _expect(_whole(self.bs, 2), "--bs", "a whole number >= 2", self.bs)
         _expect(_number(self.target_precision) and 0 < self.target_precision <= 1, "--target-precision",
                 "a number in (0, 1]", self.target_precision)
+        _expect(_number(self.keep) and 0 < self.keep <= 1, "--keep", "a share of validation images in (0, 1]", self.keep)
         self.learner_config()  # the learner's own checks (wd, label smoothing, views)
 
     @property

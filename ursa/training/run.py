@@ -29,6 +29,7 @@ from ursa.diagnose.report import run_plots, write_report
 from ursa.inference.export import write_onnx_beside
 from ursa.training.config import TrainConfig
 from ursa.training.learner import Learner
+from ursa.training.reference import fit_open_world
 from ursa.util.files import atomic_write_text
 from ursa.vision.data import ImageDataset
 
@@ -95,7 +96,12 @@ def write_run(out: Path, learn: Learner, cfg: TrainConfig, ds: ImageDataset, inf
         return RunFiles(out, None, None, advice, notes, report)
     if cal is not None:
         insight["calibration"] = cal.to_json()
-    model = learn.export(out / "model.safetensors", config=config, calibration=cal.to_meta() if cal else None)
+    probs = softmax(logits, cal.temperature if cal else 1.0) if logits is not None else None  # what predict will say: calibrated
+    t = time.perf_counter()
+    world, insight["open_world"] = fit_open_world(learn, ds, cfg.keep, feats, probs, y, console)
+    timings["open_world"] = time.perf_counter() - t  # one pass over the training images
+    model = learn.export(out / "model.safetensors", config=config, calibration=cal.to_meta() if cal else None,
+                         open_world=world)
     t = time.perf_counter()
     onnx_file = write_onnx_beside(model)  # the fast path by default (predict, serve); a failure only warns
     timings["onnx"] = time.perf_counter() - t
@@ -119,7 +125,6 @@ def write_run(out: Path, learn: Learner, cfg: TrainConfig, ds: ImageDataset, inf
         if logits is None:
             raise RuntimeError("no validation predictions")
         idx = [i for i in ds.valid_idx if i not in learn.vanished]  # _valid_pass left those rows out
-        probs = softmax(logits, cal.temperature if cal else 1.0)  # what predict will say: calibrated
         skipped = list(ds.skipped) + [(name, VANISHED) for name in learn.vanished_names()]
         interp = Interpretation(list(ds.classes), [ds.rel(i) for i in idx], [ds.files[i] for i in idx], y, probs,
                                 "valid", skipped, feats)

@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
+import time
 from pathlib import Path
 from typing import Any, AsyncIterator
 
@@ -29,6 +31,7 @@ from ursa.apps.serve.batching import MicroBatcher, ThreadPool
 from ursa.apps.serve.body import close_form, image_error, is_multipart, one_image, parse_form, read_body, upload_bytes
 from ursa.apps.serve.explain import explain
 from ursa.apps.serve.config import MAX_BATCH_FILES, ServeConfig
+from ursa.apps.serve.metrics import CONTENT_TYPE, ServeMetrics
 from ursa.apps.serve.limits import DecodeGate, PixelBudget, check_image_pixels, check_request_pixels
 from ursa.apps.web import ApiError, Assets, TimedH11Protocol, asset, error_response, quiet_repeats
 from ursa.apps.serve.model import batch_runner, decode_side, default_threads, load_model
@@ -75,9 +78,40 @@ def request_threshold(request: Request) -> Any:
     return value
 
 
-def judged(result: Prediction, threshold: Any) -> Prediction:
-    """The answer judged by the request's threshold when it gave one."""
-    return result if threshold == "model" else result.with_threshold(threshold)
+def request_keep(request: Request) -> float | None:
+    """?keep= : the share of validation pictures the unknown threshold keeps for this call (absent: the model's)."""
+    raw = request.query_params.get("keep")
+    if raw is None:
+        return None
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not 0.0 < value <= 1.0:
+        raise ApiError(422, f"keep: expected a share of validation pictures above 0 and at most 1 (e.g. 0.95), got {raw[:40]!r}")
+    return value
+
+
+def judged(request: Request, result: Prediction, threshold: Any, keep: float | None) -> Prediction:
+    """The answer judged by the request's thresholds when it gave them, counted in /metrics."""
+    result = result if threshold == "model" else result.with_threshold(threshold)
+    if keep is not None:
+        result = request.app.state.predictor.world.judge(result, keep)
+    request.app.state.metrics.answer(result.label, result.unknown, result.unsure)
+    return result
+
+
+def timed(route: str) -> Any:
+    """Count a prediction route's requests by status and time them (/metrics)."""
+    def wrap(fn: Any) -> Any:
+        @functools.wraps(fn)
+        async def run(request: Request) -> Response:
+            start = time.perf_counter()
+            response = await fn(request)
+            request.app.state.metrics.request(route, response.status_code, time.perf_counter() - start)
+            return response
+        return run
+    return wrap
 
 
 def new_gate(request: Request) -> DecodeGate:
@@ -101,8 +135,14 @@ async def static_file(request: Request) -> Response:
 
 
 async def health(request: Request) -> Response:
-    """For load balancers and scripts: the process is up and has its model."""
-    return JSONResponse({"status": "ok", "backend": request.app.state.info["backend"]})
+    """For load balancers and scripts: the process is up and has its model; the drift of its recent answers."""
+    state = request.app.state
+    return JSONResponse({"status": "ok", "backend": state.info["backend"], "drift": state.metrics.drift()})
+
+
+async def metrics(request: Request) -> Response:
+    """The Prometheus text format: requests, latency, answers per class, unknown and unsure (``metrics``)."""
+    return Response(request.app.state.metrics.exposition(), media_type=CONTENT_TYPE)
 
 
 async def model(request: Request) -> Response:
@@ -110,15 +150,16 @@ async def model(request: Request) -> Response:
     return JSONResponse(request.app.state.info)
 
 
+@timed("/predict")
 async def predict(request: Request) -> Response:
     """One image, as the raw body or as multipart field 'file'."""
     config: ServeConfig = request.app.state.config
     try:
-        threshold = request_threshold(request)
+        threshold, keep = request_threshold(request), request_keep(request)
         data = await one_image(request, config)
         try:
             async with asyncio.timeout(config.request_timeout):
-                result = judged(await predict_one(request, data, new_gate(request)), threshold)
+                result = judged(request, await predict_one(request, data, new_gate(request)), threshold, keep)
         except TimeoutError:
             raise too_slow(config) from None
     except ApiError as e:
@@ -128,12 +169,13 @@ async def predict(request: Request) -> Response:
     return JSONResponse(result.to_json())
 
 
+@timed("/predict/batch")
 async def predict_batch(request: Request) -> Response:
     """Several images as multipart fields 'files'; each answer or error in order, so one bad file spoils nothing."""
     state = request.app.state
     config: ServeConfig = state.config
     try:
-        threshold = request_threshold(request)
+        threshold, keep = request_threshold(request), request_keep(request)
         body = await read_body(request, config)
         if not is_multipart(request):
             raise ApiError(422, "send the images as multipart form fields named 'files'")
@@ -167,7 +209,7 @@ async def predict_batch(request: Request) -> Response:
         try:
             if isinstance(cost, ApiError):
                 raise cost
-            return {"file": name, **judged(await predict_checked(request, data, gate, cost), threshold).to_json()}
+            return {"file": name, **judged(request, await predict_checked(request, data, gate, cost), threshold, keep).to_json()}
         except ApiError as e:
             return {"file": name, "error": e.message, "status": e.status}
 
@@ -206,6 +248,7 @@ ROUTES = [
     Route("/", asset("serve.html"), methods=["GET"]),
     Route("/static/{name}", static_file, methods=["GET"]),
     Route("/health", health, methods=["GET"]),
+    Route("/metrics", metrics, methods=["GET"]),
     Route("/model", model, methods=["GET"]),
     Route("/predict", predict, methods=["POST"]),
     Route("/predict/batch", predict_batch, methods=["POST"]),
@@ -244,6 +287,8 @@ def create_app(model_path: str | Path | None = None, *, config: ServeConfig | No
                       "micro_batch": config.max_batch, "max_pixels": config.max_pixels,
                       "max_request_pixels": config.max_request_pixels, "request_timeout": config.request_timeout}
     app.state.assets = Assets(PAGE_FILES, img_src=IMG_SRC)
+    det = getattr(getattr(pred, "world", None), "detector", None)  # a predictor from before unknown detection has none
+    app.state.metrics = ServeMetrics(pred.classes, det.figures if det is not None else None, config.drift_window)
     return app
 
 

@@ -15,7 +15,7 @@ DEFAULT_MAX_PIXELS = 40_000_000
 DEFAULT_MAX_REQUEST_PIXELS = 120_000_000  # e.g. 64 phone JPEGs at 1/8 scale use under 15 Mpx
 ENV_PREFIX = "URSA_SERVE_"  # settings handed to worker processes in factory mode
 LIMIT_FIELDS = ("max_pixels", "max_request_pixels", "decode_window", "request_timeout", "read_timeout",
-                "body_timeout", "header_timeout", "limit_concurrency")
+                "body_timeout", "header_timeout", "limit_concurrency", "drift_window")
 
 
 @dataclass
@@ -38,9 +38,10 @@ class ServeConfig:
     header_timeout: float = 10.0  # seconds for the request line and headers (408, connection closed)
     limit_concurrency: int = 256  # open connections before uvicorn answers 503; bounds bodies held in memory
     device: str = "auto"  # --device: where the network runs (inference.placement.place)
+    drift_window: int = 500  # /health's drift line: the last N answers against the validation set's
 
     def __post_init__(self) -> None:
-        for name in ("max_bytes", "max_pixels", "max_request_pixels", "decode_window", "limit_concurrency"):
+        for name in ("max_bytes", "max_pixels", "max_request_pixels", "decode_window", "limit_concurrency", "drift_window"):
             if int(getattr(self, name)) < 1:
                 raise UrsaError(f"--{name.replace('_', '-')} must be at least 1 (got {getattr(self, name)})")
         for name in ("request_timeout", "read_timeout", "body_timeout", "header_timeout"):

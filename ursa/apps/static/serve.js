@@ -87,9 +87,14 @@ async function predict(file) {
     return;
   }
   const ms = performance.now() - t0;
-  $("label").textContent = body.label;
+  const unknown = body.unknown === true;  // unlike the training images: "none of these"
+  $("label").textContent = unknown ? `none of these (closest: ${body.label})` : body.label;
   $("label").classList.remove("placeholder");
-  $("confidence").textContent = `probability ${percent(body.probs[body.label])}`;
+  $("label").classList.toggle("unknown", unknown);
+  let said = `probability ${percent(body.probs[body.label])}`;
+  if (unknown) said = `unlike the training images (score ${body.unknown_score.toFixed(3)}, threshold ${body.unknown_threshold.toFixed(3)}) · ${said} for ${body.label}`;
+  else if (body.unknown === null && body.note) said += " · this model cannot tell pictures of none of its classes";
+  $("confidence").textContent = said;
   drawBars(body.probs, body.label);
   $("timing").textContent = `answered in ${ms.toFixed(0)} ms`;
   document.dispatchEvent(new CustomEvent("ursa:predicted", { detail: { file, body } })); // explain.js: "why?"
