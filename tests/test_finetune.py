@@ -18,19 +18,19 @@ from ursa.vision.probe import ImageProbe, probe_images
 from ursa.vision.transforms import QuarterTurn, train_transform
 
 
-def _mnist_learner(shared: Path, bn_stats_frozen: bool):
+def _digits_learner(digits: Path, bn_stats_frozen: bool):
     from ursa.training.config import TrainConfig
     from ursa.training.recipe import build_learner
 
-    cfg = TrainConfig(data=shared / "mnist_dev", out=Path("/nonexistent-run"), size=64, flips="none",
+    cfg = TrainConfig(data=digits, out=Path("/nonexistent-run"), size=64, flips="none",
                       bn_stats_frozen=bn_stats_frozen, quiet=True)
     learn, _ = build_learner(cfg)
     return learn, cfg
 
 
-def _hand_over(shared: Path, bn_stats_frozen: bool) -> tuple[float, float]:
+def _hand_over(digits: Path, bn_stats_frozen: bool) -> tuple[float, float]:
     """Train loss of the last frozen epoch and of the first unfrozen one (the lesson's hand-over)."""
-    learn, cfg = _mnist_learner(shared, bn_stats_frozen)
+    learn, cfg = _digits_learner(digits, bn_stats_frozen)
     learn.freeze()
     learn.fit_one_cycle(3, cfg.lr)
     learn.unfreeze()
@@ -40,14 +40,14 @@ def _hand_over(shared: Path, bn_stats_frozen: bool) -> tuple[float, float]:
     return rows[2]["train_loss"], rows[3]["train_loss"]
 
 
-def test_first_unfrozen_epoch_loss_is_not_above_the_last_frozen_one(shared_datasets, one_thread):
-    frozen, unfrozen = _hand_over(shared_datasets, bn_stats_frozen=True)
+def test_first_unfrozen_epoch_loss_is_not_above_the_last_frozen_one(digits_dir, one_thread):
+    frozen, unfrozen = _hand_over(digits_dir, bn_stats_frozen=True)
     assert unfrozen <= frozen, (frozen, unfrozen)
 
 
-def test_with_batch_statistics_the_loss_jumps_when_unfreezing(shared_datasets, one_thread):
+def test_with_batch_statistics_the_loss_jumps_when_unfreezing(digits_dir, one_thread):
     """The failure the default avoids, kept visible: the check above can fail."""
-    frozen, unfrozen = _hand_over(shared_datasets, bn_stats_frozen=False)
+    frozen, unfrozen = _hand_over(digits_dir, bn_stats_frozen=False)
     assert unfrozen > 1.5 * frozen, (frozen, unfrozen)
 
 
@@ -127,12 +127,12 @@ def test_budget_stop_ends_the_fit_when_the_next_epoch_would_not_fit():
     assert len(learn.recorder.rows) == 3
 
 
-def test_default_recipe_fine_tunes_weak_bodies_within_the_budget_and_says_why(shared_datasets, tmp_path, one_thread):
-    """mnist_dev: 28 px grayscale digits -> 64 px, no flips, fine-tuning planned from the measured epoch time."""
+def test_default_recipe_fine_tunes_weak_bodies_within_the_budget_and_says_why(digits_dir, tmp_path, one_thread):
+    """Digits: 28 px grayscale -> 64 px, no flips, fine-tuning planned from the measured epoch time."""
     from ursa.training.config import TrainConfig
     from ursa.training.recipe import train
 
-    res = train(TrainConfig(data=shared_datasets / "mnist_dev", out=tmp_path / "run", budget=75, quiet=True))
+    res = train(TrainConfig(data=digits_dir, out=tmp_path / "run", budget=75, quiet=True))
     plan = json.loads((tmp_path / "run" / "recipe.json").read_text())
     assert plan["size"] == 64 and plan["flips"] == "none"
     assert plan["fine_tune_epochs"] >= MIN_EPOCHS, plan["fine_tune_why"]
