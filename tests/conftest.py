@@ -46,8 +46,14 @@ def one_thread():
 
 @pytest.fixture(scope="session")
 def digits_dir(tmp_path_factory) -> Path:
-    """Digits 0 1 2 6 7, 60 each, 28x28 grayscale PNGs (mnist_dev's shape; read-only: copy before changing)."""
+    """Digits 0 1 2 6 7, 100 each, 28x28 grayscale PNGs: mnist_dev's shape (read-only: copy before changing)."""
     return synthetic_sets.digits(tmp_path_factory.mktemp("sets") / "digits")
+
+
+@pytest.fixture(scope="session")
+def hard_digits_dir(tmp_path_factory) -> Path:
+    """60 digits of each class, a stray mark on 30% of them: a frozen body leaves ~14% error (read-only)."""
+    return synthetic_sets.digits(tmp_path_factory.mktemp("sets") / "hard_digits", per_class=60, stray=0.3)
 
 
 @pytest.fixture(scope="session")

@@ -1,11 +1,11 @@
 """Test data made on the fly, so a fresh clone runs every test without ../shared/datasets.
 
 Each maker writes a small deterministic folder (same seed, same bytes) in the shape of one of the
-real sets the tests used before (docs list them in /work/shared/datasets/README.md on the project's
-machine, which a user's clone does not have):
+real sets beside the repository on the project's machine (../shared/datasets, which a user's clone
+does not have; benchmarks still use them):
 
 - ``digits``: hand-drawn-looking digits 0 1 2 6 7, 28x28 grayscale PNGs (the shape of mnist_dev):
-  far from ImageNet photos, so a frozen body is weak and fine-tuning pays;
+  far from ImageNet photos; with stray marks a frozen body is weak and fine-tuning pays;
 - ``broken``: the eight kinds of file that do not decode, under the real set's names;
 - ``odd_photos``: web originals' oddities: extensions that lie about the content, RGBA, palette,
   animated GIF, a picture over 2000 px, .JPG/.jpeg;
@@ -62,9 +62,10 @@ def _wobble(line: list[tuple[float, float]], rng: np.random.Generator, amount: f
     return out
 
 
-def digit_image(digit: str, rng: np.random.Generator, size: int = 28) -> Image.Image:
-    """One digit: white strokes on black, random slant, scale, shift, pen width and wobble, a stray mark
-    now and then; drawn at 4x and reduced. About as hard as MNIST for a frozen ImageNet body."""
+def digit_image(digit: str, rng: np.random.Generator, size: int = 28, stray: float = 0.0,
+                wobble: float = 0.03) -> Image.Image:
+    """One digit: white strokes on black, random slant, scale, shift, pen width and wobble, drawn at 4x
+    and reduced; a stray mark in a ``stray`` share of them (0.3 makes a frozen ImageNet body weak)."""
     big = size * 4
     im = Image.new("L", (big, big), 0)
     draw = ImageDraw.Draw(im)
@@ -81,8 +82,8 @@ def digit_image(digit: str, rng: np.random.Generator, size: int = 28) -> Image.I
         x, y = cos * x - sin * y, sin * x + cos * y
         return ((0.5 + dx + scale * x) * big, (0.5 + dy + scale * y) * big)
 
-    lines = [_wobble(line, rng, 0.03) for line in _strokes(digit, rng)]
-    if rng.random() < 0.3:  # a stray mark
+    lines = [_wobble(line, rng, wobble) for line in _strokes(digit, rng)]
+    if rng.random() < stray:  # a stray mark
         x, y = rng.uniform(0.1, 0.9, 2)
         lines.append([(x, y), (x + rng.uniform(-0.3, 0.3), y + rng.uniform(-0.3, 0.3))])
     for line in lines:
@@ -90,13 +91,16 @@ def digit_image(digit: str, rng: np.random.Generator, size: int = 28) -> Image.I
     return im.resize((size, size), Image.Resampling.BOX)
 
 
-def digits(root: Path, per_class: int = 60, seed: int = 0) -> Path:
-    """root/<digit>/<n>.png for the digits 0 1 2 6 7 (the shape of mnist_dev); returns root."""
+def digits(root: Path, per_class: int = 100, seed: int = 0, **style) -> Path:
+    """root/<digit>/<n>.png for the digits 0 1 2 6 7 (the shape of mnist_dev); returns root.
+
+    ``style``: digit_image's ``stray`` and ``wobble``.
+    """
     rng = np.random.default_rng(seed)
     for d in DIGITS:
         (root / d).mkdir(parents=True, exist_ok=True)
         for i in range(per_class):
-            digit_image(d, rng).save(root / d / f"{i:03d}.png")
+            digit_image(d, rng, **style).save(root / d / f"{i:03d}.png")
     return root
 
 

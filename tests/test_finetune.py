@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from conftest import make_image
+from ursa.errors import DivergedError
 from ursa.training.config import DEFAULT_BUDGET
 from ursa.training.plan import (CEILING_EPOCHS, GOOD_ENOUGH, MAX_EPOCHS, MIN_EPOCHS, choose_flips, choose_size, epoch_cap,
                                 fine_tune_epochs)
@@ -35,7 +36,10 @@ def _hand_over(digits: Path, bn_stats_frozen: bool) -> tuple[float, float]:
     learn.fit_one_cycle(3, cfg.lr)
     learn.unfreeze()
     lo, hi = cfg.unfreeze_lrs
-    learn.fit_one_cycle(2, slice(lo, hi))
+    try:
+        learn.fit_one_cycle(2, slice(lo, hi))
+    except DivergedError:  # batch statistics: the jump can be bad enough for the guard (recorded first)
+        assert not bn_stats_frozen
     rows = learn.recorder.rows
     return rows[2]["train_loss"], rows[3]["train_loss"]
 
@@ -127,12 +131,13 @@ def test_budget_stop_ends_the_fit_when_the_next_epoch_would_not_fit():
     assert len(learn.recorder.rows) == 3
 
 
-def test_default_recipe_fine_tunes_weak_bodies_within_the_budget_and_says_why(digits_dir, tmp_path, one_thread):
-    """Digits: 28 px grayscale -> 64 px, no flips, fine-tuning planned from the measured epoch time."""
+def test_default_recipe_fine_tunes_weak_bodies_within_the_budget_and_says_why(hard_digits_dir, tmp_path,
+                                                                                one_thread):
+    """Digits with stray marks: 28 px grayscale -> 64 px, no flips, fine-tuning planned from the measured epoch time."""
     from ursa.training.config import TrainConfig
     from ursa.training.recipe import train
 
-    res = train(TrainConfig(data=digits_dir, out=tmp_path / "run", budget=75, quiet=True))
+    res = train(TrainConfig(data=hard_digits_dir, out=tmp_path / "run", budget=75, quiet=True))
     plan = json.loads((tmp_path / "run" / "recipe.json").read_text())
     assert plan["size"] == 64 and plan["flips"] == "none"
     assert plan["fine_tune_epochs"] >= MIN_EPOCHS, plan["fine_tune_why"]

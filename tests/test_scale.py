@@ -17,6 +17,8 @@ import pytest
 
 from conftest import ROOT
 
+pytestmark = pytest.mark.timeout(1200)  # torchrun and resume runs: the longest tests (the default is 600 s)
+
 # 1 frozen epoch (feature cache) + 3 fine-tuning epochs: both kinds of fit, ~20 s at 64 px on 2 cores.
 RECIPE = ["--epochs", "1", "--unfreeze-epochs", "3", "--quiet"]
 
@@ -38,9 +40,9 @@ def _error(run: Path) -> float:
 
 
 @pytest.fixture(scope="module")
-def mnist(digits_dir: Path) -> Path:
-    """The digits (mnist_dev's shape): the tests' name for them stays."""
-    return digits_dir
+def mnist(hard_digits_dir: Path) -> Path:
+    """300 generated digits (mnist_dev's shape, fewer: quicker runs); the tests' name for them stays."""
+    return hard_digits_dir
 
 
 def _n_valid(run: Path) -> int:
