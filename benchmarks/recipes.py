@@ -1,126 +1,87 @@
-"""Issue 15: which training recipe to default to, on four kinds of data, against fastai's lesson recipe.
+"""Issues 15 and 28: the default training recipe on eight or more kinds of data, honestly, against fastai's lesson.
 
-One `ursa train` process per set x recipe x seed, all on one committed split: frozen (cached frozen
-stage only, 224 px: ursa before issue 15), lesson (4 frozen + 2 unfrozen epochs, 224 px), default
-(the data-aware recipe, default --budget), double (twice that budget). One table, set x recipe (+
-fastai's row): error mean ± sd and each seed's error, wall s (the whole command, as a user waits),
-peak RSS (the child's own, wait4); then issue 15's aims for the default, each held or missed; all
-of it also in benchmarks/results/recipes.json. About an hour: run it on an idle machine.
+Sets: the four in ../shared/datasets when present, plus the held-out sets in benchmarks/datasets/ (its
+README: sources, licences; build.py rebuilds them). Each set is split once 80/20 (sorted image files,
+random.Random(42)): the 20% are test images that ursa never sees. ursa trains on the 80% (its own inner
+validation split, --split-seed 42, is where it chooses epochs and thresholds), then `ursa predict` gives
+the kept model's error on the test images: the held-out error, the figure every table and aim uses.
+The error ursa itself reports (on the images it chose on) is shown beside it as "reported".
+fastai's lesson recipe (../shared/anchors/fastai_lesson2.py) trains on the same 80% and is scored on
+the same 20% (it chooses nothing, so its final error is already held-out).
 
-    .venv/bin/python benchmarks/recipes.py [--sets bears,eurosat_dev,mnist_dev,cub_grebes] [--seeds 3]
-    .venv/bin/python benchmarks/recipes.py --sets mnist_dev --seeds 1 --recipes frozen     # smoke check, ~1 min
+Recipes, one `ursa train` process per set x recipe x seed: default (the data-aware recipe), lrfind
+(`ursa lr-find`'s suggestion as --lr), and fixed alternatives to each rule of the default (no_finetune,
+double budget, size128/size224, flips_none/horizontal/all), and optimistic (ursa given the 80/20 split
+itself, so it chooses its epoch on the test images: issue 15's figure, to show what honesty costs);
+frozen and lesson (issue 15) on request.
+An alternative that repeats what the default decided on a set (same --size or --flips) is not run
+again: the default's runs stand for it. Then per set a table, the aims held or missed, and each rule
+checked leave-one-set-out (benchmarks/rules.py): all in benchmarks/results/recipes.json.
+
+    .venv/bin/python benchmarks/recipes.py                       # every set at hand, 3 seeds: hours, idle machine only
+    .venv/bin/python benchmarks/recipes.py --sets uci_digits,cc0_textures --seeds 1 --recipes default,lrfind,no_finetune
     FASTAI_VENV=... .venv/bin/python benchmarks/recipes.py --fastai-seeds 1    # also measure fastai (~5 min a run)
 
-Each set's split (sorted image files, random.Random(42), 20% valid) is made once, as results/splits/
-<set>.csv (path,label,is_valid: the anchor's) and <set>.ursa.csv (name,label,is_valid: --csv), and
-only read after that. fastai's figures: ../shared/anchors/fastai_lesson2.py (its README makes
-FASTAI_VENV) on that split, kept in results/fastai/<set>.seed<S>.json and reused. Stdlib only here.
+Split files: results/splits/<set>.csv (path,label,is_valid: the anchor's), <set>.ursa.csv (name,label,
+is_valid) and <set>.train.csv (name,label: the 80% ursa trains on), made once and only read after that.
+fastai's figures are kept in results/fastai/<set>.seed<S>.json and reused. Stdlib only here.
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
 import hashlib
-import io
 import json
 import os
 import platform
-import random
 import re
-import statistics
+import shlex
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from recipes_report import (  # noqa: E402 - the benchmarks share their plumbing (stdlib only)
+    aims_lines, evaluate_aims, fmt, summarize, table_lines, tta_lines)
+from rules import FITTED_ON, check_all, format_checks  # noqa: E402
+from splits import (  # noqa: E402, F401 - scale.py and the tests take InputError, write_atomic, the split helpers from here
+    IMG_EXTS, SETS, SPLIT_SEED, VALID_PCT, InputError, csv_text, ensure_split, find_sets, make_split, read_split,
+    split_paths, train_split_path, write_atomic)
+
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_ROOT = ROOT.parent / "shared" / "datasets"
 RESULTS = ROOT / "benchmarks" / "results"
+DATASETS = ROOT / "benchmarks" / "datasets"
 ANCHOR = ROOT.parent / "shared" / "anchors" / "fastai_lesson2.py"
-SETS = ("bears", "eurosat_dev", "mnist_dev", "cub_grebes")
-SPLIT_SEED, VALID_PCT = 42, 0.2
-IMG_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}  # the anchor's list
 
+LRFIND = "lr-find"  # flags computed per run: `ursa lr-find`'s suggestion as --lr
 RECIPES = {
+    "default": ("the data-aware default (default --budget)", []),
+    "lrfind": ("the default with lr-find's suggestion as --lr", LRFIND),
+    "no_finetune": ("the default without fine-tuning", ["--unfreeze-epochs", "0"]),
+    "double": ("the default with twice the budget", None),  # --budget 2*B, B read from TrainConfig
+    "size128": ("the default at 128 px", ["--size", "128"]),
+    "size224": ("the default at 224 px", ["--size", "224"]),
+    "flips_none": ("the default without flips", ["--flips", "none"]),
+    "flips_horizontal": ("the default with horizontal flips", ["--flips", "horizontal"]),
+    "flips_all": ("the default with all flips and quarter turns", ["--flips", "all"]),
+    "optimistic": ("the default on all 80%, scored on the test images it chose its epoch on (issue 15's way)", []),
     "frozen": ("cached frozen stage only, 224 px (ursa before issue 15)", ["--size", "224", "--unfreeze-epochs", "0"]),
     "lesson": ("the lesson: 4 frozen + 2 unfrozen epochs, 224 px", ["--size", "224", "--unfreeze-epochs", "2"]),
-    "default": ("the new data-aware default (default --budget)", []),
-    "double": ("the default with twice the budget", None),  # --budget 2*B, B read from TrainConfig
 }
+DEFAULT_RECIPES = ("default", "lrfind", "no_finetune", "double", "size128", "size224", "flips_none", "flips_horizontal",
+                   "flips_all", "optimistic")
+CHOOSES_ON_TEST = {"optimistic"}  # given <set>.ursa.csv: the test images are ursa's validation images
+SAME_AS_DEFAULT = {"size128": ("size", 128), "size224": ("size", 224), "flips_none": ("flips", "none"),
+                   "flips_horizontal": ("flips", "horizontal"), "flips_all": ("flips", "all")}
 ERROR_LINE = re.compile(r"^error_rate\s+([0-9.eE+-]+)\s+\(accuracy", re.M)
 BUDGET_PROBE = (
     "import json\nfrom dataclasses import MISSING, fields\nfrom ursa.training.config import TrainConfig\n"
     "f = {x.name: x for x in fields(TrainConfig)}.get('budget')\n"
     "print(json.dumps({'has': f is not None, 'default': None if f is None or f.default is MISSING else f.default}))\n"
 )
-
-
-class InputError(Exception):
-    """Bad input or usage: one line on stderr, exit 2."""
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Write text so a reader sees the old file or the new one, never half of one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
-            f.write(text)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
-
-
-def csv_text(header: list[str], rows: list[tuple[str, str, bool]]) -> str:
-    """CSV of (path, label, is_valid) rows, is_valid as True/False (what pandas writes and both readers take)."""
-    buf = io.StringIO()
-    csv.writer(buf, lineterminator="\n").writerows([header, *((p, label, str(v)) for p, label, v in rows)])
-    return buf.getvalue()
-
-
-def make_split(set_dir: Path) -> list[tuple[str, str, bool]]:
-    """The one split of a set: sorted image files (relative path, class folder), 20% valid by random.Random(42)."""
-    rows = []
-    for c in sorted(d.name for d in set_dir.iterdir() if d.is_dir() and not d.name.startswith((".", "_"))):
-        for f in sorted((set_dir / c).rglob("*")):
-            if f.is_file() and f.suffix.lower() in IMG_EXTS and not f.name.startswith("."):
-                rows.append((f.relative_to(set_dir).as_posix(), c))
-    rows.sort()
-    if not rows:
-        raise InputError(f"{set_dir}: no images in class folders; expected {set_dir}/<class>/<image>")
-    order = list(range(len(rows)))
-    random.Random(SPLIT_SEED).shuffle(order)
-    valid = set(order[: int(round(VALID_PCT * len(rows)))])
-    return [(p, c, i in valid) for i, (p, c) in enumerate(rows)]
-
-
-def read_split(path: Path, cols: tuple[str, str, str]) -> list[tuple[str, str, bool]]:
-    """A split file back as (path, label, is_valid) rows."""
-    with open(path, newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f)
-        if not reader.fieldnames or not set(cols) <= set(reader.fieldnames):
-            raise InputError(f"{path}: expected columns {','.join(cols)}; delete it to make it again")
-        return [(r[cols[0]], r[cols[1]], r[cols[2]].strip().lower() in ("true", "1", "yes")) for r in reader]
-
-
-def split_paths(results: Path, name: str) -> tuple[Path, Path]:
-    """(anchor's path,label,is_valid file, ursa's name,label,is_valid file) of a set."""
-    return results / "splits" / f"{name}.csv", results / "splits" / f"{name}.ursa.csv"
-
-
-def ensure_split(set_dir: Path, results: Path, write: bool = True) -> list[tuple[str, str, bool]]:
-    """Read the set's two split files, or make them once; refuse two files that disagree."""
-    anchor_csv, ursa_csv = split_paths(results, set_dir.name)
-    rows = read_split(anchor_csv, ("path", "label", "is_valid")) if anchor_csv.is_file() else make_split(set_dir)
-    if ursa_csv.is_file() and read_split(ursa_csv, ("name", "label", "is_valid")) != rows:
-        raise InputError(f"{ursa_csv} and {anchor_csv} assign different images; delete both to make them again")
-    for path, first in ((anchor_csv, "path"), (ursa_csv, "name")):
-        if write and not path.is_file():
-            write_atomic(path, csv_text([first, "label", "is_valid"], rows))
-    return rows
 
 
 def read_default_budget() -> tuple[bool, float | None]:
@@ -134,21 +95,33 @@ def read_default_budget() -> tuple[bool, float | None]:
 
 
 def recipe_flags(recipe: str, has_budget: bool, budget: float | None) -> list[str] | str:
-    """The recipe's `ursa train` flags, or why it is skipped (a str)."""
-    if recipe in ("default", "double") and not has_budget:
-        return "skipped: TrainConfig has no `budget` field yet (the data-aware default is not in this checkout)"
+    """The recipe's `ursa train` flags (LRFIND: made per run), or why it is skipped (a str)."""
+    if recipe == "double" and not has_budget:
+        return "skipped: TrainConfig has no `budget` field (nothing to double)"
     if recipe == "double":
         if not isinstance(budget, (int, float)) or isinstance(budget, bool) or budget <= 0:
             return f"skipped: the default budget is {budget!r}, not a number of seconds to double"
         b = 2 * budget
         return ["--budget", str(int(b)) if float(b).is_integer() else repr(float(b))]
-    return list(RECIPES[recipe][1])
+    flags = RECIPES[recipe][1]
+    return flags if flags == LRFIND else list(flags)
 
 
 def ursa_command(data: Path, split: Path, out: Path, seed: int, flags: list[str]) -> list[str]:
-    """One `ursa train` run of a recipe, as a user would type it."""
+    """One `ursa train` run of a recipe, as a user would type it (inner validation split: seed 42 for every seed)."""
     return [sys.executable, "-m", "ursa", "train", str(data), "--csv", str(split), "--out", str(out),
-            "--seed", str(seed), "--quiet", *flags]
+            "--seed", str(seed), "--split-seed", str(SPLIT_SEED), "--quiet", *flags]
+
+
+def lr_find_command(data: Path, split: Path, out: Path, seed: int) -> list[str]:
+    """`ursa lr-find` on the same training images, as a user would run it before training."""
+    return [sys.executable, "-m", "ursa", "lr-find", str(data), "--csv", str(split), "--out", str(out),
+            "--seed", str(seed), "--json", "--quiet"]
+
+
+def predict_command(model: Path, files: list[Path]) -> list[str]:
+    """`ursa predict` of the test images: one JSON line per image, no 'unsure' (its best guess counts)."""
+    return [sys.executable, "-m", "ursa", "predict", str(model), *map(str, files), "--json", "--unsure", "0", "--no-tta"]
 
 
 def run_measured(cmd: list[str], log_dir: Path) -> dict:
@@ -165,7 +138,7 @@ def run_measured(cmd: list[str], log_dir: Path) -> dict:
 
 
 def parse_error_rate(stdout: str, run_dir: Path) -> float | None:
-    """The final error rate: the `error_rate X (accuracy ...)` line, else report.json's."""
+    """The error rate ursa reports: the `error_rate X (accuracy ...)` line, else report.json's."""
     if m := ERROR_LINE.search(stdout):
         return float(m.group(1))
     try:
@@ -174,25 +147,81 @@ def parse_error_rate(stdout: str, run_dir: Path) -> float | None:
         return None
 
 
-def run_ursa(set_dir: Path, split: Path, recipe: str, seed: int, flags: list[str]) -> dict:
+def last_line(r: dict) -> str:
+    return (r["stderr"].strip().splitlines() or r["stdout"].strip().splitlines() or ["no output"])[-1]
+
+
+def held_out_error(model: Path, set_dir: Path, test: list[tuple[str, str, bool]], tmp: Path) -> tuple[float | None, str]:
+    """The kept model's error on the test images (an image it could not read counts as wrong), or None and why."""
+    files = [set_dir / p for p, _, _ in test]
+    r = run_measured(predict_command(model, files), tmp)
+    truth = {str(f): c for f, (_, c, _) in zip(files, test)}
+    wrong, seen = 0, set()
+    for line in r["stdout"].splitlines():
+        try:
+            d = json.loads(line)
+            f, label = d["file"], d["label"]
+        except (ValueError, KeyError, TypeError):
+            continue
+        if f in truth and f not in seen:
+            seen.add(f)
+            wrong += label != truth[f]
+    if not seen:
+        return None, f"ursa predict gave no answers (exit {r['rc']}): {last_line(r)}"
+    return (wrong + len(truth) - len(seen)) / len(truth), ""
+
+
+def suggested_lr(set_dir: Path, split: Path, seed: int, tmp: Path) -> tuple[float | None, float, str]:
+    """lr-find's one suggestion (None and why when it gave none) and the seconds it took."""
+    r = run_measured(lr_find_command(set_dir, split, tmp / "lr_find", seed), tmp)
+    try:
+        sugg = float(json.loads(r["stdout"].strip().splitlines()[-1])["suggestion"])
+        return sugg, r["wall_s"], ""
+    except (ValueError, KeyError, TypeError, IndexError):
+        return None, r["wall_s"], f"lr-find gave no suggestion (exit {r['rc']}): {last_line(r)}"
+
+
+def run_ursa(set_dir: Path, split: Path, recipe: str, seed: int, flags: list[str] | str,
+             test: list[tuple[str, str, bool]], extra: tuple[str, ...] = ()) -> dict:
     """One recipe on one set with one seed, in its own process and temp run folder (removed after)."""
     with tempfile.TemporaryDirectory(prefix=f"ursa_recipes_{set_dir.name}_{recipe}_{seed}_") as tmp:
-        run_dir = Path(tmp) / "run"
+        run_dir, rec = Path(tmp) / "run", {"set": set_dir.name, "recipe": recipe, "seed": seed}
+        if flags == LRFIND:
+            lr, rec["lr_find_s"], why = suggested_lr(set_dir, split, seed, Path(tmp))
+            if lr is None:
+                return {**rec, "rc": None, "wall_s": rec["lr_find_s"], "rss_mb": 0.0, "error_rate": None, "failure": why}
+            rec["lr_used"], flags = lr, [*extra, "--lr", repr(lr)]
         cmd = ursa_command(set_dir, split, run_dir, seed, flags)
         r = run_measured(cmd, Path(tmp))
-        rec = {"set": set_dir.name, "recipe": recipe, "seed": seed, "command": " ".join(cmd), "rc": r["rc"],
-               "wall_s": r["wall_s"], "rss_mb": r["rss_mb"],
-               "error_rate": parse_error_rate(r["stdout"], run_dir) if r["rc"] == 0 else None}
+        rec.update({"command": " ".join(cmd), "rc": r["rc"], "wall_s": r["wall_s"] + rec.get("lr_find_s", 0.0),
+                    "rss_mb": r["rss_mb"], "reported_error": parse_error_rate(r["stdout"], run_dir) if r["rc"] == 0 else None,
+                    "error_rate": None})
         if (run_dir / "recipe.json").is_file():  # what the default recipe decided, and why
             try:
                 rec["recipe_json"] = json.loads((run_dir / "recipe.json").read_text())
             except ValueError as e:
                 rec["recipe_json"] = {"unreadable": str(e)}
-        if recipe == "default" and r["rc"] == 0 and (run_dir / "model.safetensors").is_file():
-            rec["tta"] = tta_errors(run_dir / "model.safetensors", set_dir, Path(tmp))
-        if rec["error_rate"] is None:
-            rec["failure"] = (r["stderr"].strip().splitlines() or r["stdout"].strip().splitlines() or ["no output"])[-1]
+        model = run_dir / "model.safetensors"
+        why = last_line(r) if r["rc"] != 0 else "" if model.is_file() else f"no {model.name} written"
+        if not why:
+            rec["error_rate"], why = held_out_error(model, set_dir, test, Path(tmp))
+            rec["test_error"] = rec["error_rate"]
+        if recipe == "default" and not why:
+            rec["tta"] = tta_errors(model, set_dir, Path(tmp))
+        if why:
+            rec["failure"] = why
         return rec
+
+
+def reuse_default(recipe: str, default_recs: list[dict], seed: int) -> dict | None:
+    """An alternative that repeats what the default decided (same --size or --flips): the default's run, relabelled."""
+    if recipe not in SAME_AS_DEFAULT:
+        return None
+    field, value = SAME_AS_DEFAULT[recipe]
+    for d in default_recs:
+        if d["seed"] == seed and d.get("error_rate") is not None and (d.get("recipe_json") or {}).get(field) == value:
+            return {**{k: v for k, v in d.items() if k != "tta"}, "recipe": recipe, "same_as_default": True}
+    return None
 
 
 def tta_errors(model: Path, set_dir: Path, tmp: Path) -> dict:
@@ -207,18 +236,6 @@ def tta_errors(model: Path, set_dir: Path, tmp: Path) -> dict:
         except (ValueError, KeyError, TypeError):
             out[key] = None
     return out
-
-
-def print_tta(sets: list[str], records: list[dict]) -> None:
-    """Per set: the default recipe's models, validation error without and with --tta (mean over seeds)."""
-    print("\ntest-time augmentation (`ursa interpret --tta`) on the default recipe's models:")
-    for s in sets:
-        pairs = [r["tta"] for r in records if r["set"] == s and r.get("tta") and None not in r["tta"].values()]
-        if pairs:
-            plain = statistics.mean(t["plain"] for t in pairs)
-            tta = statistics.mean(t["tta"] for t in pairs)
-            print(f"  {s:<12} without {plain:.4f}, with --tta {tta:.4f} ({len(pairs)} model(s); "
-                  + ", ".join(f"{t['plain']:.4f}->{t['tta']:.4f}" for t in pairs) + ")")
 
 
 def fastai_command(venv: Path, set_dir: Path, split: Path, out: Path, seed: int) -> list[str]:
@@ -238,99 +255,6 @@ def read_fastai(path: Path, split_sha: str | None) -> dict | str:
                 "rss_mb": max(float(d.get("peak_rss_mib") or 0), float(d.get("peak_rss_children_mib") or 0))}
     except (OSError, ValueError, KeyError, TypeError) as e:
         return f"{path}: unreadable anchor result ({e}); delete it to measure again"
-
-
-def summarize(records: list[dict]) -> dict:
-    """n, error mean ± sd (0 with one seed), each seed's error, wall mean, peak RSS max over the good runs."""
-    ok = [r for r in records if r.get("error_rate") is not None]
-    errs = [r["error_rate"] for r in ok]
-    return {"n": len(ok), "failed": len(records) - len(ok),
-            "err_mean": statistics.mean(errs) if errs else None,
-            "err_sd": statistics.stdev(errs) if len(errs) > 1 else (0.0 if errs else None),
-            "errs": errs, "wall_mean": statistics.mean(r["wall_s"] for r in ok) if ok else None,
-            "rss_max": max(r["rss_mb"] for r in ok) if ok else None}
-
-
-def _aim(name: str, value: str, aim: str, ok: bool | None) -> dict:
-    return {"aim": name, "value": value, "target": aim, "verdict": "not measured" if ok is None else ("held" if ok else "missed")}
-
-
-def evaluate_aims(set_name: str, default: dict | None, frozen: dict | None, fastai: dict | None) -> list[dict]:
-    """Issue 15's aims for the default recipe on one set (summaries as from `summarize`), each held/missed/not measured."""
-    err, wall = (default or {}).get("err_mean"), (default or {}).get("wall_mean")
-    f_err, f_wall, fr_err = (fastai or {}).get("err_mean"), (fastai or {}).get("wall_mean"), (frozen or {}).get("err_mean")
-    e_f, e_fr = err is not None and f_err is not None, err is not None and fr_err is not None
-    w_f = wall is not None and f_wall is not None
-    wall_ratio = f"{wall / f_wall:.2f}" if w_f and f_wall else "-"
-    aims = [_aim("error / fastai error", (f"{err / f_err:.2f}" if f_err else f"{err:.4f} vs 0") if e_f else "-",
-                 "<= 0.5", err <= 0.5 * f_err if e_f else None),
-            _aim("error vs frozen", f"{err:.4f} vs {fr_err:.4f}" if e_fr else "-", "<= frozen", err <= fr_err if e_fr else None),
-            _aim("wall / fastai wall", wall_ratio, "<= 1", wall <= f_wall if w_f else None)]
-    if set_name == "bears":
-        aims += [_aim("error", f"{err:.4f}" if err is not None else "-", "<= 0.03", err <= 0.03 if err is not None else None),
-                 _aim("wall / fastai wall", wall_ratio, "<= 0.2", wall <= f_wall / 5 if w_f else None)]
-    return aims
-
-
-def condense(recipe_json: object, width: int = 150) -> str:
-    """One line of what the default recipe decided (recipe.json's scalar fields first)."""
-    if not isinstance(recipe_json, dict):
-        return json.dumps(recipe_json)[:width]
-    scalar = {k: not isinstance(v, (dict, list)) for k, v in recipe_json.items()}
-    line = ", ".join([f"{k}={v}" for k, v in recipe_json.items() if scalar[k]]
-                     + [f"{k}={json.dumps(v, separators=(',', ':'))}" for k, v in recipe_json.items() if not scalar[k]])
-    return line if len(line) <= width else line[: width - 3] + "..."
-
-
-def fmt(v: float | None, spec: str) -> str:
-    """A figure, or '-' when there is none."""
-    return "-" if v is None else format(v, spec)
-
-
-def print_table(sets: list[str], recipes: list[str], summaries: dict, fastai: dict, fastai_notes: dict) -> None:
-    """The one table: set x recipe (+ fastai's row per set)."""
-    print(f"\n{'set':<12} {'recipe':<8} {'n':>2} {'error mean ± sd':>17}  {'wall s':>7} {'peak RSS MB':>11}  per seed")
-    for s in sets:
-        rows = [(r, summaries[s].get(r)) for r in recipes] + [("fastai", fastai.get(s))]
-        for name, sm in rows:
-            if sm is None:
-                why = fastai_notes.get(s, "not measured") if name == "fastai" else "skipped"
-                print(f"{s:<12} {name:<8} {'-':>2} {why}")
-                continue
-            err = f"{fmt(sm['err_mean'], '.4f')} ± {fmt(sm['err_sd'], '.4f')}"
-            extra = f" ({sm['failed']} failed)" if sm.get("failed") else ""
-            print(f"{s:<12} {name:<8} {sm['n']:>2} {err:>17}  {fmt(sm['wall_mean'], '.1f'):>7} {fmt(sm['rss_max'], '.0f'):>11}  "
-                  + ", ".join(f"{e:.4f}" for e in sm["errs"]) + extra)
-
-
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--sets", default=",".join(SETS), help="comma-separated set folders under --root")
-    ap.add_argument("--root", type=Path, default=DEFAULT_ROOT, help="folder holding the sets")
-    ap.add_argument("--seeds", type=int, default=3, help="training seeds 0..N-1 per recipe")
-    ap.add_argument("--recipes", default=",".join(RECIPES), help=f"comma-separated, of {', '.join(RECIPES)}")
-    ap.add_argument("--fastai-seeds", type=int, default=1, help="fastai anchor seeds 0..K-1 (needs FASTAI_VENV unless measured)")
-    ap.add_argument("--results", type=Path, default=RESULTS, help=argparse.SUPPRESS)
-    ap.add_argument("--dry-run", action="store_true", help="print the commands without running them")
-    return ap.parse_args(argv)
-
-
-def check_args(args: argparse.Namespace) -> tuple[list[str], list[str], Path | None]:
-    """Sets, recipes and the fastai venv, or InputError naming what is wrong."""
-    sets = [s.strip() for s in args.sets.split(",") if s.strip()]
-    recipes = [r.strip() for r in args.recipes.split(",") if r.strip()]
-    bad = [r for r in recipes if r not in RECIPES]
-    if bad or not recipes:
-        raise InputError(f"--recipes: unknown {', '.join(bad) or '(none given)'}; choose from {', '.join(RECIPES)}")
-    if args.seeds < 1 or args.fastai_seeds < 0:
-        raise InputError(f"--seeds must be >= 1 and --fastai-seeds >= 0, got {args.seeds} and {args.fastai_seeds}")
-    for s in sets:
-        if not (args.root / s).is_dir():
-            raise InputError(f"set folder {args.root / s} not found; give --root (default ../shared/datasets) or --sets")
-    venv = Path(os.environ["FASTAI_VENV"]) if os.environ.get("FASTAI_VENV") else None
-    if venv is not None and not args.dry_run and not (venv / "bin" / "python").is_file():
-        raise InputError(f"FASTAI_VENV={venv}: no bin/python there; make it as ../shared/anchors/README.md says")
-    return sets, recipes, venv
 
 
 def fastai_for_set(set_dir: Path, split: Path, results: Path, k: int, venv: Path | None, dry: bool) -> tuple[dict | None, str, list]:
@@ -363,85 +287,126 @@ def fastai_for_set(set_dir: Path, split: Path, results: Path, k: int, venv: Path
     return summarize(got), "", got
 
 
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--sets", default="", help="comma-separated set names [default: every set under --root and --datasets]")
+    ap.add_argument("--root", type=Path, default=DEFAULT_ROOT, help="folder holding the shared sets (../shared/datasets)")
+    ap.add_argument("--datasets", type=Path, default=DATASETS, help="folder holding the held-out sets (benchmarks/datasets)")
+    ap.add_argument("--seeds", type=int, default=3, help="training seeds 0..N-1 per recipe")
+    ap.add_argument("--recipes", default=",".join(DEFAULT_RECIPES), help=f"comma-separated, of {', '.join(RECIPES)}")
+    ap.add_argument("--fitted-on", default=",".join(FITTED_ON), help="sets the recipe's rules were tuned on (the others: checked on)")
+    ap.add_argument("--fastai-seeds", type=int, default=1, help="fastai anchor seeds 0..K-1 (needs FASTAI_VENV unless measured)")
+    ap.add_argument("--train-args", default="", help="more `ursa train` options for every run, before the recipe's "
+                    "(a smoke check: '--epochs 1 --budget 10'); the figures are then not the default's")
+    ap.add_argument("--results", type=Path, default=RESULTS, help=argparse.SUPPRESS)
+    ap.add_argument("--dry-run", action="store_true", help="print the commands without running them")
+    return ap.parse_args(argv)
+
+
+def check_args(args: argparse.Namespace) -> tuple[dict[str, Path], list[str], Path | None]:
+    """Sets (name -> folder), recipes (the default first) and the fastai venv, or InputError naming what is wrong."""
+    recipes = [r.strip() for r in args.recipes.split(",") if r.strip()]
+    bad = [r for r in recipes if r not in RECIPES]
+    if bad or not recipes:
+        raise InputError(f"--recipes: unknown {', '.join(bad) or '(none given)'}; choose from {', '.join(RECIPES)}")
+    if args.seeds < 1 or args.fastai_seeds < 0:
+        raise InputError(f"--seeds must be >= 1 and --fastai-seeds >= 0, got {args.seeds} and {args.fastai_seeds}")
+    sets = find_sets(args.sets, [args.root, args.datasets])
+    venv = Path(os.environ["FASTAI_VENV"]) if os.environ.get("FASTAI_VENV") else None
+    if venv is not None and not args.dry_run and not (venv / "bin" / "python").is_file():
+        raise InputError(f"FASTAI_VENV={venv}: no bin/python there; make it as ../shared/anchors/README.md says")
+    return sets, sorted(dict.fromkeys(recipes), key=lambda r: r != "default"), venv  # alternatives may reuse the default's runs
+
+
+def run_set(name: str, set_dir: Path, rows: list, recipes: list[str], flags: dict, args: argparse.Namespace) -> list[dict]:
+    """Every recipe x seed on one set (or, with --dry-run, their commands printed); the records."""
+    train_csv, test = train_split_path(args.results, name), [row for row in rows if row[2]]
+    print(f"{name}: {len(rows)} images, {len(test)} held out for testing; ursa trains on {train_csv}", flush=True)
+    records: list[dict] = []
+    for r in (r for r in recipes if not isinstance(flags[r], str) or flags[r] == LRFIND):
+        for seed in range(args.seeds):
+            if args.dry_run:
+                f = flags[r] if flags[r] != LRFIND else [*shlex.split(args.train_args), "--lr", "$SUGGESTION"]
+                if flags[r] == LRFIND:
+                    print("  " + " ".join(lr_find_command(set_dir, train_csv, Path(f"$TMPRUN_{name}_{r}_{seed}/lr_find"), seed)))
+                csv_file = split_paths(args.results, name)[1] if r in CHOOSES_ON_TEST else train_csv
+                print("  " + " ".join(ursa_command(set_dir, csv_file, Path(f"$TMPRUN_{name}_{r}_{seed}"), seed, f)))
+                continue
+            defaults = [d for d in records if d["recipe"] == "default"]
+            csv_file = split_paths(args.results, name)[1] if r in CHOOSES_ON_TEST else train_csv
+            rec = reuse_default(r, defaults, seed) or run_ursa(set_dir, csv_file, r, seed, flags[r], test,
+                                                                  tuple(shlex.split(args.train_args)))
+            records.append(rec)
+            what = (f"held-out error {rec['error_rate']:.4f} (reported {fmt(rec.get('reported_error'), '.4f')})"
+                    if rec["error_rate"] is not None else f"FAILED (exit {rec['rc']}): {rec.get('failure', '')}")
+            same = " (what the default decided: its run)" if rec.get("same_as_default") else ""
+            print(f"  {name} {r} seed {seed}: {rec['wall_s']:.1f} s, {what}, peak RSS {rec['rss_mb']:.0f} MB{same}", flush=True)
+    return records
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run (or with --dry-run print) every set x recipe x seed and the fastai anchor; 0 ok, 1 a run failed, 2 bad input."""
     args = parse_args(argv)
     try:  # every input checked (and every split made) before the first hour-long run
-        sets, recipes, venv = check_args(args)
-        has_budget, budget = read_default_budget() if {"default", "double"} & set(recipes) else (True, None)
-        splits = {s: ensure_split(args.root / s, args.results, write=not args.dry_run) for s in sets}
+        set_dirs, recipes, venv = check_args(args)
+        has_budget, budget = read_default_budget() if "double" in recipes else (True, None)
+        splits = {s: ensure_split(d, args.results, write=not args.dry_run) for s, d in set_dirs.items()}
     except InputError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    flags = {r: recipe_flags(r, has_budget, budget) for r in recipes}
+    sets, fitted_on = list(set_dirs), tuple(s.strip() for s in args.fitted_on.split(",") if s.strip())
+    extra = shlex.split(args.train_args)
+    flags = {r: f if isinstance(f := recipe_flags(r, has_budget, budget), str) else [*extra, *f] for r in recipes}
+    report_extra = {"train_args": extra}
     for r, f in flags.items():
-        if isinstance(f, str):
+        if isinstance(f, str) and f != LRFIND:
             print(f"{r}: {f}", flush=True)
-    summaries, records = {}, []
-    fastai, fastai_notes, fastai_runs = {}, {}, {}
+    n_test = {s: sum(v for _, _, v in rows) for s, rows in splits.items()}
+    summaries, records, fastai, notes, fastai_runs = {}, [], {}, {}, {}
     report = {"machine": {"python": platform.python_version(), "platform": platform.platform(), "cpus": os.cpu_count()},
-              "budget_default_s": budget, "sets": sets, "recipes": {r: RECIPES[r][0] for r in recipes},
-              "flags": flags, "seeds": args.seeds}
-    for s in sets:
-        set_dir = args.root / s
-        anchor_csv, ursa_csv = split_paths(args.results, s)
-        print(f"{s}: {len(splits[s])} images, {sum(v for _, _, v in splits[s])} valid; split {ursa_csv}"
-              + ("" if ursa_csv.is_file() else " (made on a real run)"), flush=True)
-        summaries[s] = {}
-        for r in recipes:
-            if isinstance(flags[r], str):
-                continue
-            recs = []
-            for seed in range(args.seeds):
-                if args.dry_run:
-                    print("  " + " ".join(ursa_command(set_dir, ursa_csv, Path(f"$TMPRUN_{s}_{r}_{seed}"), seed, flags[r])))
-                    continue
-                rec = run_ursa(set_dir, ursa_csv, r, seed, flags[r])
-                recs.append(rec)
-                what = (f"error_rate {rec['error_rate']:.4f}" if rec["error_rate"] is not None
-                        else f"FAILED (exit {rec['rc']}): {rec.get('failure', '')}")
-                print(f"  {s} {r} seed {seed}: {rec['wall_s']:.1f} s, {what}, peak RSS {rec['rss_mb']:.0f} MB", flush=True)
-            records += recs
-            if recs:
-                summaries[s][r] = summarize(recs)
-        sm, fastai_notes[s], fastai_runs[s] = fastai_for_set(set_dir, anchor_csv, args.results, args.fastai_seeds,
-                                                              venv, args.dry_run)
+              "budget_default_s": budget, "sets": {s: str(d) for s, d in set_dirs.items()}, "n_test": n_test,
+              "fitted_on": fitted_on, **report_extra, "recipes": {r: RECIPES[r][0] for r in recipes}, "flags": flags, "seeds": args.seeds,
+              "errors": "error_rate = held-out: the kept model on the 20% test images ursa never saw; "
+                        "reported_error = what ursa printed (its inner validation, where it chose epochs)"}
+    for s, set_dir in set_dirs.items():
+        recs = run_set(s, set_dir, splits[s], recipes, flags, args)
+        records += recs
+        summaries[s] = {r: summarize([x for x in recs if x["recipe"] == r]) for r in recipes if any(x["recipe"] == r for x in recs)}
+        sm, notes[s], fastai_runs[s] = fastai_for_set(set_dir, split_paths(args.results, s)[0], args.results,
+                                                      args.fastai_seeds, venv, args.dry_run)
         if sm is not None:
             fastai[s] = sm
         if args.dry_run:
-            print("  fastai: " + (fastai_notes[s] or f"{len(fastai_runs[s])} measured seed(s) reused"))
+            print("  fastai: " + (notes[s] or f"{len(fastai_runs[s])} measured seed(s) reused"))
         else:
-            write_report(args.results, report, records, summaries, fastai, fastai_runs, sets, recipes)
+            write_report(args.results, report, records, summaries, fastai, fastai_runs, recipes)
     if args.dry_run:
         return 0
-    print_table(sets, recipes, summaries, fastai, fastai_notes)
-    aims = write_report(args.results, report, records, summaries, fastai, fastai_runs, sets, recipes)
-    print_aims(sets, aims, records)
-    print_tta(sets, records)
-    print(f"\nwritten: {args.results / 'recipes.json'}")
+    aims, checks = write_report(args.results, report, records, summaries, fastai, fastai_runs, recipes)
+    lines = []
+    for s in sets:
+        info = f"{len(splits[s])} images, {n_test[s]} test ({1 / n_test[s]:.4f} a picture)" if n_test[s] else ""
+        lines += table_lines(s, info, recipes, summaries[s], fastai.get(s), notes[s])
+        decided = [r["recipe_json"] for r in records if r["set"] == s and r["recipe"] == "default" and "recipe_json" in r]
+        lines += aims_lines(s, aims.get(s, []), decided) if s in aims else []
+    lines += [f"\nleave-one-set-out: rules fitted on {', '.join(fitted_on) or '(none)'}; the other sets only check them"]
+    lines += format_checks(checks) + tta_lines(sets, records) + [f"\nwritten: {args.results / 'recipes.json'}"]
+    print("\n".join(lines))
     return 1 if any(r["error_rate"] is None for r in records) else 0
 
 
 def write_report(results: Path, report: dict, records: list[dict], summaries: dict, fastai: dict,
-                 fastai_runs: dict, sets: list[str], recipes: list[str]) -> dict:
-    """recipes.json (atomic, rewritten after every set so an interrupted run keeps what it measured); the aims."""
-    aims = {s: evaluate_aims(s, summaries.get(s, {}).get("default"), summaries.get(s, {}).get("frozen"), fastai.get(s))
-            for s in sets if "default" in recipes and s in summaries}
-    data = {**report, "runs": records, "summaries": summaries, "fastai": fastai, "fastai_runs": fastai_runs, "aims": aims}
+                 fastai_runs: dict, recipes: list[str]) -> tuple[dict, list[dict]]:
+    """recipes.json (atomic, rewritten after every set so an interrupted run keeps what it measured); aims, rule checks."""
+    sets, n_test = list(summaries), report["n_test"]
+    aims = {s: evaluate_aims(s, summaries[s].get("default"), summaries[s].get("no_finetune") or summaries[s].get("frozen"),
+                             fastai.get(s), summaries[s].get("lrfind"), n_test.get(s))
+            for s in sets if "default" in summaries[s]}
+    checks = check_all(records, sets, recipes, report["fitted_on"], n_test)
+    data = {**report, "runs": records, "summaries": summaries, "fastai": fastai, "fastai_runs": fastai_runs, "aims": aims,
+            "rules": checks}
     write_atomic(results / "recipes.json", json.dumps(data, indent=1, default=str) + "\n")
-    return aims
-
-
-def print_aims(sets: list[str], aims: dict, records: list[dict]) -> None:
-    """Per set: what the default recipe decided (recipe.json) and each of issue 15's aims, held or missed."""
-    for s in (s for s in sets if s in aims):
-        print(f"\naims for the default recipe on {s}:")
-        decided = [r["recipe_json"] for r in records if r["set"] == s and r["recipe"] == "default" and "recipe_json" in r]
-        if decided:
-            same = all(d == decided[0] for d in decided)
-            print(f"  decided (seed 0{'' if same else '; differs by seed'}): {condense(decided[0])}")
-        for a in aims[s]:
-            print(f"  {a['aim']:<20} {a['value']:>17}  aim {a['target']:<10} {a['verdict']}")
+    return aims, checks
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import SHARED, load_benchmark
+from conftest import ROOT, SHARED, load_benchmark
 
 
 @pytest.fixture(scope="module")
@@ -40,34 +40,47 @@ def test_split_is_made_once_deterministically_and_both_files_agree(bench, tmp_pa
     assert anchor_csv.read_text().splitlines()[0] == "path,label,is_valid"
     assert ursa_csv.read_text().splitlines()[0] == "name,label,is_valid"
     assert anchor_csv.read_text().splitlines()[1:] == ursa_csv.read_text().splitlines()[1:]
+    train = bench.train_split_path(tmp_path / "r1", "toy").read_text().splitlines()
+    assert train[0] == "name,label" and train[1:] == [f"{p},{c}" for p, c, v in rows if not v]  # the 80% only
     # Once there, the files are only read: a changed anchor file wins, and a disagreeing pair is refused.
     flipped = [(p, c, not v) for p, c, v in rows]
     anchor_csv.write_text(bench.csv_text(["path", "label", "is_valid"], flipped))
     with pytest.raises(bench.InputError, match="assign different images"):
         bench.ensure_split(set_dir, tmp_path / "r1")
     ursa_csv.unlink()
+    with pytest.raises(bench.InputError, match="not the training part"):
+        bench.ensure_split(set_dir, tmp_path / "r1")
+    bench.train_split_path(tmp_path / "r1", "toy").unlink()
     assert bench.ensure_split(set_dir, tmp_path / "r1") == flipped
     assert bench.read_split(ursa_csv, ("name", "label", "is_valid")) == flipped
 
 
 def test_committed_splits_are_what_the_script_makes(bench, tmp_path):
-    """benchmarks/results/splits/ holds the split the script makes from the sets' file names.
+    """benchmarks/results/splits/ holds the split the script would make from each set.
 
-    The split looks at names only, so a folder of empty files under the committed names stands in
-    for each set; where the real sets are beside the repository, their names are checked too.
+    The committed held-out sets are here; the shared ones are not, on a fresh clone. The split
+    looks at names only, so a folder of empty files under a shared set's committed names stands in
+    for it; where the shared folders are beside the repository, they are checked themselves too.
     """
+    folders = [d for d in sorted(bench.DATASETS.iterdir()) if (d / ".built.json").is_file() and (d.name + "/") not in
+               (bench.DATASETS / ".gitignore").read_text().split()]  # the committed held-out sets
     for s in bench.SETS:
-        anchor_csv, ursa_csv = bench.split_paths(bench.RESULTS, s)
-        assert anchor_csv.is_file() and ursa_csv.is_file(), f"{s}: split files not committed"
-        committed = bench.read_split(anchor_csv, ("path", "label", "is_valid"))
-        assert bench.read_split(ursa_csv, ("name", "label", "is_valid")) == committed
-        for path, label, _ in committed:
+        anchor_csv = bench.split_paths(bench.RESULTS, s)[0]
+        assert anchor_csv.is_file(), f"{s}: split files not committed"
+        for path, label, _ in bench.read_split(anchor_csv, ("path", "label", "is_valid")):
             assert path.split("/")[0] == label, path
             (tmp_path / s / path).parent.mkdir(parents=True, exist_ok=True)
             (tmp_path / s / path).write_bytes(b"")
-        assert bench.make_split(tmp_path / s) == committed, s
-        if (SHARED / s).is_dir():
-            assert bench.make_split(SHARED / s) == committed, s
+        folders += [tmp_path / s] + ([SHARED / s] if (SHARED / s).is_dir() else [])
+    assert len(folders) >= 8
+    for d in folders:
+        anchor_csv, ursa_csv = bench.split_paths(bench.RESULTS, d.name)
+        train_csv = bench.train_split_path(bench.RESULTS, d.name)
+        assert anchor_csv.is_file() and ursa_csv.is_file() and train_csv.is_file(), f"{d.name}: split files not committed"
+        made = bench.make_split(d)
+        assert bench.read_split(anchor_csv, ("path", "label", "is_valid")) == made, d
+        assert bench.read_split(ursa_csv, ("name", "label", "is_valid")) == made, d
+        assert bench.ensure_split(d, bench.RESULTS, write=False) == made  # the training file agrees too
 
 
 def test_aims_say_held_or_missed(bench):
@@ -94,22 +107,33 @@ def test_dry_run_prints_the_four_recipes_commands_and_writes_nothing(bench, tmp_
     results = tmp_path / "results"
     monkeypatch.delenv("FASTAI_VENV", raising=False)
     monkeypatch.setattr(bench, "read_default_budget", lambda: (True, 60))
-    argv = ["--dry-run", "--root", str(tmp_path / "data"), "--sets", "toy", "--seeds", "2", "--results", str(results)]
+    argv = ["--dry-run", "--root", str(tmp_path / "data"), "--sets", "toy", "--seeds", "2", "--results", str(results),
+            "--recipes", "frozen,lesson,default,double"]
     assert bench.main(argv) == 0
     cmds = [line.split() for line in capsys.readouterr().out.splitlines() if " -m ursa train " in line]
-    assert len(cmds) == 8  # 4 recipes x 2 seeds
+    assert len(cmds) == 8  # 4 recipes x 2 seeds, the default first (alternatives may reuse its runs)
     tails = [c[c.index("--quiet") + 1:] for c in cmds]
-    assert tails == [["--size", "224", "--unfreeze-epochs", "0"]] * 2 + [["--size", "224", "--unfreeze-epochs", "2"]] * 2 \
-        + [[]] * 2 + [["--budget", "120"]] * 2
+    assert tails == [[]] * 2 + [["--size", "224", "--unfreeze-epochs", "0"]] * 2 \
+        + [["--size", "224", "--unfreeze-epochs", "2"]] * 2 + [["--budget", "120"]] * 2
     assert [c[c.index("--seed") + 1] for c in cmds] == ["0", "1"] * 4
-    assert all(c[c.index("--csv") + 1] == str(results / "splits" / "toy.ursa.csv") for c in cmds)
+    assert all(c[c.index("--split-seed") + 1] == "42" for c in cmds)  # one inner split for every seed
+    # ursa trains on the 80% only (name,label): the 20% test images are not in its file.
+    assert all(c[c.index("--csv") + 1] == str(results / "splits" / "toy.train.csv") for c in cmds)
     assert not results.exists()
-    # Before the lead's `budget` field exists: default and double are skipped with a reason, not a crash.
+    # Without a `budget` field (a recipe that counts instead of timing): double is skipped with a reason, not a crash.
     monkeypatch.setattr(bench, "read_default_budget", lambda: (False, None))
     assert bench.main(argv) == 0
     out = capsys.readouterr().out
-    assert "default: skipped: TrainConfig has no `budget` field" in out and "double: skipped" in out
-    assert sum(" -m ursa train " in line for line in out.splitlines()) == 4
+    assert "double: skipped: TrainConfig has no `budget` field" in out and "default: skipped" not in out
+    assert sum(" -m ursa train " in line for line in out.splitlines()) == 6
+    # The default list of recipes: lr-find's suggestion runs lr-find first, then trains with it.
+    argv_all = argv[:-2] + ["--seeds", "1"]
+    monkeypatch.setattr(bench, "read_default_budget", lambda: (True, 60))
+    assert bench.main(argv_all) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert sum(" -m ursa train " in line for line in out) == len(bench.DEFAULT_RECIPES)
+    i = next(i for i, line in enumerate(out) if " -m ursa lr-find " in line)
+    assert out[i + 1].split()[-2:] == ["--lr", "$SUGGESTION"]
     assert bench.main(argv + ["--recipes", "frozen,nope"]) == 2
     assert "--recipes: unknown nope" in capsys.readouterr().err
     assert bench.parse_error_rate("x\nerror_rate 0.0310 (accuracy 0.9690) on 193 validation images; 35 s\n", tmp_path) == 0.031
@@ -120,30 +144,55 @@ import json, sys
 from pathlib import Path
 out, flags = Path(sys.argv[1]), sys.argv[2:]
 out.mkdir(parents=True)
-if "--budget" not in flags and "--size" not in flags:
-    (out / "recipe.json").write_text(json.dumps({"size": 96, "flips": "none", "probe": {"n": 10}}))
+flips = flags[flags.index("--flips") + 1] if "--flips" in flags else "none"
+(out / "recipe.json").write_text(json.dumps({"size": 96, "flips": flips, "probe": {"n": 10}}))
+wrong = 2 if "--size" in flags else 1 if "--lr" in flags or flips == "all" else 0  # test images it gets wrong
+(out / "model.safetensors").write_text(str(wrong))
 err = 0.04 if "--size" in flags else 0.01
 print(f"error_rate {err:.4f} (accuracy {1 - err:.4f}) on 10 validation images; 1 s, peak memory 1 MB")
 """
+FAKE_PREDICT = """
+import json, sys
+from pathlib import Path
+model, files = Path(sys.argv[1]), sys.argv[2:]
+wrong = int(model.read_text())
+for i, f in enumerate(files):
+    label = Path(f).parent.name
+    print(json.dumps({"file": f, "label": "nope" if i < wrong else label, "probs": {}}))
+"""
+
+
+def fake_ursa(bench, monkeypatch, calls: list) -> None:
+    """`ursa train`, `ursa lr-find` and `ursa predict` replaced by tiny scripts (no training); train calls recorded."""
+    def train(data, split, out, seed, flags):
+        calls.append((Path(split).name, list(flags)))
+        return [sys.executable, "-c", FAKE_URSA, str(out), *flags]
+
+    monkeypatch.setattr(bench, "ursa_command", train)
+    monkeypatch.setattr(bench, "predict_command", lambda model, files: [sys.executable, "-c", FAKE_PREDICT, str(model), *map(str, files)])
+    monkeypatch.setattr(bench, "lr_find_command", lambda data, split, out, seed: [
+        sys.executable, "-c", "import json; print(json.dumps({'suggestion': 0.0012, 'lrs': []}))"])
+    monkeypatch.setattr(bench, "tta_errors", lambda model, set_dir, tmp: {"plain": 0.0, "tta": 0.0})
+    monkeypatch.setattr(bench, "read_default_budget", lambda: (True, 60))
 
 
 def test_a_run_measures_each_process_and_judges_the_aims(bench, tmp_path, monkeypatch, capsys):
-    """The whole run with a stand-in for `ursa train` (no training): figures, fastai's reused JSON, aims, recipes.json."""
+    """The whole run with a stand-in for ursa (no training): held-out figures, fastai's reused JSON, aims, recipes.json."""
     import hashlib
     import json
 
     set_dir = make_set(tmp_path / "data", "bears", n=5)
     results = tmp_path / "results"
     monkeypatch.delenv("FASTAI_VENV", raising=False)
-    monkeypatch.setattr(bench, "read_default_budget", lambda: (True, 60))
-    monkeypatch.setattr(bench, "ursa_command", lambda data, split, out, seed, flags: [sys.executable, "-c", FAKE_URSA, str(out), *flags])
+    fake_ursa(bench, monkeypatch, [])
     bench.ensure_split(set_dir, results)
     sha = hashlib.sha256(bench.split_paths(results, "bears")[0].read_bytes()).hexdigest()
     (results / "fastai").mkdir()
     (results / "fastai" / "bears.seed0.json").write_text(json.dumps({
         "counts": {"split_sha256": sha}, "final": {"error_rate": 0.05}, "stages_s": {"total_s": 1000.0},
         "peak_rss_mib": 3000.0, "peak_rss_children_mib": 900.0}))
-    argv = ["--root", str(tmp_path / "data"), "--sets", "bears", "--seeds", "2", "--results", str(results)]
+    argv = ["--root", str(tmp_path / "data"), "--sets", "bears", "--seeds", "2", "--results", str(results),
+            "--recipes", "frozen,lesson,default,double"]
     assert bench.main(argv) == 0
     out = capsys.readouterr().out
     assert "decided (seed 0): size=96, flips=none, probe={" in out
@@ -151,9 +200,11 @@ def test_a_run_measures_each_process_and_judges_the_aims(bench, tmp_path, monkey
     # No upper bound on the RSS here: a child forked from a big pytest process (torch loaded by earlier
     # tests) reports the parent's size at fork in ru_maxrss; the benchmark's own parent is small.
     assert len(data["runs"]) == 8 and all(r["rc"] == 0 and r["rss_mb"] > 0 and r["wall_s"] > 0 for r in data["runs"])
-    assert data["summaries"]["bears"]["frozen"]["errs"] == [0.04, 0.04] and data["summaries"]["bears"]["default"]["err_sd"] == 0
+    # The figure is the held-out one (2 of the 2 test images wrong at --size 224), ursa's own beside it.
+    assert data["summaries"]["bears"]["frozen"]["errs"] == [1.0, 1.0] and data["summaries"]["bears"]["default"]["err_sd"] == 0
+    assert data["summaries"]["bears"]["frozen"]["reported_mean"] == 0.04
     assert data["fastai"]["bears"]["err_mean"] == 0.05 and data["fastai"]["bears"]["rss_max"] == 3000.0
-    # default 0.01 vs fastai 0.05 and frozen 0.04, seconds against fastai's 1000 s: every aim held.
+    # default 0 vs fastai 0.05 and frozen 1.0, seconds against fastai's 1000 s: every aim held.
     assert [a["verdict"] for a in data["aims"]["bears"]] == ["held"] * 5
     # A fastai result measured on another split is not used.
     (results / "fastai" / "bears.seed0.json").write_text(json.dumps({"counts": {"split_sha256": "0" * 64}}))
@@ -161,3 +212,128 @@ def test_a_run_measures_each_process_and_judges_the_aims(bench, tmp_path, monkey
     assert "measured on another split" in capsys.readouterr().out
     assert [a["verdict"] for a in json.loads((results / "recipes.json").read_text())["aims"]["bears"]] == \
         ["not measured", "held", "not measured", "held", "not measured"]
+
+
+def test_rules_are_checked_leave_one_set_out_on_held_out_errors(bench, tmp_path, monkeypatch, capsys):
+    """lr-find's suggestion as --lr, an alternative that repeats the default reusing its run, the rules' report."""
+    import json
+
+    for name in ("bears", "toy", "other"):
+        make_set(tmp_path / "data", name, n=10)  # 20 images, 4 test images each
+    results = tmp_path / "results"
+    monkeypatch.delenv("FASTAI_VENV", raising=False)
+    fake_ursa(bench, monkeypatch, calls := [])
+    argv = ["--root", str(tmp_path / "data"), "--datasets", str(tmp_path / "none"), "--seeds", "1", "--results", str(results),
+            "--recipes", "default,lrfind,flips_none,flips_horizontal,flips_all,optimistic", "--fitted-on", "bears"]
+    assert bench.main(["--sets", "bears,toy,other", *argv]) == 0
+    out = capsys.readouterr().out
+    data = json.loads((results / "recipes.json").read_text())
+    # flips_none is what the default decided: not run again; lr-find's suggestion is given as --lr.
+    assert sorted({f[-2] if f else "" for _, f in calls}) == ["", "--flips", "--lr"] and len(calls) == 15
+    # Every run trains on the 80% only, except `optimistic`: the 80/20 file, choosing its epoch on the test images.
+    assert sorted({(split, not f) for split, f in calls if not split.endswith(".train.csv")}) == \
+        [("bears.ursa.csv", True), ("other.ursa.csv", True), ("toy.ursa.csv", True)]
+    assert [f for _, f in calls if "--lr" in f] == [["--lr", "0.0012"]] * 3
+    runs = {(r["set"], r["recipe"]): r for r in data["runs"]}
+    assert runs["toy", "flips_none"]["same_as_default"] and runs["toy", "lrfind"]["lr_used"] == 0.0012
+    assert runs["toy", "lrfind"]["error_rate"] == 0.25 and runs["toy", "default"]["error_rate"] == 0.0
+    # lr-find one picture worse than the default on 4 test images: the aim allows one picture.
+    assert data["aims"]["toy"][-1] == {"aim": "lr-find vs default, pictures", "value": "+1.0",
+                                       "target": "<= +1 (worst seed)", "verdict": "held"}
+    rules = {c["rule"]: c for c in data["rules"]}
+    assert rules["flips"]["summary"] == {"fitted on": {"held": 1, "of": 1}, "checked on": {"held": 2, "of": 2}}
+    row = next(r for r in rules["flips"]["rows"] if r["set"] == "toy")
+    assert row["group"] == "checked on" and row["fitted_without"] == "flips_none" and row["decided"] == "none"
+    assert rules["learning rate"]["summary"]["checked on"] == {"held": 2, "of": 2}
+    assert rules["input size"]["not_run"] == ["size128", "size224"]
+    assert [r["optimism"] for r in rules["epoch kept"]["rows"]] == [-0.01] * 3
+    assert [r["honesty_cost"] for r in rules["epoch kept"]["rows"]] == [0.0] * 3
+    assert "rule: flips (default vs flips_none, flips_horizontal, flips_all)" in out and "checked on: held on 2 of 2" in out
+    assert "toy: 20 images, 4 test (0.2500 a picture)" in out
+    assert data["summaries"]["toy"]["flips_none"]["same_as_default"] == 1 and "(1 = the default's run: what it decided)" in out
+
+
+def test_a_rule_that_loses_to_the_choice_fitted_on_the_other_sets_is_missed(bench):
+    from rules import RULES, check_rule
+
+    rule = next(r for r in RULES if r.name == "fine-tune or not")
+    errs = {("a", "default"): 0.10, ("a", "no_finetune"): 0.20, ("b", "default"): 0.10, ("b", "no_finetune"): 0.30,
+            ("c", "default"): 0.30, ("c", "no_finetune"): 0.10}
+    recs = [{"set": s, "recipe": r, "test_error": e, "recipe_json": {"fine_tune_epochs": 3}} for (s, r), e in errs.items()]
+    got = check_rule(rule, recs, ["a", "b", "c"], ("a",), {"a": 10, "b": 10, "c": 100})
+    verdicts = {r["set"]: (r["group"], r["fitted_without"], r["verdict"]) for r in got["rows"]}
+    # The constant fitted without c is "no fine-tuning" (the only one); the rule loses to it on c by 20 points,
+    # far more than one picture in 100; on a and b it wins.
+    assert verdicts == {"a": ("fitted on", "no_finetune", "held"), "b": ("checked on", "no_finetune", "held"),
+                        "c": ("checked on", "no_finetune", "missed")}
+    assert next(r for r in got["rows"] if r["set"] == "c")["regret_pictures"] == pytest.approx(20.0)
+    assert got["summary"]["checked on"] == {"held": 1, "of": 2}
+    # One set alone: nothing to fit the choice on.
+    one = check_rule(rule, recs, ["a"], (), {"a": 10})
+    assert one["rows"][0]["verdict"] == "not measured (no other set)"
+
+
+@pytest.fixture(scope="module")
+def build():
+    """benchmarks/datasets/build.py as a module."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_datasets_build", ROOT / "benchmarks" / "datasets" / "build.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["bench_datasets_build"] = mod
+    spec.loader.exec_module(mod)
+    yield mod
+    sys.modules.pop("bench_datasets_build", None)
+
+
+def test_committed_sets_are_what_build_made_and_small(build):
+    """Every committed set still has the images its .built.json counted and hashed; 40 MB in all at most."""
+    import json
+
+    total = 0
+    for name, spec in build.SETS.items():
+        folder = build.HERE / name
+        if not spec.committed:
+            continue
+        info = json.loads((folder / build.MARKER).read_text())
+        assert build.folder_stats(folder) == {k: info[k] for k in ("classes", "images", "bytes")}, name
+        assert build.tree_sha256(folder) == info["sha256"], f"{name}: images changed since build.py made them"
+        assert len(info["classes"]) >= 3 and min(info["classes"].values()) >= 40, name
+        total += info["bytes"]
+    assert total <= 40e6
+
+
+def test_build_is_repeatable_and_never_replaces_a_folder_it_did_not_make(build, tmp_path, capsys):
+    pytest.importorskip("sklearn")
+    out = tmp_path / "sets"
+    assert build.main(["--sets", "uci_digits", "--out", str(out)]) == 0
+    first = build.tree_sha256(out / "uci_digits")
+    (out / "uci_digits" / "3" / "extra.png").write_bytes(b"x")  # a set it made is replaced whole
+    assert build.main(["--sets", "uci_digits", "--out", str(out)]) == 0
+    assert build.tree_sha256(out / "uci_digits") == first == build.tree_sha256(build.HERE / "uci_digits")
+    assert sorted(p.name for p in out.iterdir()) == ["uci_digits"]  # no temp folders left behind
+    mine = out / "cc0_textures"
+    (mine / "a").mkdir(parents=True)
+    (mine / "a" / "photo.jpg").write_bytes(b"mine")
+    capsys.readouterr()
+    assert build.main(["--sets", "cc0_textures", "--out", str(out)]) == 2
+    assert "was not made by this script" in capsys.readouterr().err
+    assert (mine / "a" / "photo.jpg").read_bytes() == b"mine"
+    assert build.main(["--sets", "nope", "--out", str(out)]) == 2
+    assert build.main(["--sets", "omniglot_greek", "--out", str(out)]) == 2
+    assert "needs --omniglot" in capsys.readouterr().err
+
+
+def test_a_pickled_array_is_read_without_unpickling(build):
+    import pickle
+
+    import numpy as np
+
+    class Boom:
+        def __reduce__(self):
+            return (exec, ("raise SystemExit('executed')",))
+
+    arr = np.arange(200, dtype=np.uint8).reshape(2, 10, 10)
+    assert build.pickled_array_bytes(pickle.dumps(arr, protocol=4)) == arr.tobytes()
+    with pytest.raises(build.BuildError, match="expected one array buffer"):
+        build.pickled_array_bytes(pickle.dumps(Boom(), protocol=4))  # nothing runs; no array found

@@ -1,0 +1,101 @@
+"""benchmarks/recipes.py's figures: summaries, the aims, and the printed tables (pure, stdlib only)."""
+
+from __future__ import annotations
+
+import json
+import statistics
+
+
+def summarize(records: list[dict]) -> dict:
+    """n, held-out error mean ± sd (0 with one seed), each seed's, the error ursa reported, wall mean, peak RSS max."""
+    ok = [r for r in records if r.get("error_rate") is not None]
+    errs = [r["error_rate"] for r in ok]
+    reported = [r["reported_error"] for r in ok if r.get("reported_error") is not None]
+    return {"n": len(ok), "failed": len(records) - len(ok),
+            "err_mean": statistics.mean(errs) if errs else None,
+            "err_sd": statistics.stdev(errs) if len(errs) > 1 else (0.0 if errs else None),
+            "errs": errs, "reported_mean": statistics.mean(reported) if reported else None,
+            "wall_mean": statistics.mean(r["wall_s"] for r in ok) if ok else None,
+            "same_as_default": sum(bool(r.get("same_as_default")) for r in ok),
+            "rss_max": max(r["rss_mb"] for r in ok) if ok else None}
+
+
+def _aim(name: str, value: str, aim: str, ok: bool | None) -> dict:
+    return {"aim": name, "value": value, "target": aim, "verdict": "not measured" if ok is None else ("held" if ok else "missed")}
+
+
+def evaluate_aims(set_name: str, default: dict | None, frozen: dict | None, fastai: dict | None,
+                  lrfind: dict | None = None, n_test: int | None = None) -> list[dict]:
+    """Issues 15 and 28's aims for the default recipe on one set (summaries as from `summarize`), each held/missed/not measured."""
+    err, wall = (default or {}).get("err_mean"), (default or {}).get("wall_mean")
+    f_err, f_wall, fr_err = (fastai or {}).get("err_mean"), (fastai or {}).get("wall_mean"), (frozen or {}).get("err_mean")
+    e_f, e_fr = err is not None and f_err is not None, err is not None and fr_err is not None
+    w_f = wall is not None and f_wall is not None
+    wall_ratio = f"{wall / f_wall:.2f}" if w_f and f_wall else "-"
+    aims = [_aim("error / fastai error", (f"{err / f_err:.2f}" if f_err else f"{err:.4f} vs 0") if e_f else "-",
+                 "<= 0.5", err <= 0.5 * f_err if e_f else None),
+            _aim("error vs frozen", f"{err:.4f} vs {fr_err:.4f}" if e_fr else "-", "<= frozen", err <= fr_err if e_fr else None),
+            _aim("wall / fastai wall", wall_ratio, "<= 1", wall <= f_wall if w_f else None)]
+    if set_name == "bears":
+        aims += [_aim("error", f"{err:.4f}" if err is not None else "-", "<= 0.03", err <= 0.03 if err is not None else None),
+                 _aim("wall / fastai wall", wall_ratio, "<= 0.2", wall <= f_wall / 5 if w_f else None)]
+    if lrfind is not None:  # issue 28: the suggestion, used as --lr, never worse than the default by more than one picture
+        worst = max((a - b for a, b in zip(lrfind.get("errs", []), (default or {}).get("errs", []))), default=None)
+        pics = None if worst is None or not n_test else worst * n_test
+        aims.append(_aim("lr-find vs default, pictures", "-" if pics is None else f"{pics:+.1f}", "<= +1 (worst seed)",
+                         None if pics is None else pics <= 1 + 1e-9))
+    return aims
+
+
+def condense(recipe_json: object, width: int = 150) -> str:
+    """One line of what the default recipe decided (recipe.json's scalar fields first)."""
+    if not isinstance(recipe_json, dict):
+        return json.dumps(recipe_json)[:width]
+    scalar = {k: not isinstance(v, (dict, list)) for k, v in recipe_json.items()}
+    line = ", ".join([f"{k}={v}" for k, v in recipe_json.items() if scalar[k] and not k.endswith("_why")]
+                     + [f"{k}={json.dumps(v, separators=(',', ':'))}" for k, v in recipe_json.items() if not scalar[k]])
+    return line if len(line) <= width else line[: width - 3] + "..."
+
+
+def fmt(v: float | None, spec: str) -> str:
+    """A figure, or '-' when there is none."""
+    return "-" if v is None else format(v, spec)
+
+
+def table_lines(set_name: str, info: str, recipes: list[str], summaries: dict, fastai: dict | None, fastai_note: str) -> list[str]:
+    """One set's table: recipe x (held-out error mean ± sd, the error ursa reported, wall, peak RSS, per seed)."""
+    lines = [f"\n{set_name}: {info}",
+             f"  {'recipe':<16} {'n':>2} {'held-out error':>17} {'reported':>9}  {'wall s':>7} {'RSS MB':>7}  held-out per seed"]
+    for name, sm in [(r, summaries.get(r)) for r in recipes] + [("fastai (lesson)", fastai)]:
+        if sm is None:
+            lines.append(f"  {name:<16} {'-':>2} {(fastai_note or 'not measured') if name.startswith('fastai') else 'not run'}")
+            continue
+        err = f"{fmt(sm['err_mean'], '.4f')} ± {fmt(sm['err_sd'], '.4f')}"
+        extra = (f" ({sm['failed']} failed)" if sm.get("failed") else "") + (
+            f" ({sm['same_as_default']} = the default's run: what it decided)" if sm.get("same_as_default") else "")
+        lines.append(f"  {name:<16} {sm['n']:>2} {err:>17} {fmt(sm.get('reported_mean'), '.4f'):>9}  {fmt(sm['wall_mean'], '.1f'):>7} "
+                     f"{fmt(sm['rss_max'], '.0f'):>7}  " + ", ".join(f"{e:.4f}" for e in sm["errs"]) + extra)
+    return lines
+
+
+def aims_lines(set_name: str, aims: list[dict], decided: list[dict]) -> list[str]:
+    """What the default recipe decided (recipe.json) on a set and each aim, held or missed."""
+    lines = [f"\naims for the default recipe on {set_name}:"]
+    if decided:
+        same = all(d == decided[0] for d in decided)
+        lines.append(f"  decided (seed 0{'' if same else '; differs by seed'}): {condense(decided[0])}")
+    lines += [f"  {a['aim']:<29} {a['value']:>17}  aim {a['target']:<18} {a['verdict']}" for a in aims]
+    return lines
+
+
+def tta_lines(sets: list[str], records: list[dict]) -> list[str]:
+    """Per set: the default recipe's models, validation error without and with --tta (mean over seeds)."""
+    lines = ["\ntest-time augmentation (`ursa interpret --tta`, on ursa's own validation images) on the default recipe's models:"]
+    for s in sets:
+        pairs = [r["tta"] for r in records if r["set"] == s and r.get("tta") and None not in r["tta"].values()]
+        if pairs:
+            plain = statistics.mean(t["plain"] for t in pairs)
+            tta = statistics.mean(t["tta"] for t in pairs)
+            lines.append(f"  {s:<20} without {plain:.4f}, with --tta {tta:.4f} ({len(pairs)} model(s); "
+                         + ", ".join(f"{t['plain']:.4f}->{t['tta']:.4f}" for t in pairs) + ")")
+    return lines
