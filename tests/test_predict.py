@@ -81,7 +81,8 @@ def test_auto_ignores_an_export_of_another_model(model_dir, tmp_path, caplog):
     meta.created = "2001-01-01T00:00:00+00:00"
     save_model(model, d / "model.safetensors", meta)
     _touch(d / "model.onnx", (d / "model.safetensors").stat().st_mtime + 60)
-    assert load_predictor(d / "model.safetensors", "onnx").backend == "onnx"  # asked for: it runs
+    with pytest.raises(ModelFileError, match="not exported from model.safetensors"):  # issue 29: refused, even asked for
+        load_predictor(d / "model.safetensors", "onnx")
     with caplog.at_level("WARNING", logger="ursa"):
         pred = load_predictor(d / "model.safetensors")
     assert pred.backend == "torch"

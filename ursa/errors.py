@@ -30,6 +30,10 @@ class ModelFileError(UrsaError):
     """A model file is missing, truncated, or not an ursa model."""
 
 
+class ModelOutputError(ModelFileError):
+    """A model gave probabilities that are not finite numbers (NaN or infinity): its weights are damaged."""
+
+
 class ArchError(UrsaError):
     """An architecture name that ursa cannot build (or cannot load weights for offline)."""
 
@@ -38,3 +42,15 @@ class DivergedError(UrsaError):
     """Training stopped because the loss diverged; the last good weights were kept."""
 
     exit_code = 3
+
+
+class WriteError(UrsaError):
+    """A file could not be written (the message names it); nothing half-written is left behind."""
+
+
+class NoSpaceError(WriteError):
+    """The disk (or quota) filled up while ursa was writing a file; nothing half-written is left behind."""
+
+
+class BusyError(UrsaError):
+    """Another ursa process is using this run folder or data folder (it holds the folder's lock)."""

@@ -30,7 +30,7 @@ IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 Resolver = Callable[[str, int], Awaitable[Sequence[str]]]
 
-# The text every address refusal carries: resume re-checks these rows (the option may be given now).
+# The option that lets private addresses through, as the refusals name it (only ever shown, never matched).
 ALLOW_HINT = "--allow-private"
 METADATA_ADDRESSES = frozenset(
     ipaddress.ip_address(a)
@@ -51,10 +51,11 @@ _BROADCAST = ipaddress.ip_address("255.255.255.255")
 class AddressRefused(Exception):
     """A connection the address rule (or a port check) stopped before any byte was sent."""
 
-    def __init__(self, host: str, reason: str, kind: str = "refused") -> None:
+    def __init__(self, host: str, reason: str, kind: str = "refused", by_rule: bool = False) -> None:
         self.host = host
         self.reason = reason
         self.kind = kind
+        self.by_rule = by_rule  # refused by the address rule (private, reserved, metadata), not for a port or a socket
         super().__init__(reason)
 
 
@@ -139,6 +140,11 @@ class AddressPolicy:
 
     def problem(self, address: str, host: str | None = None) -> str | None:
         """Why a download must not connect to this address (reached from host), or None when it may."""
+        refused = self.refusal(address, host)
+        return None if refused is None else refused.reason
+
+    def refusal(self, address: str, host: str | None = None) -> AddressRefused | None:
+        """The refusal of this address by the rule (its reason, ``by_rule`` set), or None when it may connect."""
         found = self.verdict(address)
         if found is None:
             return None
@@ -148,8 +154,8 @@ class AddressPolicy:
         else:
             hint = f"use {ALLOW_HINT} to fetch from private networks"
         if host is not None and host.strip("[]") != address:
-            return f"{host} resolves to {shown}, {what}; {hint}"
-        return f"{shown} is {what}; {hint}"
+            return AddressRefused(host, f"{host} resolves to {shown}, {what}; {hint}", by_rule=True)
+        return AddressRefused(host or address, f"{shown} is {what}; {hint}", by_rule=True)
 
 
 async def system_resolve(host: str, port: int) -> list[str]:
@@ -199,9 +205,9 @@ class GuardedBackend(httpcore.AsyncNetworkBackend):
             raise AddressRefused(host, f"port {port} is out of range 1-65535", "bad_url")
         addresses = await self.resolve(host, port, timeout)
         for address in addresses:  # one bad address refuses the name: a rebinding server may use either
-            why = self.policy.problem(address, host)
-            if why is not None:
-                raise AddressRefused(host, why)
+            refused = self.policy.refusal(address, host)
+            if refused is not None:
+                raise refused
         last: Exception | None = None
         for address in addresses:
             try:

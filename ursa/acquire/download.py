@@ -40,12 +40,12 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping
 from urllib.parse import urlsplit
 
-from ursa.acquire.addresses import ALLOW_HINT, AddressPolicy
+from ursa.acquire.addresses import AddressPolicy
 from ursa.acquire.fetch import (
     FetchOptions, HostPool, MemoryBudget, decode_blocks, fetch, inspect_image, one_line, prepare_image,
 )
 from ursa.acquire.manifest import DONE_STATUSES, MANIFEST_NAME, DownloadSummary, ManifestWriter, read_manifest
-from ursa.acquire.urls import DownloadError, load_url_lists, url_problem
+from ursa.acquire.urls import DownloadError, load_url_lists, redacted, url_problem
 from ursa.errors import ImageError
 from ursa.util.files import atomic_write_bytes
 from ursa.util.numbers import parse_bytes
@@ -142,12 +142,13 @@ async def _run(
     task_id = progress.add_task("downloading", total=len(queue)) if progress else None
 
     def record(cls: str, url: str, status: str, *, file: str = "", http_status: int | None = None,
-               kind: str | None = None, detail: str = "", nbytes: int | None = None, sha: str = "") -> None:
+               kind: str | None = None, detail: str = "", nbytes: int | None = None, sha: str = "",
+               by_rule: bool = False) -> None:
         error = f"{kind}: {one_line(detail)}" if kind else ""
         writer.write({"url": url, "class": cls, "file": file, "status": status, "http_status": http_status,
                       "error": error, "bytes": nbytes, "sha256": sha})
         summary.add(cls, status, kind if status == "failed" else None)
-        if status == "refused" and ALLOW_HINT in error:
+        if status == "refused" and by_rule:  # the address rule's verdict, not the message's wording
             summary.refused_address += 1
 
     def advance() -> None:
@@ -172,7 +173,8 @@ async def _run(
             got = await fetch(client, url, sem, opt)
             if got.data is None:
                 status = "refused" if got.kind == "refused" else "failed"
-                record(cls, url, status, http_status=got.http_status, kind=got.kind, detail=got.detail)
+                record(cls, url, status, http_status=got.http_status, kind=got.kind, detail=got.detail,
+                       by_rule=got.by_rule)
                 return
             n = len(got.data)
             try:
@@ -234,8 +236,9 @@ async def _run(
 
 
 def _retry_row(row: Mapping[str, str]) -> bool:
-    """Whether a row's URL is worth another try: it failed, or its address was refused (the rule may allow it now)."""
-    return row["status"] == "failed" or (row["status"] == "refused" and ALLOW_HINT in row["error"])
+    """Whether a row's URL is worth another try: it failed, or it was refused though the URL itself is fine (so its
+    address was: the rule or --allow-private may let it through now; checking again sends nothing)."""
+    return row["status"] == "failed" or (row["status"] == "refused" and url_problem(row["url"]) is None)
 
 
 def _plan_resume(
@@ -249,7 +252,7 @@ def _plan_resume(
         if key in latest and latest[key]["status"] in DONE_STATUSES and r["status"] == "failed":
             continue  # a finished row is never replaced by a failed one
         latest[key] = r
-    wanted = {(cls, u) for cls, urls in lists.items() for u in urls}
+    wanted = {(cls, redacted(u)) for cls, urls in lists.items() for u in urls}  # as the manifest holds them
     keep = [r for k, r in latest.items() if not (retry_failed and _retry_row(r) and k in wanted)]
     torn = manifest.exists() and manifest.stat().st_size > 0 and not manifest.read_bytes().endswith(b"\n")
     return keep, len(keep) != len(old_rows) or torn
@@ -356,7 +359,7 @@ def download_images(
         try:
             for cls, urls in lists.items():
                 for url in urls:
-                    if (cls, url) in done:
+                    if (cls, redacted(url)) in done:
                         summary.skipped += 1
                         summary.per_class[cls]["skipped"] += 1
                         continue

@@ -20,10 +20,11 @@ import random
 import re
 import time
 from dataclasses import dataclass
-from typing import Any, AsyncIterator, Iterator
+from typing import Any, Iterator
 from urllib.parse import urlsplit
 
 from ursa.acquire.addresses import AddressPolicy, AddressRefused, GuardedTransport
+from ursa.util.semaphore import WeightedSemaphore
 from ursa.errors import ImageError
 from ursa.vision.images import ImageInfo, decode_cost, open_image, read_header, sniff_format
 
@@ -64,6 +65,7 @@ class Fetched:
     kind: str | None = None
     detail: str = ""
     content_type: str = ""
+    by_rule: bool = False  # refused by the address rule (``AddressRefused.by_rule``)
 
 
 @dataclass
@@ -110,31 +112,12 @@ class Inspected:
     cost: int
 
 
-class MemoryBudget:
-    """A semaphore weighted by bytes: decodes run together only while their declared costs fit.
+class MemoryBudget(WeightedSemaphore):
+    """A semaphore weighted by bytes (``util.semaphore``): decodes run together only while their declared costs fit.
 
     One decode bigger than the whole budget still runs, alone. Bounding decodes by memory rather
     than by threads keeps a run of huge images small on any machine, and small images fast.
     """
-
-    def __init__(self, limit: int) -> None:
-        self.limit = max(1, limit)
-        self.used = 0
-        self.cond = asyncio.Condition()
-
-    @contextlib.asynccontextmanager
-    async def hold(self, cost: int) -> AsyncIterator[None]:
-        """Wait until cost fits in what is left of the budget, hold it for the block."""
-        cost = min(max(cost, 0), self.limit)
-        async with self.cond:
-            await self.cond.wait_for(lambda: self.used + cost <= self.limit)
-            self.used += cost
-        try:
-            yield
-        finally:
-            async with self.cond:
-                self.used -= cost
-                self.cond.notify_all()
 
 
 class HostPool:
@@ -255,7 +238,7 @@ async def _attempt(client: Any, url: str, opt: FetchOptions) -> Fetched:
         detail = e.reason
         if e.kind == "refused" and e.host != _host_of(url):
             detail += f" (a redirect from {_host_of(url)} led there)"
-        return Fetched(None, None, e.kind, detail)
+        return Fetched(None, None, e.kind, detail, by_rule=e.by_rule)
     except httpx.TooManyRedirects:
         return Fetched(None, None, "redirect", "too many redirects (a redirect loop?)")
     except httpx.UnsupportedProtocol as e:

@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-from ursa.acquire.urls import DownloadError
-from ursa.util.files import atomic_write_text, csv_line, csv_row_values, csv_text
+from ursa.acquire.urls import DownloadError, redacted
+from ursa.util.files import NAME_ERRORS, atomic_write_text, csv_line, csv_row_values, csv_text
 
 MANIFEST_NAME = "downloads.csv"
 MANIFEST_COLUMNS = ("url", "class", "file", "status", "http_status", "error", "bytes", "sha256")
@@ -49,7 +49,7 @@ def read_manifest(path: str | Path) -> list[dict[str, str]]:
     raw = p.read_bytes()
     if raw and not raw.endswith(b"\n"):
         raw = raw[: raw.rfind(b"\n") + 1]  # a kill mid-write: the last line is incomplete
-    lines = raw.decode("utf-8", errors="replace").splitlines()
+    lines = raw.decode("utf-8", errors=NAME_ERRORS).splitlines()
     if not lines:
         return []
     header = next(csv.reader([lines[0]]))
@@ -71,14 +71,18 @@ class ManifestWriter:
     def __init__(self, path: Path, keep: list[dict[str, str]], rewrite: bool) -> None:
         self.path = path
         if rewrite or not path.exists():
-            atomic_write_text(path, csv_text(MANIFEST_COLUMNS, ([r[c] for c in MANIFEST_COLUMNS] for r in keep)))
+            atomic_write_text(path, csv_text(MANIFEST_COLUMNS, ([redacted(r[c]) if c in ("url", "error") else r[c]
+                                                                  for c in MANIFEST_COLUMNS] for r in keep)))
         self.fd = os.open(path, os.O_WRONLY | os.O_APPEND)
         self.synced = time.monotonic()
 
     def write(self, row: Mapping[str, Any]) -> None:
         """One os.write per row, so a killed run leaves whole rows (or one torn last line)."""
         values = ["" if row.get(c) is None else row.get(c) for c in MANIFEST_COLUMNS]
-        os.write(self.fd, csv_line(values).encode("utf-8"))
+        for c in ("url", "error"):  # credentials in a URL stay out of the file (the run still used them)
+            i = MANIFEST_COLUMNS.index(c)
+            values[i] = redacted(str(values[i]))
+        os.write(self.fd, csv_line(values).encode("utf-8", NAME_ERRORS))
         if time.monotonic() - self.synced > 1.0:
             os.fsync(self.fd)
             self.synced = time.monotonic()

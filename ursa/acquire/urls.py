@@ -19,6 +19,14 @@ from ursa.errors import UrsaError
 _URL_FILE_RE = re.compile(r"urls?_(?P<cls>.+)\.(txt|csv)", re.IGNORECASE)
 _ESCAPED_SCHEME_RE = re.compile(r"^[a-z][a-z0-9+.\-]*%3a", re.IGNORECASE)
 _CSV_URL_HEADERS = ("url", "urls", "image_url", "image url")
+# user:password@ in a URL's authority (up to its last @): never written to downloads.csv nor printed
+_CREDENTIALS_RE = re.compile(r"(?i)\b([a-z][a-z0-9+.\-]*://)[^/?#\s]*@")
+REDACTED = "***"
+
+
+def redacted(text: str) -> str:
+    """A URL (or a message holding URLs) with any user name and password replaced by ***: safe to write and show."""
+    return _CREDENTIALS_RE.sub(rf"\1{REDACTED}@", text) if "@" in text else text
 
 
 class DownloadError(UrsaError):

@@ -38,7 +38,8 @@ from typing import Iterator
 from ursa.acquire.manifest import MANIFEST_NAME
 from ursa.acquire.verify_summary import QUARANTINE, UNREADABLE, VerifySummary
 from ursa.errors import ImageError, UrsaError
-from ursa.util.files import atomic_write_csv, csv_line, write_staged
+from ursa.util.files import NAME_ERRORS, atomic_write_csv, csv_line, no_space_line, write_staged
+from ursa.util.names import printable
 from ursa.util.progress import progress_bar
 from ursa.vision.dedupe import find_duplicates
 from ursa.vision.images import MAX_PIXELS, is_image_file, open_image
@@ -86,6 +87,33 @@ def iter_images(folder: Path) -> Iterator[tuple[Path, bool]]:
             if here == folder and name in (REPORT_NAME, MANIFEST_NAME):
                 continue
             yield p, is_image_file(p)
+
+
+QUARANTINE_MARK = ".ursa-quarantine"  # inside FOLDER/_quarantine: verify made it (a user's class of that name has none)
+
+
+def check_quarantine(root: Path) -> None:
+    """Refuse to move files into a ``_quarantine`` folder that is the user's own, not one verify made.
+
+    Verify's has the mark file, or sits beside verify.csv, or (made before the mark) holds only
+    folders named like the data's class folders; a user's class of that name holds images, and
+    mixing broken files into it would lose track of both.
+    """
+    q = root / QUARANTINE
+    if not q.is_dir() or (q / QUARANTINE_MARK).exists() or (root / REPORT_NAME).is_file():
+        return
+    if any(not (p.is_dir() and (root / p.name).is_dir()) for p in q.iterdir()):
+        raise VerifyError(f"{q}: a folder of yours, not ursa's quarantine (verify moves broken images there, and "
+                          f"never trains on a folder of that name); rename it and run verify again")
+
+
+def _quarantine_target(folder: Path, rel: str) -> Path:
+    """Where a file of `rel` goes in the quarantine, the folder marked as verify's on first use."""
+    q = folder / QUARANTINE
+    if not (q / QUARANTINE_MARK).exists():
+        q.mkdir(exist_ok=True)
+        (q / QUARANTINE_MARK).write_bytes(b"")
+    return q / rel
 
 
 def _fix_target(path: Path, fmt: str) -> tuple[str, str]:
@@ -187,21 +215,26 @@ class _Report:
             raw = path.read_bytes()
             if raw and not raw.endswith(b"\n"):
                 raw = raw[: raw.rfind(b"\n") + 1]
-            rows = list(csv.reader(raw.decode("utf-8", errors="replace").splitlines()))
+            rows = list(csv.reader(raw.decode("utf-8", errors=NAME_ERRORS).splitlines()))
             if rows and tuple(rows[0]) != REPORT_COLUMNS:
                 raise VerifyError(f"{path}: not an ursa verify report; move it away and run verify again")
             history = [r for r in rows[1:] if len(r) == 3 and r[1] in ("quarantined", "deleted", "fixed")]
         atomic_write_csv(path, REPORT_COLUMNS, history)
-        self.fh = open(path, "a", newline="", encoding="utf-8")
+        self.fh = open(path, "a", newline="", encoding="utf-8", errors=NAME_ERRORS)
 
     def write(self, file: str, status: str, reason: str) -> None:
-        self.fh.write(csv_line([file, status, " ".join(reason.split())]))
-        self.fh.flush()  # survives a killed process; fsync on close
+        with no_space_line(self.path):
+            # a report for people: every name on its one line, raw bytes and control characters visibly escaped
+            self.fh.write(csv_line([printable(file), status, printable(" ".join(reason.split()))]))
+            self.fh.flush()  # survives a killed process; fsync on close
 
     def close(self) -> None:
-        self.fh.flush()
-        os.fsync(self.fh.fileno())
-        self.fh.close()
+        try:
+            with no_space_line(self.path):
+                self.fh.flush()
+                os.fsync(self.fh.fileno())
+        finally:
+            self.fh.close()
 
 
 def _apply(res: _Result, folder: Path, delete: bool, report: _Report, summary: VerifySummary) -> None:
@@ -218,7 +251,6 @@ def _apply(res: _Result, folder: Path, delete: bool, report: _Report, summary: V
 def _apply_one(res: _Result, folder: Path, delete: bool, report: _Report, summary: VerifySummary) -> None:
     """Record first, then move, delete or swap in the fix, so nothing changes without a row."""
     src = folder / res.rel
-    qtarget = folder / QUARANTINE / res.rel
     if res.ok and not res.fixed_tmp:
         report.write(res.rel, "ok", res.note)
         summary.ok += 1
@@ -235,7 +267,7 @@ def _apply_one(res: _Result, folder: Path, delete: bool, report: _Report, summar
             summary.deleted += 1
             return
         # Link first, record, then drop the old name: at every moment the file exists somewhere.
-        moved = _link_no_clobber(src, qtarget)
+        moved = _link_no_clobber(src, _quarantine_target(folder, res.rel))
         report.write(res.rel, "quarantined", f"{res.kind}: {res.reason}; moved to {moved.relative_to(folder).as_posix()}")
         src.unlink(missing_ok=True)
         summary.quarantined += 1
@@ -246,7 +278,7 @@ def _apply_one(res: _Result, folder: Path, delete: bool, report: _Report, summar
     target = src.with_name(res.fixed_name)
     if target != src:
         target = _free_name(target)
-    kept = _link_no_clobber(src, qtarget)
+    kept = _link_no_clobber(src, _quarantine_target(folder, res.rel))
     fixed_rel = target.relative_to(folder).as_posix()
     note = f"; copy saved as {fixed_rel}" if target != src else ""
     report.write(res.rel, "fixed", f"{res.reason}; original kept as {kept.relative_to(folder).as_posix()}{note}")
@@ -264,6 +296,13 @@ def _default_workers(paths: list[Path]) -> int:
         if total >= IN_PROCESS_BYTES:
             return min(4, os.cpu_count() or 1)
     return 1
+
+
+def _sweep_staged(root: Path) -> None:
+    """Remove the hidden fixed copies (``.NAME.PID.fixed.part``, write_staged's names) not yet moved into place."""
+    for stale in root.rglob(".*.fixed.part"):
+        if stale.is_file() and not stale.is_symlink():
+            stale.unlink(missing_ok=True)
 
 
 def verify_images(
@@ -294,6 +333,7 @@ def verify_images(
         raise VerifyError("--max-size shrinks images, so it only works together with --fix")
     if workers is not None and workers < 1:
         raise VerifyError(f"--workers {workers}: must be at least 1")
+    check_quarantine(root)
     started = time.perf_counter()
     summary = VerifySummary(folder=root, report=root / REPORT_NAME)
     paths: list[Path] = []
@@ -302,8 +342,7 @@ def verify_images(
             paths.append(p)
         else:
             summary.ignored.append(p.relative_to(root).as_posix())
-    for stale in root.rglob(".*.fixed.part"):  # left by a killed --fix run
-        stale.unlink(missing_ok=True)
+    _sweep_staged(root)  # left by a killed --fix run
     n_workers = workers if workers is not None else _default_workers(paths)
 
     try:
@@ -342,6 +381,9 @@ def verify_images(
                 futures = [pool.submit(_check_batch, b, *args) for b in batches]
                 for fut in as_completed(futures):
                     handle(fut.result())
+    except BaseException:
+        _sweep_staged(root)  # a full disk (or Ctrl-C) mid-run: no half-done fixed copies left in the data folder
+        raise
     finally:
         if bar:
             bar.stop()

@@ -214,12 +214,21 @@ class Server(uvicorn.Server):
 
 
 HEADER_TIMEOUT = 10.0  # seconds a connection may take to send its request line and headers
-_SLOW_HEADERS = b'{"error": "the request headers came too slowly; send them again"}'
-TIMEOUT_408 = (b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\nconnection: close\r\n"
-               b"content-length: %d\r\n\r\n%s" % (len(_SLOW_HEADERS), _SLOW_HEADERS))
-_BUSY = b'{"error": "the server has too many open connections; try again in a moment"}'
-BUSY_503 = (b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\nconnection: close\r\n"
-            b"retry-after: 1\r\ncontent-length: %d\r\n\r\n%s" % (len(_BUSY), _BUSY))
+def _canned(status: str, error: str, extra: str = "") -> bytes:
+    """A whole HTTP/1.1 answer with a JSON error, for the protocol to write before any app runs (then it closes)."""
+    body = b'{"error": "%s"}' % error.encode()
+    return (f"HTTP/1.1 {status}\r\ncontent-type: application/json\r\nconnection: close\r\n{extra}"
+            f"content-length: {len(body)}\r\n\r\n").encode() + body
+
+
+TIMEOUT_408 = _canned("408 Request Timeout", "the request headers came too slowly; send them again")
+BUSY_503 = _canned("503 Service Unavailable", "the server has too many open connections; try again in a moment",
+                   "retry-after: 1\r\n")
+HEAD_LIMIT = 16 * 1024  # h11's default limit on a request's line and headers (uvicorn passes None: h11's own)
+# Over it: 414 while the request line has not ended, else 431.
+URI_414 = _canned("414 URI Too Long", "the request line is too long (over 16 KiB); send a shorter URL")
+HEADERS_431 = _canned("431 Request Header Fields Too Large", "the request headers are too large (over 16 KiB)")
+DRAIN_SECONDS = 2.0  # after such an answer, what the client still sends is read and dropped, so it sees the answer
 
 
 class TimedH11Protocol(H11Protocol):
@@ -240,6 +249,7 @@ class TimedH11Protocol(H11Protocol):
     def connection_made(self, transport: Any) -> None:  # type: ignore[override]
         super().connection_made(transport)
         self._header_deadline: asyncio.TimerHandle | None = None
+        self._draining: asyncio.TimerHandle | None = None  # set once an oversized head was answered
         self._armed_for: Any = None
         self._waiting_since = self.loop.time()
         limit = self.config.limit_concurrency
@@ -249,12 +259,29 @@ class TimedH11Protocol(H11Protocol):
             return
         self._arm_header_deadline()
 
+    def send_400_response(self, msg: str) -> None:
+        """h11 refused the request's head: too long (414 or 431, the client still reading it), else uvicorn's 400."""
+        head = self.conn.trailing_data[0]
+        if len(head) <= int(self.config.h11_max_incomplete_event_size or HEAD_LIMIT):
+            return super().send_400_response(msg)
+        self.transport.write(URI_414 if b"\n" not in head else HEADERS_431)
+        if self._header_deadline is not None:
+            self._header_deadline.cancel()
+        # Closing now, with the client's megabyte unread, would reset the connection before it reads the answer.
+        self._draining = self.loop.call_later(DRAIN_SECONDS, self.transport.close)
+        if self.transport.can_write_eof():
+            self.transport.write_eof()
+
     def data_received(self, data: bytes) -> None:
+        if self._draining is not None:
+            return  # the answer is sent: the rest of an oversized head is read and dropped
         if self.cycle is None or self.cycle.response_complete:  # between requests: headers are (re)starting
             self._arm_header_deadline()
         super().data_received(data)
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self._draining is not None:
+            self._draining.cancel()
         if self._header_deadline is not None:
             self._header_deadline.cancel()
             self._header_deadline = None

@@ -70,6 +70,11 @@ def main(argv: list[str] | None = None) -> int:
     import logging
 
     logging.basicConfig(format="%(levelname)s: %(message)s", level=logging.WARNING)
+    from ursa.util.names import ERRORS
+
+    for stream in (sys.stdout, sys.stderr):  # a file name that is not UTF-8 prints as a visible escape, never a crash
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors=ERRORS)
     try:
         # Without standalone mode click returns a command's typer.Exit code instead of exiting.
         result = app(args=argv, standalone_mode=False)

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
 from ursa.cli.common import CsvOpt, DataArg, DeviceOpt, Quiet
+from ursa.util.lock import FolderLock
+
+CLEAN_LOCK = ".ursa-clean.lock"
 
 
 def clean_cmd(
@@ -37,19 +41,22 @@ def clean_cmd(
     where = place(device)  # an unknown or absent device: one line, exit 2, before a port or the data is touched
     if export is None and host not in ("127.0.0.1", "localhost", "::1"):
         typer.echo(f"warning: listening on {host}: anyone who can reach this computer can see your images", err=True)
-    if export is None:  # fail before the slow pass, not after it
-        check_port(host, port)
-        if data.is_dir():
-            clean.check_writable(data, csv)
-    took: dict[str, float] = {}
-    ds, scores, ranks = clean.prepare(data, model, csv, threshold=threshold, quiet=quiet, timings=took, device=where,
-                                      say=lambda line: typer.echo(line, err=True))
-    typer.echo(f"model pass: {scores.backend}")
-    typer.echo(clean.summary_line(scores, ranks))
-    if export is not None:
-        files = clean.export_rankings(export, scores, ranks)
-        typer.echo(f"wrote {', '.join(str(p) for p in files.values())} in {time.perf_counter() - t0:.1f} s "
-                   f"(model pass {took['model_pass']:.1f} s, rankings {took['rankings']:.1f} s)")
-        return
-    session = clean.start_session(ds, scores, ranks, model_name=str(model), csv_path=csv)
-    clean.serve(session, host, port, open_browser=not no_browser, echo=typer.echo)
+    with contextlib.ExitStack() as held:
+        if export is None:  # fail before the slow pass, not after it
+            check_port(host, port)
+            if data.is_dir():
+                clean.check_writable(data, csv)
+                # One cleaner per data folder: a second one is refused, naming the first, before its slow pass.
+                held.enter_context(FolderLock(data, CLEAN_LOCK, "data folder (ursa clean saves cleaned.csv there)"))
+        took: dict[str, float] = {}
+        ds, scores, ranks = clean.prepare(data, model, csv, threshold=threshold, quiet=quiet, timings=took,
+                                          device=where, say=lambda line: typer.echo(line, err=True))
+        typer.echo(f"model pass: {scores.backend}")
+        typer.echo(clean.summary_line(scores, ranks))
+        if export is not None:
+            files = clean.export_rankings(export, scores, ranks)
+            typer.echo(f"wrote {', '.join(str(p) for p in files.values())} in {time.perf_counter() - t0:.1f} s "
+                       f"(model pass {took['model_pass']:.1f} s, rankings {took['rankings']:.1f} s)")
+            return
+        session = clean.start_session(ds, scores, ranks, model_name=str(model), csv_path=csv)
+        clean.serve(session, host, port, open_browser=not no_browser, echo=typer.echo)

@@ -44,6 +44,7 @@ def predict_cmd(
     from ursa.inference.placement import place
     from ursa.inference.runtime import current_onnx
     from ursa.inference.tta import NO_VIEWS, views_text
+    from ursa.util.names import printable
 
     where = place(device)  # an unknown or absent device: one line, exit 2, before anything is read
     files = image_inputs(images)
@@ -75,11 +76,12 @@ def predict_cmd(
             typer.echo(f"error: {ans}", err=True)
             continue
         if json_out:
-            typer.echo(json.dumps({"file": str(f), **ans.to_json()}))
-        elif ans.unsure:
-            typer.echo(f"{f}: unsure (best guess {ans.label} {ans.confidence:.3f}, below {ans.threshold:.2f})")
+            typer.echo(json.dumps({"file": str(f), **ans.to_json()}, allow_nan=False))  # Prediction: finite only
+        elif ans.unsure:  # printable: a newline or raw byte in a name never splits the line
+            typer.echo(f"{printable(str(f))}: unsure (best guess {printable(ans.label)} {ans.confidence:.3f}, "
+                       f"below {ans.threshold:.2f})")
         else:
-            typer.echo(f"{f}: {ans.label} ({ans.confidence:.3f})")
+            typer.echo(f"{printable(str(f))}: {printable(ans.label)} ({ans.confidence:.3f})")
     if failed:
         typer.echo(f"{failed} of {len(files)} images could not be read; the others were predicted", err=True)
         raise typer.Exit(1)  # the job ran but did not fully succeed

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any, Iterator, Optional
 
 import typer
 
@@ -90,8 +91,6 @@ def train_cmd(
     quiet: Quiet = False,
 ) -> None:
     """Fine-tune a pretrained network on your images: frozen one-cycle, then fine-tuning when it pays and fits --budget."""
-    from ursa.training.recipe import train
-
     options = dict(
         out=out, csv=csv, arch=arch, pretrained=pretrained, size=size, valid_pct=valid_pct, seed=seed,
         split_seed=split_seed, epochs=epochs, lr=lr, budget=parse_budget(budget), unfreeze_epochs=unfreeze_epochs,
@@ -100,7 +99,6 @@ def train_cmd(
         bf16_features=bf16_features, dedupe_split=dedupe_split, curve=curve, target_precision=target_precision,
         int8=int8,
     )
-    ckpt = None
     if resume is not None:
         from ursa.training.resume import resume_config
 
@@ -109,12 +107,54 @@ def train_cmd(
             raise UrsaError(f"--resume {resume}: the run goes on with its own options; leave out "
                             f"{', '.join(given + (['--config'] if config is not None else []))} "
                             "(only --device, --pixels, --nproc and --quiet may change)")
-        cfg, ckpt = resume_config(resume, data, device=device, pixels=pixels, quiet=quiet or None)
-    else:
-        cfg = make_config(data, config, quiet=quiet or None, device=device, pixels=pixels, **options)
+        world = int(os.environ.get("WORLD_SIZE", "0")) or nproc or 1
+        check_outside(resume, data, "run folder")
+        with _run_folder(resume, resume=True) as run:  # the lock first: a second --resume of this run is refused
+            cfg, ckpt = resume_config(resume, data, world=world, device=device, pixels=pixels, quiet=quiet or None)
+            _train_in(run, cfg, nproc, ckpt)
+        return
+    cfg = make_config(data, config, quiet=quiet or None, device=device, pixels=pixels, **options)
+    check_outside(cfg.out, cfg.data, "run folder")
+    with _run_folder(cfg.out) as run:
+        _train_in(run, cfg, nproc, None)
+
+
+def _train_in(run: Any, cfg: TrainConfig, nproc: int | None, ckpt: Any) -> None:
+    """Train (here, or through torchrun with --nproc) inside the held run folder; record what the run wrote."""
+    from ursa.errors import DivergedError
+    from ursa.training.recipe import train
+
     if nproc is not None and nproc > 1 and "WORLD_SIZE" not in os.environ:
-        raise typer.Exit(_launch(cfg, nproc))
-    _say_result(train(cfg) if ckpt is None else train(cfg, resume=ckpt))
+        rc = _launch(cfg, nproc)
+        if run is not None:
+            run.finish(model_written=rc == 0)
+        raise typer.Exit(rc)
+    try:
+        res = train(cfg) if ckpt is None else train(cfg, resume=ckpt)
+    except DivergedError:
+        if run is not None:
+            run.finish(model_written=False)
+        raise
+    if run is not None:
+        run.finish(model_written=res.model_path is not None)
+    _say_result(res)
+
+
+RUN_LOCKED = "URSA_RUN_FOLDER_HELD"  # set by `ursa train --nproc` for its torchrun children: the parent holds it
+
+
+@contextlib.contextmanager
+def _run_folder(out: Path, resume: bool = False) -> Iterator[Any]:
+    """The run folder held by the one process that writes it (rank 0, or the --nproc launcher); None elsewhere."""
+    from ursa.training.runfolder import RunFolder
+
+    held = os.environ.get(RUN_LOCKED)
+    if os.environ.get("RANK", "0") != "0" or (held and Path(held).resolve() == Path(out).resolve()) or (
+            resume and not out.is_dir()):
+        yield None  # (no folder to resume: resume_config says so in one line)
+        return
+    with RunFolder(out, lambda line: typer.echo(line, err=True), resume=resume) as run:
+        yield run
 
 
 def _launch(cfg: TrainConfig, nproc: int) -> int:
@@ -133,7 +173,7 @@ def _launch(cfg: TrainConfig, nproc: int) -> int:
     threads = os.environ.get("OMP_NUM_THREADS") or str(max(1, (os.cpu_count() or 1) // nproc))
     with tempfile.TemporaryDirectory(prefix="ursa-nproc-") as tmp:
         code_file = Path(tmp) / "exit_code"
-        env = {**os.environ, EXIT_FILE: str(code_file), "OMP_NUM_THREADS": threads}
+        env = {**os.environ, EXIT_FILE: str(code_file), "OMP_NUM_THREADS": threads, RUN_LOCKED: str(cfg.out.resolve())}
         proc = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, text=True, bufsize=1)
         assert proc.stderr is not None
         said = False

@@ -20,20 +20,14 @@ from typing import Any
 
 import numpy as np
 
+from ursa.util.numbers import softmax  # the one softmax (float64 by default), used here and re-exported
+
 N_BINS = 15
 TARGET_PRECISION = 0.95
 T_RANGE = (0.25, 20.0)  # temperatures searched (1/T is searched, where the NLL is convex)
 # With fewer validation mistakes than this the NLL keeps falling as T -> 0 (every answer right: sharpen
 # forever), so the fit would make a small run's model claim certainty it never earned: keep T = 1.
 MIN_MISTAKES = 3
-
-
-def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
-    """Probabilities of logits / temperature, computed stably in float64."""
-    z = np.asarray(logits, dtype=np.float64) / float(temperature)
-    z = z - z.max(axis=1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=1, keepdims=True)
 
 
 def nll(logits: np.ndarray, y: np.ndarray, temperature: float = 1.0) -> float:

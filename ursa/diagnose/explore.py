@@ -9,11 +9,12 @@ each dot is an image, coloured by its label, mistakes ringed in red; hovering sh
 
 from __future__ import annotations
 
-import html
 import json
 from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
+
+from ursa.util.names import html_text as _e  # the one HTML escape: names on one line, visible
 
 if TYPE_CHECKING:
     from ursa.diagnose.interpret import Interpretation
@@ -23,10 +24,6 @@ MAX_THUMBS = 1500  # beyond this many items, only the highest losses get a thumb
 PALETTE = ["#2f6fde", "#e07b00", "#1e9e55", "#8e44ad", "#c0392b", "#16a0a8", "#b8860b", "#d35d9c", "#6b7a8f",
            "#4c9a2a"]
 MAP_SIZE = 520
-
-
-def _e(v: object) -> str:
-    return html.escape(str(v), quote=True)
 
 
 def color(i: int) -> str:

@@ -7,18 +7,15 @@ run folder's pictures, and returns a self-contained HTML section (pictures inlin
 from __future__ import annotations
 
 import base64
-import html
 import io
 import math
 from pathlib import Path
 from typing import Any, Callable
 
+from ursa.util.names import html_text as _e  # the one HTML escape: names on one line, visible
+
 MAX_PAIRS_SHOWN = 24
 PAIR_THUMB = 140
-
-
-def _e(v: object) -> str:
-    return html.escape(str(v), quote=True)
 
 
 def _png(path: Path, alt: str, caption: str, wide: bool = False) -> str:

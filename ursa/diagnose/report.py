@@ -19,7 +19,6 @@
 from __future__ import annotations
 
 import base64
-import html
 import io
 import json
 import math
@@ -29,6 +28,7 @@ from typing import TYPE_CHECKING, Sequence
 
 from ursa.diagnose import explore, insight_html
 from ursa.diagnose.advice import RULE_DESCRIPTIONS, RULES, Advice, History, advise, check
+from ursa.util.names import html_text as _e  # the one HTML escape: names on one line, visible
 
 if TYPE_CHECKING:
     from ursa.diagnose.interpret import Interpretation
@@ -187,10 +187,6 @@ td.num, th.num { text-align:right; font-variant-numeric: tabular-nums; }
 details summary { cursor: pointer; color: var(--accent); margin-top: 10px; }
 footer { color: var(--muted); font-size: 12px; text-align:center; }
 """ + explore.CSS
-
-
-def _e(v: object) -> str:
-    return html.escape(str(v), quote=True)
 
 
 def _pct(v: float | None) -> str:

@@ -16,7 +16,7 @@ from ursa.inference.preprocess import PREPROCESS_KEY, preprocess_spec
 from ursa.inference.runtime import FEATURES_OUTPUT
 from ursa.inference.session import ort_session
 from ursa.inference.static import export_graph
-from ursa.util.files import atomic_path
+from ursa.util.files import atomic_write_bytes
 from ursa.vision.models import Classifier
 
 log = logging.getLogger("ursa")
@@ -86,8 +86,7 @@ def export_onnx(model_path: str | Path, out: str | Path | None = None, *, opset:
     data = proto.SerializeToString()
     if check:
         check_onnx(data, model, meta.input_size)
-    with atomic_path(out) as tmp:
-        tmp.write_bytes(data)
+    atomic_write_bytes(out, data)  # a full disk: one NoSpaceError line, no partial file
     return out
 
 

@@ -73,12 +73,23 @@ def _int_in(lo: int, hi: int) -> Callable[[str, Any], int]:
 def _object(name: str, v: Any) -> dict[str, Any]:
     if not isinstance(v, dict):
         raise _Bad(name, "an object", v)
+    try:  # shown as JSON by serve's /model and predict --json: NaN and Infinity are not JSON
+        json.dumps(v, allow_nan=False)
+    except (ValueError, TypeError, RecursionError):
+        raise _Bad(name, "an object of JSON values (finite numbers, strings, lists, objects)", v) from None
     return v
 
 
 def _text(name: str, v: Any) -> str:
     if not isinstance(v, str):
         raise _Bad(name, "a string", v)
+    return v
+
+
+def _fingerprint(name: str, v: Any) -> str:
+    """The weights' SHA-256 (64 hex digits) written by ``save_model``, or "" for files from before it existed."""
+    if not isinstance(v, str) or (v and (len(v) != 64 or v.strip("0123456789abcdef"))):
+        raise _Bad(name, "64 lowercase hex digits (the weights' SHA-256) or an empty string", v)
     return v
 
 
@@ -116,15 +127,28 @@ def _classes(name: str, v: Any) -> list[str]:
     return v
 
 
+MEAN_BOUNDS = (-10.0, 10.0)  # normalisation of pixels scaled to [0, 1]: ImageNet's is 0.4-0.5
+STD_BOUNDS = (1e-3, 100.0)  # ImageNet's is 0.22-0.23; outside these float32 inputs blow up to inf and NaN
+SCALE_BOUNDS = (1e-6, 1.0)  # pixels 0..255 times scale: ursa writes 1/255
+
+
+def _number_in(lo: float, hi: float) -> Callable[[str, Any], float]:
+    """A number within [lo, hi]: finite in float32 too (1e308 is a finite float64 and inf in float32)."""
+    def check(name: str, v: Any) -> float:
+        if not _is_number(v) or not lo <= v <= hi:
+            raise _Bad(name, f"a number from {lo:g} to {hi:g}", v)
+        return float(v)
+    return check
+
+
 def _stats(positive: bool) -> Callable[[str, Any], list[float]]:
+    lo, hi = STD_BOUNDS if positive else MEAN_BOUNDS
+    each = _number_in(lo, hi)
+
     def check(name: str, v: Any) -> list[float]:
-        what = "1 or 3 finite numbers" + (", each above 0" if positive else "")
         if not isinstance(v, list) or len(v) not in (1, 3):
-            raise _Bad(name, f"a list of {what}", v)
-        for i, x in enumerate(v):
-            if not _is_number(x) or (positive and x <= 0):
-                raise _Bad(f"{name}[{i}]", "a finite number" + (" above 0" if positive else ""), x)
-        return [float(x) for x in v]
+            raise _Bad(name, f"a list of 1 or 3 numbers from {lo:g} to {hi:g}", v)
+        return [each(f"{name}[{i}]", x) for i, x in enumerate(v)]
     return check
 
 
@@ -195,6 +219,52 @@ def _calibration(name: str, v: Any) -> dict[str, Any]:
     return {k: CALIBRATION_FIELDS[k](f"{name}.{k}", x) if k in CALIBRATION_FIELDS else x for k, x in v.items()}
 
 
+DECODE_MAX = 2.0  # decode.short_side at most this times resize.short_side (ursa writes 1.15): 8000 px for a 28 px model
+# would allocate gigabytes per picture
+
+
+def _is_value(want: Any) -> Callable[[str, Any], Any]:
+    def check(name: str, v: Any) -> Any:
+        if v != want or type(v) is not type(want):
+            raise _Bad(name, repr(want), v)
+        return v
+    return check
+
+
+def _preprocess(spec: Any, size: int | None) -> dict[str, Any]:
+    """Every field of an ONNX export's preprocess entry (``preprocess.preprocess_spec``), type and range; _Bad names the field."""
+    _object("preprocess", spec)
+    _is_value(1)("preprocess.version", spec.get("version", MISSING))
+    for part in ("decode", "resize", "crop"):
+        _object(f"preprocess.{part}", spec.get(part, MISSING))
+    lo, hi = size or INPUT_SIZES[0], size or INPUT_SIZES[1]
+    short = _int_in(lo, hi)("preprocess.resize.short_side", spec["resize"].get("short_side", MISSING))
+    _int_in(short, int(short * DECODE_MAX))("preprocess.decode.short_side", spec["decode"].get("short_side", MISSING))
+    _is_value("center")("preprocess.crop.kind", spec["crop"].get("kind", MISSING))
+    crop = spec["crop"].get("size", MISSING)
+    if crop != [short, short] or not all(_is_int(c) for c in crop):
+        raise _Bad("preprocess.crop.size", f"[{short}, {short}] (the resized short side, twice)", crop)
+    _is_value("NCHW")("preprocess.layout", spec.get("layout", MISSING))
+    for key, want in (("mode", "RGB"), ("interpolation", "pil_bilinear")):
+        if key in spec["decode"]:
+            _is_value(want)(f"preprocess.decode.{key}", spec["decode"][key])
+    if "dtype" in spec:
+        _is_value("float32")("preprocess.dtype", spec["dtype"])
+    _number_in(*SCALE_BOUNDS)("preprocess.scale", spec.get("scale", MISSING))
+    _stats(False)("preprocess.mean", spec.get("mean", MISSING))
+    _stats(True)("preprocess.std", spec.get("std", MISSING))
+    return spec
+
+
+def check_preprocess(spec: Any, path: object, size: int | None = None) -> dict[str, Any]:
+    """An ONNX export's preprocess entry this ursa can reproduce safely, or one line naming the field (ModelFileError)."""
+    try:
+        return _preprocess(spec, size)
+    except _Bad as e:
+        raise ModelFileError(f"{path}: ONNX file's preprocess metadata is damaged: field {e.name!r} must be "
+                             f"{e.expected}, got {given(e.value)}{REDO_ONNX}") from None
+
+
 # name -> (check, required, JSON-encoded in a safetensors header). Order: cheap checks first, arch last.
 FIELDS: dict[str, tuple[Callable[[str, Any], Any], bool, bool]] = {
     "classes": (_classes, True, True),
@@ -207,9 +277,11 @@ FIELDS: dict[str, tuple[Callable[[str, Any], Any], bool, bool]] = {
     "calibration": (_calibration, False, True),
     "ursa_version": (_text, False, False),
     "created": (_text, False, False),
+    "fingerprint": (_fingerprint, False, False),
     "arch": (_arch_name, True, False),  # header files: `_arch` as well, once the cheap checks passed
 }
-DEFAULTS: dict[str, Any] = {"metrics": {}, "config": {}, "calibration": {}, "ursa_version": "?", "created": ""}
+DEFAULTS: dict[str, Any] = {"metrics": {}, "config": {}, "calibration": {}, "ursa_version": "?", "created": "",
+                           "fingerprint": ""}
 
 
 ONNX_META_KEY = "ursa"  # an ONNX export's custom metadata key holding the full ModelMeta as JSON
@@ -230,6 +302,7 @@ class ModelMeta:
     calibration: dict[str, Any] = field(default_factory=dict)  # temperature scaling and threshold (optional)
     ursa_version: str = __version__
     created: str = ""
+    fingerprint: str = ""  # SHA-256 of the weights (``modelfile.weights_fingerprint``): an export belongs to it
     format: str = FORMAT
     format_version: str = FORMAT_VERSION
 
@@ -298,12 +371,22 @@ def checked_fields(raw: Any, path: object, where: str, encoded: bool, buildable:
     return out
 
 
+def _no_constant(name: str) -> Any:
+    """json.loads' hook for NaN, Infinity and -Infinity: Python accepts them, JSON and float32 arithmetic do not."""
+    raise ValueError(f"{name} is not JSON")
+
+
+def loads(text: str | bytes) -> Any:
+    """Strict JSON: NaN and Infinity are refused (ValueError) as the standard says."""
+    return json.loads(text, parse_constant=_no_constant)
+
+
 def _decode(name: str, value: Any) -> Any:
     """A header value is a JSON string; a value that is not one is checked as it is."""
     if not isinstance(value, str):
         return value
     try:
-        return json.loads(value)
+        return json.loads(value)  # NaN parses here and is refused by the field's check, which names it
     except RecursionError:
         raise _Bad(name, "JSON nested at most a few hundred levels deep", value[:40]) from None
     except ValueError:

@@ -13,20 +13,21 @@ alike; the head is also checked against the weights' shapes before anything is a
 
 from __future__ import annotations
 
+import hashlib
 from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from ursa.errors import ModelFileError
 from ursa.inference.header import read_header, read_meta
 from ursa.inference.metaschema import FORMAT, FORMAT_VERSION, ONNX_META_KEY, ModelMeta
 from ursa.vision.models import Classifier, HeadConfig, create_backbone, create_head
-from ursa.util.files import atomic_path
+from ursa.util.files import save_tensors
 
-__all__ = ["ONNX_META_KEY", "ModelMeta", "load_model", "read_header", "read_meta", "save_model"]
+__all__ = ["ONNX_META_KEY", "ModelMeta", "load_model", "read_header", "read_meta", "save_model", "weights_fingerprint"]
 
 
 def save_model(model: Classifier, path: str | Path, meta: ModelMeta) -> Path:
@@ -35,9 +36,22 @@ def save_model(model: Classifier, path: str | Path, meta: ModelMeta) -> Path:
     if not meta.created:
         meta.created = datetime.now(timezone.utc).isoformat(timespec="seconds")
     state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
-    with atomic_path(path) as tmp:
-        save_file(state, str(tmp), metadata=meta.to_header())
-    return path
+    meta.fingerprint = weights_fingerprint(state)
+    return save_tensors(path, state, metadata=meta.to_header())  # a full disk: one NoSpaceError line
+
+
+def weights_fingerprint(state: dict[str, torch.Tensor]) -> str:
+    """SHA-256 over every tensor's name, dtype, shape and bytes (sorted by name): which weights these are.
+
+    Stored in the model file's header and copied into its ONNX export, so the runtime can tell
+    whether a model.onnx beside a model file was exported from it without reading either's weights.
+    """
+    h = hashlib.sha256()
+    for name in sorted(state):
+        t = state[name].detach().to("cpu").contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}\n".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
 
 
 def load_model(path: str | Path) -> tuple[Classifier, ModelMeta]:

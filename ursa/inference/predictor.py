@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
 
@@ -46,6 +45,7 @@ from ursa.errors import ImageError
 from ursa.inference.modelfile import ModelMeta, load_model
 from ursa.inference.placement import Placement, place
 from ursa.inference.runtime import OnnxPredictor, cores, current_onnx, stream_batches
+from ursa.util.device import default_threads  # the one home; kept importable from here
 from ursa.inference.results import BACKENDS, Prediction, check_backend, check_threshold  # noqa: F401 - re-exported for callers
 from ursa.inference.tta import mean_probs, tta_views, view_batch
 from ursa.util.device import autocast_dtype, describe
@@ -71,15 +71,6 @@ def one_torch_thread() -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(n)
-
-
-def default_threads(workers: int = 1) -> int:
-    """Intra-op threads per process: the cores shared out between worker processes."""
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover - not Linux
-        cores = os.cpu_count() or 1
-    return max(1, cores // max(1, workers))
 
 
 class Predictor:
@@ -217,7 +208,7 @@ def load_predictor(path: str | Path, backend: str = "auto", threads: int | None 
     fast, why = current_onnx(path, backend, threads, tta, where)
     if fast is not None:
         return fast
-    if backend == "auto" and "stale" in why:
+    if why.stale:
         log.warning("%s; running %s with torch. Re-export with `ursa export %s --onnx`", why, path, path)
     torch.set_num_threads(threads)
     return _load_torch(Path(path), bf16, tta, where)

@@ -13,8 +13,6 @@ pipeline's. The rule travels inside the ONNX file as its ``preprocess`` metadata
 
 from __future__ import annotations
 
-import math
-
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
@@ -22,7 +20,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from ursa.errors import ModelFileError
+from ursa.inference.metaschema import check_preprocess
 from ursa.vision.images import Source, open_image
 
 PREPROCESS_KEY = "preprocess"  # the ONNX metadata key holding preprocess_spec's JSON
@@ -44,27 +42,13 @@ def preprocess_spec(size: int, mean: list[float], std: list[float]) -> dict[str,
     }
 
 
-def _finite(values: Any) -> bool:
-    return all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in values)
-
-
 def check_spec(spec: Any, path: object, size: int | None = None) -> dict[str, Any]:
-    """A preprocess entry this version can reproduce (for a model of input ``size``, when given), or one clear line."""
-    try:
-        short = int(spec["resize"]["short_side"])
-        ok = (spec["version"] == 1 and spec["crop"]["kind"] == "center" and spec["layout"] == "NCHW"
-              and int(spec["decode"]["short_side"]) >= short > 0
-              and [int(v) for v in spec["crop"]["size"]] == [short, short]
-              and (size is None or short == size)
-              and _finite([spec["scale"]]) and spec["scale"] > 0
-              and len(spec["mean"]) in (1, 3) and len(spec["std"]) in (1, 3)
-              and _finite(spec["mean"]) and _finite(spec["std"]) and min(spec["std"]) > 0)
-    except (KeyError, TypeError, ValueError, ArithmeticError):
-        ok = False
-    if not ok:
-        raise ModelFileError(f"{path}: its preprocess metadata is not one this ursa can reproduce; "
-                             "export it again with `ursa export MODEL --onnx`")
-    return spec
+    """A preprocess entry this version can reproduce (for a model of input ``size``, when given), or one clear line.
+
+    The schema lives with the rest of the metadata's (``metaschema.check_preprocess``): every field
+    typed and bounded, so a crafted file cannot ask for an 8000 px decode or a 1e308 scale.
+    """
+    return check_preprocess(spec, path, size)
 
 
 def _triangle(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
+from ursa.errors import ModelOutputError, UrsaError
+from ursa.util.numbers import softmax
 
-from ursa.errors import UrsaError
+__all__ = ["BACKENDS", "Prediction", "check_backend", "check_threshold", "softmax"]  # softmax: util.numbers' one
 
 
 @dataclass
@@ -19,6 +21,12 @@ class Prediction:
     probs: dict[str, float]
     unsure: bool = False
     threshold: float | None = None  # the threshold the answer was judged by (None: none)
+
+    def __post_init__(self) -> None:
+        """A NaN or infinite probability is never an answer (nor bare NaN in JSON): the model itself is damaged."""
+        if not all(math.isfinite(p) for p in self.probs.values()):
+            raise ModelOutputError("the model gave probabilities that are not finite numbers (NaN or infinity): "
+                                   "its weights are damaged; train or export it again")
 
     def as_tuple(self) -> tuple[str, int, dict[str, float]]:
         """fastai's (label, index, probs) shape."""
@@ -46,14 +54,6 @@ def check_threshold(threshold: float | None) -> float | None:
     if threshold is not None and not (isinstance(threshold, (int, float)) and 0.0 <= float(threshold) <= 1.0):
         raise UrsaError(f"unsure threshold: expected a probability from 0 to 1, got {threshold!r}")
     return None if threshold is None else float(threshold)
-
-
-def softmax(logits: np.ndarray) -> np.ndarray:
-    """Row-wise softmax in float64 then float32 (stable: the row maximum is subtracted): the runtime's and TTA's one softmax."""
-    z = np.asarray(logits).astype(np.float64)
-    z -= z.max(axis=1, keepdims=True)
-    e = np.exp(z)
-    return (e / e.sum(axis=1, keepdims=True)).astype(np.float32)
 
 
 BACKENDS = ("auto", "torch", "onnx")

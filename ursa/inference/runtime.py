@@ -17,8 +17,6 @@ numpy release the GIL), and results come back in input order as soon as each bat
 from __future__ import annotations
 
 import itertools
-import json
-import os
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
@@ -28,12 +26,14 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 import numpy as np
 
 from ursa.errors import ImageError, ModelFileError, UrsaError
-from ursa.inference.metaschema import ONNX_META_KEY, ModelMeta
+from ursa.inference.metaschema import ONNX_META_KEY, ModelMeta, loads
 from ursa.inference.placement import CPU, Placement, onnx_device, onnx_line, onnx_refusal
 from ursa.inference.preprocess import PREPROCESS_KEY, Preprocess, check_spec, preprocess_spec
-from ursa.inference.results import Prediction, check_backend, check_threshold, softmax
+from ursa.inference.results import Prediction, check_backend, check_threshold
 from ursa.inference.session import check_session_fits, ort_session
 from ursa.inference.tta import mean_probs, tta_views, view_batch
+from ursa.util.device import cores
+from ursa.util.numbers import softmax
 from ursa.vision.images import Source
 
 
@@ -42,14 +42,6 @@ FEATURES_OUTPUT = "features"  # the export's second output: the pooled body feat
 
 class NoFeaturesOutput(UrsaError):
     """An ONNX file exported before it carried the body features: interpret and clean run torch instead."""
-
-
-def cores() -> int:
-    """CPU cores this process may use."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover - not Linux
-        return os.cpu_count() or 1
 
 
 def stream_batches(sources: Iterable[Source], bs: int, decode: Callable[[Source], Any],
@@ -152,7 +144,7 @@ class OnnxPredictor:
         n = len(self.views)
         if n == 1:
             logits, feats = self.logits_and_features(x)
-            return softmax(logits / np.float32(self.temperature)), feats
+            return softmax(logits / np.float32(self.temperature), dtype=np.float32), feats
         logits, feats = self.logits_and_features(view_batch(x, n))
         return mean_probs(logits, n, self.temperature), feats[: len(x)]
 
@@ -160,7 +152,7 @@ class OnnxPredictor:
         """Calibrated probabilities for a preprocessed batch (the model's temperature applied; averaged over the TTA views)."""
         n = len(self.views)
         if n == 1:
-            return softmax(self.logits(x) / np.float32(self.temperature))
+            return softmax(self.logits(x) / np.float32(self.temperature), dtype=np.float32)
         return mean_probs(self.logits(view_batch(x, n)), n, self.temperature)
 
     def result(self, p: Sequence[float], threshold: float | None | str = "model") -> Prediction:
@@ -241,7 +233,7 @@ def open_session(path: Path, threads: int, device: str = "cpu") -> Any:
 def _json_or_none(text: str | None) -> Any:
     """A metadata value that should be JSON; None when it is absent or damaged (it is only shown, never used)."""
     try:
-        return json.loads(text) if text is not None else None
+        return loads(text) if text is not None else None
     except (ValueError, RecursionError):
         return None
 
@@ -255,7 +247,7 @@ def read_onnx_meta(session: Any, path: Path) -> tuple[ModelMeta, dict[str, Any]]
     if PREPROCESS_KEY not in props:  # exports before the preprocess entry: the rule was the same
         return meta, preprocess_spec(meta.input_size, meta.mean, meta.std)
     try:
-        spec = json.loads(props[PREPROCESS_KEY])
+        spec = loads(props[PREPROCESS_KEY])
     except (ValueError, RecursionError):
         spec = None
     return meta, check_spec(spec, path, meta.input_size)
@@ -274,8 +266,25 @@ def load_onnx(path: str | Path, threads: int | None = None, tta: bool = False, d
     return OnnxPredictor(session, meta, spec, source=path, tta=tta, device=device, threads=threads)
 
 
+class Why(str):
+    """Why a backend was picked: the text people read, and ``stale`` for code (an export of another model beside it)."""
+
+    stale: bool
+
+    def __new__(cls, text: str, stale: bool = False) -> "Why":
+        why = super().__new__(cls, text)
+        why.stale = stale
+        return why
+
+
 def stale_reason(onnx_meta: ModelMeta, meta: ModelMeta) -> str | None:
-    """Why an ONNX export does not belong to this model file, or None when it does (mtimes lie, metadata doesn't)."""
+    """Why an ONNX export does not belong to this model file, or None when it does (mtimes lie, metadata doesn't).
+
+    Decided from data both files carry: the weights' fingerprint (when both have one: files since
+    ``modelfile.weights_fingerprint``), the creation time and the classes.
+    """
+    if onnx_meta.fingerprint and meta.fingerprint and onnx_meta.fingerprint != meta.fingerprint:
+        return f"its weights are not this model file's (fingerprint {onnx_meta.fingerprint[:12]}, model {meta.fingerprint[:12]})"
     if onnx_meta.created != meta.created:
         return f"exported from the model created {onnx_meta.created or '?'}, this model file was created {meta.created or '?'}"
     if onnx_meta.classes != meta.classes:
@@ -284,14 +293,16 @@ def stale_reason(onnx_meta: ModelMeta, meta: ModelMeta) -> str | None:
 
 
 def current_onnx(path: str | Path, backend: str = "auto", threads: int | None = None,
-                 tta: bool = False, device: Placement | None = None) -> tuple[OnnxPredictor | None, str]:
+                 tta: bool = False, device: Placement | None = None) -> tuple[OnnxPredictor | None, Why]:
     """The ONNX predictor that `backend` picks for `path` (torch-free), or None and why torch runs instead.
 
-    The rule of ``predictor.resolve_backend``: a .onnx path runs itself; "onnx" needs MODEL.onnx
-    beside the model; "auto" uses it only when it is at least as new and was exported from this
-    model file (same ``created`` and classes); "torch" never. ``tta`` is passed to the predictor.
-    ``device`` (``placement.place``; None: the CPU): where ONNX Runtime cannot run (MPS; CUDA without
-    its CUDA provider) torch runs instead, and an .onnx file or "onnx" there is a DeviceError.
+    The rule of ``predictor.resolve_backend``: a .onnx path runs itself (the file carries its own
+    metadata: it is a whole model); "onnx" needs MODEL.onnx beside the model, exported from it
+    (``stale_reason``; another model's export is a ModelFileError); "auto" uses it only when it is
+    at least as new and exported from this model file, else torch with ``why.stale`` set; "torch"
+    never. ``tta`` is passed to the predictor. ``device`` (``placement.place``; None: the CPU):
+    where ONNX Runtime cannot run (MPS; CUDA without its CUDA provider) torch runs instead, and an
+    .onnx file or "onnx" there is a DeviceError.
     """
     path = Path(path)
     check_backend(backend)
@@ -302,22 +313,22 @@ def current_onnx(path: str | Path, backend: str = "auto", threads: int | None = 
             raise UrsaError(f"{path}: --backend torch needs the model.safetensors file, not the ONNX export")
         if on is None:
             raise onnx_refusal(where, path.name)
-        return load_onnx(path, threads, tta, on), "an .onnx file"
+        return load_onnx(path, threads, tta, on), Why("an .onnx file")
     if not path.is_file():
         raise ModelFileError(f"{path}: model file not found")
     beside = path.with_suffix(".onnx")
     if backend == "torch":
-        return None, "--backend torch"
+        return None, Why("--backend torch")
     if on is None:
         if backend == "onnx":
             raise onnx_refusal(where, "--backend onnx")
-        return None, f"ONNX Runtime cannot use {where.name} here"
+        return None, Why(f"ONNX Runtime cannot use {where.name} here")
     if not beside.is_file():
         if backend == "onnx":
             raise UrsaError(f"{beside}: ONNX file not found; create it with `ursa export {path} --onnx`")
-        return None, f"no {beside.name} beside the model (`ursa export {path} --onnx` makes one)"
+        return None, Why(f"no {beside.name} beside the model (`ursa export {path} --onnx` makes one)")
     if backend == "auto" and beside.stat().st_mtime < path.stat().st_mtime:
-        return None, f"{beside.name} is older than the model file"
+        return None, Why(f"{beside.name} is older than the model file")
     from ursa.inference.header import read_meta
 
     try:
@@ -326,15 +337,18 @@ def current_onnx(path: str | Path, backend: str = "auto", threads: int | None = 
         if backend == "onnx":
             raise
         # train writes model.onnx every time: a damaged one must not stop the model file itself from running
-        return None, f"{beside.name} is unusable ({str(e).splitlines()[0][:200]})"
-    stale = stale_reason(pred.meta, read_meta(path, buildable=False)) if backend == "auto" else None
+        return None, Why(f"{beside.name} is unusable ({str(e).splitlines()[0][:200]})")
+    stale = stale_reason(pred.meta, read_meta(path, buildable=False))
+    if stale and backend == "onnx":
+        raise ModelFileError(f"{beside}: not exported from {path.name} ({stale}); export it again with "
+                             f"`ursa export {path} --onnx`, or give --backend torch")
     if stale:
-        return None, f"{beside.name} is stale ({stale})"
-    return pred, f"{beside.name} is current"
+        return None, Why(f"{beside.name} is stale ({stale})", stale=True)
+    return pred, Why(f"{beside.name} is current")
 
 
 def current_onnx_with_features(path: str | Path, threads: int | None = None, tta: bool = False,
-                               device: Placement | None = None) -> tuple[OnnxPredictor | None, str]:
+                               device: Placement | None = None) -> tuple[OnnxPredictor | None, Why]:
     """`current_onnx(path, "auto")` for interpret and clean: the ONNX predictor only when it also gives body features.
 
     None and the reason (shown to the user) when there is no current export, when it cannot be
@@ -345,7 +359,7 @@ def current_onnx_with_features(path: str | Path, threads: int | None = None, tta
         if pred is not None:
             pred.check_features()
     except UrsaError as e:  # a broken or old export beside a good model file: torch still works
-        return None, str(e)
+        return None, Why(str(e))
     return pred, why
 
 

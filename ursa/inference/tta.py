@@ -19,7 +19,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from ursa.errors import ModelFileError
-from ursa.inference.results import softmax
+from ursa.util.numbers import softmax
 from ursa.vision import FLIPS
 
 DEFAULT_FLIPS = "horizontal"  # model files from before TrainConfig had `flips` were trained with horizontal flips
@@ -54,7 +54,7 @@ def view_batch(x: np.ndarray, n_views: int) -> np.ndarray:
 
 def mean_probs(logits: np.ndarray, n_views: int, temperature: float) -> np.ndarray:
     """Average of each view's calibrated probabilities (logits / temperature, softmax) for logits laid out as view_batch's."""
-    p = softmax(np.asarray(logits, dtype=np.float32) / np.float32(temperature))
+    p = softmax(np.asarray(logits, dtype=np.float32) / np.float32(temperature), dtype=np.float32)
     if len(p) % n_views:
         raise ValueError(f"mean_probs: {len(p)} rows are not {n_views} views of the same images")
     return p.reshape(n_views, -1, p.shape[1]).mean(axis=0, dtype=np.float64).astype(np.float32)

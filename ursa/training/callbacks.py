@@ -42,15 +42,51 @@ class CancelFitException(Exception):
     """End the fit now (the message, if any, is shown as the reason); after_cancel_fit, then after_fit, fire."""
 
 
+# Every event the loop fires (fastai's ``_events``): a callback method named like an event but not
+# one of these (``after_epcoh``) would silently never run, so defining one is an error.
+EVENTS = ("before_fit", "before_epoch", "before_batch", "after_loss", "after_step", "after_batch",
+          "after_cancel_batch", "after_cancel_epoch", "after_epoch", "after_cancel_fit", "after_fit")
+EVENT_PREFIXES = ("before_", "after_")
+
+
+def unknown_events(cls: type) -> list[str]:
+    """Public methods of a callback class named like an event (before_*/after_*) that no event calls."""
+    return sorted(name for name in dir(cls) if name.startswith(EVENT_PREFIXES) and name not in EVENTS
+                  and callable(getattr(cls, name, None)))
+
+
 class Callback:
-    """Base class: override the events you need; lower ``order`` runs first."""
+    """Base class: override the events you need (``EVENTS``); lower ``order`` runs first.
+
+    A method named like an event that is not one (a typo: ``after_epcoh``) is refused when the
+    class is defined (TypeError), and again when a learner gets the callback.
+    """
 
     order = 50
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        bad = unknown_events(cls)
+        if bad:
+            raise TypeError(f"{cls.__name__}: {', '.join(bad)} is not an event the training loop fires; "
+                            f"expected one of {', '.join(EVENTS)}")
 
     def __call__(self, event: str, learn: Any) -> None:
         method = getattr(self, event, None)
         if method is not None:
             method(learn)
+
+
+def check_callbacks(cbs: Any) -> None:
+    """Refuse callbacks that are not Callbacks or carry a method named like an unknown event (TypeError)."""
+    for cb in cbs:
+        if not isinstance(cb, Callback):
+            raise TypeError(f"expected a Callback, got {type(cb).__name__}")
+        bad = [n for n in vars(cb) if n.startswith(EVENT_PREFIXES) and n not in EVENTS and callable(vars(cb)[n])]
+        bad += unknown_events(type(cb))
+        if bad:
+            raise TypeError(f"{type(cb).__name__}: {', '.join(sorted(set(bad)))} is not an event the training loop "
+                            f"fires; expected one of {', '.join(EVENTS)}")
 
 
 class ProgressCallback(Callback):
@@ -61,6 +97,7 @@ class ProgressCallback(Callback):
     def __init__(self) -> None:
         self.bar: Progress | None = None
         self.task: Any = None
+        self.desc = ""
 
     def before_epoch(self, learn: Any) -> None:
         self.close()
@@ -97,6 +134,11 @@ class Recorder(Callback):
         self.rows: list[dict] = list(rows or [])
         self.epoch_losses: list[float] = []
         self.t0 = 0.0
+
+    def restore(self, rows: list[dict], batch_losses: list, batch_lrs: list, batch_epochs: list) -> None:
+        """The history as a checkpoint saved it (``--resume``): the recorder owns its lists, so it sets them."""
+        self.rows[:] = [dict(r) for r in rows]
+        self.batch_losses[:], self.batch_lrs[:], self.batch_epochs[:] = batch_losses, batch_lrs, batch_epochs
 
     def before_epoch(self, learn: Any) -> None:
         self.epoch_losses, self.t0 = [], time.perf_counter()
@@ -198,6 +240,10 @@ class BestWeights(Callback):
         self.state: dict | None = None
         self.epoch: int | None = None
         self.row: dict | None = None
+
+    def restore(self, state: dict, epoch: int, row: dict) -> None:
+        """The best epoch as a checkpoint saved it (``--resume``)."""
+        self.state, self.epoch, self.row = state, epoch, dict(row)
 
     def after_epoch(self, learn: Any) -> None:
         row = learn.recorder.rows[-1]

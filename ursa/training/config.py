@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import reprlib
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -31,13 +33,50 @@ class ConfigError(UrsaError):
     """An option has a value the recipe cannot use; the message says what was expected and what was given."""
 
 
+SEED_MAX = 2**32 - 1  # numpy's seeds are 0..2**32-1 (torch's go further): one range for every seed
+_SHOW = reprlib.Repr()
+_SHOW.maxstring, _SHOW.maxother, _SHOW.maxlevel = 60, 60, 3  # a 25-digit number or a deep --config value: short
+
+
+def shown(value: object) -> str:
+    """A value as the message shows it: repr (newlines escaped), cut short, however deep or long."""
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) > 10**30:
+        return f"an integer of {len(str(abs(value)))} digits"
+    return _SHOW.repr(value)
+
+
 def _expect(ok: bool, option: str, expected: str, given: object) -> None:
     if not ok:
-        raise ConfigError(f"{option}: expected {expected}, got {given!r}")
+        raise ConfigError(f"{option}: expected {expected}, got {shown(given)}")
 
 
 def _number(v: object) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    try:  # a huge integer overflows a float: not a number an option can mean
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    except OverflowError:
+        return False
+
+
+def _whole(v: object, lo: int = 0, hi: int | None = None) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= lo and (hi is None or v <= hi)
+
+
+def check_seed(option: str, v: object) -> int:
+    """A seed every library takes (0 to 2**32-1), or one line."""
+    _expect(_whole(v, 0, SEED_MAX), option, f"a whole number from 0 to {SEED_MAX}", v)
+    return v  # type: ignore[return-value]
+
+
+def _option(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _check_bools(config: Any) -> None:
+    """Every bool field of a config dataclass holds true or false (JSON's "false" is a string, and truthy)."""
+    for f in fields(config):
+        if f.type in ("bool", bool):
+            v = getattr(config, f.name)
+            _expect(isinstance(v, bool), _option(f.name), "true or false", v)
 
 
 @dataclass(frozen=True)
@@ -61,10 +100,12 @@ class LearnerConfig:
     quiet: bool = False  # no progress bars
 
     def __post_init__(self) -> None:
+        _check_bools(self)
+        check_seed("--seed", self.seed)
         _expect(_number(self.wd) and self.wd >= 0, "--wd", "a number >= 0", self.wd)
         _expect(_number(self.label_smoothing) and 0 <= self.label_smoothing < 1, "--label-smoothing",
                 "a number in [0, 1)", self.label_smoothing)
-        _expect(self.views is None or (isinstance(self.views, int) and self.views >= 1), "--views",
+        _expect(self.views is None or _whole(self.views, 1), "--views",
                 "a whole number >= 1", self.views)
         _expect(self.feature_backend in FEATURE_BACKENDS, "feature_backend", " or ".join(FEATURE_BACKENDS),
                 self.feature_backend)
@@ -117,26 +158,35 @@ class TrainConfig:
     quiet: bool = False
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "data", Path(self.data))
-        object.__setattr__(self, "out", Path(self.out))
-        if self.csv is not None:
-            object.__setattr__(self, "csv", Path(self.csv))
+        for name in ("data", "out", "csv"):  # from a --config file any JSON value can arrive here
+            v = getattr(self, name)
+            _expect(isinstance(v, (str, os.PathLike)) or (name == "csv" and v is None), _option(name), "a path", v)
+            if v is not None:
+                object.__setattr__(self, name, Path(v))
         if self.unfreeze_lr is not None:
+            _expect(isinstance(self.unfreeze_lr, (list, tuple)), "--unfreeze-lr", "LO,HI with 0 < LO <= HI",
+                    self.unfreeze_lr)
             object.__setattr__(self, "unfreeze_lr", tuple(self.unfreeze_lr))
         self.validate()
 
     def validate(self) -> None:
-        """Check every option once, here, with messages that say what was expected and what was given."""
-        _expect(isinstance(self.arch, str) and bool(self.arch), "--arch", "an architecture name", self.arch)
+        """Check every option once, here, with messages that say what was expected and what was given.
+
+        Every field by type and range (a --config file can hold any JSON: "false" is not false).
+        """
+        _check_bools(self)
+        for opt, v in (("--arch", self.arch), ("--flips", self.flips), ("--pixels", self.pixels),
+                       ("--device", self.device)):
+            _expect(isinstance(v, str) and bool(v.strip()), opt, "a name", v)
         for opt, v in (("--size", self.size), ("--unfreeze-size", self.unfreeze_size)):
-            _expect(v is None or (isinstance(v, int) and 32 <= v <= 1024), opt, "a whole number from 32 to 1024", v)
+            _expect(v is None or _whole(v, 32, 1024), opt, "a whole number from 32 to 1024", v)
         _expect(_number(self.valid_pct) and 0 < self.valid_pct < 1, "--valid-pct", "a number between 0 and 1",
                 self.valid_pct)
-        _expect(isinstance(self.seed, int), "--seed", "a whole number", self.seed)
-        _expect(self.split_seed is None or isinstance(self.split_seed, int), "--split-seed", "a whole number",
-                self.split_seed)
+        check_seed("--seed", self.seed)
+        if self.split_seed is not None:
+            check_seed("--split-seed", self.split_seed)
         for opt, v in (("--epochs", self.epochs), ("--unfreeze-epochs", self.unfreeze_epochs)):
-            _expect(v is None or (isinstance(v, int) and v >= 0), opt, "a whole number >= 0", v)
+            _expect(v is None or _whole(v), opt, "a whole number >= 0", v)
         _expect(self.epochs + (self.unfreeze_epochs or 0) > 0,
                 "--epochs/--unfreeze-epochs", "at least one epoch in all", (self.epochs, self.unfreeze_epochs))
         _expect(_number(self.budget) and self.budget >= 0, "--budget", "seconds >= 0 (0: the frozen stage only)",
@@ -148,8 +198,9 @@ class TrainConfig:
         if self.unfreeze_lr is not None:
             lo_hi = self.unfreeze_lr
             _expect(len(lo_hi) == 2 and all(_number(v) for v in lo_hi) and 0 < lo_hi[0] <= lo_hi[1],
-                    "--unfreeze-lr", "LO,HI with 0 < LO <= HI", ",".join(map(str, lo_hi)))
-        _expect(isinstance(self.bs, int) and self.bs >= 2, "--bs", "a whole number >= 2", self.bs)
+                    "--unfreeze-lr", "LO,HI with 0 < LO <= HI",
+                    ",".join(map(shown, lo_hi[:3])) + (",..." if len(lo_hi) > 3 else ""))
+        _expect(_whole(self.bs, 2), "--bs", "a whole number >= 2", self.bs)
         _expect(_number(self.target_precision) and 0 < self.target_precision <= 1, "--target-precision",
                 "a number in (0, 1]", self.target_precision)
         self.learner_config()  # the learner's own checks (wd, label smoothing, views)
@@ -193,8 +244,6 @@ class TrainConfig:
             if kw.get("bn_stats_frozen") is False:
                 kw.pop("bn_stats_frozen")  # the old default made the loss jump when unfreezing
         kw.update(overrides)
-        if kw.get("unfreeze_lr") is not None:
-            kw["unfreeze_lr"] = tuple(kw["unfreeze_lr"])
         return cls(**kw)
 
 
@@ -206,6 +255,8 @@ def read_run_config(run: str | Path) -> dict[str, Any] | None:
         return None
     try:
         d = json.loads(path.read_text(encoding="utf-8"))
+    except RecursionError:
+        raise ConfigError(f"{path}: not a readable run config (JSON nested too deep); remove it or train again") from None
     except (OSError, ValueError) as e:
         raise ConfigError(f"{path}: not a readable run config ({e}); remove it or train again") from None
     if not isinstance(d, dict):

@@ -11,6 +11,7 @@ the default K (one view per epoch) each epoch still sees a fresh augmentation.
 from __future__ import annotations
 
 import queue
+import shutil
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +22,7 @@ import torch
 
 from rich.console import Console
 
+from ursa.errors import NoSpaceError
 from ursa.inference.onnx import onnx_features
 from ursa.util.device import autocast_dtype
 from ursa.util.progress import progress_bar
@@ -29,6 +31,7 @@ from ursa.vision.models import Classifier
 
 # Above this many bytes of features, store them in a memory-mapped file instead of RAM.
 RAM_BUDGET = 1_000_000_000
+SPILL_SHARE = 0.9  # of the free disk space a memory-mapped cache may take
 
 
 @dataclass
@@ -54,6 +57,18 @@ def _alloc(n: int, f: int, total_bytes: int, spill_dir: Path | None, name: str) 
         mm = np.lib.format.open_memmap(spill_dir / f"{name}.npy", mode="w+", dtype=np.float32, shape=(n, f))
         return torch.from_numpy(mm)
     return torch.empty(n, f, dtype=torch.float32)
+
+
+def check_free_space(spill_dir: Path, total_bytes: int, n_views: int) -> None:
+    """Refuse, before the pass, a memory-mapped cache the disk cannot hold (NoSpaceError, one line)."""
+    where = Path(spill_dir)
+    while not where.exists() and where != where.parent:
+        where = where.parent
+    free = shutil.disk_usage(where).free
+    if total_bytes > free * SPILL_SHARE:
+        raise NoSpaceError(f"{spill_dir}: the feature cache needs {total_bytes / 1e9:.1f} GB ({n_views} view(s) of every "
+                           f"training image), only {free / 1e9:.1f} GB are free there: give --views N (N views cycled "
+                           "over the epochs, e.g. --views 4) or fewer --epochs, or free some space")
 
 
 def compute_features(model: Classifier, dls: DataLoaders, n_views: int, *, augment: bool = True,
@@ -129,10 +144,14 @@ class _Pass:
             + f"; body on {engine}" + (f"; this rank's share of {world}" if world > 1 else ""),
             highlight=False,
         )
+        if spill_dir is not None and total_bytes > RAM_BUDGET:
+            check_free_space(spill_dir, total_bytes, n_views)
         if world > 1 and spill_dir is not None:
             spill_dir = spill_dir / f"rank{rank}"  # each rank its own files
         prefetching = engine == "ONNX Runtime"  # torch would compete with itself for the same cores
         views = []
+        labels = torch.tensor(dls.dataset.labels, dtype=torch.long)
+        train_y, valid_y = labels[train_idx].clone(), labels[valid_idx].clone()
         # Measured on 2 cores: batches of 8 are fastest on either engine (and the prefetch thread
         # stays one small batch ahead).
         bs = 8
@@ -142,13 +161,12 @@ class _Pass:
                 torch.manual_seed(self.seed * 1000 + k)  # reproducible augmentation of view k
                 out = _alloc(len(train_idx), n_feat, total_bytes, spill_dir, f"train_view{k}")
                 dl = dls.loader(train_idx, train=self.augment, size=self.size, bs=bs, shuffle=False)
-                _fill(body, dl, out, prog, task, prefetching)
+                _fill(body, dl, out, train_y, prog, task, prefetching)
                 views.append(out)
             valid = _alloc(len(valid_idx), n_feat, total_bytes, spill_dir, "valid")
-            _fill(body, dls.loader(valid_idx, train=False, size=self.size, bs=bs, shuffle=False), valid, prog, task,
-                  prefetching)
-        labels = torch.tensor(dls.dataset.labels, dtype=torch.long)
-        return FeatureCache(views, labels[train_idx], valid, labels[valid_idx], self.size, self.augment,
+            _fill(body, dls.loader(valid_idx, train=False, size=self.size, bs=bs, shuffle=False), valid, valid_y, prog,
+                  task, prefetching)
+        return FeatureCache(views, train_y, valid, valid_y, self.size, self.augment,
                             n_views * len(train_idx) + len(valid_idx))
 
 
@@ -205,11 +223,16 @@ def prefetch(it: Iterable, depth: int = 2) -> Iterator:
         thread.join(timeout=10)
 
 
-def _fill(body: Callable[[torch.Tensor], torch.Tensor], dl, out: torch.Tensor, prog, task, prefetching: bool) -> None:
+def _fill(body: Callable[[torch.Tensor], torch.Tensor], dl, out: torch.Tensor, y: torch.Tensor, prog, task,
+          prefetching: bool) -> None:
+    """Features of every item into out; an item that failed to read (negative label) gets that label in y."""
     i = 0
     assert not dl.drop_last, "feature cache needs every item"
-    for xb, _ in (prefetch(dl) if prefetching else dl):
+    for xb, yb in (prefetch(dl) if prefetching else dl):
         f = body(xb)
         out[i:i + len(f)] = f
+        failed = yb < 0
+        if bool(failed.any()):
+            y[i:i + len(f)][failed] = yb[failed]  # skipped in every view: this view could not read it
         i += len(f)
         prog.update(task, advance=len(f))

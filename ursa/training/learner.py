@@ -27,6 +27,7 @@ from ursa.training.callbacks import (
     CancelEpochException,
     CancelFitException,
     Recorder,
+    check_callbacks,
     default_callbacks,
 )
 from ursa.training.config import LearnerConfig
@@ -35,8 +36,8 @@ from ursa.training.features import FeatureCache, compute_features, gather_cache
 from ursa.training.optim import head_lr, make_optimizer, one_cycle, param_groups
 from ursa.training.sources import BatchSource, CachedFeatures, ImageBatches, Metrics, metrics_from_probs
 from ursa.util.device import autocast_dtype
-from ursa.util.files import atomic_path
-from ursa.vision.loaders import DataLoaders
+from ursa.util.files import save_tensors
+from ursa.vision.loaders import DataLoaders, failed_items
 from ursa.vision.models import Classifier
 
 
@@ -57,13 +58,32 @@ class Learner:
         self.fit_generator: torch.Generator | None = None
         self.sched: Any = None
         self.console = console or Console(stderr=True, quiet=self.config.quiet)
+        cbs = list(cbs)
+        check_callbacks(cbs)
         self.cbs = sorted([*default_callbacks(), *cbs], key=lambda cb: cb.order)
         self.recorder: Recorder = next(cb for cb in self.cbs if isinstance(cb, Recorder))
         self.best: BestWeights = next(cb for cb in self.cbs if isinstance(cb, BestWeights))
         self.diverged = False
         self.epochs_done = 0  # epochs trained so far, over every fit
         self.kept_row: dict | None = None  # set by use_best(): the history row whose weights the model holds
+        # Images that changed or vanished on disk after the scan (--pixels stream): index -> why; they are
+        # skipped (no loss, not in the validation figures) and reported by the run writer.
+        self.vanished: dict[int, str] = {}
         self._cache: FeatureCache | None = None
+        # What the loop sets while it runs (callbacks read these); created here, so a learner always has them.
+        self.n_epoch, self.epoch, self.epoch_in_fit, self.n_iter, self.iter = 0, 0, 0, 0, 0
+        self.stage = ""
+        self.source: BatchSource | None = None
+        self.opt: torch.optim.Optimizer | None = None
+        self.metrics: Metrics = (float("nan"),) * 3
+        self._running: list[Callback] = self.cbs
+        self.xb: torch.Tensor | None = None
+        self.yb: torch.Tensor | None = None
+        self.pred: torch.Tensor | None = None
+        self.loss: torch.Tensor | None = None
+        self.loss_value = float("nan")
+        self.lr = 0.0
+        self.batch_cancelled = False
         self.model.to(self.device, memory_format=torch.channels_last)
 
     # --- fastai verbs --------------------------------------------------------------------------
@@ -93,6 +113,23 @@ class Learner:
         self.kept_row = dict(b.row)
         return self.kept_row
 
+    def restore_epochs(self, epochs_done: int) -> None:
+        """The epoch count of a checkpoint (``--resume``): the learner owns it, so it sets it."""
+        self.epochs_done = int(epochs_done)
+
+    def recovered(self) -> None:
+        """A divergence was handled by going back to good weights (the recipe's fine-tuning): no longer diverged."""
+        self.diverged = False
+
+    def note_vanished(self, y: torch.Tensor) -> None:
+        """Record the items a batch marks as unreadable since the scan (``loaders.failed_items``)."""
+        for i in failed_items(y):
+            self.vanished.setdefault(i, "changed or vanished on disk during training")
+
+    def vanished_names(self) -> list[str]:
+        """Names (relative to the data folder) of the images skipped because they changed or vanished."""
+        return [self.dls.dataset.rel(i) for i in sorted(self.vanished)]
+
     def drop_features(self) -> None:
         """Free the feature cache (it is computed again when a frozen fit needs it)."""
         self._cache = None
@@ -107,7 +144,17 @@ class Learner:
         return self._features(n_views, None)
 
     def loss_func(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """Cross-entropy (with the configured label smoothing)."""
+        """Cross-entropy (with the configured label smoothing) over the items that were read (label >= 0).
+
+        An image that changed or vanished since the scan has a negative label: it adds nothing (a
+        batch of nothing else gives a zero loss, so every rank still takes the same steps).
+        """
+        keep = y >= 0
+        if not bool(keep.all()):
+            self.note_vanished(y)
+            if not bool(keep.any()):
+                return (logits * 0).sum()
+            logits, y = logits[keep], y[keep]
         return F.cross_entropy(logits, y, label_smoothing=self.config.label_smoothing)
 
     def fit_one_cycle(self, n_epoch: int, max_lr: float | slice = 3e-3, pct_start: float = 0.25, *,
@@ -190,7 +237,7 @@ class Learner:
         ``first_epoch``: a resumed fit starts there (the epochs before it are in the checkpoint).
         """
         self.n_epoch, self.source, self.opt, self.sched, self.stage = n_epoch, source, opt, sched, stage
-        self.metrics: Metrics = (float("nan"),) * 3
+        self.metrics = (float("nan"),) * 3
         self._running = sorted(cbs, key=lambda cb: cb.order) if cbs is not None else self.cbs
         try:
             self._event("before_fit")
@@ -270,6 +317,7 @@ class Learner:
                 spill = cfg.spill_dir / f"rank{d.rank}" if cfg.spill_dir is not None else None
                 cache = gather_cache(cache, d.gather_rows, len(self.dls.dataset.train_idx),
                                      len(self.dls.dataset.valid_idx), spill)
+            self.note_vanished(torch.cat([cache.train_y, cache.valid_y]))
             if keep:
                 self._cache = cache
         return cache
@@ -300,6 +348,7 @@ class Learner:
                 f = self.model.features(xb.to(self.device, non_blocking=True))
                 logits.append(self.model.head(f).float().cpu())
             ys.append(yb)
+            self.note_vanished(yb)
             if features:
                 feats.append(f.float().cpu())
         return torch.cat(logits), torch.cat(ys), torch.cat(feats) if features else None
@@ -317,18 +366,14 @@ class Learner:
         else:  # fewer validation images than ranks
             probs, y = torch.zeros(0, len(self.dls.classes)), torch.zeros(0, dtype=torch.long)
         probs, y = d.gather_rows(probs, len(idx)), d.gather_rows(y, len(idx))
+        self.note_vanished(y)  # every rank's unreadable images, so rank 0 reports them all
         return metrics_from_probs(probs, y)
 
     # --- checkpoints and export ----------------------------------------------------------------
 
     def save(self, path: str | Path) -> Path:
         """Checkpoint the weights (safetensors, atomic) to come back to with load()."""
-        from safetensors.torch import save_file
-
-        path = Path(path)
-        with atomic_path(path) as tmp:
-            save_file({k: v.detach().contiguous() for k, v in self.model.state_dict().items()}, str(tmp))
-        return path
+        return save_tensors(path, {k: v.detach().to("cpu").contiguous() for k, v in self.model.state_dict().items()})
 
     def load(self, path: str | Path) -> "Learner":
         """Restore weights saved by save()."""

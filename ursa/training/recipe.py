@@ -43,6 +43,7 @@ from ursa.vision.loaders import MEMORY_BUDGET, dataloaders
 from ursa.vision.models import create_model, get_spec
 from ursa.vision.probe import probe_images
 from ursa.vision.show import write_batch
+from ursa.util.names import printable
 
 # Seconds the budget keeps for what follows training: the report pass, the model file, its ONNX export.
 RESERVE = 8.0
@@ -120,7 +121,7 @@ def prepare(cfg: TrainConfig, console: Console | None = None, spill_dir: Path | 
     # The first line, once data and network are known to be usable (bad input stays a one-line error).
     console.print(describe(device) + (f"; {describe_dist(dist)}" if dist.active else ""), highlight=False)
     console.print(
-        f"{len(ds)} images, {len(ds.classes)} classes ({', '.join(f'{c} {n}' for c, n in counts.items())} for training), "
+        f"{len(ds)} images, {len(ds.classes)} classes ({', '.join(f'{printable(c)} {n}' for c, n in counts.items())} for training), "
         f"{len(ds.train_idx)} train / {len(ds.valid_idx)} valid; {cfg.arch} at {size}px",
         highlight=False,
     )
@@ -239,7 +240,8 @@ def _fine_tune(cfg: TrainConfig, learn: Learner, plan: Plan, t0: float, console:
             except DivergedError as e:
                 if fixed:
                     raise  # the lesson's recipe as asked: a divergence fails the run (exit 3)
-                learn.diverged, force = False, True  # the best epoch so far (frozen or not) is still good: keep it
+                learn.recovered()  # the best epoch so far (frozen or not) is still good: keep it
+                force = True
                 plan.fine_tune_why += f"; fine-tuning diverged and was stopped ({e})"
                 console.print(f"[yellow]warning:[/] fine-tuning stopped: {e}", highlight=False)
         done = sum(r["stage"] == "unfrozen" for r in learn.recorder.rows)

@@ -30,19 +30,33 @@ def split_digest(ds: ImageDataset) -> str:
     """A fingerprint of the validation split (which images, which labels): a resumed run must have the same."""
     h = hashlib.sha256()
     for i in ds.valid_idx:
-        h.update(f"{ds.rel(i)}\t{ds.labels[i]}\n".encode())
+        h.update(f"{ds.rel(i)}\t{ds.labels[i]}\n".encode("utf-8", "surrogateescape"))  # a name's bytes on disk
     return f"{len(ds.valid_idx)}:{h.hexdigest()[:16]}"
 
 
-def resume_config(run: Path, data: Path, **how: Any) -> tuple[TrainConfig, Checkpoint]:
-    """The stopped run's config (its options; out = run) and its checkpoint; ``how``: device, pixels, quiet."""
+def resume_config(run: Path, data: Path, world: int = 1, **how: Any) -> tuple[TrainConfig, Checkpoint]:
+    """The stopped run's config (its options; out = run) and its checkpoint; ``how``: device, pixels, quiet.
+
+    ``world``: how many processes will go on with it; it must be as many as the run started with
+    (docs/scale.md), checked here before anything is loaded.
+    """
     ckpt = read_checkpoint(run)
+    started = int(ckpt.index.get("world", 1))
+    if started != world:
+        raise ResumeError(f"--resume {run}: the run was started with {started} process(es), this is {world}: "
+                          f"resume it with as many (" + (f"--nproc {started}" if started > 1 else "without --nproc")
+                          + ")")
     saved = dict(ckpt.index.get("config") or {})
     if not saved:
         raise ResumeError(f"--resume {run}: the checkpoint has no config; train again without --resume")
     saved.pop("out", None)
     saved.pop("data", None)
-    return TrainConfig.from_json(saved, data=data, out=run, **{k: v for k, v in how.items() if v is not None}), ckpt
+    try:
+        cfg = TrainConfig.from_json(saved, data=data, out=run, **{k: v for k, v in how.items() if v is not None})
+    except (TypeError, ValueError, AttributeError) as e:  # a ConfigError (an UrsaError) says what is wrong itself
+        raise ResumeError(f"{ckpt.folder / 'checkpoint.json'}: its config is not one ursa wrote ({type(e).__name__}); "
+                          "train again without --resume") from None
+    return cfg, ckpt
 
 
 def resume_line(ckpt: Checkpoint, ds: ImageDataset, plan: Plan, console: Console) -> None:
@@ -61,6 +75,8 @@ def run_facts(learn: Any, ckpt: Checkpoint | None) -> dict:
     facts: dict = {"device": str(learn.device), "world_size": d.world, "backend": d.backend or None}
     if learn.feature_counts:
         facts["feature_images_per_rank"] = [int(n) for n in learn.feature_counts]
+    if learn.vanished:  # changed or vanished on disk while the run trained: skipped (the run writer says so too)
+        facts["skipped_during_training"] = learn.vanished_names()
     if ckpt is not None:
         facts["resumed_after_epoch"] = int(ckpt.index["epochs_done"]) - 1
     return facts

@@ -75,20 +75,24 @@ def write_run(out: Path, learn: Learner, cfg: TrainConfig, ds: ImageDataset, inf
     h = r.history(learn.diverged)
     advice = advise(h)
     notes = list(notes)
+    timings: dict[str, float] = {}
+    # A fit that diverged after the recipe put back the best epoch's weights (learn.kept_row) still has a good model.
+    failed = learn.diverged or (any(a.rule == "diverged" for a in advice) and learn.kept_row is None)
+    logits, y, feats, cal = (None, None, None, None) if failed else _valid_pass(learn, cfg, out, console, timings)
+    if learn.vanished:
+        notes.append(vanished_note(learn.vanished_names()))
+        console.print(f"[yellow]warning:[/] {notes[-1]}", highlight=False)
     earlier = (out / "model.safetensors").exists()
     if not (learn.diverged and earlier):  # an earlier run's model keeps the settings and split it was made with
         atomic_write_text(out / "config.json", json.dumps(config, indent=1) + "\n")
         ds.write_split(out / "split.csv")
-    # A fit that diverged after the recipe put back the best epoch's weights (learn.kept_row) still has a good model.
-    if learn.diverged or (any(a.rule == "diverged" for a in advice) and learn.kept_row is None):
+    if failed:
         notes.append("No model file was written by this run." + (
             " (model.safetensors, config.json and split.csv in this folder are from an earlier run.)" if earlier else ""))
         write_advice(out / "advice.txt", advice, h, notes)
         report = write_report(out, None, h, run_plots(out), {"title": "ursa training report: diverged",
                                                              "run folder": str(out)}, notes, insight=insight)
         return RunFiles(out, None, None, advice, notes, report)
-    timings: dict[str, float] = {}
-    logits, y, feats, cal = _valid_pass(learn, cfg, out, console, timings)
     if cal is not None:
         insight["calibration"] = cal.to_json()
     model = learn.export(out / "model.safetensors", config=config, calibration=cal.to_meta() if cal else None)
@@ -114,10 +118,11 @@ def write_run(out: Path, learn: Learner, cfg: TrainConfig, ds: ImageDataset, inf
     try:  # the model file is written: a report problem must not fail the run
         if logits is None:
             raise RuntimeError("no validation predictions")
-        idx = ds.valid_idx
+        idx = [i for i in ds.valid_idx if i not in learn.vanished]  # _valid_pass left those rows out
         probs = softmax(logits, cal.temperature if cal else 1.0)  # what predict will say: calibrated
+        skipped = list(ds.skipped) + [(name, VANISHED) for name in learn.vanished_names()]
         interp = Interpretation(list(ds.classes), [ds.rel(i) for i in idx], [ds.files[i] for i in idx], y, probs,
-                                "valid", list(ds.skipped), feats)
+                                "valid", skipped, feats)
         info = {"title": "ursa training report", "run folder": str(out), "model": "model.safetensors",
                 "arch": learn.model.arch, "input size": learn.dls.size, **(info or {})}
         report = write_report(out, interp, h, run_plots(out), info, notes, insight=insight)
@@ -127,13 +132,24 @@ def write_run(out: Path, learn: Learner, cfg: TrainConfig, ds: ImageDataset, inf
     return RunFiles(out, model, best, advice, notes, report, cal, timings)
 
 
+VANISHED = "changed or vanished on disk during training"
+
+
+def vanished_note(names: Sequence[str]) -> str:
+    """The run's one sentence about images that could not be read any more while it trained."""
+    shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+    return (f"{len(names)} image(s) {VANISHED} and were skipped (not trained on, not in the validation figures): "
+            f"{shown}; run `ursa verify` on the data folder.")
+
+
 def _valid_pass(learn: Learner, cfg: TrainConfig, out: Path, console: Console, timings: dict[str, float]):
     """The final model's validation logits, targets and features, and the calibration fitted on them (None on failure)."""
     t = time.perf_counter()
     try:
         logits_t, y_t, feats_t = learn.get_logits(features=True)
-        logits, y = logits_t.numpy().astype("float64"), y_t.numpy()
-        feats = feats_t.numpy() if feats_t is not None else None
+        keep = (y_t >= 0).numpy()  # images that changed or vanished since the scan are not in the figures
+        logits, y = logits_t.numpy().astype("float64")[keep], y_t.numpy()[keep]
+        feats = feats_t.numpy()[keep] if feats_t is not None else None
     except Exception as e:  # noqa: BLE001 - the model file matters more than the report
         console.print(f"[yellow]warning:[/] no validation pass: {type(e).__name__}: {e}", highlight=False)
         return None, None, None, None

@@ -43,7 +43,13 @@ class BatchSource(Protocol):
 
 
 def metrics_from_probs(probs: torch.Tensor, y: torch.Tensor) -> Metrics:
-    """valid_loss (cross-entropy), error_rate, accuracy from probabilities."""
+    """valid_loss (cross-entropy), error_rate, accuracy from probabilities.
+
+    Items whose label is negative (their file changed or vanished during training) are left out.
+    """
+    keep = y >= 0
+    if not bool(keep.all()):
+        probs, y = probs[keep], y[keep]
     if len(y) == 0:
         return math.nan, math.nan, math.nan
     loss = torch.nn.functional.nll_loss(torch.log(probs.clamp_min(1e-12)), y).item()

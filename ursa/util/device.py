@@ -6,6 +6,7 @@ is the CPU). A device that is unknown or absent is a ``DeviceError``: one line, 
 
 from __future__ import annotations
 
+import os
 import re
 from typing import TYPE_CHECKING
 
@@ -17,6 +18,19 @@ if TYPE_CHECKING:
 DEVICE_CHOICES = "auto, cpu, cuda, cuda:N or mps"
 DEVICE_HELP = "Where the network runs: auto (CUDA, then Apple MPS, then the CPU), cpu, cuda, cuda:N or mps."
 _PATTERN = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
+
+
+def cores() -> int:
+    """CPU cores this process may use (its affinity, not the machine's count)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        return os.cpu_count() or 1
+
+
+def default_threads(workers: int = 1) -> int:
+    """Intra-op threads per process: the cores shared out between worker processes (predict, serve, workers)."""
+    return max(1, cores() // max(1, workers))
 
 
 class DeviceError(UrsaError):

@@ -9,11 +9,54 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import errno
 import io
 import os
+import re
 import tempfile
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Iterable, Iterator, Mapping, Sequence
+
+from ursa.errors import NoSpaceError, WriteError
+
+# The errors a full disk (or a full quota) gives: every writer turns them into one NoSpaceError line.
+NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
+def _read_umask() -> int:
+    """The process umask, read without changing it (Linux: /proc/self/status), else set-and-restore once, at import.
+
+    Never on each write: os.umask(0)-then-restore from one thread while another thread creates a
+    file gives that file (or the process, when two threads interleave) the wrong mask.
+    """
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)  # pragma: no cover - systems without /proc; import runs in one thread
+    os.umask(mask)
+    return mask
+
+
+UMASK = _read_umask()
+# Every file ursa writes gets the ordinary permissions of a new file (0644 with the usual umask 022):
+# model files and checkpoints too (a model file is meant to be copied and served).
+FILE_MODE = 0o666 & ~UMASK
+
+
+@contextlib.contextmanager
+def no_space_line(path: str | Path) -> Iterator[None]:
+    """Turn a full disk while writing `path` into the one NoSpaceError line (exit 2); other errors pass through."""
+    try:
+        yield
+    except OSError as e:
+        if e.errno in NO_SPACE:
+            raise NoSpaceError(f"no space left writing {path}: free some disk space (or write elsewhere) "
+                               "and run again") from None
+        raise
 
 
 @contextlib.contextmanager
@@ -21,26 +64,32 @@ def atomic_path(path: str | Path, keep_suffix: bool = False) -> Iterator[Path]:
     """Yield a temp path beside `path`; on success it replaces `path` in one rename, else vanishes.
 
     keep_suffix: the temp file ends like `path` (for writers that pick the format from the name).
+    A full disk while writing raises NoSpaceError naming `path` (the temp file is removed).
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    suffix = path.suffix if keep_suffix else ".tmp"
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
-    os.close(fd)
-    tmp_path = Path(tmp)
-    os.chmod(tmp_path, 0o666 & ~_umask())  # mkstemp makes 0600; give the file normal permissions
-    try:
-        yield tmp_path
-        os.replace(tmp_path, path)
-    finally:
-        if tmp_path.exists():
-            tmp_path.unlink()
+    with no_space_line(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        suffix = path.suffix if keep_suffix else ".tmp"
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
+        os.close(fd)
+        tmp_path = Path(tmp)
+        try:
+            os.chmod(tmp_path, FILE_MODE)  # mkstemp makes 0600; give the file normal permissions
+            yield tmp_path
+            os.replace(tmp_path, path)
+        finally:
+            if tmp_path.exists():
+                tmp_path.unlink()
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+# atomic_path's temp name for NAME: ".NAME.XXXXXXXX.tmp" (mkstemp: eight of [a-z0-9_]); a kill -9 leaves it.
+TEMP_NAME = re.compile(r"^\.(?P<target>.+)\.[a-z0-9_]{8}\.tmp$")
+
+
+def temp_target(name: str) -> str | None:
+    """The file an atomic_path temp file of this name was for, or None when the name is not one of ursa's temps."""
+    m = TEMP_NAME.match(name)
+    return m["target"] if m else None
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
@@ -52,6 +101,20 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
             os.fsync(f.fileno())
 
 
+def save_tensors(path: str | Path, tensors: Mapping[str, Any], metadata: dict[str, str] | None = None) -> Path:
+    """A safetensors file written atomically by Python (so a full disk is an OSError with its errno, and the
+    file gets FILE_MODE: safetensors' own writer makes 0600 files and raises its own error type)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import save
+
+    try:
+        data = save(dict(tensors), metadata=metadata)
+    except SafetensorError as e:
+        raise WriteError(f"could not write {path}: safetensors refused the tensors ({e})") from None
+    atomic_write_bytes(path, data)
+    return Path(path)
+
+
 def write_staged(path: str | Path, data: bytes, tag: str = "part") -> Path:
     """The first half of a two-phase atomic write: data fsynced under a hidden name beside path.
 
@@ -60,16 +123,25 @@ def write_staged(path: str | Path, data: bytes, tag: str = "part") -> Path:
     """
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{tag}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        with no_space_line(path), open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # never leave half a staged file in the user's folder
+        raise
     return tmp
 
 
+# A file name that is not valid UTF-8 reaches Python surrogate-escaped (PEP 383); ursa's own files
+# (CSV, HTML) carry it as its bytes on disk, so it round-trips to the same file, never crashes a writer.
+NAME_ERRORS = "surrogateescape"
+
+
 def atomic_write_text(path: str | Path, text: str) -> None:
-    """Text version of atomic_write_bytes (UTF-8)."""
-    atomic_write_bytes(path, text.encode("utf-8"))
+    """Text version of atomic_write_bytes (UTF-8; names that are not UTF-8 as their own bytes, ``NAME_ERRORS``)."""
+    atomic_write_bytes(path, text.encode("utf-8", NAME_ERRORS))
 
 
 # Spreadsheets run a cell that starts with one of these as a formula (OWASP "CSV injection").

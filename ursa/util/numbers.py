@@ -1,10 +1,12 @@
-"""Numbers shown to people: loss smoothing and byte sizes, one definition each."""
+"""Numbers: loss smoothing, byte sizes and the softmax, one definition each."""
 
 from __future__ import annotations
 
 import math
 import re
-from typing import Sequence
+from typing import Any, Sequence
+
+import numpy as np
 
 from ursa.errors import UrsaError
 
@@ -53,3 +55,16 @@ def human_bytes(n: float) -> str:
         if n >= size:
             return f"{n / size:.3g} {unit}"
     return f"{int(n)} bytes"
+
+
+def softmax(logits: Any, temperature: float = 1.0, dtype: Any = np.float64) -> np.ndarray:
+    """Row-wise probabilities of logits / temperature, computed stably in float64 (the row maximum subtracted).
+
+    The one softmax of numpy code: calibration (float64), the ONNX runtime and TTA (``dtype=np.float32``).
+    """
+    z = np.asarray(logits).astype(np.float64)
+    if temperature != 1.0:
+        z /= float(temperature)
+    z -= z.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return (e / e.sum(axis=1, keepdims=True)).astype(dtype, copy=False)

@@ -17,12 +17,14 @@ import csv
 import hashlib
 import logging
 import os
+import reprlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
 from ursa.errors import DataError
-from ursa.util.files import csv_cell_value
+from ursa.util.files import NAME_ERRORS, csv_cell_value
+from ursa.util.names import printable, same_when_normalised
 from ursa.vision.images import is_image_file
 
 log = logging.getLogger("ursa")
@@ -44,12 +46,20 @@ def split_settings(config: dict | None) -> tuple[float, int]:
     seed = config.get("split_seed")
     if seed is None:
         seed = config.get("seed", SEED)
-    return float(config.get("valid_pct", VALID_PCT)), int(seed)
+    pct = config.get("valid_pct", VALID_PCT)
+    if not (isinstance(seed, int) and not isinstance(seed, bool) and 0 <= seed < 2**32):
+        raise DataError(f"the run's split seed: expected a whole number from 0 to {2**32 - 1}, got {reprlib.repr(seed)}; "
+                        "give --split-seed or train again")
+    if not (isinstance(pct, (int, float)) and not isinstance(pct, bool) and 0 < pct < 1):
+        raise DataError(f"the run's valid_pct: expected a number between 0 and 1, got {reprlib.repr(pct)}; train again")
+    return float(pct), seed
 
 
 def is_valid_split(rel_path: str, valid_pct: float, seed: int) -> bool:
     """Stable split: depends only on this file's path and the seed, never on the other files."""
-    h = hashlib.sha256(f"{seed}:{rel_path}".encode("utf-8")).digest()
+    # os.fsencode: the name's bytes on disk (the same as UTF-8 for every valid name, so splits stay as they were;
+    # a name that is not UTF-8 arrives surrogate-escaped and hashes by its raw bytes instead of crashing)
+    h = hashlib.sha256(f"{seed}:".encode() + os.fsencode(rel_path)).digest()
     return int.from_bytes(h[:8], "big") / 2**64 < valid_pct
 
 
@@ -112,7 +122,7 @@ class ImageDataset:
 
 def read_split(path: Path) -> list[tuple[str, str, bool]]:
     """split.csv back as (name, label, is_valid): the one reader of what ``ImageDataset.write_split`` wrote."""
-    with open(path, newline="", encoding="utf-8") as f:
+    with open(path, newline="", encoding="utf-8", errors=NAME_ERRORS) as f:  # names as their bytes on disk
         reader = csv.DictReader(f)
         if not reader.fieldnames or not {"name", "label", "is_valid"} <= set(reader.fieldnames):
             raise DataError(f"{path}: expected columns name,label,is_valid")
@@ -120,11 +130,34 @@ def read_split(path: Path) -> list[tuple[str, str, bool]]:
                  (r["is_valid"] or "").strip().lower() in ("true", "1", "yes")) for r in reader]
 
 
+def _skipped_why(name: str) -> str | None:
+    """Why a sub-folder is not a class: ursa's own folders, hidden ones, and names starting with _ (or None)."""
+    if name == "_quarantine":
+        return "ursa's quarantine"
+    if name in SKIP_DIRS:
+        return "ursa's"
+    if name.startswith("."):
+        return "hidden"
+    if name.startswith("_"):
+        return "starts with _"
+    return None
+
+
 def _class_dirs(folder: Path) -> list[Path]:
-    return sorted(
-        p for p in folder.iterdir()
-        if p.is_dir() and not p.name.startswith((".", "_")) and p.name not in SKIP_DIRS
-    )
+    """The class folders in `folder`, sorted; the sub-folders skipped are said once (a class named `.x` or `_x` is not one)."""
+    dirs, skipped = [], []
+    for p in sorted(folder.iterdir()):
+        if not p.is_dir():
+            continue
+        why = _skipped_why(p.name)
+        if why is None:
+            dirs.append(p)
+        elif why != "hidden" or p.name not in (".git", ".ipynb_checkpoints", ".DS_Store"):
+            skipped.append(f"{printable(p.name)} ({why})")
+    if skipped and dirs:
+        log.warning("%s: not class folders, skipped: %s; rename a folder (without a leading . or _) to train on it",
+                    printable(str(folder)), ", ".join(skipped))
+    return dirs
 
 
 def _images_in(folder: Path) -> list[Path]:
@@ -186,6 +219,11 @@ def _shown(p: Path, root: Path) -> str:
 
 
 def _check_classes(classes: list[str], counts: dict[str, int], where: Path) -> None:
+    same = same_when_normalised(classes)
+    if same:
+        raise DataError(f"{printable(str(where))}: classes '{printable(same[0])}' and '{printable(same[1])}' are one name "
+                        "in two Unicode forms (NFC and NFD): they would train as two classes that print alike; "
+                        "merge them into one (one folder, or one spelling in the CSV)")
     if len(classes) < 2:
         found = f"only one class ({classes[0]!r})" if classes else "no class folders"
         raise DataError(f"{where}: {found}; a classifier needs at least two class folders, one per label")
@@ -247,7 +285,7 @@ def from_csv(root: str | Path, csv_path: str | Path, valid_pct: float = VALID_PC
     csv_path = Path(csv_path)
     if not csv_path.is_file():
         raise DataError(f"{csv_path}: CSV file not found")
-    with open(csv_path, newline="", encoding="utf-8-sig") as f:
+    with open(csv_path, newline="", encoding="utf-8-sig", errors=NAME_ERRORS) as f:
         reader = csv.DictReader(f)
         cols = [c.strip().lower() for c in (reader.fieldnames or [])]
         if "name" not in cols or "label" not in cols:

@@ -27,6 +27,7 @@ from PIL import Image
 
 from ursa.errors import ImageError
 from ursa.vision.images import Source, open_image
+from ursa.util.names import printable
 
 # Hamming distances (of 64 bits) at or below which two images are near-duplicates: both hashes
 # must agree. Looked at by eye on the bears set (467k pairs, docs/insight.md): every pair with
@@ -247,7 +248,7 @@ class DuplicateReport:
             kind = "exact" if g.exact else "near"
             out.append(f"across classes ({', '.join(sorted({self.labels[k] for k in g.members}))}): {kind} duplicates: "
                        + ", ".join(self.names[k] for k in g.members))
-        return out
+        return [printable(line) for line in out]  # one line each, whatever the names hold
 
     def to_dict(self) -> dict:
         """For --json and CSVs: each group's kind, labels and files."""

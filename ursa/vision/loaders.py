@@ -44,6 +44,20 @@ def decode_all(ds: ImageDataset, short_side: int, workers: int | None = None,
     return out, errors
 
 
+def failed_label(i: int) -> int:
+    """The label an item gets when its file can no longer be read (changed or vanished since the scan): -1 - i.
+
+    Negative, so no loss or metric counts it, and it still says which item it was (``failed_items``),
+    also when a loader worker process read it.
+    """
+    return -1 - i
+
+
+def failed_items(y: torch.Tensor) -> list[int]:
+    """The dataset indices of the items a batch's labels mark as failed (``failed_label``)."""
+    return [-1 - int(v) for v in y[y < 0].tolist()]
+
+
 def estimate_bytes(n: int, short_side: int) -> int:
     """Rough memory for n decoded images (4:3 on average)."""
     return n * short_side * int(short_side * 1.4) * 3
@@ -66,9 +80,11 @@ class PixelSet(Dataset):
         else:
             try:
                 x = load_pixels(self.ds.files[i], self.short_side)
-            except ImageError:
-                # Found bad after the scan (changed on disk): a grey image keeps the batch shape.
+            except (ImageError, OSError):
+                # Found bad after the scan (changed or gone on disk): a grey image keeps the batch shape and
+                # the label says it failed, so it is skipped and reported, never trained on as its class.
                 x = torch.full((3, self.short_side, self.short_side), 128, dtype=torch.uint8)
+                return self.tfm(x), failed_label(i)
         return self.tfm(x), self.ds.labels[i]
 
 

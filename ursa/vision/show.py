@@ -21,6 +21,7 @@ from ursa.errors import ImageError
 from ursa.util.files import atomic_path
 from ursa.vision.data import ImageDataset
 from ursa.vision.transforms import decode_size, load_pixels, train_transform
+from ursa.util.names import printable
 
 N_SHOW = 16
 TILE = 168  # pixels per image in the grid
@@ -124,7 +125,7 @@ def imbalance_warning(counts: dict[str, int], ratio: float = IMBALANCE_RATIO) ->
 
 def summary_lines(ds: ImageDataset) -> list[str]:
     """The classes with their counts and the split, as `ursa show` prints them."""
-    counts = split_counts(ds)
+    counts = {printable(c): n for c, n in split_counts(ds).items()}  # a newline or raw byte in a name: escaped
     w = max(5, *(len(c) for c in counts))
     lines = [f"{len(ds)} images, {len(ds.classes)} classes, {len(ds.train_idx)} train / {len(ds.valid_idx)} valid",
              f"{'class':<{w}}  {'train':>6}  {'valid':>6}  {'total':>6}"]

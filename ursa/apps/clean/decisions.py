@@ -16,7 +16,7 @@ from typing import Any, Sequence
 
 from ursa.apps.web import clip
 from ursa.errors import UrsaError
-from ursa.util.files import atomic_write_csv, csv_line, csv_row_values
+from ursa.util.files import NAME_ERRORS, atomic_write_csv, csv_line, csv_row_values
 
 LOG_NAME = "clean_log.csv"
 CLEANED_NAME = "cleaned.csv"
@@ -47,13 +47,18 @@ class Decisions:
         """DATA/cleaned.csv: what the next training run reads."""
         return self.root / CLEANED_NAME
 
+    def replay(self) -> int:
+        """Forget the state and replay the whole log again (what any process appended is in it)."""
+        self.state, self.skipped_rows, self.other_rows = {}, 0, 0
+        return self.load()
+
     def load(self) -> int:
         """Replay clean_log.csv; returns how many rows applied (rows for other files or classes are kept but ignored)."""
         path = self.log_path
         if not path.exists():
             return 0
         try:
-            text = path.read_text(encoding="utf-8")
+            text = path.read_text(encoding="utf-8", errors=NAME_ERRORS)  # names as their bytes on disk
         except (OSError, UnicodeDecodeError) as e:
             raise UrsaError(f"{path}: cannot read the cleaning log ({e}); move it aside to start afresh") from None
         rows = list(csv.reader(io.StringIO(text)))
@@ -103,7 +108,9 @@ class Decisions:
         new = {"keep": old, "exclude": "", "relabel": label, "undo": old}[action]
         with self._lock:
             self._append_log([now(), name, old, action, new])
-            self._apply(name, action, new)
+            # cleaned.csv is rebuilt from the whole log, not from this process's memory: every decision
+            # in the log is in it, whoever appended it (the folder lock keeps a second cleaner out anyway).
+            self.replay()
             self.write_cleaned()
             return self.item(name)
 
@@ -116,7 +123,7 @@ class Decisions:
                 f.seek(-1, os.SEEK_END)
                 if f.read(1) != b"\n":  # a previous run died mid-line: never glue onto it
                     f.write(b"\n")
-            f.write(text.encode("utf-8"))
+            f.write(text.encode("utf-8", NAME_ERRORS))
             f.flush()
             os.fsync(f.fileno())
 

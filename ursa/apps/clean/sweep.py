@@ -12,15 +12,14 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import time
 from pathlib import Path
 
+from ursa.util.files import temp_target
 from ursa.vision.images import IMAGE_EXTENSIONS
 
 log = logging.getLogger("ursa.apps.clean")
 
-TEMP_NAME = re.compile(r"^\.(?P<target>.+)\.[a-z0-9_]{8}\.tmp$")  # atomic_path's temp name for target
 # Files ursa writes at the top of a data folder: clean's, verify's report, download's manifest.
 DATA_FILES = frozenset({"cleaned.csv", "clean_log.csv", "verify.csv", "downloads.csv"})
 MIN_AGE = 10.0
@@ -28,10 +27,9 @@ MIN_AGE = 10.0
 
 def is_ursa_temp(name: str, top: bool) -> bool:
     """Whether a file name is atomic_path's temp file for a file ursa writes there (a top-level CSV, or an image)."""
-    m = TEMP_NAME.match(name)
-    if not m:
+    target = temp_target(name)  # atomic_path's temp name for target
+    if target is None:
         return False
-    target = m["target"]
     if top and target in DATA_FILES:
         return True
     return Path(target).suffix.lower() in IMAGE_EXTENSIONS and not target.startswith(".")

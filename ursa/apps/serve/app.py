@@ -31,7 +31,7 @@ from ursa.apps.serve.config import MAX_BATCH_FILES, ServeConfig
 from ursa.apps.serve.limits import DecodeGate, PixelBudget, check_image_pixels, check_request_pixels
 from ursa.apps.web import ApiError, Assets, TimedH11Protocol, asset, error_response, quiet_repeats
 from ursa.apps.serve.model import batch_runner, decode_side, default_threads, load_model
-from ursa.errors import ImageError, UrsaError
+from ursa.errors import ImageError, ModelOutputError, UrsaError
 from ursa.inference.results import Prediction
 from ursa.vision.images import sniff_format
 
@@ -206,7 +206,10 @@ async def http_error(request: Request, exc: Exception) -> Response:
 
 
 async def server_error(request: Request, exc: Exception) -> Response:
-    """A bug: logged with its traceback, answered with one line and no details."""
+    """A bug: logged with its traceback, answered with one line and no details (a damaged model: its one line)."""
+    if isinstance(exc, ModelOutputError):  # NaN probabilities: the model file is at fault, not the request
+        log.error("%s", exc)
+        return error_response(500, str(exc))
     log.exception("unexpected error on %s %s", request.method, request.url.path)  # once, then counted: quiet_repeats
     return error_response(500, "internal error (a bug in ursa serve; see the server log)")
 

@@ -21,6 +21,7 @@ from typing import Any, Callable
 from PIL import Image
 
 from ursa.apps.web import ApiError
+from ursa.util.semaphore import WeightedSemaphore
 
 DRAFT_MODES = ("RGB", "L", "CMYK", "YCbCr")  # JPEG modes open_image decodes at reduced size
 SMALL_DECODE = 2_000_000  # decodes this small skip the budget: their memory is a few MB
@@ -80,50 +81,12 @@ def check_request_pixels(costs: list[int], max_request_pixels: int) -> None:
                             "or resize them first")
 
 
-class PixelBudget:
-    """A weighted semaphore over decoded pixels in flight: bounds decode memory by pixels, not by threads.
+class PixelBudget(WeightedSemaphore):
+    """A weighted semaphore over decoded pixels in flight (``util.semaphore``): bounds decode memory by pixels, not by threads.
 
     A decode that fits starts at once (no queue to stand in, so a small one never waits behind a
-    big one); one larger than the whole budget still runs when nothing else holds any. Used from
-    the event loop only, so it needs no lock.
+    big one); one larger than the whole budget still runs when nothing else holds any.
     """
-
-    def __init__(self, pixels: int) -> None:
-        self.total, self.used = max(1, pixels), 0
-        self.waiters: list[tuple[int, asyncio.Future]] = []
-
-    def fits(self, pixels: int) -> bool:
-        """Whether pixels more may start now."""
-        return self.used == 0 or self.used + pixels <= self.total
-
-    async def acquire(self, pixels: int) -> None:
-        """Wait until pixels more fit in the budget, then take them."""
-        if self.fits(pixels):
-            self.used += pixels
-            return
-        fut = asyncio.get_running_loop().create_future()
-        entry = (pixels, fut)
-        self.waiters.append(entry)
-        try:
-            await fut
-        except asyncio.CancelledError:
-            if entry in self.waiters:
-                self.waiters.remove(entry)
-            elif fut.done() and not fut.cancelled():  # granted, then cancelled before use: give it back
-                self.release(pixels)
-            raise
-
-    def release(self, pixels: int) -> None:
-        """Give pixels back and start whoever now fits, oldest first."""
-        self.used = max(0, self.used - pixels)
-        for entry in list(self.waiters):
-            n, fut = entry
-            if fut.done():
-                self.waiters.remove(entry)
-            elif self.fits(n):
-                self.waiters.remove(entry)
-                self.used += n
-                fut.set_result(None)
 
 
 class DecodeGate:

@@ -16,14 +16,10 @@ from typing import Any, Callable
 from ursa.inference.placement import Placement, place
 from ursa.inference.preprocess import DECODE_SCALE
 from ursa.inference.results import check_backend
-from ursa.inference.runtime import cores, current_onnx
+from ursa.inference.runtime import current_onnx
+from ursa.util.device import default_threads
 
 log = logging.getLogger("ursa.apps.serve")
-
-def default_threads(workers: int = 1) -> int:
-    """Intra-op threads per process: the cores shared out between worker processes."""
-    return max(1, cores() // max(1, workers))
-
 
 def load_model(model: Any, backend: str = "auto", threads: int | None = None, bf16: bool = False,
                device: "str | Placement" = "auto") -> tuple[Any, str]:
@@ -34,7 +30,7 @@ def load_model(model: Any, backend: str = "auto", threads: int | None = None, bf
     fast, why = current_onnx(model, backend, threads, device=where)
     if fast is not None:
         return fast, why
-    if backend == "auto" and "stale" in why:
+    if why.stale:
         log.warning("%s; running %s with torch. Re-export with `ursa export %s --onnx`", why, model, model)
     from ursa.inference.predictor import load_predictor  # torch: only on this path
 
