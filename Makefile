@@ -11,10 +11,11 @@ $(BIN)/python:
 	$(BIN)/pip install -q --upgrade pip
 
 # torch/torchvision first and pinned: this pair is on the machine's disk; other versions are multi-GB downloads.
-# `.[train,dev]`: the base install is the slim ONNX runtime (docs/deploy.md); training, tests and the demo need the rest.
+# `.[train,dev,notebook]`: the base install is the slim ONNX runtime (docs/deploy.md); training, tests, the demo
+# and the notebook (examples/lesson2.ipynb, docs/notebook.md) need the rest.
 $(STAMP): $(BIN)/python pyproject.toml
 	$(BIN)/pip install -q torch==2.14.1 torchvision==0.29.1
-	$(BIN)/pip install -q -e '.[train,dev]' torch==2.14.1 torchvision==0.29.1
+	$(BIN)/pip install -q -e '.[train,dev,notebook]' torch==2.14.1 torchvision==0.29.1
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -27,6 +27,7 @@ LAYERS: dict[str, int] = {
     "apps": 7,
     "predict": 8,
     "cli": 9,
+    "notebook": 9,
     "demo": 9,
     "__main__": 10,
     "__init__": 0,

@@ -136,7 +136,7 @@ def test_export_has_logits_then_body_features_matching_torch(exported):
     from ursa.inference.runtime import load_onnx
 
     proto = onnx.load(str(exported.with_suffix(".onnx")))
-    assert [o.name for o in proto.graph.output] == ["logits", "features"]
+    assert [o.name for o in proto.graph.output] == ["logits", "features", "evidence"]
     for out in proto.graph.output:
         assert out.type.tensor_type.shape.dim[0].dim_param  # any batch size, features too
     model, meta = load_model(exported)
@@ -171,3 +171,17 @@ def test_check_onnx_refuses_features_that_differ(exported):
     assert check_onnx(exported.with_suffix(".onnx").read_bytes(), model, meta.input_size) < 1e-4  # the real file passes
     with pytest.raises(ModelFileError, match="body features differ"):
         check_onnx(proto.SerializeToString(), model, meta.input_size)
+
+
+def test_a_class_name_that_is_not_utf8_exports_and_reads_back(tiny_model, tmp_path):
+    """Issue 29 item 9: a class folder named with raw bytes trains; its export was a UnicodeEncodeError traceback."""
+    from dataclasses import replace
+
+    from ursa.inference.modelfile import load_model, save_model
+    from ursa.inference.runtime import load_onnx
+
+    model, meta = load_model(tiny_model)
+    odd = [f"ted\udcffdy{i}" if i == 0 else c for i, c in enumerate(meta.classes)]  # b"ted\xffdy0" on disk
+    path = save_model(model, tmp_path / "model.safetensors", replace(meta, classes=odd))
+    onnx_file = export_onnx(path)
+    assert load_onnx(onnx_file).meta.classes == odd  # the metadata keeps the name whole; the doc string shows \xff

@@ -13,8 +13,8 @@ import torch
 from conftest import make_image
 from ursa.errors import DivergedError
 from ursa.training.config import DEFAULT_BUDGET
-from ursa.training.plan import (CEILING_EPOCHS, GOOD_ENOUGH, MAX_EPOCHS, MIN_EPOCHS, choose_flips, choose_size, epoch_cap,
-                                fine_tune_epochs)
+from ursa.training.plan import (CEILING_EPOCHS, MAX_EPOCHS, MIN_EPOCHS, FineTune, Stop, Work, choose_flips, choose_size,
+                                epoch_cap, fine_tune_epochs)
 from ursa.vision.probe import ImageProbe, probe_images
 from ursa.vision.transforms import QuarterTurn, train_transform
 
@@ -91,21 +91,24 @@ def test_flips_decide_the_mirrors_in_the_training_transform():
 
 
 def test_fine_tuning_is_planned_from_the_frozen_error_and_the_budget():
-    n, why = fine_tune_epochs(GOOD_ENOUGH / 2, 1000, 5)
-    assert n == 0 and "already gets" in why
-    n, why = fine_tune_epochs(0.2, 1000, 5)
+    tiles = Work(gflops=0.065, frozen_gflops=0.065, n_train=320, n_valid=80, frozen_epochs=4, views=4)
+    n, how, why = fine_tune_epochs(0.01, 80, tiles, 1000)
+    assert (n, how) == (0, FineTune.GOOD_ENOUGH) and "already gets" in why
+    n, how, why = fine_tune_epochs(0.2, 80, tiles, DEFAULT_BUDGET)
     assert n == MAX_EPOCHS and "leaves 20.0% error" in why
-    n, why = fine_tune_epochs(0.2, 42, 10)
-    assert n == 4
-    n, why = fine_tune_epochs(0.2, (MIN_EPOCHS - 1) * 10 + 5, 10)
-    assert n == 0 and "raise --budget" in why
-    assert fine_tune_epochs(math.nan, 1000, 5)[0] == 0
+    each, before = tiles.epoch_seconds, tiles.frozen_seconds + 8.0
+    small = before + 4.5 * each
+    assert fine_tune_epochs(0.2, 80, tiles, small)[0] == 4  # what fits
+    assert fine_tune_epochs(0.2, 80, tiles, small, epoch_cap(small))[0] == MIN_EPOCHS  # the cap at a small budget
+    n, how, why = fine_tune_epochs(0.2, 80, tiles, before + (MIN_EPOCHS - 0.5) * each)
+    assert (n, how) == (0, FineTune.TOO_FEW_FIT) and "raise --budget" in why
+    assert fine_tune_epochs(math.nan, 80, tiles, 1000)[0] == 0
     # A larger budget raises the cap in proportion: a user who gives more time gets more epochs.
     assert epoch_cap(DEFAULT_BUDGET) == MAX_EPOCHS and epoch_cap(2 * DEFAULT_BUDGET) == 2 * MAX_EPOCHS
     assert epoch_cap(1) == MIN_EPOCHS and epoch_cap(3600) == CEILING_EPOCHS
-    n, why = fine_tune_epochs(0.2, -5, 10)
-    assert n == 0 and "--budget is spent" in why
-    assert fine_tune_epochs(0.2, 1000, 5, epoch_cap(2 * DEFAULT_BUDGET))[0] == 2 * MAX_EPOCHS
+    n, how, why = fine_tune_epochs(0.2, 80, tiles, 1.0)
+    assert (n, how) == (0, FineTune.BUDGET_SPENT) and "raise --budget" in why
+    assert fine_tune_epochs(0.2, 80, tiles, 2 * DEFAULT_BUDGET, epoch_cap(2 * DEFAULT_BUDGET))[0] == 2 * MAX_EPOCHS
 
 
 def test_probe_reads_sizes_and_tells_grayscale(tmp_path):
@@ -133,17 +136,19 @@ def test_budget_stop_ends_the_fit_when_the_next_epoch_would_not_fit():
 
 def test_default_recipe_fine_tunes_weak_bodies_within_the_budget_and_says_why(hard_digits_dir, tmp_path,
                                                                                 one_thread):
-    """Digits with stray marks: 28 px grayscale -> 64 px, no flips, fine-tuning planned from the measured epoch time."""
+    """Digits with stray marks: 28 px grayscale -> 64 px, no flips, fine-tuning planned from the counted epoch cost."""
     from ursa.training.config import TrainConfig
     from ursa.training.recipe import train
 
-    res = train(TrainConfig(data=hard_digits_dir, out=tmp_path / "run", budget=75, quiet=True))
+    res = train(TrainConfig(data=hard_digits_dir, out=tmp_path / "run", budget=30, quiet=True))
     plan = json.loads((tmp_path / "run" / "recipe.json").read_text())
     assert plan["size"] == 64 and plan["flips"] == "none"
     assert plan["fine_tune_epochs"] >= MIN_EPOCHS, plan["fine_tune_why"]
     stages = [r["stage"] for r in res.learner.recorder.rows]
     assert stages.count("frozen") == 4 and 1 <= stages.count("unfrozen") <= plan["fine_tune_epochs"]
-    assert plan["epoch_seconds"] > 0 and plan["spent"] > 0
+    assert plan["work"]["epoch_seconds"] > 0 and plan["work"]["n_train"] == res.n_train and plan["fine_tune"] == "planned"
+    assert plan["seconds"] == res.seconds  # the one time figure
+    assert plan["honest"]["selection_corrected"] is not None
     report = json.loads((tmp_path / "run" / "report.json").read_text())
     assert report["recipe"]["fine_tune_epochs"] == plan["fine_tune_epochs"]
     # The error the run reports is the kept weights' error, which is the model file's.
@@ -157,23 +162,21 @@ def test_budget_zero_and_explicit_epochs_skip_the_plan(sample_dir, tmp_path, one
     from ursa.training.recipe import train
 
     res = train(TrainConfig(data=sample_dir, out=tmp_path / "a", size=64, epochs=1, budget=0, quiet=True))
-    assert res.plan.fine_tune_epochs == 0 and "--budget 0" in res.plan.fine_tune_why
+    assert res.plan.fine_tune_epochs == 0 and res.plan.fine_tune is FineTune.BUDGET_ZERO
     res = train(TrainConfig(data=sample_dir, out=tmp_path / "b", size=64, epochs=1, unfreeze_epochs=1, quiet=True))
     assert [r["stage"] for r in res.learner.recorder.rows] == ["frozen", "unfrozen"]
-    assert res.plan.fine_tune_why == "--unfreeze-epochs 1"
+    assert res.plan.fine_tune_why == "--unfreeze-epochs 1" and res.plan.fine_tune is FineTune.GIVEN
 
 
 def test_a_fine_tuning_divergence_keeps_the_best_weights_and_writes_the_model(sample_dir, tmp_path, monkeypatch,
                                                                               one_thread):
     """A NaN loss in the second fine-tuning batch: the run still ends with a model file holding a good epoch."""
     import ursa.training.plan as plan_module
-    import ursa.training.recipe as recipe_module
     from ursa.training.config import TrainConfig
     from ursa.training.learner import Learner
     from ursa.training.recipe import train
 
-    monkeypatch.setattr(plan_module, "GOOD_ENOUGH", -1.0)  # always fine-tune, even on the easy sample
-    monkeypatch.setattr(recipe_module, "GOOD_ENOUGH", -1.0)
+    monkeypatch.setattr(plan_module, "good_enough", lambda error, n: False)  # always fine-tune, even on the easy sample
     calls = {"n": 0}
     real = Learner.loss_func
 
@@ -181,14 +184,14 @@ def test_a_fine_tuning_divergence_keeps_the_best_weights_and_writes_the_model(sa
         out = real(self, logits, y)
         if not self.model.is_frozen and self.model.training:
             calls["n"] += 1
-            if calls["n"] == 5:  # 3 timing batches, then the second fine-tuning batch
+            if calls["n"] == 2:  # the second fine-tuning batch (nothing is timed before it)
                 return out * float("nan")
         return out
 
     monkeypatch.setattr(Learner, "loss_func", loss)
     res = train(TrainConfig(data=sample_dir, out=tmp_path / "run", size=64, epochs=2, budget=300, quiet=True))
     assert res.model_path is not None and res.model_path.is_file()
-    assert "diverged" in res.plan.fine_tune_why
+    assert "diverged" in res.plan.fine_tune_why and res.plan.stopped is Stop.DIVERGED
     kept = res.learner.kept_row
     assert kept is not None and kept["stage"] == "frozen"  # no unfrozen epoch finished
     assert res.metrics["error_rate"] == kept["error_rate"]

@@ -104,3 +104,9 @@ def test_every_learner_attribute_exists_after_init(tmp_path) -> None:
     before = set(vars(learn))
     learn.fit_one_cycle(1, 1e-3)
     assert set(vars(learn)) - before == set()
+
+
+def test_every_test_runs_under_a_timeout_and_the_slowest_are_listed(pytestconfig) -> None:
+    """Issue 29: no per-test timeout meant one hang stalled CI forever; --durations names the slow ones."""
+    assert float(pytestconfig.getini("timeout")) > 0  # read by pytest-timeout, a dev dependency
+    assert "--durations=" in " ".join(pytestconfig.getini("addopts"))

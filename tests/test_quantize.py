@@ -23,17 +23,22 @@ def run_copy(tiny_run: Path, tmp_path_factory) -> Path:
 
 
 def test_cli_int8_writes_a_checked_file_with_its_numbers(run_copy, capsys):
+    from ursa.util.manifest import Manifest
+
+    Manifest(run_copy.parent).add(["model.safetensors"])  # a run folder, as `ursa train` leaves it
     assert main(["export", str(run_copy), "--int8", "--int8-method", "static"]) == 0
     out, err = capsys.readouterr()
     int8 = run_copy.with_name("model.int8.onnx")
     assert int8.is_file() and run_copy.with_suffix(".onnx").is_file() and "agreement" in out
+    # recorded as ursa's in the run folder's manifest: the next run there removes it (no stale INT8 model served)
+    assert {"model.onnx", "model.int8.onnx"} <= set(Manifest(run_copy.parent).files)
     pred = load_onnx(int8)
     report = pred.describe()["int8"]
     assert report["method"] == "static" and 0 <= report["agreement"] <= 1 and report["n_valid"] > 0
     assert report["error_change_points"] <= 1.0
     assert pred.meta.classes == load_onnx(run_copy.with_suffix(".onnx")).meta.classes  # metadata carried over
     # the fp32 file's two outputs survive quantization: logits first (what predict/serve read), then features
-    assert [o.name for o in pred.session.get_outputs()] == ["logits", "features"] and pred.has_features
+    assert [o.name for o in pred.session.get_outputs()] == ["logits", "features", "evidence"] and pred.has_features
     from ursa.vision.data import read_split
 
     data = Path(json.loads((run_copy.parent / "config.json").read_text())["data"])

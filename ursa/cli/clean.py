@@ -11,7 +11,6 @@ import typer
 from ursa.cli.common import CsvOpt, DataArg, DeviceOpt, Quiet
 from ursa.util.lock import FolderLock
 
-CLEAN_LOCK = ".ursa-clean.lock"
 
 
 def clean_cmd(
@@ -47,7 +46,7 @@ def clean_cmd(
             if data.is_dir():
                 clean.check_writable(data, csv)
                 # One cleaner per data folder: a second one is refused, naming the first, before its slow pass.
-                held.enter_context(FolderLock(data, CLEAN_LOCK, "data folder (ursa clean saves cleaned.csv there)"))
+                held.enter_context(FolderLock(data, clean.CLEAN_LOCK, clean.LOCK_WHAT))
         took: dict[str, float] = {}
         ds, scores, ranks = clean.prepare(data, model, csv, threshold=threshold, quiet=quiet, timings=took,
                                           device=where, say=lambda line: typer.echo(line, err=True))

@@ -36,6 +36,7 @@ def predict_cmd(
     unsure: Annotated[Optional[float], typer.Option("--unsure", min=0.0, max=1.0, help="Answer 'unsure' below this top (calibrated) probability [default: the model's stored threshold; 0 turns it off].")] = None,
     tta: Annotated[bool, typer.Option("--tta/--no-tta", help="Test-time augmentation: also predict the mirror image(s) the model was trained with and average the calibrated probabilities (2-3x the compute).")] = False,
     device: DeviceOpt = "auto",
+    explain: Annotated[Optional[Path], typer.Option("--explain", help="Also write a heat-map overlay PNG per image into this folder (the evidence for the predicted class; see docs/explain.md).")] = None,
 ) -> None:
     """Predict the class of each image, streaming results in order; exit status 1 when some could not be read."""
     import json
@@ -60,6 +61,12 @@ def predict_cmd(
         said, views = f"backend: torch ({why})", pred.views
         answers = pred.stream(files, 1 if where.is_cpu else bs, threshold)  # the CPU: one at a time, as always
     said += f"; {(fast if fast is not None else pred).device_line()}"
+    if explain is not None:
+        from ursa.inference.explain import explain_stream, explainable, write_overlay
+
+        explainable(fast if fast is not None else pred, explain, [d for d in images if d.is_dir()])
+        answers = explain_stream(fast if fast is not None else pred, files, bs if fast is not None or not where.is_cpu else 1, threshold)
+        written = 0
     if len(views) > 1:
         said += f"; tta: {views_text(views)}"
     elif tta:
@@ -75,13 +82,19 @@ def predict_cmd(
             failed += 1
             typer.echo(f"error: {ans}", err=True)
             continue
+        extra = {}
+        if explain is not None:  # an Explanation: write its overlay, then answer as always
+            extra = {"overlay": str(write_overlay(explain, f, ans))}
+            ans, written = ans.prediction, written + 1
         if json_out:
-            typer.echo(json.dumps({"file": str(f), **ans.to_json()}, allow_nan=False))  # Prediction: finite only
+            typer.echo(json.dumps({"file": str(f), **ans.to_json(), **extra}, allow_nan=False))  # Prediction: finite only
         elif ans.unsure:  # printable: a newline or raw byte in a name never splits the line
             typer.echo(f"{printable(str(f))}: unsure (best guess {printable(ans.label)} {ans.confidence:.3f}, "
                        f"below {ans.threshold:.2f})")
         else:
             typer.echo(f"{printable(str(f))}: {printable(ans.label)} ({ans.confidence:.3f})")
+    if explain is not None:
+        typer.echo(f"wrote {written} overlays to {printable(str(explain))}", err=True)
     if failed:
         typer.echo(f"{failed} of {len(files)} images could not be read; the others were predicted", err=True)
         raise typer.Exit(1)  # the job ran but did not fully succeed
@@ -111,15 +124,28 @@ def export_cmd(
         fp32, source = (out if out is not None and not int8 else model.with_suffix(".onnx")), model
         if onnx or not fp32.is_file() or fp32.stat().st_mtime < model.stat().st_mtime:
             fp32 = export_onnx(model, fp32)
+            record_in_run(fp32)
             typer.echo(f"wrote {fp32} ({fp32.stat().st_size / 1e6:.1f} MB); checked against torch to 1e-4")
     if int8:
         from ursa.inference.quantize import export_int8
 
         path, report = export_int8(fp32, source, data, out if model.suffix.lower() == ".onnx" or onnx is False else None,
                                    method=method, say=lambda line: typer.echo(line, err=True))
+        record_in_run(path)
         typer.echo(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB, {report['method']}): top-1 agreement with fp32 "
                    f"{100 * report['agreement']:.1f}%, error rate {100 * report['error_fp32']:.2f}% -> "
                    f"{100 * report['error_int8']:.2f}% ({report['error_change_points']:+.2f} points)")
+
+
+def record_in_run(path: Path) -> None:
+    """A file export wrote into a run folder (one with ursa's manifest) is ursa's: recorded there, so the next
+    training run into that folder replaces or removes it instead of leaving an older model beside the new one."""
+    from ursa.training.runfolder import is_run_file
+    from ursa.util.manifest import Manifest
+
+    manifest = Manifest(path.parent)
+    if manifest.exists and is_run_file(path.name):
+        manifest.add([path.name])
 
 
 def serve_cmd(

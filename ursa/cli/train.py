@@ -24,8 +24,8 @@ ConfigOpt = Annotated[Optional[Path], typer.Option("--config", help="Start from 
 SeedOpt = Annotated[Optional[int], typer.Option("--seed", help=f"Seed of training (and of the split, unless --split-seed) [default: {default('seed')}].")]
 
 
-def parse_budget(text: str | None) -> float | None:
-    """--budget: seconds as 90, 90s, 1.5m or 2h; None when not given."""
+def parse_budget(text: str | None, option: str = "--budget") -> float | None:
+    """--budget (or --time-limit): seconds as 90, 90s, 1.5m or 2h; None when not given."""
     if text is None:
         return None
     t = text.strip().lower()
@@ -33,7 +33,7 @@ def parse_budget(text: str | None) -> float | None:
     try:
         value = float(t[:-1] if scale else t) * (scale or 1)
     except ValueError:
-        raise UrsaError(f"--budget: expected seconds such as 90, 90s, 3m or 1h, got {text!r}") from None
+        raise UrsaError(f"{option}: expected seconds such as 90, 90s, 3m or 1h, got {text!r}") from None
     return value
 
 
@@ -51,7 +51,32 @@ def make_config(data: Path, base_run: Path | None, **options: Any) -> TrainConfi
         raise UrsaError(f"--config {base_run}: no config.json there; give a run folder written by `ursa train`")
     base.pop("out", None)
     given.setdefault("split_seed", split_settings(base)[1])
+    given.setdefault("replay", replay_of(base_run, base, given))
     return TrainConfig.from_json(base, data=data, **given)
+
+
+# Options that change what the recipe would decide: given on top of --config RUN, that decision is made afresh.
+DECIDES = {"size": ("size", "arch"), "fine_tune_epochs": ("arch", "size", "epochs", "lr", "budget", "unfreeze_epochs",
+                                                          "unfreeze_size", "cache", "views", "bs")}
+
+
+def replay_of(base_run: Path, base: dict, given: dict) -> dict:
+    """--config RUN: RUN's decisions to replay (its recipe.json), less those an option given here changes."""
+    import json
+
+    folder = base_run if base_run.is_dir() else base_run.parent
+    replay: dict = {"from": str(folder)}
+    try:
+        recipe = json.loads((folder / "recipe.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return replay  # an earlier run without recipe.json: the recipe decides afresh
+    if not isinstance(recipe, dict):
+        return replay
+    for key, options in DECIDES.items():
+        value = recipe.get(key)
+        if isinstance(value, int) and not isinstance(value, bool) and not any(o in given for o in options):
+            replay[key] = value
+    return replay
 
 
 def train_cmd(
@@ -67,7 +92,8 @@ def train_cmd(
     split_seed: Annotated[Optional[int], typer.Option("--split-seed", help="Seed of the validation split [default: --seed].")] = None,
     epochs: Annotated[Optional[int], typer.Option("--epochs", help=f"Frozen epochs (head only) [default: {default('epochs')}].")] = None,
     lr: Annotated[Optional[float], typer.Option("--lr", help=f"Max learning rate of the frozen stage [default: {default('lr')}].")] = None,
-    budget: Annotated[Optional[str], typer.Option("--budget", help=f"Wall time for the run, e.g. 90, 90s, 3m: after the frozen stage, fine-tune only when the frozen body is weak here and the rest fits enough epochs; 0: frozen stage only [default: {default('budget'):.0f}s].")] = None,
+    budget: Annotated[Optional[str], typer.Option("--budget", help=f"Size of the run in seconds of the reference machine (2 CPU cores), e.g. 90, 3m: counted from images x epochs x the network's FLOPs, never timed, so any machine decides the same; after the frozen stage, fine-tune only when the frozen body is weak here and the rest fits enough epochs; 0: frozen stage only [default: {default('budget'):.0f}s].")] = None,
+    time_limit: Annotated[Optional[str], typer.Option("--time-limit", help="Wall time after which fine-tuning is cut, e.g. 10m (a safety cap: the run then says it was cut and its model is not the one the data decides) [default: 4x --budget].")] = None,
     unfreeze_epochs: Annotated[Optional[int], typer.Option("--unfreeze-epochs", help="Fine-tune everything for exactly this many epochs afterwards, whatever the budget (the lesson's recipe: 2; 0: frozen stage only) [default: the budget decides].")] = None,
     flips: Annotated[Optional[str], typer.Option("--flips", help="Mirror images as augmentation: none (digits, text), horizontal (photos), all (also vertical flips and quarter turns: satellite, microscopy), auto [default: auto: none for grayscale images, else horizontal].")] = None,
     unfreeze_lr: Annotated[Optional[str], typer.Option("--unfreeze-lr", help="LO,HI learning rates for early layers and the head while fine-tuning [default: lr/300,lr/3].")] = None,
@@ -93,7 +119,8 @@ def train_cmd(
     """Fine-tune a pretrained network on your images: frozen one-cycle, then fine-tuning when it pays and fits --budget."""
     options = dict(
         out=out, csv=csv, arch=arch, pretrained=pretrained, size=size, valid_pct=valid_pct, seed=seed,
-        split_seed=split_seed, epochs=epochs, lr=lr, budget=parse_budget(budget), unfreeze_epochs=unfreeze_epochs,
+        split_seed=split_seed, epochs=epochs, lr=lr, budget=parse_budget(budget),
+        time_limit=parse_budget(time_limit, "--time-limit"), unfreeze_epochs=unfreeze_epochs,
         flips=flips, unfreeze_lr=parse_slice(unfreeze_lr), unfreeze_size=unfreeze_size, bf16=bf16,
         bn_stats_frozen=bn_stats_frozen, bs=bs, wd=wd, label_smoothing=label_smoothing, cache=cache, views=views,
         bf16_features=bf16_features, dedupe_split=dedupe_split, curve=curve, target_precision=target_precision,
@@ -214,14 +241,20 @@ def _say_result(res: Any) -> None:
     """The run's summary on stdout (rank 0 only: the other ranks say nothing)."""
     if res.model_path is None and res.files is None:
         return
-    m = res.metrics
+    m, plan = res.metrics, res.plan
+    honest = (plan.honest.get("selection_corrected") if plan is not None else None)
     typer.echo(
-        f"error_rate {m['error_rate']:.4f} (accuracy {m['accuracy']:.4f}) on {res.n_valid} validation images; "
-        f"{res.seconds:.0f} s, peak memory {res.peak_rss_mb:.0f} MB"
+        f"error_rate {m['error_rate']:.4f} (accuracy {m['accuracy']:.4f}) on {res.n_valid} validation images"
+        + (f" ({honest:.4f} corrected for choosing the epoch on them)" if honest is not None else "")
+        + f"; {res.seconds:.0f} s start to the end of training, peak memory {res.peak_rss_mb:.0f} MB"
     )
-    if res.plan is not None:
-        typer.echo(f"recipe: {res.plan.size} px, flips {res.plan.flips}, fine-tuning: {res.plan.fine_tune_why} "
+    if plan is not None:
+        typer.echo(f"recipe: {plan.size} px, flips {plan.flips}, fine-tuning: {plan.fine_tune_why} "
                    "(recipe.json)")
+        if plan.compare:
+            from ursa.training.compare import compare_line
+
+            typer.echo(f"cleaning: {compare_line(plan.compare)}")
     typer.echo(f"model: {res.model_path}")
     if res.files is not None and res.files.best is not None:
         typer.echo(f"best epoch's weights: {res.files.best}")
@@ -268,7 +301,8 @@ def lr_find_cmd(
             learn.fit_one_cycle(head_epochs, cfg.lr)
         learn.unfreeze()
     out.mkdir(parents=True, exist_ok=True)
-    res = learn.lr_find(plot=out / "lr_find.png")
+    default_lr = cfg.unfreeze_lrs[1] if unfrozen else cfg.lr
+    res = learn.lr_find(plot=out / "lr_find.png", default=default_lr)
     atomic_write_text(out / "lr_find.json", json.dumps(res.to_dict(), indent=1) + "\n")
     if json_out:
         typer.echo(json.dumps({k: v for k, v in res.to_dict().items() if k not in ("lrs", "losses", "smoothed")}))
@@ -276,12 +310,13 @@ def lr_find_cmd(
     how = "whole network" if unfrozen else "head only" + (", on cached body features" if res.cached else "")
     typer.echo(f"lr_find ({how}): {len(res.lrs)} batches, lr {res.lrs[0]:.0e} to {res.lrs[-1]:.1e}"
                + (" (stopped: the loss blew up)" if res.stopped_early else ""))
-    typer.echo(f"suggested learning rate: {res.suggestion:.1e} (valley)")
-    for line in res.explain():
-        typer.echo(f"  {line}")
-    s = res.suggestion
-    use = f"--unfreeze-lr {s / 100:.0e},{s:.0e}" if unfrozen else f"--lr {s:.0e}"
-    typer.echo(f"use it: ursa train {data} {use}")
+    s = float(f"{res.suggestion:.1e}")  # the one number, printed and used alike
+    typer.echo(f"suggested learning rate: {s:.1e} ({res.suggestion_why})")  # valley and steep: lr_find.json, the plot
+    if s == float(f"{default_lr:.1e}"):
+        typer.echo(f"use it: ursa train {data} (the default{' fine-tuning rate' if unfrozen else ''} is {s:.1e})")
+    else:
+        use = f"--unfreeze-lr {s / 100:.1e},{s:.1e}" if unfrozen else f"--lr {s:.1e}"
+        typer.echo(f"use it: ursa train {data} {use}")
     typer.echo(f"plot: {out / 'lr_find.png'}")
 
 
@@ -299,15 +334,14 @@ def interpret_cmd(
     quiet: Quiet = False,
 ) -> None:
     """Confusion matrix, most confused classes, precision/recall and top losses, as report.html/json."""
-    from rich.console import Console
 
     from ursa.diagnose.advice import History
     from ursa.diagnose.interpret import interpret_model
     from ursa.diagnose.report import run_plots, write_report
-    from ursa.util.progress import progress_bar
+    from ursa.util.progress import make_console, progress_bar
 
     check_outside(out, data)
-    console = Console(stderr=True, quiet=quiet)
+    console = make_console(quiet)
     with progress_bar(console, quiet) as prog:
         task = prog.add_task("predicting", total=None)
         interp = interpret_model(model, data, all_images=all_images, csv_path=csv, tta=tta, device=device,
@@ -318,7 +352,7 @@ def interpret_cmd(
     info = {"title": "ursa interpretation", "model": str(model), "data": str(data),
             "set": "every image" if all_images else "validation set" + (" (split.csv)" if (run / "split.csv").is_file() and csv is None else ""),
             "backend": interp.backend, "tta": interp.tta or "off"}
-    files = write_report(out, interp, hist, run_plots(run), info, k=top)
+    files = write_report(out, interp, hist, run_plots(run), info, k=top, model=model)
     if json_out:
         typer.echo(files["json"].read_text())
         return

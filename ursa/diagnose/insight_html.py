@@ -143,6 +143,7 @@ def recipe_html(recipe: dict[str, Any] | None, rows: list[dict] | None) -> str:
     parts = ["<section id='recipe'><h2>The recipe</h2><table><tr><th>decision</th><th>chosen</th><th>why</th></tr>"]
     parts += [f"<tr><td>{_e(a)}</td><td>{_e(b)}</td><td>{_e(c)}</td></tr>" for a, b, c in decisions]
     parts.append("</table>")
+    parts.append(_recipe_figures(recipe))
     stages: dict[str, list[dict]] = {}
     for r in rows or []:
         stages.setdefault(str(r.get("stage")), []).append(r)
@@ -154,3 +155,35 @@ def recipe_html(recipe: dict[str, Any] | None, rows: list[dict] | None) -> str:
                          f"<td>{sum(r.get('seconds', 0) for r in rs):.0f}</td></tr>")
         parts.append("</table>")
     return "".join(parts) + "</section>"
+
+
+def _recipe_figures(recipe: dict[str, Any]) -> str:
+    """The counted work, the one time figure, whether a wall-clock cap cut the run, the honest and cleaning figures."""
+    lines = []
+    work = recipe.get("work") or {}
+    if work:
+        lines.append(f"Counted, not timed: {work.get('n_train')} training images, {work.get('gflops', 0):.2f} GFLOPs "
+                     f"each; one fine-tuning epoch counts {work.get('epoch_seconds', 0):.1f} s of the reference machine, "
+                     f"the plan {recipe.get('planned_seconds') or 0:.0f} of --budget {recipe.get('budget', 0):.0f} s.")
+    if recipe.get("seconds") is not None:
+        lines.append(f"Time: {recipe['seconds']:.0f} s, start to the end of training (the same figure as the "
+                     "console's and recipe.json's).")
+    if recipe.get("cut"):
+        lines.append(f"<b>Cut</b>: the wall-clock limit ({recipe.get('time_limit', 0):.0f} s) stopped fine-tuning "
+                     f"after {recipe.get('epochs_done')} of {recipe.get('fine_tune_epochs')} epochs: this model is "
+                     "not the one the data and options decide.")
+    honest = recipe.get("honest") or {}
+    if honest.get("selection_corrected") is not None:
+        lines.append(f"Honest figure: error {_pct(honest['error_rate'])} on the epoch kept; "
+                     f"{_pct(honest['selection_corrected'])} corrected for choosing that epoch on the same validation "
+                     f"pictures ({_e(honest.get('method', ''))}).")
+    c = recipe.get("compare") or {}
+    if c:
+        what = ", ".join(f"{len(c[k])} {k}" for k in ("excluded", "relabelled", "added") if c.get(k)) or "none changed"
+        same = _pct(c["error_rate_unchanged"]) if c.get("error_rate_unchanged") is not None else "n/a"
+        was = c.get("earlier_error_rate_unchanged")
+        then = f" (the earlier model: {_pct(was)})" if was is not None else " (compare it with the earlier run)"
+        lines.append(f"Against {_e(c.get('earlier', ''))}: validation pictures {_e(what)}; error {same} on the "
+                     f"{c.get('unchanged')} unchanged pictures{then}, {_pct(c.get('error_rate') or 0)} on all "
+                     f"{c.get('valid_now')}.")
+    return "".join(f"<p class='note'>{line}</p>" for line in lines)

@@ -26,7 +26,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
-from ursa.diagnose import explore, insight_html
+from ursa.diagnose import explain_html, explore, insight_html
 from ursa.diagnose.advice import RULE_DESCRIPTIONS, RULES, Advice, History, advise, check
 from ursa.util.names import html_text as _e  # the one HTML escape: names on one line, visible
 
@@ -319,7 +319,7 @@ def build_html(interp: "Interpretation | None", h: History | None, advice: Seque
     if interp is not None and cm_png is not None:
         parts.append(_confusion_html(interp))
         parts.append(explore.embedding_section(interp, insight.get("embedding")))
-        parts.append(_top_losses_html(interp, thumbs, k))
+        parts.append(_top_losses_html(interp, thumbs, k) + explain_html.overlays_html(interp, insight.get("overlays")))
     parts.append(insight_html.calibration_html(insight.get("calibration"), pics["reliability"]))
     parts.append(insight_html.curve_html(insight.get("curve"), pics["curve"]))
     parts.append(insight_html.leakage_html(insight.get("leakage"), thumbnail))
@@ -342,12 +342,12 @@ def build_html(interp: "Interpretation | None", h: History | None, advice: Seque
 
 def write_report(out: str | Path, interp: "Interpretation | None" = None, history: History | None = None,
                  plots: dict[str, Path] | None = None, info: dict | None = None, notes: Sequence[str] = (),
-                 k: int = TOP_K, insight: dict | None = None) -> dict[str, Path]:
+                 k: int = TOP_K, insight: dict | None = None, model: str | Path | None = None) -> dict[str, Path]:
     """report.html + report.json (and confusion_matrix.png, top_losses.png) into out; name -> path.
 
     ``insight``: what a training run measured (``calibration``, ``curve``, ``leakage``, ``data``;
     batch.png, reliability.png and curve.png are read from out); the embedding map is computed
-    here from ``interp.features`` when the interpretation has them.
+    here from ``interp.features`` when the interpretation has them; ``model`` (its file): the top losses' heat maps.
     """
     from ursa.diagnose.plots import plot_confusion_matrix, plot_top_losses
     from ursa.util.files import atomic_write_text
@@ -382,6 +382,8 @@ def write_report(out: str | Path, interp: "Interpretation | None" = None, histor
                           f"{interp.losses[i]:.2f} / {interp.probs[i, p]:.2f}")
         if images:
             written["top_losses"] = plot_top_losses(images, titles, out / "top_losses.png")
+        if model is not None and k:
+            insight["overlays"] = explain_html.top_loss_overlays(model, interp, k)
     page = build_html(interp, history, advice, plots, info, notes, cm_png, thumbs, k, insight, small, out)
     data = build_json(interp, history, advice, plots, info, notes, insight)
     atomic_write_text(out / "report.html", page)

@@ -11,12 +11,14 @@ import torch
 
 from ursa import __version__
 from ursa.errors import ModelFileError
+from ursa.inference.evidence import EvidenceModel, NoEvidenceMaps
 from ursa.inference.modelfile import ONNX_META_KEY, ModelMeta, load_model
 from ursa.inference.preprocess import PREPROCESS_KEY, preprocess_spec
-from ursa.inference.runtime import FEATURES_OUTPUT
+from ursa.inference.runtime import EVIDENCE_OUTPUT, FEATURES_OUTPUT
 from ursa.inference.session import ort_session
 from ursa.inference.static import export_graph
 from ursa.util.files import atomic_write_bytes
+from ursa.util.names import printable
 from ursa.vision.models import Classifier
 
 log = logging.getLogger("ursa")
@@ -26,6 +28,10 @@ ONNX_INPUT, ONNX_OUTPUT = "input", "logits"
 # Output 1: the pooled body features the head consumes (``Classifier.features``), for interpret's
 # embedding map and the cleaner's rankings; output 0 stays the logits, so one-output readers still work.
 ONNX_FEATURES = FEATURES_OUTPUT
+# Output 2: the per-class evidence maps [N, K, h, w] (``evidence``: the exact CAM of ursa's head), so
+# `ursa predict --explain` and serve's /explain draw heat maps without torch. Heads it cannot map exactly
+# (not ursa's own) export without it.
+ONNX_EVIDENCE = EVIDENCE_OUTPUT
 
 
 class LogitsAndFeatures(torch.nn.Module):
@@ -41,8 +47,13 @@ class LogitsAndFeatures(torch.nn.Module):
 
 
 def export_two_outputs(model: Classifier, size: int, opset: int = ONNX_OPSET) -> Any:
-    """The classifier as an ONNX ModelProto with outputs (logits, features): dynamic batch, static padding folded."""
-    return export_graph(LogitsAndFeatures(model), size, ONNX_INPUT, [ONNX_OUTPUT, ONNX_FEATURES], opset)
+    """The classifier as an ONNX ModelProto with outputs (logits, features[, evidence]): dynamic batch, static padding folded."""
+    try:
+        module: torch.nn.Module = EvidenceModel(model)
+    except NoEvidenceMaps as e:
+        log.info("no evidence maps in the ONNX export: %s", e)
+        return export_graph(LogitsAndFeatures(model), size, ONNX_INPUT, [ONNX_OUTPUT, ONNX_FEATURES], opset)
+    return export_graph(module, size, ONNX_INPUT, [ONNX_OUTPUT, ONNX_FEATURES, ONNX_EVIDENCE], opset)
 
 
 def onnx_props(meta: ModelMeta, extra: dict[str, str] | None = None) -> dict[str, str]:
@@ -67,9 +78,10 @@ def export_onnx(model_path: str | Path, out: str | Path | None = None, *, opset:
                 check: bool = True) -> Path:
     """Write MODEL.onnx (dynamic batch, static padding, classes + metadata + preprocessing inside) for servers without torch.
 
-    Outputs: ``logits`` (output 0) and ``features`` (the pooled body features, for interpret and
-    clean). ``check`` runs the export once on onnxruntime and refuses a file whose probabilities
-    differ from torch's by more than 1e-4 or whose features differ by more than 1e-3.
+    Outputs: ``logits`` (output 0), ``features`` (the pooled body features, for interpret and
+    clean) and ``evidence`` (the heat maps' per-class evidence, ``inference.evidence``). ``check`` runs
+    the export once on onnxruntime and refuses a file whose probabilities differ from torch's by more
+    than 1e-4, or whose features or evidence maps differ by more than 1e-3 (relative).
     """
     model_path = Path(model_path)
     out = Path(out) if out is not None else model_path.with_suffix(".onnx")
@@ -82,7 +94,8 @@ def export_onnx(model_path: str | Path, out: str | Path | None = None, *, opset:
         raise ModelFileError("the onnx package is not installed: pip install onnx onnxruntime") from None
     set_props(proto, onnx_props(meta))
     proto.producer_name, proto.producer_version = "ursa", __version__
-    proto.doc_string = f"ursa {meta.arch} classifier: {', '.join(meta.classes)}"
+    # protobuf strings are UTF-8: a class name that is not (its raw bytes) is shown escaped; the metadata keeps it whole
+    proto.doc_string = printable(f"ursa {meta.arch} classifier: {', '.join(meta.classes)}")
     data = proto.SerializeToString()
     if check:
         check_onnx(data, model, meta.input_size)
@@ -118,4 +131,18 @@ def check_onnx(graph: bytes | str, model: Classifier, size: int, tol: float = 1e
         if got_f.shape != f.shape or not torch.allclose(got_f, f, atol=feature_tol, rtol=feature_tol):
             ferr = float((got_f - f).abs().max()) if got_f.shape == f.shape else float("inf")
             raise ModelFileError(f"ONNX export's body features differ from torch's by {ferr:.2g}; not written")
+    if len(outs) > 2:
+        check_evidence(outs[2], model, x, feature_tol)
     return err
+
+
+def check_evidence(got: Any, model: Classifier, x: torch.Tensor, tol: float) -> None:
+    """The graph's evidence maps against torch's (``evidence.evidence``), relative to the largest value; a ModelFileError."""
+    from ursa.inference.evidence import evidence
+
+    want = evidence(model, x)[1]
+    got_m = torch.from_numpy(got)
+    scale = float(want.abs().max()) or 1.0
+    err = float((got_m - want).abs().max()) / scale if got_m.shape == want.shape else float("inf")
+    if err > tol:
+        raise ModelFileError(f"ONNX export's evidence maps differ from torch's by {err:.2g} (relative); not written")

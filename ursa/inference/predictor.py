@@ -138,6 +138,13 @@ class Predictor:
             return (logits / self.temperature).softmax(1), f
         return torch.from_numpy(mean_probs(logits.numpy(), n, self.temperature)), f
 
+    def logits_and_evidence(self, x: torch.Tensor) -> tuple[Any, Any]:
+        """Raw logits [N, K] and per-class evidence maps [N, K, h, w] (numpy, float32) of a preprocessed batch (``inference.explain``)."""
+        from ursa.inference.evidence import evidence
+
+        logits, maps = evidence(self.model, self._on_device(x))
+        return logits.cpu().numpy(), maps.cpu().numpy()
+
     def result(self, p: torch.Tensor, threshold: float | None | str = "model") -> Prediction:
         """One row of probabilities as a Prediction, judged by the model's unsure threshold unless another is given."""
         values = p.tolist()

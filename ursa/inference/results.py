@@ -43,6 +43,17 @@ class Prediction:
         unsure = threshold is not None and self.confidence < threshold
         return Prediction(self.label, self.index, self.probs, unsure, threshold)
 
+    def _repr_html_(self) -> str:
+        """In a notebook: the label (and whether it is unsure), then one bar per class, most likely first."""
+        from html import escape
+
+        rows = "".join(
+            f"<tr><td>{escape(c)}</td><td><div style='background:#4c78a8;height:0.8em;width:{100 * p:.0f}px'></div>"
+            f"</td><td>{p:.3f}</td></tr>" for c, p in sorted(self.probs.items(), key=lambda kv: -kv[1]))
+        head = f"<b>{escape(self.label)}</b> ({self.confidence:.3f})" + (
+            f" <i>unsure: below {self.threshold:.2f}</i>" if self.unsure and self.threshold is not None else "")
+        return f"<div>{head}<table>{rows}</table></div>"
+
     def to_json(self) -> dict[str, Any]:
         """What the web API returns for one image (fields are only ever added, never renamed)."""
         return {"label": self.label, "index": self.index, "probs": self.probs, "unsure": self.unsure,

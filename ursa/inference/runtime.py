@@ -38,6 +38,11 @@ from ursa.vision.images import Source
 
 
 FEATURES_OUTPUT = "features"  # the export's second output: the pooled body features (export.ONNX_FEATURES)
+EVIDENCE_OUTPUT = "evidence"  # the third: per-class evidence maps [N, K, h, w] for heat maps (inference.explain)
+
+
+class NoEvidenceOutput(UrsaError):
+    """An ONNX file exported before it carried the evidence maps: no heat maps from it (export it again)."""
 
 
 class NoFeaturesOutput(UrsaError):
@@ -114,6 +119,7 @@ class OnnxPredictor:
         outs = [o.name for o in session.get_outputs()]
         self._logits = outs[0]
         self._features = FEATURES_OUTPUT if FEATURES_OUTPUT in outs[1:] else None
+        self._evidence = EVIDENCE_OUTPUT if EVIDENCE_OUTPUT in outs[1:] else None
         self._decoders = decoders or max(1, cores())
 
     def logits(self, x: np.ndarray) -> np.ndarray:
@@ -138,6 +144,14 @@ class OnnxPredictor:
         logits, feats = self.session.run([self._logits, self._features],
                                          {self._input: np.ascontiguousarray(x, dtype=np.float32)})
         return logits, feats.astype(np.float32, copy=False)
+
+    def logits_and_evidence(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Raw logits [N, K] and per-class evidence maps [N, K, h, w] of a preprocessed batch (``inference.explain``)."""
+        if self._evidence is None:
+            raise NoEvidenceOutput(f"{self.source or 'this ONNX model'}: has no evidence-map output (exported before "
+                                   "ursa drew heat maps); export it again with `ursa export MODEL --onnx`")
+        logits, maps = self.session.run([self._logits, self._evidence], {self._input: np.ascontiguousarray(x, dtype=np.float32)})
+        return logits, maps
 
     def probs_and_features(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Calibrated probabilities (averaged over the TTA views) and the plain view's pooled body features (numpy)."""

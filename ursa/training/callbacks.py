@@ -270,7 +270,10 @@ class AdvicePrinter(Callback):
 
 
 class BudgetStop(Callback):
-    """Ends a fit after the epoch that leaves too little time for another one before ``deadline`` (perf_counter)."""
+    """Ends a fit after the epoch that leaves too little time for another one before ``deadline`` (perf_counter).
+
+    The default recipe's wall-clock safety cap (--time-limit): the plan itself is counted, not timed.
+    """
 
     order = 70
 
@@ -287,7 +290,7 @@ class BudgetStop(Callback):
         self.longest = max(self.longest, now - self.t0)
         over = learn.epoch_in_fit + 1 < learn.n_epoch and now + self.longest > self.deadline
         if learn.dist.agree([float(over)])[0]:  # rank 0's clock decides for all ranks
-            raise CancelFitException(f"--budget: no time for epoch {learn.epoch_in_fit + 2} of {learn.n_epoch}")
+            raise CancelFitException(f"--time-limit (wall clock): no time for epoch {learn.epoch_in_fit + 2} of {learn.n_epoch}")
 
 
 def default_callbacks() -> list[Callback]:

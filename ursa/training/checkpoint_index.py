@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from ursa.errors import UrsaError
+from ursa.training.plan import FineTune, Work
 
 MAX_DEPTH = 10  # the index nests 5 deep; anything deeper was not written by ursa
 MAX_EPOCHS = 10_000_000
@@ -205,8 +206,17 @@ def _plan(plan: dict) -> None:
         _int(plan, "fine_tune_epochs", 0, MAX_EPOCHS)
     if not isinstance(plan.get("fine_tune_why", ""), str):
         raise _Bad(f"plan.fine_tune_why: expected text, got {_show(plan.get('fine_tune_why'))}")
-    for k in ("epoch_seconds", "spent"):
+    for k in ("epoch_seconds", "spent", "planned_seconds"):
         _num(plan, k, 0.0, optional=True)
+    how = plan.get("fine_tune", FineTune.PLANNED.value)
+    if how not in {f.value for f in FineTune}:
+        raise _Bad(f"plan.fine_tune: expected one of {', '.join(f.value for f in FineTune)}, got {_show(how)}")
+    work = plan.get("work") or {}
+    if not isinstance(work, dict) or (work and set(Work.__dataclass_fields__) - work.keys()):
+        raise _Bad(f"plan.work: expected the counted work of training/plan.py, got {_show(work)}")
+    for k in ("gflops", "frozen_gflops", "n_train", "n_valid", "frozen_epochs", "views", "ranks"):
+        if work:
+            _num(work, k, 0.0)
 
 
 def _files(files: dict, folder: Path) -> None:

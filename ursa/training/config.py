@@ -25,7 +25,8 @@ FEATURE_BACKENDS = ("auto", "torch")
 # Where decoded pixels live: auto (memory when they fit ursa.vision.loaders.MEMORY_BUDGET), memory, stream (per batch).
 PIXEL_MODES = ("auto", "memory", "stream")
 FLIP_CHOICES = ("auto", *FLIPS)
-# Seconds `ursa train` may take by default, start to model file (docs/train.md: a few minutes on a laptop).
+# Seconds `ursa train` plans for by default, start to model file, counted in seconds of the reference machine
+# (2 CPU cores; training/plan.py counts images x epochs x FLOPs, no clock): a few minutes on a laptop.
 DEFAULT_BUDGET = 120.0
 
 
@@ -96,7 +97,7 @@ class LearnerConfig:
     # 32 augmented images changed the features under the trained head and made the loss jump.
     bn_stats_frozen: bool = True
     spill_dir: Path | None = None  # internal: set by the recipe (RUN/features), where a large cache is memory-mapped
-    device: str = "cpu"  # a resolved torch device name (ursa.util.device.resolve_device), e.g. "cpu", "cuda:0"
+    device: str = "auto"  # a torch device name or auto, resolved by ursa.util.device.resolve_device (CUDA, MPS, the CPU)
     quiet: bool = False  # no progress bars
 
     def __post_init__(self) -> None:
@@ -109,6 +110,7 @@ class LearnerConfig:
                 "a whole number >= 1", self.views)
         _expect(self.feature_backend in FEATURE_BACKENDS, "feature_backend", " or ".join(FEATURE_BACKENDS),
                 self.feature_backend)
+        check_device_name(self.device)
 
 
 @dataclass(frozen=True)
@@ -127,9 +129,15 @@ class TrainConfig:
     split_seed: int | None = None  # seed of the validation split; None: the same as seed
     epochs: int = 4  # frozen epochs (head only)
     lr: float = 3e-3
-    # Wall seconds for the whole run. After the frozen stage the recipe fine-tunes only when the
-    # frozen body is weak on this data and the rest of the budget fits enough epochs (training/plan.py).
+    # Seconds for the whole run, counted (not timed) in seconds of the reference machine. After the frozen
+    # stage the recipe fine-tunes only when the frozen body is weak on this data and the rest of the
+    # budget fits enough epochs (training/plan.py): the same decision on any machine, idle or busy.
     budget: float = DEFAULT_BUDGET
+    # Wall seconds after which fine-tuning is cut (a safety cap; the run then says it was cut); None: 4 x budget.
+    time_limit: float | None = None
+    # Internal, set by --config RUN: {"from": RUN, "size": .., "fine_tune_epochs": ..}: that run's decisions,
+    # replayed without deciding again, and its split.csv, against which changed validation pictures are scored.
+    replay: dict | None = None
     # Fine-tuning epochs; None: the budget decides. A number gives the lesson's recipe exactly
     # (--unfreeze-epochs 2 after 4 frozen epochs), 0 the frozen stage alone.
     unfreeze_epochs: int | None = None
@@ -191,6 +199,13 @@ class TrainConfig:
                 "--epochs/--unfreeze-epochs", "at least one epoch in all", (self.epochs, self.unfreeze_epochs))
         _expect(_number(self.budget) and self.budget >= 0, "--budget", "seconds >= 0 (0: the frozen stage only)",
                 self.budget)
+        _expect(self.time_limit is None or (_number(self.time_limit) and self.time_limit > 0), "--time-limit",
+                "wall seconds > 0", self.time_limit)
+        r = self.replay
+        _expect(r is None or (isinstance(r, dict) and isinstance(r.get("from", ""), str)
+                              and (r.get("size") is None or _whole(r["size"], 32, 1024))
+                              and (r.get("fine_tune_epochs") is None or _whole(r["fine_tune_epochs"], 0, 1000))),
+                "replay", "an earlier run's folder and its decisions (size 32-1024, fine_tune_epochs >= 0)", r)
         _expect(self.flips in FLIP_CHOICES, "--flips", " or ".join(FLIP_CHOICES), self.flips)
         _expect(self.pixels in PIXEL_MODES, "--pixels", " or ".join(PIXEL_MODES), self.pixels)
         check_device_name(self.device)

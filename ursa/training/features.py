@@ -25,7 +25,7 @@ from rich.console import Console
 from ursa.errors import NoSpaceError
 from ursa.inference.onnx import onnx_features
 from ursa.util.device import autocast_dtype
-from ursa.util.progress import progress_bar
+from ursa.util.progress import make_console, progress_bar
 from ursa.vision.loaders import DataLoaders
 from ursa.vision.models import Classifier
 
@@ -85,7 +85,7 @@ def compute_features(model: Classifier, dls: DataLoaders, n_views: int, *, augme
     """
     size = size or dls.size
     device = device or torch.device("cpu")
-    console = console or Console(stderr=True, quiet=quiet)
+    console = console or make_console(quiet)
     model.body.eval()
     if backend not in ("auto", "torch"):
         raise ValueError(f"backend must be 'auto' or 'torch', not {backend!r}")

@@ -35,8 +35,9 @@ from ursa.training.dist import Dist
 from ursa.training.features import FeatureCache, compute_features, gather_cache
 from ursa.training.optim import head_lr, make_optimizer, one_cycle, param_groups
 from ursa.training.sources import BatchSource, CachedFeatures, ImageBatches, Metrics, metrics_from_probs
-from ursa.util.device import autocast_dtype
+from ursa.util.device import autocast_dtype, resolve_device
 from ursa.util.files import save_tensors
+from ursa.util.progress import make_console
 from ursa.vision.loaders import DataLoaders, failed_items
 from ursa.vision.models import Classifier
 
@@ -49,7 +50,7 @@ class Learner:
         self.dls, self.model = dls, model
         self.config = config or LearnerConfig()
         self.dist = dist or Dist()  # this process's rank under torchrun (rank 0 of 1 without)
-        self.device = torch.device(self.config.device)
+        self.device = resolve_device(self.config.device)  # auto: CUDA, then MPS, then the CPU, as the CLI
         # CUDA: bf16 autocast where the GPU has it, else fp16 with a gradient scaler; the CPU: fp32 (or --bf16)
         self.amp = autocast_dtype(self.device)
         self.scaler = torch.amp.GradScaler("cuda") if self.amp == torch.float16 else None
@@ -57,7 +58,7 @@ class Learner:
         self.fit_args: dict = {}  # the current fit's settings (a checkpoint saves them)
         self.fit_generator: torch.Generator | None = None
         self.sched: Any = None
-        self.console = console or Console(stderr=True, quiet=self.config.quiet)
+        self.console = console or make_console(self.config.quiet)
         cbs = list(cbs)
         check_callbacks(cbs)
         self.cbs = sorted([*default_callbacks(), *cbs], key=lambda cb: cb.order)

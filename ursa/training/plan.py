@@ -3,21 +3,20 @@
 ``ursa train DATA`` looks at the images before training (``vision.probe``) and at the frozen
 stage's result after it, and decides here; the reasons are printed in the first lines of the run,
 saved as ``recipe.json`` and shown in the report. Every decision has an option that overrides it
-(``--size``, ``--flips``, ``--unfreeze-epochs``, ``--budget``). The thresholds are measured, not
-guessed: see docs/train.md for the evidence behind each.
+(``--size``, ``--flips``, ``--unfreeze-epochs``, ``--budget``), and ``--config RUN`` replays an
+earlier run's decisions. Nothing here reads a clock: how much fine-tuning fits ``--budget`` is
+*counted* (images x epochs x the network's FLOPs at the input size, in seconds of a reference
+machine), so the same data, seed and options decide the same on an idle, a busy or a faster
+machine. See docs/train.md for the evidence behind each threshold.
 """
 
 from __future__ import annotations
 
+import enum
 import math
-import time
-from dataclasses import asdict, dataclass, field
-
-import torch
+from dataclasses import asdict, dataclass, field, fields
 
 from ursa.training.config import DEFAULT_BUDGET
-from ursa.training.learner import Learner
-from ursa.training.optim import set_train_modes
 from ursa.vision.probe import ImageProbe
 
 # Smallest input size the recipe picks: EfficientNet's five stride-2 stages leave a 2x2 map at 64 px.
@@ -26,9 +25,8 @@ MIN_SIZE = 64
 NATIVE_SHARE = 0.75
 # Mostly grayscale images (digits, text, scans): mirrors can turn one class into another.
 GREY_SHARE = 0.9
-# The frozen stage's last epoch is already this good: nothing for fine-tuning to win. Above it the
-# budget decides: on bears (0.026-0.037 frozen) one fine-tuning epoch at 224 px is ~55 s, which the
-# default budget cannot fit three times, so the recipe stops after timing three batches.
+# The frozen stage's error is already this good (in whole validation pictures, rounded up: on 48
+# pictures one error is "within a picture of" 2%): nothing for fine-tuning to win.
 GOOD_ENOUGH = 0.02
 # Fine-tuning shorter than this does not finish a warm-up and an anneal. At most MAX_EPOCHS with the
 # default budget (more gained little on the dev sets); a larger --budget raises the cap in proportion.
@@ -37,30 +35,126 @@ MIN_EPOCHS, MAX_EPOCHS = 3, 12
 # budget's 24 epochs were no better than 12, and one run diverged at epoch 19).
 CEILING_EPOCHS = 30
 
+# The reference machine's costs, in seconds (2 CPU cores, idle; docs/train.md): per image, a fixed part
+# (decoding, augmentation, Python) and a part per GFLOP of the network's forward pass at the input size
+# (counted by torch's FlopCounterMode). Fitted to the fine-tuning epochs of bears at 224 px (~55 s) and
+# mnist/eurosat at 64 px (a sixth of it), the feature cache's ~6.3 s per view of bears on ONNX Runtime.
+TRAIN_PER_IMAGE, TRAIN_PER_GFLOP = 0.005, 0.078  # one training image of fine-tuning (forward + backward)
+VALID_SHARE = 1 / 3  # a validation image: a forward pass in eval mode
+CACHE_PER_IMAGE, CACHE_PER_GFLOP = 0.0015, 0.0065  # one image through the frozen body (feature cache)
+DECODE_PER_IMAGE = 0.0013  # decoding once into memory
+NO_CACHE_SHARE = 0.6  # a frozen epoch without the cache, against a fine-tuning epoch (138 s / 4 vs 55 s)
+RESERVE = 8.0  # what follows training: the report pass, the model file, its ONNX export
+# Without --time-limit the wall clock stops fine-tuning only past this multiple of --budget (a safety cap).
+TIME_LIMIT_FACTOR = 4.0
+
+
+class FineTune(str, enum.Enum):
+    """How the fine-tuning decision was made (recipe.json's ``fine_tune``)."""
+
+    UNDECIDED = "undecided"
+    GIVEN = "given"  # --unfreeze-epochs N: the lesson's recipe as asked
+    REPLAYED = "replayed"  # --config RUN: that run's decision
+    BUDGET_ZERO = "budget_zero"  # --budget 0: the frozen stage only
+    NO_ERROR = "no_error"  # no validation error to judge by
+    GOOD_ENOUGH = "good_enough"  # the frozen body is within a picture of GOOD_ENOUGH
+    BUDGET_SPENT = "budget_spent"  # the frozen stage counted as the whole budget
+    TOO_FEW_FIT = "too_few_fit"  # fewer than MIN_EPOCHS fit what is left
+    PLANNED = "planned"  # n epochs fit and may pay
+
+
+class Stop(str, enum.Enum):
+    """Why fine-tuning ended before its planned epochs (recipe.json's ``stopped``)."""
+
+    TIME_LIMIT = "time_limit"  # the wall-clock safety cap cut the run: it is marked as cut
+    DIVERGED = "diverged"  # the loss blew up; the best weights so far are kept
+
+
+@dataclass(frozen=True)
+class Work:
+    """What the run costs, counted from the data and the network (never timed), in reference seconds."""
+
+    gflops: float  # forward GFLOPs of one image at the fine-tuning size
+    frozen_gflops: float  # the same at the frozen stage's size
+    n_train: int
+    n_valid: int
+    frozen_epochs: int
+    views: int  # augmented views in the feature cache (0: no cache, the body runs every frozen epoch)
+    ranks: int = 1  # processes sharing the work (torchrun)
+
+    @property
+    def epoch_seconds(self) -> float:
+        """One fine-tuning epoch: every training image forward and backward, the validation images forward."""
+        each = TRAIN_PER_IMAGE + TRAIN_PER_GFLOP * self.gflops
+        return each * (self.n_train + VALID_SHARE * self.n_valid) / self.ranks
+
+    @property
+    def frozen_seconds(self) -> float:
+        """Decoding once, then the frozen stage: the body over each cached view (or every epoch without the cache)."""
+        decode = DECODE_PER_IMAGE * (self.n_train + self.n_valid)
+        if self.views == 0:
+            frozen_epoch = Work(self.frozen_gflops, self.frozen_gflops, self.n_train, self.n_valid, 0, 0, self.ranks)
+            return decode + NO_CACHE_SHARE * frozen_epoch.epoch_seconds * self.frozen_epochs
+        each = CACHE_PER_IMAGE + CACHE_PER_GFLOP * self.frozen_gflops
+        return decode + each * (self.views * self.n_train + self.n_valid) / self.ranks
+
+    @classmethod
+    def from_json(cls, d: dict) -> "Work":
+        """Back from to_json() (recipe.json, a checkpoint): the inputs only, the costs are recomputed."""
+        return cls(**{f.name: d[f.name] for f in fields(cls) if f.name in d})
+
+    def to_json(self) -> dict:
+        return {**asdict(self), "epoch_seconds": round(self.epoch_seconds, 3),
+                "frozen_seconds": round(self.frozen_seconds, 3), "reserve_seconds": RESERVE}
+
 
 @dataclass
 class Plan:
-    """What the recipe decided and why, in the order it decided it."""
+    """What the recipe decided and why, in the order it decided it (recipe.json)."""
 
     size: int
     size_why: str
     flips: str
     flips_why: str
-    budget: float
+    budget: float  # reference seconds (counted); the wall clock only caps at time_limit
     fine_tune_epochs: int = 0
     fine_tune_why: str = "not decided yet"
+    fine_tune: FineTune = FineTune.UNDECIDED  # how it was decided (data; the why is its words)
     probe: dict = field(default_factory=dict)
-    epoch_seconds: float | None = None  # measured cost of one fine-tuning epoch
-    spent: float | None = None  # seconds the run had taken when fine-tuning was decided
+    work: dict = field(default_factory=dict)  # Work.to_json(): the counted inputs of the decision
+    planned_seconds: float | None = None  # reference seconds the plan adds up to
+    time_limit: float | None = None  # wall seconds after which fine-tuning is cut (safety cap)
+    stopped: Stop | None = None  # fine-tuning ended before its planned epochs, and why
+    epochs_done: int = 0  # fine-tuning epochs that ran
+    kept_epoch: int | None = None  # the epoch whose weights the model file holds, when not the last
+    seconds: float | None = None  # the one time figure: wall seconds from start to the end of training
+    honest: dict = field(default_factory=dict)  # the kept error and its selection-corrected figure (honest.py)
+    compare: dict = field(default_factory=dict)  # after --config RUN: validation pictures changed since (compare.py)
+    wrong: list = field(default_factory=list)  # validation pictures the kept model gets wrong (a retrain compares)
     pixels: str = "memory"  # decoded pixels kept in memory, or decoded per batch ("stream")
     run: dict = field(default_factory=dict)  # where it ran: device, ranks, resumed from (training/resume.py)
+
+    @property
+    def cut(self) -> bool:
+        """The wall-clock cap cut fine-tuning short: this run is not the one the data and options decide."""
+        return self.stopped is Stop.TIME_LIMIT
 
     def lines(self) -> list[str]:
         """The recipe in words, for the first lines of the run and the report."""
         return [f"input size {self.size} px: {self.size_why}", f"flips {self.flips}: {self.flips_why}"]
 
     def to_json(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        d["fine_tune"] = self.fine_tune.value
+        d["stopped"] = self.stopped.value if self.stopped else None
+        d["cut"] = self.cut
+        return d
+
+    def restore(self, before: dict) -> None:
+        """A stopped run's fine-tuning decision (from its checkpoint), to go on with it."""
+        self.fine_tune_epochs, self.fine_tune_why = before["fine_tune_epochs"], before["fine_tune_why"]
+        self.fine_tune = FineTune(before.get("fine_tune", FineTune.PLANNED.value))
+        self.work, self.planned_seconds = before.get("work") or {}, before.get("planned_seconds")
 
     def advice(self, rows: list[dict], kept: dict | None) -> str | None:
         """What fine-tuning did or would do here, in a sentence for advice.txt and the report."""
@@ -70,10 +164,10 @@ class Plan:
             return None
         f_err = min(r["error_rate"] for r in frozen)
         if not tuned:
-            if "raise --budget" in self.fine_tune_why:
+            if self.fine_tune in (FineTune.BUDGET_SPENT, FineTune.TOO_FEW_FIT):
                 return (f"Fine-tuning might lower the error ({f_err:.1%} with the frozen body) but did not fit the "
-                        f"budget: --budget {suggest_budget(self):.0f} lets it try (the best epoch is kept, so it "
-                        "cannot end worse on the validation set).")
+                        f"budget: --budget {suggest_budget(self):.0f} lets it try (the epoch kept is chosen on "
+                        "validation images, and the report gives the error corrected for that choice).")
             return None
         t_err = min(r["error_rate"] for r in tuned)
         if t_err < f_err:
@@ -111,65 +205,69 @@ def epoch_cap(budget: float) -> int:
     return min(CEILING_EPOCHS, max(MIN_EPOCHS, round(MAX_EPOCHS * budget / DEFAULT_BUDGET)))
 
 
-def fine_tune_epochs(frozen_error: float, seconds_left: float, epoch_seconds: float,
-                     cap: int = MAX_EPOCHS) -> tuple[int, str]:
-    """How many epochs of fine-tuning fit the budget and are worth it (0 with the reason when none)."""
-    if not math.isfinite(frozen_error):
-        return 0, "the frozen stage gave no validation error to judge by"
-    if round(frozen_error, 6) <= GOOD_ENOUGH:  # float32 error rates: 4/80 is 0.0500000007
-        return 0, (f"the frozen body already gets {frozen_error:.1%} error (at most {GOOD_ENOUGH:.0%}): nothing "
-                   "left for fine-tuning to win; --unfreeze-epochs N to try anyway")
-    if seconds_left <= 0:
-        return 0, (f"the frozen body leaves {frozen_error:.1%} error, but --budget is spent: raise --budget to let "
-                   "fine-tuning try")
-    fit = int(seconds_left // max(epoch_seconds, 1e-6))
+def good_enough(frozen_error: float, n_valid: int) -> bool:
+    """The frozen error is at most GOOD_ENOUGH, rounded up to whole validation pictures (one picture's grace)."""
+    errors = round(frozen_error * n_valid)
+    return errors <= math.ceil(GOOD_ENOUGH * n_valid - 1e-9)
+
+
+def time_limit(budget: float, given: float | None) -> float:
+    """Wall seconds after which the fine-tuning fit is cut: --time-limit, else TIME_LIMIT_FACTOR x --budget."""
+    return given if given is not None else TIME_LIMIT_FACTOR * budget
+
+
+def fine_tune_epochs(frozen_error: float, n_valid: int, work: Work | None, budget: float,
+                     cap: int = MAX_EPOCHS) -> tuple[int, FineTune, str]:
+    """How many epochs of fine-tuning fit the counted budget and are worth it (0 with the reason when none)."""
+    if budget <= 0:
+        return 0, FineTune.BUDGET_ZERO, "--budget 0: the frozen stage only"
+    if not math.isfinite(frozen_error) or n_valid <= 0 or work is None:
+        return 0, FineTune.NO_ERROR, "the frozen stage gave no validation error to judge by"
+    errors = round(frozen_error * n_valid)
+    if good_enough(frozen_error, n_valid):
+        return 0, FineTune.GOOD_ENOUGH, (
+            f"the frozen body already gets {frozen_error:.1%} error ({errors} of {n_valid} validation pictures, "
+            f"within a picture of {GOOD_ENOUGH:.0%}): nothing left for fine-tuning to win; --unfreeze-epochs N "
+            "to try anyway")
+    before = work.frozen_seconds + RESERVE
+    left = budget - before
+    if left <= 0:
+        return 0, FineTune.BUDGET_SPENT, (
+            f"the frozen body leaves {frozen_error:.1%} error, but the frozen stage counts as {before:.0f} of the "
+            f"{budget:.0f} s of --budget: raise --budget to let fine-tuning try")
+    each = work.epoch_seconds
+    fit = int(left // max(each, 1e-9))
     if fit < MIN_EPOCHS:
-        return 0, (f"the frozen body leaves {frozen_error:.1%} error, but the {seconds_left:.0f} s left of --budget "
-                   f"fit {fit} fine-tuning epoch(s) of ~{epoch_seconds:.0f} s (at least {MIN_EPOCHS} are needed): "
-                   "raise --budget to let it try")
+        return 0, FineTune.TOO_FEW_FIT, (
+            f"the frozen body leaves {frozen_error:.1%} error, but the {left:.0f} s left of --budget fit {fit} "
+            f"fine-tuning epoch(s) of {each:.0f} s counted (at least {MIN_EPOCHS} are needed): raise --budget "
+            "to let it try")
     n = min(fit, cap)
-    return n, (f"the frozen body leaves {frozen_error:.1%} error: {n} epochs of fine-tuning, "
-               f"~{epoch_seconds:.0f} s each, fit the {seconds_left:.0f} s left of --budget")
+    return n, FineTune.PLANNED, (
+        f"the frozen body leaves {frozen_error:.1%} error: {n} epochs of fine-tuning, {each:.1f} s each "
+        f"counted, fit the {left:.0f} s left of --budget")
 
 
 def suggest_budget(plan: Plan) -> float:
-    """A --budget that fits MAX_EPOCHS of fine-tuning after what this run spent before it (and the run's writing)."""
-    each = plan.epoch_seconds or 0.0
-    before = max(plan.spent or 0.0, 0.0) + 10.0
+    """A --budget that fits MAX_EPOCHS of fine-tuning after the frozen stage (counted, as the plan counts)."""
+    w = plan.work
+    each = w.get("epoch_seconds", 0.0)
+    before = w.get("frozen_seconds", 0.0) + RESERVE
     return 60 * math.ceil((before + each * MAX_EPOCHS) / 60)
 
 
-def epoch_seconds(learn: Learner, size: int | None = None, bf16: bool = False, batches: int = 2) -> float:
-    """Seconds one fine-tuning epoch will take here, timed on a few real batches (the weights are left as they were).
+def count_gflops(model, size: int) -> float:
+    """Forward GFLOPs of one image through ``model`` at ``size`` px, counted by torch (convolutions, matmuls)."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
 
-    Forward and backward of the whole network on augmented images, per image, times the training
-    set, plus the validation pass (a forward in eval mode: about a third of a training step).
-    """
-    model, dls = learn.model, learn.dls
-    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    dl = dls.loader(dls.dataset.train_idx, train=learn.config.augment, size=size, shuffle=False)
-    per_image: list[float] = []
-    with torch.random.fork_rng(devices=[]):
-        set_train_modes(model, False, learn.config.cache, learn.config.bn_stats_frozen)
-        t = start = time.perf_counter()
-        first = 0.0
-        for i, (xb, yb) in enumerate(dl):
-            xb, yb = xb.to(learn.device, non_blocking=True), yb.to(learn.device, non_blocking=True)
-            with learn.autocast(bf16):
-                loss = learn.loss_func(model(xb).float(), yb)
-            loss.backward()
-            model.zero_grad(set_to_none=True)
-            if learn.device.type == "cuda":
-                torch.cuda.synchronize(learn.device)  # time the work, not its queueing
-            now = time.perf_counter()
-            if i > 0:  # the first batch pays for warm-up (allocations, kernel choice)
-                per_image.append((now - t) / len(xb))
-            else:
-                first = (now - start) / len(xb)
-            t = now
-            if i >= batches:
-                break
-    model.load_state_dict(state)
-    each = sum(per_image) / len(per_image) if per_image else first  # a one-batch set: its only batch, warm-up and all
-    n_train, n_valid = len(dls.dataset.train_idx), len(dls.dataset.valid_idx)
-    return each * (n_train + n_valid / 3) / learn.dist.world  # under torchrun each rank does its share
+    modes = [m.training for m in model.modules()]
+    p = next(model.parameters())
+    try:
+        model.eval()
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            model(torch.zeros(1, 3, size, size, device=p.device, dtype=p.dtype))
+    finally:
+        for m, t in zip(model.modules(), modes):
+            m.training = t
+    return counter.get_total_flops() / 1e9

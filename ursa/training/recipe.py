@@ -32,11 +32,13 @@ from ursa.training.checkpoint import Checkpoint, CheckpointWriter, remove_checkp
 from ursa.training.dist import Dist, describe_dist, rank_device
 from ursa.training.resume import resume_line, run_facts, split_digest, start_ranks
 from ursa.training.learner import Learner
-from ursa.training.plan import (GOOD_ENOUGH, Plan, choose_flips, choose_size, epoch_cap, epoch_seconds,
-                                fine_tune_epochs)
+from ursa.training.compare import compare_line, compare_valid, earlier_wrong
+from ursa.training.honest import ValidCorrect, honest_figures
+from ursa.training.plan import (RESERVE, FineTune, Plan, Stop, Work, choose_flips, choose_size, count_gflops, epoch_cap,
+                                fine_tune_epochs, time_limit)
 from ursa.training.run import RunFiles, write_run
 from ursa.util.files import atomic_write_text, check_outside
-from ursa.util.progress import progress_bar
+from ursa.util.progress import make_console, progress_bar
 from ursa.vision.data import ImageDataset, load_dataset
 from ursa.util.device import describe
 from ursa.vision.loaders import MEMORY_BUDGET, dataloaders
@@ -44,9 +46,6 @@ from ursa.vision.models import create_model, get_spec
 from ursa.vision.probe import probe_images
 from ursa.vision.show import write_batch
 from ursa.util.names import printable
-
-# Seconds the budget keeps for what follows training: the report pass, the model file, its ONNX export.
-RESERVE = 8.0
 
 
 @dataclass
@@ -98,7 +97,7 @@ def prepare(cfg: TrainConfig, console: Console | None = None, spill_dir: Path | 
     if dist.active and not cfg.cache:
         raise ConfigError("--no-cache: under torchrun the frozen stage trains on the feature cache (computed in "
                           "shares by the ranks); leave out --no-cache")
-    console = console or Console(stderr=True, quiet=cfg.quiet or not dist.main)
+    console = console or make_console(cfg.quiet or not dist.main)
     torch.manual_seed(cfg.seed)
     ds = load_dataset(cfg.data, cfg.csv, cfg.valid_pct, cfg.split_seed_used)
     check_outside(cfg.out, cfg.data, "run folder")
@@ -106,10 +105,19 @@ def prepare(cfg: TrainConfig, console: Console | None = None, spill_dir: Path | 
         insight.apply_dedupe_split(ds, cfg.valid_pct, cfg.split_seed_used, console)
     spec = get_spec(cfg.arch)
     probe = probe_images([ds.files[i] for i in ds.train_idx], cfg.seed)
-    size, size_why = choose_size(probe, spec.input_size, cfg.size)
+    replayed = (cfg.replay or {}).get("size") if cfg.size is None else None
+    size, size_why = ((replayed, f"as {cfg.replay['from']} decided (--config: its recipe.json)") if replayed
+                      else choose_size(probe, spec.input_size, cfg.size))
     flips, flips_why = choose_flips(probe, cfg.flips)
-    plan = Plan(size, size_why, flips, flips_why, cfg.budget, probe=probe.to_json())
+    plan = Plan(size, size_why, flips, flips_why, cfg.budget, probe=probe.to_json(),
+                time_limit=time_limit(cfg.budget, cfg.time_limit))
     model = create_model(cfg.arch, n_classes=len(ds.classes), pretrained=cfg.pretrained)
+    tune_size = cfg.unfreeze_size or size
+    gflops = count_gflops(model, size)
+    work = Work(count_gflops(model, tune_size) if tune_size != size else gflops, gflops, len(ds.train_idx),
+                len(ds.valid_idx), cfg.epochs, min(cfg.views or cfg.epochs, cfg.epochs) if cfg.cache else 0,
+                dist.world)
+    plan.work = work.to_json()
     in_memory = {"auto": None, "memory": True, "stream": False}[cfg.pixels]
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))  # ranks on this machine each hold their pixels
     with progress_bar(console, cfg.quiet) as prog:
@@ -153,7 +161,7 @@ def train(cfg: TrainConfig, console: Console | None = None, resume: Checkpoint |
 
 def _train(cfg: TrainConfig, console: Console | None, resume: Checkpoint | None, dist: Dist) -> TrainResult:
     t0 = time.perf_counter() - (float(resume.index.get("elapsed", 0.0)) if resume else 0.0)
-    console = console or Console(stderr=True, quiet=cfg.quiet or not dist.main)
+    console = console or make_console(cfg.quiet or not dist.main)
     plan_box: list[Plan] = []
     writer = CheckpointWriter(cfg.out, lambda: {"config": cfg.to_json(), "elapsed": time.perf_counter() - t0,
                                                 "plan": plan_box[0].to_json(), "split": split_digest(ds)})
@@ -164,13 +172,14 @@ def _train(cfg: TrainConfig, console: Console | None, resume: Checkpoint | None,
     # The flips chosen, not "auto": TTA and a retrain with --config read what the model was trained with.
     cfg = dataclasses.replace(cfg, flips=plan.flips)
     found, timings = _before(cfg, learn, ds, console) if dist.main else ({}, {})
+    seen = ValidCorrect()  # which validation pictures each epoch gets right: the honest figures
     try:
         learn.freeze()
         frozen_resume = resume if resume is not None and resume.stage == "frozen" else None
         if resume is not None:
             resume.restore_learner(learn)
         if resume is None or (frozen_resume is not None and not frozen_resume.fit_done):
-            learn.fit_one_cycle(cfg.epochs, cfg.lr, resume=frozen_resume)
+            learn.fit_one_cycle(cfg.epochs, cfg.lr, resume=frozen_resume, cbs=[seen])
         if cfg.curve and cfg.epochs > 0 and not learn.diverged and resume is None and dist.main:
             t = time.perf_counter()
             curve = insight.learner_curve(learn, cfg, quiet=cfg.quiet)
@@ -181,7 +190,8 @@ def _train(cfg: TrainConfig, console: Console | None, resume: Checkpoint | None,
                 console.print("[yellow]warning:[/] --curve needs the feature cache (--cache): no learning curve",
                               highlight=False)
             timings["curve"] = time.perf_counter() - t
-        _fine_tune(cfg, learn, plan, t0, console, resume if resume is not None and resume.stage != "frozen" else None)
+        _fine_tune(cfg, learn, plan, t0, console, resume if resume is not None and resume.stage != "frozen" else None,
+                   seen)
     except DivergedError as e:
         found["recipe"] = plan.to_json()
         if dist.main:
@@ -190,14 +200,17 @@ def _train(cfg: TrainConfig, console: Console | None, resume: Checkpoint | None,
     finally:
         learn.drop_features()  # free the cache's memory before the report pass
     plan.run = run_facts(learn, resume)
+    plan.seconds = round(time.perf_counter() - t0, 1)  # the one time figure: console, report and recipe.json
+    if dist.main:
+        _figures(cfg, learn, ds, plan, seen, console)
     found["recipe"] = plan.to_json()
     if not dist.main:  # rank 0 alone writes the run folder
-        return TrainResult(cfg.out, None, {}, time.perf_counter() - t0, peak_rss_mb(learn.dls.num_workers > 0),
+        return TrainResult(cfg.out, None, {}, plan.seconds, peak_rss_mb(learn.dls.num_workers > 0),
                            ds.classes, len(ds.train_idx), len(ds.valid_idx), ds.skipped, learn, plan=plan)
     atomic_write_text(cfg.out / "recipe.json", json.dumps(plan.to_json(), indent=1) + "\n")
     files = write_run(cfg.out, learn, cfg, ds, {
         "data": str(cfg.data), "images": f"{len(ds.train_idx)} train / {len(ds.valid_idx)} valid",
-        "time": f"{time.perf_counter() - t0:.0f} s"},
+        "time": f"{plan.seconds:.0f} s (start to the end of training)"},
         console, insight=found, notes=[n for n in [plan.advice(learn.recorder.rows, learn.kept_row)] if n])
     timings.update(files.timings)
     if files.calibration is not None:
@@ -208,70 +221,110 @@ def _train(cfg: TrainConfig, console: Console | None, resume: Checkpoint | None,
     remove_checkpoint(cfg.out)  # the model file is written: nothing left to resume
     last = learn.kept_row or (learn.recorder.rows[-1] if learn.recorder.rows else {})
     metrics = {k: last.get(k) for k in ("valid_loss", "error_rate", "accuracy")}
-    return TrainResult(cfg.out, files.model, metrics, time.perf_counter() - t0, peak_rss_mb(learn.dls.num_workers > 0),
+    return TrainResult(cfg.out, files.model, metrics, plan.seconds, peak_rss_mb(learn.dls.num_workers > 0),
                        ds.classes, len(ds.train_idx), len(ds.valid_idx), ds.skipped, learn, files, found, timings,
                        plan)
 
 
+def fit_stages(cfg: TrainConfig, learn: Learner, plan: Plan, console: Console, t0: float | None = None) -> None:
+    """The recipe's stages on a built learner, without the run folder (the notebook's ``fine_tune``).
+
+    The frozen epochs, then fine-tuning when it pays and fits ``cfg.budget`` (counted from ``t0``,
+    default now), the best epoch kept; the same decisions as ``ursa train``.
+    """
+    t0 = time.perf_counter() if t0 is None else t0
+    learn.freeze()
+    learn.fit_one_cycle(cfg.epochs, cfg.lr)
+    _fine_tune(cfg, learn, plan, t0, console)
+
+
 def _fine_tune(cfg: TrainConfig, learn: Learner, plan: Plan, t0: float, console: Console,
-               resume: Checkpoint | None = None) -> None:
-    """The fine-tuning stage: the lesson's fixed epochs when given, else as many as the budget allows and pay.
+               resume: Checkpoint | None = None, seen: ValidCorrect | None = None) -> None:
+    """The fine-tuning stage: the lesson's fixed epochs when given, else as many as the counted budget allows and pay.
 
     ``resume``: a stopped run's fine-tuning checkpoint: the same stage goes on with what it had decided.
     """
     lo, hi = cfg.unfreeze_lrs
     fixed = cfg.unfreeze_epochs is not None
+    replayed = (cfg.replay or {}).get("fine_tune_epochs")
     if resume is not None:
-        before = resume.index["plan"]
-        plan.fine_tune_epochs, plan.fine_tune_why = before["fine_tune_epochs"], before["fine_tune_why"]
-        plan.epoch_seconds, plan.spent = before.get("epoch_seconds"), before.get("spent")
+        plan.restore(resume.index["plan"])
     elif fixed:
-        plan.fine_tune_epochs, plan.fine_tune_why = cfg.unfreeze_epochs, f"--unfreeze-epochs {cfg.unfreeze_epochs}"
-    else:
-        _decide(cfg, learn, plan, t0)
+        plan.fine_tune_epochs, plan.fine_tune = cfg.unfreeze_epochs, FineTune.GIVEN
+        plan.fine_tune_why = f"--unfreeze-epochs {cfg.unfreeze_epochs}"
+    elif replayed is not None:
+        plan.fine_tune_epochs, plan.fine_tune = replayed, FineTune.REPLAYED
+        plan.fine_tune_why = f"{replayed} epoch(s), as {cfg.replay.get('from')} decided (--config: its recipe.json)"
         console.print(f"recipe: fine-tuning: {plan.fine_tune_why}", highlight=False)
+    else:
+        _decide(cfg, learn, plan)
+        console.print(f"recipe: fine-tuning: {plan.fine_tune_why}", highlight=False)
+    if plan.work:
+        w = Work.from_json(plan.work)
+        plan.planned_seconds = round(w.frozen_seconds + RESERVE + plan.fine_tune_epochs * w.epoch_seconds, 1)
     force = False
     if plan.fine_tune_epochs > 0:
         learn.unfreeze()
         if resume is None or not resume.fit_done:
             try:
                 learn.fit_one_cycle(plan.fine_tune_epochs, slice(lo, hi), size=cfg.unfreeze_size, bf16=cfg.bf16,
-                                    cbs=[] if fixed else [BudgetStop(t0 + cfg.budget - RESERVE)], resume=resume)
+                                    cbs=([] if fixed else [BudgetStop(t0 + plan.time_limit - RESERVE)])
+                                    + ([seen] if seen is not None else []), resume=resume)
             except DivergedError as e:
                 if fixed:
                     raise  # the lesson's recipe as asked: a divergence fails the run (exit 3)
                 learn.recovered()  # the best epoch so far (frozen or not) is still good: keep it
                 force = True
+                plan.stopped = Stop.DIVERGED
                 plan.fine_tune_why += f"; fine-tuning diverged and was stopped ({e})"
                 console.print(f"[yellow]warning:[/] fine-tuning stopped: {e}", highlight=False)
-        done = sum(r["stage"] == "unfrozen" for r in learn.recorder.rows)
-        if not fixed and not force and done < plan.fine_tune_epochs and "--budget stopped" not in plan.fine_tune_why:
-            plan.fine_tune_why += f"; --budget stopped it after {done} of {plan.fine_tune_epochs} epochs"
+        plan.epochs_done = sum(r["stage"] == "unfrozen" for r in learn.recorder.rows)
+        if not fixed and plan.stopped is None and plan.epochs_done < plan.fine_tune_epochs:
+            plan.stopped = Stop.TIME_LIMIT
+            plan.fine_tune_why += (f"; CUT by the wall-clock limit ({plan.time_limit:.0f} s, --time-limit) after "
+                                   f"{plan.epochs_done} of {plan.fine_tune_epochs} epochs: this model is not the one "
+                                   "the data and options decide")
+            console.print(f"[yellow]warning:[/] the run was cut by --time-limit after {plan.epochs_done} of "
+                          f"{plan.fine_tune_epochs} fine-tuning epochs", highlight=False)
     if not fixed:  # the lesson's recipe keeps its last epoch (the run writer saves a better one beside it)
         _keep_best(learn, plan, console, force)
 
 
-def _decide(cfg: TrainConfig, learn: Learner, plan: Plan, t0: float) -> None:
-    """How many fine-tuning epochs pay and fit the budget; rank 0's clock and error decide for every rank."""
+def _decide(cfg: TrainConfig, learn: Learner, plan: Plan) -> None:
+    """How many fine-tuning epochs pay and fit the budget, counted; rank 0's frozen error decides for every rank."""
     rows = learn.recorder.rows
     frozen_error = rows[-1]["error_rate"] if rows else float("nan")  # what the model is now
-    spent, frozen_error = learn.dist.agree([time.perf_counter() - t0, frozen_error])
-    plan.spent = spent
-    left = cfg.budget - plan.spent - RESERVE
-    if cfg.budget <= 0:
-        plan.fine_tune_why = "--budget 0: the frozen stage only"
-    elif math.isnan(frozen_error) or round(frozen_error, 6) <= GOOD_ENOUGH or left <= 0:
-        # decided without spending anything more: good enough already, or no time left to spend
-        plan.fine_tune_epochs, plan.fine_tune_why = fine_tune_epochs(frozen_error, left, 1.0)
-    else:
-        learn.unfreeze()
-        t = time.perf_counter()
-        seconds = epoch_seconds(learn, cfg.unfreeze_size, cfg.bf16)
-        plan.epoch_seconds, left = learn.dist.agree([seconds, left - (time.perf_counter() - t)])
-        plan.fine_tune_epochs, plan.fine_tune_why = fine_tune_epochs(frozen_error, left, plan.epoch_seconds,
-                                                                     epoch_cap(cfg.budget))
-        if plan.fine_tune_epochs == 0:
-            learn.freeze()
+    frozen_error = learn.dist.agree([frozen_error])[0]
+    n_valid = len(learn.dls.dataset.valid_idx)
+    plan.fine_tune_epochs, plan.fine_tune, plan.fine_tune_why = fine_tune_epochs(
+        frozen_error, n_valid, Work.from_json(plan.work) if plan.work else None,
+        cfg.budget, epoch_cap(cfg.budget))
+
+
+def _figures(cfg: TrainConfig, learn: Learner, ds: ImageDataset, plan: Plan, seen: ValidCorrect,
+             console: Console) -> None:
+    """The honest figures (recipe.json's ``honest``) and, after --config RUN, the error on unchanged pictures."""
+    rows = learn.recorder.rows
+    if not rows or len(seen.correct) != len(rows):  # a resumed run did not see every epoch's predictions
+        return
+    at = next((i for i, r in enumerate(rows) if learn.kept_row and r["epoch"] == learn.kept_row["epoch"]), -1)
+    kept_error = rows[at]["error_rate"]
+    if cfg.unfreeze_epochs is None:  # the default recipe chose its epoch on the validation pictures
+        plan.honest = honest_figures(seen.correct, kept_error, seen.known)
+        corrected = plan.honest["selection_corrected"]
+        if corrected is not None:
+            console.print(f"honest figure: error {kept_error:.4f} on the epoch kept, {corrected:.4f} corrected for "
+                          "choosing it on these pictures (cross-fitted over two halves)", highlight=False)
+    names = [ds.rel(i) for i in ds.valid_idx]
+    plan.wrong = [n for n, ok in zip(names, seen.correct[at].tolist()) if not ok]
+    earlier = (cfg.replay or {}).get("from")
+    if earlier:
+        labels = [ds.classes[ds.labels[i]] for i in ds.valid_idx]
+        c = compare_valid(Path(earlier) / "split.csv", names, labels, seen.correct[at].tolist(),
+                          earlier_wrong(Path(earlier)))
+        if c is not None:
+            plan.compare = c
+            console.print(f"recipe: {compare_line(c)}", highlight=False)
 
 
 def _keep_best(learn: Learner, plan: Plan, console: Console, force: bool) -> None:
@@ -280,6 +333,7 @@ def _keep_best(learn: Learner, plan: Plan, console: Console, force: bool) -> Non
     last = rows[-1]["error_rate"] if rows else float("nan")
     kept = learn.use_best(force=force)
     if kept is not None:
+        plan.kept_epoch = kept["epoch"]
         plan.fine_tune_why += f"; kept the weights of epoch {kept['epoch']} (error {kept['error_rate']:.4f})"
         console.print(f"recipe: kept the best epoch's weights: epoch {kept['epoch']}, error rate "
                       f"{kept['error_rate']:.4f} (the last epoch had {last:.4f})", highlight=False)

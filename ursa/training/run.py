@@ -125,7 +125,7 @@ def write_run(out: Path, learn: Learner, cfg: TrainConfig, ds: ImageDataset, inf
                                 "valid", skipped, feats)
         info = {"title": "ursa training report", "run folder": str(out), "model": "model.safetensors",
                 "arch": learn.model.arch, "input size": learn.dls.size, **(info or {})}
-        report = write_report(out, interp, h, run_plots(out), info, notes, insight=insight)
+        report = write_report(out, interp, h, run_plots(out), info, notes, insight=insight, model=model)
     except Exception as e:  # noqa: BLE001 - reported, never fatal
         console.print(f"[yellow]warning:[/] could not write the report: {type(e).__name__}: {e}", highlight=False)
     timings["report"] = time.perf_counter() - t

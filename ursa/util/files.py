@@ -101,6 +101,38 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
             os.fsync(f.fileno())
 
 
+def write_new(path: str | Path, data: bytes) -> Path:
+    """Write bytes under `path`, or `stem-2.ext`, `stem-3.ext`, ... when taken: whole (fsynced, then hard-linked into
+    place, which fails rather than replace), never over a file that is already there. The path written."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, FILE_MODE)
+        for n in range(1, 100_000):
+            target = path if n == 1 else path.with_name(f"{path.stem}-{n}{path.suffix}")
+            try:
+                os.link(tmp, target)
+                return target
+            except FileExistsError:
+                continue
+            except OSError:  # no hard links on this file system: reserve the name, then move the whole file onto it
+                try:
+                    os.close(os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+                except FileExistsError:
+                    continue
+                os.replace(tmp, target)
+                return target
+        raise FileExistsError(f"{path}: no free name beside it")
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
 def save_tensors(path: str | Path, tensors: Mapping[str, Any], metadata: dict[str, str] | None = None) -> Path:
     """A safetensors file written atomically by Python (so a full disk is an OSError with its errno, and the
     file gets FILE_MODE: safetensors' own writer makes 0600 files and raises its own error type)."""

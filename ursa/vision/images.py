@@ -5,6 +5,10 @@ decompression bomb is refused before any memory is spent), and it decodes *fully
 ``verify()`` alone misses truncated files). Whatever its mode, it comes out as 8-bit RGB with
 its EXIF orientation applied. JPEGs can be decoded at reduced size (``draft``), which is much
 faster than decoding full-size and resizing.
+
+A source is a path, bytes, a binary file, or (from Python, as a fastai user passes it) a PIL image
+or a numpy array (HxW or HxWx3/4, uint8): those go through the same checks as a PNG of their
+pixels (``in_memory_png``), so every reader answers the same for the same pixels.
 """
 
 from __future__ import annotations
@@ -14,8 +18,9 @@ import io
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Iterator
+from typing import Any, BinaryIO, Iterator
 
+import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from ursa.errors import ImageError
@@ -27,7 +32,7 @@ IMAGE_EXTENSIONS = frozenset(
 )
 SUPPORTED_FORMATS = frozenset({"JPEG", "PNG", "GIF", "WEBP", "BMP", "TIFF", "MPO"})
 
-Source = str | Path | bytes | BinaryIO
+Source = str | Path | bytes | BinaryIO | Image.Image | np.ndarray
 
 
 @dataclass(frozen=True)
@@ -48,6 +53,10 @@ def is_image_file(path: Path) -> bool:
 def _name(source: Source) -> str:
     if isinstance(source, (str, Path)):
         return str(source)
+    if isinstance(source, Image.Image):
+        return getattr(source, "filename", "") or "<PIL image>"
+    if isinstance(source, np.ndarray):
+        return "<numpy array>"
     return getattr(source, "name", "<upload>") if not isinstance(source, bytes) else "<upload>"
 
 
@@ -94,8 +103,28 @@ def _decoding(name: str) -> Iterator[None]:
         raise ImageError(name, "image too large to decode in memory", "too_large") from None
 
 
+def in_memory_png(source: Image.Image | np.ndarray, name: str) -> bytes:
+    """A PIL image or a uint8 array (HxW, HxWx3 or HxWx4) as PNG bytes (lossless); the caller's object is untouched."""
+    if isinstance(source, np.ndarray):
+        a: Any = source
+        if a.dtype != np.uint8 or a.ndim not in (2, 3) or (a.ndim == 3 and a.shape[2] not in (1, 3, 4)):
+            raise ImageError(name, f"expected a uint8 array of shape HxW, HxWx3 or HxWx4, got {a.dtype} {a.shape}",
+                             "not_image")
+        if a.size == 0:
+            raise ImageError(name, f"expected a non-empty image array, got shape {a.shape}", "empty")
+        source = Image.fromarray(np.ascontiguousarray(a[..., 0] if a.ndim == 3 and a.shape[2] == 1 else a))
+    w, h = source.size
+    if w * h > MAX_PIXELS:
+        raise ImageError(name, f"image too large: {w}x{h} pixels is over the limit of {MAX_PIXELS:,}", "too_large")
+    buf = io.BytesIO()
+    source.save(buf, format="PNG", compress_level=1)
+    return buf.getvalue()
+
+
 def _open_checked(source: Source, name: str, max_pixels: int) -> tuple[Image.Image, ImageInfo]:
     """Open lazily (header only) and refuse a bomb or an unsupported format before any pixel is decoded."""
+    if isinstance(source, (Image.Image, np.ndarray)):
+        source = in_memory_png(source, name)
     if isinstance(source, bytes):
         if not source:
             raise ImageError(name, "empty file (0 bytes)", "empty")

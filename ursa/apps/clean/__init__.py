@@ -11,14 +11,14 @@ removes the temp files an interrupted save left (ursa's own temp names only).
 """
 
 from ursa.apps.clean.app import create_app, serve
-from ursa.apps.clean.decisions import CLEANED_NAME, LOG_NAME, Decisions, check_writable
+from ursa.apps.clean.decisions import CLEAN_LOCK, CLEANED_NAME, LOCK_WHAT, LOG_NAME, Decisions, check_writable
 from ursa.apps.clean.ranking import DUP_THRESHOLD, Pair, Rankings, export_rankings, rank, summary_line
 from ursa.apps.clean.scores import Scores, score_dataset
 from ursa.apps.clean.session import CleanSession, prepare, start_session
 from ursa.apps.clean.sweep import sweep_temp_files
 
 __all__ = [
-    "CLEANED_NAME", "DUP_THRESHOLD", "LOG_NAME", "CleanSession", "Decisions", "Pair", "Rankings", "Scores",
+    "CLEAN_LOCK", "CLEANED_NAME", "LOCK_WHAT", "DUP_THRESHOLD", "LOG_NAME", "CleanSession", "Decisions", "Pair", "Rankings", "Scores",
     "check_writable", "create_app", "export_rankings", "prepare", "rank", "score_dataset", "serve",
     "start_session", "summary_line", "sweep_temp_files",
 ]

@@ -142,5 +142,7 @@ def serve(session: CleanSession, host: str = "127.0.0.1", port: int = 8765, open
     echo(f"cleaner at {url} (Ctrl+C to stop); {s['decided']} decision(s) so far")
     echo(f"decisions save to {session.decisions.cleaned_path} and {session.decisions.log_path}")
     server.run()
-    echo(f"retrain on the cleaned set: ursa train {session.root} --csv {session.decisions.cleaned_path}")
+    run = Path(session.model_name).parent  # its config.json: the same split, and the retrain scores unchanged pictures
+    again = f" --config {run}" if session.model_name and (run / "config.json").is_file() else ""
+    echo(f"retrain on the cleaned set: ursa train {session.root} --csv {session.decisions.cleaned_path}{again}")
 

@@ -20,6 +20,8 @@ from ursa.util.files import NAME_ERRORS, atomic_write_csv, csv_line, csv_row_val
 
 LOG_NAME = "clean_log.csv"
 CLEANED_NAME = "cleaned.csv"
+CLEAN_LOCK = ".ursa-clean.lock"  # one cleaner per data folder (`ursa clean`, the notebook's cleaner): util.lock
+LOCK_WHAT = "data folder (ursa clean saves cleaned.csv there)"
 LOG_COLUMNS = ["time", "file", "old_label", "action", "new_label"]
 ACTIONS = ("keep", "exclude", "relabel", "undo")
 

@@ -19,7 +19,7 @@ from ursa.inference.modelfile import load_model
 from ursa.inference.placement import Placement, place
 from ursa.inference.runtime import backend_line, current_onnx_with_features
 from ursa.util.device import describe
-from ursa.util.progress import progress_bar
+from ursa.util.progress import make_console, progress_bar
 from ursa.vision.data import dedupe_setting, load_dataset, split_settings
 
 log = logging.getLogger("ursa")
@@ -86,7 +86,7 @@ def prepare(data: Path, model_path: Path, csv_path: Path | None = None, threshol
     beside the model (and ONNX Runtime can use ``device``), torch on ``device`` otherwise;
     ``Scores.backend`` says which and why. ``say`` hears the device line once, before the pass.
     """
-    console = console or Console(stderr=True, quiet=quiet)
+    console = console or make_console(quiet)
     timings = {} if timings is None else timings
     t0 = time.perf_counter()
     where = place(device)

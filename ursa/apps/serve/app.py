@@ -26,19 +26,19 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from ursa.apps.serve.batching import MicroBatcher, ThreadPool
-from ursa.apps.serve.body import close_form, image_error, is_multipart, is_urlencoded, parse_form, read_body, upload_bytes
+from ursa.apps.serve.body import close_form, image_error, is_multipart, one_image, parse_form, read_body, upload_bytes
+from ursa.apps.serve.explain import explain
 from ursa.apps.serve.config import MAX_BATCH_FILES, ServeConfig
 from ursa.apps.serve.limits import DecodeGate, PixelBudget, check_image_pixels, check_request_pixels
 from ursa.apps.web import ApiError, Assets, TimedH11Protocol, asset, error_response, quiet_repeats
 from ursa.apps.serve.model import batch_runner, decode_side, default_threads, load_model
 from ursa.errors import ImageError, ModelOutputError, UrsaError
 from ursa.inference.results import Prediction
-from ursa.vision.images import sniff_format
 
 log = logging.getLogger("ursa.apps.serve")
 
-PAGE_FILES = ("serve.html", "serve.js", "serve.css")
-STATIC_FILES = ("serve.js", "serve.css")  # what /static/{name} sends; the page itself is at /
+PAGE_FILES = ("serve.html", "serve.js", "serve.css", "explain.js")
+STATIC_FILES = ("serve.js", "serve.css", "explain.js")  # what /static/{name} sends; the page itself is at /
 IMG_SRC = "'self' blob: data:"  # the page previews the chosen file from a blob: URL
 
 
@@ -115,27 +115,7 @@ async def predict(request: Request) -> Response:
     config: ServeConfig = request.app.state.config
     try:
         threshold = request_threshold(request)
-        body = await read_body(request, config)
-        if is_multipart(request):
-            form = await parse_form(request, body)
-            try:
-                files = form.getlist("file")
-                if not files:
-                    got = ", ".join(sorted(set(form.keys()))) or "nothing"
-                    hint = " (use /predict/batch for several files)" if "files" in form else ""
-                    raise ApiError(422, f"no form field 'file' (got {got}); upload the image as field 'file'{hint}")
-                if len(files) > 1:
-                    raise ApiError(422, "several 'file' fields: send one image here, or use /predict/batch with field 'files'")
-                _, data = await upload_bytes(files[0], "file")
-            finally:
-                await close_form(form)
-        else:
-            data = body
-            if not data:
-                raise ApiError(422, "empty request: send an image as the body or as multipart field 'file'")
-            if is_urlencoded(request) and sniff_format(data[:16]) is None:
-                # curl --data-binary sends images with this type; a real url-encoded form has no file.
-                raise ApiError(422, "a url-encoded form cannot carry a file: upload the image as multipart field 'file'")
+        data = await one_image(request, config)
         try:
             async with asyncio.timeout(config.request_timeout):
                 result = judged(await predict_one(request, data, new_gate(request)), threshold)
@@ -229,6 +209,7 @@ ROUTES = [
     Route("/model", model, methods=["GET"]),
     Route("/predict", predict, methods=["POST"]),
     Route("/predict/batch", predict_batch, methods=["POST"]),
+    Route("/explain", explain, methods=["POST"]),
 ]
 
 

@@ -19,6 +19,7 @@ from ursa.apps.serve.config import ServeConfig
 from ursa.apps.web import ApiError
 from ursa.apps.web import read_body as read_limited
 from ursa.errors import ImageError
+from ursa.vision.images import sniff_format
 
 # What each way an upload can fail to be an image means for the client.
 IMAGE_STATUS = {"empty": 422, "not_image": 415, "unsupported": 415, "truncated": 400, "corrupt": 400,
@@ -67,6 +68,31 @@ async def parse_form(request: Request, body: bytes) -> Any:
         raise ApiError(400, f"malformed multipart body ({getattr(e, 'message', None) or getattr(e, 'detail', e)})") from None
     except (ValueError, KeyError, UnicodeDecodeError, AssertionError) as e:
         raise ApiError(400, f"malformed multipart body ({type(e).__name__})") from None
+
+
+async def one_image(request: Request, config: ServeConfig) -> bytes:
+    """The bytes of the one image a request carries: the raw body, or multipart field 'file' (422 otherwise)."""
+    body = await read_body(request, config)
+    if is_multipart(request):
+        form = await parse_form(request, body)
+        try:
+            files = form.getlist("file")
+            if not files:
+                got = ", ".join(sorted(set(form.keys()))) or "nothing"
+                hint = " (use /predict/batch for several files)" if "files" in form else ""
+                raise ApiError(422, f"no form field 'file' (got {got}); upload the image as field 'file'{hint}")
+            if len(files) > 1:
+                raise ApiError(422, "several 'file' fields: send one image here, or use /predict/batch with field 'files'")
+            _, data = await upload_bytes(files[0], "file")
+        finally:
+            await close_form(form)
+        return data
+    if not body:
+        raise ApiError(422, "empty request: send an image as the body or as multipart field 'file'")
+    if is_urlencoded(request) and sniff_format(body[:16]) is None:
+        # curl --data-binary sends images with this type; a real url-encoded form has no file.
+        raise ApiError(422, "a url-encoded form cannot carry a file: upload the image as multipart field 'file'")
+    return body
 
 
 async def upload_bytes(value: Any, field: str) -> tuple[str, bytes]:

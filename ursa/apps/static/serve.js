@@ -92,6 +92,7 @@ async function predict(file) {
   $("confidence").textContent = `probability ${percent(body.probs[body.label])}`;
   drawBars(body.probs, body.label);
   $("timing").textContent = `answered in ${ms.toFixed(0)} ms`;
+  document.dispatchEvent(new CustomEvent("ursa:predicted", { detail: { file, body } })); // explain.js: "why?"
 }
 
 function firstImage(list) {

@@ -1,0 +1,248 @@
+"""Defaults you can trust (issue 28): decisions counted, not timed, replayed, scored honestly; lr-find's one number."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from ursa.training.plan import (GOOD_ENOUGH, MAX_EPOCHS, MIN_EPOCHS, FineTune, Plan, Stop, Work, count_gflops,
+                                fine_tune_epochs, good_enough, suggest_budget, time_limit)
+
+BEARS = Work(gflops=0.77, frozen_gflops=0.77, n_train=778, n_valid=189, frozen_epochs=4, views=4)
+TILES = Work(gflops=0.065, frozen_gflops=0.065, n_train=320, n_valid=80, frozen_epochs=4, views=4)
+
+
+def _noise_set(root: Path, n: int = 12, seed: int = 0) -> Path:
+    """Three classes of random-noise pictures (48 px): the frozen body cannot tell them apart, so fine-tuning is planned."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    for c in ("a", "b", "c"):
+        (root / c).mkdir(parents=True)
+        for k in range(n):
+            Image.fromarray(rng.integers(0, 256, size=(48, 48, 3), dtype=np.uint8)).save(root / c / f"{c}{k}.png")
+    return root
+
+
+def test_the_counted_cost_follows_images_and_flops_not_a_clock():
+    # bears at 224 px: one fine-tuning epoch counts ~55 s of the reference machine; 64 px tiles a few seconds
+    assert 45 < BEARS.epoch_seconds < 65 and 2 < TILES.epoch_seconds < 6
+    assert BEARS.frozen_seconds < BEARS.epoch_seconds  # the cached frozen stage is cheap
+    two = Work.from_json({**BEARS.to_json(), "ranks": 2})
+    assert two.epoch_seconds == pytest.approx(BEARS.epoch_seconds / 2)
+    assert Work.from_json(BEARS.to_json()) == BEARS  # recipe.json holds the inputs: the costs come back the same
+    no_cache = Work.from_json({**BEARS.to_json(), "views": 0})
+    assert no_cache.frozen_seconds > BEARS.frozen_seconds
+
+
+def test_flops_are_counted_per_architecture_and_size():
+    from ursa.vision.models import create_model
+
+    m = create_model("efficientnet_lite0", n_classes=3, pretrained=False)
+    small, large = count_gflops(m, 64), count_gflops(m, 224)
+    assert 0.05 < small < 0.09 and 0.7 < large < 0.85  # ~(224/64)^2 times more at 224 px
+    assert count_gflops(m, 64) == small  # counted, so the same every time
+
+
+def test_fine_tuning_is_decided_from_counted_work_with_the_decision_as_data():
+    n, how, why = fine_tune_epochs(0.2, 80, TILES, 120)
+    assert (n, how) == (MAX_EPOCHS, FineTune.PLANNED) and "counted" in why
+    n, how, _ = fine_tune_epochs(0.05, 189, BEARS, 120)  # bears: one 224 px epoch counts ~55 s
+    assert (n, how) == (0, FineTune.TOO_FEW_FIT)
+    n, how, _ = fine_tune_epochs(0.05, 189, BEARS, 800)
+    assert how is FineTune.PLANNED and MIN_EPOCHS <= n
+    assert fine_tune_epochs(0.05, 189, BEARS, 10)[1] is FineTune.BUDGET_SPENT
+    assert fine_tune_epochs(0.05, 189, BEARS, 0)[1] is FineTune.BUDGET_ZERO
+    assert fine_tune_epochs(math.nan, 189, BEARS, 120)[1] is FineTune.NO_ERROR
+    assert fine_tune_epochs(0.005, 189, BEARS, 120)[1] is FineTune.GOOD_ENOUGH
+
+
+def test_good_enough_gives_one_picture_of_grace():
+    # the birds of issue 28: 1 error in 48 (2.1%) is within a picture of 2%: no 70 s of fine-tuning for nothing
+    assert good_enough(1 / 48, 48) and not good_enough(2 / 48, 48)
+    assert good_enough(4 / 189, 189) and not good_enough(5 / 189, 189)  # bears' frozen 5-7 errors still fine-tune
+    assert good_enough(2 / 100, 100) and not good_enough(3 / 100, 100)  # exactly 2% stays good enough
+    assert good_enough(0.0, 10) and GOOD_ENOUGH == 0.02
+
+
+def test_advice_and_the_budget_suggestion_read_the_decision_not_its_words():
+    plan = Plan(224, "", "horizontal", "", 120.0, work=BEARS.to_json())
+    rows = [{"stage": "frozen", "error_rate": 0.05}]
+    plan.fine_tune, plan.fine_tune_why = FineTune.TOO_FEW_FIT, "whatever the words say"
+    assert "--budget" in plan.advice(rows, None)
+    assert suggest_budget(plan) >= 12 * BEARS.epoch_seconds
+    plan.fine_tune, plan.fine_tune_why = FineTune.GOOD_ENOUGH, "raise --budget (words that used to decide)"
+    assert plan.advice(rows, None) is None
+    plan.stopped = Stop.TIME_LIMIT
+    assert plan.cut and plan.to_json()["stopped"] == "time_limit" and plan.to_json()["fine_tune"] == "good_enough"
+    assert time_limit(120, None) == 480 and time_limit(120, 30) == 30
+
+
+def test_the_selection_corrected_error_is_not_optimistic_by_construction():
+    from ursa.training.honest import honest_figures, selection_corrected
+
+    g = torch.Generator().manual_seed(0)
+    # 20 epochs of a model that is right on each picture with chance 0.8, independently: the best epoch's raw
+    # error is well below 0.2 by luck alone; the cross-fitted figure is not.
+    correct = [torch.rand(60, generator=g) < 0.8 for _ in range(20)]
+    raw = min(float((~c).float().mean()) for c in correct)
+    corrected = selection_corrected(correct)
+    assert raw < 0.14 and corrected > raw + 0.03
+    same = [torch.tensor([True, True, False, True])] * 3  # no choice to make: the same figure
+    assert selection_corrected(same) == 0.25
+    assert honest_figures([torch.tensor([True])], 0.0)["selection_corrected"] is None
+    # a picture whose file vanished during training (label < 0, never "right") is left out, as the error rate does
+    known = torch.tensor([True, True, True, True, False])
+    vanished = [torch.tensor([True, True, False, True, False])] * 3
+    assert honest_figures(vanished, 0.25, known)["selection_corrected"] == 0.25
+
+
+def test_cleaning_is_scored_on_the_unchanged_validation_pictures(tmp_path):
+    from ursa.training.compare import compare_line, compare_valid
+
+    split = tmp_path / "split.csv"
+    split.write_text("name,label,is_valid\na/1.jpg,a,True\na/2.jpg,a,True\nb/3.jpg,b,True\nb/4.jpg,b,True\n"
+                     "b/5.jpg,b,False\n")
+    # the cleaner excluded a/2 (a mistake) and relabelled b/4 as a: the retrain gets b/4 right under its new label
+    c = compare_valid(split, ["a/1.jpg", "b/3.jpg", "b/4.jpg"], ["a", "b", "a"], [True, False, True])
+    assert c["excluded"] == ["a/2.jpg"] and c["relabelled"] == ["b/4.jpg"] and c["unchanged"] == 2
+    assert c["error_rate"] == pytest.approx(1 / 3) and c["error_rate_unchanged"] == 0.5
+    assert "1 excluded, 1 relabelled" in compare_line(c) and "50.00% (1 of 2)" in compare_line(c)
+    assert c["earlier_error_rate_unchanged"] is None and "compare it with" in compare_line(c)
+    # the earlier model got a/2 (now excluded) and b/3 wrong: on the unchanged pictures it had 1 of 2 wrong too
+    c = compare_valid(split, ["a/1.jpg", "b/3.jpg", "b/4.jpg"], ["a", "b", "a"], [True, False, True],
+                      earlier_wrong=["a/2.jpg", "b/3.jpg"])
+    assert c["earlier_errors_unchanged"] == 1 and "the earlier model: 50.00%, 1 of 2" in compare_line(c)
+    assert compare_valid(tmp_path / "missing.csv", [], [], []) is None
+
+
+def test_config_replays_an_earlier_runs_decisions_unless_an_option_changes_them(tmp_path):
+    from ursa.cli.train import make_config
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps({"data": "x", "seed": 3, "budget": 120.0}))
+    (run / "recipe.json").write_text(json.dumps({"size": 96, "fine_tune_epochs": 5}))
+    cfg = make_config(tmp_path / "data", run)
+    assert cfg.replay == {"from": str(run), "size": 96, "fine_tune_epochs": 5}
+    cfg = make_config(tmp_path / "data", run, budget=600.0)
+    assert cfg.replay == {"from": str(run), "size": 96}  # a new budget decides the fine-tuning afresh
+    assert make_config(tmp_path / "data", None).replay is None
+    from ursa.training.config import ConfigError, TrainConfig
+
+    with pytest.raises(ConfigError, match="replay"):
+        TrainConfig(data=tmp_path, replay={"size": "big"})
+    with pytest.raises(ConfigError, match="--time-limit"):
+        TrainConfig(data=tmp_path, time_limit=0)
+
+
+def test_lr_find_keeps_the_default_while_the_loss_still_falls():
+    from ursa.training.lr_find import suggest
+
+    lrs = [1e-6 * 10 ** (i / 10) for i in range(60)]  # 1e-6 .. ~8e-1
+    falling = [2.0 - 0.02 * i for i in range(60)]  # bears: the loss still falls until 1e-1
+    lr, why = suggest(lrs, falling, valley=2.5e-4, default=3e-3)
+    assert lr == 3e-3 and "still falls" in why
+    # a loss that bottoms out at 1e-4 and climbs back by 3e-3: the default is too high, the valley is below it
+    bowl = [1.0 + (math.log10(x) + 4) ** 2 for x in lrs]
+    lr, why = suggest(lrs, bowl, valley=3e-5, default=3e-3)
+    assert lr == 3e-5 and "too high" in why
+    assert suggest(lrs, falling, valley=2.5e-4, default=None)[0] == 2.5e-4  # no default: fastai's valley
+
+
+@pytest.mark.slow
+def test_the_default_recipe_decides_the_same_and_trains_the_same_model_on_a_busy_machine(tmp_path, one_thread):
+    """Acceptance (issue 28): the default recipe twice, once with every core saturated: same decisions, same weights."""
+    from safetensors.torch import load_file
+
+    from ursa.training.config import TrainConfig
+    from ursa.training.recipe import train
+
+    data = _noise_set(tmp_path / "data")  # 36 pictures, 7 for validation: the frozen body misses most
+
+    def run(name: str) -> tuple[dict, dict]:
+        # budget 10 s counted: 3 fine-tuning epochs fit after the frozen stage; the wall-clock cap is far away
+        res = train(TrainConfig(data=data, out=tmp_path / name, epochs=2, budget=10, time_limit=600, quiet=True))
+        recipe = json.loads((tmp_path / name / "recipe.json").read_text())
+        return recipe, load_file(str(res.model_path))
+
+    idle_recipe, idle_weights = run("idle")
+    busy = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(os.cpu_count() or 1)]
+    try:
+        busy_recipe, busy_weights = run("busy")
+    finally:
+        for p in busy:
+            p.kill()
+            p.wait()
+    assert idle_recipe["fine_tune"] == "planned" and idle_recipe["fine_tune_epochs"] >= MIN_EPOCHS
+    assert idle_recipe["epochs_done"] == idle_recipe["fine_tune_epochs"] and not idle_recipe["cut"]
+    for key in ("seconds", "run"):  # how long it took and where: the only things that may differ
+        idle_recipe.pop(key), busy_recipe.pop(key)
+    assert busy_recipe == idle_recipe
+    assert idle_weights.keys() == busy_weights.keys()
+    assert all(torch.equal(idle_weights[k], busy_weights[k]) for k in idle_weights)
+
+
+def test_calibration_figures_are_also_given_cross_fitted():
+    import numpy as np
+
+    from ursa.diagnose.calibration import calibrate
+
+    inside, cross = [], []
+    for seed in range(5):
+        rng = np.random.default_rng(seed)
+        y = rng.integers(0, 3, 200)
+        logits = rng.normal(0, 1, (200, 3))
+        logits[np.arange(200), y] += 2.5  # right about 85% of the time, over-confident after scaling by 3
+        cal = calibrate(3 * logits, y)
+        inside.append(cal.kept_precision)
+        cross.append(cal.kept_precision_cross)
+    # the threshold reaches the target on the images it was chosen on by construction; elsewhere it falls short
+    assert min(inside) >= 0.95 and np.mean(cross) < np.mean(inside)
+    assert "other half" in cal.summary() and cal.to_json()["ece_cross"] is not None
+    assert calibrate(logits[:3], y[:3]).ece_cross is None
+
+
+@pytest.mark.slow
+def test_a_retrain_replays_the_decisions_scores_unchanged_pictures_and_says_when_the_clock_cut_it(tmp_path):
+    """--config RUN on cleaned labels: RUN's decisions replayed, the excluded picture named, a wall-clock cut marked."""
+    from ursa.cli.train import make_config
+    from ursa.training.recipe import train
+    from ursa.vision.data import read_split
+
+    data = _noise_set(tmp_path / "data", n=8)
+    first = train(make_config(data, None, out=tmp_path / "a", epochs=1, budget=10.0, quiet=True))
+    assert first.plan.fine_tune is FineTune.PLANNED and not first.plan.compare
+    rows = read_split(tmp_path / "a" / "split.csv")
+    gone = next(name for name, _, valid in rows if valid)
+    (tmp_path / "cleaned.csv").write_text("name,label\n" + "".join(f"{n},{lab}\n" for n, lab, _ in rows if n != gone))
+    cfg = make_config(data, tmp_path / "a", out=tmp_path / "b", csv=tmp_path / "cleaned.csv", time_limit=1e-3,
+                      quiet=True)
+    second = train(cfg)
+    plan = second.plan
+    assert plan.fine_tune is FineTune.REPLAYED and plan.fine_tune_epochs == first.plan.fine_tune_epochs
+    assert plan.size == first.plan.size and "decided" in plan.size_why
+    assert plan.compare["excluded"] == [gone] and plan.compare["unchanged"] == first.n_valid - 1
+    assert plan.compare["earlier_errors_unchanged"] == len(set(first.plan.wrong) - {gone})  # the same pictures, both
+    # the clock cut fine-tuning after its first epoch: said, not hidden
+    assert plan.cut and plan.stopped is Stop.TIME_LIMIT and plan.epochs_done == 1 and "CUT" in plan.fine_tune_why
+    recipe = json.loads((tmp_path / "b" / "recipe.json").read_text())
+    assert recipe["cut"] and recipe["compare"]["excluded"] == [gone]
+    assert "Cut" in (tmp_path / "b" / "report.html").read_text()
+
+
+def test_time_limit_on_the_command_line(tmp_path, capsys):
+    from ursa.cli import main
+    from ursa.cli.train import parse_budget
+
+    assert parse_budget("10m", "--time-limit") == 600
+    assert main(["train", str(tmp_path), "--out", str(tmp_path / "run"), "--time-limit", "abc"]) == 2
+    assert "--time-limit: expected seconds" in capsys.readouterr().err
