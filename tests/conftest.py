@@ -1,4 +1,9 @@
-"""Shared fixtures: paths, a tiny trained model, images made on the fly, and a headless browser."""
+"""Shared fixtures: paths, a tiny trained model, test sets made on the fly, and a headless browser.
+
+Every test runs on a fresh clone: its data is the bundled sample (examples/) or made here
+(tests/synthetic_sets.py). The skip check (tests/skip_check.py) fails a run in which a test not
+marked gpu skipped.
+"""
 
 from __future__ import annotations
 
@@ -8,14 +13,24 @@ from pathlib import Path
 
 import pytest
 
+import synthetic_sets
+from skip_check import pytest_addoption  # noqa: F401  (a hook: --allow-skips)
+from skip_check import register as register_skip_check
+
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = ROOT / "examples" / "bears"
 HELDOUT = ROOT / "examples" / "heldout"
-SHARED = ROOT.parent / "shared" / "datasets"
+# The project machine's real sets, beside the repository: only benchmarks need them, never a test.
+# URSA_SHARED_DATASETS points elsewhere (a missing folder simulates a fresh clone).
+SHARED = Path(os.environ.get("URSA_SHARED_DATASETS", ROOT.parent / "shared" / "datasets"))
 ARTIFACTS = ROOT / "test-artifacts"  # screenshots kept for people to look at (git-ignored)
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                  "--disable-quic", "--no-first-run", "--disable-component-update", "--disable-sync"]
+
+
+def pytest_configure(config) -> None:
+    register_skip_check(config)
 
 
 @pytest.fixture(scope="module")
@@ -30,11 +45,33 @@ def one_thread():
 
 
 @pytest.fixture(scope="session")
-def shared_datasets() -> Path:
-    """../shared/datasets, or skip with the reason."""
-    if not SHARED.is_dir():
-        pytest.skip(f"shared datasets not found at {SHARED} (tests that need the real bears set skip)")
-    return SHARED
+def digits_dir(tmp_path_factory) -> Path:
+    """Digits 0 1 2 6 7, 100 each, 28x28 grayscale PNGs: mnist_dev's shape (read-only: copy before changing)."""
+    return synthetic_sets.digits(tmp_path_factory.mktemp("sets") / "digits")
+
+
+@pytest.fixture(scope="session")
+def hard_digits_dir(tmp_path_factory) -> Path:
+    """60 digits of each class, a stray mark on 30% of them: a frozen body leaves ~14% error (read-only)."""
+    return synthetic_sets.digits(tmp_path_factory.mktemp("sets") / "hard_digits", per_class=60, stray=0.3)
+
+
+@pytest.fixture(scope="session")
+def broken_dir(tmp_path_factory) -> Path:
+    """The eight kinds of file that do not decode (synthetic_sets.BROKEN: name -> kind)."""
+    return synthetic_sets.broken(tmp_path_factory.mktemp("sets") / "broken")
+
+
+@pytest.fixture(scope="session")
+def odd_photos_dir(tmp_path_factory) -> Path:
+    """Class folders of pictures that decode but trip up naive loaders (lying extensions, RGBA, GIF, 2400 px)."""
+    return synthetic_sets.odd_photos(tmp_path_factory.mktemp("sets") / "odd_photos")
+
+
+@pytest.fixture(scope="session")
+def url_lists_dir(tmp_path_factory) -> Path:
+    """Three repositories' URL lists for three classes, in the download command's real input format."""
+    return synthetic_sets.url_lists(tmp_path_factory.mktemp("sets") / "url_lists")
 
 
 @pytest.fixture(scope="session")
@@ -97,7 +134,7 @@ def browser():
     Per test, not per session: Playwright's sync API runs an event loop in this thread while it
     is open, which would make every later asyncio.run() in the session fail.
     """
-    if not os.path.exists(CHROMIUM):
+    if not os.path.exists(CHROMIUM):  # the skip check fails the run on this: a page left untested is no pass
         pytest.skip(f"{CHROMIUM} not installed (make test installs it with apt-get when run as root)")
     from playwright.sync_api import sync_playwright
 

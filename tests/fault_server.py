@@ -33,7 +33,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
-SHARED_BEARS = Path(__file__).resolve().parents[1].parent / "shared" / "datasets" / "bears"
+SAMPLE_BEARS = Path(__file__).resolve().parents[1] / "examples" / "bears"
 
 
 def make_images(n: int = 8, size: tuple[int, int] = (64, 48)) -> dict[str, bytes]:
@@ -51,10 +51,8 @@ def make_images(n: int = 8, size: tuple[int, int] = (64, 48)) -> dict[str, bytes
 
 
 def bear_images(limit: int | None = None) -> dict[str, bytes]:
-    """Real thumbnails from ../shared/datasets/bears (empty when that folder is absent)."""
-    if not SHARED_BEARS.is_dir():
-        return {}
-    files = sorted(SHARED_BEARS.rglob("*.jpg"))[:limit]
+    """Real thumbnails from the bundled sample, examples/bears."""
+    files = sorted(SAMPLE_BEARS.rglob("*.jpg"))[:limit]
     return {f"{p.parent.name}_{p.name}": p.read_bytes() for p in files}
 
 

@@ -108,15 +108,38 @@ def test_imports_point_down():
     assert not bad, "imports pointing up or sideways:\n" + "\n".join(bad)
 
 
-def test_no_import_cycles():
-    mods = modules()
+def import_graph(mods: dict[str, Path]) -> dict[str, set[str]]:
+    """module -> the ursa modules it imports (a package's own __init__ left out: importing a package
+    is importing its __init__ only, and __init__ files re-export)."""
     graph: dict[str, set[str]] = {m: set() for m in mods}
     for name, path in mods.items():
         for target, names, _ in imports_of(path, name):
             for t in ursa_targets(set(mods), target, names):
                 if t in mods and t != name and not (mods[t].name == "__init__.py" and name.startswith(t + ".")):
                     graph[name].add(t)
-    # Packages' __init__ files re-export; importing a package is importing its __init__ only.
+    return graph
+
+
+# What the walk must find, or every rule here passes on nothing (an empty, moved or unreadable tree).
+MIN_MODULES = 80
+KNOWN_EDGES = [("ursa.cli.train", "ursa.training.recipe"), ("ursa.training.recipe", "ursa.training.learner"),
+               ("ursa.training.recipe", "ursa.vision.models"), ("ursa.inference.runtime", "ursa.inference.preprocess")]
+
+
+def test_the_walk_sees_the_real_package():
+    mods = modules()
+    assert len(mods) >= MIN_MODULES, f"expected at least {MIN_MODULES} modules under {ROOT}, got {len(mods)}"
+    assert {layer(m) for m in mods} == set(LAYERS), "every layer has modules (remove a layer from LAYERS with its package)"
+    graph = import_graph(mods)
+    missing = [f"{a} -> {b}" for a, b in KNOWN_EDGES if b not in graph.get(a, set())]
+    assert not missing, f"expected these imports to be seen: {missing}"
+    assert sum(map(len, graph.values())) >= 2 * len(mods)  # the walk reads imports, not just file names
+    assert max(len(p.read_text().splitlines()) for p in mods.values()) > 200  # and reads the files whole
+
+
+def test_no_import_cycles():
+    mods = modules()
+    graph = import_graph(mods)
     seen: dict[str, int] = {}
     stack: list[str] = []
     cycles = []

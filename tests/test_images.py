@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import struct
-import zlib
 from pathlib import Path
 
 import pytest
@@ -12,32 +10,13 @@ from PIL import Image
 from ursa.errors import ImageError
 from ursa.vision.images import check_image, open_image, sniff_format
 from tests.conftest import make_image
+from tests.synthetic_sets import BROKEN, png_declaring
 
 
-def _png_claiming(path: Path, w: int, h: int) -> Path:
-    """A tiny PNG whose header declares w x h pixels (a decompression bomb's shape)."""
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
-
-    ihdr = struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0)
-    body = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 10)) + chunk(b"IEND", b"")
-    path.write_bytes(body)
-    return path
-
-
-@pytest.mark.parametrize("name,kind", [
-    ("zero_bytes.jpg", "empty"),
-    ("html_error_page.jpg", "not_image"),
-    ("text_file.png", "not_image"),
-    ("truncated.png", "truncated"),
-    ("truncated_60pct.jpg", "truncated"),
-    ("header_only.jpg", "truncated"),
-    ("bomb_40000x40000.png", "too_large"),
-    ("corrupted_scan.jpg", "corrupt"),
-])
-def test_shared_broken_files_are_refused_with_a_reason(shared_datasets, name, kind):
+@pytest.mark.parametrize("name,kind", sorted(BROKEN.items()))
+def test_broken_files_are_refused_with_a_reason(broken_dir, name, kind):
     with pytest.raises(ImageError) as e:
-        open_image(shared_datasets / "broken" / name)
+        open_image(broken_dir / name)
     assert e.value.kind == kind
     assert name in str(e.value)
 
@@ -47,7 +26,7 @@ def test_made_bad_files(tmp_path):
     (tmp_path / "text.jpg").write_text("hello, not an image")
     good = make_image(tmp_path / "good.jpg", size=(200, 150), fmt="JPEG")
     (tmp_path / "cut.jpg").write_bytes(good.read_bytes()[: good.stat().st_size // 2])
-    _png_claiming(tmp_path / "bomb.png", 30000, 30000)
+    (tmp_path / "bomb.png").write_bytes(png_declaring(30000, 30000))
     kinds = {}
     for f in ["empty.jpg", "text.jpg", "cut.jpg", "bomb.png"]:
         with pytest.raises(ImageError) as e:
@@ -88,12 +67,17 @@ def test_jpeg_draft_decodes_at_reduced_size(tmp_path):
     assert 300 <= min(small.size) < 750  # 1/2 or 1/4 scale, never below what was asked
 
 
-def test_full_size_originals_all_decode(shared_datasets):
-    files = [p for p in (shared_datasets / "bears_fullsize").rglob("*") if p.is_file()]
-    assert len(files) > 100
+def test_odd_web_originals_all_decode(odd_photos_dir):
+    """Extensions that lie, RGBA, palette, animated GIF, CMYK, a 2400 px picture: all decode, by content."""
+    files = [p for p in odd_photos_dir.rglob("*") if p.is_file()]
+    assert len(files) == 40
+    formats = {}
     for f in files:
         info = check_image(f)
-        assert info.format in {"JPEG", "PNG", "GIF", "WEBP", "MPO"}
+        formats[f.name] = info.format
+        assert open_image(f, min_size=224).mode == "RGB"
+    assert formats["png_named.jpg"] == "PNG" and formats["webp_named.png"] == "WEBP" and formats["gif_named.jpg"] == "GIF"
+    assert set(formats.values()) == {"JPEG", "PNG", "GIF", "WEBP"}
 
 
 def test_sniff_format_by_magic_numbers():

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import io
 import json
 import shutil
@@ -19,7 +18,7 @@ from ursa.errors import ImageError
 from ursa.inference.export import export_onnx
 from ursa.inference.preprocess import DECODE_SCALE, Preprocess, preprocess_spec
 from ursa.inference.runtime import current_onnx, load_onnx
-from tests.conftest import HELDOUT, ROOT, SHARED, make_image
+from tests.conftest import HELDOUT, ROOT, make_image
 
 MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 
@@ -49,17 +48,9 @@ def odd_images(folder: Path) -> list[Path]:
     return out + [folder / "pal.png", folder / "exif.jpg"]
 
 
-def shared_images(name: str, per_kind: int) -> list[Path]:
-    """Up to per_kind images of each decoded format/mode listed in the shared set's manifest."""
-    manifest = SHARED / "manifests" / f"{name}.csv"
-    if not manifest.is_file():
-        pytest.skip(f"{manifest} absent: the shared datasets are not on this machine")
-    kinds: dict[str, list[Path]] = {}
-    with open(manifest, newline="") as f:
-        for row in csv.DictReader(f):
-            kind = " ".join(row["decoded"].split()[:2])
-            kinds.setdefault(kind, []).append(SHARED / name / row["file"])
-    return [p for files in kinds.values() for p in files[:per_kind] if p.is_file()]
+def web_originals(folder: Path) -> list[Path]:
+    """One class of conftest's odd web originals: lying extensions, RGBA, palette, GIF, CMYK, 2400 px."""
+    return sorted((folder / "black").iterdir())
 
 
 def torch_pipeline(size: int, mean: list[float] = MEAN, std: list[float] = STD):
@@ -77,10 +68,8 @@ def test_decode_scale_matches_the_training_pipeline():
 
 
 @pytest.mark.parametrize("size", [224, 128])
-def test_numpy_preprocessing_is_the_eval_transform_bit_for_bit(tmp_path, size):
-    files = odd_images(tmp_path) + list(HELDOUT.glob("*.jpg"))[:4]
-    if (SHARED / "manifests").is_dir():
-        files += shared_images("bears_fullsize", 3) + shared_images("bears", 3)
+def test_numpy_preprocessing_is_the_eval_transform_bit_for_bit(tmp_path, size, odd_photos_dir):
+    files = odd_images(tmp_path) + list(HELDOUT.glob("*.jpg"))[:4] + web_originals(odd_photos_dir)
     ours, theirs = Preprocess(preprocess_spec(size, MEAN, STD)), torch_pipeline(size)
     for f in files:
         got, want = ours(f), theirs(f)
@@ -108,14 +97,12 @@ def test_banded_resizes_are_bit_exact_on_every_geometry(tmp_path, size):
         assert np.array_equal(ours.resized(f), ours.pixels(f).transpose(2, 0, 1))
 
 
-def test_onnx_with_numpy_preprocessing_matches_torch_on_real_images(onnx_model, tmp_path):
+def test_onnx_with_numpy_preprocessing_matches_torch_on_real_images(onnx_model, tmp_path, odd_photos_dir):
     import torch
 
     from ursa.inference.modelfile import load_model
 
-    files = odd_images(tmp_path) + sorted(HELDOUT.glob("*.jpg"))
-    if (SHARED / "manifests").is_dir():
-        files += shared_images("bears_fullsize", 4) + shared_images("bears", 4)
+    files = odd_images(tmp_path) + sorted(HELDOUT.glob("*.jpg")) + web_originals(odd_photos_dir)
     model, meta = load_model(onnx_model.with_suffix(".safetensors"))
     pipe = torch_pipeline(meta.input_size, meta.mean, meta.std)
     pred = load_onnx(onnx_model)

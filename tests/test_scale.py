@@ -1,4 +1,7 @@
-"""Issue 13 on the CPU: torchrun with gloo, devices, resume after SIGKILL, streaming pixels (mnist_dev, 64 px)."""
+"""Issue 13 on the CPU: torchrun with gloo (one node and two), devices, resume after SIGKILL, streaming pixels.
+
+The data is conftest's generated digits (28 px grayscale, trained at 64 px), so a fresh clone runs all of it.
+"""
 
 from __future__ import annotations
 
@@ -14,11 +17,14 @@ import pytest
 
 from conftest import ROOT
 
+pytestmark = pytest.mark.timeout(1200)  # torchrun and resume runs: the longest tests (the default is 600 s)
+RUN_TIMEOUT = 1100  # one subprocess: under pytest-timeout's limit, above a busy shared machine's 600 s
+
 # 1 frozen epoch (feature cache) + 3 fine-tuning epochs: both kinds of fit, ~20 s at 64 px on 2 cores.
 RECIPE = ["--epochs", "1", "--unfreeze-epochs", "3", "--quiet"]
 
 
-def _ursa(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+def _ursa(*args: str, timeout: int = RUN_TIMEOUT) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "ursa", *args], capture_output=True, text=True, cwd=ROOT,
                           timeout=timeout)
 
@@ -35,8 +41,16 @@ def _error(run: Path) -> float:
 
 
 @pytest.fixture(scope="module")
-def mnist(shared_datasets: Path) -> Path:
-    return shared_datasets / "mnist_dev"
+def mnist(hard_digits_dir: Path) -> Path:
+    """300 generated digits (mnist_dev's shape, fewer: quicker runs); the tests' name for them stays."""
+    return hard_digits_dir
+
+
+def _n_valid(run: Path) -> int:
+    import csv
+
+    with open(run / "split.csv", newline="") as f:
+        return sum(row["is_valid"] in ("True", "true", "1") for row in csv.DictReader(f))
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +67,7 @@ def test_torchrun_two_ranks_gloo(mnist: Path, single_run: Path, tmp_path: Path) 
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
            "-m", "ursa", "train", str(mnist), "--out", str(out), *RECIPE]
-    r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=900)
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=RUN_TIMEOUT)
     assert r.returncode == 0, r.stderr[-3000:]
     # rank 0 alone prints the result and writes the run folder
     assert r.stdout.count("error_rate ") == 1, r.stdout
@@ -75,8 +89,8 @@ def test_torchrun_two_ranks_gloo(mnist: Path, single_run: Path, tmp_path: Path) 
     assert abs(per_rank[0] - per_rank[1]) <= 2
     rows = _history(out)
     assert [r["stage"] for r in rows] == ["frozen", "unfrozen", "unfrozen", "unfrozen"]
-    # the same split and recipe: the error is within 6 images of 99 of one process's
-    assert abs(_error(out) - _error(single_run)) <= 0.061, (_error(out), _error(single_run))
+    # the same split and recipe: the error is within 6 validation images of one process's
+    assert abs(_error(out) - _error(single_run)) <= 6.1 / n_valid, (_error(out), _error(single_run), n_valid)
 
 
 def test_resume_after_sigkill(mnist: Path, single_run: Path, tmp_path: Path) -> None:
@@ -85,7 +99,7 @@ def test_resume_after_sigkill(mnist: Path, single_run: Path, tmp_path: Path) -> 
     proc = subprocess.Popen([sys.executable, "-m", "ursa", "train", str(mnist), "--out", str(out), *RECIPE],
                             cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     killed_after = None
-    deadline = time.monotonic() + 600
+    deadline = time.monotonic() + RUN_TIMEOUT
     while time.monotonic() < deadline and proc.poll() is None:
         try:
             done = json.loads(index.read_text())["epochs_done"]
@@ -107,7 +121,7 @@ def test_resume_after_sigkill(mnist: Path, single_run: Path, tmp_path: Path) -> 
     rows = _history(out)
     assert [int(r["epoch"]) for r in rows] == [0, 1, 2, 3]  # every epoch once
     assert [r["stage"] for r in rows] == ["frozen", "unfrozen", "unfrozen", "unfrozen"]
-    assert abs(_error(out) - _error(single_run)) <= 0.021, (_error(out), _error(single_run))
+    assert abs(_error(out) - _error(single_run)) <= 2.1 / _n_valid(out), (_error(out), _error(single_run))
     assert json.loads((out / "recipe.json").read_text())["run"]["resumed_after_epoch"] == 1
     assert not (out / "checkpoint").exists()
     # the same weights as the uninterrupted run (on the CPU the same numbers; a little slack for kernels)
@@ -129,6 +143,7 @@ def test_resume_without_checkpoint_is_one_line_exit_2(single_run: Path, mnist: P
         assert rc == 2 and words in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
 
 
+@pytest.mark.gpu
 @pytest.mark.parametrize("command", ["train", "lr-find"])
 @pytest.mark.parametrize("device, words", [("cuda", "no CUDA GPU"), ("cuda:3", "no CUDA GPU"),
                                            ("tpu", "expected auto, cpu, cuda, cuda:N or mps")])
@@ -148,6 +163,7 @@ def test_a_device_this_machine_lacks_is_one_line_exit_2(mnist: Path, tmp_path: P
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.gpu
 def test_auto_device_is_the_cpu_here_and_says_so_first(single_run: Path) -> None:
     import torch
 
@@ -246,7 +262,7 @@ def test_torchrun_budget_decision_and_curve_on_rank_0_do_not_hang(mnist: Path, t
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
            "-m", "ursa", "train", str(mnist), "--out", str(out), "--epochs", "1", "--budget", "30", "--curve"]
-    r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600)
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=RUN_TIMEOUT)
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stderr.count("recipe: fine-tuning:") == 1, r.stderr[-3000:]
     plan = json.loads((out / "recipe.json").read_text())
@@ -258,7 +274,49 @@ def test_nproc_wrapper_gives_rank_0s_error_and_exit_code(mnist: Path, tmp_path: 
     """`ursa train --nproc 2` that diverges: rank 0 writes the folder and says why, exit 3, no torchrun traceback."""
     out = tmp_path / "run"
     r = _ursa("train", str(mnist), "--out", str(out), "--nproc", "2", "--epochs", "1", "--unfreeze-epochs", "1",
-              "--lr", "50", timeout=600)
+              "--lr", "50")
     assert r.returncode == 3, r.stderr[-3000:]
     assert "error: learning rate too high" in r.stderr and "Traceback" not in r.stderr, r.stderr[-3000:]
     assert (out / "advice.txt").is_file() and not (out / "model.safetensors").exists()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_torchrun_nodes_train_one_model(mnist: Path, single_run: Path, tmp_path: Path) -> None:
+    """The step past one machine: two torchrun agents (nodes) meet at a c10d rendezvous and train one run.
+
+    Here both nodes are on this machine (127.0.0.1); on two machines only the endpoint differs
+    (docs/scale.md). Which node's process becomes rank 0 is the rendezvous's choice: that one
+    prints the result and writes the run folder, so exactly one of the two prints it.
+    """
+    out = tmp_path / "run"
+    port = _free_port()
+    agent = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
+             "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", f"ursa-test-{port}",
+             "--max-restarts", "0"]
+    cmd = ["-m", "ursa", "train", str(mnist), "--out", str(out), *RECIPE]
+    # no --node-rank: c10d ignores it (it is for the static rendezvous) and ranks the agents itself
+    nodes = [subprocess.Popen([*agent, *cmd], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    try:
+        outputs = [node.communicate(timeout=RUN_TIMEOUT) for node in nodes]
+    finally:
+        for node in nodes:
+            if node.poll() is None:
+                node.kill()
+    for node, (_, err) in zip(nodes, outputs):
+        assert node.returncode == 0, err[-3000:]
+    assert sum(o.count("error_rate ") for o, _ in outputs) == 1, outputs  # one result, from rank 0
+    assert (out / "model.safetensors").is_file() and (out / "report.html").is_file()
+    assert not (out / "checkpoint").exists()
+    facts = json.loads((out / "recipe.json").read_text())["run"]
+    assert facts["world_size"] == 2 and facts["backend"] == "gloo"
+    assert len(facts["feature_images_per_rank"]) == 2 and min(facts["feature_images_per_rank"]) > 0
+    assert [r["stage"] for r in _history(out)] == ["frozen", "unfrozen", "unfrozen", "unfrozen"]
+    assert abs(_error(out) - _error(single_run)) <= 6.1 / _n_valid(out), (_error(out), _error(single_run))

@@ -7,12 +7,10 @@ import io
 import os
 import signal
 import socket
-import struct
 import subprocess
 import sys
 import threading
 import time
-import zlib
 
 import httpx
 import pytest
@@ -25,6 +23,7 @@ from ursa.inference.predictor import Prediction, load_learner
 from ursa.apps.serve import WORKER_FACTORY, MicroBatcher, ServeConfig, app_from_env, create_app
 from ursa.util.numbers import parse_bytes
 from tests.conftest import HELDOUT, ROOT, wait_until
+from tests.synthetic_sets import png_declaring as _png_claiming  # noqa: F401  (test_hardening_serve takes it from here)
 
 IMAGES = sorted(HELDOUT.glob("*.jpg"))
 MAX_BYTES = 4_000_000
@@ -39,15 +38,6 @@ def app(tiny_model):
 def client(app):
     with TestClient(app, raise_server_exceptions=False) as c:
         yield c
-
-
-def _png_claiming(w: int, h: int) -> bytes:
-    """A tiny PNG whose header declares w x h pixels: a decompression bomb's shape."""
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
-
-    ihdr = struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 10)) + chunk(b"IEND", b"")
 
 
 def _error(r: httpx.Response, status: int, *words: str) -> str:
@@ -170,8 +160,8 @@ def test_malformed_requests_are_4xx(client):
     ("zero_bytes.jpg", 422), ("html_error_page.jpg", 415), ("text_file.png", 415), ("truncated.png", 400),
     ("truncated_60pct.jpg", 400), ("header_only.jpg", 400), ("bomb_40000x40000.png", 413), ("corrupted_scan.jpg", 400),
 ])
-def test_shared_broken_files(client, shared_datasets, name, status):
-    data = (shared_datasets / "broken" / name).read_bytes()
+def test_broken_files(client, broken_dir, name, status):
+    data = (broken_dir / name).read_bytes()
     _error(client.post("/predict", files={"file": (name, data)}), status)
 
 

@@ -6,8 +6,6 @@ import csv
 import io
 import os
 import shutil
-import struct
-import zlib
 from pathlib import Path
 
 import numpy as np
@@ -18,24 +16,12 @@ from ursa.cli import main
 from ursa.errors import ImageError
 from ursa.vision.images import open_image
 from ursa.acquire.verify import REPORT_COLUMNS, VerifyError, verify_images
-
-SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "datasets"
-
+from tests.synthetic_sets import BROKEN, png_declaring
 
 def _jpeg(size=(48, 32), color=(120, 80, 40), mode="RGB") -> bytes:
     buf = io.BytesIO()
     Image.new(mode, size, color).save(buf, "JPEG", quality=90)
     return buf.getvalue()
-
-
-def _png_declaring(w: int, h: int) -> bytes:
-    """A tiny PNG whose header claims w x h pixels: a decompression bomb in 100 bytes."""
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
-
-    ihdr = struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
 
 
 def make_folder(root: Path) -> Path:
@@ -49,7 +35,7 @@ def make_folder(root: Path) -> Path:
     (good / "truncated.jpg").write_bytes(whole[: len(whole) // 2])
     (good / "zero.jpg").write_bytes(b"")
     (good / "text.jpg").write_text("this is not a picture\n")
-    (good / "bomb.png").write_bytes(_png_declaring(60000, 60000))
+    (good / "bomb.png").write_bytes(png_declaring(60000, 60000))
     ppm = io.BytesIO()
     Image.new("RGB", (8, 8)).save(ppm, "PPM")
     (good / "netpbm.jpg").write_bytes(ppm.getvalue())  # Pillow reads it, ursa does not support it
@@ -103,27 +89,15 @@ def test_made_files_get_the_right_status(tmp_path):
     assert (root / "_quarantine" / "good" / "zero.jpg").stat().st_size == 0  # moved as is
 
 
-@pytest.mark.skipif(not (SHARED / "broken").is_dir(), reason="../shared/datasets/broken not present")
-def test_shared_broken_set_is_all_quarantined(tmp_path):
+def test_broken_set_is_all_quarantined(tmp_path, broken_dir):
     root = tmp_path / "data"
-    shutil.copytree(SHARED / "broken", root / "junk", copy_function=shutil.copyfile)  # not the read-only bits
-    (root / "junk").chmod(0o755)
+    shutil.copytree(broken_dir, root / "junk")
     s = verify_images(root, workers=1, progress=False)
     rows = by_file(read_report(root))
-    expected = {
-        "bomb_40000x40000.png": "too_large",
-        "corrupted_scan.jpg": "corrupt",
-        "header_only.jpg": "truncated",
-        "html_error_page.jpg": "not_image",
-        "text_file.png": "not_image",
-        "truncated.png": "truncated",
-        "truncated_60pct.jpg": "truncated",
-        "zero_bytes.jpg": "empty",
-    }
-    for name, kind in expected.items():
+    for name, kind in BROKEN.items():
         r = rows[f"junk/{name}"]
         assert r["status"] == "quarantined" and r["reason"].startswith(kind + ":"), r
-        assert (root / "_quarantine" / "junk" / name).read_bytes() == (SHARED / "broken" / name).read_bytes()
+        assert (root / "_quarantine" / "junk" / name).read_bytes() == (broken_dir / name).read_bytes()
     assert s.quarantined == 8 and s.ok == 0
     assert list((root / "junk").iterdir()) == []
 
@@ -228,15 +202,14 @@ def test_ok_means_what_open_image_means(tmp_path):
     assert {rel: rows[rel]["status"] == "ok" for rel in readable} == readable
 
 
-@pytest.mark.skipif(not (SHARED / "bears_fullsize").is_dir(), reason="../shared/datasets/bears_fullsize not present")
-def test_real_odd_images_all_decode(tmp_path):
-    src = sorted((SHARED / "bears_fullsize" / "black").iterdir())[:12]
+def test_odd_images_all_decode(tmp_path, odd_photos_dir):
+    """Lying extensions, RGBA, palette, animated GIF, CMYK, 2400 px: nothing quarantined, nothing renamed."""
     root = tmp_path / "data"
-    (root / "black").mkdir(parents=True)
-    for p in src:
-        shutil.copy(p, root / "black" / p.name)
+    shutil.copytree(odd_photos_dir / "black", root / "black")
     s = verify_images(root, workers=1, progress=False)
-    assert s.ok == 12 and s.quarantined == 0
+    assert s.ok == 14 and s.quarantined == 0
+    assert sorted(p.name for p in (root / "black").iterdir() if not p.name.startswith(".")) == sorted(
+        p.name for p in (odd_photos_dir / "black").iterdir())
 
 
 def test_cli(tmp_path, capsys):
