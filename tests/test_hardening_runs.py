@@ -490,3 +490,19 @@ def test_a_feature_cache_larger_than_the_free_disk_is_refused_first(tmp_path, mo
         features.compute_features(model, dls, 20, spill_dir=tmp_path / "spill", backend="torch",
                                   device=torch.device("cpu"))
     assert not (tmp_path / "spill").exists() or not any((tmp_path / "spill").iterdir())
+
+
+def test_a_users_own_file_at_the_lock_files_name_is_refused_and_left_as_it_was(tmp_path):
+    from ursa.errors import WriteError
+    from ursa.util.lock import FolderLock
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / ".ursa.lock").write_text("my notes\n")
+    with pytest.raises(WriteError, match="did not write"):
+        FolderLock(run, ".ursa.lock", "run folder").acquire()
+    assert (run / ".ursa.lock").read_text() == "my notes\n"
+    (run / ".ursa.lock").write_text('{"pid": 1, "host": "h", "started": "s", "command": "ursa train"}\n')
+    with FolderLock(run, ".ursa.lock", "run folder"):  # a dead holder's record is ursa's own: taken over
+        pass
+    assert not (run / ".ursa.lock").exists()

@@ -56,6 +56,11 @@ class FolderLock:
                 same = os.fstat(fd).st_ino == os.stat(self.path, follow_symlinks=False).st_ino
             except FileNotFoundError:
                 same = False
+            if same and not _ursa_lock_file(fd):  # a user's own file at the lock's name: never overwritten
+                os.close(fd)
+                self.created = False
+                raise WriteError(f"{self.path}: a file ursa did not write has the name of ursa's lock file; "
+                                 "move or rename it, then run again")
             if same:
                 self.fd = fd
                 _write_holder(fd)
@@ -91,6 +96,18 @@ def _write_holder(fd: int) -> None:
     data = (json.dumps(info) + "\n").encode()
     os.ftruncate(fd, 0)
     os.pwrite(fd, data, 0)
+
+
+def _ursa_lock_file(fd: int) -> bool:
+    """Empty (just made) or a holder record ``_write_holder`` wrote (a dead holder's): ursa's to reuse."""
+    data = os.pread(fd, 4097, 0)
+    if not data:
+        return True
+    try:
+        info = json.loads(data.decode("utf-8"))
+    except ValueError:
+        return False
+    return isinstance(info, dict) and {"pid", "host", "started", "command"} <= set(info)
 
 
 def _read_holder(fd: int) -> str:
