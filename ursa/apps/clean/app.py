@@ -128,7 +128,22 @@ def serve(session: CleanSession, host: str = "127.0.0.1", port: int = 8765, open
     """Run the cleaner until Ctrl+C; decisions are already on disk, so stopping loses nothing."""
     check_port(host, port)
     url = page_url(host, port)
+    s = session.decisions.summary()
     app = create_app(session, host, port)
+
+    def started() -> None:
+        echo(f"cleaner at {url} (Ctrl+C to stop); {s['decided']} decision(s) so far")
+        echo(f"decisions save to {session.decisions.cleaned_path} and {session.decisions.log_path}")
+
+    run_page(app, host, port, open_browser, started)
+    run = Path(session.model_name).parent  # its config.json: the same split, and the retrain scores unchanged pictures
+    again = f" --config {run}" if session.model_name and (run / "config.json").is_file() else ""
+    echo(f"retrain on the cleaned set: ursa train {session.root} --csv {session.decisions.cleaned_path}{again}")
+
+
+def run_page(app: Starlette, host: str, port: int, open_browser: bool, before: Callable[[], None]) -> None:
+    """Serve a local page's app until Ctrl+C (``before`` runs first), opening the browser once it listens."""
+    url = page_url(host, port)
     server = Server(server_config(app, host, port, log_level="warning", access_log=False))
     if open_browser:
         def open_when_started() -> None:
@@ -138,11 +153,5 @@ def serve(session: CleanSession, host: str = "127.0.0.1", port: int = 8765, open
                     return
                 time.sleep(0.05)
         threading.Thread(target=open_when_started, daemon=True).start()
-    s = session.decisions.summary()
-    echo(f"cleaner at {url} (Ctrl+C to stop); {s['decided']} decision(s) so far")
-    echo(f"decisions save to {session.decisions.cleaned_path} and {session.decisions.log_path}")
+    before()
     server.run()
-    run = Path(session.model_name).parent  # its config.json: the same split, and the retrain scores unchanged pictures
-    again = f" --config {run}" if session.model_name and (run / "config.json").is_file() else ""
-    echo(f"retrain on the cleaned set: ursa train {session.root} --csv {session.decisions.cleaned_path}{again}")
-
