@@ -53,11 +53,16 @@ def test_every_mix_puts_the_torn_and_the_out_of_class_pictures_first(name):
         reference / np.linalg.norm(reference, axis=1, keepdims=True)).T.max(1)
     r = rank_pool(probs, feats, MIXES[name], 10, unknown=unknown, need=np.array([0.0, 1.0, 0.0]), reference=reference)
     top = set(r.order.tolist())
-    if name == "coverage":  # coverage alone knows nothing of the probabilities: the far ones, then spread out
+    mix = MIXES[name]
+    if mix.typical >= mix.uncertainty > 0 or (mix.typical and not mix.uncertainty):
+        assert len(top & set(range(60))) >= 3, (name, sorted(top))  # typical pictures too, not only odd and torn ones
+    elif not mix.uncertainty:  # coverage alone knows nothing of the probabilities: the far ones, then spread out
         assert far <= top
+    elif mix.typical:
+        assert len(top & (torn | far)) >= 8, (name, sorted(top))
     else:
         assert top == torn | far, (name, sorted(top))
-    assert len(r.reasons) == 10 and set(r.reasons) <= {"unsure", "unknown", "need", "coverage"}
+    assert len(r.reasons) == 10 and set(r.reasons) <= {"unsure", "unknown", "need", "typical", "coverage"}
 
 
 def test_coverage_spreads_the_pick_over_near_copies():

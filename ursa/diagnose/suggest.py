@@ -2,7 +2,7 @@
 
 Everything here is numpy on what one model pass gives (calibrated probabilities and pooled body
 features) plus what the model file and its run already hold (the unknown detector's reference of
-training images; the learning curve's per-class fits). Four signals, each scaled to [0, 1] over
+training images; the learning curve's per-class fits). Five signals, each scaled to [0, 1] over
 the pool:
 
 - ``uncertainty``: 1 - (top probability - second), the margin of the calibrated probabilities
@@ -10,6 +10,8 @@ the pool:
 - ``unknown``: how unlike the training pictures a picture is (``UnknownDetector.score``);
 - ``need``: how much the learning curve says one more picture of the guessed class lowers the
   overall error (``class_need``), weighted by the probabilities;
+- ``typical``: how dense the pool is around a picture (mean similarity to its nearest pool
+  pictures), so the pick favours common kinds of picture over odd ones (TypiClust's idea);
 - ``diversity``: while picking, the distance (1 - cosine, in the detector's space) to the nearest
   picture already labelled or already picked, so the pick is not twenty copies of one confusion.
 
@@ -27,42 +29,43 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-REASONS = ("unsure", "unknown", "need", "coverage")  # what made a picture's score, in the order of Mix's weights
+REASONS = ("unsure", "unknown", "need", "typical", "coverage")  # what made a picture's score, in the order of Mix's weights
 MEASURES = ("margin", "entropy")
 
 
 @dataclass(frozen=True)
 class Mix:
-    """Weights of the four signals; ``measure``: how uncertainty is read from the probabilities."""
+    """Weights of the five signals; ``measure``: how uncertainty is read from the probabilities."""
 
     uncertainty: float = 1.0
     unknown: float = 0.0
     need: float = 0.0
+    typical: float = 0.0
     diversity: float = 0.0
     measure: str = "margin"
 
     def __post_init__(self) -> None:
         if self.measure not in MEASURES:
             raise ValueError(f"measure: expected one of {', '.join(MEASURES)}, got {self.measure!r}")
-        weights = (self.uncertainty, self.unknown, self.need, self.diversity)
+        weights = self.weights
         if any(not math.isfinite(w) or w < 0 for w in weights):
             raise ValueError(f"weights: expected finite numbers >= 0, got {weights}")
 
     @property
-    def weights(self) -> tuple[float, float, float, float]:
-        """(uncertainty, unknown, need, diversity), in REASONS' order."""
-        return (self.uncertainty, self.unknown, self.need, self.diversity)
+    def weights(self) -> tuple[float, float, float, float, float]:
+        """(uncertainty, unknown, need, typical, diversity), in REASONS' order."""
+        return (self.uncertainty, self.unknown, self.need, self.typical, self.diversity)
 
 
 # The mixes benchmarks/suggest.py compares; "random" is its baseline and lives there, not here.
 MIXES: dict[str, Mix] = {
     "margin": Mix(),
-    "entropy": Mix(measure="entropy"),
     "coverage": Mix(uncertainty=0.0, diversity=1.0),
     "margin+coverage": Mix(diversity=0.5),
-    "margin+unknown": Mix(unknown=0.5),
     "margin+need": Mix(need=0.5),
-    "all": Mix(unknown=0.25, need=0.25, diversity=0.5),
+    "typical+coverage": Mix(uncertainty=0.0, typical=1.0, diversity=1.0),
+    "margin+typical+coverage": Mix(uncertainty=0.5, typical=1.0, diversity=1.0),
+    "all": Mix(unknown=0.25, need=0.25, typical=0.5, diversity=0.5),
 }
 DEFAULT_MIX = "margin+coverage"  # measured: docs/suggest.md
 
@@ -126,6 +129,18 @@ def need_scores(probs: np.ndarray, need: np.ndarray | None) -> np.ndarray:
     return np.asarray(probs, dtype=np.float64) @ (np.asarray(need, dtype=np.float64) / float(np.max(need)))
 
 
+def typicality(feats: np.ndarray, k: int = 20, sample: int = 2000, seed: int = 0) -> np.ndarray:
+    """[N]: mean cosine similarity to the k most similar pool pictures (of a seeded sample for a large pool): dense = typical."""
+    z = unit_rows(feats)
+    ref = z if len(z) <= sample else z[np.random.default_rng(seed).choice(len(z), sample, replace=False)]
+    k = max(1, min(k, len(ref) - 1))
+    out = np.empty(len(z))
+    for i in range(0, len(z), 1024):
+        sims = z[i:i + 1024] @ ref.T
+        out[i:i + 1024] = np.sort(sims, axis=1)[:, -(k + 1):-1].mean(1) if sims.shape[1] > k else sims.mean(1)
+    return out
+
+
 def unit_rows(x: np.ndarray) -> np.ndarray:
     """Rows scaled to length 1 (zero rows stay zero)."""
     x = np.asarray(x, dtype=np.float32)
@@ -138,7 +153,7 @@ class Ranking:
 
     order: np.ndarray  # [n] pool indices, best first
     score: np.ndarray  # [n] the value each had when picked
-    signals: np.ndarray  # [n, 4] the weighted signals at the pick, REASONS' order
+    signals: np.ndarray  # [n, 5] the weighted signals at the pick, REASONS' order
     reasons: list[str] = field(default_factory=list)  # [n] one of REASONS
 
     def __len__(self) -> int:
@@ -157,17 +172,19 @@ def rank_pool(probs: np.ndarray, feats: np.ndarray | None, mix: Mix, n: int | No
     probs = np.asarray(probs, dtype=np.float64)
     N = len(probs)
     n = N if n is None else max(0, min(int(n), N))
-    w_unsure, w_unknown, w_need, w_div = mix.weights
-    signals = np.zeros((N, 4))
+    w_unsure, w_unknown, w_need, w_typical, w_div = mix.weights
+    signals = np.zeros((N, 5))
     if N == 0:
-        return Ranking(np.zeros(0, dtype=np.int64), np.zeros(0), np.zeros((0, 4)), [])
+        return Ranking(np.zeros(0, dtype=np.int64), np.zeros(0), np.zeros((0, 5)), [])
     unsure = uncertainty(probs, mix.measure)
     signals[:, 0] = w_unsure * percentile(unsure) if w_unsure else 0.0
     if w_unknown and unknown is not None:
         signals[:, 1] = w_unknown * percentile(np.asarray(unknown, dtype=np.float64))
     if w_need:
         signals[:, 2] = w_need * percentile(need_scores(probs, need))
-    base = signals[:, :3].sum(1)
+    if w_typical and feats is not None:
+        signals[:, 3] = w_typical * percentile(typicality(feats))
+    base = signals[:, :4].sum(1)
     if not w_div or feats is None:  # no coverage term: the order is the base score's
         order = np.argsort(-base, kind="stable")[:n]
         return Ranking(order, base[order], signals[order], reasons(signals[order], unsure[order]))
@@ -188,9 +205,9 @@ def rank_pool(probs: np.ndarray, feats: np.ndarray | None, mix: Mix, n: int | No
         taken[i] = True
         order.append(i)
         scores.append(float(value[i]))
-        picked.append(np.r_[signals[i, :3], cover[i]])
+        picked.append(np.r_[signals[i, :4], cover[i]])
         nearest = np.minimum(nearest, 1.0 - z @ z[i])
-    sig = np.asarray(picked).reshape(-1, 4)
+    sig = np.asarray(picked).reshape(-1, 5)
     return Ranking(np.asarray(order, dtype=np.int64), np.asarray(scores), sig, reasons(sig, unsure[order]))
 
 
@@ -213,9 +230,13 @@ def reason_text(reason: str, probs: Sequence[float], classes: Sequence[str]) -> 
     p = np.asarray(probs, dtype=np.float64)
     a, b = (np.argsort(-p)[:2].tolist() + [0])[:2] if len(p) else (0, 0)
     if reason == "unsure":
+        if p[a] - p[b] > 1 - UNSURE_AT:  # picked because nothing else was left to pick, not for doubt
+            return f"next in line; the model is fairly sure ({classes[a]} {p[a]:.2f})"
         return f"unsure: {classes[a]} {p[a]:.2f} vs {classes[b]} {p[b]:.2f}"
     if reason == "unknown":
         return "unlike the training pictures"
+    if reason == "typical":
+        return "a common kind of picture in the pool"
     if reason == "need":
         return f"the learning curve says {classes[a]} needs more"
     return "nothing labelled looks like it yet"
