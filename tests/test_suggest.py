@@ -10,8 +10,6 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +20,7 @@ from ursa.apps.label import Filing
 from ursa.cli import main
 from ursa.diagnose.suggest import MIXES, Mix, class_need, percentile, rank_pool, uncertainty
 
-from tests.conftest import ROOT, SAMPLE, wait_until
+from tests.conftest import SAMPLE, start_page, wait_until
 
 
 # ---------------------------------------------------------------------------------------------
@@ -210,24 +208,8 @@ def _free_port() -> int:
 
 
 def _start(pool: Path, data: Path, model: Path, port: int, log: Path) -> subprocess.Popen:
-    import httpx
-
-    out = log.open("w")
-    proc = subprocess.Popen([sys.executable, "-m", "ursa", "suggest", str(pool), "--model", str(model), "--label",
-                             "--data", str(data), "--port", str(port), "--no-browser", "--quiet", "-n", "10"],
-                            cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(ROOT)})
-    out.close()
-    deadline = time.monotonic() + 180
-    while True:
-        assert proc.poll() is None, f"the page did not start (exit {proc.returncode}): {log.read_text()}"
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/favicon.ico", timeout=2).status_code == 204:
-                return proc
-        except httpx.HTTPError:
-            pass
-        assert time.monotonic() < deadline, f"the page did not come up: {log.read_text()}"
-        time.sleep(0.25)
+    return start_page(["suggest", str(pool), "--model", str(model), "--label", "--data", str(data), "--port", str(port),
+                       "--no-browser", "--quiet", "-n", "10"], port, log)
 
 
 @pytest.mark.browser

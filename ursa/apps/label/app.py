@@ -8,25 +8,22 @@ writes only through ``Filing``.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 from starlette.applications import Starlette
-from starlette.middleware import Middleware
-from starlette.requests import ClientDisconnect, Request
-from starlette.responses import JSONResponse, PlainTextResponse, Response
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from ursa.apps.clean.app import image, no_content, run_page
+from ursa.apps.clean.app import image, json_fields, local_app, no_content, run_page, state
 from ursa.apps.label.filing import Filing
-from ursa.apps.web import API_HEADERS, ApiError, Assets, HostGuard, asset, clip, error_response, page_url, read_body
+from ursa.apps.web import API_HEADERS, asset, clip, error_response, page_url
 from ursa.util.net import check_port
 
-PAGE_FILES = ("label.html", "label.js", "label.css")
+PAGE_FILES = ("label.html", "label.js", "clean.css", "label.css")  # the cleaner's look, and this page's own
 MAX_JSON_BYTES = 16 * 1024  # a decision is {name, label}: well under 1 KB
-READ_TIMEOUT = 10.0
 
 
 @dataclass
@@ -65,26 +62,14 @@ class LabelSession:
         return {**self.filing.summary(), "shown": len(self.suggestions), "left": len(self.suggestions) - mine}
 
 
-def state(request: Request) -> Response:
-    return JSONResponse(request.app.state.session.state(), headers=API_HEADERS)
-
-
 async def file_one(request: Request) -> Response:
     """File one picture sent as JSON {name, label}: moved into DATA/label/; answers the item and the summary."""
     session: LabelSession = request.app.state.session
-    if not request.headers.get("content-type", "").startswith("application/json"):
-        return PlainTextResponse("send JSON\n", status_code=415)
-    try:
-        raw = await read_body(request, MAX_JSON_BYTES, hint="; send one small JSON object {name, label}",
-                              read_timeout=READ_TIMEOUT, body_timeout=READ_TIMEOUT)
-        body = json.loads(raw)
-        name, label = str(body["name"]), str(body["label"])
-    except ApiError as e:
-        return e.response()
-    except ClientDisconnect:
-        return Response(status_code=400)
-    except (ValueError, KeyError, TypeError, AttributeError, RecursionError):
-        return error_response(400, "expected JSON {name, label}")
+    body = await json_fields(request, ("name", "label"), max_bytes=MAX_JSON_BYTES,
+                             hint="; send one small JSON object {name, label}")
+    if isinstance(body, Response):
+        return body
+    name, label = body["name"], body["label"]
     i = session.index.get(name)
     if i is None:
         return error_response(404, f"{clip(name)!r} is not one of the pictures shown")
@@ -102,6 +87,7 @@ async def file_one(request: Request) -> Response:
 ROUTES = [
     Route("/", asset("label.html")),
     Route("/label.js", asset("label.js")),
+    Route("/clean.css", asset("clean.css")),
     Route("/label.css", asset("label.css")),
     Route("/api/state", state),
     Route("/api/file", file_one, methods=["POST"]),
@@ -112,9 +98,7 @@ ROUTES = [
 
 def create_app(session: LabelSession, host: str = "127.0.0.1", port: int = 8766) -> Starlette:
     """The labelling app over one session, answering only requests addressed to host:port."""
-    app = Starlette(routes=ROUTES, middleware=[Middleware(HostGuard, host=host, port=port)])
-    app.state.session, app.state.assets = session, Assets(PAGE_FILES)
-    return app
+    return local_app(ROUTES, session, PAGE_FILES, host, port)
 
 
 def serve(session: LabelSession, host: str = "127.0.0.1", port: int = 8766, open_browser: bool = True,

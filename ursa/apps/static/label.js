@@ -41,7 +41,7 @@ function card(item, i) {
   body.append(el("div", "name", item.file));
   const g = el("div", "guess");
   g.append("guess: ", el("b", "", item.guess), ` ${(100 * item.prob).toFixed(0)}%`);
-  body.append(g, el("div", "why", item.why), el("div", "badge"));
+  body.append(g, el("div", "why", item.why), el("div", "filed-as"));
   const buttons = el("div", "buttons");
   S.state.classes.forEach((name, k) => {
     const b = el("button", name === item.guess ? "guess-button" : "", `${k + 1} ${name}`);
@@ -58,7 +58,7 @@ function card(item, i) {
 
 function paint(c, item) {
   c.classList.toggle("status-filed", item.status === "filed");
-  c.querySelector(".badge").textContent = item.status === "filed" ? `→ ${item.label} (${item.dest})` : "";
+  c.querySelector(".filed-as").textContent = item.status === "filed" ? `→ ${item.label} (${item.dest})` : "";
 }
 
 function cards() { return $("list").children; }
