@@ -12,8 +12,8 @@ import typer
 from ursa.cli.common import DeviceOpt, Quiet
 from ursa.errors import DataError, UrsaError
 
-MIX_HELP = ("Which signals rank the pictures (docs/suggest.md): margin, entropy, coverage, margin+coverage, "
-            "margin+unknown, margin+need, all.")
+MIX_HELP = ("Which signals rank the pictures (docs/suggest.md): margin, coverage, margin+coverage, margin+need, "
+            "typical+coverage, margin+typical+coverage, all [default: the one benchmarks/suggest.py measured best].")
 
 
 def suggest_cmd(
@@ -57,6 +57,9 @@ def suggest_cmd(
             from ursa.apps.clean import sweep_temp_files
 
             check_port(host, port)
+            if host not in ("127.0.0.1", "localhost", "::1"):
+                typer.echo(f"warning: listening on {host}: anyone who can reach this computer can see and file your "
+                           "pictures", err=True)
             writable(pool, "the labelling log (label_log.csv) goes there and the pictures move out of it")
             held.enter_context(FolderLock(pool, labelling.LABEL_LOCK, labelling.LOCK_WHAT))  # one page per pool
         pred = load(model, where)
