@@ -71,7 +71,7 @@ def _text(d: Any, key: str) -> str:
 def _list(d: Any, key: str, where: str) -> list[Any]:
     v = d.get(key) if isinstance(d, dict) else None
     if not isinstance(v, list):
-        raise AnswerError(f"expected a list at {where!r}, got {type(v).__name__}")
+        raise AnswerError(f"not the documented shape: expected a list at {where!r}, got {type(v).__name__}")
     return v
 
 
@@ -155,7 +155,7 @@ class Commons(Provider):
 
     def parse(self, body: Any, cursor: Any) -> Page:
         if not isinstance(body, dict):
-            raise AnswerError(f"expected an object, got {type(body).__name__}")
+            raise AnswerError(f"not the documented shape: expected an object, got {type(body).__name__}")
         if isinstance(body.get("error"), dict):  # MediaWiki reports failures in the body, with HTTP 200
             e = body["error"]
             raise AnswerError(f"the API said {_text(e, 'code') or 'error'}: {plain_text(e.get('info'))[:160]}")

@@ -151,8 +151,11 @@ async def _page_through(provider: Provider, base: str, query: str, n: int, licen
             except (ValueError, UnicodeDecodeError) as e:
                 run.error = f"malformed answer: not JSON ({one_line(e, 80)})"
                 break
-            except (AnswerError, AttributeError, TypeError, KeyError) as e:
-                run.error = f"malformed answer: {one_line(e, 160)}"
+            except AnswerError as e:
+                run.error = one_line(e, 200)
+                break
+            except (AttributeError, TypeError, KeyError) as e:  # a shape parse did not foresee
+                run.error = f"not the documented shape ({type(e).__name__}: {one_line(e, 120)})"
                 break
             for found in page.results:
                 run.found += 1
@@ -208,6 +211,7 @@ def search_images(query: str, cls: str | None = None, n: int = 200, *, providers
                   address_policy: AddressPolicy | None = None, max_pages: int = MAX_PAGES) -> SearchSummary:
     """Search every provider for ``query`` and write up to ``n`` results to ``out`` (default ``urls_<cls>.csv``).
 
+    ``n`` counts the whole list: a file an earlier search wrote keeps its rows and gets at most ``n`` minus those.
     ``cls``: the class the list is for (default: the query with spaces as underscores).
     ``providers``: names from ``providers.PROVIDERS`` (default the keyless ones). ``endpoint``: another base URL,
     ``URL`` for a single provider or ``NAME=URL``. ``licenses``: keep only these codes (``"cc0,by"``).
@@ -234,15 +238,17 @@ def search_images(query: str, cls: str | None = None, n: int = 200, *, providers
     opt = FetchOptions(timeout=float(timeout), deadline=6.0 * float(timeout), retries=retries, backoff=backoff,
                        max_retry_after=max_retry_after, max_bytes=20 * 1024 * 1024, max_size=0, max_pixels=0)
 
+    want = max(0, n - len(earlier))  # -n counts the whole list: a second search with a higher -n continues it
+
     async def run_all() -> list[ProviderRun]:
         seen: set[str] = {row[0] for row in earlier}
         hosts: dict[str, AddressRefused | None] = {}
         return list(await asyncio.gather(*(
-            _page_through(get_provider(name), bases[name], query, n, codes, opt, policy, seen, hosts, max_pages)
+            _page_through(get_provider(name), bases[name], query, want, codes, opt, policy, seen, hosts, max_pages)
             for name in names)))
 
     runs = asyncio.run(run_all())
-    results = interleave(runs, n)
+    results = interleave(runs, want)
     rows = earlier + [f.row() for f in results]
     if results:
         atomic_write_csv(out, SEARCH_COLUMNS, rows)
