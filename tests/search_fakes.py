@@ -15,7 +15,7 @@ Faults are set per provider and page (``faults={("openverse", 2): "ratelimit"}``
 answers 429 with ``Retry-After: 1`` the first time, then the page; ``error500`` answers 500 always;
 ``malformed`` a body that is not JSON; ``wrongshape`` JSON without the documented list; ``apierror``
 (Commons) MediaWiki's ``{"error": {...}}`` with HTTP 200. ``private`` lists result numbers whose URL
-points at a private address instead of the image host. Run it alone for the docs:
+points at a private address (``private_host``) instead of the image host. Run it alone for the docs:
 ``python tests/search_fakes.py --port 8766``.
 """
 
@@ -45,10 +45,11 @@ class FakeSearch:
     """Both fake APIs on one ThreadingHTTPServer in a daemon thread; ``total`` results per provider."""
 
     def __init__(self, host: str = "127.0.0.2", port: int = 0, total: int = 45, faults: dict | None = None,
-                 private: dict | None = None, image_host: str | None = None) -> None:
+                 private: dict | None = None, image_host: str | None = None, private_host: str = "10.0.0.7") -> None:
         self.total = total
         self.faults = dict(faults or {})  # (provider, page number from 1) -> fault
         self.private = {k: set(v) for k, v in (private or {}).items()}  # provider -> result numbers
+        self.private_host = private_host
         self.hits: Counter[tuple[str, int]] = Counter()
         self.times: dict[tuple[str, int], list[float]] = {}
         self.lock = threading.Lock()
@@ -72,7 +73,7 @@ class FakeSearch:
     def image_url(self, provider: str, i: int) -> str:
         """Result i's image URL (a private address for the numbers in ``private``)."""
         if i in self.private.get(provider, ()):
-            return f"http://10.0.0.7/{provider}/{i}.jpg"
+            return f"http://{self.private_host}/{provider}/{i}.jpg"
         return f"http://{self.image_host}/img/{provider}_{i}.jpg"
 
     def openverse_item(self, i: int) -> dict:
@@ -186,8 +187,8 @@ if __name__ == "__main__":
     ap.add_argument("--port", type=int, default=8766)
     ap.add_argument("--total", type=int, default=45)
     args = ap.parse_args()
-    with FakeSearch(args.host, args.port, args.total, faults={("openverse", 2): "ratelimit"},
-                    private={"commons": {3}}) as fake:
+    with FakeSearch(args.host, args.port, args.total, faults={("openverse", 2): "ratelimit", ("commons", 3): "error500"},
+                    private={"commons": {3}}, private_host="169.254.169.254") as fake:  # metadata: refused always
         print(f"openverse: {fake.openverse}\ncommons:   {fake.commons}", flush=True)
         try:
             while True:
