@@ -19,14 +19,17 @@ import os
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 from ursa.acquire.addresses import AddressPolicy, AddressRefused, GuardedTransport, url_refusal
 from ursa.acquire.fetch import USER_AGENT, FetchOptions, fetch, one_line
 from ursa.acquire.licenses import license_allowed, parse_license_filter
-from ursa.acquire.providers import DEFAULT_PROVIDERS, AnswerError, Found, Provider, SearchError, get_provider
+from ursa.acquire.providers import (
+    DEFAULT_PROVIDERS, PROVIDERS, AnswerError, Found, Provider, SearchError, get_provider,
+)
 from ursa.acquire.urls import SEARCH_COLUMNS, check_class_name, url_problem
 from ursa.util.files import atomic_write_csv
+from ursa.util.progress import progress_bar
 
 MAX_PAGES = 50  # per provider and search: a provider that keeps answering nothing usable stops here
 DROPS = ("license", "address", "bad_url", "duplicate")  # why a result was not kept, in the summary's order
@@ -131,8 +134,9 @@ def _client(provider: Provider, policy: AddressPolicy, timeout: float, headers: 
 
 async def _page_through(provider: Provider, base: str, query: str, n: int, licenses: frozenset[str],
                         opt: FetchOptions, policy: AddressPolicy, seen: set[str],
-                        hosts: dict[str, AddressRefused | None], max_pages: int) -> ProviderRun:
-    """One provider's pages until it gave n usable results, ran out, failed, or max_pages."""
+                        hosts: dict[str, AddressRefused | None], max_pages: int,
+                        kept: Callable[[int], None]) -> ProviderRun:
+    """One provider's pages until it gave n usable results, ran out, failed, or max_pages; ``kept(k)`` after each."""
     run = ProviderRun(provider.name, base)
     cursor = provider.first
     client = None
@@ -167,6 +171,7 @@ async def _page_through(provider: Provider, base: str, query: str, n: int, licen
                     continue
                 seen.add(found.url)
                 run.kept.append(found)
+            kept(len(run.kept))
             cursor = page.next
     finally:
         if client is not None:
@@ -208,7 +213,8 @@ def search_images(query: str, cls: str | None = None, n: int = 200, *, providers
                   endpoint: str | Iterable[str] | None = None, licenses: str | Iterable[str] | None = None,
                   out: str | Path | None = None, timeout: float = 10.0, retries: int = 3, backoff: float = 0.5,
                   max_retry_after: float = 30.0, allow_private: bool = False,
-                  address_policy: AddressPolicy | None = None, max_pages: int = MAX_PAGES) -> SearchSummary:
+                  address_policy: AddressPolicy | None = None, max_pages: int = MAX_PAGES,
+                  progress: bool = False) -> SearchSummary:
     """Search every provider for ``query`` and write up to ``n`` results to ``out`` (default ``urls_<cls>.csv``).
 
     ``n`` counts the whole list: a file an earlier search wrote keeps its rows and gets at most ``n`` minus those.
@@ -216,6 +222,7 @@ def search_images(query: str, cls: str | None = None, n: int = 200, *, providers
     ``providers``: names from ``providers.PROVIDERS`` (default the keyless ones). ``endpoint``: another base URL,
     ``URL`` for a single provider or ``NAME=URL``. ``licenses``: keep only these codes (``"cc0,by"``).
     ``allow_private`` / ``address_policy``: as for ``download_images``, for the API calls and the result URLs.
+    ``progress``: a bar of results kept (on stderr, on a terminal only).
     """
     query = " ".join(str(query).split())
     if not query:
@@ -224,8 +231,10 @@ def search_images(query: str, cls: str | None = None, n: int = 200, *, providers
     if n < 1 or timeout <= 0 or retries < 0:
         raise SearchError(f"expected -n of at least 1, a positive --timeout and --retries of 0 or more, got "
                           f"{n}, {timeout:g}, {retries}")
-    names = list(dict.fromkeys(p.strip().lower() for s in (providers or DEFAULT_PROVIDERS) for p in s.split(",")
-                               if p.strip()))
+    given = [providers] if isinstance(providers, str) else list(providers or DEFAULT_PROVIDERS)
+    names = list(dict.fromkeys(p.strip().lower() for s in given for p in str(s).split(",") if p.strip()))
+    if not names:
+        raise SearchError(f"--provider: no provider named; expected one of {', '.join(PROVIDERS)}")
     bases = _endpoints(names, endpoint)
     for name in names:
         p = get_provider(name)
@@ -240,14 +249,26 @@ def search_images(query: str, cls: str | None = None, n: int = 200, *, providers
 
     want = max(0, n - len(earlier))  # -n counts the whole list: a second search with a higher -n continues it
 
+    bar = progress_bar(quiet=not progress or not want, unit="results")
+    task = bar.add_task(f"searching {', '.join(names)}", total=want * len(names))
+    done = dict.fromkeys(names, 0)
+
+    def kept(name: str) -> Callable[[int], None]:
+        def update(k: int) -> None:
+            done[name] = min(k, want)
+            bar.update(task, completed=sum(done.values()))
+        return update
+
     async def run_all() -> list[ProviderRun]:
         seen: set[str] = {row[0] for row in earlier}
         hosts: dict[str, AddressRefused | None] = {}
         return list(await asyncio.gather(*(
-            _page_through(get_provider(name), bases[name], query, want, codes, opt, policy, seen, hosts, max_pages)
+            _page_through(get_provider(name), bases[name], query, want, codes, opt, policy, seen, hosts, max_pages,
+                          kept(name))
             for name in names)))
 
-    runs = asyncio.run(run_all())
+    with bar:
+        runs = asyncio.run(run_all())
     results = interleave(runs, want)
     rows = earlier + [f.row() for f in results]
     if results:

@@ -92,12 +92,13 @@ def search_cmd(
         bool, typer.Option("--allow-private", help="Also ask, and keep results on, this computer and private networks.")
     ] = False,
     json_out: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
+    quiet: Quiet = False,
 ) -> int:
     """Search openly licensed images and write urls_<class>.csv (url, source page, creator, licence) for download."""
     from ursa.acquire.search import search_images
 
     summary = search_images(query, cls, n, providers=provider, endpoint=endpoint, licenses=license, out=out,
-                            timeout=timeout, retries=retries, allow_private=allow_private)
+                            timeout=timeout, retries=retries, allow_private=allow_private, progress=not quiet)
     print(summary.to_json() if json_out else summary.format())
     return 0 if summary.results or summary.total else 1
 
