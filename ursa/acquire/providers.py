@@ -112,6 +112,7 @@ class Openverse(Provider):
     key_env = "OPENVERSE_TOKEN"
     about = "Openverse (openly licensed images from Flickr, museums, Wikimedia...); OPENVERSE_TOKEN raises its limits"
     KNOWN = frozenset({"cc0", "pdm", "by", "by-sa", "by-nd", "by-nc", "by-nc-sa", "by-nc-nd"})
+    NAMES = {"cc0": "CC0", "pdm": "Public Domain Mark"}  # the others: "by-sa" + "4.0" -> "CC BY-SA 4.0"
 
     def request(self, base: str, query: str, cursor: Any, licenses: frozenset[str]) -> tuple[str, dict[str, str]]:
         params = {"q": query, "page": cursor, "page_size": self.page_size}
@@ -126,7 +127,7 @@ class Openverse(Provider):
             if not isinstance(r, dict):
                 continue
             code, version = _text(r, "license"), _text(r, "license_version")
-            label = f"{'' if code in ('cc0', 'pdm') else 'CC '}{code.upper()} {version}".strip() if code else ""
+            label = f"{self.NAMES.get(code, 'CC ' + code.upper())} {version}".strip() if code else ""
             results.append(Found(_text(r, "url"), _text(r, "foreign_landing_url"), plain_text(r.get("creator")),
                                  label, _text(r, "license_url"), self.name))
         pages = body.get("page_count")
