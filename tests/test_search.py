@@ -6,7 +6,6 @@ from __future__ import annotations
 import csv
 import json
 import re
-import shutil
 from pathlib import Path
 
 import pytest
@@ -19,6 +18,7 @@ from ursa.acquire.manifest import LEGACY_COLUMNS, MANIFEST_COLUMNS, read_manifes
 from ursa.acquire.providers import Commons, Openverse, Pexels
 from ursa.acquire.search import search_images
 from ursa.acquire.urls import SEARCH_COLUMNS
+from ursa.acquire.verify import verify_images
 from ursa.cli import main
 
 try:
@@ -178,9 +178,11 @@ def test_download_carries_credits_and_credits_lists_only_kept_images(tmp_path, c
     assert (dest / "downloads.csv").read_text().splitlines()[0] == ",".join(MANIFEST_COLUMNS)
     assert all(r["license"] and r["provider"] and r["source_page"] for r in rows.values())
     files = sorted(rows)
-    # verify quarantines one, clean excludes another, one is copied in by hand.
-    (dest / "_quarantine" / "grizzly").mkdir(parents=True)
-    shutil.move(str(dest / files[0]), str(dest / "_quarantine" / files[0]))
+    # verify quarantines one (cut short after the download), clean excludes another, one is copied in by hand.
+    broken = dest / files[0]
+    broken.write_bytes(broken.read_bytes()[:200])
+    assert verify_images(dest, workers=1, progress=False).quarantined == 1
+    assert not broken.exists() and (dest / "_quarantine" / files[0]).exists()
     kept = files[2:]
     (dest / "cleaned.csv").write_text("name,label\n" + "".join(f"{f},grizzly\n" for f in kept) + "grizzly/mine.jpg,grizzly\n")
     (dest / "grizzly" / "mine.jpg").write_bytes(make_images(1)["0.jpg"])

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 from ursa.acquire.manifest import MANIFEST_NAME, read_manifest
+from ursa.acquire.urls import DownloadError
 from ursa.errors import UrsaError
 
 # code -> how people write it. Creative Commons' six, CC0 and the Public Domain Mark, as Openverse names them.
@@ -84,12 +85,16 @@ def license_summary(files: Iterable[str | Path], root: str | Path,
     """What licences these images are under, from ``ROOT/downloads.csv``: the model file's ``licenses`` field.
 
     ``{"images": n, "unknown": k, "by_license": {"CC BY": 12, ...}}`` (most common first); ``{}``
-    when the folder has no downloads.csv, so a model trained on pictures ursa did not download says nothing.
+    when the folder has no downloads.csv (or one ursa did not write), so a model trained on pictures ursa did
+    not download says nothing.
     """
     if known is None:
         if not (Path(root) / MANIFEST_NAME).is_file():
             return {}
-        known = credits_by_file(root)
+        try:
+            known = credits_by_file(root)
+        except DownloadError:  # a downloads.csv ursa did not write: no record of these images' licences
+            return {}
     counts: Counter[str] = Counter()
     n = 0
     for f in files:
