@@ -265,3 +265,15 @@ def test_training_run_summarises_the_licences_in_the_model_file_and_report(sampl
     info = json.loads((out / "report.json").read_text())["info"]
     assert info["licences"].startswith(f"{len(files)} images: ") and f"unknown {len(files) - len(rows)}" in info["licences"]
     assert "CC BY-SA" in (out / "report.html").read_text()
+
+
+def test_a_provider_that_breaks_unexpectedly_loses_only_its_own_results(tmp_path, monkeypatch):
+    def boom(self, body, cursor):
+        raise RecursionError("nested too deep")
+
+    monkeypatch.setattr(Commons, "parse", boom)
+    with FakeSearch(total=30) as fake:
+        s = search_images("bears", "bear", 40, endpoint=_endpoints(fake), out=tmp_path / "b.csv", **FAST)
+    runs = {r.name: r for r in s.runs}
+    assert runs["commons"].error.startswith("unexpected: RecursionError") and not runs["commons"].kept
+    assert len(_rows(tmp_path / "b.csv")) == 30 and not runs["openverse"].error

@@ -173,6 +173,8 @@ async def _page_through(provider: Provider, base: str, query: str, n: int, licen
                 run.kept.append(found)
             kept(len(run.kept))
             cursor = page.next
+    except Exception as e:  # noqa: BLE001 - whatever goes wrong with one provider never loses the others' results
+        run.error = f"unexpected: {type(e).__name__}: {one_line(e, 160)} (please report it)"
     finally:
         if client is not None:
             await client.aclose()
