@@ -277,3 +277,18 @@ def test_a_provider_that_breaks_unexpectedly_loses_only_its_own_results(tmp_path
     runs = {r.name: r for r in s.runs}
     assert runs["commons"].error.startswith("unexpected: RecursionError") and not runs["commons"].kept
     assert len(_rows(tmp_path / "b.csv")) == 30 and not runs["openverse"].error
+
+
+def test_rows_saved_from_a_plain_list_take_the_credits_of_a_later_search_list(tmp_path):
+    with FakeSearch(total=4) as fake:
+        search_images("bears", "c", 4, providers="openverse", endpoint=fake.openverse, out=tmp_path / "urls_c.csv",
+                      **FAST)
+        rows = _rows(tmp_path / "urls_c.csv")
+        (tmp_path / "plain.txt").write_text("".join(r["url"] + "\n" for r in rows))
+        dest = tmp_path / "d"
+        assert download_images({"c": tmp_path / "plain.txt"}, dest, address_policy=POLICY, progress=False).saved == 4
+        assert {r["license"] for r in read_manifest(dest / "downloads.csv")} == {""}
+        again = download_images([str(tmp_path / "urls_c.csv")], dest, address_policy=POLICY, progress=False)
+    assert again.skipped == 4 and again.saved == 0  # nothing fetched again
+    by_url = {r["url"]: r for r in read_manifest(dest / "downloads.csv")}
+    assert all(by_url[r["url"]]["license"] == r["license"] and by_url[r["url"]]["creator"] == r["creator"] for r in rows)

@@ -248,9 +248,8 @@ def _retry_row(row: Mapping[str, str]) -> bool:
 def _plan_resume(
     manifest: Path, lists: Mapping[str, list[str]], retry_failed: bool, credits: Mapping[tuple[str, str], Credit]
 ) -> tuple[list[dict[str, str]], bool]:
-    """Rows to keep from an earlier run (one per URL; the ones to try again dropped) and whether to rewrite.
-
-    A kept row whose credit columns are empty takes them from the lists (a list re-saved by `ursa search`)."""
+    """Rows to keep from an earlier run (one per URL; those to try again dropped; empty credits filled from the lists)
+    and whether to rewrite the manifest."""
     latest: dict[tuple[str, str], dict[str, str]] = {}
     old_rows = read_manifest(manifest)
     for r in old_rows:
@@ -260,13 +259,11 @@ def _plan_resume(
         latest[key] = r
     wanted = {(cls, redacted(u)) for cls, urls in lists.items() for u in urls}  # as the manifest holds them
     keep = [r for k, r in latest.items() if not (retry_failed and _retry_row(r) and k in wanted)]
-    credited = 0
-    for r in keep:
-        new = {c: v for c, v in credits.get((r["class"], r["url"]), {}).items() if not r.get(c)}
-        credited += bool(new)
+    fills = [(r, {c: v for c, v in credits.get((r["class"], r["url"]), {}).items() if not r.get(c)}) for r in keep]
+    for r, new in fills:
         r.update(new)
     torn = manifest.exists() and manifest.stat().st_size > 0 and not manifest.read_bytes().endswith(b"\n")
-    return keep, len(keep) != len(old_rows) or torn or credited > 0 or is_legacy(manifest)
+    return keep, len(keep) != len(old_rows) or torn or any(new for _, new in fills) or is_legacy(manifest)
 
 
 @contextlib.contextmanager
