@@ -134,6 +134,12 @@ def test_user_errors_are_one_line(tmp_path: Path, tiny_model, capsys):
     assert "no pictures left to label" in capsys.readouterr().err
     assert main(["suggest", str(tmp_path / "empty"), "--model", str(tiny_model), "--mix", "best"]) == 2
     assert "--mix: expected one of" in capsys.readouterr().err
+    assert main(["suggest", str(tmp_path / "empty"), "--model", str(tmp_path / "nope.safetensors")]) == 2
+    assert "model file not found" in capsys.readouterr().err
+    assert main(["suggest", str(tmp_path / "empty"), "--model", str(tiny_model), "--label", "--data",
+                 str(tmp_path / "nodata"), "--no-browser", "--port", str(_free_port())]) == 2
+    assert "give --data with the folder of class folders" in capsys.readouterr().err
+    assert not any(p.name.startswith(".ursa") for p in (tmp_path / "empty").iterdir())  # the pool's lock went with it
 
 
 # ---------------------------------------------------------------------------------------------

@@ -61,6 +61,8 @@ class Mix:
 MIXES: dict[str, Mix] = {
     "margin": Mix(),
     "coverage": Mix(uncertainty=0.0, diversity=1.0),
+    "coverage+margin/4": Mix(uncertainty=0.25, diversity=1.0),
+    "coverage+margin/2": Mix(uncertainty=0.5, diversity=1.0),
     "margin+coverage": Mix(diversity=0.5),
     "margin+need": Mix(need=0.5),
     "typical+coverage": Mix(uncertainty=0.0, typical=1.0, diversity=1.0),
