@@ -12,8 +12,9 @@ import typer
 from ursa.cli.common import DeviceOpt, Quiet
 from ursa.errors import DataError, UrsaError
 
-MIX_HELP = ("Which signals rank the pictures (docs/suggest.md): margin, coverage, margin+coverage, margin+need, "
-            "typical+coverage, margin+typical+coverage, all [default: the one benchmarks/suggest.py measured best].")
+MIX_HELP = ("Which signals rank the pictures (docs/suggest.md): coverage, coverage+margin/4, coverage+margin/2, margin, "
+            "margin+coverage, margin+need, typical+coverage, margin+typical+coverage, all [default: coverage, measured best "
+            "by benchmarks/suggest.py].")
 
 
 def suggest_cmd(

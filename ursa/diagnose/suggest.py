@@ -69,7 +69,7 @@ MIXES: dict[str, Mix] = {
     "margin+typical+coverage": Mix(uncertainty=0.5, typical=1.0, diversity=1.0),
     "all": Mix(unknown=0.25, need=0.25, typical=0.5, diversity=0.5),
 }
-DEFAULT_MIX = "coverage"  # measured best on every set: docs/suggest.md (benchmarks/suggest.py)
+DEFAULT_MIX = "coverage"  # measured best overall (lowest error on 4 of 6 sets): docs/suggest.md, benchmarks/suggest.py
 
 
 def uncertainty(probs: np.ndarray, measure: str = "margin") -> np.ndarray:
