@@ -28,7 +28,9 @@ from ursa.acquire.providers import (
     DEFAULT_PROVIDERS, PROVIDERS, AnswerError, Found, Provider, SearchError, get_provider,
 )
 from ursa.acquire.urls import SEARCH_COLUMNS, check_class_name, url_problem
-from ursa.util.files import atomic_write_csv
+from ursa.errors import WriteError
+from ursa.util.files import atomic_write_csv, csv_row_values
+from ursa.util.lock import FolderLock
 from ursa.util.progress import progress_bar
 
 MAX_PAGES = 50  # per provider and search: a provider that keeps answering nothing usable stops here
@@ -140,6 +142,7 @@ async def _page_through(provider: Provider, base: str, query: str, n: int, licen
     run = ProviderRun(provider.name, base)
     cursor = provider.first
     client = None
+    given: set[str] = set()  # every URL this provider answered, kept or not
     try:
         while cursor is not None and len(run.kept) < n and run.pages < max_pages:
             url, headers = provider.request(base, query, cursor, licenses)
@@ -151,16 +154,25 @@ async def _page_through(provider: Provider, base: str, query: str, n: int, licen
                 run.error = f"{got.kind}: {one_line(got.detail, 160)}"
                 break
             try:
-                page = provider.parse(json.loads(got.data), cursor)
+                body = json.loads(got.data)
             except (ValueError, UnicodeDecodeError) as e:
                 run.error = f"malformed answer: not JSON ({one_line(e, 80)})"
                 break
+            except RecursionError:  # "[[[[..." a million deep: a hostile or broken answer, not a bug of ursa
+                run.error = "malformed answer: JSON nested too deeply to be a search answer"
+                break
+            try:
+                page = provider.parse(body, cursor)
             except AnswerError as e:
                 run.error = one_line(e, 200)
                 break
             except (AttributeError, TypeError, KeyError) as e:  # a shape parse did not foresee
                 run.error = f"not the documented shape ({type(e).__name__}: {one_line(e, 120)})"
                 break
+            if page.results and all(f.url in given for f in page.results):  # the same page again and again
+                run.error = f"page {run.pages} repeated results this provider had given already; paging stopped"
+                break
+            given.update(f.url for f in page.results)
             for found in page.results:
                 run.found += 1
                 why = _drop_reason(found, licenses, seen)
@@ -203,12 +215,18 @@ def _existing_rows(out: Path) -> list[list[str]]:
     """Rows of a URL list an earlier search wrote (kept first); a file ursa did not write is refused, not rewritten."""
     import csv
 
-    if not out.exists():
+    if not out.exists() and not out.is_symlink():
         return []
-    text = out.read_bytes().decode("utf-8-sig", errors="replace").splitlines()
-    if not text or tuple(next(csv.reader([text[0]]))) != SEARCH_COLUMNS:
-        raise SearchError(f"{out}: exists and was not written by `ursa search`; move it away or give another --out")
-    return [row + [""] * (len(SEARCH_COLUMNS) - len(row)) for row in csv.reader(text[1:]) if row and row[0]]
+    if not out.is_file():  # a folder, a device (/dev/full reads forever), a FIFO, a dangling link
+        raise SearchError(f"{out}: exists and is not a file (a folder, a device or a broken link); give --out a "
+                          "file name such as urls_CLASS.csv")
+    with open(out, "rb") as f:
+        header = f.readline(4096).decode("utf-8-sig", errors="replace").rstrip("\r\n")  # the header alone first
+        if not header or tuple(next(csv.reader([header]))) != SEARCH_COLUMNS:
+            raise SearchError(f"{out}: exists and was not written by `ursa search`; move it away or give another --out")
+        text = f.read().decode("utf-8", errors="replace").splitlines()
+    return [csv_row_values(row[: len(SEARCH_COLUMNS)]) + [""] * (len(SEARCH_COLUMNS) - len(row))
+            for row in csv.reader(text) if row and row[0]]
 
 
 def search_images(query: str, cls: str | None = None, n: int = 200, *, providers: Iterable[str] | None = None,
@@ -244,35 +262,41 @@ def search_images(query: str, cls: str | None = None, n: int = 200, *, providers
             raise SearchError(f"--provider {name}: needs a key in the environment variable {p.key_env}")
     codes = parse_license_filter(licenses)
     out = Path(out) if out is not None else Path(f"urls_{cls}.csv")
-    earlier = _existing_rows(out)
-    policy = address_policy if address_policy is not None else AddressPolicy(allow_private=allow_private)
-    opt = FetchOptions(timeout=float(timeout), deadline=6.0 * float(timeout), retries=retries, backoff=backoff,
-                       max_retry_after=max_retry_after, max_bytes=20 * 1024 * 1024, max_size=0, max_pixels=0)
+    # One search per list at a time: two would each read the list, then the last to write would drop the other's rows.
+    with FolderLock(out.parent, f".{out.name}.lock", "folder of the URL list"):
+        earlier = _existing_rows(out)
+        policy = address_policy if address_policy is not None else AddressPolicy(allow_private=allow_private)
+        opt = FetchOptions(timeout=float(timeout), deadline=6.0 * float(timeout), retries=retries, backoff=backoff,
+                           max_retry_after=max_retry_after, max_bytes=20 * 1024 * 1024, max_size=0, max_pixels=0)
 
-    want = max(0, n - len(earlier))  # -n counts the whole list: a second search with a higher -n continues it
+        want = max(0, n - len(earlier))  # -n counts the whole list: a second search with a higher -n continues it
 
-    bar = progress_bar(quiet=not progress or not want, unit="results")
-    task = bar.add_task(f"searching {', '.join(names)}", total=want * len(names))
-    done = dict.fromkeys(names, 0)
+        bar = progress_bar(quiet=not progress or not want, unit="results")
+        task = bar.add_task(f"searching {', '.join(names)}", total=want * len(names))
+        done = dict.fromkeys(names, 0)
 
-    def kept(name: str) -> Callable[[int], None]:
-        def update(k: int) -> None:
-            done[name] = min(k, want)
-            bar.update(task, completed=sum(done.values()))
-        return update
+        def kept(name: str) -> Callable[[int], None]:
+            def update(k: int) -> None:
+                done[name] = min(k, want)
+                bar.update(task, completed=sum(done.values()))
+            return update
 
-    async def run_all() -> list[ProviderRun]:
-        seen: set[str] = {row[0] for row in earlier}
-        hosts: dict[str, AddressRefused | None] = {}
-        return list(await asyncio.gather(*(
-            _page_through(get_provider(name), bases[name], query, want, codes, opt, policy, seen, hosts, max_pages,
-                          kept(name))
-            for name in names)))
+        async def run_all() -> list[ProviderRun]:
+            seen: set[str] = {row[0] for row in earlier}
+            hosts: dict[str, AddressRefused | None] = {}
+            return list(await asyncio.gather(*(
+                _page_through(get_provider(name), bases[name], query, want, codes, opt, policy, seen, hosts, max_pages,
+                              kept(name))
+                for name in names)))
 
-    with bar:
-        runs = asyncio.run(run_all())
-    results = interleave(runs, want)
-    rows = earlier + [f.row() for f in results]
-    if results:
-        atomic_write_csv(out, SEARCH_COLUMNS, rows)
-    return SearchSummary(query, cls, out, runs, results, total=len(rows) if results else len(earlier))
+        with bar:
+            runs = asyncio.run(run_all())
+        results = interleave(runs, want)
+        rows = earlier + [f.row() for f in results]
+        if results:
+            try:
+                atomic_write_csv(out, SEARCH_COLUMNS, rows)
+            except OSError as e:  # a full disk is NoSpaceError already; a read-only file system, a permission
+                raise WriteError(f"{out}: cannot write the URL list ({e.strerror or e}); give --out a file in a "
+                                 "folder you can write to") from None
+        return SearchSummary(query, cls, out, runs, results, total=len(rows) if results else len(earlier))
