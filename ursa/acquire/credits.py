@@ -20,6 +20,7 @@ from ursa.acquire.licenses import UNKNOWN, credits_by_file, license_code, licens
 from ursa.acquire.manifest import MANIFEST_NAME
 from ursa.errors import UrsaError
 from ursa.util.files import NAME_ERRORS, atomic_write_text, csv_cell_value
+from ursa.util.names import printable
 from ursa.vision.images import is_image_file
 
 CREDITS_NAME = "CREDITS.md"
@@ -56,8 +57,8 @@ _MD_SPECIAL = re.compile(r"([\\`*_\[\]<>|#])")
 
 
 def md(text: str) -> str:
-    """Text safe inside a Markdown table cell: one line, Markdown's characters escaped."""
-    return _MD_SPECIAL.sub(r"\\\1", " ".join(str(text).split()))
+    """Text safe inside a Markdown table cell: one line, control characters visibly escaped, Markdown's escaped."""
+    return _MD_SPECIAL.sub(r"\\\1", printable(" ".join(str(text).split())))
 
 
 def md_link(label: str, url: str) -> str:
@@ -80,6 +81,14 @@ def kept_images(root: Path) -> list[Path]:
     return files
 
 
+def _written_by_credits(path: Path) -> bool:
+    """A regular file that starts with MARK (its first bytes alone are read: --out /dev/zero reads forever)."""
+    if not path.is_file():
+        return False
+    with open(path, "rb") as f:
+        return MARK in f.read(400).decode("utf-8", errors="replace")
+
+
 def write_credits(root: str | Path, out: str | Path | None = None) -> CreditsSummary:
     """Write CREDITS.md (default ``ROOT/CREDITS.md``) for the images kept in ROOT; refuses a file ursa did not write."""
     root = Path(root)
@@ -89,12 +98,13 @@ def write_credits(root: str | Path, out: str | Path | None = None) -> CreditsSum
         raise CreditsError(f"{root}: no {MANIFEST_NAME} there, so no record of where its images came from; "
                           "give the folder `ursa download --dest` wrote")
     out = Path(out) if out is not None else root / CREDITS_NAME
-    if out.exists() and MARK not in out.read_text(encoding="utf-8", errors="replace")[:400]:
+    if (out.exists() or out.is_symlink()) and not _written_by_credits(out):
         raise CreditsError(f"{out}: exists and was not written by `ursa credits`; move it away or give another --out")
-    known = credits_by_file(root)
+    kept = kept_images(root)
+    known = credits_by_file(root, kept)
     summary = CreditsSummary(out)
     body: dict[str, list[str]] = {}
-    for f in kept_images(root):
+    for f in kept:
         rel = f.relative_to(root).as_posix()
         row = known.get(f.resolve())
         code = license_code(row["license"], row["license_url"]) if row else ""

@@ -1,0 +1,130 @@
+"""ursa search, download's credit columns and ursa credits against hostile answers, odd licence spellings and
+odd output paths: each test here failed before the fix it names (review of issue 27's search half). No network."""
+
+from __future__ import annotations
+
+import csv
+import shutil
+
+import pytest
+
+from ursa.acquire.credits import write_credits
+from ursa.acquire.download import download_images
+from ursa.acquire.licenses import license_code, license_summary
+from ursa.acquire.manifest import read_manifest
+from ursa.acquire.search import search_images
+from ursa.cli import main
+from ursa.errors import BusyError
+from ursa.util.lock import FolderLock
+
+try:
+    from tests.search_fakes import FakeSearch
+    from tests.test_search import FAST, POLICY, _endpoints, _rows
+except ImportError:  # tests/ is not a package: pytest put tests/ itself on sys.path
+    from search_fakes import FakeSearch
+    from test_search import FAST, POLICY, _endpoints, _rows
+
+
+def test_json_nested_too_deep_is_a_malformed_answer_and_a_repeated_page_ends_paging(tmp_path):
+    # Before: "unexpected: RecursionError ... (please report it)", and 20 pages asked of a provider that
+    # answered page 1 again and again.
+    faults = {("commons", 1): "nested", **{("openverse", p): "repeat" for p in range(2, 21)}}
+    with FakeSearch(total=400, faults=faults) as fake:
+        s = search_images("bears", "bear", 100, endpoint=_endpoints(fake), out=tmp_path / "b.csv", **FAST)
+        hits = dict(fake.hits)
+    runs = {r.name: r for r in s.runs}
+    assert runs["commons"].error == "malformed answer: JSON nested too deeply to be a search answer"
+    assert runs["openverse"].error.startswith("page 2 repeated results") and runs["openverse"].pages == 2
+    assert sum(n for (name, _), n in hits.items() if name == "openverse") == 2
+    assert len(_rows(tmp_path / "b.csv")) == 20  # page 1's results are kept
+
+
+def test_a_second_search_on_the_same_list_is_refused_not_raced(tmp_path):
+    out = tmp_path / "urls_bear.csv"
+    with FakeSearch(total=10) as fake:
+        search_images("bears", "bear", 5, endpoint=_endpoints(fake), out=out, **FAST)
+        before = out.read_bytes()
+        with FolderLock(tmp_path, f".{out.name}.lock", "folder of the URL list"):  # another search holds the list
+            with pytest.raises(BusyError, match="another ursa process"):
+                search_images("bears", "bear", 10, endpoint=_endpoints(fake), out=out, **FAST)
+    assert out.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == [out.name]  # the lock file is gone again
+
+
+def test_an_output_that_is_a_folder_or_cannot_be_written_is_one_line_before_any_search(tmp_path, capsys):
+    (tmp_path / "afile").write_text("mine\n")
+    with FakeSearch(host="127.0.0.1", total=10) as fake:
+        base = ["search", "bears", "-n", "5", "--provider", "openverse", "--endpoint", fake.openverse,
+                "--allow-private", "--quiet"]
+        assert main([*base, "--out", str(tmp_path)]) == 2  # before: IsADirectoryError's traceback
+        assert "is not a file" in capsys.readouterr().err
+        assert main([*base, "--out", str(tmp_path / "afile" / "urls.csv")]) == 2  # before: searched, then a traceback
+        assert "cannot create" in capsys.readouterr().err
+        assert sum(fake.hits.values()) == 0
+    assert (tmp_path / "afile").read_text() == "mine\n"
+    data = tmp_path / "data"
+    (data / "a").mkdir(parents=True)
+    (data / "downloads.csv").write_text("url,class,file,status,http_status,error,bytes,sha256\n")
+    with pytest.raises(Exception, match="not written by `ursa credits`"):  # before: IsADirectoryError
+        write_credits(data, out=data / "a")
+
+
+@pytest.mark.parametrize("given, code", [
+    ("CC BY-SA 3.0 igo", "by-sa"), ("CC BY 4.0 International", "by"), ("cc-by-sa-2.5,2.0,1.0", "by-sa"),
+    ("CC-BY-SA-3.0-migrated", "by-sa"), ("Creative Commons Attribution-Share Alike 4.0", "by-sa"),
+    ("Creative Commons Attribution-NonCommercial-NoDerivatives 4.0 International", "by-nc-nd"),
+    ("BY-SA 3.0 igo", "by-sa"), ("CC BY-NC 2.0", "by-nc"), ("GFDL", "gfdl"), ("Pexels License", "pexels-license"),
+])
+def test_licence_spellings_providers_use_reduce_to_one_code(given, code):
+    assert license_code(given) == code
+
+
+def test_a_name_that_is_no_cc_licence_takes_the_code_of_its_cc_deed():
+    assert license_code("Flickr free", "https://creativecommons.org/publicdomain/zero/1.0/") == "cc0"
+    assert license_code("GFDL", "") == "gfdl"
+
+
+HOSTILE = '=HYPERLINK("http://evil/","x")\x1b[31m\u202e | [click](javascript:alert(1)) &lt;img src=x&gt;\x00'
+
+
+def test_hostile_creator_text_stays_inert_in_the_list_downloads_csv_and_credits(tmp_path):
+    out = tmp_path / "urls_bear.csv"
+    with FakeSearch(total=3, creator=HOSTILE) as fake:
+        search_images("bears", "bear", 3, providers="openverse", endpoint=fake.openverse, out=out, **FAST)
+        dest = tmp_path / "d"
+        assert download_images([str(out)], dest, address_policy=POLICY, progress=False).saved == 3
+    text = out.read_text(encoding="utf-8")
+    assert not any(c in text for c in "\x1b\u202e\x00")  # before: a terminal escape, a bidi override and NUL
+    with open(out, newline="", encoding="utf-8") as f:
+        cells = [r["creator"] for r in csv.DictReader(f)]
+    assert all(c.startswith("'=HYPERLINK") for c in cells)  # a spreadsheet shows it as text, not a formula
+    manifest = read_manifest(dest / "downloads.csv")
+    with open(out, newline="", encoding="utf-8") as f:
+        listed = {r["url"]: r["license"] for r in csv.DictReader(f)}
+    assert {r["url"]: r["license"] for r in manifest} == listed  # before: the quotes shifted the columns
+    creators = {r["creator"] for r in manifest}
+    assert creators == {'=HYPERLINK("http://evil/","x")\\x1b[31m\\u202e | [click](javascript:alert(1)) <img src=x>\\x00'}
+    write_credits(dest)
+    md = (dest / "CREDITS.md").read_text(encoding="utf-8")
+    assert not any(c in md for c in "\x1b\u202e\x00")
+    row = next(line for line in md.splitlines() if line.startswith("| bear/"))
+    assert row.count(" | ") == 3  # the creator's pipe is escaped: still four cells
+    assert "\\[click\\](javascript" in row and "\\<img" in row  # no link, no HTML
+
+
+def test_an_image_moved_to_another_class_folder_keeps_its_credit(tmp_path):
+    out = tmp_path / "urls_bear.csv"
+    with FakeSearch(total=4) as fake:
+        search_images("bears", "bear", 4, providers="openverse", endpoint=fake.openverse, out=out, **FAST)
+        dest = tmp_path / "d"
+        assert download_images([str(out)], dest, address_policy=POLICY, progress=False).saved == 4
+    rows = {r["file"]: r for r in read_manifest(dest / "downloads.csv")}
+    (dest / "black").mkdir()
+    moved = dest / "black" / "renamed.jpg"
+    shutil.move(dest / "bear" / "00000001.jpg", moved)  # the user files a mislabelled picture elsewhere
+    s = write_credits(dest)
+    assert s.images == 4 and "unknown" not in s.by_license  # before: the moved picture's licence was unknown
+    md = (dest / "CREDITS.md").read_text(encoding="utf-8")
+    assert f"| black/renamed.jpg | {rows['bear/00000001.jpg']['creator']} |" in md
+    files = sorted(p for p in dest.rglob("*.jpg"))
+    assert license_summary(files, dest)["unknown"] == 0
