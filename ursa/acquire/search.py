@@ -211,7 +211,7 @@ def interleave(runs: list[ProviderRun], n: int) -> list[Found]:
     return out[:n]
 
 
-def _existing_rows(out: Path) -> list[list[str]]:
+def _existing_rows(out: Path, header_only: bool = False) -> list[list[str]]:
     """Rows of a URL list an earlier search wrote (kept first); a file ursa did not write is refused, not rewritten."""
     import csv
 
@@ -224,6 +224,8 @@ def _existing_rows(out: Path) -> list[list[str]]:
         header = f.readline(4096).decode("utf-8-sig", errors="replace").rstrip("\r\n")  # the header alone first
         if not header or tuple(next(csv.reader([header]))) != SEARCH_COLUMNS:
             raise SearchError(f"{out}: exists and was not written by `ursa search`; move it away or give another --out")
+        if header_only:
+            return []
         text = f.read().decode("utf-8", errors="replace").splitlines()
     return [csv_row_values(row[: len(SEARCH_COLUMNS)]) + [""] * (len(SEARCH_COLUMNS) - len(row))
             for row in csv.reader(text) if row and row[0]]
@@ -262,6 +264,7 @@ def search_images(query: str, cls: str | None = None, n: int = 200, *, providers
             raise SearchError(f"--provider {name}: needs a key in the environment variable {p.key_env}")
     codes = parse_license_filter(licenses)
     out = Path(out) if out is not None else Path(f"urls_{cls}.csv")
+    _existing_rows(out, header_only=True)  # a folder, a device or a user's file: refused before any lock file is made
     # One search per list at a time: two would each read the list, then the last to write would drop the other's rows.
     with FolderLock(out.parent, f".{out.name}.lock", "folder of the URL list"):
         earlier = _existing_rows(out)
