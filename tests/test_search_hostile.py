@@ -128,3 +128,16 @@ def test_an_image_moved_to_another_class_folder_keeps_its_credit(tmp_path):
     assert f"| black/renamed.jpg | {rows['bear/00000001.jpg']['creator']} |" in md
     files = sorted(p for p in dest.rglob("*.jpg"))
     assert license_summary(files, dest)["unknown"] == 0
+
+
+def test_a_provider_none_of_whose_licences_passes_the_filter_is_not_asked(tmp_path):
+    # Before: Openverse was paged to its last page for --license gfdl (every result dropped); Pexels would be asked
+    # 50 pages deep (of 200 calls an hour) for --license cc0.
+    with FakeSearch(total=60) as fake:
+        s = search_images("bears", "bear", 20, endpoint=_endpoints(fake), licenses="gfdl", out=tmp_path / "b.csv",
+                          **FAST)
+        hits = dict(fake.hits)
+    runs = {r.name: r for r in s.runs}
+    assert runs["openverse"].pages == 0 and not any(name == "openverse" for name, _ in hits)
+    assert runs["openverse"].error.startswith("not asked: none of its licences (by, by-nc")
+    assert runs["commons"].pages >= 1  # Commons files may be under any licence: asked

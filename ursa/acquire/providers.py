@@ -93,6 +93,7 @@ class Provider:
     key_env: ClassVar[str | None] = None  # the variable holding a user's key (token)
     key_required: ClassVar[bool] = False
     about: ClassVar[str] = ""
+    serves: ClassVar[frozenset[str] | None] = None  # the only licence codes its pictures are under (None: any)
 
     @property
     def endpoint_env(self) -> str:
@@ -120,6 +121,7 @@ class Openverse(Provider):
     key_env = "OPENVERSE_TOKEN"
     about = "Openverse (openly licensed images from Flickr, museums, Wikimedia...); OPENVERSE_TOKEN raises its limits"
     KNOWN = frozenset({"cc0", "pdm", "by", "by-sa", "by-nd", "by-nc", "by-nc-sa", "by-nc-nd"})
+    serves = KNOWN
     NAMES = {"cc0": "CC0", "pdm": "Public Domain Mark"}  # the others: "by-sa" + "4.0" -> "CC BY-SA 4.0"
 
     def request(self, base: str, query: str, cursor: Any, licenses: frozenset[str]) -> tuple[str, dict[str, str]]:
@@ -201,6 +203,7 @@ class Pexels(Provider):
     key_required = True
     about = "Pexels (stock photos, Pexels License); needs PEXELS_API_KEY"
     LICENSE = ("Pexels License", "https://www.pexels.com/license/")
+    serves = frozenset({"pexels-license"})
 
     def request(self, base: str, query: str, cursor: Any, licenses: frozenset[str]) -> tuple[str, dict[str, str]]:
         params = {"query": query, "per_page": self.page_size, "page": cursor}

@@ -143,6 +143,9 @@ async def _page_through(provider: Provider, base: str, query: str, n: int, licen
     cursor = provider.first
     client = None
     given: set[str] = set()  # every URL this provider answered, kept or not
+    if licenses and provider.serves is not None and not licenses & provider.serves:
+        run.error = f"not asked: none of its licences ({', '.join(sorted(provider.serves))}) is in --license"
+        return run  # else it would be paged max_pages deep for nothing (Pexels allows 200 calls an hour)
     try:
         while cursor is not None and len(run.kept) < n and run.pages < max_pages:
             url, headers = provider.request(base, query, cursor, licenses)
