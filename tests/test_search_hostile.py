@@ -141,3 +141,21 @@ def test_a_provider_none_of_whose_licences_passes_the_filter_is_not_asked(tmp_pa
     assert runs["openverse"].pages == 0 and not any(name == "openverse" for name, _ in hits)
     assert runs["openverse"].error.startswith("not asked: none of its licences (by, by-nc")
     assert runs["commons"].pages >= 1  # Commons files may be under any licence: asked
+
+
+def test_credits_follow_cleaned_csv_labels_and_refuse_one_without_names(tmp_path, capsys):
+    out = tmp_path / "urls_bear.csv"
+    with FakeSearch(total=3) as fake:
+        search_images("bears", "bear", 3, providers="openverse", endpoint=fake.openverse, out=out, **FAST)
+        dest = tmp_path / "d"
+        assert download_images([str(out)], dest, address_policy=POLICY, progress=False).saved == 3
+    # The cleaner relabelled one picture (no file moved) and excluded another.
+    (dest / "cleaned.csv").write_text("name,label\nbear/00000000.jpg,bear\nbear/00000001.jpg,black\n")
+    s = write_credits(dest)
+    assert dict(s.per_class) == {"bear": 1, "black": 1}  # before: both under "bear"
+    md = (dest / "CREDITS.md").read_text(encoding="utf-8")
+    assert md.index("## black (1)") < md.index("| bear/00000001.jpg |") and "bear/00000002.jpg" not in md
+    # A cleaned.csv without a name column: one line, exit 2 (before: "Credited 0 images", exit 0).
+    (dest / "cleaned.csv").write_text("file,label\nbear/00000000.jpg,bear\n")
+    assert main(["credits", str(dest)]) == 2
+    assert "no 'name' column" in capsys.readouterr().err
