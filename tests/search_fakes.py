@@ -55,6 +55,7 @@ class FakeSearch:
         self.private = {k: set(v) for k, v in (private or {}).items()}  # provider -> result numbers
         self.private_host = private_host
         self.hits: Counter[tuple[str, int]] = Counter()
+        self.agents: set[str] = set()  # the User-Agent headers the APIs were asked with
         self.times: dict[tuple[str, int], list[float]] = {}
         self.lock = threading.Lock()
         self.images = make_images(2 * total)  # distinct pictures: result i of openverse is 2i, of commons 2i+1
@@ -136,6 +137,7 @@ def _handler(fake: FakeSearch) -> type[BaseHTTPRequestHandler]:
         def _fault(self, provider: str, page: int) -> bool:
             key = (provider, page)
             with fake.lock:
+                fake.agents.add(self.headers.get("User-Agent", ""))
                 fake.hits[key] += 1
                 fake.times.setdefault(key, []).append(time.monotonic())
                 seen = fake.hits[key]

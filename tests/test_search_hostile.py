@@ -159,3 +159,14 @@ def test_credits_follow_cleaned_csv_labels_and_refuse_one_without_names(tmp_path
     (dest / "cleaned.csv").write_text("file,label\nbear/00000000.jpg,bear\n")
     assert main(["credits", str(dest)]) == 2
     assert "no 'name' column" in capsys.readouterr().err
+
+
+def test_api_calls_name_ursa_and_the_operators_contact_as_wikimedia_asks(tmp_path, monkeypatch):
+    # Before: "Mozilla/5.0 (compatible; ursa-download/0.1; ...)", a browser-like agent with no contact.
+    monkeypatch.setenv("URSA_CONTACT", "bears@example.org\r\nX-Injected: 1")
+    with FakeSearch(total=5) as fake:
+        search_images("bears", "bear", 5, endpoint=_endpoints(fake), out=tmp_path / "b.csv", **FAST)
+        agents = set(fake.agents)
+    assert len(agents) == 1
+    agent = agents.pop()
+    assert agent.startswith("ursa/") and "bears@example.org X-Injected: 1;" in agent and "Mozilla" not in agent

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 
 from ursa.acquire.addresses import AddressPolicy, AddressRefused, GuardedTransport, url_refusal
-from ursa.acquire.fetch import USER_AGENT, FetchOptions, fetch, one_line
+from ursa.acquire.fetch import FetchOptions, fetch, one_line
 from ursa.acquire.licenses import license_allowed, parse_license_filter
 from ursa.acquire.providers import (
     DEFAULT_PROVIDERS, PROVIDERS, AnswerError, Found, Provider, SearchError, get_provider,
@@ -125,13 +125,29 @@ def _endpoints(names: list[str], endpoint: str | Iterable[str] | None) -> dict[s
     return out
 
 
+CONTACT_ENV = "URSA_CONTACT"  # the operator's e-mail or web page, sent in the User-Agent as Wikimedia's policy asks
+
+
+def user_agent() -> str:
+    """``ursa/0.2.0 (+CONTACT) httpx/0.x``: the form Wikimedia's User-Agent policy asks of API clients (a name, a
+    version, a way to reach whoever runs it); a browser-like or contactless agent is throttled there first."""
+    import httpx
+
+    from ursa import __version__
+
+    contact = " ".join(os.environ.get(CONTACT_ENV, "").encode("ascii", "ignore").decode().split())
+    contact = "".join(c for c in contact if c.isprintable() and c not in "()")  # a header holds printable ASCII
+    about = f"{contact}; " if contact else ""
+    return f"ursa/{__version__} ({about}image classifier course tool) httpx/{httpx.__version__}"
+
+
 def _client(provider: Provider, policy: AddressPolicy, timeout: float, headers: Mapping[str, str]) -> Any:
     import httpx
 
     limits = httpx.Limits(max_connections=1, max_keepalive_connections=1)
     return httpx.AsyncClient(follow_redirects=True, max_redirects=5, timeout=httpx.Timeout(timeout, pool=None),
                              trust_env=False, transport=GuardedTransport(policy, limits=limits),
-                             headers={"User-Agent": USER_AGENT, "Accept": "application/json", **headers})
+                             headers={"User-Agent": user_agent(), "Accept": "application/json", **headers})
 
 
 async def _page_through(provider: Provider, base: str, query: str, n: int, licenses: frozenset[str],
