@@ -170,3 +170,15 @@ def test_api_calls_name_ursa_and_the_operators_contact_as_wikimedia_asks(tmp_pat
     assert len(agents) == 1
     agent = agents.pop()
     assert agent.startswith("ursa/") and "bears@example.org X-Injected: 1;" in agent and "Mozilla" not in agent
+
+
+def test_a_password_in_an_endpoint_is_never_printed(tmp_path, capsys):
+    # Before: --json printed "endpoint": "http://u:s3cret@..." and a malformed endpoint's error showed it too.
+    with FakeSearch(host="127.0.0.1", total=5) as fake:
+        base = fake.openverse.replace("http://", "http://u:s3cret@")
+        args = ["search", "bears", "-n", "5", "--provider", "openverse", "--allow-private", "--quiet",
+                "--out", str(tmp_path / "b.csv")]
+        assert main([*args, "--endpoint", base, "--json"]) == 0
+        assert main([*args, "--endpoint", base.replace(f":{fake.port}/", f":{fake.port}:99999/")]) == 2
+    out, err = capsys.readouterr()
+    assert "s3cret" not in out + err and '"endpoint": "http://***@127.0.0.1' in out

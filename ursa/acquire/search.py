@@ -27,7 +27,7 @@ from ursa.acquire.licenses import license_allowed, parse_license_filter
 from ursa.acquire.providers import (
     DEFAULT_PROVIDERS, PROVIDERS, AnswerError, Found, Provider, SearchError, get_provider,
 )
-from ursa.acquire.urls import SEARCH_COLUMNS, check_class_name, url_problem
+from ursa.acquire.urls import SEARCH_COLUMNS, check_class_name, redacted, url_problem
 from ursa.errors import WriteError
 from ursa.util.files import atomic_write_csv, csv_row_values
 from ursa.util.lock import FolderLock
@@ -51,7 +51,7 @@ class ProviderRun:
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data for --json."""
-        return {"provider": self.name, "endpoint": self.endpoint, "pages": self.pages, "found": self.found,
+        return {"provider": self.name, "endpoint": redacted(self.endpoint), "pages": self.pages, "found": self.found,
                 "kept": len(self.kept), "dropped": dict(self.dropped), "error": self.error}
 
 
@@ -121,7 +121,7 @@ def _endpoints(names: list[str], endpoint: str | Iterable[str] | None) -> dict[s
     for name, url in out.items():
         problem = url_problem(url)
         if problem is not None:
-            raise SearchError(f"endpoint of {name} {url!r}: {problem[1]}")
+            raise SearchError(f"endpoint of {name} {redacted(url)!r}: {redacted(problem[1])}")
     return out
 
 
@@ -170,7 +170,7 @@ async def _page_through(provider: Provider, base: str, query: str, n: int, licen
             got = await fetch(client, url, asyncio.Semaphore(1), opt)
             run.pages += 1
             if got.data is None:
-                run.error = f"{got.kind}: {one_line(got.detail, 160)}"
+                run.error = f"{got.kind}: {one_line(redacted(got.detail), 160)}"
                 break
             try:
                 body = json.loads(got.data)
@@ -205,7 +205,7 @@ async def _page_through(provider: Provider, base: str, query: str, n: int, licen
             kept(len(run.kept))
             cursor = page.next
     except Exception as e:  # noqa: BLE001 - whatever goes wrong with one provider never loses the others' results
-        run.error = f"unexpected: {type(e).__name__}: {one_line(e, 160)} (please report it)"
+        run.error = f"unexpected: {type(e).__name__}: {one_line(redacted(str(e)), 160)} (please report it)"
     finally:
         if client is not None:
             await client.aclose()
