@@ -103,7 +103,8 @@ def test_hostile_creator_text_stays_inert_in_the_list_downloads_csv_and_credits(
         listed = {r["url"]: r["license"] for r in csv.DictReader(f)}
     assert {r["url"]: r["license"] for r in manifest} == listed  # before: the quotes shifted the columns
     creators = {r["creator"] for r in manifest}
-    assert creators == {'=HYPERLINK("http://evil/","x")\\x1b[31m\\u202e | [click](javascript:alert(1)) <img src=x>\\x00'}
+    shown = '=HYPERLINK("http://evil/","x")\\x1b[31m\\u202e | [click](javascript:alert(1)) <img src=x>\\x00'
+    assert creators == {shown}
     write_credits(dest)
     md = (dest / "CREDITS.md").read_text(encoding="utf-8")
     assert not any(c in md for c in "\x1b\u202e\x00")
@@ -182,3 +183,11 @@ def test_a_password_in_an_endpoint_is_never_printed(tmp_path, capsys):
         assert main([*args, "--endpoint", base.replace(f":{fake.port}/", f":{fake.port}:99999/")]) == 2
     out, err = capsys.readouterr()
     assert "s3cret" not in out + err and '"endpoint": "http://***@127.0.0.1' in out
+
+
+@pytest.mark.parametrize("given", ["cco", "ccby", "by,sa", "nc"])
+def test_a_license_filter_with_a_mistyped_cc_code_is_refused_not_a_filter_nothing_passes(given, capsys):
+    # Before: accepted, then every result dropped as "license" (search) or "not fetched" (download).
+    args = ["search", "bears", "--license", given, "--provider", "openverse", "--endpoint", "http://127.0.0.1:9/"]
+    assert main(args) == 2
+    assert "is no Creative Commons code" in capsys.readouterr().err

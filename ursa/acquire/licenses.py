@@ -35,6 +35,7 @@ _CC_WORDS = (("attribution", "by"), ("share-alike", "sa"), ("sharealike", "sa"),
              ("noncommercial", "nc"), ("no-derivatives", "nd"), ("noderivatives", "nd"), ("no-derivs", "nd"),
              ("noderivs", "nd"))
 _CC_ELEMENTS = re.compile(r"^by(-nc)?(-sa|-nd)?(?=[-,;]|$)")
+_CC_LOOKALIKE = re.compile(r"^(cc|by)|^(sa|nc|nd|pd)([-\d]|$)")  # a code meant as a CC one (cco, ccby, sa)
 _CC_URL = re.compile(r"creativecommons\.org/(?:licenses/(?P<lic>[a-z-]+)|publicdomain/(?P<pd>zero|mark))", re.I)
 
 
@@ -81,6 +82,10 @@ def parse_license_filter(text: str | Iterable[str] | None) -> frozenset[str]:
     codes = frozenset(license_code(p) for p in items if p.strip())
     if not codes and any(p.strip() for p in items):
         raise LicenseError(f"--license {text!r}: names no licence; expected codes such as cc0,by,by-sa")
+    typos = sorted(c for c in codes if c not in LABELS and _CC_LOOKALIKE.match(c))
+    if typos:  # "cco", "by-sa-nc": a filter no picture passes, which would silently drop every result
+        raise LicenseError(f"--license {text!r}: {typos[0]!r} is no Creative Commons code; expected "
+                           f"{', '.join(LABELS)} (or a licence name as a list writes it, such as gfdl)")
     return codes
 
 
