@@ -48,8 +48,9 @@ class FakeSearch:
 
     def __init__(self, host: str = "127.0.0.2", port: int = 0, total: int = 45, faults: dict | None = None,
                  private: dict | None = None, image_host: str | None = None, private_host: str = "10.0.0.7",
-                 creator: str | None = None) -> None:
+                 creator: str | None = None, wikimedia: bool = False) -> None:
         self.total = total
+        self.wikimedia = wikimedia
         self.creator = creator
         self.faults = dict(faults or {})  # (provider, page number from 1) -> fault
         self.private = {k: set(v) for k, v in (private or {}).items()}  # provider -> result numbers
@@ -76,9 +77,14 @@ class FakeSearch:
         return f"http://{self.host}:{self.port}/commons/w/api.php"
 
     def image_url(self, provider: str, i: int) -> str:
-        """Result i's image URL (a private address for the numbers in ``private``)."""
+        """Result i's image URL (a private address for the numbers in ``private``); with ``wikimedia`` Openverse's
+        result i is Commons' result i as Openverse gives it (the original where Commons gives a thumbnail)."""
         if i in self.private.get(provider, ()):
             return f"http://{self.private_host}/{provider}/{i}.jpg"
+        if self.wikimedia:
+            name = f"Grizzly_bear_{i}.jpg"
+            thumb = f"thumb/a/ab/{name}/1024px-{name}" if provider == "commons" else f"a/ab/{name}"
+            return f"http://{self.image_host}/wikipedia/commons/{thumb}"
         return f"http://{self.image_host}/img/{provider}_{i}.jpg"
 
     def openverse_item(self, i: int) -> dict:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -197,10 +198,12 @@ async def _page_through(provider: Provider, base: str, query: str, n: int, licen
                 why = _drop_reason(found, licenses, seen)
                 if why is None and await url_refusal(found.url, policy, hosts, opt.timeout) is not None:
                     why = "address"
+                if why is None and picture_key(found.url) in seen:  # another provider kept it while this one waited
+                    why = "duplicate"
                 if why:
                     run.dropped[why] += 1
                     continue
-                seen.add(found.url)
+                seen.add(picture_key(found.url))
                 run.kept.append(found)
             kept(len(run.kept))
             cursor = page.next
@@ -212,10 +215,21 @@ async def _page_through(provider: Provider, base: str, query: str, n: int, licen
     return run
 
 
+# A Wikimedia file and its thumbnails: .../wikipedia/commons/a/ab/Bear.jpg and .../commons/thumb/a/ab/Bear.jpg/1024px-Bear.jpg
+_WIKIMEDIA_FILE = re.compile(r"^(https?://[^/]+/wikipedia/[^/]+/)(?:thumb/)?([0-9a-f]/[0-9a-f]{2}/[^/?#]+)", re.I)
+
+
+def picture_key(url: str) -> str:
+    """What makes two result URLs the same picture: the URL, except that a Wikimedia file and its thumbnails are one
+    (Openverse indexes Commons too, giving the original where Commons gives the 1024 px rendering)."""
+    m = _WIKIMEDIA_FILE.match(url)
+    return (m.group(1) + m.group(2)).lower() if m else url
+
+
 def _drop_reason(found: Found, licenses: frozenset[str], seen: set[str]) -> str | None:
     if not found.url or url_problem(found.url) is not None:
         return "bad_url"
-    if found.url in seen:
+    if picture_key(found.url) in seen:
         return "duplicate"
     if not license_allowed(licenses, found.license, found.license_url):
         return "license"
@@ -304,7 +318,7 @@ def search_images(query: str, cls: str | None = None, n: int = 200, *, providers
             return update
 
         async def run_all() -> list[ProviderRun]:
-            seen: set[str] = {row[0] for row in earlier}
+            seen: set[str] = {picture_key(row[0]) for row in earlier}
             hosts: dict[str, AddressRefused | None] = {}
             return list(await asyncio.gather(*(
                 _page_through(get_provider(name), bases[name], query, want, codes, opt, policy, seen, hosts, max_pages,
