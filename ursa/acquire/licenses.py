@@ -83,7 +83,7 @@ def parse_license_filter(text: str | Iterable[str] | None) -> frozenset[str]:
     if not codes and any(p.strip() for p in items):
         raise LicenseError(f"--license {text!r}: names no licence; expected codes such as cc0,by,by-sa")
     typos = sorted(c for c in codes if c not in LABELS and _CC_LOOKALIKE.match(c))
-    if typos:  # "cco", "by-sa-nc": a filter no picture passes, which would silently drop every result
+    if typos:  # "cco", "ccby", "sa": a filter no picture passes, which would silently drop every result
         raise LicenseError(f"--license {text!r}: {typos[0]!r} is no Creative Commons code; expected "
                            f"{', '.join(LABELS)} (or a licence name as a list writes it, such as gfdl)")
     return codes

@@ -8,7 +8,8 @@ rule before it is kept, and one pointing at this machine, a private network or a
 address is dropped and counted. A provider that fails (an error status after its retries, a body
 that is not JSON or not the documented shape) ends its own paging with a reason; the results it
 gave before and every other provider's are kept. The results are interleaved across providers,
-de-duplicated by URL and written to ``urls_<class>.csv`` (``url``, then the credit columns).
+de-duplicated by picture (``picture_key``) and written to ``urls_<class>.csv`` (``url``, then the
+credit columns), once, atomically, under a lock that refuses a second search of the same list.
 """
 
 from __future__ import annotations
@@ -130,8 +131,8 @@ CONTACT_ENV = "URSA_CONTACT"  # the operator's e-mail or web page, sent in the U
 
 
 def user_agent() -> str:
-    """``ursa/0.2.0 (+CONTACT) httpx/0.x``: the form Wikimedia's User-Agent policy asks of API clients (a name, a
-    version, a way to reach whoever runs it); a browser-like or contactless agent is throttled there first."""
+    """``ursa/VERSION (CONTACT; image classifier course tool) httpx/VERSION``: the form Wikimedia's User-Agent policy
+    asks of API clients (a name, a version, a way to reach whoever runs it, from URSA_CONTACT)."""
     import httpx
 
     from ursa import __version__
