@@ -15,7 +15,8 @@ Faults are set per provider and page (``faults={("openverse", 2): "ratelimit"}``
 answers 429 with ``Retry-After: 1`` the first time, then the page; ``error500`` answers 500 always;
 ``malformed`` a body that is not JSON; ``nested`` JSON nested a hundred thousand deep; ``wrongshape`` JSON
 without the documented list; ``apierror`` (Commons) MediaWiki's ``{"error": {...}}`` with HTTP 200;
-``repeat`` (Openverse) page 1's results again, as a provider that ignores ``page`` does. ``creator``:
+``repeat`` (Openverse) page 1's results again, as a provider that ignores ``page`` does; ``slow`` the
+answer 3 s late, calling ``on_slow`` first (a test presses Ctrl-C there). ``creator``:
 one creator for every Openverse result (hostile text: formulas, control characters, Markdown). ``private`` lists result numbers whose URL
 points at a private address (``private_host``) instead of the image host. Run it alone for the docs:
 ``python tests/search_fakes.py --port 8766``.
@@ -29,6 +30,7 @@ import threading
 import time
 from collections import Counter
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Callable
 from urllib.parse import parse_qs, urlsplit
 
 try:
@@ -51,6 +53,7 @@ class FakeSearch:
                  creator: str | None = None, wikimedia: bool = False) -> None:
         self.total = total
         self.wikimedia = wikimedia
+        self.on_slow: Callable[[], None] | None = None  # called when a request with the "slow" fault arrives
         self.creator = creator
         self.faults = dict(faults or {})  # (provider, page number from 1) -> fault
         self.private = {k: set(v) for k, v in (private or {}).items()}  # provider -> result numbers
@@ -154,6 +157,11 @@ def _handler(fake: FakeSearch) -> type[BaseHTTPRequestHandler]:
                 self._send(500, b"<html>Internal Server Error</html>", "text/html")
             elif fault == "malformed":
                 self._send(200, b'{"results": [{"url": "http://x/1.jpg", ')  # cut off mid-object
+            elif fault == "slow":  # the answer comes 3 s late; ``on_slow`` runs when the request arrives
+                if fake.on_slow is not None:
+                    fake.on_slow()
+                time.sleep(3)
+                return False
             elif fault == "nested":
                 self._send(200, b"[" * 100_000 + b"]" * 100_000)
             elif fault == "wrongshape":

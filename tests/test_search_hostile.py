@@ -4,7 +4,9 @@ odd output paths: each test here failed before the fix it names (review of issue
 from __future__ import annotations
 
 import csv
+import os
 import shutil
+import signal
 
 import pytest
 
@@ -201,3 +203,23 @@ def test_a_commons_file_openverse_also_gives_is_one_picture_not_two(tmp_path):
     names = [r["url"].rsplit("/", 1)[1].removeprefix("1024px-") for r in _rows(tmp_path / "b.csv")]
     assert len(names) == 10 and len(set(names)) == 10
     assert sum(r.dropped["duplicate"] for r in s.runs) >= 5
+
+
+def test_ctrl_c_mid_search_writes_the_pages_found_so_far_and_exits_130(tmp_path, capsys):
+    # Before: the list was left as it was (consistent) but every result found until then was lost.
+    out = tmp_path / "urls_bear.csv"
+    with FakeSearch(host="127.0.0.1", total=120, faults={("commons", 2): "slow"}) as fake:
+        fake.on_slow = lambda: os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C while Commons' page 2 is awaited
+        args = ["search", "bears", "--class", "bear", "-n", "100", "--endpoint", f"openverse={fake.openverse}",
+                "--endpoint", f"commons={fake.commons}", "--allow-private", "--quiet", "--out", str(out)]
+        try:
+            rc = main(args)
+        except KeyboardInterrupt:  # never let it reach pytest
+            pytest.fail("Ctrl-C escaped ursa search")
+    assert rc == 130
+    printed = capsys.readouterr().out
+    assert "Interrupted (Ctrl-C)" in printed and "stopped: interrupted (Ctrl-C)" in printed
+    rows = _rows(out)
+    assert sum(r["provider"] == "commons" for r in rows) == 50  # Commons' page 1, before the Ctrl-C
+    assert sum(r["provider"] == "openverse" for r in rows) >= 20  # Openverse's pages done by then
+    assert len({r["url"] for r in rows}) == len(rows) <= 100

@@ -67,6 +67,7 @@ class SearchSummary:
     runs: list[ProviderRun]
     results: list[Found]
     total: int = 0  # rows in the file: an earlier search's rows are kept, the new ones added after them
+    interrupted: bool = False  # Ctrl-C stopped the search: the results found until then were written
 
     @property
     def dropped_address(self) -> int:
@@ -80,7 +81,7 @@ class SearchSummary:
     def to_dict(self) -> dict[str, Any]:
         """Plain data for --json."""
         return {"query": self.query, "class": self.cls, "out": str(self.out), "results": len(self.results),
-                "total": self.total, "dropped_address": self.dropped_address,
+                "total": self.total, "interrupted": self.interrupted, "dropped_address": self.dropped_address,
                 "providers": [r.to_dict() for r in self.runs]}
 
     def format(self) -> str:
@@ -96,6 +97,9 @@ class SearchSummary:
         if self.dropped_address:
             lines.append(f"\n{self.dropped_address} result(s) dropped: they point at this machine, a private network "
                          "or a cloud metadata address.")
+        if self.interrupted:
+            lines.append("\nInterrupted (Ctrl-C): the results found until then are kept; run the same command again "
+                         "to go on.")
         if not self.results:
             lines.append(f"\nNo usable result: {self.out} was not written." if not self.total else
                          f"\nNo new result: {self.out} keeps its {self.total} URLs.")
@@ -152,12 +156,13 @@ def _client(provider: Provider, policy: AddressPolicy, timeout: float, headers: 
                              headers={"User-Agent": user_agent(), "Accept": "application/json", **headers})
 
 
-async def _page_through(provider: Provider, base: str, query: str, n: int, licenses: frozenset[str],
+async def _page_through(run: ProviderRun, provider: Provider, query: str, n: int, licenses: frozenset[str],
                         opt: FetchOptions, policy: AddressPolicy, seen: set[str],
                         hosts: dict[str, AddressRefused | None], max_pages: int,
                         kept: Callable[[int], None]) -> ProviderRun:
-    """One provider's pages until it gave n usable results, ran out, failed, or max_pages; ``kept(k)`` after each."""
-    run = ProviderRun(provider.name, base)
+    """One provider's pages into ``run`` until it gave n usable results, ran out, failed, or max_pages (each page's
+    results are in ``run.kept`` once the page is done, so Ctrl-C keeps them); ``kept(k)`` after each page."""
+    base = run.endpoint
     cursor = provider.first
     client = None
     given: set[str] = set()  # every URL this provider answered, kept or not
@@ -208,6 +213,9 @@ async def _page_through(provider: Provider, base: str, query: str, n: int, licen
                 run.kept.append(found)
             kept(len(run.kept))
             cursor = page.next
+    except asyncio.CancelledError:  # Ctrl-C while this provider was still paging
+        run.error = run.error or "interrupted (Ctrl-C)"
+        raise
     except Exception as e:  # noqa: BLE001 - whatever goes wrong with one provider never loses the others' results
         run.error = f"unexpected: {type(e).__name__}: {one_line(redacted(str(e)), 160)} (please report it)"
     finally:
@@ -318,16 +326,20 @@ def search_images(query: str, cls: str | None = None, n: int = 200, *, providers
                 bar.update(task, completed=sum(done.values()))
             return update
 
-        async def run_all() -> list[ProviderRun]:
+        runs = [ProviderRun(name, bases[name]) for name in names]
+
+        async def run_all() -> None:
             seen: set[str] = {picture_key(row[0]) for row in earlier}
             hosts: dict[str, AddressRefused | None] = {}
-            return list(await asyncio.gather(*(
-                _page_through(get_provider(name), bases[name], query, want, codes, opt, policy, seen, hosts, max_pages,
-                              kept(name))
-                for name in names)))
+            await asyncio.gather(*(_page_through(run, get_provider(run.name), query, want, codes, opt, policy, seen,
+                                                 hosts, max_pages, kept(run.name)) for run in runs))
 
-        with bar:
-            runs = asyncio.run(run_all())
+        interrupted = False
+        try:
+            with bar:
+                asyncio.run(run_all())
+        except KeyboardInterrupt:  # Ctrl-C: the pages done so far are written, and the summary says it stopped
+            interrupted = True
         results = interleave(runs, want)
         rows = earlier + [f.row() for f in results]
         if results:
@@ -336,4 +348,5 @@ def search_images(query: str, cls: str | None = None, n: int = 200, *, providers
             except OSError as e:  # a full disk is NoSpaceError already; a read-only file system, a permission
                 raise WriteError(f"{out}: cannot write the URL list ({e.strerror or e}); give --out a file in a "
                                  "folder you can write to") from None
-        return SearchSummary(query, cls, out, runs, results, total=len(rows) if results else len(earlier))
+        return SearchSummary(query, cls, out, runs, results, total=len(rows) if results else len(earlier),
+                             interrupted=interrupted)
