@@ -55,13 +55,14 @@ function renderWarnings(st) {
 function renderCards(classes) {
   const cards = $("cards");
   const known = new Map([...cards.children].map((c) => [c.dataset.class, c]));
+  const same = classes.length === known.size && classes.every((c, i) => cards.children[i].dataset.class === c.name);
   S.classes = classes.map((c) => c.name);
-  cards.textContent = "";
+  if (!same) cards.textContent = "";  // rebuilt only when the classes changed: a card held down keeps its button
   for (const c of classes) {
     const card = known.get(c.name) || makeCard(c.name);
     card.querySelector(".count").textContent = `${c.count} image${c.count === 1 ? "" : "s"}`;
     card.dataset.count = c.count;
-    cards.append(card);
+    if (!same) cards.append(card);
     if (!known.has(c.name)) loadPage(card, 0);
   }
 }
@@ -181,20 +182,30 @@ function frameBlob(maxSide = 480) {
 }
 
 function holdToRecord(button, cls, card) {
-  let timer = null, sent = 0;
-  const stop = () => { if (timer) { clearInterval(timer); timer = null; button.classList.remove("on"); refreshClass(cls); } };
+  let timer = null, held = false, sent = 0;
+  const pending = new Set();
+  const stop = async () => {
+    held = false;
+    if (!timer) return;
+    clearInterval(timer); timer = null; button.classList.remove("on");
+    await Promise.all([...pending]);  // the frames still on their way first, so the count includes them
+    refreshClass(cls);
+  };
+  const grab = async () => {
+    const blob = await frameBlob();
+    try { await addOne(cls, blob, ""); sent++; card.querySelector(".added").textContent = `captured ${sent}`; }
+    catch (e) { showError(e.message); }
+  };
   button.addEventListener("pointerdown", async () => {
+    held = true;
     try { await startCamera(); } catch (e) { showError(`webcam: ${e.message}`); return; }
-    if (timer) return;
+    if (!held || timer) return;  // let go before the camera started: nothing to record
     button.classList.add("on"); sent = 0;
-    const grab = async () => {
-      const blob = await frameBlob();
-      try { await addOne(cls, blob, ""); sent++; card.querySelector(".added").textContent = `captured ${sent}`; }
-      catch (e) { showError(e.message); }
-    };
-    grab(); timer = setInterval(grab, 250);  // four frames a second while held
+    const tick = () => { if (pending.size < 4) { const p = grab().finally(() => pending.delete(p)); pending.add(p); } };
+    tick(); timer = setInterval(tick, 250);  // four frames a second while held (at most four on their way)
   });
   for (const ev of ["pointerup", "pointerleave", "pointercancel"]) button.addEventListener(ev, stop);
+  window.addEventListener("pointerup", stop);
 }
 
 // ---------------------------------------------------------------- training

@@ -13,7 +13,7 @@ from ursa.apps.studio.review import Live, Review
 from ursa.apps.studio.thumbs import Thumbs
 from ursa.errors import UrsaError
 
-PAGE_SIZE = 60  # thumbnails per page of a class (the page asks for more as it scrolls)
+PAGE_SIZE = 24  # thumbnails per page of a class: what a card shows without scrolling (it asks for more as it scrolls)
 
 
 def default_runs(project: Path) -> Path:
