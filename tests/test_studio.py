@@ -257,3 +257,30 @@ def test_only_this_page_may_change_the_project(client):
     assert studio.project.counts() == {"cats": 1}
     page = c.get("/")
     assert "script-src 'self'" in page.headers["content-security-policy"] and "https://" not in page.text
+
+
+def test_a_second_studio_on_the_project_and_runs_inside_it_are_refused_in_one_line(tmp_path: Path, capsys):
+    from ursa.cli import main
+    from ursa.cli.studio import STUDIO_LOCK
+    from ursa.util.lock import FolderLock
+
+    project = tmp_path / "proj"
+    assert main(["studio", str(project), "--runs", str(project / "runs"), "--no-browser", "--port", str(_port())]) == 2
+    assert "must be outside the data folder" in capsys.readouterr().err
+    with FolderLock(project, STUDIO_LOCK, "project folder"):
+        assert main(["studio", str(project), "--no-browser", "--port", str(_port())]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+def test_a_url_list_goes_through_downloads_safe_fetcher(client):
+    c, studio = client
+    r = c.post("/api/urls", json={"class": "cats", "urls": ["http://127.0.0.1:9/cat.jpg", " "]})
+    assert r.status_code == 200 and r.json()["kind"] == "download"
+    assert c.post("/api/urls", json={"class": "nope", "urls": ["http://x/y.jpg"]}).status_code == 400
+    job = studio.jobs.current
+    job.proc.wait(120)
+    assert job.state == "done", job.tail()
+    rows = list(csv.DictReader((studio.project.root / "downloads.csv").open()))
+    assert [(r["url"], r["status"]) for r in rows] == [("http://127.0.0.1:9/cat.jpg", "refused")]  # a private address
+    assert studio.project.counts() == {"cats": 0}

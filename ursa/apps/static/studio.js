@@ -57,6 +57,11 @@ function renderCards(classes) {
   const known = new Map([...cards.children].map((c) => [c.dataset.class, c]));
   const same = classes.length === known.size && classes.every((c, i) => cards.children[i].dataset.class === c.name);
   S.classes = classes.map((c) => c.name);
+  const sel = $("url-class");
+  if (sel.options.length !== classes.length || !same) {
+    sel.textContent = "";
+    for (const c of classes) sel.append(el("option", { value: c.name, text: c.name }));
+  }
   if (!same) cards.textContent = "";  // rebuilt only when the classes changed: a card held down keeps its button
   for (const c of classes) {
     const card = known.get(c.name) || makeCard(c.name);
@@ -235,6 +240,7 @@ function showJob(job) {
   $("console").textContent = job.console.join("\n");
   if (job.kind === "train") renderEpochs(job.epochs);
   if (job.kind === "int8" && !running) loadResults();
+  if (job.kind === "download" && !running) loadState();
 }
 
 function renderEpochs(rows) {
@@ -272,6 +278,9 @@ async function loadResults() {
     (r.leakage ? ` · ${r.leakage} near-duplicate pair(s) straddle the split` : "");
   $("result-line").classList.remove("muted");
   renderMatrix(r); renderLosses();
+  $("pictures").hidden = false;
+  $("batch-png").src = `/run/batch.png?run=${encodeURIComponent(r.run)}`;
+  $("losses-png").src = `/run/losses.png?run=${encodeURIComponent(r.run)}`;
   $("live-btn").disabled = false;
   for (const [id, f] of [["dl-model", "model.safetensors"], ["dl-onnx", "model.onnx"], ["dl-int8", "model.int8.onnx"]]) $(id).hidden = !r.files[f];
   $("int8-btn").hidden = r.files["model.int8.onnx"];
@@ -406,6 +415,13 @@ window.addEventListener("DOMContentLoaded", () => {
   $("new-class").addEventListener("submit", (e) => {
     e.preventDefault(); const n = $("class-name").value.trim();
     if (n) { changeClass({ action: "create", name: n }); $("class-name").value = ""; }
+  });
+  $("url-form").addEventListener("submit", (e) => {
+    e.preventDefault();
+    const urls = $("url-list").value.split("\n").map((u) => u.trim()).filter(Boolean);
+    if (!urls.length || !$("url-class").value) return;
+    api("/api/urls", { class: $("url-class").value, urls }).then((j) => { showJob(j); follow(); showError(""); })
+      .catch((e) => showError(e.message));
   });
   $("cam-start").addEventListener("click", () => startCamera().catch((e) => showError(`webcam: ${e.message}`)));
   $("train-btn").addEventListener("click", train);

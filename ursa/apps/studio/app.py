@@ -37,6 +37,8 @@ MAX_IMAGE_BYTES = 25 * 1024 * 1024  # one photo or frame
 READ_TIMEOUT = 20.0
 IMAGE_TYPES = ("image/", "application/octet-stream")
 DOWNLOADS = ("model.safetensors", "model.onnx", "model.int8.onnx")
+PICTURES = ("batch.png", "losses.png", "top_losses.png")  # the run's pictures the page shows
+MAX_URLS = 5000  # one URL list
 EVENTS_SECONDS = 30.0  # one event stream's life; the page opens another while a job runs
 
 
@@ -135,6 +137,17 @@ async def add(request: Request) -> Response:
     studio = studio_of(request)
     added = await run_in_threadpool(studio.project.add, q.get("class", ""), data, q.get("name", ""))
     return answer(added.to_json())
+
+
+@guarded
+async def urls(request: Request) -> Response:
+    """{class, urls}: a URL list downloaded into the class through `ursa download` (a job)."""
+    body, studio = await json_body(request), studio_of(request)
+    cls, lines = str(body.get("class", "")), body.get("urls")
+    if not isinstance(lines, list) or not lines or len(lines) > MAX_URLS or not all(isinstance(u, str) for u in lines):
+        raise ApiError(400, f"expected urls: a list of 1 to {MAX_URLS} addresses")
+    studio.project.folder(cls)  # an existing class, or its one line
+    return answer((await run_in_threadpool(studio.jobs.download, cls, lines)).to_json())
 
 
 @guarded
@@ -251,6 +264,14 @@ async def download(request: Request) -> Response:
     return FileResponse(review.run / name, filename=name, headers=API_HEADERS)
 
 
+def picture(request: Request) -> Response:
+    """One of the latest run's pictures (the batch preview, the curves), by its fixed name only."""
+    name, review = request.path_params["name"], studio_of(request).review
+    if name not in PICTURES or review is None or not (review.run / name).is_file():
+        return error_response(404, f"{clip(name)!r} is not a picture of the latest run")
+    return FileResponse(review.run / name, media_type="image/png", headers=API_HEADERS)
+
+
 def no_content(request: Request) -> Response:
     return Response(status_code=204)
 
@@ -265,6 +286,7 @@ ROUTES = [
     Route("/thumb", thumb),
     Route("/api/classes", classes, methods=["POST"]),
     Route("/api/add", add, methods=["POST"]),
+    Route("/api/urls", urls, methods=["POST"]),
     Route("/api/train", train, methods=["POST"]),
     Route("/api/cancel", cancel, methods=["POST"]),
     Route("/api/events", events),
@@ -275,6 +297,7 @@ ROUTES = [
     Route("/api/predict", predict, methods=["POST"]),
     Route("/api/int8", int8, methods=["POST"]),
     Route("/download/{name}", download),
+    Route("/run/{name}", picture),
 ]
 
 

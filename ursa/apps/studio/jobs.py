@@ -1,4 +1,4 @@
-"""The studio's long work as the CLI's own commands in a child process: `ursa train`, `ursa export --int8`.
+"""The studio's long work as the CLI's own commands in a child process: `ursa train`, `ursa export --int8`, `ursa download`.
 
 The page stays live because the work is another process; it is the same run folder the CLI writes
 because it is the CLI. Progress is read from what the run writes as data (the checkpoint's epoch
@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from ursa.training.runfolder import CHECKPOINT  # torch-free (training.checkpoint imports torch)
+from ursa.util.files import atomic_write_text
 
 CHECKPOINT_INDEX = "checkpoint.json"  # training.checkpoint.INDEX
 CONSOLE_LINES = 60  # console lines the page shows
@@ -62,7 +63,7 @@ class TrainOptions:
 class Job:
     """One child process: the command, its console file, and how it ended."""
 
-    kind: str  # "train" or "int8"
+    kind: str  # "train", "int8" or "download"
     argv: list[str]
     run: Path
     console: Path
@@ -173,6 +174,16 @@ class Jobs:
         """`ursa export RUN/model.safetensors --int8`: the checked INT8 copy beside the model."""
         return self._start("int8", ["export", str(run / "model.safetensors"), "--int8", "--data", str(self.project)],
                            run, run / "int8.console.txt")
+
+    def download(self, cls: str, urls: list[str]) -> Job:
+        """`ursa download CLASS=LIST --dest PROJECT`: download's safe fetcher (public addresses only, size caps, retries)."""
+        lists = self.runs / "url-lists"
+        lists.mkdir(parents=True, exist_ok=True)
+        n = 1 + sum(1 for _ in lists.glob("*.txt"))
+        path = lists / f"{n:04d}.txt"
+        atomic_write_text(path, "".join(u.strip() + "\n" for u in urls if u.strip()))
+        return self._start("download", ["download", f"{cls}={path}", "--dest", str(self.project)], self.runs,
+                           path.with_suffix(".console.txt"))
 
     def cancel(self) -> Job | None:
         job = self.current
