@@ -284,3 +284,25 @@ def test_a_url_list_goes_through_downloads_safe_fetcher(client):
     rows = list(csv.DictReader((studio.project.root / "downloads.csv").open()))
     assert [(r["url"], r["status"]) for r in rows] == [("http://127.0.0.1:9/cat.jpg", "refused")]  # a private address
     assert studio.project.counts() == {"cats": 0}
+
+
+def test_ship_makes_the_checked_int8_copy_and_says_the_exact_commands(tiny_run: Path, tmp_path: Path):
+    import shutil
+
+    runs = tmp_path / "runs"
+    shutil.copytree(tiny_run, runs / "run-1")  # a run the CLI wrote: the studio picks it up
+    data = Path(json.loads((tiny_run / "config.json").read_text())["data"])
+    studio = Studio(data, runs)
+    with TestClient(create_app(studio, "127.0.0.1", 8766), base_url="http://127.0.0.1:8766") as c:
+        r = c.get("/api/results").json()
+        assert r["files"] == {"model.safetensors": True, "model.onnx": True, "model.int8.onnx": False}
+        assert r["ship"]["serve"] == f"ursa serve {runs / 'run-1' / 'model.safetensors'}"
+        assert f"-v {runs / 'run-1' / 'model.onnx'}:/model/model.onnx:ro ursa-serve" in r["ship"]["docker"][1]
+        assert c.post("/api/int8", json={}).json()["kind"] == "int8"
+        studio.jobs.current.proc.wait(300)
+        assert studio.jobs.current.state == "done", studio.jobs.current.tail()
+        r = c.get("/api/results").json()
+        assert r["files"]["model.int8.onnx"] and r["int8"]["agreement"] >= 0.9
+        got = c.get("/download/model.int8.onnx")
+        assert got.status_code == 200 and got.content == (runs / "run-1" / "model.int8.onnx").read_bytes()
+        assert c.get("/run/batch.png").headers["content-type"] == "image/png"
