@@ -120,7 +120,7 @@ def test_the_whole_flow_with_a_fake_camera(tmp_path: Path, bench, artifacts: Pat
             for c in ("red", "blue"):  # files by upload
                 page.locator(f".card[data-class='{c}'] input.upload").set_input_files(sorted(map(str, (uploads / c).iterdir())))
             for c in ("red", "blue"):
-                wait_until(page, f"(document.querySelector(\".card[data-class='{c}']\").dataset.count|0) >= 14", 60)
+                wait_until(page, f"document.querySelector(\".card[data-class='{c}'] .added\").textContent.startsWith('added 12')", 60)
                 assert {f.name for f in files_in(project / c)} >= {f"{c}{i}.jpg" for i in range(12)}
             wait_until(page, "[...document.querySelectorAll('.card .thumbs img')].slice(0, 8).every(i => i.complete)")
             page.screenshot(path=str(artifacts / "studio_classes.png"), full_page=True)
@@ -199,5 +199,5 @@ def test_ten_thousand_images_open_fast(tmp_path: Path, bench, artifacts: Path):
         thread.join(10)
     print(f"10,000 images: classes shown in {t['ready_s']} s, first thumbnails in {t['thumbs_s']} s (busy machine)")
     assert t["thumbs_s"] < 15  # loose: a busy 2-core CI machine; the benchmark measures it
-    assert t["thumbs_requested"] <= 4 * 24  # only the first page of each class, never 10,000
-    assert studio.thumbs.made <= 4 * 24
+    # Only what is on screen: the first page of each class (24), a second one where a card's end shows; never 10,000.
+    assert t["thumbs_requested"] <= 4 * 24 * 2 and studio.thumbs.made <= 4 * 24 * 2

@@ -109,9 +109,11 @@ class Project:
 
     def image_path(self, cls: str, name: str) -> Path:
         """An image of the project by class and file name, never a path from outside it."""
-        if "/" in name or "\\" in name or name.startswith(".") or name not in set(self.images(cls)):
+        path = self.folder(cls) / name  # checked by name, not by listing the folder: one stat per thumbnail
+        if ("/" in name or "\\" in name or not name or name.startswith(".") or name in (".", "..")
+                or os.path.splitext(name)[1].lower() not in IMAGE_EXTENSIONS or not path.is_file()):
             raise ProjectError(f"{cls}/{name}: not an image of this project")
-        return self.folder(cls) / name
+        return path
 
     def sweep(self, min_age: float = 10.0) -> list[Path]:
         """Remove what a killed studio left mid-write: write_new's temp files for images in class folders, nothing else."""

@@ -64,6 +64,7 @@ class Review:
         self.report = json.loads((self.run / "report.json").read_text(encoding="utf-8"))
         self.session: Any = None
         self.error = ""
+        self._int8: tuple[int, Any] | None = None
         self._lock = threading.Lock()
 
     def summary(self) -> dict[str, Any]:
@@ -76,9 +77,18 @@ class Review:
             "confusion_matrix": r.get("confusion_matrix"), "top_losses": (r.get("top_losses") or [])[:TOP],
             "leakage": (r.get("leakage") or {}).get("n_pairs", 0), "advice": [f"{a.get('title', '')}: {a.get('message', '')}" for a in r.get("advice") or []],
             "files": {name: (self.run / name).is_file() for name in ("model.safetensors", "model.onnx", "model.int8.onnx")},
-            "int8": _int8_report(int8) if int8.is_file() else None,
+            "int8": self.int8_report(int8),
             "cleaner": self.cleaner_state(),
         }
+
+    def int8_report(self, path: Path) -> Any:
+        """The INT8 file's stored check, read once per file version (None without one)."""
+        if not path.is_file():
+            return None
+        key = path.stat().st_mtime_ns
+        if self._int8 is None or self._int8[0] != key:
+            self._int8 = (key, _int8_report(path))
+        return self._int8[1]
 
     def open_cleaner(self) -> None:
         """The cleaner's model pass and rankings (apps.clean, as `ursa clean` runs them); slow: call in a thread."""
