@@ -11,9 +11,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import threading
-import time
-import webbrowser
 from typing import Any, AsyncIterator, Callable
 
 from starlette.applications import Starlette
@@ -26,8 +23,8 @@ from starlette.routing import Route
 from ursa.apps.studio.jobs import Busy, TrainOptions
 from ursa.apps.studio.project import ProjectError
 from ursa.apps.studio.workspace import Studio
-from ursa.apps.web import (API_HEADERS, ApiError, Assets, HostGuard, Server, asset, clip, error_response, page_url,
-                           read_body, server_config)
+from ursa.apps.web import (API_HEADERS, ApiError, Assets, HostGuard, Server, asset, clip, error_response, open_when_started,
+                           page_url, read_body, server_config)
 from ursa.errors import ImageError
 from ursa.util.net import check_port
 
@@ -322,12 +319,6 @@ def serve(studio: Studio, host: str = "127.0.0.1", port: int = 8766, open_browse
     url = page_url(host, port)
     server = Server(server_config(create_app(studio, host, port), host, port, log_level="warning", access_log=False))
     if open_browser:
-        def open_when_started() -> None:
-            for _ in range(100):
-                if server.started:
-                    webbrowser.open(url)
-                    return
-                time.sleep(0.05)
-        threading.Thread(target=open_when_started, daemon=True).start()
+        open_when_started(server, url)
     echo(f"studio at {url} (Ctrl+C to stop): project {studio.project.root}, runs in {studio.runs}")
     server.run()
