@@ -306,3 +306,6 @@ def test_ship_makes_the_checked_int8_copy_and_says_the_exact_commands(tiny_run: 
         got = c.get("/download/model.int8.onnx")
         assert got.status_code == 200 and got.content == (runs / "run-1" / "model.int8.onnx").read_bytes()
         assert c.get("/run/batch.png").headers["content-type"] == "image/png"
+        name = r["top_losses"][0][0]  # a top loss with the model's evidence over it, as serve's /explain draws it
+        heat = c.get("/heat", params={"class": name.split("/")[0], "name": name.split("/", 1)[1]})
+        assert heat.status_code == 200 and Image.open(io.BytesIO(heat.content)).format == "PNG"

@@ -142,6 +142,10 @@ def test_the_whole_flow_with_a_fake_camera(tmp_path: Path, bench, artifacts: Pat
             assert n_valid == sum(1 for line in (run / "split.csv").read_text().splitlines()[1:] if line.endswith(("True", "true", "1")))
             cells.nth(1).click()  # clickable: the top losses narrow to that cell
             page.wait_for_selector("#matrix td.picked")
+            cells.nth(1).click()  # and back to all of them
+            page.locator("#losses .loss img").first.click()  # the model's evidence over a top loss
+            wait_until(page, "(i => i.src.includes('/heat?') && i.complete && i.naturalWidth > 0)"
+                             "(document.querySelector('#losses .loss img'))", 30)
             page.screenshot(path=str(artifacts / "studio_results.png"), full_page=True)
 
             page.click("#clean-open")  # the cleaner's own ranking, decisions and log

@@ -310,7 +310,13 @@ function renderLosses() {
   for (const [name, actual, pred, loss, prob] of r.top_losses) {
     if (f && (actual !== f[0] || pred !== f[1])) continue;
     const [cls, file] = [name.slice(0, name.indexOf("/")), name.slice(name.indexOf("/") + 1)];
-    box.append(el("figure", { class: "loss" }, thumbImg(cls, file),
+    const img = thumbImg(cls, file);
+    img.title = "click: the model's evidence (heat map)";
+    img.addEventListener("click", () => {  // the heat map of what the model looked at, and back
+      const heat = `/heat?class=${encodeURIComponent(cls)}&name=${encodeURIComponent(file)}`;
+      img.src = img.src.includes("/heat?") ? thumbUrl(cls, file) : heat;
+    });
+    box.append(el("figure", { class: "loss" }, img,
       el("figcaption", { text: `${pred} / ${actual} · ${Number(loss).toFixed(2)} / ${Number(prob).toFixed(2)}` })));
   }
 }

@@ -25,7 +25,7 @@ from ursa.apps.studio.project import ProjectError
 from ursa.apps.studio.workspace import Studio
 from ursa.apps.web import (API_HEADERS, ApiError, Assets, HostGuard, Server, asset, clip, error_response, open_when_started,
                            page_url, read_body, server_config)
-from ursa.errors import ImageError
+from ursa.errors import ImageError, UrsaError
 from ursa.util.net import check_port
 
 PAGE_FILES = ("studio.html", "studio.js", "studio.css")
@@ -108,6 +108,20 @@ async def thumb(request: Request) -> Response:
     except (ImageError, OSError):
         return error_response(415, "this image does not decode")
     return Response(data, media_type="image/jpeg", headers={**API_HEADERS, "Cache-Control": "private, max-age=3600"})
+
+
+@guarded
+async def heat(request: Request) -> Response:
+    """A project image with the latest model's heat map of evidence over it (the top losses' "why")."""
+    studio, q = studio_of(request), request.query_params
+    path = studio.project.image_path(q.get("class", ""), q.get("name", ""))
+    try:
+        png = await run_in_threadpool(lambda: studio.live.heat_map(path.read_bytes()))
+    except (ImageError, OSError):
+        return error_response(415, "this image does not decode")
+    except (LookupError, UrsaError) as e:
+        return error_response(409, str(e))
+    return Response(png, media_type="image/png", headers=API_HEADERS)
 
 
 @guarded
@@ -281,6 +295,7 @@ ROUTES = [
     Route("/api/state", state),
     Route("/api/images", images),
     Route("/thumb", thumb),
+    Route("/heat", heat),
     Route("/api/classes", classes, methods=["POST"]),
     Route("/api/add", add, methods=["POST"]),
     Route("/api/urls", urls, methods=["POST"]),

@@ -56,6 +56,16 @@ class Live:
         return answer
 
 
+    def heat_map(self, data: bytes) -> bytes:
+        """The picture with the evidence for its predicted class over it (PNG), as serve's /explain draws it."""
+        from ursa.inference.explain import explain_arrays
+
+        pred = self.pred
+        if pred is None:
+            raise LookupError("no model yet: train one first")
+        return explain_arrays(pred, [pred.preprocess(data)])[0].png()
+
+
 class Review:
     """One run's results and, once asked for, the cleaner's session over the project."""
 
