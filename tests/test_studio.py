@@ -251,10 +251,13 @@ def test_only_this_page_may_change_the_project(client):
     big = c.post("/api/add?class=cats", content=b"\xff" * (25 * 1024 * 1024 + 1), headers={"Content-Type": "image/jpeg"})
     assert big.status_code == 413 and "over the limit" in big.json()["error"]
     assert c.get("/thumb", params={"class": "cats", "name": "../../etc/passwd"}).status_code == 400
+    outside = make_image(studio.project.root.parent / "secret.png")
+    (studio.project.root / "cats" / "link.png").symlink_to(outside)
+    assert c.get("/thumb", params={"class": "cats", "name": "link.png"}).status_code == 400
     assert c.get("/download/config.json").status_code == 404
     assert c.post("/api/predict", content=frame, headers={"Content-Type": "image/jpeg"}).status_code == 409  # no model yet
     assert c.post("/api/train", json={"epochs": "lots"}).status_code == 400
-    assert studio.project.counts() == {"cats": 1}
+    assert studio.project.counts() == {"cats": 2}  # the photo and the user's link, nothing else
     page = c.get("/")
     assert "script-src 'self'" in page.headers["content-security-policy"] and "https://" not in page.text
 

@@ -353,18 +353,19 @@ async function decide(action, label = "") {
     const r = await api("/api/clean/decide", { name: it.name, action, label });
     it.status = r.item.status; it.new_label = r.item.label;
     S.cleaner.summary = r.summary;
-    S.focus = Math.min(S.focus + 1, S.items.length - 1);
+    if (action !== "undo") S.focus = Math.min(S.focus + 1, S.items.length - 1);
     showCleaner(S.cleaner);
   } catch (e) { showError(e.message); }
 }
 
-function cleanerKeys(e) {
-  if (!S.items || e.target.tagName === "INPUT") return;
-  const k = e.key;
-  if (k === "ArrowRight" || k === "ArrowLeft") { S.focus = Math.max(0, Math.min(S.items.length - 1, S.focus + (k === "ArrowRight" ? 1 : -1))); showCleaner(S.cleaner); }
-  else if (k === "k") decide("keep");
-  else if (k === "x" || k === "Delete") decide("exclude");
-  else if (k === "u") decide("undo");
+function cleanerKeys(e) {  // ursa clean's keys
+  if (!S.items || e.ctrlKey || e.metaKey || e.altKey || ["INPUT", "TEXTAREA", "SELECT"].includes(e.target.tagName)) return;
+  const k = e.key, move = (d) => { S.focus = Math.max(0, Math.min(S.items.length - 1, S.focus + d)); showCleaner(S.cleaner); };
+  if (k === "ArrowRight" || k === "j" || k === "n") move(1);
+  else if (k === "ArrowLeft" || k === "p") move(-1);
+  else if (k === "k" || k === "K") decide("keep");
+  else if (k === "x" || k === "X" || k === "Delete" || k === "Backspace") decide("exclude");
+  else if (k === "u" || k === "U") decide("undo");
   else if (/^[1-9]$/.test(k) && S.cleaner.classes[Number(k) - 1]) decide("relabel", S.cleaner.classes[Number(k) - 1]);
   else return;
   e.preventDefault();

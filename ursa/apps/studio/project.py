@@ -113,6 +113,8 @@ class Project:
         if ("/" in name or "\\" in name or not name or name.startswith(".") or name in (".", "..")
                 or os.path.splitext(name)[1].lower() not in IMAGE_EXTENSIONS or not path.is_file()):
             raise ProjectError(f"{cls}/{name}: not an image of this project")
+        if not path.resolve().is_relative_to(self.root.resolve()):  # a link that leads out of the project
+            raise ProjectError(f"{cls}/{name}: a link to a file outside the project; not shown")
         return path
 
     def sweep(self, min_age: float = 10.0) -> list[Path]:
