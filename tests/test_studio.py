@@ -312,3 +312,16 @@ def test_ship_makes_the_checked_int8_copy_and_says_the_exact_commands(tiny_run: 
         name = r["top_losses"][0][0]  # a top loss with the model's evidence over it, as serve's /explain draws it
         heat = c.get("/heat", params={"class": name.split("/")[0], "name": name.split("/", 1)[1]})
         assert heat.status_code == 200 and Image.open(io.BytesIO(heat.content)).format == "PNG"
+
+
+def test_a_batch_preview_is_ursa_shows_grid(tmp_path: Path):
+    project = two_classes(tmp_path / "proj", n=6)
+    studio = Studio(project, tmp_path / "runs")
+    with TestClient(create_app(studio, "127.0.0.1", 8766), base_url="http://127.0.0.1:8766") as c:
+        assert c.get("/preview.png").status_code == 404
+        assert c.post("/api/preview", json={}).json()["kind"] == "preview"
+        studio.jobs.current.proc.wait(180)
+        assert studio.jobs.current.state == "done", studio.jobs.current.tail()
+        got = c.get("/preview.png")
+        assert got.status_code == 200 and Image.open(io.BytesIO(got.content)).size[0] > 100
+    assert not (project / "batch.png").exists()  # written beside the runs, never into the project

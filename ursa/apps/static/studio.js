@@ -241,6 +241,9 @@ function showJob(job) {
   if (job.kind === "train") renderEpochs(job.epochs);
   if (job.kind === "int8" && !running) loadResults();
   if (job.kind === "download" && !running) loadState();
+  if (job.kind === "preview" && job.state === "done") {
+    $("preview-png").src = `/preview.png?t=${Date.now()}`; $("preview-png").hidden = false;
+  }
 }
 
 function renderEpochs(rows) {
@@ -430,6 +433,8 @@ window.addEventListener("DOMContentLoaded", () => {
     api("/api/urls", { class: $("url-class").value, urls }).then((j) => { showJob(j); follow(); showError(""); })
       .catch((e) => showError(e.message));
   });
+  $("preview-btn").addEventListener("click", () => api("/api/preview", {}).then((j) => { showJob(j); follow(); showError(""); })
+    .catch((e) => showError(e.message)));
   $("cam-start").addEventListener("click", () => startCamera().catch((e) => showError(`webcam: ${e.message}`)));
   $("train-btn").addEventListener("click", train);
   $("cancel-btn").addEventListener("click", () => api("/api/cancel", {}).then(showJob).catch((e) => showError(e.message)));

@@ -20,7 +20,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from ursa.apps.studio.jobs import Busy, TrainOptions
+from ursa.apps.studio.jobs import PREVIEW, Busy, TrainOptions
 from ursa.apps.studio.project import ProjectError
 from ursa.apps.studio.workspace import Studio
 from ursa.apps.web import (API_HEADERS, ApiError, Assets, HostGuard, Server, asset, clip, error_response, open_when_started,
@@ -162,6 +162,20 @@ async def urls(request: Request) -> Response:
 
 
 @guarded
+async def preview(request: Request) -> Response:
+    """A batch of augmented training images, as `ursa show` draws it (a job)."""
+    await json_body(request)
+    return answer((await run_in_threadpool(studio_of(request).jobs.preview)).to_json())
+
+
+def preview_png(request: Request) -> Response:
+    path = studio_of(request).jobs.runs / "preview" / PREVIEW
+    if not path.is_file():
+        return error_response(404, "no batch preview yet")
+    return FileResponse(path, media_type="image/png", headers=API_HEADERS)
+
+
+@guarded
 async def train(request: Request) -> Response:
     body = await json_body(request)
     try:
@@ -299,6 +313,8 @@ ROUTES = [
     Route("/api/classes", classes, methods=["POST"]),
     Route("/api/add", add, methods=["POST"]),
     Route("/api/urls", urls, methods=["POST"]),
+    Route("/api/preview", preview, methods=["POST"]),
+    Route("/preview.png", preview_png),
     Route("/api/train", train, methods=["POST"]),
     Route("/api/cancel", cancel, methods=["POST"]),
     Route("/api/events", events),

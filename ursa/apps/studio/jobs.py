@@ -1,4 +1,5 @@
-"""The studio's long work as the CLI's own commands in a child process: `ursa train`, `ursa export --int8`, `ursa download`.
+"""The studio's long work as the CLI's own commands in a child process: `ursa train`, `ursa export --int8`,
+`ursa download`, `ursa show`.
 
 The page stays live because the work is another process; it is the same run folder the CLI writes
 because it is the CLI. Progress is read from what the run writes as data (the checkpoint's epoch
@@ -24,6 +25,7 @@ from ursa.training.runfolder import CHECKPOINT  # torch-free (training.checkpoin
 from ursa.util.files import atomic_write_text
 
 CHECKPOINT_INDEX = "checkpoint.json"  # training.checkpoint.INDEX
+PREVIEW = "batch.png"  # RUNS/preview/batch.png: the latest batch preview
 CONSOLE_LINES = 60  # console lines the page shows
 STOP_WAIT = 10.0  # seconds between SIGTERM and SIGKILL
 
@@ -63,7 +65,7 @@ class TrainOptions:
 class Job:
     """One child process: the command, its console file, and how it ended."""
 
-    kind: str  # "train", "int8" or "download"
+    kind: str  # "train", "int8", "download" or "preview"
     argv: list[str]
     run: Path
     console: Path
@@ -174,6 +176,12 @@ class Jobs:
         """`ursa export RUN/model.safetensors --int8`: the checked INT8 copy beside the model."""
         return self._start("int8", ["export", str(run / "model.safetensors"), "--int8", "--data", str(self.project)],
                            run, run / "int8.console.txt")
+
+    def preview(self) -> Job:
+        """`ursa show PROJECT --out RUNS/preview/batch.png`: counts, the split and a grid of augmented training images."""
+        folder = self.runs / "preview"
+        return self._start("preview", ["show", str(self.project), "--out", str(folder / PREVIEW)], folder,
+                           folder / "show.console.txt")
 
     def download(self, cls: str, urls: list[str]) -> Job:
         """`ursa download CLASS=LIST --dest PROJECT`: download's safe fetcher (public addresses only, size caps, retries)."""
