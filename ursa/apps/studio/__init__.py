@@ -1,7 +1,7 @@
 """`ursa studio`: one local page from an empty folder to a served model, reusing every stage.
 
 ``project`` (class folders, atomic image writes, quarantine, near-duplicates), ``thumbs`` (cached
-thumbnails, made only when shown), ``jobs`` (`ursa train` / `ursa export --int8` in a child
+thumbnails, made only when shown), ``jobs`` (`ursa train`, `export --int8`, `download`, `show` in a child
 process), ``review`` (the run's report, the cleaner's session, live prediction through the ONNX
 model serve loads), ``workspace`` (what one studio owns), ``app`` (routes, lifespan, server).
 """
