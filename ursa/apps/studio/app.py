@@ -22,6 +22,7 @@ from starlette.routing import Route
 
 from ursa.apps.studio.jobs import PREVIEW, Busy, TrainOptions
 from ursa.apps.studio.project import ProjectError
+from ursa.apps.studio.review import Review
 from ursa.apps.studio.workspace import Studio
 from ursa.apps.web import (API_HEADERS, ApiError, Assets, HostGuard, Server, asset, clip, error_response, open_when_started,
                            page_url, read_body, server_config)
@@ -41,6 +42,14 @@ EVENTS_SECONDS = 30.0  # one event stream's life; the page opens another while a
 
 def studio_of(request: Request) -> Studio:
     return request.app.state.studio
+
+
+def review_of(request: Request) -> Review:
+    """The latest run's review, or ApiError 409 before there is one."""
+    review = studio_of(request).review
+    if review is None:
+        raise ApiError(409, "no model yet: train one first")
+    return review
 
 
 def answer(data: Any, status: int = 200) -> JSONResponse:
@@ -229,18 +238,14 @@ async def results(request: Request) -> Response:
 @guarded
 async def clean_open(request: Request) -> Response:
     await json_body(request)
-    studio = studio_of(request)
-    if studio.review is None:
-        raise ApiError(409, "no model yet: train one first")
-    await run_in_threadpool(studio.review.open_cleaner)
-    return answer(studio.review.cleaner_state())
+    review = review_of(request)
+    await run_in_threadpool(review.open_cleaner)
+    return answer(review.cleaner_state())
 
 
 @guarded
 async def clean_decide(request: Request) -> Response:
-    body, review = await json_body(request), studio_of(request).review
-    if review is None:
-        raise ApiError(409, "no model yet: train one first")
+    body, review = await json_body(request), review_of(request)
     name = str(body.get("name", ""))
     try:
         item = await run_in_threadpool(review.decide, name, str(body.get("action", "")), str(body.get("label") or ""))
@@ -254,8 +259,8 @@ async def clean_decide(request: Request) -> Response:
 @guarded
 async def clean_apply(request: Request) -> Response:
     await json_body(request)
-    review = studio_of(request).review
-    if review is None or review.session is None:
+    review = review_of(request)
+    if review.session is None:
         raise ApiError(409, "open the cleaner and decide first")
     return answer(await run_in_threadpool(review.apply))
 
@@ -275,26 +280,26 @@ async def predict(request: Request) -> Response:
 @guarded
 async def int8(request: Request) -> Response:
     await json_body(request)
-    studio = studio_of(request)
-    if studio.review is None:
-        raise ApiError(409, "no model yet: train one first")
-    return answer((await run_in_threadpool(studio.jobs.int8, studio.review.run)).to_json())
+    run = review_of(request).run
+    return answer((await run_in_threadpool(studio_of(request).jobs.int8, run)).to_json())
 
 
-async def download(request: Request) -> Response:
-    """A file of the latest run, by its fixed name only."""
+def run_file(request: Request, names: tuple[str, ...], **options: Any) -> Response:
+    """A file of the latest run, by one of its fixed names only."""
     name, review = request.path_params["name"], studio_of(request).review
-    if name not in DOWNLOADS or review is None or not (review.run / name).is_file():
+    if name not in names or review is None or not (review.run / name).is_file():
         return error_response(404, f"{clip(name)!r} is not a file of the latest run")
-    return FileResponse(review.run / name, filename=name, headers=API_HEADERS)
+    return FileResponse(review.run / name, headers=API_HEADERS, **options)
+
+
+def download(request: Request) -> Response:
+    """The model file, ONNX or INT8 as a download."""
+    return run_file(request, DOWNLOADS, filename=request.path_params["name"])
 
 
 def picture(request: Request) -> Response:
-    """One of the latest run's pictures (the batch preview, the curves), by its fixed name only."""
-    name, review = request.path_params["name"], studio_of(request).review
-    if name not in PICTURES or review is None or not (review.run / name).is_file():
-        return error_response(404, f"{clip(name)!r} is not a picture of the latest run")
-    return FileResponse(review.run / name, media_type="image/png", headers=API_HEADERS)
+    """One of the latest run's pictures (the batch it trained on, the curves), shown in the page."""
+    return run_file(request, PICTURES, media_type="image/png")
 
 
 def no_content(request: Request) -> Response:
