@@ -289,3 +289,44 @@ def test_a_second_page_on_the_same_pool_is_refused(tmp_path: Path, tiny_model, c
         code = main(["suggest", str(pool), "--model", str(tiny_model), "--label", "--data", str(data), "--no-browser",
                      "--port", str(_free_port()), "--quiet"])
     assert code == 2 and "pool folder" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------
+# Review: hostile folders and a tampered log never lose, move or loop.
+
+
+def test_a_class_name_taken_by_a_file_is_refused_not_looped(tmp_path: Path):
+    pool, data, names = _two_folders(tmp_path)
+    shutil.rmtree(data / "teddy")
+    (data / "teddy").write_text("a note, not a folder")
+    filing = Filing(pool, data, ["black", "grizzly", "teddy"])
+    with pytest.raises(NotADirectoryError, match="teddy"):  # was: an endless loop appending rows to the log
+        filing.file(names[0], "teddy")
+    assert (pool / names[0]).is_file() and (data / "teddy").read_text() == "a note, not a folder"
+    assert not (pool / "label_log.csv").exists()  # refused before the intent row
+
+
+def test_a_link_in_the_pool_is_not_filed_as_a_link(tmp_path: Path):
+    pool, data, names = _two_folders(tmp_path)
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere" / "x.jpg").write_bytes((pool / names[0]).read_bytes())
+    os.symlink("../elsewhere/x.jpg", pool / "x.jpg")
+    filing = Filing(pool, data, ["black", "grizzly", "teddy"])
+    with pytest.raises(ValueError, match="link"):  # was: a dangling link filed into data/black
+        filing.file("x.jpg", "black")
+    assert (pool / "x.jpg").is_symlink() and not list(data.rglob("x*.jpg"))
+
+
+@pytest.mark.parametrize("name", ["label_log.csv", "sub", ".", "", "../outside.jpg"])
+def test_replay_of_a_tampered_row_moves_nothing(tmp_path: Path, name: str):
+    pool, data, names = _two_folders(tmp_path)
+    (pool / "sub").mkdir()
+    (tmp_path / "outside.jpg").write_bytes(b"theirs")
+    filing = Filing(pool, data, ["black", "grizzly", "teddy"])
+    filing.file(names[0], "black")
+    before = _contents(pool, data)
+    filing._append(["t", name, "", "black", f"black/{Path(name).name or 'x'}.jpg"])
+    again = Filing(pool, data, ["black", "grizzly", "teddy"])
+    assert again.replay() == 0 and again.skipped_rows == 1  # was: the log itself moved into data; a folder crashed every start
+    assert (pool / "label_log.csv").is_file() and (pool / "sub").is_dir() and (tmp_path / "outside.jpg").is_file()
+    assert _contents(pool, data) == before

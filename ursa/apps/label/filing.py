@@ -23,13 +23,14 @@ import filecmp
 import io
 import os
 import shutil
+import stat
 import tempfile
 import threading
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Sequence
 
-from ursa.errors import UrsaError
+from ursa.errors import DataError, UrsaError
 from ursa.util.files import NAME_ERRORS, append_csv_row, csv_row_values, free_name
 
 LOG_NAME = "label_log.csv"
@@ -110,7 +111,7 @@ class Filing:
         finished = 0
         self.filed, self.skipped_rows = {}, 0
         for _, name, guess, label, dest in self.rows():
-            if label not in self.classes or not self._safe(name, dest, label):
+            if label not in self.classes or not self._safe(name, dest, label) or self._not_a_picture(name):
                 self.skipped_rows += 1
                 continue
             self.filed[name] = (label, dest)  # the last row for a picture wins
@@ -124,6 +125,10 @@ class Filing:
                 self._append([now(), name, "", label, dest])
                 self.filed[name] = (label, dest)
             if not target.exists():
+                try:
+                    self.class_folder(label)
+                except NotADirectoryError as e:
+                    raise DataError(str(e)) from None  # at start: one line, exit 2
                 place(src, target)
             os.unlink(src)
             finished += 1
@@ -138,6 +143,33 @@ class Filing:
         except (ValueError, OSError, RuntimeError):
             return False
 
+    def picture(self, name: str) -> Path | None:
+        """The pool picture by that name: a plain file (not a link, a folder, the log or the lock) inside the pool; else None."""
+        src = self.pool / name
+        parts = Path(name).parts
+        if not parts or Path(name).is_absolute() or ".." in parts or parts[-1] in (LOG_NAME, LABEL_LOCK):
+            return None
+        try:
+            if not stat.S_ISREG(os.lstat(src).st_mode):
+                return None  # a link would be filed as a link (dangling, once moved), a folder cannot be
+            src.resolve().relative_to(self.pool.resolve())
+        except (OSError, ValueError, RuntimeError):
+            return None
+        return src
+
+    def _not_a_picture(self, name: str) -> bool:
+        """Something by that name is in the pool but is no picture ursa may move (the log, a folder, a link)."""
+        return not Path(name).parts or (os.path.lexists(self.pool / name) and self.picture(name) is None)
+
+    def class_folder(self, label: str) -> Path:
+        """DATA/<label>/, made when missing; a file or a dangling link by that name is refused, never replaced."""
+        folder = self.data / label
+        if (folder.exists() or folder.is_symlink()) and not folder.is_dir():
+            raise NotADirectoryError(f"{folder}: is not a folder, so {label!r} pictures cannot go there; "
+                                     "move it aside and file again")
+        folder.mkdir(parents=True, exist_ok=True)
+        return folder
+
     def file(self, name: str, label: str, guess: str = "") -> tuple[str, bool]:
         """Move one pool picture into DATA/<label>/: (its path inside DATA, whether this call moved it).
 
@@ -148,9 +180,13 @@ class Filing:
         with self._lock:
             if name in self.filed:
                 return self.filed[name][1], False
-            src = self.pool / name
-            if not src.is_file():
+            src = self.picture(name)
+            if src is None and os.path.lexists(self.pool / name):
+                raise ValueError(f"{name!r} is a link or not a plain file in the pool; ursa moves only the pictures "
+                                 "themselves (move the picture it points to into the pool)")
+            if src is None:
                 raise FileNotFoundError(name)
+            self.class_folder(label)
             target = free_name(self.data / label / Path(name).name)
             while True:
                 dest = target.relative_to(self.data).as_posix()
