@@ -330,3 +330,17 @@ def test_replay_of_a_tampered_row_moves_nothing(tmp_path: Path, name: str):
     assert again.replay() == 0 and again.skipped_rows == 1  # was: the log itself moved into data; a folder crashed every start
     assert (pool / "label_log.csv").is_file() and (pool / "sub").is_dir() and (tmp_path / "outside.jpg").is_file()
     assert _contents(pool, data) == before
+
+
+def test_a_pool_overlapping_the_data_folder_is_refused(tmp_path: Path, tiny_model, capsys):
+    pool, data, names = _two_folders(tmp_path)
+    (data / "unlabelled").mkdir()
+    shutil.copy(pool / names[0], data / "unlabelled" / names[0])
+    inner = pool / "labelled"
+    shutil.copytree(data, inner)
+    before = _contents(tmp_path)
+    for p, d in ((data, data), (data / "unlabelled", data), (pool, inner)):  # was: the page opened on them
+        assert main(["suggest", str(p), "--model", str(tiny_model), "--label", "--data", str(d), "--no-browser",
+                     "--quiet", "--port", str(_free_port())]) == 2
+        assert "apart from the data folder" in capsys.readouterr().err
+    assert _contents(tmp_path) == before and not list(tmp_path.rglob("label_log.csv"))
