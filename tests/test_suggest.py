@@ -344,3 +344,26 @@ def test_a_pool_overlapping_the_data_folder_is_refused(tmp_path: Path, tiny_mode
                      "--quiet", "--port", str(_free_port())]) == 2
         assert "apart from the data folder" in capsys.readouterr().err
     assert _contents(tmp_path) == before and not list(tmp_path.rglob("label_log.csv"))
+
+
+def test_filing_across_file_systems_copies_whole_and_synced_before_the_pool_name_goes(tmp_path: Path, monkeypatch):
+    import errno
+
+    import ursa.apps.label.filing as filing_mod
+
+    pool, data, names = _two_folders(tmp_path)
+    before = _contents(pool, data)
+    calls = []
+
+    def no_link(src, dst, *a, **k):
+        raise OSError(errno.EXDEV, "Invalid cross-device link")
+
+    real_fsync, real_unlink = os.fsync, os.unlink
+    monkeypatch.setattr(filing_mod.os, "link", no_link)
+    monkeypatch.setattr(os, "fsync", lambda fd: (calls.append("fsync"), real_fsync(fd))[1])
+    monkeypatch.setattr(os, "unlink", lambda p, *a, **k: (calls.append(("unlink", Path(p).name)), real_unlink(p, *a, **k))[1])
+    dest, moved = Filing(pool, data, ["black", "grizzly", "teddy"]).file(names[1], "black")
+    assert moved and (data / dest).is_file() and not (pool / names[1]).exists()
+    assert _contents(pool, data) == before and not list(data.rglob(".*.tmp"))
+    gone = calls.index(("unlink", names[1]))
+    assert calls[:gone].count("fsync") >= 2  # the log row and the copy (was: the copy never synced before the unlink)

@@ -22,7 +22,6 @@ import csv
 import filecmp
 import io
 import os
-import shutil
 import stat
 import tempfile
 import threading
@@ -31,7 +30,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from ursa.errors import DataError, UrsaError
-from ursa.util.files import NAME_ERRORS, append_csv_row, csv_row_values, free_name
+from ursa.util.files import NAME_ERRORS, append_csv_row, copy_synced, csv_row_values, free_name
 
 LOG_NAME = "label_log.csv"
 LABEL_LOCK = ".ursa-label.lock"  # one labelling page per pool (util.lock)
@@ -60,7 +59,7 @@ def place(src: Path, dest: Path) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)  # swept on start if left
     os.close(fd)
     try:
-        shutil.copy2(src, tmp)
+        copy_synced(src, tmp)  # whole on disk before the pool's name goes
         if dest.exists():
             raise FileExistsError(dest)
         os.rename(tmp, dest)
