@@ -367,3 +367,16 @@ def test_filing_across_file_systems_copies_whole_and_synced_before_the_pool_name
     assert _contents(pool, data) == before and not list(data.rglob(".*.tmp"))
     gone = calls.index(("unlink", names[1]))
     assert calls[:gone].count("fsync") >= 2  # the log row and the copy (was: the copy never synced before the unlink)
+
+
+def test_a_reused_name_in_a_refilled_pool_is_not_filed_under_the_old_label(tmp_path: Path):
+    pool, data, names = _two_folders(tmp_path)
+    filing = Filing(pool, data, ["black", "grizzly", "teddy"])
+    filing.file(names[0], "black")
+    shutil.copy(pool / names[1], pool / names[0])  # a new batch: another picture, the camera's same name
+    before = _contents(pool, data)
+    again = Filing(pool, data, ["black", "grizzly", "teddy"])
+    assert again.replay() == 0  # was: moved into data/black under the old row, unasked
+    assert (pool / names[0]).is_file() and _contents(pool, data) == before
+    dest, moved = again.file(names[0], "teddy")  # was: "already filed", nothing moved
+    assert moved and dest.startswith("teddy/") and not (pool / names[0]).exists()

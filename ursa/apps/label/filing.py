@@ -11,9 +11,9 @@ safe to be killed after:
 3. its old name in the pool is removed.
 
 On start ``replay`` reads the log and finishes what a kill left half done: a row whose picture is
-still in the pool is linked (if not yet) and unlinked from the pool; a destination taken meanwhile
-by another file gets a fresh name and a new row. So after any crash every picture is in exactly one
-place, and a picture filed twice (two tabs) is moved once.
+still in the pool is linked (if not yet) and unlinked from the pool; a destination that holds another
+picture means the pool's one is a new picture under a reused name: it stays in the pool, unfiled.
+So after any crash every picture is in exactly one place, and a picture filed twice (two tabs) is moved once.
 """
 
 from __future__ import annotations
@@ -119,10 +119,10 @@ class Filing:
             if not src.exists():
                 continue  # done (or the user took it away: nothing of ours to do)
             if target.exists() and not same_file(src, target):
-                target = free_name(target)  # the name went to another file meanwhile: a fresh one, recorded
-                dest = target.relative_to(self.data).as_posix()
-                self._append([now(), name, "", label, dest])
-                self.filed[name] = (label, dest)
+                # Not a move a kill left half done: the pool picture is another one under a reused name
+                # (IMG_0001.jpg again). Filing it under the old row's label would be a guess: it stays, to be labelled.
+                del self.filed[name]
+                continue
             if not target.exists():
                 try:
                     self.class_folder(label)
@@ -177,8 +177,8 @@ class Filing:
         if label not in self.classes:
             raise ValueError(f"unknown class {label!r}; one of {', '.join(self.classes)}")
         with self._lock:
-            if name in self.filed:
-                return self.filed[name][1], False
+            if name in self.filed and not os.path.lexists(self.pool / name):
+                return self.filed[name][1], False  # moved already (a second tab, a double key press)
             src = self.picture(name)
             if src is None and os.path.lexists(self.pool / name):
                 raise ValueError(f"{name!r} is a link or not a plain file in the pool; ursa moves only the pictures "
