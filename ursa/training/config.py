@@ -206,8 +206,9 @@ class TrainConfig:
         r = self.replay
         _expect(r is None or (isinstance(r, dict) and isinstance(r.get("from", ""), str)
                               and (r.get("size") is None or _whole(r["size"], 32, 1024))
-                              and (r.get("fine_tune_epochs") is None or _whole(r["fine_tune_epochs"], 0, 1000))),
-                "replay", "an earlier run's folder and its decisions (size 32-1024, fine_tune_epochs >= 0)", r)
+                              and (r.get("fine_tune_epochs") is None or _whole(r["fine_tune_epochs"], 0, 1000))
+                              and (r.get("tune_size") is None or _whole(r["tune_size"], 32, 1024))),
+                "replay", "an earlier run's folder and its decisions (size and tune_size 32-1024, fine_tune_epochs >= 0)", r)
         _expect(self.flips in FLIP_CHOICES, "--flips", " or ".join(FLIP_CHOICES), self.flips)
         _expect(self.pixels in PIXEL_MODES, "--pixels", " or ".join(PIXEL_MODES), self.pixels)
         check_device_name(self.device)
