@@ -182,7 +182,7 @@ def suggested_lr(set_dir: Path, split: Path, seed: int, tmp: Path) -> tuple[floa
 
 
 def run_ursa(set_dir: Path, split: Path, recipe: str, seed: int, flags: list[str] | str,
-             test: list[tuple[str, str, bool]], extra: tuple[str, ...] = ()) -> dict:
+             test: list[tuple[str, str, bool]], extra: tuple[str, ...] = (), tta: bool = True) -> dict:
     """One recipe on one set with one seed, in its own process and temp run folder (removed after)."""
     with tempfile.TemporaryDirectory(prefix=f"ursa_recipes_{set_dir.name}_{recipe}_{seed}_") as tmp:
         run_dir, rec = Path(tmp) / "run", {"set": set_dir.name, "recipe": recipe, "seed": seed}
@@ -206,7 +206,7 @@ def run_ursa(set_dir: Path, split: Path, recipe: str, seed: int, flags: list[str
         if not why:
             rec["error_rate"], why = held_out_error(model, set_dir, test, Path(tmp))
             rec["test_error"] = rec["error_rate"]
-        if recipe == "default" and not why:
+        if recipe == "default" and not why and tta:
             rec["tta"] = tta_errors(model, set_dir, Path(tmp))
         if why:
             rec["failure"] = why
@@ -249,6 +249,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--fastai-seeds", type=int, default=1, help="fastai anchor seeds 0..K-1 (needs FASTAI_VENV unless measured)")
     ap.add_argument("--train-args", default="", help="more `ursa train` options for every run, before the recipe's "
                     "(a smoke check: '--epochs 1 --budget 10'); the figures are then not the default's")
+    ap.add_argument("--no-tta", action="store_true", help="skip scoring the default's models with and without --tta")
     ap.add_argument("--remeasure", default="", help="recipes to measure again although stored (results/recipes_runs/)")
     ap.add_argument("--results", type=Path, default=RESULTS, help=argparse.SUPPRESS)
     ap.add_argument("--dry-run", action="store_true", help="print the commands without running them")
@@ -290,7 +291,7 @@ def run_set(name: str, set_dir: Path, rows: list, recipes: list[str], flags: dic
             key = run_key(csv_file, flags[r], shlex.split(args.train_args))
             rec = reuse_default(r, defaults, seed) or store.get(name, r, seed, key)
             if rec is None:
-                rec = run_ursa(set_dir, csv_file, r, seed, flags[r], test, tuple(shlex.split(args.train_args)))
+                rec = run_ursa(set_dir, csv_file, r, seed, flags[r], test, tuple(shlex.split(args.train_args)), not args.no_tta)
                 store.put(rec, key)
             records.append(rec)
             what = (f"held-out error {rec['error_rate']:.4f} (reported {fmt(rec.get('reported_error'), '.4f')})"
