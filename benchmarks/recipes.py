@@ -250,6 +250,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--train-args", default="", help="more `ursa train` options for every run, before the recipe's "
                     "(a smoke check: '--epochs 1 --budget 10'); the figures are then not the default's")
     ap.add_argument("--no-tta", action="store_true", help="skip scoring the default's models with and without --tta")
+    ap.add_argument("--stored-only", action="store_true", help="measure nothing: the report from the stored runs")
     ap.add_argument("--remeasure", default="", help="recipes to measure again although stored (results/recipes_runs/)")
     ap.add_argument("--results", type=Path, default=RESULTS, help=argparse.SUPPRESS)
     ap.add_argument("--dry-run", action="store_true", help="print the commands without running them")
@@ -290,6 +291,8 @@ def run_set(name: str, set_dir: Path, rows: list, recipes: list[str], flags: dic
             csv_file = split_paths(args.results, name)[1] if r in CHOOSES_ON_TEST else train_csv
             key = run_key(csv_file, flags[r], shlex.split(args.train_args))
             rec = reuse_default(r, defaults, seed) or store.get(name, r, seed, key)
+            if rec is None and args.stored_only:
+                continue
             if rec is None:
                 rec = run_ursa(set_dir, csv_file, r, seed, flags[r], test, tuple(shlex.split(args.train_args)), not args.no_tta)
                 store.put(rec, key)

@@ -281,6 +281,10 @@ def test_a_rerun_skips_the_runs_it_kept_and_measures_again_what_changed(bench, t
     plain[0].write_text("{half a file")  # unreadable: measured again; so is a failed run
     plain[1].write_text(json.dumps({**json.loads(plain[1].read_text()), "error_rate": None}))
     assert bench.main(argv) == 0 and len(calls) == 14 and [f for _, f in calls[-2:]] == [[], []]
+    # the report alone from what is stored: nothing measured, a recipe never run is left out
+    assert bench.main(argv[:-4] + ["--recipes", "default,size224,size128", "--stored-only"]) == 0 and len(calls) == 14
+    data = json.loads((results / "recipes.json").read_text())
+    assert {r["recipe"] for r in data["runs"]} == {"default", "size224"} and len(data["runs"]) == 4
 
 
 def test_a_rule_that_loses_to_the_choice_fitted_on_the_other_sets_is_missed(bench):
