@@ -92,14 +92,12 @@ def test_too_few_epochs_at_the_input_size_fine_tune_at_a_smaller_one_counted():
     assert only_valid.epoch_seconds == pytest.approx(Work.from_json({**BEARS.to_json(), "n_train": 0}).epoch_seconds)
 
 
-def test_good_enough_is_at_most_two_percent_in_whole_pictures_without_grace():
-    # eurosat_dev (issue 28): 2 wrong of 59 inner validation pictures stopped it with a picture of grace, and
-    # its held-out error was 6 of 80; a small validation set cannot tell 2% from 7%: fine-tuning is tried
-    assert not good_enough(2 / 59, 59) and not good_enough(1 / 48, 48) and good_enough(0.0, 48)
-    assert good_enough(3 / 189, 189) and not good_enough(4 / 189, 189)  # bears' frozen 5-7 errors fine-tune
+def test_good_enough_gives_one_picture_of_grace():
+    # the birds of issue 28: 1 error in 48 (2.1%) is within a picture of 2%: no 70 s of fine-tuning for nothing
+    assert good_enough(1 / 48, 48) and not good_enough(2 / 48, 48)
+    assert good_enough(4 / 189, 189) and not good_enough(5 / 189, 189)  # bears' frozen 5-7 errors still fine-tune
     assert good_enough(2 / 100, 100) and not good_enough(3 / 100, 100)  # exactly 2% stays good enough
     assert good_enough(0.0, 10) and GOOD_ENOUGH == 0.02
-    assert fine_tune_epochs(2 / 59, 59, TILES, 120)[1] is FineTune.PLANNED
 
 
 def test_advice_and_the_budget_suggestion_read_the_decision_not_its_words():
