@@ -7,6 +7,9 @@
   own session (``apps.clean``: the model pass, the rankings, ``Decisions`` with its crash-safe
   log in the project folder); ``apply`` carries the decisions out on the class folders by moving
   files (relabel: into the new class's folder; exclude: into ``_removed/``), never deleting one.
+  While the session is open the review holds the cleaner's lock (``DATA/.ursa-clean.lock``, the one
+  `ursa clean` and the notebook's cleaner take), so a cleaner elsewhere on the same folder is
+  refused naming the studio, and a running one makes the studio's panel say so.
 """
 
 from __future__ import annotations
@@ -18,10 +21,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ursa.apps.clean.decisions import CLEAN_LOCK, LOCK_WHAT  # torch-free (the package loads lazily)
 from ursa.apps.studio.project import REMOVED
 from ursa.errors import UrsaError
 from ursa.inference.runtime import current_onnx
 from ursa.util.device import default_threads
+from ursa.util.lock import FolderLock
 
 TOP = 48  # images of each ranking the page shows
 
@@ -73,6 +78,7 @@ class Review:
         self.project, self.run = Path(project), Path(run)
         self.report = json.loads((self.run / "report.json").read_text(encoding="utf-8"))
         self.session: Any = None
+        self.lock: FolderLock | None = None  # the cleaner's lock on the project, held while the session is open
         self.error = ""
         self._int8: tuple[int, Any] | None = None
         self._lock = threading.Lock()
@@ -107,11 +113,29 @@ class Review:
                 return
             from ursa.apps import clean  # torch: only now
 
+            self.error = ""
+            try:
+                lock = FolderLock(self.project, CLEAN_LOCK, LOCK_WHAT).acquire()  # BusyError naming `ursa clean`
+            except UrsaError as e:
+                self.error = str(e)
+                return
             try:
                 ds, scores, ranks = clean.prepare(self.project, self.run / "model.safetensors", quiet=True)
                 self.session = clean.start_session(ds, scores, ranks, model_name=str(self.run / "model.safetensors"))
+                self.lock = lock
             except UrsaError as e:
                 self.error = str(e)
+            finally:
+                if self.lock is not lock:
+                    lock.release()
+
+    def close(self) -> None:
+        """End the cleaner's session (its log stays, replayed next time) and release the cleaner's lock."""
+        with self._lock:
+            self.session = None
+            if self.lock is not None:
+                self.lock.release()
+                self.lock = None
 
     def cleaner_state(self) -> dict[str, Any] | None:
         """The rankings' first images with their decisions, or None before the cleaner ran."""
@@ -156,7 +180,7 @@ class Review:
         for path in (dec.log_path, dec.cleaned_path):
             if path.is_file():
                 move_no_clobber(path, done / path.name)
-        self.session = None  # the folders changed: the next look is a new model pass
+        self.close()  # the folders changed: the next look is a new model pass
         return moved
 
 

@@ -44,7 +44,9 @@ class Studio:
             try:
                 review = Review(self.project.root, run)
                 self.live.load(run)
-                self.review, self.problem = review, ""
+                old, self.review, self.problem = self.review, review, ""
+                if old is not None:
+                    old.close()  # its cleaner's session and lock: a new model means a new model pass
             except (UrsaError, OSError, ValueError) as e:
                 self.problem = f"{run}: {e}"
 
@@ -82,3 +84,5 @@ class Studio:
 
     def close(self) -> None:
         self.jobs.close()
+        if self.review is not None:
+            self.review.close()
