@@ -172,3 +172,21 @@ def test_the_studio_and_the_cleaners_lock_name_import_without_torch():
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert done.stdout.strip() == "ok", done.stderr[-2000:]
+
+
+def test_applying_decisions_moves_files_on_a_file_system_without_hard_links(tmp_path: Path, monkeypatch):
+    from ursa.apps.studio import review
+
+    (tmp_path / "a").mkdir()
+    src, taken = tmp_path / "a" / "x.jpg", tmp_path / "b" / "x.jpg"
+    src.write_bytes(b"photo")
+    taken.parent.mkdir()
+    taken.write_bytes(b"another")
+
+    def no_links(a, b):
+        raise PermissionError(1, "Operation not permitted")  # what exFAT and some network shares answer
+
+    monkeypatch.setattr(review.os, "link", no_links)
+    moved = review.move_no_clobber(src, taken)
+    assert moved == tmp_path / "b" / "x-2.jpg" and moved.read_bytes() == b"photo" and not src.exists()
+    assert taken.read_bytes() == b"another"  # never over a file that is there

@@ -193,6 +193,13 @@ def move_no_clobber(src: Path, dst: Path) -> Path:
             os.link(src, target)
         except FileExistsError:
             continue
+        except OSError:  # no hard links here (exFAT, some network shares): reserve the name, then rename onto it
+            try:
+                os.close(os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+            except FileExistsError:
+                continue
+            os.replace(src, target)  # onto the empty file just made: the file is always at one name or the other
+            return target
         os.unlink(src)
         return target
     raise FileExistsError(f"{dst}: no free name beside it")
