@@ -190,3 +190,26 @@ def test_applying_decisions_moves_files_on_a_file_system_without_hard_links(tmp_
     moved = review.move_no_clobber(src, taken)
     assert moved == tmp_path / "b" / "x-2.jpg" and moved.read_bytes() == b"photo" and not src.exists()
     assert taken.read_bytes() == b"another"  # never over a file that is there
+
+
+def test_a_frame_arriving_as_its_class_is_removed_never_brings_the_class_back(tmp_path: Path, monkeypatch):
+    from ursa.apps.studio import Project, ProjectError, project as project_module
+
+    p = Project(tmp_path / "proj")
+    p.create("cats")
+    looked_up = p.folder
+
+    def then_removed(cls):  # Remove clicked between the frame's look-up and its write
+        folder = looked_up(cls)
+        monkeypatch.setattr(p, "folder", looked_up)
+        p.remove(cls)
+        return folder
+
+    monkeypatch.setattr(p, "folder", then_removed)
+    try:
+        p.add("cats", jpeg_bytes(9))
+    except ProjectError as e:
+        assert "removed or renamed" in str(e)
+    else:
+        raise AssertionError("the frame was written")
+    assert p.classes() == [] and project_module.REMOVED in os.listdir(p.root)  # not made again by the write

@@ -188,6 +188,8 @@ class Project:
             self._frame += 1
             name = f"cam-{time.strftime('%Y%m%d-%H%M%S')}-{self._frame:04d}"
         with self._lock:
+            if not folder.is_dir():  # removed or renamed since it was looked up: write_new would make it again
+                raise ProjectError(f"no class {folder.name!r} in {self.root} any more (removed or renamed)")
             written = write_new(folder / safe_file_name(name, info.format), data)
         key = f"{folder.name}/{written.name}"
         return Added(written.name, True, duplicate_of=self.remember(key, data))
