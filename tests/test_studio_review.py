@@ -60,9 +60,13 @@ def test_the_studios_cleaner_and_ursa_clean_refuse_each_other_naming_the_holder(
                      "--port", str(port)]) == 2  # and now `ursa clean` is the one refused, in one line
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and "another ursa process" in err and f"pid {os.getpid()}" in err, err
-        name = opened["losses"][0]["name"]
+        first = opened["classes"][0]
+        name, other = [r["name"] for r in opened["losses"] if r["label"] != first][:2]
         assert c.post("/api/clean/decide", json={"name": name, "action": "exclude"}).status_code == 200
-        assert c.post("/api/clean/apply", json={}).json() == {"relabelled": 0, "excluded": 1}
+        assert c.post("/api/clean/decide", json={"name": other, "action": "relabel", "label": first}).status_code == 200
+        c.post("/api/classes", json={"action": "rename", "name": first, "new": "renamed"})  # after the model pass
+        assert c.post("/api/clean/apply", json={}).json() == {"relabelled": 0, "excluded": 1, "skipped": 1}
+        assert (project / other).is_file() and not (project / first).exists()  # left as it is; the class not made again
         assert not (project / name).exists() and len(list((project / "_removed").rglob(Path(name).name))) == 1
         with FolderLock(project, CLEAN_LOCK, LOCK_WHAT):  # applied: the studio let go of the folder
             pass

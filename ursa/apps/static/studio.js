@@ -382,7 +382,8 @@ async function applyDecisions() {
   if (!confirm("Move the relabelled images to their new class folders and the excluded ones to _removed/?")) return;
   try {
     const m = await api("/api/clean/apply", {});
-    $("clean-summary").textContent = `moved: ${m.relabelled} relabelled, ${m.excluded} excluded; train again to use them`;
+    $("clean-summary").textContent = `moved: ${m.relabelled} relabelled, ${m.excluded} excluded; train again to use them` +
+      (m.skipped ? `; ${m.skipped} left as they are: the image or its new class was renamed, moved or removed since` : "");
     $("cleaner").textContent = ""; S.items = null; $("clean-apply").hidden = true;
     await loadState();
   } catch (e) { showError(e.message); }

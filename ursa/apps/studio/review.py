@@ -159,12 +159,13 @@ class Review:
         return self.session.decisions.decide(name, action, label)
 
     def apply(self) -> dict[str, int]:
-        """Carry the decisions out on the folders: relabelled images move to their class, excluded ones to _removed/."""
+        """Carry the decisions out on the folders: relabelled images move to their class, excluded ones to _removed/
+        (an image no longer at its name, or a relabel into a class folder gone since, is left as it is: skipped)."""
         if self.session is None:
             raise LookupError("open the cleaner first")
         dec = self.session.decisions
         stamp = time.strftime("%Y%m%d-%H%M%S")
-        moved = {"relabelled": 0, "excluded": 0}
+        moved = {"relabelled": 0, "excluded": 0, "skipped": 0}
         for name, (action, label) in sorted(dec.state.items()):
             src = self.project / name
             if action == "relabel" and label != dec.labels[name]:
@@ -173,9 +174,11 @@ class Review:
                 dst, key = self.project / REMOVED / f"excluded-{stamp}" / name, "excluded"
             else:
                 continue
-            if src.is_file():
-                move_no_clobber(src, dst)
-                moved[key] += 1
+            if not src.is_file() or (key == "relabelled" and not dst.parent.is_dir()):
+                moved["skipped"] += 1  # renamed, removed or moved since the model pass: left as it is, never re-made
+                continue
+            move_no_clobber(src, dst)
+            moved[key] += 1
         done = self.project / REMOVED / f"decisions-{stamp}"  # the log and cleaned.csv, kept as the record of the moves
         for path in (dec.log_path, dec.cleaned_path):
             if path.is_file():
