@@ -26,6 +26,7 @@ from ursa.apps.studio.project import REMOVED
 from ursa.errors import UrsaError
 from ursa.inference.runtime import current_onnx
 from ursa.util.device import default_threads
+from ursa.util.files import link_no_clobber
 from ursa.util.lock import FolderLock
 
 TOP = 48  # images of each ranking the page shows
@@ -188,24 +189,11 @@ class Review:
 
 
 def move_no_clobber(src: Path, dst: Path) -> Path:
-    """Move a file to dst (or dst-2, dst-3 ... when taken): a hard link first, so at every moment it exists somewhere."""
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    for n in range(1, 100_000):
-        target = dst if n == 1 else dst.with_name(f"{dst.stem}-{n}{dst.suffix}")
-        try:
-            os.link(src, target)
-        except FileExistsError:
-            continue
-        except OSError:  # no hard links here (exFAT, some network shares): reserve the name, then rename onto it
-            try:
-                os.close(os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
-            except FileExistsError:
-                continue
-            os.replace(src, target)  # onto the empty file just made: the file is always at one name or the other
-            return target
-        os.unlink(src)
-        return target
-    raise FileExistsError(f"{dst}: no free name beside it")
+    """Move a file to dst (or a free name beside it): ``link_no_clobber`` first (a hard link, or a whole copy where the
+    file system has none), then the old name dropped, so at every moment the file exists somewhere."""
+    moved = link_no_clobber(src, dst)
+    os.unlink(src)
+    return moved
 
 
 def _int8_report(path: Path) -> Any:
