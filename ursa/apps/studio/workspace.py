@@ -41,6 +41,8 @@ class Studio:
         if run is None or (self.review is not None and self.review.run == run and self.live.run == run):
             return
         with self._lock:
+            if self.review is not None and self.review.run == run and self.live.run == run:
+                return  # another request loaded it while this one waited: one Review per run (it may hold the cleaner)
             try:
                 review = Review(self.project.root, run)
                 self.live.load(run)
