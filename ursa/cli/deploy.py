@@ -110,7 +110,7 @@ def predict_cmd(
             typer.echo(f"{name}: unsure (best guess {printable(ans.label)} {ans.confidence:.3f}, "
                        f"below {ans.threshold:.2f}){in_set}")
         else:
-            typer.echo(f"{name}: {printable(ans.label)} ({ans.confidence:.3f}){in_set}")
+            typer.echo(f"{name}: {printable(ans.answer_text)}{in_set}")  # a multi-label model: its set of labels
     if explain is not None:
         typer.echo(f"wrote {written} overlays to {printable(str(explain))}", err=True)
     if failed:
