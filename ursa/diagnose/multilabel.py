@@ -2,7 +2,8 @@
 
 Targets are multi-hot [N, K] (0/1), probabilities [N, K] (a sigmoid per label). ``choose_thresholds``
 picks each label's threshold on the validation images: the one that maximises that label's F1
-(ties: the threshold nearer 0.5), searched over the label's own probabilities; a label with fewer
+(ties: the threshold nearer 0.5), searched midway between the label's own neighbouring probabilities
+(so no image sits on it, and both backends' tiny differences decide alike); a label with fewer
 than ``MIN_POSITIVES`` positive validation images keeps 0.5 (a threshold fitted on one or two
 pictures is noise). ``fit_temperature``: one temperature for all labels, the one that minimises
 the binary cross-entropy on the validation logits (a grid, then a golden-section refinement).
@@ -71,7 +72,8 @@ def choose_thresholds(probs: np.ndarray, targets: np.ndarray, min_positives: int
         if y.sum() < min_positives:
             out.append(DEFAULT)
             continue
-        cands = np.unique(np.concatenate([p, [DEFAULT]]))
+        u = np.unique(p)  # midway between neighbouring probabilities: no validation image sits on a threshold
+        cands = np.concatenate([(u[:-1] + u[1:]) / 2, [DEFAULT]])
         best, best_f1 = DEFAULT, -1.0
         for c in cands:
             pr = p >= c
