@@ -355,6 +355,12 @@ def interpret_cmd(
     info = {"title": "ursa interpretation", "model": str(model), "data": str(data),
             "set": "every image" if all_images else "validation set" + (" (split.csv)" if (run / "split.csv").is_file() and csv is None else ""),
             "backend": interp.backend, "tta": interp.tta or "off"}
+    if interp.thresholds is not None:  # a multi-label model: per-label figures, errors and confused pairs
+        from ursa.diagnose.label_report import label_lines, write_interpretation
+
+        files, figures = write_interpretation(out, interp, hist, run_plots(run), info, data)
+        typer.echo(files["json"].read_text() if json_out else "\n".join(label_lines(figures)))
+        return
     files = write_report(out, interp, hist, run_plots(run), info, k=top, model=model)
     if json_out:
         typer.echo(files["json"].read_text())

@@ -80,13 +80,13 @@ def label_html(data: dict[str, Any], root: Path | None) -> str:
             f"{''.join(errs) or '<p>none</p>'}</section>")
 
 
-def write_label_report(out: Path, names: Sequence[str], probs: np.ndarray, targets: np.ndarray, cal: Any,
-                       history: History | None, plots: dict[str, Path], info: dict, notes: Sequence[str],
-                       insight: dict | None, root: Path | None = None) -> dict[str, Path]:
+def write_label_report(out: Path, names: Sequence[str], probs: np.ndarray, targets: np.ndarray,
+                       classes: Sequence[str], thresholds: Sequence[float], history: History | None,
+                       plots: dict[str, Path], info: dict, notes: Sequence[str] = (), insight: dict | None = None,
+                       root: Path | None = None) -> dict[str, Path]:
     """report.html/json: ``diagnose.report``'s (no one-class sections), with the labels section added."""
-    classes = cal.figures.classes
     written = write_report(out, None, history, plots, info, notes, insight=insight)
-    data = label_json(names, probs, targets, classes, cal.thresholds)
+    data = label_json(names, probs, targets, classes, thresholds)
     page = written["html"].read_text(encoding="utf-8")
     at = page.rfind("</body>")
     section = label_html(data, root)
@@ -96,3 +96,32 @@ def write_label_report(out: Path, names: Sequence[str], probs: np.ndarray, targe
     report["multilabel"] = data
     atomic_write_text(written["json"], json.dumps(report, indent=1, allow_nan=False) + "\n")
     return written
+
+
+def multi_hot(sets: Sequence[int], n_labels: int) -> np.ndarray:
+    """Encoded label sets (``vision.labelsets.encode``) -> 0/1 [N, K], numpy."""
+    y = np.asarray(sets, dtype=np.int64).reshape(-1, 1)
+    return (np.maximum(y, 0) >> np.arange(n_labels) & 1).astype(np.float64)
+
+
+def write_interpretation(out: Path, interp: Any, history: History | None, plots: dict[str, Path], info: dict,
+                         root: Path | None = None) -> tuple[dict[str, Path], dict[str, Any]]:
+    """``ursa interpret`` on a multi-label model: the report and ``label_json``'s figures."""
+    targets = multi_hot(interp.targets, len(interp.classes))
+    written = write_label_report(out, interp.files, interp.probs, targets, interp.classes, interp.thresholds, history,
+                                 plots, info, insight={"open_world": interp.open_world}, root=root)
+    return written, label_json(interp.files, interp.probs, targets, interp.classes, interp.thresholds)
+
+
+def label_lines(data: dict[str, Any]) -> list[str]:
+    """The console's summary of ``label_json``'s figures."""
+    out = [f"macro F1 {_num(data['macro_f1'])}, sample-averaged F1 {_num(data['samples_f1'])}, mAP {_num(data['map'])}, "
+           f"whole set right {100 * (data['exact_match'] or 0):.1f}% on {data['n_images']} images"]
+    out += [f"  {r['label']}: threshold {_num(r['threshold'])}, precision {_num(r['precision'])}, recall "
+            f"{_num(r['recall'])}, F1 {_num(r['f1'])}, AP {_num(r['ap'])} ({r['support']} images)" for r in data["labels"]]
+    pairs = ", ".join(f"{p['missed']} -> {p['given']} ({p['images']})" for p in data["confused_pairs"]) or "none"
+    out.append(f"most confused (label missed -> label given instead): {pairs}")
+    for label, e in data["errors"].items():
+        out.append(f"  {label}: missed {', '.join(n for n, _ in e['missed']) or '-'}; "
+                   f"given wrongly {', '.join(n for n, _ in e['added']) or '-'}")
+    return out

@@ -139,8 +139,8 @@ def write_run(out: Path, learn: Learner, cfg: TrainConfig, ds: ImageDataset, inf
                                     "valid", skipped, feats)
             report = write_report(out, interp, h, run_plots(out), info, notes, insight=insight, model=model)
         else:  # per-label figures, errors and confused pairs (diagnose.label_report)
-            report = write_label_report(out, [ds.rel(i) for i in idx], probs, learn.task.targets(y), cal, h,
-                                        run_plots(out), info, notes, insight, ds.root)
+            report = write_label_report(out, [ds.rel(i) for i in idx], probs, learn.task.targets(y), ds.classes,
+                                        thresholds, h, run_plots(out), info, notes, insight, ds.root)
     except Exception as e:  # noqa: BLE001 - reported, never fatal
         console.print(f"[yellow]warning:[/] could not write the report: {type(e).__name__}: {e}", highlight=False)
     timings["report"] = time.perf_counter() - t
