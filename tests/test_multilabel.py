@@ -215,3 +215,86 @@ def test_a_header_without_task_fields_loads_and_bad_ones_are_one_line(tiny_model
                               ("thresholds", "[2]", "thresholds")):
         with pytest.raises(ModelFileError, match=words):
             ModelMeta.from_header({**h, key: value}, tiny_model)
+
+
+# --- later stages ---------------------------------------------------------------------------------
+
+
+def test_interpret_shows_per_label_errors_and_confused_pairs(ml_run, ml_dir, tmp_path):
+    from ursa.diagnose.interpret import interpret_model
+    from ursa.diagnose.label_report import write_interpretation
+
+    interp = interpret_model(ml_run / "model.safetensors", ml_dir)
+    assert interp.thresholds is not None and len(interp) == len(_valid(ml_run))
+    files, fig = write_interpretation(tmp_path, interp, None, {}, {"title": "t"}, ml_dir)
+    assert [r["label"] for r in fig["labels"]] == ["blue", "green", "red"]
+    assert 0 <= fig["macro_f1"] <= 1 and isinstance(fig["confused_pairs"], list)
+    data = json.loads(files["json"].read_text())["multilabel"]
+    assert data["n_images"] == len(interp)
+    for label, e in data["errors"].items():  # a miss carries the label and is under its threshold, and the reverse
+        j = interp.classes.index(label)
+        for name, p in e["missed"]:
+            assert p < interp.thresholds[j]
+        for name, p in e["added"]:
+            assert p >= interp.thresholds[j]
+
+
+def test_confused_pairs_count_a_label_missed_while_another_is_given():
+    from ursa.diagnose.multilabel import confused_pairs
+
+    t = np.array([[1, 0, 0], [1, 0, 0], [0, 1, 0]])
+    p = np.array([[0.1, 0.9, 0.0], [0.2, 0.8, 0.9], [0.0, 0.9, 0.0]])
+    assert confused_pairs(p, t, ["a", "b", "c"], [0.5] * 3) == [("a", "b", 2), ("a", "c", 1)]
+
+
+def test_clean_ranks_planted_label_errors_and_decides_one_label(ml_run, ml_dir, tmp_path):
+    import shutil
+
+    from ursa.apps.clean.label_sets import LabelSetDecisions, clean_label_sets
+
+    data = tmp_path / "data"
+    shutil.copytree(ml_dir, data)
+    rows = (data / "labels.csv").read_text().splitlines()
+    planted = []
+    for i, line in enumerate(rows[1:], 1):  # take "red" off a few images that carry it
+        name, label = line.split(",", 1)
+        if "red" in label.split() and len(planted) < 4 and i % 3 == 0:
+            rows[i] = f"{name},{' '.join(c for c in label.split() if c != 'red')}"
+            planted.append(name)
+    (data / "labels.csv").write_text("\n".join(rows) + "\n")
+    issues, _ = clean_label_sets(data, ml_run / "model.safetensors", data / "labels.csv")
+    order = [issues.names[i] for i in np.argsort(issues.quality, kind="stable")]
+    top = order[: 3 * len(planted)]
+    assert sum(n in top for n in planted) >= len(planted) // 2, (planted, top)
+    for n in planted:
+        if n in [issues.names[i] for i in issues.issues]:
+            assert issues.suggestion(issues.names.index(n))[:2] == ("add", "red")
+    path = issues.write_csv(tmp_path / "label_issues.csv")
+    assert path.read_text().splitlines()[0] == "name,labels,quality,likely_error,suggest,label,prob"
+
+    names = issues.names
+    labels = [" ".join(c for c, v in zip(issues.classes, row) if v) for row in issues.targets]
+    d = LabelSetDecisions(data, names, labels, issues.classes)
+    d.add(planted[0], "red")
+    d.remove(names[7], "blue")  # img007 carries all three
+    d.remove(names[7], "green")
+    again = LabelSetDecisions(data, names, labels, issues.classes)  # a new process replays the log
+    assert again.load() == 3
+    assert set(again.label_of(planted[0]).split()) == set(labels[names.index(planted[0])].split()) | {"red"}
+    assert again.label_of(names[7]) == "red"
+    cleaned = dict(r.split(",", 1) for r in (data / "cleaned.csv").read_text().splitlines()[1:])
+    assert cleaned[names[7]] == "red"
+    with pytest.raises(ValueError):
+        d.add(names[0], "purple")
+
+
+def test_int8_compares_whole_label_sets(ml_run):
+    from ursa.inference.quantize import answer_key, label_key
+    from ursa.inference.results import Prediction
+    from ursa.inference.runtime import load_onnx
+
+    p = load_onnx(ml_run / "model.onnx")
+    ans = Prediction("red", 2, {"blue": 0.9, "green": 0.1, "red": 0.95}, chosen=["red", "blue"])
+    assert answer_key(p, ans) == label_key(p, "blue red") == 0b101
+    assert label_key(p, "") == 0 and label_key(p, "purple") == -2
+    assert answer_key(p, Prediction("red", 2, {"blue": 0.1, "green": 0.1, "red": 0.2}, chosen=[])) == 0
