@@ -215,6 +215,8 @@ class TrainConfig:
                 "--label-delim", "one or more characters (not a newline)", self.label_delim)
         _expect(not self.multi_label or self.csv is not None, "--multi-label",
                 "--csv labels.csv too (a CSV of name,labels: a folder per class gives each image one label)", self.csv)
+        _expect(not (self.multi_label and self.curve), "--curve", "off with --multi-label (the learning curve counts "
+                "one class per picture)", self.curve)
         _expect(self.flips in FLIP_CHOICES, "--flips", " or ".join(FLIP_CHOICES), self.flips)
         _expect(self.pixels in PIXEL_MODES, "--pixels", " or ".join(PIXEL_MODES), self.pixels)
         check_device_name(self.device)
