@@ -104,7 +104,7 @@ def predict_cmd(
         in_set = f"; set {{{', '.join(printable(c) for c in ans.labels)}}} at {ans.level:g}" if ans.labels is not None else ""
         name = printable(str(f))  # printable: a newline or raw byte in a name never splits the line
         if ans.unknown:
-            typer.echo(f"{name}: none of these (closest: {printable(ans.label)}) (unknown score {ans.unknown_score:.3f} "
+            typer.echo(f"{name}: {printable(ans.shown)} (unknown score {ans.unknown_score:.3f} "
                        f"above {ans.unknown_threshold:.3f}){in_set}")
         elif ans.unsure:
             typer.echo(f"{name}: unsure (best guess {printable(ans.label)} {ans.confidence:.3f}, "

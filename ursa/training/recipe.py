@@ -310,7 +310,9 @@ def _figures(cfg: TrainConfig, learn: Learner, ds: ImageDataset, plan: Plan, see
         return
     at = next((i for i, r in enumerate(rows) if learn.kept_row and r["epoch"] == learn.kept_row["epoch"]), -1)
     kept_error = rows[at]["error_rate"]
-    if cfg.unfreeze_epochs is None:  # the default recipe chose its epoch on the validation pictures
+    # The default recipe chose its epoch on the validation pictures. (Multi-label: the loop's error is 1 - macro F1, not
+    # a share of pictures, so a per-picture correction would measure another figure: none is given.)
+    if cfg.unfreeze_epochs is None and not cfg.multi_label:
         plan.honest = honest_figures(seen.correct, kept_error, seen.known)
         corrected = plan.honest["selection_corrected"]
         if corrected is not None:

@@ -326,7 +326,12 @@ def from_csv(root: str | Path, csv_path: str | Path, valid_pct: float = VALID_PC
     _check_classes(classes, {}, csv_path)
     files = [root / r["name"] for r in rows]
     labels = [classes.index(r["label"]) for r in rows]
-    ds = ImageDataset(root, files, labels, classes, [False] * len(rows))
+    return split_csv_rows(ImageDataset(root, files, labels, classes, [False] * len(rows)), rows, cols, valid_pct, seed)
+
+
+def split_csv_rows(ds: ImageDataset, rows: list[dict[str, str]], cols: list[str], valid_pct: float,
+                   seed: int) -> ImageDataset:
+    """A CSV's dataset split: its is_valid column when it has one, else the stable split; files reached twice once."""
     if "is_valid" in cols:
         ds.is_valid = [r.get("is_valid", "").lower() in ("1", "true", "yes") for r in rows]
     else:

@@ -17,8 +17,7 @@ import torch
 
 from ursa.errors import DataError
 from ursa.util.names import printable, same_when_normalised
-from ursa.vision.data import (ImageDataset, dedupe_split, drop_repeated_files, ensure_both_sides, is_valid_split,
-                              load_dataset, read_csv_rows)
+from ursa.vision.data import ImageDataset, dedupe_split, load_dataset, read_csv_rows, split_csv_rows
 
 MAX_LABELS = 62  # bits of a non-negative int64
 
@@ -69,13 +68,7 @@ def from_multilabel_csv(root: str | Path, csv_path: str | Path, valid_pct: float
     index = {c: i for i, c in enumerate(classes)}
     ds = ImageDataset(root, [root / r["name"] for r in rows], [encode(index[c] for c in s) for s in sets], classes,
                       [False] * len(rows), multi_label=True, label_delim=delim)
-    if "is_valid" in cols:
-        ds.is_valid = [r.get("is_valid", "").lower() in ("1", "true", "yes") for r in rows]
-    else:
-        ds.is_valid = [is_valid_split(ds.rel(i), valid_pct, seed) for i in range(len(rows))]
-    ds = drop_repeated_files(ds)
-    ensure_both_sides(ds, valid_pct)
-    return ds
+    return split_csv_rows(ds, rows, cols, valid_pct, seed)
 
 
 def load_labelled(root: str | Path, csv_path: str | Path | None, valid_pct: float, seed: int, dedupe: bool = False,
