@@ -20,6 +20,7 @@ from typing import Any, Sequence
 
 from rich.console import Console
 
+from ursa.acquire.licenses import license_summary, summary_line
 from ursa.diagnose.advice import Advice, advise, write_advice
 from ursa.diagnose.calibration import Calibration
 from ursa.diagnose.insight_plots import plot_curve
@@ -104,9 +105,10 @@ def write_run(out: Path, learn: Learner, cfg: TrainConfig, ds: ImageDataset, inf
     world, insight["open_world"] = fit_open_world(learn, ds, cfg.keep, feats, probs if single else None,
                                                   y if single else None, console)
     timings["open_world"] = time.perf_counter() - t  # one pass over the training images
+    licenses = _licenses(ds, console)
     thresholds = learn.task.thresholds(cal)  # multi-label: each label's, chosen on the validation images
     model = learn.export(out / "model.safetensors", config=config, calibration=cal.to_meta() if cal else None,
-                         open_world=world, thresholds=thresholds)
+                         open_world=world, licenses=licenses, thresholds=thresholds)
     t = time.perf_counter()
     onnx_file = write_onnx_beside(model)  # the fast path by default (predict, serve); a failure only warns
     timings["onnx"] = time.perf_counter() - t
@@ -120,7 +122,7 @@ def write_run(out: Path, learn: Learner, cfg: TrainConfig, ds: ImageDataset, inf
             and learn.kept_row is None):  # the recipe already put the best weights into the model file
         metrics = {k: b.row[k] for k in ("valid_loss", "error_rate", "accuracy")}
         metrics["epoch"] = b.epoch
-        best = learn.export(out / "best.safetensors", metrics=metrics, config=config, state=b.state,
+        best = learn.export(out / "best.safetensors", metrics=metrics, config=config, state=b.state, licenses=licenses,
                             thresholds=thresholds)
         notes.append(f"The weights of epoch {b.epoch} (error rate {b.row['error_rate']:.4f}) are saved as "
                      f"{best.name}: use it instead of model.safetensors, or retrain with fewer epochs.")
@@ -132,7 +134,7 @@ def write_run(out: Path, learn: Learner, cfg: TrainConfig, ds: ImageDataset, inf
             raise RuntimeError("no validation predictions")
         idx = [i for i in ds.valid_idx if i not in learn.vanished]  # _valid_pass left those rows out
         info = {"title": "ursa training report", "run folder": str(out), "model": "model.safetensors",
-                "arch": learn.model.arch, "input size": learn.dls.size, **(info or {})}
+                "arch": learn.model.arch, "input size": learn.dls.size, "licences": summary_line(licenses), **(info or {})}
         if single:
             skipped = list(ds.skipped) + [(name, VANISHED) for name in learn.vanished_names()]
             interp = Interpretation(list(ds.classes), [ds.rel(i) for i in idx], [ds.files[i] for i in idx], y, probs,
@@ -152,6 +154,19 @@ VANISHED = "changed or vanished on disk during training"
 
 def ds_classes(learn: Learner) -> list[str]:
     return list(learn.dls.classes)
+
+
+def _licenses(ds: ImageDataset, console: Console) -> dict[str, Any]:
+    """The images' licences from the data folder's downloads.csv (``{}`` without one); a bad manifest only warns."""
+    try:
+        found = license_summary(ds.files, ds.root)
+    except Exception as e:  # noqa: BLE001 - provenance is a summary: it never fails a run
+        console.print(f"[yellow]warning:[/] licences not summarised: {type(e).__name__}: {e}", highlight=False)
+        return {}
+    if found:
+        console.print(f"licences: {summary_line(found)} (from {ds.root}/downloads.csv; `ursa credits` lists them)",
+                      highlight=False)
+    return found
 
 
 def vanished_note(names: Sequence[str]) -> str:
