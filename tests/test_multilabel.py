@@ -298,3 +298,41 @@ def test_int8_compares_whole_label_sets(ml_run):
     assert answer_key(p, ans) == label_key(p, "blue red") == 0b101
     assert label_key(p, "") == 0 and label_key(p, "purple") == -2
     assert answer_key(p, Prediction("red", 2, {"blue": 0.1, "green": 0.1, "red": 0.2}, chosen=[])) == 0
+
+
+@pytest.mark.browser
+def test_serve_page_shows_the_label_set(ml_run, ml_dir, browser):
+    import socket
+    import threading
+    import time
+
+    import uvicorn
+
+    from tests.conftest import wait_until
+    from ursa.apps.serve import create_app
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(create_app(ml_run / "model.safetensors", backend="torch"), host="127.0.0.1",
+                                           port=port, log_level="warning"))
+    t = threading.Thread(target=server.run, daemon=True)
+    t.start()
+    deadline = time.monotonic() + 20
+    while not server.started and time.monotonic() < deadline:
+        time.sleep(0.05)
+    try:
+        page = browser.new_page(viewport={"width": 1000, "height": 640})
+        page.goto(f"http://127.0.0.1:{port}/")
+        wait_until(page, "document.getElementById('model-info').textContent.includes('classes')")
+        from ursa.inference.predictor import load_predictor
+
+        want = load_predictor(ml_run / "model.safetensors", backend="torch").predict_one(ml_dir / "img007.png").chosen
+        page.set_input_files("#file", str(ml_dir / "img007.png"))
+        page.wait_for_selector("#bars .bar", timeout=30_000)
+        assert page.text_content("#label") == (", ".join(want) or "no label")
+        assert "its own threshold" in page.text_content("#confidence")
+        page.close()
+    finally:
+        server.should_exit = True
+        t.join(10)
