@@ -152,10 +152,6 @@ def write_run(out: Path, learn: Learner, cfg: TrainConfig, ds: ImageDataset, inf
 VANISHED = "changed or vanished on disk during training"
 
 
-def ds_classes(learn: Learner) -> list[str]:
-    return list(learn.dls.classes)
-
-
 def _licenses(ds: ImageDataset, console: Console) -> dict[str, Any]:
     """The images' licences from the data folder's downloads.csv (``{}`` without one); a bad manifest only warns."""
     try:
@@ -191,7 +187,7 @@ def _valid_pass(learn: Learner, cfg: TrainConfig, out: Path, console: Console, t
     if len(y) == 0:
         return logits, y, feats, None
     t = time.perf_counter()
-    cal = learn.task.calibrate(logits, y, ds_classes(learn), cfg.target_precision, out / "reliability.png")
+    cal = learn.task.calibrate(logits, y, list(learn.dls.classes), cfg.target_precision, out / "reliability.png")
     timings["calibration"] = time.perf_counter() - t
     console.print(cal.summary(), highlight=False)
     return logits, y, feats, cal
