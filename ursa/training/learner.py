@@ -49,7 +49,7 @@ class Learner:
                  cbs: Iterable[Callback] = (), console: Console | None = None, dist: Dist | None = None) -> None:
         self.dls, self.model = dls, model
         self.config = config or LearnerConfig()
-        self.task = task_for(dls.dataset)  # the loss, activation and metrics: one class, or a set of labels
+        self.task = task_for(getattr(dls, "dataset", None))  # loss, activation, metrics: one class, or a label set
         self.dist = dist or Dist()  # this process's rank under torchrun (rank 0 of 1 without)
         self.device = resolve_device(self.config.device)  # auto: CUDA, then MPS, then the CPU, as the CLI
         # CUDA: bf16 autocast where the GPU has it, else fp16 with a gradient scaler; the CPU: fp32 (or --bf16)

@@ -120,6 +120,6 @@ class MultiLabel:
         return list(cal.thresholds) if cal is not None else [DEFAULT] * self.n_labels
 
 
-def task_for(ds: ImageDataset) -> SingleLabel | MultiLabel:
-    """The dataset's task: label sets when it was read with --multi-label."""
-    return MultiLabel(len(ds.classes)) if ds.multi_label else SingleLabel()
+def task_for(ds: ImageDataset | None) -> SingleLabel | MultiLabel:
+    """The dataset's task: label sets when it was read with --multi-label (no dataset: one class per picture)."""
+    return MultiLabel(len(ds.classes)) if getattr(ds, "multi_label", False) else SingleLabel()
