@@ -180,6 +180,8 @@ def test_serve_answers_labels(ml_run, ml_dir):
             assert all(set(x) == {"label", "prob"} for x in body["labels"])
             model = c.get("/model").json()
             assert model["task"] == "multi_label" and len(model["thresholds"]) == 3
+            explained = c.post("/explain", content=data, headers={"content-type": "image/png"}).json()
+            assert [x["label"] for x in explained["labels"]] == [x["label"] for x in body["labels"]]  # sigmoids there too
 
 
 # --- single-label files unchanged ---------------------------------------------------------------
