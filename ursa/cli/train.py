@@ -82,6 +82,8 @@ def replay_of(base_run: Path, base: dict, given: dict) -> dict:
 def train_cmd(
     data: DataArg,
     csv: CsvOpt = None,
+    multi_label: Annotated[Optional[bool], typer.Option("--multi-label/--single-label", help="Each image has a set of labels (none, one or several): the --csv label column holds them separated by a space (fastai's planet format); sigmoid outputs, a threshold per label [default: single-label].")] = None,
+    label_delim: Annotated[Optional[str], typer.Option("--label-delim", help="What separates the labels of one image in the --csv label column with --multi-label [default: a space].")] = None,
     out: Annotated[Optional[Path], typer.Option("--out", help=f"Run folder for the model file, history and plots [default: {default('out')}].")] = None,
     config: ConfigOpt = None,
     arch: ArchOpt = None,
@@ -119,7 +121,7 @@ def train_cmd(
 ) -> None:
     """Fine-tune a pretrained network on your images: frozen one-cycle, then fine-tuning when it pays and fits --budget."""
     options = dict(
-        out=out, csv=csv, arch=arch, pretrained=pretrained, size=size, valid_pct=valid_pct, seed=seed,
+        out=out, csv=csv, multi_label=multi_label, label_delim=label_delim, arch=arch, pretrained=pretrained, size=size, valid_pct=valid_pct, seed=seed,
         split_seed=split_seed, epochs=epochs, lr=lr, budget=parse_budget(budget),
         time_limit=parse_budget(time_limit, "--time-limit"), unfreeze_epochs=unfreeze_epochs,
         flips=flips, unfreeze_lr=parse_slice(unfreeze_lr), unfreeze_size=unfreeze_size, bf16=bf16,
@@ -191,10 +193,10 @@ def _launch(cfg: TrainConfig, nproc: int) -> int:
     import tempfile
 
     from ursa.training.dist import rank_device
-    from ursa.vision.data import load_dataset
+    from ursa.vision.labelsets import load_labelled
 
     rank_device(cfg.device, 0, nproc)
-    load_dataset(cfg.data, cfg.csv, cfg.valid_pct, cfg.split_seed_used)  # a bad folder fails once, here
+    load_labelled(cfg.data, cfg.csv, cfg.valid_pct, cfg.split_seed_used, label_delim=cfg.label_sets)  # fails once, here
     cmd = torchrun_command(nproc, sys.argv)
     typer.echo(f"starting: {' '.join(cmd)}", err=True)
     # torchrun's own default, set here so it does not print a banner about it: the cores shared out
@@ -353,6 +355,12 @@ def interpret_cmd(
     info = {"title": "ursa interpretation", "model": str(model), "data": str(data),
             "set": "every image" if all_images else "validation set" + (" (split.csv)" if (run / "split.csv").is_file() and csv is None else ""),
             "backend": interp.backend, "tta": interp.tta or "off"}
+    if interp.thresholds is not None:  # a multi-label model: per-label figures, errors and confused pairs
+        from ursa.diagnose.label_report import label_lines, write_interpretation
+
+        files, figures = write_interpretation(out, interp, hist, run_plots(run), info, data)
+        typer.echo(files["json"].read_text() if json_out else "\n".join(label_lines(figures)))
+        return
     files = write_report(out, interp, hist, run_plots(run), info, k=top, model=model)
     if json_out:
         typer.echo(files["json"].read_text())

@@ -120,6 +120,9 @@ class TrainConfig:
     data: Path
     out: Path = Path("runs/latest")
     csv: Path | None = None
+    # Multi-label (docs/multilabel.md): the CSV's label cells hold label sets, label_delim between the labels.
+    multi_label: bool = False
+    label_delim: str = " "
     arch: str = DEFAULT_ARCH
     pretrained: bool = True
     size: int | None = None  # input size; None: the recipe decides from the images (training/plan.py)
@@ -208,6 +211,12 @@ class TrainConfig:
                               and (r.get("size") is None or _whole(r["size"], 32, 1024))
                               and (r.get("fine_tune_epochs") is None or _whole(r["fine_tune_epochs"], 0, 1000))),
                 "replay", "an earlier run's folder and its decisions (size 32-1024, fine_tune_epochs >= 0)", r)
+        _expect(isinstance(self.label_delim, str) and len(self.label_delim) > 0 and "\n" not in self.label_delim,
+                "--label-delim", "one or more characters (not a newline)", self.label_delim)
+        _expect(not self.multi_label or self.csv is not None, "--multi-label",
+                "--csv labels.csv too (a CSV of name,labels: a folder per class gives each image one label)", self.csv)
+        _expect(not (self.multi_label and self.curve), "--curve", "off with --multi-label (the learning curve counts "
+                "one class per picture)", self.curve)
         _expect(self.flips in FLIP_CHOICES, "--flips", " or ".join(FLIP_CHOICES), self.flips)
         _expect(self.pixels in PIXEL_MODES, "--pixels", " or ".join(PIXEL_MODES), self.pixels)
         check_device_name(self.device)
@@ -222,6 +231,11 @@ class TrainConfig:
                 "a number in (0, 1]", self.target_precision)
         _expect(_number(self.keep) and 0 < self.keep <= 1, "--keep", "a share of validation images in (0, 1]", self.keep)
         self.learner_config()  # the learner's own checks (wd, label smoothing, views)
+
+    @property
+    def label_sets(self) -> str | None:
+        """The separator of the CSV's label sets with --multi-label (``vision.labelsets.load_labelled``), else None."""
+        return self.label_delim if self.multi_label else None
 
     @property
     def split_seed_used(self) -> int:

@@ -39,7 +39,8 @@ from ursa.training.plan import (RESERVE, FineTune, Plan, Stop, Work, choose_flip
 from ursa.training.run import RunFiles, write_run
 from ursa.util.files import atomic_write_text, check_outside
 from ursa.util.progress import make_console, progress_bar
-from ursa.vision.data import ImageDataset, load_dataset
+from ursa.vision.data import ImageDataset
+from ursa.vision.labelsets import load_labelled
 from ursa.util.device import describe
 from ursa.vision.loaders import MEMORY_BUDGET, dataloaders
 from ursa.vision.models import create_model, get_spec
@@ -99,7 +100,7 @@ def prepare(cfg: TrainConfig, console: Console | None = None, spill_dir: Path | 
                           "shares by the ranks); leave out --no-cache")
     console = console or make_console(cfg.quiet or not dist.main)
     torch.manual_seed(cfg.seed)
-    ds = load_dataset(cfg.data, cfg.csv, cfg.valid_pct, cfg.split_seed_used)
+    ds = load_labelled(cfg.data, cfg.csv, cfg.valid_pct, cfg.split_seed_used, label_delim=cfg.label_sets)
     check_outside(cfg.out, cfg.data, "run folder")
     if cfg.dedupe_split:
         insight.apply_dedupe_split(ds, cfg.valid_pct, cfg.split_seed_used, console)
@@ -309,7 +310,9 @@ def _figures(cfg: TrainConfig, learn: Learner, ds: ImageDataset, plan: Plan, see
         return
     at = next((i for i, r in enumerate(rows) if learn.kept_row and r["epoch"] == learn.kept_row["epoch"]), -1)
     kept_error = rows[at]["error_rate"]
-    if cfg.unfreeze_epochs is None:  # the default recipe chose its epoch on the validation pictures
+    # The default recipe chose its epoch on the validation pictures. (Multi-label: the loop's error is 1 - macro F1, not
+    # a share of pictures, so a per-picture correction would measure another figure: none is given.)
+    if cfg.unfreeze_epochs is None and not cfg.multi_label:
         plan.honest = honest_figures(seen.correct, kept_error, seen.known)
         corrected = plan.honest["selection_corrected"]
         if corrected is not None:
@@ -319,7 +322,7 @@ def _figures(cfg: TrainConfig, learn: Learner, ds: ImageDataset, plan: Plan, see
     plan.wrong = [n for n, ok in zip(names, seen.correct[at].tolist()) if not ok]
     earlier = (cfg.replay or {}).get("from")
     if earlier:
-        labels = [ds.classes[ds.labels[i]] for i in ds.valid_idx]
+        labels = [ds.label_text(i) for i in ds.valid_idx]
         c = compare_valid(Path(earlier) / "split.csv", names, labels, seen.correct[at].tolist(),
                           earlier_wrong(Path(earlier)))
         if c is not None:

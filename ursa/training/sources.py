@@ -10,7 +10,7 @@ at the end of an epoch, and the validation metrics.
 from __future__ import annotations
 
 import math
-from typing import Callable, Iterable, Iterator, Protocol
+from typing import Any, Callable, Iterable, Iterator, Protocol
 
 import torch
 from torch import nn
@@ -22,7 +22,7 @@ from ursa.vision.loaders import DataLoaders
 from ursa.vision.models import Classifier
 
 Batch = tuple[torch.Tensor, torch.Tensor]
-Metrics = tuple[float, float, float]  # valid_loss, error_rate, accuracy
+Metrics = tuple[float, ...]  # valid_loss, error_rate, accuracy (then a task's own columns: training.task)
 
 
 class BatchSource(Protocol):
@@ -126,8 +126,9 @@ class CachedFeatures:
     """Cached body features for the head: epoch e uses view e mod K, reshuffled every epoch."""
 
     def __init__(self, head: nn.Module, cache: FeatureCache, bs: int, generator: torch.Generator,
-                 device: torch.device | None = None) -> None:
+                 device: torch.device | None = None, task: Any = None) -> None:
         self.module, self.cache, self.bs, self.g = head, cache, bs, generator
+        self.task = task  # training.task: the activation and metrics (None: one class per picture)
         self.device = device or torch.device("cpu")
         n = len(cache.train_y)
         self.drop_last = n > bs  # drop a small last batch, as the image loader does
@@ -164,6 +165,7 @@ class CachedFeatures:
         """The head on the cached validation features (equal to the frozen model on the images)."""
         self.module.eval()
         v = self.cache.valid
-        probs = torch.cat([self.module(v[i:i + 1024].to(self.device)).float().softmax(1).cpu()
-                           for i in range(0, len(v), 1024)])
-        return metrics_from_probs(probs, self.cache.valid_y)
+        logits = torch.cat([self.module(v[i:i + 1024].to(self.device)).float().cpu() for i in range(0, len(v), 1024)])
+        if self.task is None:
+            return metrics_from_probs(logits.softmax(1), self.cache.valid_y)
+        return self.task.metrics(self.task.probs(logits), self.cache.valid_y)
