@@ -27,7 +27,8 @@ from ursa.util.progress import progress_bar
 if TYPE_CHECKING:  # a callback only ever receives the learner
     from rich.progress import Progress
 
-HISTORY_COLUMNS = ["epoch", "stage", "train_loss", "valid_loss", "error_rate", "accuracy", "seconds"]
+METRIC_KEYS = ("valid_loss", "error_rate", "accuracy", "balanced_error")  # an epoch's figures in the model file
+HISTORY_COLUMNS = ["epoch", "stage", "train_loss", "valid_loss", "error_rate", "accuracy", "balanced_error", "seconds"]
 
 
 class CancelBatchException(Exception):
@@ -152,10 +153,11 @@ class Recorder(Callback):
         self.epoch_losses.append(learn.loss_value)
 
     def after_epoch(self, learn: Any) -> None:
-        valid_loss, err, acc = learn.metrics
+        valid_loss, err, acc, bal = learn.metrics
         self.rows.append({
             "epoch": learn.epoch, "stage": learn.stage, "train_loss": smooth_last(self.epoch_losses),
-            "valid_loss": valid_loss, "error_rate": err, "accuracy": acc, "seconds": time.perf_counter() - self.t0,
+            "valid_loss": valid_loss, "error_rate": err, "accuracy": acc, "balanced_error": bal,
+            "seconds": time.perf_counter() - self.t0,
         })
 
     def history(self, diverged: bool = False, stage: str | None = None) -> History:
@@ -164,8 +166,8 @@ class Recorder(Callback):
                        list(self.batch_lrs), diverged, stage)
 
     def history_csv(self) -> str:
-        """history.csv text: epoch,stage,train_loss,valid_loss,error_rate,accuracy,seconds."""
-        return csv_text(HISTORY_COLUMNS, [[_fmt_cell(r[c]) for c in HISTORY_COLUMNS] for r in self.rows])
+        """history.csv text: epoch,stage,train_loss,valid_loss,error_rate,accuracy,balanced_error,seconds."""
+        return csv_text(HISTORY_COLUMNS, [[_fmt_cell(r.get(c, math.nan)) for c in HISTORY_COLUMNS] for r in self.rows])
 
 
 def _fmt_cell(v: object) -> str:
@@ -185,14 +187,15 @@ class EpochTable(Callback):
     def before_fit(self, learn: Any) -> None:
         if not self.printed:
             learn.console.print(f"{'epoch':>5}  {'stage':<8}  {'train_loss':>10}  {'valid_loss':>10}  "
-                                f"{'error_rate':>10}  {'accuracy':>8}  {'time':>6}", highlight=False)
+                                f"{'error_rate':>10}  {'accuracy':>8}  {'balanced':>8}  {'time':>6}", highlight=False)
             self.printed = True
 
     def after_epoch(self, learn: Any) -> None:
         r = learn.recorder.rows[-1]
         m, s = divmod(int(round(r["seconds"])), 60)
         learn.console.print(f"{r['epoch']:>5}  {r['stage']:<8}  {r['train_loss']:>10.4f}  {r['valid_loss']:>10.4f}  "
-                            f"{r['error_rate']:>10.4f}  {r['accuracy']:>8.4f}  {m:02d}:{s:02d}", highlight=False)
+                            f"{r['error_rate']:>10.4f}  {r['accuracy']:>8.4f}  {r.get('balanced_error', math.nan):>8.4f}  "
+                            f"{m:02d}:{s:02d}", highlight=False)
 
 
 def _state(learn: Any) -> dict:

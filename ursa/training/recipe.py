@@ -26,8 +26,9 @@ from rich.console import Console
 
 from ursa.errors import DivergedError, UrsaError
 from ursa.training import insight
+from ursa.training.balance import choose_balance, class_prior
 from ursa.training.config import ConfigError, TrainConfig
-from ursa.training.callbacks import BudgetStop, Callback
+from ursa.training.callbacks import METRIC_KEYS, BudgetStop, Callback
 from ursa.training.checkpoint import Checkpoint, CheckpointWriter, remove_checkpoint
 from ursa.training.dist import Dist, describe_dist, rank_device
 from ursa.training.resume import resume_line, run_facts, split_digest, start_ranks
@@ -135,9 +136,12 @@ def prepare(cfg: TrainConfig, console: Console | None = None, spill_dir: Path | 
     )
     console.print(dls.pixels_line() + ("" if cfg.pixels == "auto" else f" (--pixels {cfg.pixels})"), highlight=False)
     plan.pixels = "memory" if dls.in_memory else "stream"
+    plan.balance, plan.balance_why = choose_balance(counts, cfg.balance)
+    lcfg = dataclasses.replace(cfg.learner_config(spill_dir, str(device)), balance=plan.balance,
+                               class_prior=class_prior([counts[c] for c in ds.classes]))
     for line in plan.lines():
         console.print(f"recipe: {line}", highlight=False)
-    learn = Learner(dls, model, cfg.learner_config(spill_dir, str(device)), cbs=cbs, console=console, dist=dist)
+    learn = Learner(dls, model, lcfg, cbs=cbs, console=console, dist=dist)
     return learn, ds, plan
 
 
@@ -220,7 +224,9 @@ def _train(cfg: TrainConfig, console: Console | None, resume: Checkpoint | None,
         raise DivergedError(f"{found.text()} See {cfg.out / 'advice.txt'}; no model file was written.")
     remove_checkpoint(cfg.out)  # the model file is written: nothing left to resume
     last = learn.kept_row or (learn.recorder.rows[-1] if learn.recorder.rows else {})
-    metrics = {k: last.get(k) for k in ("valid_loss", "error_rate", "accuracy")}
+    metrics = {k: last.get(k) for k in METRIC_KEYS}
+    if files.recall:
+        metrics["recall"] = files.recall
     return TrainResult(cfg.out, files.model, metrics, plan.seconds, peak_rss_mb(learn.dls.num_workers > 0),
                        ds.classes, len(ds.train_idx), len(ds.valid_idx), ds.skipped, learn, files, found, timings,
                        plan)
