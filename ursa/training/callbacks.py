@@ -153,7 +153,8 @@ class Recorder(Callback):
         self.epoch_losses.append(learn.loss_value)
 
     def after_epoch(self, learn: Any) -> None:
-        valid_loss, err, acc, bal = learn.metrics
+        valid_loss, err, acc, *rest = learn.metrics  # a batch source of before: no balanced error
+        bal = rest[0] if rest else math.nan
         self.rows.append({
             "epoch": learn.epoch, "stage": learn.stage, "train_loss": smooth_last(self.epoch_losses),
             "valid_loss": valid_loss, "error_rate": err, "accuracy": acc, "balanced_error": bal,

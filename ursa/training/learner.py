@@ -217,7 +217,7 @@ class Learner:
         return ImageBatches(self.model, self.dls, augment=self.config.augment, size=size, generator=generator,
                             bn_eval_frozen=self.config.cache, bn_eval_unfrozen=self.config.bn_stats_frozen,
                             validate=self.validate, device=self.device, weights=sample_weights(
-                                self.config, self.dls.dataset.labels[self.dls.dataset.train_idx]),
+                                self.config, torch.tensor(self.dls.dataset.labels)[self.dls.dataset.train_idx]),
                             shard=(d.rank, d.world) if d.active else None, wrap=self._ddp if d.active else None)
 
     def _ddp(self, module: torch.nn.Module) -> torch.nn.Module:
