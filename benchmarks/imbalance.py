@@ -77,19 +77,68 @@ def scores(pred: np.ndarray, y: np.ndarray, classes: list[str], minority: str) -
             "recall": {c: (None if math.isnan(v) else float(v)) for c, v in zip(classes, r)}}
 
 
-def run_remedy(folder: Path, csv: Path, remedy: str, budget: float, seed: int, out: Path):
-    """Train with --balance remedy (auto's decision replaced) on the cut split; validation logits, labels, plan."""
-    from ursa.training.config import TrainConfig
-    from ursa.training.recipe import fit_stages, prepare
-    from ursa.util.progress import make_console
+class Cut:
+    """One cut split, prepared once: the dataset, the decoded pixels, the network and its frozen body's feature
+    cache are shared by every remedy (the cache depends on the seed only); each remedy then trains the head
+    from the same initial weights, with the same seeded shuffles, as its own `ursa train --balance R` would."""
 
-    cfg = TrainConfig(data=folder, csv=csv, out=out, balance=remedy, budget=budget, seed=seed, quiet=True)
-    console = make_console(True)
-    learn, ds, plan = prepare(cfg, console)
-    fit_stages(cfg, learn, plan, console)
-    logits, y, _ = learn.get_logits()
-    prior = np.array(learn.config.class_prior or [1.0] * len(ds.classes))
-    return logits.numpy().astype(np.float64), y.numpy(), list(ds.classes), plan, prior
+    def __init__(self, folder: Path, csv: Path, budget: float, seed: int, out: Path) -> None:
+        from ursa.training.config import TrainConfig
+        from ursa.training.recipe import prepare
+        from ursa.util.progress import make_console
+
+        self.cfg = TrainConfig(data=folder, csv=csv, out=out, balance="none", budget=budget, seed=seed, quiet=True)
+        self.console = make_console(True)
+        self.learn, self.ds, _ = prepare(self.cfg, self.console)
+        self.model = self.learn.model
+        self.state = {k: v.clone() for k, v in self.model.state_dict().items()}
+        self.prior = class_prior_of(self.ds)
+        if budget == 0:  # computed once, before the global random state is saved (as a run computes it first)
+            self.learn.freeze()
+            self.learn.cached_features(min(self.cfg.views or self.cfg.epochs, self.cfg.epochs))
+        import torch
+
+        self.rng = torch.get_rng_state()  # the head's dropout draws from it: every remedy starts from the same
+
+    def run(self, remedy: str):
+        """Train with --balance remedy; the validation logits, labels, classes and plan."""
+        import dataclasses
+
+        from ursa.training.balance import choose_balance
+        from ursa.training.learner import Learner
+        from ursa.training.plan import Plan, time_limit
+        from ursa.training.recipe import fit_stages
+
+        import torch
+
+        self.model.load_state_dict(self.state)
+        torch.set_rng_state(self.rng)
+        mode, why = choose_balance({}, remedy)
+        cfg = dataclasses.replace(self.cfg, balance=remedy)
+        lcfg = dataclasses.replace(self.learn.config, balance=mode, class_prior=tuple(self.prior))
+        learn = Learner(self.learn.dls, self.model, lcfg, console=self.console)
+        if self.cfg.budget == 0:  # frozen stage only: the body's features are the same for every remedy
+            learn.freeze()
+            learn._cache = self.learn.cached_features(min(self.cfg.views or self.cfg.epochs, self.cfg.epochs))
+        plan = Plan(self.learn.dls.size, "", self.learn.dls.flips, "", self.cfg.budget, balance=mode, balance_why=why,
+                    work=self.plan_work(), time_limit=time_limit(self.cfg.budget, None))
+        fit_stages(cfg, learn, plan, self.console)
+        logits, y, _ = learn.get_logits()
+        return logits.numpy().astype(np.float64), y.numpy(), list(self.ds.classes), plan, self.prior
+
+    def plan_work(self) -> dict:
+        from ursa.training.plan import Work, count_gflops
+
+        g = count_gflops(self.model, self.learn.dls.size)
+        views = min(self.cfg.views or self.cfg.epochs, self.cfg.epochs)
+        return Work(g, g, len(self.ds.train_idx), len(self.ds.valid_idx), self.cfg.epochs, views).to_json()
+
+
+def class_prior_of(ds) -> np.ndarray:
+    from ursa.training.balance import class_prior
+
+    counts = ds.class_counts(ds.train_idx)
+    return np.array(class_prior([counts[c] for c in ds.classes]))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -115,7 +164,11 @@ def main(argv: list[str] | None = None) -> int:
                 if minority not in classes:
                     continue
                 csv = Path(tmp) / f"{name}.{minority}.csv"
+                keys = [f"{name}/b{args.budget:g}/s{args.seed}/{minority}/{r}" for r in remedies]
+                if all(k in results["runs"] for k in keys):
+                    continue
                 counts = cut_split(folder, minority, csv)
+                cut = Cut(folder, csv, args.budget, args.seed, Path(tmp) / "run")
                 none_logits = None
                 for remedy in remedies:
                     key = f"{name}/b{args.budget:g}/s{args.seed}/{minority}/{remedy}"
@@ -127,8 +180,7 @@ def main(argv: list[str] | None = None) -> int:
                         pred = (logits - np.log(prior)).argmax(1)
                         extra = {}
                     else:
-                        logits, y, cls, plan, prior = run_remedy(folder, csv, remedy, args.budget, args.seed,
-                                                                 Path(tmp) / "run")
+                        logits, y, cls, plan, prior = cut.run(remedy)
                         if remedy == "none":
                             none_logits = (logits, y, cls, prior)
                         pred = logits.argmax(1)
