@@ -98,6 +98,9 @@ def prepare(cfg: TrainConfig, console: Console | None = None, spill_dir: Path | 
     if dist.active and not cfg.cache:
         raise ConfigError("--no-cache: under torchrun the frozen stage trains on the feature cache (computed in "
                           "shares by the ranks); leave out --no-cache")
+    if dist.active and cfg.balance == "sampler":  # torch's DistributedSampler shares out a plain shuffle
+        raise ConfigError("--balance sampler: under torchrun the fine-tuning batches are shared out by torch's "
+                          "DistributedSampler, which does not draw class-balanced; use --balance logit_adjust or weights")
     console = console or make_console(cfg.quiet or not dist.main)
     torch.manual_seed(cfg.seed)
     ds = load_dataset(cfg.data, cfg.csv, cfg.valid_pct, cfg.split_seed_used)
