@@ -87,7 +87,9 @@ class Cut:
         from ursa.training.recipe import prepare
         from ursa.util.progress import make_console
 
-        self.cfg = TrainConfig(data=folder, csv=csv, out=out, balance="none", budget=budget, seed=seed, quiet=True)
+        # No wall-clock cap: on a busy machine it would cut fine-tuning, and the counted plan is what is compared.
+        self.cfg = TrainConfig(data=folder, csv=csv, out=out, balance="none", budget=budget, seed=seed, quiet=True,
+                               time_limit=86400.0)
         self.console = make_console(True)
         self.learn, self.ds, _ = prepare(self.cfg, self.console)
         self.model = self.learn.model
@@ -121,7 +123,7 @@ class Cut:
             learn.freeze()
             learn._cache = self.learn.cached_features(min(self.cfg.views or self.cfg.epochs, self.cfg.epochs))
         plan = Plan(self.learn.dls.size, "", self.learn.dls.flips, "", self.cfg.budget, balance=mode, balance_why=why,
-                    work=self.plan_work(), time_limit=time_limit(self.cfg.budget, None))
+                    work=self.plan_work(), time_limit=time_limit(self.cfg.budget, self.cfg.time_limit))
         fit_stages(cfg, learn, plan, self.console)
         logits, y, _ = learn.get_logits()
         return logits.numpy().astype(np.float64), y.numpy(), list(self.ds.classes), plan, self.prior
