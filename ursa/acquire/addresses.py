@@ -252,3 +252,23 @@ class GuardedTransport(httpx.AsyncHTTPTransport):
             keepalive_expiry=limits.keepalive_expiry,
             network_backend=GuardedBackend(policy, inner),
         )
+
+
+async def url_refusal(url: str, policy: AddressPolicy, cache: dict[str, AddressRefused | None],
+                      timeout: float = 5.0) -> AddressRefused | None:
+    """The address rule's refusal of a URL's host before anything connects to it (a search result), or None.
+
+    The host is resolved once (``cache``: host -> verdict, so a page of results from one site asks
+    once); a name that does not resolve now is let through: the download decides on it then.
+    """
+    parsed = httpx.URL(url)
+    host = parsed.raw_host.decode("ascii", errors="replace")
+    if host not in cache:
+        resolve = policy.resolve or system_resolve
+        try:
+            found = await asyncio.wait_for(resolve(host, parsed.port or (443 if parsed.scheme == "https" else 80)),
+                                           timeout)
+        except (TimeoutError, httpcore.ConnectError, httpcore.ConnectTimeout, OSError):
+            found = []
+        cache[host] = next((r for r in (policy.refusal(str(a), host) for a in found) if r is not None), None)
+    return cache[host]

@@ -41,11 +41,14 @@ from typing import Any, Iterable, Iterator, Mapping
 from urllib.parse import urlsplit
 
 from ursa.acquire.addresses import AddressPolicy
+from ursa.acquire.licenses import license_allowed, parse_license_filter
 from ursa.acquire.fetch import (
     FetchOptions, HostPool, MemoryBudget, decode_blocks, fetch, inspect_image, one_line, prepare_image,
 )
-from ursa.acquire.manifest import DONE_STATUSES, MANIFEST_NAME, DownloadSummary, ManifestWriter, read_manifest
-from ursa.acquire.urls import DownloadError, load_url_lists, redacted, url_problem
+from ursa.acquire.manifest import (
+    DONE_STATUSES, MANIFEST_NAME, DownloadSummary, ManifestWriter, is_legacy, read_manifest,
+)
+from ursa.acquire.urls import Credit, DownloadError, read_url_sources, redacted, url_problem
 from ursa.errors import ImageError
 from ursa.util.files import atomic_write_bytes
 from ursa.util.numbers import parse_bytes
@@ -133,6 +136,7 @@ async def _run(
     max_pics: int,
     progress: Any,
     policy: AddressPolicy,
+    credits: Mapping[tuple[str, str], Credit],
 ) -> None:
     for st in states.values():
         st.cond = asyncio.Condition()
@@ -146,7 +150,7 @@ async def _run(
                by_rule: bool = False) -> None:
         error = f"{kind}: {one_line(detail)}" if kind else ""
         writer.write({"url": url, "class": cls, "file": file, "status": status, "http_status": http_status,
-                      "error": error, "bytes": nbytes, "sha256": sha})
+                      "error": error, "bytes": nbytes, "sha256": sha, **credits.get((cls, url), {})})
         summary.add(cls, status, kind if status == "failed" else None)
         if status == "refused" and by_rule:  # the address rule's verdict, not the message's wording
             summary.refused_address += 1
@@ -242,9 +246,10 @@ def _retry_row(row: Mapping[str, str]) -> bool:
 
 
 def _plan_resume(
-    manifest: Path, lists: Mapping[str, list[str]], retry_failed: bool
+    manifest: Path, lists: Mapping[str, list[str]], retry_failed: bool, credits: Mapping[tuple[str, str], Credit]
 ) -> tuple[list[dict[str, str]], bool]:
-    """Rows to keep from an earlier run (one per URL; the ones to try again dropped) and whether to rewrite."""
+    """Rows to keep from an earlier run (one per URL; those to try again dropped; empty credits filled from the lists)
+    and whether to rewrite the manifest."""
     latest: dict[tuple[str, str], dict[str, str]] = {}
     old_rows = read_manifest(manifest)
     for r in old_rows:
@@ -254,8 +259,11 @@ def _plan_resume(
         latest[key] = r
     wanted = {(cls, redacted(u)) for cls, urls in lists.items() for u in urls}  # as the manifest holds them
     keep = [r for k, r in latest.items() if not (retry_failed and _retry_row(r) and k in wanted)]
+    fills = [(r, {c: v for c, v in credits.get((r["class"], r["url"]), {}).items() if not r.get(c)}) for r in keep]
+    for r, new in fills:
+        r.update(new)
     torn = manifest.exists() and manifest.stat().st_size > 0 and not manifest.read_bytes().endswith(b"\n")
-    return keep, len(keep) != len(old_rows) or torn
+    return keep, len(keep) != len(old_rows) or torn or any(new for _, new in fills) or is_legacy(manifest)
 
 
 @contextlib.contextmanager
@@ -299,6 +307,7 @@ def download_images(
     allow_private: bool = False,
     decode_memory: int | str = "512MB",
     address_policy: AddressPolicy | None = None,
+    licenses: str | Iterable[str] | None = None,
 ) -> DownloadSummary:
     """Download every URL of every class into ``dest/<class>/`` and account for each one in downloads.csv.
 
@@ -310,8 +319,10 @@ def download_images(
     192.168/16, link-local...); metadata, unspecified and multicast addresses stay refused.
     ``decode_memory``: the memory decodes in flight may use together (one bigger image runs alone).
     ``address_policy``: the address rule in full (allowed networks, a resolver); overrides ``allow_private``.
+    ``licenses``: fetch only URLs whose list gives one of these licences (``"cc0,by"``); the others are not recorded.
     """
-    lists = load_url_lists(url_files)
+    lists, credits = read_url_sources(url_files)
+    codes = parse_license_filter(licenses)
     max_bytes = parse_bytes(max_bytes)
     decode_memory = parse_bytes(decode_memory, "decode_memory")
     policy = address_policy if address_policy is not None else AddressPolicy(allow_private=allow_private)
@@ -336,7 +347,7 @@ def download_images(
         raise DownloadError(f"{dest}: cannot write there ({e.strerror or e}); choose another --dest") from None
 
     with _dest_lock(dest):
-        keep, rewrite = _plan_resume(manifest, lists, retry_failed)
+        keep, rewrite = _plan_resume(manifest, lists, retry_failed, credits)
         done = {(r["class"], r["url"]) for r in keep}
         summary = DownloadSummary(dest=dest, manifest=manifest)
         for cls in lists:
@@ -363,12 +374,16 @@ def download_images(
                         summary.skipped += 1
                         summary.per_class[cls]["skipped"] += 1
                         continue
+                    credit = credits.get((cls, url), {})
+                    if not license_allowed(codes, credit.get("license", ""), credit.get("license_url", "")):
+                        summary.filtered += 1
+                        continue
                     problem = url_problem(url)
                     if problem is not None:  # a refused scheme or a malformed line: one row, the run goes on
                         status, reason = problem
                         kind = "refused" if status == "refused" else "bad_url"
                         writer.write({"url": url, "class": cls, "file": "", "status": status, "http_status": "",
-                                      "error": f"{kind}: {one_line(reason)}", "bytes": "", "sha256": ""})
+                                      "error": f"{kind}: {one_line(reason)}", "bytes": "", "sha256": "", **credit})
                         summary.add(cls, status, kind if status == "failed" else None)
                         continue
                     items.append((cls, url))
@@ -377,7 +392,7 @@ def download_images(
                 if items:
                     with decode_blocks():
                         asyncio.run(_run(items, states, dest, writer, summary, opt, workers, per_host, max_pics,
-                                         bar, policy))
+                                         bar, policy, credits))
         finally:
             writer.close()
             summary.elapsed = time.perf_counter() - started

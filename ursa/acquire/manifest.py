@@ -15,11 +15,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-from ursa.acquire.urls import DownloadError, redacted
+from ursa.acquire.urls import CREDIT_COLUMNS, DownloadError, redacted
 from ursa.util.files import NAME_ERRORS, atomic_write_text, csv_line, csv_row_values, csv_text
 
 MANIFEST_NAME = "downloads.csv"
-MANIFEST_COLUMNS = ("url", "class", "file", "status", "http_status", "error", "bytes", "sha256")
+# The columns before the credits existed: such a manifest is still read (credits empty) and rewritten whole on the next run.
+LEGACY_COLUMNS = ("url", "class", "file", "status", "http_status", "error", "bytes", "sha256")
+MANIFEST_COLUMNS = (*LEGACY_COLUMNS, *CREDIT_COLUMNS)
 STATUSES = ("saved", "duplicate", "failed", "refused")
 DONE_STATUSES = frozenset({"saved", "duplicate", "refused"})
 
@@ -41,8 +43,17 @@ FAILURE_LABELS = {
 }
 
 
+def is_legacy(path: str | Path) -> bool:
+    """A downloads.csv written before the credit columns existed (rewritten with them by the next run)."""
+    p = Path(path)
+    if not p.is_file():
+        return False
+    with open(p, encoding="utf-8", errors=NAME_ERRORS, newline="") as f:
+        return tuple(next(csv.reader([f.readline()]), [])) == LEGACY_COLUMNS
+
+
 def read_manifest(path: str | Path) -> list[dict[str, str]]:
-    """Read downloads.csv, dropping a torn last line left by a killed run."""
+    """Read downloads.csv, dropping a torn last line left by a killed run (a legacy one's credits read as empty)."""
     p = Path(path)
     if not p.exists():
         return []
@@ -52,16 +63,16 @@ def read_manifest(path: str | Path) -> list[dict[str, str]]:
     lines = raw.decode("utf-8", errors=NAME_ERRORS).splitlines()
     if not lines:
         return []
-    header = next(csv.reader([lines[0]]))
-    if tuple(header) != MANIFEST_COLUMNS:
+    header = tuple(next(csv.reader([lines[0]])))
+    if header not in (MANIFEST_COLUMNS, LEGACY_COLUMNS):
         raise DownloadError(
             f"{p}: not an ursa download manifest (columns {','.join(header)}); "
             "move it away or choose another --dest"
         )
     rows = []
     for row in csv.reader(lines[1:]):
-        if len(row) == len(MANIFEST_COLUMNS) and row[3] in STATUSES:
-            rows.append(dict(zip(MANIFEST_COLUMNS, csv_row_values(row))))
+        if len(row) == len(header) and row[3] in STATUSES:
+            rows.append({**dict.fromkeys(CREDIT_COLUMNS, ""), **dict(zip(header, csv_row_values(row)))})
     return rows
 
 
@@ -106,6 +117,7 @@ class DownloadSummary:
     skipped: int = 0  # done by an earlier run (saved, duplicate or refused there)
     over_cap: int = 0  # not fetched: the class already had --max-pics images
     refused_address: int = 0  # refused for pointing at this machine, a private network or metadata
+    filtered: int = 0  # not fetched: the list gives no licence of --license
     failures: Counter = field(default_factory=Counter)  # failure kind -> count
     per_class: dict[str, Counter] = field(default_factory=dict)
     elapsed: float = 0.0
@@ -134,6 +146,7 @@ class DownloadSummary:
             "skipped": self.skipped,
             "over_cap": self.over_cap,
             "refused_address": self.refused_address,
+            "filtered": self.filtered,
             "failures": dict(self.failures.most_common()),
             "per_class": {k: dict(v) for k, v in self.per_class.items()},
             "elapsed_s": round(self.elapsed, 3),
@@ -155,6 +168,8 @@ class DownloadSummary:
         lines.append(f"  {'total':<{width}}  " + "  ".join(f"{getattr(self, c):>9}" for c in cols))
         if self.over_cap:
             lines.append(f"\n{self.over_cap} URLs not fetched: their class already has --max-pics images.")
+        if self.filtered:
+            lines.append(f"\n{self.filtered} URLs not fetched: their list gives no licence of --license.")
         if self.refused_address:
             lines.append(
                 f"\n{self.refused_address} URLs refused: they lead to this machine, a private network or a "

@@ -19,6 +19,11 @@ from ursa.errors import UrsaError
 _URL_FILE_RE = re.compile(r"urls?_(?P<cls>.+)\.(txt|csv)", re.IGNORECASE)
 _ESCAPED_SCHEME_RE = re.compile(r"^[a-z][a-z0-9+.\-]*%3a", re.IGNORECASE)
 _CSV_URL_HEADERS = ("url", "urls", "image_url", "image url")
+# Where a picture comes from and under what licence: the columns `ursa search` writes after `url`, which
+# download carries into downloads.csv and credits into CREDITS.md (empty when a list does not say).
+CREDIT_COLUMNS = ("source_page", "creator", "license", "license_url", "provider")
+SEARCH_COLUMNS = ("url", *CREDIT_COLUMNS)
+Credit = dict  # {column of CREDIT_COLUMNS: text}; an empty dict when the list gives none
 # user:password@ in a URL's authority (up to its last @): never written to downloads.csv nor printed
 _CREDENTIALS_RE = re.compile(r"(?i)\b([a-z][a-z0-9+.\-]*://)[^/?#\s]*@")
 REDACTED = "***"
@@ -68,24 +73,33 @@ def _csv_url_column(lines: Sequence[str]) -> tuple[int, int, Any] | None:
     return None
 
 
-def parse_url_text(text: str) -> list[str]:
-    """Turn the text of a URL list into unique URLs in file order (non-http lines kept, to be refused)."""
+def url_rows(text: str) -> list[tuple[str, Credit]]:
+    """The unique URLs of a URL list in file order, each with the credit columns its CSV row gives (or {})."""
     lines = text.splitlines()
     found = _csv_url_column(lines)
+    candidates: list[tuple[str, Credit]]
     if found is not None:
         header_at, col, dialect = found
+        names = [h.strip().strip("\ufeff").lower() for h in next(csv.reader([lines[header_at]], dialect))]
+        wanted = {c: names.index(c) for c in CREDIT_COLUMNS if c in names}
         body = [ln for ln in lines[header_at + 1 :] if ln.strip()]
-        candidates = [row[col] for row in csv.reader(body, dialect) if len(row) > col]
+        candidates = [(row[col], {c: row[i].strip() for c, i in wanted.items() if i < len(row) and row[i].strip()})
+                      for row in csv.reader(body, dialect) if len(row) > col]
     else:
-        candidates = lines
+        candidates = [(line, {}) for line in lines]
     seen: set[str] = set()
-    urls: list[str] = []
-    for raw in candidates:
+    out: list[tuple[str, Credit]] = []
+    for raw, credit in candidates:
         url = clean_url_line(raw)
         if url and url not in seen:
             seen.add(url)
-            urls.append(url)
-    return urls
+            out.append((url, credit))
+    return out
+
+
+def parse_url_text(text: str) -> list[str]:
+    """Turn the text of a URL list into unique URLs in file order (non-http lines kept, to be refused)."""
+    return [url for url, _ in url_rows(text)]
 
 
 def _port_problem(netloc: str) -> str | None:
@@ -137,15 +151,20 @@ def url_problem(url: str) -> tuple[str, str] | None:
     return None
 
 
-def parse_url_file(path: str | Path) -> list[str]:
-    """Read one URL list as the browser snippets save it (plain lines or a CSV with a url column)."""
+def read_url_file(path: str | Path) -> list[tuple[str, Credit]]:
+    """One URL list as the browser snippets (or `ursa search`) save it: (url, credit) pairs."""
     p = Path(path)
     if not p.is_file():
         raise DownloadError(f"{p}: URL file not found; save the image-search URLs there first")
-    return parse_url_text(p.read_bytes().decode("utf-8-sig", errors="replace"))
+    return url_rows(p.read_bytes().decode("utf-8-sig", errors="replace"))
 
 
-def _check_class_name(cls: str, spec: str) -> str:
+def parse_url_file(path: str | Path) -> list[str]:
+    """Read one URL list as the browser snippets save it (plain lines or a CSV with a url column)."""
+    return [url for url, _ in read_url_file(path)]
+
+
+def check_class_name(cls: str, spec: str) -> str:
     """Refuse a class name that is not one plain folder name, since it becomes DEST/<class>/."""
     cls = cls.strip()
     if not cls or cls in (".", "..") or cls[0] in "._" or any(c in cls for c in "/\\\0"):
@@ -162,7 +181,7 @@ def parse_source(spec: str | Path) -> tuple[str, Path]:
     p = Path(s)
     if "=" in s and not p.exists():
         cls, _, file = s.partition("=")
-        cls = _check_class_name(cls, s)
+        cls = check_class_name(cls, s)
         if not file.strip():
             raise DownloadError(f"{s}: no file after '='; write CLASS=FILE, e.g. grizzly=urls_grizzly.txt")
         p = Path(file.strip())
@@ -173,7 +192,7 @@ def parse_source(spec: str | Path) -> tuple[str, Path]:
                 f"{s}: cannot tell the class from this file name; name it urls_<class>.txt "
                 f"or write CLASS=FILE (e.g. grizzly={s})"
             )
-        cls = _check_class_name(m.group("cls"), s)
+        cls = check_class_name(m.group("cls"), s)
     if not p.is_file():
         raise DownloadError(f"{p}: URL file not found (from {s!r}); check the path")
     return cls, p
@@ -181,20 +200,30 @@ def parse_source(spec: str | Path) -> tuple[str, Path]:
 
 def load_url_lists(url_files: Mapping[str, Any] | Iterable[str | Path]) -> dict[str, list[str]]:
     """Resolve every accepted input form to {class: [urls]}, failing early on a bad or empty list."""
+    return read_url_sources(url_files)[0]
+
+
+def read_url_sources(
+    url_files: Mapping[str, Any] | Iterable[str | Path],
+) -> tuple[dict[str, list[str]], dict[tuple[str, str], Credit]]:
+    """``load_url_lists``' {class: [urls]} and the credit columns of each (class, url) whose list gives them."""
     if isinstance(url_files, Mapping):
-        pairs: list[tuple[str, Any]] = [(_check_class_name(str(k), str(k)), v) for k, v in url_files.items()]
+        pairs: list[tuple[str, Any]] = [(check_class_name(str(k), str(k)), v) for k, v in url_files.items()]
     else:
         pairs = [parse_source(s) for s in url_files]
     if not pairs:
         raise DownloadError("no URL lists given; pass urls_<class>.txt files or CLASS=FILE pairs")
     out: dict[str, list[str]] = {}
+    credits: dict[tuple[str, str], Credit] = {}
     for cls, src in pairs:
         if isinstance(src, (str, Path)):
-            urls = parse_url_file(src)
+            rows = read_url_file(src)
             where = str(src)
         else:
-            urls = [u for u in (clean_url_line(str(x)) for x in src) if u]
+            rows = [(u, {}) for u in (clean_url_line(str(x)) for x in src) if u]
             where = f"the URL list for {cls}"
+        urls = [u for u, _ in rows]
+        credits.update({(cls, u): c for u, c in rows if c})
         if not urls:
             raise DownloadError(
                 f"{where}: no URLs found; expected one URL per line or a CSV with a 'url' column"
@@ -205,4 +234,4 @@ def load_url_lists(url_files: Mapping[str, Any] | Iterable[str | Path]) -> dict[
             if u not in known:
                 known.add(u)
                 merged.append(u)
-    return out
+    return out, credits

@@ -15,7 +15,7 @@ from typing import Callable
 
 import typer
 
-from ursa.cli.acquire import download_cmd, verify_cmd
+from ursa.cli.acquire import credits_cmd, download_cmd, search_cmd, verify_cmd
 from ursa.cli.clean import clean_cmd
 from ursa.cli.deploy import export_cmd, predict_cmd, serve_cmd
 from ursa.cli.insight import curve_cmd, show_cmd
@@ -31,8 +31,10 @@ TRAIN_MODULES = frozenset({"torch", "torchvision", "timm", "safetensors", "matpl
 NEEDS_TRAIN = "this command needs the training packages: pip install 'ursa[train]'"
 
 COMMANDS: list[tuple[str, Callable]] = [
+    ("search", search_cmd),
     ("download", download_cmd),
     ("verify", verify_cmd),
+    ("credits", credits_cmd),
     ("show", show_cmd),
     ("lr-find", lr_find_cmd),
     ("train", train_cmd),

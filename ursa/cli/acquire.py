@@ -30,6 +30,9 @@ def download_cmd(
     allow_private: Annotated[
         bool, typer.Option("--allow-private", help="Also fetch from this computer and private networks (refused by default).")
     ] = False,
+    license: Annotated[
+        Optional[str], typer.Option("--license", help="Fetch only URLs whose list gives one of these licences (cc0,by).")
+    ] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
     quiet: Quiet = False,
 ) -> None:
@@ -39,7 +42,7 @@ def download_cmd(
     summary = download_images(
         urls, dest, max_pics=max_pics, workers=workers, per_host=per_host, timeout=timeout, deadline=deadline,
         retries=retries, max_size=max_size, max_bytes=max_bytes, retry_failed=retry_failed, progress=not quiet,
-        allow_private=allow_private,
+        allow_private=allow_private, licenses=license,
     )
     print(summary.to_json() if json_out else summary.format())
 
@@ -62,3 +65,53 @@ def verify_cmd(
 
     summary = verify_images(folder, delete=delete, fix=fix, max_size=max_size, workers=workers, progress=not quiet)
     print(summary.to_json() if json_out else summary.format())
+
+
+def search_cmd(
+    query: Annotated[str, typer.Argument(metavar="QUERY", help="Search words, e.g. \"grizzly bear\".")],
+    cls: Annotated[
+        Optional[str], typer.Option("--class", "-c", help="Class the list is for [default: the query with _ for spaces].")
+    ] = None,
+    n: Annotated[int, typer.Option("-n", help="Most results to write.")] = 200,
+    provider: Annotated[
+        Optional[list[str]],
+        typer.Option("--provider", "-p", help="openverse, commons or pexels (PEXELS_API_KEY); repeat or comma-separate "
+                     "[default: openverse,commons]."),
+    ] = None,
+    endpoint: Annotated[
+        Optional[list[str]],
+        typer.Option("--endpoint", help="Another base URL: URL for one provider, or NAME=URL (also URSA_<NAME>_ENDPOINT)."),
+    ] = None,
+    license: Annotated[
+        Optional[str], typer.Option("--license", help="Keep only these licences, e.g. cc0,by or cc0,pdm,by,by-sa.")
+    ] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="The URL list [default: urls_<class>.csv].")] = None,
+    timeout: Annotated[float, typer.Option(help="Seconds to wait for a connection or the next bytes.")] = 10.0,
+    retries: Annotated[int, typer.Option(help="Retries after a timeout, a 429 or a 5xx.")] = 3,
+    allow_private: Annotated[
+        bool, typer.Option("--allow-private", help="Also ask, and keep results on, this computer and private networks.")
+    ] = False,
+    json_out: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
+    quiet: Quiet = False,
+) -> int:
+    """Search openly licensed images and write urls_<class>.csv (url, source page, creator, licence) for download."""
+    from ursa.acquire.search import search_images
+
+    summary = search_images(query, cls, n, providers=provider, endpoint=endpoint, licenses=license, out=out,
+                            timeout=timeout, retries=retries, allow_private=allow_private, progress=not quiet)
+    print(summary.to_json() if json_out else summary.format())
+    return 0 if summary.results or summary.total else 1
+
+
+def credits_cmd(
+    folder: Annotated[Path, typer.Argument(metavar="DIR", help="The folder `ursa download --dest` wrote.")],
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Where to write [default: DIR/CREDITS.md].")] = None,
+    json_out: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
+) -> None:
+    """Write CREDITS.md: creator, licence and source of every image still in DIR's class folders."""
+    import json
+
+    from ursa.acquire.credits import write_credits
+
+    summary = write_credits(folder, out)
+    print(json.dumps(summary.to_dict(), indent=2) if json_out else summary.format())

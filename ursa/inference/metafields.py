@@ -276,6 +276,24 @@ def _conformal(name: str, v: Any) -> dict[str, Any]:  # inference.openset.Confor
     return v
 
 
+def _count(name: str, v: Any) -> int:
+    if not _is_int(v) or v < 0:
+        raise Bad(name, "a count (an integer of 0 or more)", v)
+    return v
+
+
+def _licenses(name: str, v: Any) -> dict[str, Any]:  # acquire.licenses.license_summary: empty, or images/unknown/by_license
+    if _object(name, v):
+        for key in ("images", "unknown"):
+            _count(f"{name}.{key}", v.get(key, MISSING))
+        by = v.get("by_license", MISSING)
+        if not isinstance(by, dict):
+            raise Bad(f"{name}.by_license", "an object of licence -> number of images", by)
+        for lic, n in by.items():
+            _count(f"{name}.by_license[{lic!r}]", n)
+    return v
+
+
 # name -> (check, required, JSON-encoded in a safetensors header). Order: cheap checks first, arch last.
 FIELDS: dict[str, tuple[Callable[[str, Any], Any], bool, bool]] = {
     "classes": (_classes, True, True),
@@ -288,9 +306,11 @@ FIELDS: dict[str, tuple[Callable[[str, Any], Any], bool, bool]] = {
     "calibration": (_calibration, False, True),
     "openset": (_openset, False, True),
     "conformal": (_conformal, False, True),
+    "licenses": (_licenses, False, True),
     "ursa_version": (_text, False, False),
     "created": (_text, False, False),
     "fingerprint": (_fingerprint, False, False),
     "arch": (_arch_name, True, False),  # header files: `_arch` as well, once the cheap checks passed
 }
-DEFAULTS: dict[str, Any] = {"metrics": {}, "config": {}, "calibration": {}, "openset": {}, "conformal": {}, "ursa_version": "?", "created": "", "fingerprint": ""}
+DEFAULTS: dict[str, Any] = {"metrics": {}, "config": {}, "calibration": {}, "openset": {}, "conformal": {}, "licenses": {},
+            "ursa_version": "?", "created": "", "fingerprint": ""}

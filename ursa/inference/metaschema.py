@@ -6,7 +6,7 @@ expected and what was found (``ModelFileError``, exit 2), never a traceback or a
 starts and then answers 500 to every request. The safetensors header holds strings (structured
 values JSON-encoded); an ONNX export holds the same fields as one JSON object. Both pass here.
 
-Optional fields (``metrics``, ``config``, ``calibration``, ``openset``, ``conformal``) default to empty objects, so files
+Optional fields (``metrics``, ``config``, ``calibration``, ``openset``, ``conformal``, ``licenses``) default to empty objects, so files
 written before they existed still load and the format version stays "1". Top-level keys this
 version does not know are ignored (a newer ursa may add some).
 """
@@ -46,6 +46,7 @@ class ModelMeta:
     calibration: dict[str, Any] = field(default_factory=dict)  # temperature scaling and threshold (optional)
     openset: dict[str, Any] = field(default_factory=dict)  # unknown detection: inference.openset (optional)
     conformal: dict[str, Any] = field(default_factory=dict)  # prediction sets: inference.openset (optional)
+    licenses: dict[str, Any] = field(default_factory=dict)  # the training images' licences: acquire.licenses (optional)
     ursa_version: str = __version__
     created: str = ""
     fingerprint: str = ""  # SHA-256 of the weights (``modelfile.weights_fingerprint``): an export belongs to it

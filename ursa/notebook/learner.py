@@ -141,7 +141,11 @@ class VisionLearner:
         logits, y, _ = self.learner.get_logits()
         cal = calibrate(logits.numpy().astype("float64"), y.numpy(), self.cfg.target_precision) if len(y) else None
         path.parent.mkdir(parents=True, exist_ok=True)
-        out = self.learner.export(path, config=self.cfg.to_json(), calibration=cal.to_meta() if cal else None)
+        from ursa.acquire.licenses import license_summary
+
+        ds = self.dls.dataset
+        out = self.learner.export(path, config=self.cfg.to_json(), calibration=cal.to_meta() if cal else None,
+                                  licenses=license_summary(ds.files, ds.root))
         write_onnx_beside(out)
         self.exported = out
         return out

@@ -387,13 +387,14 @@ class Learner:
         return self
 
     def export(self, path: str | Path, metrics: dict | None = None, config: dict | None = None,
-               state: dict | None = None, calibration: dict | None = None, open_world: dict | None = None) -> Path:
+               state: dict | None = None, calibration: dict | None = None, open_world: dict | None = None,
+               licenses: dict | None = None) -> Path:
         """Write the one model file (weights + metadata) that predict and serve load.
 
         ``state``: other weights to write (the best epoch's) instead of the current ones; the
         learner's own are left as they are. ``calibration``: the temperature and unsure threshold
         fitted on the validation set for these weights (``diagnose.calibration``); ``open_world``: the
-        ``openset`` and ``conformal`` metadata fields (``training.reference``).
+        ``openset`` and ``conformal`` metadata fields (``training.reference``); ``licenses``: the images' licences.
         """
         if metrics is None and self.recorder.rows:
             last = self.kept_row or self.recorder.rows[-1]
@@ -402,6 +403,7 @@ class Learner:
             arch=self.model.arch, classes=list(self.dls.classes), input_size=self.dls.size,
             mean=list(self.dls.mean), std=list(self.dls.std), head=asdict(self.model.head_cfg),
             metrics=metrics or {}, config=config or {}, calibration=calibration or {}, **(open_world or {}),
+            licenses=licenses or {},
         )
         current = {k: v.clone() for k, v in self.model.state_dict().items()} if state is not None else None
         self.model.eval()

@@ -20,6 +20,7 @@ from typing import Any, Sequence
 
 from rich.console import Console
 
+from ursa.acquire.licenses import license_summary, summary_line
 from ursa.diagnose.advice import Advice, advise, write_advice
 from ursa.diagnose.calibration import Calibration, calibrate, reliability, softmax
 from ursa.diagnose.insight_plots import plot_curve, plot_reliability
@@ -103,9 +104,10 @@ def write_run(out: Path, learn: Learner, cfg: TrainConfig, ds: ImageDataset, inf
     t = time.perf_counter()
     world, insight["open_world"] = fit_open_world(learn, ds, cfg.keep, feats, probs, y, console)
     timings["open_world"] = time.perf_counter() - t  # one pass over the training images
+    licenses = _licenses(ds, console)
     recall, metrics = kept_metrics(learn, ds, logits, y)
     model = learn.export(out / "model.safetensors", metrics=metrics, config=config,
-                         calibration=cal.to_meta() if cal else None, open_world=world)
+                         calibration=cal.to_meta() if cal else None, open_world=world, licenses=licenses)
     t = time.perf_counter()
     onnx_file = write_onnx_beside(model)  # the fast path by default (predict, serve); a failure only warns
     timings["onnx"] = time.perf_counter() - t
@@ -119,7 +121,7 @@ def write_run(out: Path, learn: Learner, cfg: TrainConfig, ds: ImageDataset, inf
             and learn.kept_row is None):  # the recipe already put the best weights into the model file
         metrics = {k: b.row[k] for k in METRIC_KEYS if k in b.row}
         metrics["epoch"] = b.epoch
-        best = learn.export(out / "best.safetensors", metrics=metrics, config=config, state=b.state)
+        best = learn.export(out / "best.safetensors", metrics=metrics, config=config, state=b.state, licenses=licenses)
         notes.append(f"The weights of epoch {b.epoch} (error rate {b.row['error_rate']:.4f}) are saved as "
                      f"{best.name}: use it instead of model.safetensors, or retrain with fewer epochs.")
     write_advice(out / "advice.txt", advice, h, notes)
@@ -133,7 +135,7 @@ def write_run(out: Path, learn: Learner, cfg: TrainConfig, ds: ImageDataset, inf
         interp = Interpretation(list(ds.classes), [ds.rel(i) for i in idx], [ds.files[i] for i in idx], y, probs,
                                 "valid", skipped, feats)
         info = {"title": "ursa training report", "run folder": str(out), "model": "model.safetensors",
-                "arch": learn.model.arch, "input size": learn.dls.size, **(info or {})}
+                "arch": learn.model.arch, "input size": learn.dls.size, "licences": summary_line(licenses), **(info or {})}
         report = write_report(out, interp, h, run_plots(out), info, notes, insight=insight, model=model)
     except Exception as e:  # noqa: BLE001 - reported, never fatal
         console.print(f"[yellow]warning:[/] could not write the report: {type(e).__name__}: {e}", highlight=False)
@@ -155,6 +157,19 @@ def kept_metrics(learn: Learner, ds: ImageDataset, logits, y) -> tuple[dict, dic
 
 
 VANISHED = "changed or vanished on disk during training"
+
+
+def _licenses(ds: ImageDataset, console: Console) -> dict[str, Any]:
+    """The images' licences from the data folder's downloads.csv (``{}`` without one); a bad manifest only warns."""
+    try:
+        found = license_summary(ds.files, ds.root)
+    except Exception as e:  # noqa: BLE001 - provenance is a summary: it never fails a run
+        console.print(f"[yellow]warning:[/] licences not summarised: {type(e).__name__}: {e}", highlight=False)
+        return {}
+    if found:
+        console.print(f"licences: {summary_line(found)} (from {ds.root}/downloads.csv; `ursa credits` lists them)",
+                      highlight=False)
+    return found
 
 
 def vanished_note(names: Sequence[str]) -> str:
