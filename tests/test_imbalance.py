@@ -74,6 +74,14 @@ def test_balance_option_is_checked():
     assert TrainConfig.from_json(TrainConfig(data=ROOT, balance="none").to_json()).balance == "none"
 
 
+def test_sampler_is_refused_under_torchrun(tmp_path):
+    from ursa.training.dist import Dist
+    from ursa.training.recipe import prepare
+
+    with pytest.raises(ConfigError, match="--balance sampler: under torchrun"):  # before any image is read
+        prepare(TrainConfig(data=tmp_path / "nothing", out=tmp_path / "run", balance="sampler"), dist=Dist(world=2))
+
+
 def test_balanced_error_and_recall():
     y = np.array([0, 0, 0, 0, 0, 0, 0, 0, 1, 1])
     pred = np.zeros(10, dtype=int)  # never says the small class: 20% error, but half the classes missed
