@@ -38,7 +38,7 @@ from typing import Iterator
 from ursa.acquire.manifest import MANIFEST_NAME
 from ursa.acquire.verify_summary import QUARANTINE, UNREADABLE, VerifySummary
 from ursa.errors import ImageError, UrsaError
-from ursa.util.files import NAME_ERRORS, atomic_write_csv, csv_line, no_space_line, write_staged
+from ursa.util.files import NAME_ERRORS, atomic_write_csv, csv_line, no_space_line, write_new, write_staged
 from ursa.util.names import printable
 from ursa.util.progress import progress_bar
 from ursa.vision.dedupe import find_duplicates
@@ -296,6 +296,21 @@ def _default_workers(paths: list[Path]) -> int:
         if total >= IN_PROCESS_BYTES:
             return min(4, os.cpu_count() or 1)
     return 1
+
+
+def quarantine_bytes(folder: Path, rel: str, data: bytes, error: ImageError) -> str:
+    """Keep bytes that do not decode (an upload) in the quarantine as verify would have moved them: a row, never lost.
+
+    Returns the quarantined file's path relative to folder."""
+    check_quarantine(folder)
+    report = _Report(folder / REPORT_NAME)
+    try:
+        kept = write_new(_quarantine_target(folder, rel), data)
+        shown = kept.relative_to(folder).as_posix()
+        report.write(rel, "quarantined", f"{error.kind}: {error.reason}; moved to {shown}")
+    finally:
+        report.close()
+    return shown
 
 
 def _sweep_staged(root: Path) -> None:

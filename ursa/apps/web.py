@@ -213,6 +213,19 @@ class Server(uvicorn.Server):
                 signal.signal(sig, handler)
 
 
+def open_when_started(server: uvicorn.Server, url: str) -> None:
+    """Open url in the user's browser as soon as server is listening (from a daemon thread; gives up after 5 s)."""
+    import webbrowser
+
+    def wait() -> None:
+        for _ in range(100):
+            if server.started:
+                webbrowser.open(url)
+                return
+            time.sleep(0.05)
+    threading.Thread(target=wait, daemon=True).start()
+
+
 HEADER_TIMEOUT = 10.0  # seconds a connection may take to send its request line and headers
 def _canned(status: str, error: str, extra: str = "") -> bytes:
     """A whole HTTP/1.1 answer with a JSON error, for the protocol to write before any app runs (then it closes)."""

@@ -20,6 +20,7 @@ from ursa.cli.clean import clean_cmd
 from ursa.cli.deploy import export_cmd, predict_cmd, serve_cmd
 from ursa.cli.insight import curve_cmd, show_cmd
 from ursa.cli.lesson import sgd_cmd
+from ursa.cli.studio import studio_cmd
 from ursa.cli.train import interpret_cmd, lr_find_cmd, train_cmd
 from ursa.cli.common import EXIT_FILE
 from ursa.errors import UrsaError
@@ -45,6 +46,7 @@ COMMANDS: list[tuple[str, Callable]] = [
     ("export", export_cmd),
     ("serve", serve_cmd),
     ("sgd", sgd_cmd),
+    ("studio", studio_cmd),
 ]
 
 

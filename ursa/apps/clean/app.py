@@ -9,9 +9,6 @@ from __future__ import annotations
 
 import io
 import json
-import threading
-import time
-import webbrowser
 from pathlib import Path
 from typing import Callable
 
@@ -22,8 +19,8 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
 from ursa.apps.clean.session import CleanSession
-from ursa.apps.web import (API_HEADERS, ApiError, Assets, HostGuard, Server, asset, clip, error_response, page_url, read_body,
-                           server_config)
+from ursa.apps.web import (API_HEADERS, ApiError, Assets, HostGuard, Server, asset, clip, error_response, open_when_started,
+                           page_url, read_body, server_config)
 from ursa.errors import ImageError
 from ursa.util.net import check_port
 from ursa.vision.images import open_image
@@ -131,13 +128,7 @@ def serve(session: CleanSession, host: str = "127.0.0.1", port: int = 8765, open
     app = create_app(session, host, port)
     server = Server(server_config(app, host, port, log_level="warning", access_log=False))
     if open_browser:
-        def open_when_started() -> None:
-            for _ in range(100):
-                if server.started:
-                    webbrowser.open(url)
-                    return
-                time.sleep(0.05)
-        threading.Thread(target=open_when_started, daemon=True).start()
+        open_when_started(server, url)
     s = session.decisions.summary()
     echo(f"cleaner at {url} (Ctrl+C to stop); {s['decided']} decision(s) so far")
     echo(f"decisions save to {session.decisions.cleaned_path} and {session.decisions.log_path}")
