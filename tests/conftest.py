@@ -180,3 +180,31 @@ def load_benchmark(name: str):
     sys.modules[f"bench_{name}"] = mod
     spec.loader.exec_module(mod)
     return mod
+
+
+def start_page(args: list[str], port: int, log: Path):
+    """`python -m ursa ARGS` (a command that serves a page) in a child process, returned once it answers on port.
+
+    Fails the test with the child's output when it exits or does not come up in 3 minutes.
+    PYTHONPATH is this checkout, so the child runs the code under test (not another editable install's).
+    """
+    import subprocess
+    import sys
+    import time
+
+    import httpx
+
+    out = log.open("w")
+    proc = subprocess.Popen([sys.executable, "-m", "ursa", *args], cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(ROOT)})
+    out.close()
+    deadline = time.monotonic() + 180
+    while True:
+        assert proc.poll() is None, f"the page did not start (exit {proc.returncode}): {log.read_text()}"
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/favicon.ico", timeout=2).status_code == 204:
+                return proc
+        except httpx.HTTPError:
+            pass
+        assert time.monotonic() < deadline, f"the page did not come up: {log.read_text()}"
+        time.sleep(0.25)

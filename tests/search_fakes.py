@@ -13,8 +13,11 @@ One server holds both, on a loopback address:
 
 Faults are set per provider and page (``faults={("openverse", 2): "ratelimit"}``): ``ratelimit``
 answers 429 with ``Retry-After: 1`` the first time, then the page; ``error500`` answers 500 always;
-``malformed`` a body that is not JSON; ``wrongshape`` JSON without the documented list; ``apierror``
-(Commons) MediaWiki's ``{"error": {...}}`` with HTTP 200. ``private`` lists result numbers whose URL
+``malformed`` a body that is not JSON; ``nested`` JSON nested a hundred thousand deep; ``wrongshape`` JSON
+without the documented list; ``apierror`` (Commons) MediaWiki's ``{"error": {...}}`` with HTTP 200;
+``repeat`` (Openverse) page 1's results again, as a provider that ignores ``page`` does; ``slow`` the
+answer 3 s late, calling ``on_slow`` first (a test presses Ctrl-C there). ``creator``:
+one creator for every Openverse result (hostile text: formulas, control characters, Markdown). ``private`` lists result numbers whose URL
 points at a private address (``private_host``) instead of the image host. Run it alone for the docs:
 ``python tests/search_fakes.py --port 8766``.
 """
@@ -27,6 +30,7 @@ import threading
 import time
 from collections import Counter
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Callable
 from urllib.parse import parse_qs, urlsplit
 
 try:
@@ -45,12 +49,17 @@ class FakeSearch:
     """Both fake APIs on one ThreadingHTTPServer in a daemon thread; ``total`` results per provider."""
 
     def __init__(self, host: str = "127.0.0.2", port: int = 0, total: int = 45, faults: dict | None = None,
-                 private: dict | None = None, image_host: str | None = None, private_host: str = "10.0.0.7") -> None:
+                 private: dict | None = None, image_host: str | None = None, private_host: str = "10.0.0.7",
+                 creator: str | None = None, wikimedia: bool = False) -> None:
         self.total = total
+        self.wikimedia = wikimedia
+        self.on_slow: Callable[[], None] | None = None  # called when a request with the "slow" fault arrives
+        self.creator = creator
         self.faults = dict(faults or {})  # (provider, page number from 1) -> fault
         self.private = {k: set(v) for k, v in (private or {}).items()}  # provider -> result numbers
         self.private_host = private_host
         self.hits: Counter[tuple[str, int]] = Counter()
+        self.agents: set[str] = set()  # the User-Agent headers the APIs were asked with
         self.times: dict[tuple[str, int], list[float]] = {}
         self.lock = threading.Lock()
         self.images = make_images(2 * total)  # distinct pictures: result i of openverse is 2i, of commons 2i+1
@@ -71,9 +80,14 @@ class FakeSearch:
         return f"http://{self.host}:{self.port}/commons/w/api.php"
 
     def image_url(self, provider: str, i: int) -> str:
-        """Result i's image URL (a private address for the numbers in ``private``)."""
+        """Result i's image URL (a private address for the numbers in ``private``); with ``wikimedia`` Openverse's
+        result i is Commons' result i as Openverse gives it (the original where Commons gives a thumbnail)."""
         if i in self.private.get(provider, ()):
             return f"http://{self.private_host}/{provider}/{i}.jpg"
+        if self.wikimedia:
+            name = f"Grizzly_bear_{i}.jpg"
+            thumb = f"thumb/a/ab/{name}/1024px-{name}" if provider == "commons" else f"a/ab/{name}"
+            return f"http://{self.image_host}/wikipedia/commons/{thumb}"
         return f"http://{self.image_host}/img/{provider}_{i}.jpg"
 
     def openverse_item(self, i: int) -> dict:
@@ -81,7 +95,7 @@ class FakeSearch:
         where = {"cc0": "publicdomain/zero", "pdm": "publicdomain/mark"}.get(code, f"licenses/{code}")
         return {"id": f"ov-{i}", "title": f"bear {i}", "indexed_on": "2024-01-01T00:00:00Z",
                 "foreign_landing_url": f"https://www.flickr.com/photos/someone/{i}", "url": self.image_url("openverse", i),
-                "creator": f"Photographer {i}", "creator_url": f"https://www.flickr.com/photos/p{i}",
+                "creator": self.creator if self.creator is not None else f"Photographer {i}", "creator_url": f"https://www.flickr.com/photos/p{i}",
                 "license": code, "license_version": version,
                 "license_url": f"https://creativecommons.org/{where}/{version}/", "provider": "flickr",
                 "source": "flickr", "category": None, "filesize": None, "filetype": "jpg", "tags": [],
@@ -132,6 +146,7 @@ def _handler(fake: FakeSearch) -> type[BaseHTTPRequestHandler]:
         def _fault(self, provider: str, page: int) -> bool:
             key = (provider, page)
             with fake.lock:
+                fake.agents.add(self.headers.get("User-Agent", ""))
                 fake.hits[key] += 1
                 fake.times.setdefault(key, []).append(time.monotonic())
                 seen = fake.hits[key]
@@ -142,6 +157,13 @@ def _handler(fake: FakeSearch) -> type[BaseHTTPRequestHandler]:
                 self._send(500, b"<html>Internal Server Error</html>", "text/html")
             elif fault == "malformed":
                 self._send(200, b'{"results": [{"url": "http://x/1.jpg", ')  # cut off mid-object
+            elif fault == "slow":  # the answer comes 3 s late; ``on_slow`` runs when the request arrives
+                if fake.on_slow is not None:
+                    fake.on_slow()
+                time.sleep(3)
+                return False
+            elif fault == "nested":
+                self._send(200, b"[" * 100_000 + b"]" * 100_000)
             elif fault == "wrongshape":
                 self._send(200, json.dumps({"results": "none", "query": {"pages": {"1": {}}}}).encode())
             elif fault == "apierror":
@@ -161,6 +183,8 @@ def _handler(fake: FakeSearch) -> type[BaseHTTPRequestHandler]:
                 page, size = int(q.get("page", 1)), int(q.get("page_size", 20))
                 if self._fault("openverse", page):
                     return
+                if fake.faults.get(("openverse", page)) == "repeat":
+                    page = 1
                 items = [fake.openverse_item(i) for i in range((page - 1) * size, min(page * size, fake.total))]
                 pages = -(-fake.total // size)
                 self._send(200, json.dumps({"result_count": fake.total, "page_count": pages, "page_size": size,

@@ -20,7 +20,7 @@ from ursa.apps.clean import decisions, ranking
 from ursa.cli import main
 from ursa.errors import UrsaError
 
-from tests.conftest import SAMPLE, make_image, wait_until
+from tests.conftest import SAMPLE, make_image, start_page, wait_until
 
 PORT = 8765  # the Host header the in-process app is told is its own
 
@@ -496,28 +496,8 @@ def test_clean_in_the_browser(browser, sample_copy: Path, tiny_model, artifacts:
 
 def _start_cleaner(data: Path, model: Path, port: int, log: Path):
     """`ursa clean` in a child process; returns it once it answers on port (or fails the test with its output)."""
-    import subprocess
-    import sys
-
-    import httpx
-
-    from tests.conftest import ROOT
-
-    out = log.open("w")
-    proc = subprocess.Popen([sys.executable, "-m", "ursa", "clean", str(data), "--model", str(model), "--port", str(port),
-                             "--no-browser", "--quiet"], cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    out.close()
-    deadline = time.monotonic() + 180
-    while True:
-        assert proc.poll() is None, f"the cleaner did not start (exit {proc.returncode}): {log.read_text()}"
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/favicon.ico", timeout=2).status_code == 204:
-                return proc
-        except httpx.HTTPError:
-            pass
-        assert time.monotonic() < deadline, f"the cleaner did not come up: {log.read_text()}"
-        time.sleep(0.25)
+    return start_page(["clean", str(data), "--model", str(model), "--port", str(port), "--no-browser", "--quiet"],
+                      port, log)
 
 
 def _hold_connection(port: int) -> socket.socket:

@@ -185,7 +185,7 @@ def test_download_carries_credits_and_credits_lists_only_kept_images(tmp_path, c
     assert not broken.exists() and (dest / "_quarantine" / files[0]).exists()
     kept = files[2:]
     (dest / "cleaned.csv").write_text("name,label\n" + "".join(f"{f},grizzly\n" for f in kept) + "grizzly/mine.jpg,grizzly\n")
-    (dest / "grizzly" / "mine.jpg").write_bytes(make_images(1)["0.jpg"])
+    (dest / "grizzly" / "mine.jpg").write_bytes(make_images(41)["40.jpg"])  # not one of the fake's 20 pictures
     summary = write_credits(dest)
     text = (dest / "CREDITS.md").read_text()
     assert text.startswith(MARK) and summary.images == len(kept) + 1

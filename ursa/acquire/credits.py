@@ -2,7 +2,8 @@
 
 Only images still in their class folders are credited: those ``verify`` quarantined (moved away)
 are gone from there, and when ``DIR/cleaned.csv`` exists (``ursa clean``) only the images it lists
-(the ones not excluded). An image in a class folder with no row in downloads.csv (copied in by
+(the ones not excluded), each under the label it gives. An image moved or renamed since the download
+is found by its content (the sha256 downloads.csv recorded); one with no row there (copied in by
 hand) is listed with its licence unknown, so nothing is silently claimed as free to use.
 """
 
@@ -20,6 +21,7 @@ from ursa.acquire.licenses import UNKNOWN, credits_by_file, license_code, licens
 from ursa.acquire.manifest import MANIFEST_NAME
 from ursa.errors import UrsaError
 from ursa.util.files import NAME_ERRORS, atomic_write_text, csv_cell_value
+from ursa.util.names import printable
 from ursa.vision.images import is_image_file
 
 CREDITS_NAME = "CREDITS.md"
@@ -56,8 +58,8 @@ _MD_SPECIAL = re.compile(r"([\\`*_\[\]<>|#])")
 
 
 def md(text: str) -> str:
-    """Text safe inside a Markdown table cell: one line, Markdown's characters escaped."""
-    return _MD_SPECIAL.sub(r"\\\1", " ".join(str(text).split()))
+    """Text safe inside a Markdown table cell: one line, control characters visibly escaped, Markdown's escaped."""
+    return _MD_SPECIAL.sub(r"\\\1", printable(" ".join(str(text).split())))
 
 
 def md_link(label: str, url: str) -> str:
@@ -67,17 +69,33 @@ def md_link(label: str, url: str) -> str:
     return f"[{md(label)}]({quote(url, safe=':/?#&=%+@;,.~-_')})"
 
 
-def kept_images(root: Path) -> list[Path]:
-    """The images in the class folders now, restricted to cleaned.csv's names when `ursa clean` wrote one."""
+def kept_images(root: Path) -> dict[Path, str]:
+    """The images in the class folders now, each with its class: restricted to cleaned.csv's names, under the
+    label it gives (a picture the cleaner relabelled is credited under its new class), when `ursa clean` wrote one."""
     folders = [p for p in sorted(root.iterdir()) if p.is_dir() and not p.name.startswith(("_", "."))]
-    files = [f for d in folders for f in sorted(d.rglob("*")) if f.is_file() and is_image_file(f)]
+    files = {f: f.relative_to(root).parts[0] for d in folders for f in sorted(d.rglob("*"))
+             if f.is_file() and is_image_file(f)}
     cleaned = root / CLEANED_NAME
     if cleaned.is_file():
         with open(cleaned, newline="", encoding="utf-8-sig", errors=NAME_ERRORS) as fh:
-            names = {csv_cell_value((r.get("name") or "").strip()) for r in csv.DictReader(fh)}
-        keep = {(root / n).resolve() for n in names if n}
-        files = [f for f in files if f.resolve() in keep]
+            reader = csv.DictReader(fh)
+            cols = {(c or "").strip().lower(): c for c in reader.fieldnames or []}
+            if "name" not in cols:
+                raise CreditsError(f"{cleaned}: no 'name' column (found: {', '.join(cols) or 'none'}); expected "
+                                   "`ursa clean`'s list of the images kept (name,label): move it away or fix it")
+            label = {(root / csv_cell_value((r.get(cols["name"]) or "").strip())).resolve():
+                     csv_cell_value((r.get(cols.get("label", "")) or "").strip())
+                     for r in reader if (r.get(cols["name"]) or "").strip()}
+        files = {f: label[f.resolve()] or cls for f, cls in files.items() if f.resolve() in label}
     return files
+
+
+def _written_by_credits(path: Path) -> bool:
+    """A regular file that starts with MARK (its first bytes alone are read: --out /dev/zero reads forever)."""
+    if not path.is_file():
+        return False
+    with open(path, "rb") as f:
+        return MARK in f.read(400).decode("utf-8", errors="replace")
 
 
 def write_credits(root: str | Path, out: str | Path | None = None) -> CreditsSummary:
@@ -89,31 +107,32 @@ def write_credits(root: str | Path, out: str | Path | None = None) -> CreditsSum
         raise CreditsError(f"{root}: no {MANIFEST_NAME} there, so no record of where its images came from; "
                           "give the folder `ursa download --dest` wrote")
     out = Path(out) if out is not None else root / CREDITS_NAME
-    if out.exists() and MARK not in out.read_text(encoding="utf-8", errors="replace")[:400]:
+    if (out.exists() or out.is_symlink()) and not _written_by_credits(out):
         raise CreditsError(f"{out}: exists and was not written by `ursa credits`; move it away or give another --out")
-    known = credits_by_file(root)
+    kept = kept_images(root)
+    known = credits_by_file(root, kept)
     summary = CreditsSummary(out)
     body: dict[str, list[str]] = {}
-    for f in kept_images(root):
+    for f, cls in kept.items():
         rel = f.relative_to(root).as_posix()
         row = known.get(f.resolve())
         code = license_code(row["license"], row["license_url"]) if row else ""
         summary.images += 1
         summary.by_license[license_label(code)] += 1
-        summary.per_class[rel.split("/")[0]] += 1
+        summary.per_class[cls] += 1
         if row is None:
             cells = [md(rel), "", f"{UNKNOWN} (no row in {MANIFEST_NAME})", ""]
         else:
             shown = row["license"] or (license_label(code) if code else UNKNOWN)
             cells = [md(rel), md(row["creator"]), md_link(shown, row["license_url"]),
                      md_link("source", row["source_page"] or row["url"])]
-        body.setdefault(rel.split("/")[0], []).append("| " + " | ".join(cells) + " |")
+        body.setdefault(cls, []).append("| " + " | ".join(cells) + " |")
     lines = [MARK, "", "# Image credits", "",
              f"The {summary.images} images in `{md(root.name)}`'s class folders, with their creators and licences as "
              f"the search provider gave them ({MANIFEST_NAME}). Check each licence's terms before you publish them.",
              "", "| licence | images |", "|---|---|"]
     lines += [f"| {md(lic)} | {n} |" for lic, n in summary.by_license.most_common()]
-    for cls, rows in body.items():
+    for cls, rows in sorted(body.items()):
         lines += ["", f"## {md(cls)} ({len(rows)})", "", "| file | creator | licence | source |", "|---|---|---|---|",
                   *rows]
     atomic_write_text(out, "\n".join(lines) + "\n")

@@ -9,6 +9,7 @@ the summaries count; the text as the provider gave it stays in the CSV files.
 
 from __future__ import annotations
 
+import hashlib
 import re
 from collections import Counter
 from pathlib import Path
@@ -29,6 +30,12 @@ _ALIASES = {
     "publicdomain": "pdm", "publicdomain-mark": "pdm", "public-domain-mark": "pdm", "mark": "pdm",
     "attribution": "by", "attribution-sharealike": "by-sa",
 }
+# CC's elements spelled out, and the code they make (by, then nc, then sa or nd), followed by a version or nothing.
+_CC_WORDS = (("attribution", "by"), ("share-alike", "sa"), ("sharealike", "sa"), ("non-commercial", "nc"),
+             ("noncommercial", "nc"), ("no-derivatives", "nd"), ("noderivatives", "nd"), ("no-derivs", "nd"),
+             ("noderivs", "nd"))
+_CC_ELEMENTS = re.compile(r"^by(-nc)?(-sa|-nd)?(?=[-,;]|$)")
+_CC_LOOKALIKE = re.compile(r"^(cc|by)|^(sa|nc|nd|pd)([-\d]|$)")  # a code meant as a CC one (cco, ccby, sa)
 _CC_URL = re.compile(r"creativecommons\.org/(?:licenses/(?P<lic>[a-z-]+)|publicdomain/(?P<pd>zero|mark))", re.I)
 
 
@@ -37,19 +44,29 @@ class LicenseError(UrsaError):
 
 
 def license_code(name: str, url: str = "") -> str:
-    """One short code for a licence as any provider writes it (``CC BY-SA 4.0`` -> ``by-sa``); "" when neither says."""
+    """One short code for a licence as any provider writes it (``CC BY-SA 4.0`` -> ``by-sa``); "" when neither says.
+
+    A Creative Commons name is read by its elements whatever follows them (``CC BY-SA 3.0 igo``,
+    ``CC BY 4.0 International``, ``cc-by-sa-2.5,2.0,1.0``, ``Creative Commons Attribution-ShareAlike 4.0``);
+    a name that is no CC licence but comes with a CC deed's URL takes the URL's code.
+    """
     s = re.sub(r"[\s_/]+", "-", (name or "").strip().lower()).strip("-")
     if s.startswith(("cc0", "cc-0", "cc-zero")):
         return "cc0"
+    rest = re.sub(r"^(creative-commons|cc)-", "", s)
+    if rest != s:  # the long names of the elements, as in "Creative Commons Attribution-NonCommercial 4.0"
+        for long, short in _CC_WORDS:
+            rest = rest.replace(long, short)
+    m = _CC_ELEMENTS.match(rest)
+    if m:
+        return m.group(0)
     s = re.sub(r"-?\d+(\.\d+)*(-[a-z]{2})?$", "", s)  # the version, and a port such as 2.0-de
     s = re.sub(r"^(creative-commons|cc)-", "", s)
     s = _ALIASES.get(s, s)
-    if s:
-        return s
     m = _CC_URL.search(url or "")
-    if m:
+    if m and s not in LABELS:
         return m.group("lic").lower() if m.group("lic") else ("cc0" if m.group("pd").lower() == "zero" else "pdm")
-    return ""
+    return s
 
 
 def license_label(code: str) -> str:
@@ -65,6 +82,10 @@ def parse_license_filter(text: str | Iterable[str] | None) -> frozenset[str]:
     codes = frozenset(license_code(p) for p in items if p.strip())
     if not codes and any(p.strip() for p in items):
         raise LicenseError(f"--license {text!r}: names no licence; expected codes such as cc0,by,by-sa")
+    typos = sorted(c for c in codes if c not in LABELS and _CC_LOOKALIKE.match(c))
+    if typos:  # "cco", "ccby", "sa": a filter no picture passes, which would silently drop every result
+        raise LicenseError(f"--license {text!r}: {typos[0]!r} is no Creative Commons code; expected "
+                           f"{', '.join(LABELS)} (or a licence name as a list writes it, such as gfdl)")
     return codes
 
 
@@ -73,11 +94,27 @@ def license_allowed(codes: frozenset[str], name: str, url: str = "") -> bool:
     return not codes or license_code(name, url) in codes
 
 
-def credits_by_file(root: str | Path) -> dict[Path, dict[str, str]]:
-    """The saved rows of ``ROOT/downloads.csv`` by the image file they wrote (resolved path), credits included."""
+def credits_by_file(root: str | Path, files: Iterable[str | Path] = ()) -> dict[Path, dict[str, str]]:
+    """The saved rows of ``ROOT/downloads.csv`` by the image file they wrote (resolved path), credits included.
+
+    Each of ``files`` found under no recorded path (moved to another class folder, renamed) is matched
+    by its content: the sha256 download recorded (of the bytes as downloaded, so an image download or
+    ``verify --fix`` re-encoded is matched by its path alone).
+    """
     root = Path(root)
-    rows = read_manifest(root / MANIFEST_NAME)
-    return {(root / r["file"]).resolve(): r for r in rows if r["status"] == "saved" and r["file"]}
+    rows = [r for r in read_manifest(root / MANIFEST_NAME) if r["status"] == "saved" and r["file"]]
+    known = {(root / r["file"]).resolve(): r for r in rows}
+    by_hash = {r["sha256"]: r for r in rows if r["sha256"]}
+    for f in files:
+        path = Path(f).resolve()
+        if path not in known and by_hash:
+            try:
+                row = by_hash.get(hashlib.sha256(path.read_bytes()).hexdigest())
+            except OSError:  # gone or unreadable: its licence stays unknown
+                row = None
+            if row is not None:
+                known[path] = row
+    return known
 
 
 def license_summary(files: Iterable[str | Path], root: str | Path,
@@ -91,8 +128,9 @@ def license_summary(files: Iterable[str | Path], root: str | Path,
     if known is None:
         if not (Path(root) / MANIFEST_NAME).is_file():
             return {}
+        files = list(files)
         try:
-            known = credits_by_file(root)
+            known = credits_by_file(root, files)
         except DownloadError:  # a downloads.csv ursa did not write: no record of these images' licences
             return {}
     counts: Counter[str] = Counter()

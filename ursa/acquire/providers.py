@@ -19,6 +19,7 @@ from urllib.parse import urlencode
 
 from ursa.acquire.urls import CREDIT_COLUMNS
 from ursa.errors import UrsaError
+from ursa.util.names import printable
 
 
 class SearchError(UrsaError):
@@ -57,15 +58,22 @@ _TAG = re.compile(r"<[^>]*>")
 
 
 def plain_text(value: Any) -> str:
-    """Text from a field that may hold HTML (Commons' Artist is a link): tags dropped, entities decoded, one line."""
+    """Text from a field that may hold HTML (Commons' Artist is a link): tags dropped, entities decoded, one line,
+    control characters (a terminal's escape sequences, bidi overrides) visibly escaped rather than passed on."""
     if not isinstance(value, str):
         return ""
-    return " ".join(html.unescape(_TAG.sub(" ", value)).split())
+    return printable(" ".join(html.unescape(_TAG.sub(" ", value)).split()))
 
 
 def _text(d: Any, key: str) -> str:
+    """A string field as given (the image URL: download's rules judge it), "" when absent or not a string."""
     v = d.get(key) if isinstance(d, dict) else None
     return v.strip() if isinstance(v, str) else ""
+
+
+def _line(d: Any, key: str) -> str:
+    """A text field written to the URL list and CREDITS.md (licence, its URL, the source page): one visible line."""
+    return printable(" ".join(_text(d, key).split()))
 
 
 def _list(d: Any, key: str, where: str) -> list[Any]:
@@ -85,6 +93,7 @@ class Provider:
     key_env: ClassVar[str | None] = None  # the variable holding a user's key (token)
     key_required: ClassVar[bool] = False
     about: ClassVar[str] = ""
+    serves: ClassVar[frozenset[str] | None] = None  # the only licence codes its pictures are under (None: any)
 
     @property
     def endpoint_env(self) -> str:
@@ -112,6 +121,7 @@ class Openverse(Provider):
     key_env = "OPENVERSE_TOKEN"
     about = "Openverse (openly licensed images from Flickr, museums, Wikimedia...); OPENVERSE_TOKEN raises its limits"
     KNOWN = frozenset({"cc0", "pdm", "by", "by-sa", "by-nd", "by-nc", "by-nc-sa", "by-nc-nd"})
+    serves = KNOWN
     NAMES = {"cc0": "CC0", "pdm": "Public Domain Mark"}  # the others: "by-sa" + "4.0" -> "CC BY-SA 4.0"
 
     def request(self, base: str, query: str, cursor: Any, licenses: frozenset[str]) -> tuple[str, dict[str, str]]:
@@ -126,10 +136,10 @@ class Openverse(Provider):
         for r in _list(body, "results", "results"):
             if not isinstance(r, dict):
                 continue
-            code, version = _text(r, "license"), _text(r, "license_version")
+            code, version = _line(r, "license"), _line(r, "license_version")
             label = f"{self.NAMES.get(code, 'CC ' + code.upper())} {version}".strip() if code else ""
-            results.append(Found(_text(r, "url"), _text(r, "foreign_landing_url"), plain_text(r.get("creator")),
-                                 label, _text(r, "license_url"), self.name))
+            results.append(Found(_text(r, "url"), _line(r, "foreign_landing_url"), plain_text(r.get("creator")),
+                                 label, _line(r, "license_url"), self.name))
         pages = body.get("page_count")
         last = not results or (isinstance(pages, int) and cursor >= pages)
         return Page(results, None if last else cursor + 1)
@@ -176,7 +186,7 @@ class Commons(Provider):
             def value(key: str) -> str:
                 return plain_text(meta.get(key, {}).get("value")) if isinstance(meta.get(key), dict) else ""
 
-            results.append(Found(_text(ii, "thumburl") or _text(ii, "url"), _text(ii, "descriptionurl"),
+            results.append(Found(_text(ii, "thumburl") or _text(ii, "url"), _line(ii, "descriptionurl"),
                                  value("Artist"), value("LicenseShortName"), value("LicenseUrl"), self.name))
         more = body.get("continue")
         nxt = more.get("gsroffset") if isinstance(more, dict) else None
@@ -193,6 +203,7 @@ class Pexels(Provider):
     key_required = True
     about = "Pexels (stock photos, Pexels License); needs PEXELS_API_KEY"
     LICENSE = ("Pexels License", "https://www.pexels.com/license/")
+    serves = frozenset({"pexels-license"})
 
     def request(self, base: str, query: str, cursor: Any, licenses: frozenset[str]) -> tuple[str, dict[str, str]]:
         params = {"query": query, "per_page": self.page_size, "page": cursor}
@@ -205,7 +216,7 @@ class Pexels(Provider):
             if not isinstance(src, dict):
                 continue
             url = _text(src, "large2x") or _text(src, "large") or _text(src, "original")
-            results.append(Found(url, _text(p, "url"), plain_text(p.get("photographer")), *self.LICENSE, self.name))
+            results.append(Found(url, _line(p, "url"), plain_text(p.get("photographer")), *self.LICENSE, self.name))
         return Page(results, cursor + 1 if results and _text(body, "next_page") else None)
 
 

@@ -61,10 +61,12 @@ def _csv_url_column(lines: Sequence[str]) -> tuple[int, int, Any] | None:
             return i, 0, csv.excel  # a one-column CSV: just a "url" header line
         if "," not in line and ";" not in line and "\t" not in line:
             return None
-        try:
-            dialect: Any = csv.Sniffer().sniff(line, delimiters=",;\t")
+        try:  # the delimiter alone: from a header line the sniffer cannot judge quoting, and its guess
+            # (doublequote off) would read a cell holding "" (a quote in a creator's name) shifted into the next columns
+            delimiter = csv.Sniffer().sniff(line, delimiters=",;\t").delimiter
         except csv.Error:
-            dialect = csv.excel
+            delimiter = ","
+        dialect: Any = type("UrlListDialect", (csv.excel,), {"delimiter": delimiter})
         names = [h.strip().strip("\ufeff").lower() for h in next(csv.reader([line], dialect))]
         for wanted in _CSV_URL_HEADERS:
             if wanted in names:

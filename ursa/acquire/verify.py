@@ -28,7 +28,6 @@ from __future__ import annotations
 import csv
 import io
 import os
-import shutil
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
@@ -38,7 +37,8 @@ from typing import Iterator
 from ursa.acquire.manifest import MANIFEST_NAME
 from ursa.acquire.verify_summary import QUARANTINE, UNREADABLE, VerifySummary
 from ursa.errors import ImageError, UrsaError
-from ursa.util.files import NAME_ERRORS, atomic_write_csv, csv_line, no_space_line, write_new, write_staged
+from ursa.util.files import (NAME_ERRORS, atomic_write_csv, csv_line, free_name, link_no_clobber, no_space_line,
+                             write_new, write_staged)
 from ursa.util.names import printable
 from ursa.util.progress import progress_bar
 from ursa.vision.dedupe import find_duplicates
@@ -178,33 +178,6 @@ def _check_batch(paths: list[str], root: str, fix: bool, max_size: int | None, m
 # ----------------------------------------------------------------------------- moving
 
 
-def _free_name(target: Path) -> Path:
-    """The first of name, name-1, name-2... that does not exist yet."""
-    if not target.exists():
-        return target
-    i = 1
-    while True:
-        cand = target.with_name(f"{target.stem}-{i}{target.suffix}")
-        if not cand.exists():
-            return cand
-        i += 1
-
-
-def _link_no_clobber(src: Path, target: Path) -> Path:
-    """Give src a second name under target (or target-1...), never replacing an existing file."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    while True:
-        dest = _free_name(target)
-        try:
-            os.link(src, dest)
-            return dest
-        except FileExistsError:
-            continue  # someone took the name between the check and the link: try the next one
-        except OSError:
-            shutil.copy2(src, dest)  # a file system without hard links
-            return dest
-
-
 class _Report:
     """verify.csv: earlier runs' moves are kept, this run's rows are appended as they happen."""
 
@@ -267,7 +240,7 @@ def _apply_one(res: _Result, folder: Path, delete: bool, report: _Report, summar
             summary.deleted += 1
             return
         # Link first, record, then drop the old name: at every moment the file exists somewhere.
-        moved = _link_no_clobber(src, _quarantine_target(folder, res.rel))
+        moved = link_no_clobber(src, _quarantine_target(folder, res.rel))
         report.write(res.rel, "quarantined", f"{res.kind}: {res.reason}; moved to {moved.relative_to(folder).as_posix()}")
         src.unlink(missing_ok=True)
         summary.quarantined += 1
@@ -277,8 +250,8 @@ def _apply_one(res: _Result, folder: Path, delete: bool, report: _Report, summar
     tmp = Path(res.fixed_tmp)
     target = src.with_name(res.fixed_name)
     if target != src:
-        target = _free_name(target)
-    kept = _link_no_clobber(src, _quarantine_target(folder, res.rel))
+        target = free_name(target)
+    kept = link_no_clobber(src, _quarantine_target(folder, res.rel))
     fixed_rel = target.relative_to(folder).as_posix()
     note = f"; copy saved as {fixed_rel}" if target != src else ""
     report.write(res.rel, "fixed", f"{res.reason}; original kept as {kept.relative_to(folder).as_posix()}{note}")

@@ -21,6 +21,7 @@ from ursa.cli.deploy import export_cmd, predict_cmd, serve_cmd
 from ursa.cli.insight import curve_cmd, show_cmd
 from ursa.cli.lesson import sgd_cmd
 from ursa.cli.studio import studio_cmd
+from ursa.cli.suggest import suggest_cmd
 from ursa.cli.train import interpret_cmd, lr_find_cmd, train_cmd
 from ursa.cli.common import EXIT_FILE
 from ursa.errors import UrsaError
@@ -42,6 +43,7 @@ COMMANDS: list[tuple[str, Callable]] = [
     ("curve", curve_cmd),
     ("interpret", interpret_cmd),
     ("clean", clean_cmd),
+    ("suggest", suggest_cmd),
     ("predict", predict_cmd),
     ("export", export_cmd),
     ("serve", serve_cmd),

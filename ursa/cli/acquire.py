@@ -100,6 +100,8 @@ def search_cmd(
     summary = search_images(query, cls, n, providers=provider, endpoint=endpoint, licenses=license, out=out,
                             timeout=timeout, retries=retries, allow_private=allow_private, progress=not quiet)
     print(summary.to_json() if json_out else summary.format())
+    if summary.interrupted:
+        return 130  # as for any Ctrl-C, after the results found until then were written
     return 0 if summary.results or summary.total else 1
 
 

@@ -13,6 +13,7 @@ import errno
 import io
 import os
 import re
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping, Sequence
@@ -237,3 +238,59 @@ def check_outside(out: str | Path, data: str | Path, what: str = "output folder"
     d, o = Path(data).resolve(), Path(out).resolve()
     if o == d or d in o.parents:
         raise DataError(f"{out}: the {what} must be outside the data folder {data} (ursa never writes into your data)")
+
+
+def free_name(target: str | Path) -> Path:
+    """The first of name, name-1, name-2... that does not exist yet."""
+    target = Path(target)
+    if not target.exists():
+        return target
+    i = 1
+    while True:
+        cand = target.with_name(f"{target.stem}-{i}{target.suffix}")
+        if not cand.exists():
+            return cand
+        i += 1
+
+
+def link_no_clobber(src: str | Path, target: str | Path) -> Path:
+    """Give src a second name under target (or target-1...), never replacing an existing file; the name it got.
+
+    Verify's quarantine and the labelling page's filing: link first, record, then drop the old
+    name, so at every moment the file exists somewhere.
+    """
+    src, target = Path(src), Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        dest = free_name(target)
+        try:
+            os.link(src, dest)
+            return dest
+        except FileExistsError:
+            continue  # someone took the name between the check and the link: try the next one
+        except OSError:
+            try:  # a file system without hard links: reserve the name, then copy the whole file onto it
+                os.close(os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+            except FileExistsError:
+                continue
+            shutil.copy2(src, dest)
+            return dest
+
+
+def append_csv_row(path: str | Path, header: Sequence[str], row: Sequence[Any]) -> None:
+    """Append one row to an append-only CSV log (the header first when it is new), flushed and fsynced.
+
+    A line a killed process left cut short is ended first, so a new row is never glued onto it
+    (the reader skips the cut line). The cleaner's and the labelling page's logs.
+    """
+    path = Path(path)
+    fresh = not path.exists() or path.stat().st_size == 0
+    text = (csv_line(header) if fresh else "") + csv_line(row)
+    with open(path, "a+b") as f:
+        if not fresh:
+            f.seek(-1, os.SEEK_END)
+            if f.read(1) != b"\n":  # a previous run died mid-line: never glue onto it
+                f.write(b"\n")
+        f.write(text.encode("utf-8", NAME_ERRORS))
+        f.flush()
+        os.fsync(f.fileno())

@@ -10,7 +10,7 @@ from __future__ import annotations
 import io
 import json
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
@@ -38,23 +38,31 @@ def state(request: Request) -> Response:
     return JSONResponse(request.app.state.session.state(), headers=API_HEADERS)
 
 
-async def decide(request: Request) -> Response:
-    """Record one decision sent as JSON {name, action, label}; answers the item and the new summary."""
-    session: CleanSession = request.app.state.session
+async def json_fields(request: Request, names: tuple[str, ...], optional: tuple[str, ...] = (), *,
+                      max_bytes: int = MAX_JSON_BYTES, hint: str = "") -> dict[str, str] | Response:
+    """The named fields of a page's small JSON body as strings, or the answer to send instead (415, 400, 408, 413)."""
     if not request.headers.get("content-type", "").startswith("application/json"):
         return PlainTextResponse("send JSON\n", status_code=415)
     try:
-        raw = await read_body(request, MAX_JSON_BYTES, hint="; a decision is one small JSON object {name, action, label}",
-                              read_timeout=READ_TIMEOUT, body_timeout=READ_TIMEOUT)
+        raw = await read_body(request, max_bytes, hint=hint, read_timeout=READ_TIMEOUT, body_timeout=READ_TIMEOUT)
         body = json.loads(raw)
-        name, action = str(body["name"]), str(body["action"])
-        label = str(body.get("label") or "")
+        return {**{k: str(body[k]) for k in names}, **{k: str(body.get(k) or "") for k in optional}}
     except ApiError as e:
         return e.response()
     except ClientDisconnect:  # the tab was closed mid-request: nobody to answer
         return Response(status_code=400)
     except (ValueError, KeyError, TypeError, AttributeError, RecursionError):
-        return error_response(400, "expected JSON {name, action, label}")
+        return error_response(400, f"expected JSON {{{', '.join(names + optional)}}}")
+
+
+async def decide(request: Request) -> Response:
+    """Record one decision sent as JSON {name, action, label}; answers the item and the new summary."""
+    session: CleanSession = request.app.state.session
+    body = await json_fields(request, ("name", "action"), ("label",),
+                             hint="; a decision is one small JSON object {name, action, label}")
+    if isinstance(body, Response):
+        return body
+    name, action, label = body["name"], body["action"], body["label"]
     try:
         item = session.decisions.decide(name, action, label)
     except KeyError:
@@ -115,8 +123,13 @@ ROUTES = [
 
 def create_app(session: CleanSession, host: str = "127.0.0.1", port: int = 8765) -> Starlette:
     """The cleaner's app over one session, answering only requests addressed to host:port."""
-    app = Starlette(routes=ROUTES, middleware=[Middleware(HostGuard, host=host, port=port)])
-    app.state.session, app.state.assets = session, Assets(PAGE_FILES)
+    return local_app(ROUTES, session, PAGE_FILES, host, port)
+
+
+def local_app(routes: list, session: Any, page_files: tuple[str, ...], host: str, port: int) -> Starlette:
+    """A local page's app (the cleaner's, the labelling page's): its routes over one session, for this machine's browser only."""
+    app = Starlette(routes=routes, middleware=[Middleware(HostGuard, host=host, port=port)])
+    app.state.session, app.state.assets = session, Assets(page_files)
     return app
 
 
@@ -125,15 +138,24 @@ def serve(session: CleanSession, host: str = "127.0.0.1", port: int = 8765, open
     """Run the cleaner until Ctrl+C; decisions are already on disk, so stopping loses nothing."""
     check_port(host, port)
     url = page_url(host, port)
-    app = create_app(session, host, port)
-    server = Server(server_config(app, host, port, log_level="warning", access_log=False))
-    if open_browser:
-        open_when_started(server, url)
     s = session.decisions.summary()
-    echo(f"cleaner at {url} (Ctrl+C to stop); {s['decided']} decision(s) so far")
-    echo(f"decisions save to {session.decisions.cleaned_path} and {session.decisions.log_path}")
-    server.run()
+    app = create_app(session, host, port)
+
+    def started() -> None:
+        echo(f"cleaner at {url} (Ctrl+C to stop); {s['decided']} decision(s) so far")
+        echo(f"decisions save to {session.decisions.cleaned_path} and {session.decisions.log_path}")
+
+    run_page(app, host, port, open_browser, started)
     run = Path(session.model_name).parent  # its config.json: the same split, and the retrain scores unchanged pictures
     again = f" --config {run}" if session.model_name and (run / "config.json").is_file() else ""
     echo(f"retrain on the cleaned set: ursa train {session.root} --csv {session.decisions.cleaned_path}{again}")
 
+
+def run_page(app: Starlette, host: str, port: int, open_browser: bool, before: Callable[[], None]) -> None:
+    """Serve a local page's app until Ctrl+C (``before`` runs first), opening the browser once it listens."""
+    url = page_url(host, port)
+    server = Server(server_config(app, host, port, log_level="warning", access_log=False))
+    if open_browser:
+        open_when_started(server, url)
+    before()
+    server.run()

@@ -16,7 +16,7 @@ from typing import Any, Sequence
 
 from ursa.apps.web import clip
 from ursa.errors import UrsaError
-from ursa.util.files import NAME_ERRORS, atomic_write_csv, csv_line, csv_row_values
+from ursa.util.files import NAME_ERRORS, append_csv_row, atomic_write_csv, csv_row_values
 
 LOG_NAME = "clean_log.csv"
 CLEANED_NAME = "cleaned.csv"
@@ -117,17 +117,7 @@ class Decisions:
             return self.item(name)
 
     def _append_log(self, row: list[str]) -> None:
-        path = self.log_path
-        fresh = not path.exists() or path.stat().st_size == 0
-        text = (csv_line(LOG_COLUMNS) if fresh else "") + csv_line(row)
-        with open(path, "a+b") as f:
-            if not fresh:
-                f.seek(-1, os.SEEK_END)
-                if f.read(1) != b"\n":  # a previous run died mid-line: never glue onto it
-                    f.write(b"\n")
-            f.write(text.encode("utf-8", NAME_ERRORS))
-            f.flush()
-            os.fsync(f.fileno())
+        append_csv_row(self.log_path, LOG_COLUMNS, row)
 
     def label_of(self, name: str) -> str | None:
         """The label the item will train with, or None when excluded."""
