@@ -269,3 +269,22 @@ def label_sets(root: Path, n: int = 72, size: int = 64, seed: int = 0) -> Path:
         lines.append(f"img{i:03d}.png,{' '.join(chosen)}")
     (root / "labels.csv").write_text("\n".join(lines) + "\n", encoding="utf-8")
     return root
+
+
+def lopsided_digits(root: Path, small: str = "7", n_train: int = 60, n_small: int = 6, n_valid: int = 20,
+                    seed: int = 0, **style) -> Path:
+    """Digits with one class lopsided: ``n_train`` training images of each digit but ``small``, which has
+    ``n_small``; ``n_valid`` validation images of every digit (so the small class's recall is read on as
+    many pictures as the others'). Writes root/<digit>/<n>.png and root.parent/<root.name>.csv
+    (name,label,is_valid); returns the CSV's path."""
+    rng = np.random.default_rng(seed)
+    lines = ["name,label,is_valid"]
+    for d in DIGITS:
+        (root / d).mkdir(parents=True, exist_ok=True)
+        n = (n_small if d == small else n_train) + n_valid
+        for i in range(n):
+            digit_image(d, rng, **style).save(root / d / f"{i:03d}.png")
+            lines.append(f"{d}/{i:03d}.png,{d},{i >= n - n_valid}")
+    csv = root.parent / f"{root.name}.csv"
+    csv.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return csv

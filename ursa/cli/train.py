@@ -14,6 +14,7 @@ from ursa.cli.common import EXIT_FILE, CsvOpt, DataArg, DeviceOpt, Quiet, defaul
 from ursa.errors import UrsaError
 from ursa.training.config import TrainConfig, read_run_config
 from ursa.util.files import check_outside
+from ursa.util.names import printable
 from ursa.vision.data import split_settings
 
 ArchOpt = Annotated[Optional[str], typer.Option("--arch", help=f"efficientnet_lite0/1/2 (offline) or a timm name [default: {default('arch')}].")]
@@ -57,7 +58,7 @@ def make_config(data: Path, base_run: Path | None, **options: Any) -> TrainConfi
 
 # Options that change what the recipe would decide: given on top of --config RUN, that decision is made afresh.
 DECIDES = {"size": ("size", "arch"), "fine_tune_epochs": ("arch", "size", "epochs", "lr", "budget", "unfreeze_epochs",
-                                                          "unfreeze_size", "cache", "views", "bs")}
+                                                          "unfreeze_size", "cache", "views", "bs", "balance")}
 
 
 def replay_of(base_run: Path, base: dict, given: dict) -> dict:
@@ -114,6 +115,7 @@ def train_cmd(
     keep: Annotated[Optional[float], typer.Option("--keep", help=f"Share of validation images the 'none of these' (unknown) threshold keeps [default: {default('keep')}].")] = None,
     int8: Annotated[Optional[bool], typer.Option("--int8/--no-int8", help="Also write model.int8.onnx (smaller, faster), checked against fp32 on the validation images and not written when it loses over 1 point [default: off].")] = None,
     device: DeviceOpt = "auto",
+    balance: Annotated[Optional[str], typer.Option("--balance", help="Lopsided classes: auto (when the largest class has 2x the training images of the smallest, logit adjustment: the loss adds log(class share) to the logits), none (train as if equally common), weights (inverse-frequency loss weights), sampler (class-balanced batches), logit_adjust [default: auto].")] = None,
     pixels: Annotated[Optional[str], typer.Option("--pixels", help="Where decoded images live: auto (in memory when they fit, else decoded per batch by loader workers), memory or stream [default: auto].")] = None,
     resume: Annotated[Optional[Path], typer.Option("--resume", help="Go on with a stopped run (Ctrl-C, kill, a lost node) from its last completed epoch: its run folder; its options are used.")] = None,
     nproc: Annotated[Optional[int], typer.Option("--nproc", min=1, help="Train with N processes on this machine: starts `torchrun --nproc-per-node N -m ursa train ...` (gloo on CPUs, NCCL on GPUs).")] = None,
@@ -127,7 +129,7 @@ def train_cmd(
         flips=flips, unfreeze_lr=parse_slice(unfreeze_lr), unfreeze_size=unfreeze_size, bf16=bf16,
         bn_stats_frozen=bn_stats_frozen, bs=bs, wd=wd, label_smoothing=label_smoothing, cache=cache, views=views,
         bf16_features=bf16_features, dedupe_split=dedupe_split, curve=curve, target_precision=target_precision,
-        keep=keep, int8=int8,
+        keep=keep, int8=int8, balance=balance,
     )
     if resume is not None:
         from ursa.training.resume import resume_config
@@ -251,9 +253,14 @@ def _say_result(res: Any) -> None:
         + (f" ({honest:.4f} corrected for choosing the epoch on them)" if honest is not None else "")
         + f"; {res.seconds:.0f} s start to the end of training, peak memory {res.peak_rss_mb:.0f} MB"
     )
+    if m.get("balanced_error") is not None:
+        recall = m.get("recall") or {}
+        low = sorted((v, c) for c, v in recall.items() if v is not None)[:3]
+        typer.echo(f"balanced error {m['balanced_error']:.4f} (one minus the mean recall per class)"
+                   + ("; lowest recall: " + ", ".join(f"{printable(c)} {v:.2f}" for v, c in low) if low else ""))
     if plan is not None:
-        typer.echo(f"recipe: {plan.size} px, flips {plan.flips}, fine-tuning: {plan.fine_tune_why} "
-                   "(recipe.json)")
+        typer.echo(f"recipe: {plan.size} px, flips {plan.flips}, balance {plan.balance}, fine-tuning: "
+                   f"{plan.fine_tune_why} (recipe.json)")
         if plan.compare:
             from ursa.training.compare import compare_line
 

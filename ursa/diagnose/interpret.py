@@ -23,6 +23,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from ursa.diagnose.recall import balanced_error
 from ursa.errors import DataError
 
 log = logging.getLogger("ursa")
@@ -88,6 +89,11 @@ class Interpretation:
                if i != j and cm[i, j] >= min_val]
         return sorted(out, key=lambda t: (-t[2], t[0], t[1]))
 
+    @property
+    def balanced_error(self) -> float:
+        """One minus the mean recall over the classes with images here (diagnose/recall.py): lopsided classes show."""
+        return balanced_error(self.preds, self.targets, len(self.classes)) if len(self) else math.nan
+
     def per_class(self) -> dict[str, dict[str, float | int]]:
         """Precision (of the class's predictions, how many were right) and recall (of its images, how many found)."""
         cm = self.confusion_matrix()
@@ -130,6 +136,7 @@ class Interpretation:
             "split": self.split,
             "n_items": len(self),
             "error_rate": self.error_rate if len(self) else None,
+            "balanced_error": self.balanced_error if len(self) else None,
             "confusion_matrix": self.confusion_matrix().tolist(),
             "most_confused": [list(t) for t in self.most_confused()],
             "per_class": self.per_class(),

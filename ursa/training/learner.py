@@ -21,6 +21,7 @@ from ursa.errors import DivergedError
 from ursa.inference.modelfile import ModelMeta, save_model
 from ursa.training.callbacks import (
     BestWeights,
+    metric_values,
     Callback,
     CancelBatchException,
     CancelEpochException,
@@ -29,6 +30,7 @@ from ursa.training.callbacks import (
     check_callbacks,
     default_callbacks,
 )
+from ursa.training.balance import sample_weights
 from ursa.training.config import LearnerConfig
 from ursa.training.dist import Dist
 from ursa.training.features import FeatureCache, compute_features, gather_cache
@@ -77,7 +79,7 @@ class Learner:
         self.stage = ""
         self.source: BatchSource | None = None
         self.opt: torch.optim.Optimizer | None = None
-        self.metrics: Metrics = (float("nan"),) * 3
+        self.metrics: Metrics = (float("nan"),) * 4
         self._running: list[Callback] = self.cbs
         self.xb: torch.Tensor | None = None
         self.yb: torch.Tensor | None = None
@@ -146,7 +148,7 @@ class Learner:
         return self._features(n_views, None)
 
     def loss_func(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """Cross-entropy (with the configured label smoothing) over the items that were read (label >= 0).
+        """Cross-entropy (label smoothing, --balance as configured) over the items that were read (label >= 0).
 
         An image that changed or vanished since the scan has a negative label: it adds nothing (a
         batch of nothing else gives a zero loss, so every rank still takes the same steps).
@@ -157,7 +159,7 @@ class Learner:
             if not bool(keep.any()):
                 return (logits * 0).sum()
             logits, y = logits[keep], y[keep]
-        return self.task.loss(logits, y, self.config.label_smoothing)
+        return self.task.loss(logits, y, self.config)  # task: cross-entropy (balanced as --balance says) or BCE
 
     def fit_one_cycle(self, n_epoch: int, max_lr: float | slice = 3e-3, pct_start: float = 0.25, *,
                       size: int | None = None, bf16: bool = False, stage: str | None = None,
@@ -210,12 +212,14 @@ class Learner:
         if cached:
             # Every rank trains the same head on the gathered features (cheaper than syncing a 1 s fit);
             # fit_one_cycle copies rank 0's head to all at the end, so they agree exactly.
-            return CachedFeatures(self.model.head, self._features(n_views, size, keep), self.dls.bs, generator,
-                                  self.device, self.task)
+            cache = self._features(n_views, size, keep)
+            return CachedFeatures(self.model.head, cache, self.dls.bs, generator, self.device, self.task,
+                                  sample_weights(self.config, cache.train_y))
         d = self.dist
         return ImageBatches(self.model, self.dls, augment=self.config.augment, size=size, generator=generator,
                             bn_eval_frozen=self.config.cache, bn_eval_unfrozen=self.config.bn_stats_frozen,
-                            validate=self.validate, device=self.device,
+                            validate=self.validate, device=self.device, weights=sample_weights(
+                                self.config, torch.tensor(self.dls.dataset.labels)[self.dls.dataset.train_idx]),
                             shard=(d.rank, d.world) if d.active else None, wrap=self._ddp if d.active else None)
 
     def _ddp(self, module: torch.nn.Module) -> torch.nn.Module:
@@ -239,7 +243,7 @@ class Learner:
         ``first_epoch``: a resumed fit starts there (the epochs before it are in the checkpoint).
         """
         self.n_epoch, self.source, self.opt, self.sched, self.stage = n_epoch, source, opt, sched, stage
-        self.metrics = (float("nan"),) * 3
+        self.metrics = (float("nan"),) * 4
         self._running = sorted(cbs, key=lambda cb: cb.order) if cbs is not None else self.cbs
         try:
             self._event("before_fit")
@@ -396,7 +400,7 @@ class Learner:
         """
         if metrics is None and self.recorder.rows:
             last = self.kept_row or self.recorder.rows[-1]
-            metrics = {k: last[k] for k in ("valid_loss", "error_rate", "accuracy")}
+            metrics = metric_values(last)
         meta = ModelMeta(
             arch=self.model.arch, classes=list(self.dls.classes), input_size=self.dls.size,
             mean=list(self.dls.mean), std=list(self.dls.std), head=asdict(self.model.head_cfg),

@@ -27,9 +27,11 @@ from ursa.diagnose.insight_plots import plot_curve
 from ursa.diagnose.label_report import write_label_report
 from ursa.diagnose.interpret import Interpretation
 from ursa.diagnose.plots import plot_losses, plot_lr, plot_metrics
+from ursa.diagnose.recall import recall_by_class
 from ursa.diagnose.report import run_plots, write_report
 from ursa.inference.export import write_onnx_beside
 from ursa.inference.task import SINGLE_LABEL
+from ursa.training.callbacks import metric_values
 from ursa.training.config import TrainConfig
 from ursa.training.learner import Learner
 from ursa.training.reference import fit_open_world
@@ -49,6 +51,7 @@ class RunFiles:
     report: dict[str, Path] = field(default_factory=dict)
     calibration: Calibration | None = None
     timings: dict[str, float] = field(default_factory=dict)  # seconds: calibration, report
+    recall: dict = field(default_factory=dict)  # per class, of the model file's weights on the validation images
 
     @property
     def diverged(self) -> bool:
@@ -107,8 +110,10 @@ def write_run(out: Path, learn: Learner, cfg: TrainConfig, ds: ImageDataset, inf
     timings["open_world"] = time.perf_counter() - t  # one pass over the training images
     licenses = _licenses(ds, console)
     thresholds = learn.task.thresholds(cal)  # multi-label: each label's, chosen on the validation images
-    model = learn.export(out / "model.safetensors", config=config, calibration=cal.to_meta() if cal else None,
-                         open_world=world, licenses=licenses, thresholds=thresholds)
+    recall, metrics = kept_metrics(learn, ds, logits if single else None, y)  # recall per class: one class per picture
+    model = learn.export(out / "model.safetensors", metrics=metrics, config=config,
+                         calibration=cal.to_meta() if cal else None, open_world=world, licenses=licenses,
+                         thresholds=thresholds)
     t = time.perf_counter()
     onnx_file = write_onnx_beside(model)  # the fast path by default (predict, serve); a failure only warns
     timings["onnx"] = time.perf_counter() - t
@@ -120,7 +125,7 @@ def write_run(out: Path, learn: Learner, cfg: TrainConfig, ds: ImageDataset, inf
     b = learn.best
     if (any(a.rule == "too_many_epochs" for a in advice) and b.state is not None and b.row is not None
             and learn.kept_row is None):  # the recipe already put the best weights into the model file
-        metrics = {k: b.row[k] for k in ("valid_loss", "error_rate", "accuracy")}
+        metrics = metric_values(b.row)
         metrics["epoch"] = b.epoch
         best = learn.export(out / "best.safetensors", metrics=metrics, config=config, state=b.state, licenses=licenses,
                             thresholds=thresholds)
@@ -146,7 +151,20 @@ def write_run(out: Path, learn: Learner, cfg: TrainConfig, ds: ImageDataset, inf
     except Exception as e:  # noqa: BLE001 - reported, never fatal
         console.print(f"[yellow]warning:[/] could not write the report: {type(e).__name__}: {e}", highlight=False)
     timings["report"] = time.perf_counter() - t
-    return RunFiles(out, model, best, advice, notes, report, cal, timings)
+    return RunFiles(out, model, best, advice, notes, report, cal, timings, recall)
+
+
+def kept_metrics(learn: Learner, ds: ImageDataset, logits, y) -> tuple[dict, dict | None]:
+    """The model file's metrics: the kept epoch's figures and, from the validation pass, each class's recall."""
+    rows = learn.recorder.rows
+    last = learn.kept_row or (rows[-1] if rows else None)
+    if last is None:
+        return {}, None
+    metrics = metric_values(last)
+    if logits is None or not len(y):
+        return {}, metrics
+    recall = recall_by_class(logits.argmax(1), y, ds.classes)
+    return recall, {**metrics, "recall": recall}
 
 
 VANISHED = "changed or vanished on disk during training"

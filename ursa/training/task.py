@@ -24,6 +24,7 @@ from ursa.diagnose.calibration import calibrate, reliability, softmax
 from ursa.diagnose.insight_plots import plot_reliability
 from ursa.diagnose.multilabel import DEFAULT, as_binary, calibrate_labels, label_figures
 from ursa.inference.task import MULTI_LABEL, SINGLE_LABEL, sigmoid
+from ursa.training.balance import balanced_loss
 from ursa.training.sources import metrics_from_probs
 from ursa.vision.data import ImageDataset
 from ursa.vision.labelsets import multi_hot
@@ -34,10 +35,12 @@ class SingleLabel:
     """One class per picture."""
 
     name: str = SINGLE_LABEL
-    columns: tuple[str, ...] = ()  # columns beyond valid_loss, error_rate, accuracy
+    columns: tuple[str, ...] = ()  # columns beyond valid_loss, error_rate, accuracy, balanced_error
+    balanced: bool = True  # the epoch table shows the balanced error (diagnose.recall)
 
-    def loss(self, logits: torch.Tensor, y: torch.Tensor, smoothing: float = 0.0) -> torch.Tensor:
-        return F.cross_entropy(logits, y, label_smoothing=smoothing)
+    def loss(self, logits: torch.Tensor, y: torch.Tensor, config: Any) -> torch.Tensor:
+        """Cross-entropy with the config's label smoothing and lopsided-classes remedy (``training.balance``)."""
+        return balanced_loss(logits, y, config)
 
     def probs(self, logits: torch.Tensor) -> torch.Tensor:
         return logits.softmax(1)
@@ -73,25 +76,26 @@ class MultiLabel:
     n_labels: int
     name: str = MULTI_LABEL
     columns: tuple[str, ...] = ("macro_f1", "samples_f1", "map")
+    balanced: bool = False  # macro F1 already weighs every label the same; the balanced_error column holds NaN
 
-    def loss(self, logits: torch.Tensor, y: torch.Tensor, smoothing: float = 0.0) -> torch.Tensor:
-        """Binary cross-entropy with logits (label smoothing does not apply to label sets)."""
+    def loss(self, logits: torch.Tensor, y: torch.Tensor, config: Any = None) -> torch.Tensor:
+        """Binary cross-entropy with logits (label smoothing and --balance do not apply to label sets)."""
         return F.binary_cross_entropy_with_logits(logits, multi_hot(y, self.n_labels))
 
     def probs(self, logits: torch.Tensor) -> torch.Tensor:
         return logits.sigmoid()
 
     def metrics(self, probs: torch.Tensor, y: torch.Tensor) -> tuple[float, ...]:
-        """valid_loss (BCE), 1 - macro F1, accuracy_multi, macro F1, sample-averaged F1, mAP; at threshold 0.5."""
+        """valid_loss (BCE), 1 - macro F1, accuracy_multi, (no balanced error), macro F1, sample F1, mAP; at 0.5."""
         keep = y >= 0
         probs, y = probs[keep], y[keep]
         if len(y) == 0:
-            return (math.nan,) * 6
+            return (math.nan,) * 7
         t = multi_hot(y, self.n_labels)
         loss = F.binary_cross_entropy(probs.float().clamp(1e-7, 1 - 1e-7), t).item()
         f = label_figures(probs.float().numpy(), t.numpy(), [str(k) for k in range(self.n_labels)],
                           [DEFAULT] * self.n_labels)
-        return loss, 1.0 - f.macro_f1, f.accuracy_multi, f.macro_f1, f.samples_f1, f.mean_ap
+        return loss, 1.0 - f.macro_f1, f.accuracy_multi, math.nan, f.macro_f1, f.samples_f1, f.mean_ap
 
     def correct(self, probs: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Which pictures get their whole label set right at 0.5 (an unreadable one never)."""
