@@ -128,6 +128,8 @@ class Plan:
     fine_tune_why: str = "not decided yet"
     fine_tune: FineTune = FineTune.UNDECIDED  # how it was decided (data; the why is its words)
     tune_size: int | None = None  # fine-tuning trains at this smaller size (TUNE_MIN_SIZE...): None, the input size
+    balance: str = "none"  # lopsided classes: the remedy (training/balance.py), or none
+    balance_why: str = ""
     probe: dict = field(default_factory=dict)
     work: dict = field(default_factory=dict)  # Work.to_json(): the counted inputs of the decision
     planned_seconds: float | None = None  # reference seconds the plan adds up to
@@ -149,7 +151,8 @@ class Plan:
 
     def lines(self) -> list[str]:
         """The recipe in words, for the first lines of the run and the report."""
-        return [f"input size {self.size} px: {self.size_why}", f"flips {self.flips}: {self.flips_why}"]
+        return [f"input size {self.size} px: {self.size_why}", f"flips {self.flips}: {self.flips_why}",
+                f"balance {self.balance}: {self.balance_why}"]
 
     def to_json(self) -> dict:
         d = asdict(self)
