@@ -57,8 +57,9 @@ def make_config(data: Path, base_run: Path | None, **options: Any) -> TrainConfi
 
 
 # Options that change what the recipe would decide: given on top of --config RUN, that decision is made afresh.
-DECIDES = {"size": ("size", "arch"), "fine_tune_epochs": ("arch", "size", "epochs", "lr", "budget", "unfreeze_epochs",
-                                                          "unfreeze_size", "cache", "views", "bs", "balance")}
+_EPOCHS_DEPEND_ON = ("arch", "size", "epochs", "lr", "budget", "unfreeze_epochs", "unfreeze_size", "cache", "views", "bs",
+                     "balance")
+DECIDES = {"size": ("size", "arch"), "fine_tune_epochs": _EPOCHS_DEPEND_ON, "tune_size": _EPOCHS_DEPEND_ON}
 
 
 def replay_of(base_run: Path, base: dict, given: dict) -> dict:

@@ -36,7 +36,7 @@ from ursa.training.learner import Learner
 from ursa.training.compare import compare_line, compare_valid, earlier_wrong
 from ursa.training.honest import ValidCorrect, honest_figures
 from ursa.training.plan import (RESERVE, FineTune, Plan, Stop, Work, choose_flips, choose_size, count_gflops, epoch_cap,
-                                fine_tune_epochs, time_limit)
+                                fine_tune_epochs, smaller_tune_size, time_limit)
 from ursa.training.run import RunFiles, write_run
 from ursa.util.files import atomic_write_text, check_outside
 from ursa.util.progress import make_console, progress_bar
@@ -268,6 +268,7 @@ def _fine_tune(cfg: TrainConfig, learn: Learner, plan: Plan, t0: float, console:
         plan.fine_tune_why = f"--unfreeze-epochs {cfg.unfreeze_epochs}"
     elif replayed is not None:
         plan.fine_tune_epochs, plan.fine_tune = replayed, FineTune.REPLAYED
+        plan.tune_size = cfg.replay.get("tune_size")
         plan.fine_tune_why = f"{replayed} epoch(s), as {cfg.replay.get('from')} decided (--config: its recipe.json)"
         console.print(f"recipe: fine-tuning: {plan.fine_tune_why}", highlight=False)
     else:
@@ -281,7 +282,8 @@ def _fine_tune(cfg: TrainConfig, learn: Learner, plan: Plan, t0: float, console:
         learn.unfreeze()
         if resume is None or not resume.fit_done:
             try:
-                learn.fit_one_cycle(plan.fine_tune_epochs, slice(lo, hi), size=cfg.unfreeze_size, bf16=cfg.bf16,
+                learn.fit_one_cycle(plan.fine_tune_epochs, slice(lo, hi), size=cfg.unfreeze_size or plan.tune_size,
+                                    bf16=cfg.bf16,
                                     cbs=([] if fixed else [BudgetStop(t0 + plan.time_limit - RESERVE)])
                                     + ([seen] if seen is not None else []), resume=resume)
             except DivergedError as e:
@@ -310,9 +312,15 @@ def _decide(cfg: TrainConfig, learn: Learner, plan: Plan) -> None:
     frozen_error = rows[-1]["error_rate"] if rows else float("nan")  # what the model is now
     frozen_error = learn.dist.agree([frozen_error])[0]
     n_valid = len(learn.dls.dataset.valid_idx)
+    work = Work.from_json(plan.work) if plan.work else None
     plan.fine_tune_epochs, plan.fine_tune, plan.fine_tune_why = fine_tune_epochs(
-        frozen_error, n_valid, Work.from_json(plan.work) if plan.work else None,
-        cfg.budget, epoch_cap(cfg.budget))
+        frozen_error, n_valid, work, cfg.budget, epoch_cap(cfg.budget))
+    if plan.fine_tune is FineTune.TOO_FEW_FIT and cfg.unfreeze_size is None:  # a smaller size may fit enough
+        smaller = smaller_tune_size(frozen_error, n_valid, work, cfg.budget, plan.size,
+                                    lambda s: count_gflops(learn.model, s), epoch_cap(cfg.budget))
+        if smaller is not None:  # the counted work is then the smaller size's
+            plan.tune_size, plan.fine_tune_epochs, plan.fine_tune_why, tuned = smaller
+            plan.fine_tune, plan.work = FineTune.PLANNED, tuned.to_json()
 
 
 def _figures(cfg: TrainConfig, learn: Learner, ds: ImageDataset, plan: Plan, seen: ValidCorrect,
