@@ -30,7 +30,6 @@ fastai's figures are kept in results/fastai/<set>.seed<S>.json and reused. Stdli
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import platform
@@ -45,7 +44,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from recipes_report import (  # noqa: E402 - the benchmarks share their plumbing (stdlib only)
     aims_lines, evaluate_aims, fmt, summarize, table_lines, tta_lines)
+from fastai_anchor import fastai_for_set  # noqa: E402
 from rules import FITTED_ON, check_all, format_checks  # noqa: E402
+from run_store import RunStore, commit_of, run_key  # noqa: E402
 from splits import (  # noqa: E402, F401 - scale.py and the tests take InputError, write_atomic, the split helpers from here
     IMG_EXTS, SETS, SPLIT_SEED, VALID_PCT, InputError, csv_text, ensure_split, find_sets, make_split, read_split,
     split_paths, train_split_path, write_atomic)
@@ -54,7 +55,6 @@ ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_ROOT = ROOT.parent / "shared" / "datasets"
 RESULTS = ROOT / "benchmarks" / "results"
 DATASETS = ROOT / "benchmarks" / "datasets"
-ANCHOR = ROOT.parent / "shared" / "anchors" / "fastai_lesson2.py"
 
 LRFIND = "lr-find"  # flags computed per run: `ursa lr-find`'s suggestion as --lr
 RECIPES = {
@@ -182,7 +182,7 @@ def suggested_lr(set_dir: Path, split: Path, seed: int, tmp: Path) -> tuple[floa
 
 
 def run_ursa(set_dir: Path, split: Path, recipe: str, seed: int, flags: list[str] | str,
-             test: list[tuple[str, str, bool]], extra: tuple[str, ...] = ()) -> dict:
+             test: list[tuple[str, str, bool]], extra: tuple[str, ...] = (), tta: bool = True) -> dict:
     """One recipe on one set with one seed, in its own process and temp run folder (removed after)."""
     with tempfile.TemporaryDirectory(prefix=f"ursa_recipes_{set_dir.name}_{recipe}_{seed}_") as tmp:
         run_dir, rec = Path(tmp) / "run", {"set": set_dir.name, "recipe": recipe, "seed": seed}
@@ -206,7 +206,7 @@ def run_ursa(set_dir: Path, split: Path, recipe: str, seed: int, flags: list[str
         if not why:
             rec["error_rate"], why = held_out_error(model, set_dir, test, Path(tmp))
             rec["test_error"] = rec["error_rate"]
-        if recipe == "default" and not why:
+        if recipe == "default" and not why and tta:
             rec["tta"] = tta_errors(model, set_dir, Path(tmp))
         if why:
             rec["failure"] = why
@@ -238,55 +238,6 @@ def tta_errors(model: Path, set_dir: Path, tmp: Path) -> dict:
     return out
 
 
-def fastai_command(venv: Path, set_dir: Path, split: Path, out: Path, seed: int) -> list[str]:
-    """One run of fastai's lesson recipe (the anchor) on the same split."""
-    return [str(venv / "bin" / "python"), str(ANCHOR), str(set_dir), "--split", str(split), "--out", str(out),
-            "--seed", str(seed)]
-
-
-def read_fastai(path: Path, split_sha: str | None) -> dict | str:
-    """An anchor result as {error_rate, wall_s, rss_mb}, or why it is not used (a str)."""
-    try:
-        d = json.loads(path.read_text())
-        if split_sha is not None and (got := d.get("counts", {}).get("split_sha256")) != split_sha:
-            return f"{path}: measured on another split (sha256 {str(got)[:12]}...); delete it to measure again"
-        return {"error_rate": float(d["final"]["error_rate"]), "wall_s": float(d["stages_s"]["total_s"]),
-                "fit_s": float(d["stages_s"].get("fit_frozen_s", 0)) + float(d["stages_s"].get("fit_unfrozen_s", 0)),
-                "rss_mb": max(float(d.get("peak_rss_mib") or 0), float(d.get("peak_rss_children_mib") or 0))}
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        return f"{path}: unreadable anchor result ({e}); delete it to measure again"
-
-
-def fastai_for_set(set_dir: Path, split: Path, results: Path, k: int, venv: Path | None, dry: bool) -> tuple[dict | None, str, list]:
-    """fastai's summary on one set (reused JSONs, measured when FASTAI_VENV is set), a note, its per-seed figures."""
-    got, notes = [], []
-    sha = hashlib.sha256(split.read_bytes()).hexdigest() if split.is_file() else None  # the anchor records it
-    for seed in range(k):
-        out = results / "fastai" / f"{set_dir.name}.seed{seed}.json"
-        if not out.is_file() and venv is not None:
-            cmd = fastai_command(venv, set_dir, split, out, seed)
-            print(("  " if dry else f"  {set_dir.name} fastai seed {seed}: ") + " ".join(cmd), flush=True)
-            if dry:
-                continue
-            out.parent.mkdir(parents=True, exist_ok=True)
-            with tempfile.TemporaryDirectory(prefix="ursa_recipes_fastai_") as tmp:
-                r = run_measured(cmd, Path(tmp))
-            if r["rc"] != 0:
-                notes.append(f"seed {seed} failed (exit {r['rc']}): " + (r["stderr"].strip().splitlines() or ["no output"])[-1])
-                continue
-        if out.is_file():
-            f = read_fastai(out, sha)
-            if isinstance(f, str):
-                print(f"  warning: {f}", flush=True)
-                notes.append(f)
-            else:
-                got.append({"seed": seed, **f})
-    if not got:
-        why = notes[-1] if notes else "set FASTAI_VENV" if venv is None else "dry run: the command(s) above" if dry and k else ""
-        return None, f"not measured ({why})" if why else "not measured", notes
-    return summarize(got), "", got
-
-
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sets", default="", help="comma-separated set names [default: every set under --root and --datasets]")
@@ -298,6 +249,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--fastai-seeds", type=int, default=1, help="fastai anchor seeds 0..K-1 (needs FASTAI_VENV unless measured)")
     ap.add_argument("--train-args", default="", help="more `ursa train` options for every run, before the recipe's "
                     "(a smoke check: '--epochs 1 --budget 10'); the figures are then not the default's")
+    ap.add_argument("--no-tta", action="store_true", help="skip scoring the default's models with and without --tta")
+    ap.add_argument("--stored-only", action="store_true", help="measure nothing: the report from the stored runs")
+    ap.add_argument("--remeasure", default="", help="recipes to measure again although stored (results/recipes_runs/)")
     ap.add_argument("--results", type=Path, default=RESULTS, help=argparse.SUPPRESS)
     ap.add_argument("--dry-run", action="store_true", help="print the commands without running them")
     return ap.parse_args(argv)
@@ -318,7 +272,8 @@ def check_args(args: argparse.Namespace) -> tuple[dict[str, Path], list[str], Pa
     return sets, sorted(dict.fromkeys(recipes), key=lambda r: r != "default"), venv  # alternatives may reuse the default's runs
 
 
-def run_set(name: str, set_dir: Path, rows: list, recipes: list[str], flags: dict, args: argparse.Namespace) -> list[dict]:
+def run_set(name: str, set_dir: Path, rows: list, recipes: list[str], flags: dict, args: argparse.Namespace,
+            store: RunStore) -> list[dict]:
     """Every recipe x seed on one set (or, with --dry-run, their commands printed); the records."""
     train_csv, test = train_split_path(args.results, name), [row for row in rows if row[2]]
     print(f"{name}: {len(rows)} images, {len(test)} held out for testing; ursa trains on {train_csv}", flush=True)
@@ -334,12 +289,17 @@ def run_set(name: str, set_dir: Path, rows: list, recipes: list[str], flags: dic
                 continue
             defaults = [d for d in records if d["recipe"] == "default"]
             csv_file = split_paths(args.results, name)[1] if r in CHOOSES_ON_TEST else train_csv
-            rec = reuse_default(r, defaults, seed) or run_ursa(set_dir, csv_file, r, seed, flags[r], test,
-                                                                  tuple(shlex.split(args.train_args)))
+            key = run_key(csv_file, flags[r], shlex.split(args.train_args))
+            rec = reuse_default(r, defaults, seed) or store.get(name, r, seed, key)
+            if rec is None and args.stored_only:
+                continue
+            if rec is None:
+                rec = run_ursa(set_dir, csv_file, r, seed, flags[r], test, tuple(shlex.split(args.train_args)), not args.no_tta)
+                store.put(rec, key)
             records.append(rec)
             what = (f"held-out error {rec['error_rate']:.4f} (reported {fmt(rec.get('reported_error'), '.4f')})"
                     if rec["error_rate"] is not None else f"FAILED (exit {rec['rc']}): {rec.get('failure', '')}")
-            same = " (what the default decided: its run)" if rec.get("same_as_default") else ""
+            same = " (what the default decided: its run)" if rec.get("same_as_default") else " (stored)" if rec.get("stored") else ""
             print(f"  {name} {r} seed {seed}: {rec['wall_s']:.1f} s, {what}, peak RSS {rec['rss_mb']:.0f} MB{same}", flush=True)
     return records
 
@@ -368,12 +328,13 @@ def main(argv: list[str] | None = None) -> int:
               "fitted_on": fitted_on, **report_extra, "recipes": {r: RECIPES[r][0] for r in recipes}, "flags": flags, "seeds": args.seeds,
               "errors": "error_rate = held-out: the kept model on the 20% test images ursa never saw; "
                         "reported_error = what ursa printed (its inner validation, where it chose epochs)"}
+    store = RunStore(args.results / "recipes_runs", {r.strip() for r in args.remeasure.split(",") if r.strip()}, commit_of(ROOT))
     for s, set_dir in set_dirs.items():
-        recs = run_set(s, set_dir, splits[s], recipes, flags, args)
+        recs = run_set(s, set_dir, splits[s], recipes, flags, args, store)
         records += recs
         summaries[s] = {r: summarize([x for x in recs if x["recipe"] == r]) for r in recipes if any(x["recipe"] == r for x in recs)}
         sm, notes[s], fastai_runs[s] = fastai_for_set(set_dir, split_paths(args.results, s)[0], args.results,
-                                                      args.fastai_seeds, venv, args.dry_run)
+                                                      args.fastai_seeds, venv, args.dry_run, run_measured)
         if sm is not None:
             fastai[s] = sm
         if args.dry_run:

@@ -241,3 +241,50 @@ def url_lists(root: Path, per_list: int = 320, seed: int = 0) -> Path:
                 lines.insert(7, RAW_IMAGE_URL)
             (root / repo / f"urls_{cls}{ext}").write_text("\n".join(lines) + "\n")
     return root
+
+
+LABEL_COLOURS = {"red": (220, 40, 40), "green": (40, 190, 60), "blue": (40, 70, 220)}
+
+
+def label_sets(root: Path, n: int = 72, size: int = 64, seed: int = 0) -> Path:
+    """Multi-label pictures (the shape of planet's CSV): grey noise with a blob of each colour the image is labelled
+    with; every subset of red/green/blue, the empty set included. Writes the images and ``labels.csv`` (name,label:
+    the labels separated by a space, an empty cell for none)."""
+    rng = np.random.default_rng(seed)
+    root.mkdir(parents=True, exist_ok=True)
+    names = list(LABEL_COLOURS)
+    subsets = [[c for k, c in enumerate(names) if m >> k & 1] for m in range(2 ** len(names))]
+    lines = ["name,label"]
+    for i in range(n):
+        chosen = subsets[i % len(subsets)]
+        px = rng.integers(90, 160, (size, size, 3)).astype(np.uint8)
+        im = Image.fromarray(px)
+        draw = ImageDraw.Draw(im)
+        spots = rng.permutation(4)[: len(chosen)]
+        for c, q in zip(chosen, spots):
+            x0, y0 = (q % 2) * size // 2 + int(rng.integers(2, 8)), (q // 2) * size // 2 + int(rng.integers(2, 8))
+            r = size // 2 - 12
+            draw.ellipse([x0, y0, x0 + r, y0 + r], fill=LABEL_COLOURS[c])
+        im.save(root / f"img{i:03d}.png")
+        lines.append(f"img{i:03d}.png,{' '.join(chosen)}")
+    (root / "labels.csv").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return root
+
+
+def lopsided_digits(root: Path, small: str = "7", n_train: int = 60, n_small: int = 6, n_valid: int = 20,
+                    seed: int = 0, **style) -> Path:
+    """Digits with one class lopsided: ``n_train`` training images of each digit but ``small``, which has
+    ``n_small``; ``n_valid`` validation images of every digit (so the small class's recall is read on as
+    many pictures as the others'). Writes root/<digit>/<n>.png and root.parent/<root.name>.csv
+    (name,label,is_valid); returns the CSV's path."""
+    rng = np.random.default_rng(seed)
+    lines = ["name,label,is_valid"]
+    for d in DIGITS:
+        (root / d).mkdir(parents=True, exist_ok=True)
+        n = (n_small if d == small else n_train) + n_valid
+        for i in range(n):
+            digit_image(d, rng, **style).save(root / d / f"{i:03d}.png")
+            lines.append(f"{d}/{i:03d}.png,{d},{i >= n - n_valid}")
+    csv = root.parent / f"{root.name}.csv"
+    csv.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return csv

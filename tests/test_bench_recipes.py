@@ -253,6 +253,40 @@ def test_rules_are_checked_leave_one_set_out_on_held_out_errors(bench, tmp_path,
     assert data["summaries"]["toy"]["flips_none"]["same_as_default"] == 1 and "(1 = the default's run: what it decided)" in out
 
 
+def test_a_rerun_skips_the_runs_it_kept_and_measures_again_what_changed(bench, tmp_path, monkeypatch, capsys):
+    """Resumable: every finished run is kept on its own; a rerun reuses it unless its flags, its split or --remeasure say no."""
+    import json
+
+    make_set(tmp_path / "data", "toy", n=10)
+    results = tmp_path / "results"
+    monkeypatch.delenv("FASTAI_VENV", raising=False)
+    fake_ursa(bench, monkeypatch, calls := [])
+    argv = ["--root", str(tmp_path / "data"), "--datasets", str(tmp_path / "none"), "--sets", "toy", "--seeds", "2",
+            "--results", str(results), "--recipes", "default,size224", "--fastai-seeds", "0"]
+    assert bench.main(argv) == 0 and len(calls) == 4
+    kept = json.loads(next((results / "recipes_runs" / "toy").glob("size224.seed1.*.json")).read_text())
+    assert kept["key"]["flags"] == ["--size", "224"] and kept["key"]["split"] == "toy.train.csv" and kept["error_rate"] == 0.5
+    first = json.loads((results / "recipes.json").read_text())["summaries"]
+    capsys.readouterr()
+    assert bench.main(argv) == 0 and len(calls) == 4  # nothing measured again: the same figures
+    assert json.loads((results / "recipes.json").read_text())["summaries"] == first
+    assert capsys.readouterr().out.count("(stored)") == 4
+    assert bench.main(argv + ["--seeds", "3"]) == 0 and len(calls) == 6  # a third seed: only its runs
+    assert bench.main(argv + ["--remeasure", "size224"]) == 0 and calls[-2:] == [("toy.train.csv", ["--size", "224"])] * 2
+    assert bench.main(argv + ["--train-args", "--budget 10"]) == 0 and len(calls) == 12  # other flags: other runs
+    assert bench.main(argv) == 0 and len(calls) == 12  # kept beside each other
+    default = sorted((results / "recipes_runs" / "toy").glob("default.seed[01].*.json"))
+    assert len(default) == 4
+    plain = [p for p in default if json.loads(p.read_text())["key"]["train_args"] == []]
+    plain[0].write_text("{half a file")  # unreadable: measured again; so is a failed run
+    plain[1].write_text(json.dumps({**json.loads(plain[1].read_text()), "error_rate": None}))
+    assert bench.main(argv) == 0 and len(calls) == 14 and [f for _, f in calls[-2:]] == [[], []]
+    # the report alone from what is stored: nothing measured, a recipe never run is left out
+    assert bench.main(argv[:-4] + ["--recipes", "default,size224,size128", "--stored-only"]) == 0 and len(calls) == 14
+    data = json.loads((results / "recipes.json").read_text())
+    assert {r["recipe"] for r in data["runs"]} == {"default", "size224"} and len(data["runs"]) == 4
+
+
 def test_a_rule_that_loses_to_the_choice_fitted_on_the_other_sets_is_missed(bench):
     from rules import RULES, check_rule
 

@@ -103,7 +103,7 @@ def test_train_then_predict_end_to_end(tmp_path):
     for name in ("model.safetensors", "history.csv", "losses.png", "split.csv"):
         assert (out / name).is_file(), name
     rows = (out / "history.csv").read_text().strip().splitlines()
-    assert rows[0] == "epoch,stage,train_loss,valid_loss,error_rate,accuracy,seconds"
+    assert rows[0] == "epoch,stage,train_loss,valid_loss,error_rate,accuracy,balanced_error,seconds"
     assert [r.split(",")[1] for r in rows[1:]] == ["frozen", "frozen", "unfrozen"]
     assert (out / "split.csv").read_text().splitlines()[0] == "name,label,is_valid"
     r = _run("predict", str(out / "model.safetensors"), *map(str, sorted(HELDOUT.glob("*.jpg"))))

@@ -12,14 +12,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from ursa.training.plan import (GOOD_ENOUGH, MAX_EPOCHS, MIN_EPOCHS, FineTune, Plan, Stop, Work, count_gflops,
-                                fine_tune_epochs, good_enough, suggest_budget, time_limit)
+from ursa.training.plan import (GOOD_ENOUGH, MAX_EPOCHS, MIN_EPOCHS, TUNE_MIN_SIZE, FineTune, Plan, Stop, Work,
+                                count_gflops, fine_tune_epochs, good_enough, smaller_tune_size, suggest_budget,
+                                time_limit)
 
 BEARS = Work(gflops=0.77, frozen_gflops=0.77, n_train=778, n_valid=189, frozen_epochs=4, views=4)
 TILES = Work(gflops=0.065, frozen_gflops=0.065, n_train=320, n_valid=80, frozen_epochs=4, views=4)
 
 
-def _noise_set(root: Path, n: int = 12, seed: int = 0) -> Path:
+def _noise_set(root: Path, n: int = 12, seed: int = 0, px: int = 48) -> Path:
     """Three classes of random-noise pictures (48 px): the frozen body cannot tell them apart, so fine-tuning is planned."""
     import numpy as np
     from PIL import Image
@@ -28,7 +29,7 @@ def _noise_set(root: Path, n: int = 12, seed: int = 0) -> Path:
     for c in ("a", "b", "c"):
         (root / c).mkdir(parents=True)
         for k in range(n):
-            Image.fromarray(rng.integers(0, 256, size=(48, 48, 3), dtype=np.uint8)).save(root / c / f"{c}{k}.png")
+            Image.fromarray(rng.integers(0, 256, size=(px, px, 3), dtype=np.uint8)).save(root / c / f"{c}{k}.png")
     return root
 
 
@@ -63,6 +64,32 @@ def test_fine_tuning_is_decided_from_counted_work_with_the_decision_as_data():
     assert fine_tune_epochs(0.05, 189, BEARS, 0)[1] is FineTune.BUDGET_ZERO
     assert fine_tune_epochs(math.nan, 189, BEARS, 120)[1] is FineTune.NO_ERROR
     assert fine_tune_epochs(0.005, 189, BEARS, 120)[1] is FineTune.GOOD_ENOUGH
+
+
+def lite0_gflops(s: int) -> float:
+    """lite0's counted GFLOPs at s px, as quadratic in the size (what FlopCounterMode gives, within a few %)."""
+    return 0.77 * (s / 224) ** 2
+
+
+def test_too_few_epochs_at_the_input_size_fine_tune_at_a_smaller_one_counted():
+    # bears at 224 px: 2 epochs fit the default budget (3 are needed); at a smaller size 3 fit
+    assert fine_tune_epochs(0.05, 189, BEARS, 120)[1] is FineTune.TOO_FEW_FIT
+    size, n, why, work = smaller_tune_size(0.05, 189, BEARS, 120, 224, lite0_gflops)
+    assert TUNE_MIN_SIZE <= size < 224 and size % 32 == 0 and n >= MIN_EPOCHS and f"trains at {size} px" in why
+    assert work.gflops == lite0_gflops(size) and work.frozen_gflops == BEARS.frozen_gflops
+    assert work.epoch_seconds < BEARS.epoch_seconds
+    # the largest size that fits: one step up fits fewer than MIN_EPOCHS
+    up = Work.from_json({**work.to_json(), "gflops": lite0_gflops(size + 32)})
+    assert fine_tune_epochs(0.05, 189, up, 120)[1] is FineTune.TOO_FEW_FIT
+    # a larger budget fits more epochs at a larger size; a smaller one none at TUNE_MIN_SIZE: no fine-tuning
+    assert smaller_tune_size(0.05, 189, BEARS, 150, 224, lite0_gflops)[0] > size
+    assert smaller_tune_size(0.05, 189, BEARS, 60, 224, lite0_gflops) is None
+    # small images (64 px) have no smaller size to go to; a good frozen body is not fine-tuned at any size
+    assert smaller_tune_size(0.2, 80, TILES, 20, 64, lite0_gflops) is None
+    assert smaller_tune_size(0.005, 189, BEARS, 120, 224, lite0_gflops) is None
+    # the validation pass stays at the input size: counted at the frozen stage's FLOPs
+    only_valid = Work.from_json({**work.to_json(), "n_train": 0})
+    assert only_valid.epoch_seconds == pytest.approx(Work.from_json({**BEARS.to_json(), "n_train": 0}).epoch_seconds)
 
 
 def test_good_enough_gives_one_picture_of_grace():
@@ -130,16 +157,18 @@ def test_config_replays_an_earlier_runs_decisions_unless_an_option_changes_them(
     run = tmp_path / "run"
     run.mkdir()
     (run / "config.json").write_text(json.dumps({"data": "x", "seed": 3, "budget": 120.0}))
-    (run / "recipe.json").write_text(json.dumps({"size": 96, "fine_tune_epochs": 5}))
+    (run / "recipe.json").write_text(json.dumps({"size": 224, "fine_tune_epochs": 5, "tune_size": 160}))
     cfg = make_config(tmp_path / "data", run)
-    assert cfg.replay == {"from": str(run), "size": 96, "fine_tune_epochs": 5}
+    assert cfg.replay == {"from": str(run), "size": 224, "fine_tune_epochs": 5, "tune_size": 160}
     cfg = make_config(tmp_path / "data", run, budget=600.0)
-    assert cfg.replay == {"from": str(run), "size": 96}  # a new budget decides the fine-tuning afresh
+    assert cfg.replay == {"from": str(run), "size": 224}  # a new budget decides the fine-tuning afresh
     assert make_config(tmp_path / "data", None).replay is None
     from ursa.training.config import ConfigError, TrainConfig
 
     with pytest.raises(ConfigError, match="replay"):
         TrainConfig(data=tmp_path, replay={"size": "big"})
+    with pytest.raises(ConfigError, match="replay"):
+        TrainConfig(data=tmp_path, replay={"tune_size": 8})
     with pytest.raises(ConfigError, match="--time-limit"):
         TrainConfig(data=tmp_path, time_limit=0)
 
@@ -189,6 +218,26 @@ def test_the_default_recipe_decides_the_same_and_trains_the_same_model_on_a_busy
     assert busy_recipe == idle_recipe
     assert idle_weights.keys() == busy_weights.keys()
     assert all(torch.equal(idle_weights[k], busy_weights[k]) for k in idle_weights)
+
+
+@pytest.mark.slow
+def test_photos_whose_fine_tuning_does_not_fit_at_their_size_fine_tune_smaller_and_keep_their_size(tmp_path, one_thread):
+    """224 px pictures, a budget that fits fewer than 3 epochs at 224 px: fine-tuned at a smaller size, the model at 224."""
+    from ursa.training.config import TrainConfig
+    from ursa.training.recipe import train
+    from ursa.inference import load_predictor
+
+    data = _noise_set(tmp_path / "data", n=8, px=224)  # 24 pictures, 5 for validation: the frozen body misses most
+    res = train(TrainConfig(data=data, out=tmp_path / "run", epochs=1, budget=10.2, time_limit=600, quiet=True))
+    recipe = json.loads((tmp_path / "run" / "recipe.json").read_text())
+    assert recipe["size"] == 224 and recipe["fine_tune"] == "planned" and TUNE_MIN_SIZE <= recipe["tune_size"] < 224
+    assert recipe["fine_tune_epochs"] >= MIN_EPOCHS and recipe["epochs_done"] == recipe["fine_tune_epochs"]
+    assert recipe["work"]["gflops"] < recipe["work"]["frozen_gflops"]  # the counted work is the smaller size's
+    assert f"trains at {recipe['tune_size']} px" in recipe["fine_tune_why"]
+    assert load_predictor(res.model_path).size == 224  # validated and kept at the input size
+    # without the smaller size it would not have fine-tuned: at 224 px too few epochs fit the same budget
+    at_size = Work.from_json({**recipe["work"], "gflops": recipe["work"]["frozen_gflops"]})
+    assert fine_tune_epochs(0.5, 5, at_size, 10.2)[1] is FineTune.TOO_FEW_FIT
 
 
 def test_calibration_figures_are_also_given_cross_fitted():

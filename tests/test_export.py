@@ -22,7 +22,7 @@ def test_header_has_the_documented_metadata(tiny_model):
         assert key in h and isinstance(h[key], str)
     assert h["format"] == FORMAT and json.loads(h["classes"]) == ["black", "grizzly", "teddy"]
     assert json.loads(h["input_size"]) == 128 and json.loads(h["mean"]) == [0.5] * 3
-    assert set(json.loads(h["metrics"])) == {"valid_loss", "error_rate", "accuracy"}
+    assert set(json.loads(h["metrics"])) == {"valid_loss", "error_rate", "accuracy", "balanced_error", "recall"}
 
 
 def test_round_trip_probabilities_match_in_memory_model(tiny_run, tmp_path, sample_dir):

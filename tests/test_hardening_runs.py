@@ -140,8 +140,8 @@ def test_a_batch_label_marks_an_unreadable_item_and_loss_and_metrics_leave_it_ou
     y = torch.tensor([0, failed_label(5), 1, failed_label(0)])
     assert failed_items(y) == [5, 0]
     probs = torch.tensor([[0.9, 0.1], [0.1, 0.9], [0.2, 0.8], [0.1, 0.9]])
-    loss, err, acc = metrics_from_probs(probs, y)
-    assert err == 0.0 and acc == 1.0  # the two unreadable items would be two errors if they counted
+    loss, err, acc, bal = metrics_from_probs(probs, y)
+    assert err == 0.0 and acc == 1.0 and bal == 0.0  # the two unreadable items would be two errors if they counted
 
 
 # --- item 7 and the world size: a tampered checkpoint.json is one line, exit 2 --------------------------------------

@@ -80,7 +80,7 @@ def test_fit_one_cycle_learns_and_records(small_dls):
     # images at 64 px is too coarse to say more than "not always wrong").
     assert r.rows[2]["train_loss"] < r.rows[0]["train_loss"]
     assert r.rows[-1]["error_rate"] < 1.0
-    assert r.history_csv().splitlines()[0] == "epoch,stage,train_loss,valid_loss,error_rate,accuracy,seconds"
+    assert r.history_csv().splitlines()[0] == "epoch,stage,train_loss,valid_loss,error_rate,accuracy,balanced_error,seconds"
 
 
 def test_one_cycle_schedule_warms_up_then_anneals(sample_dir):

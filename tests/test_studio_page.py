@@ -205,3 +205,46 @@ def test_ten_thousand_images_open_fast(tmp_path: Path, bench, artifacts: Path):
     assert t["thumbs_s"] < 15  # loose: a busy 2-core CI machine; the benchmark measures it
     # Only what is on screen: the first page of each class (24), a second one where a card's end shows; never 10,000.
     assert t["thumbs_requested"] <= 4 * 24 * 2 and studio.thumbs.made <= 4 * 24 * 2
+
+
+@pytest.mark.browser
+def test_paste_adds_to_the_card_last_pointed_at(tmp_path: Path, bench):
+    """Ctrl+V of a picture lands in the card under the pointer (or last clicked), not always in the first card."""
+    from playwright.sync_api import sync_playwright
+
+    from ursa.apps.studio import Studio
+
+    import base64
+    import io
+
+    buf = io.BytesIO()
+    bench.picture("red", np.random.default_rng(1), (64, 48)).save(buf, "PNG")
+    png = base64.b64encode(buf.getvalue()).decode()
+    studio = Studio(tmp_path / "project", tmp_path / "runs")
+    for c in ("apples", "pears"):
+        studio.project.create(c)
+    port = bench.free_port()
+    server, thread = bench.serve_in_thread(studio, port)
+    paste = ("(b64) => { const bytes = Uint8Array.from(atob(b64), (c) => c.charCodeAt(0)); const dt = new DataTransfer();"
+             " dt.items.add(new File([bytes], 'pasted.png', { type: 'image/png' }));"
+             " document.dispatchEvent(new ClipboardEvent('paste', { clipboardData: dt, bubbles: true })); }")
+    try:
+        with sync_playwright() as p:
+            browser = _launch(p, [])
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            hosts, errors = _watch(page)
+            page.goto(f"http://127.0.0.1:{port}/")
+            page.wait_for_selector(".card[data-class='pears']")
+            page.locator(".card[data-class='pears'] h3").hover()
+            page.evaluate(paste, png)
+            wait_until(page, "document.querySelector(\".card[data-class='pears'] .count\").textContent.startsWith('1 ')", 30)
+            page.locator(".card[data-class='apples'] h3").click()
+            page.evaluate(paste, png)
+            wait_until(page, "document.querySelector(\".card[data-class='apples'] .count\").textContent.startsWith('1 ')", 30)
+            browser.close()
+    finally:
+        server.should_exit = True
+        thread.join(10)
+    assert [f.name for f in files_in(studio.project.root / "pears")] == ["pasted.png"]
+    assert [f.name for f in files_in(studio.project.root / "apples")] == ["pasted.png"]
+    assert set(hosts) == {"127.0.0.1"} and not errors, errors

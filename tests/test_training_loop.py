@@ -97,7 +97,7 @@ def test_default_callbacks_record_a_row_per_epoch():
     assert [r["epoch"] for r in learn.recorder.rows] == [0, 1, 2]
     assert len(learn.recorder.batch_losses) == 6 and learn.recorder.rows[-1]["error_rate"] == 0.25
     assert learn.best.epoch == 0  # equal errors: the first is kept
-    assert learn.recorder.history_csv().splitlines()[0] == "epoch,stage,train_loss,valid_loss,error_rate,accuracy,seconds"
+    assert learn.recorder.history_csv().splitlines()[0] == "epoch,stage,train_loss,valid_loss,error_rate,accuracy,balanced_error,seconds"
 
 
 def test_cancel_batch_skips_the_step_but_not_after_batch():

@@ -123,7 +123,10 @@ def _user_error(e: UrsaError) -> int:
 
 
 def entry() -> None:
-    """The `ursa` console script."""
+    """The `ursa` console script (a child of `ursa studio` ends when the studio does: util.lifeline)."""
+    from ursa.util.lifeline import watch
+
+    watch()
     sys.exit(main())
 
 

@@ -9,6 +9,8 @@ from typing import Annotated, Optional
 import typer
 
 from ursa.cli.common import CsvOpt, DataArg, DeviceOpt, Quiet
+from ursa.errors import UrsaError
+from ursa.util.files import check_outside
 from ursa.util.lock import FolderLock
 
 
@@ -38,6 +40,9 @@ def clean_cmd(
 
     t0 = time.perf_counter()
     where = place(device)  # an unknown or absent device: one line, exit 2, before a port or the data is touched
+    if _multi_label(model):
+        _clean_label_sets(data, model, csv, export, device)
+        return
     if export is None and host not in ("127.0.0.1", "localhost", "::1"):
         typer.echo(f"warning: listening on {host}: anyone who can reach this computer can see your images", err=True)
     with contextlib.ExitStack() as held:
@@ -59,3 +64,28 @@ def clean_cmd(
             return
         session = clean.start_session(ds, scores, ranks, model_name=str(model), csv_path=csv)
         clean.serve(session, host, port, open_browser=not no_browser, echo=typer.echo)
+
+
+def _multi_label(model: Path) -> bool:
+    """Whether the model file answers label sets (its metadata's task; a damaged file: one line from the reader)."""
+    from ursa.inference.header import read_meta
+
+    return read_meta(model, buildable=False).task == "multi_label"
+
+
+def _clean_label_sets(data: Path, model: Path, csv: Optional[Path], export: Optional[Path], device: str) -> None:
+    """A multi-label model: cleanlab's multi-label ranking into DIR/label_issues.csv (the page shows one label each)."""
+    from ursa.apps.clean.label_sets import clean_label_sets
+
+    if export is None:
+        raise UrsaError(f"{model}: a multi-label model; the cleaner page shows one label per picture, so give "
+                        "--export DIR to write the label-set ranking (DIR/label_issues.csv)")
+    check_outside(export, data)
+    issues, interp = clean_label_sets(data, model, csv, device=device, say=lambda line: typer.echo(line, err=True))
+    path = issues.write_csv(Path(export) / "label_issues.csv")
+    typer.echo(f"model pass: {interp.backend}")
+    typer.echo(f"{len(issues.issues)} likely label error(s) in {len(issues.names)} images ({issues.method}); "
+               f"wrote {path}")
+    for i in issues.issues[:10]:
+        action, label, p = issues.suggestion(i)
+        typer.echo(f"  {issues.names[i]}: {action} {label} (out-of-fold probability {p:.2f})")

@@ -104,13 +104,13 @@ def predict_cmd(
         in_set = f"; set {{{', '.join(printable(c) for c in ans.labels)}}} at {ans.level:g}" if ans.labels is not None else ""
         name = printable(str(f))  # printable: a newline or raw byte in a name never splits the line
         if ans.unknown:
-            typer.echo(f"{name}: none of these (closest: {printable(ans.label)}) (unknown score {ans.unknown_score:.3f} "
+            typer.echo(f"{name}: {printable(ans.shown)} (unknown score {ans.unknown_score:.3f} "
                        f"above {ans.unknown_threshold:.3f}){in_set}")
         elif ans.unsure:
             typer.echo(f"{name}: unsure (best guess {printable(ans.label)} {ans.confidence:.3f}, "
                        f"below {ans.threshold:.2f}){in_set}")
         else:
-            typer.echo(f"{name}: {printable(ans.label)} ({ans.confidence:.3f}){in_set}")
+            typer.echo(f"{name}: {printable(ans.answer_text)}{in_set}")  # a multi-label model: its set of labels
     if explain is not None:
         typer.echo(f"wrote {written} overlays to {printable(str(explain))}", err=True)
     if failed:

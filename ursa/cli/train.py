@@ -14,6 +14,7 @@ from ursa.cli.common import EXIT_FILE, CsvOpt, DataArg, DeviceOpt, Quiet, defaul
 from ursa.errors import UrsaError
 from ursa.training.config import TrainConfig, read_run_config
 from ursa.util.files import check_outside
+from ursa.util.names import printable
 from ursa.vision.data import split_settings
 
 ArchOpt = Annotated[Optional[str], typer.Option("--arch", help=f"efficientnet_lite0/1/2 (offline) or a timm name [default: {default('arch')}].")]
@@ -56,8 +57,9 @@ def make_config(data: Path, base_run: Path | None, **options: Any) -> TrainConfi
 
 
 # Options that change what the recipe would decide: given on top of --config RUN, that decision is made afresh.
-DECIDES = {"size": ("size", "arch"), "fine_tune_epochs": ("arch", "size", "epochs", "lr", "budget", "unfreeze_epochs",
-                                                          "unfreeze_size", "cache", "views", "bs")}
+_EPOCHS_DEPEND_ON = ("arch", "size", "epochs", "lr", "budget", "unfreeze_epochs", "unfreeze_size", "cache", "views", "bs",
+                     "balance")
+DECIDES = {"size": ("size", "arch"), "fine_tune_epochs": _EPOCHS_DEPEND_ON, "tune_size": _EPOCHS_DEPEND_ON}
 
 
 def replay_of(base_run: Path, base: dict, given: dict) -> dict:
@@ -82,6 +84,8 @@ def replay_of(base_run: Path, base: dict, given: dict) -> dict:
 def train_cmd(
     data: DataArg,
     csv: CsvOpt = None,
+    multi_label: Annotated[Optional[bool], typer.Option("--multi-label/--single-label", help="Each image has a set of labels (none, one or several): the --csv label column holds them separated by a space (fastai's planet format); sigmoid outputs, a threshold per label [default: single-label].")] = None,
+    label_delim: Annotated[Optional[str], typer.Option("--label-delim", help="What separates the labels of one image in the --csv label column with --multi-label [default: a space].")] = None,
     out: Annotated[Optional[Path], typer.Option("--out", help=f"Run folder for the model file, history and plots [default: {default('out')}].")] = None,
     config: ConfigOpt = None,
     arch: ArchOpt = None,
@@ -112,6 +116,7 @@ def train_cmd(
     keep: Annotated[Optional[float], typer.Option("--keep", help=f"Share of validation images the 'none of these' (unknown) threshold keeps [default: {default('keep')}].")] = None,
     int8: Annotated[Optional[bool], typer.Option("--int8/--no-int8", help="Also write model.int8.onnx (smaller, faster), checked against fp32 on the validation images and not written when it loses over 1 point [default: off].")] = None,
     device: DeviceOpt = "auto",
+    balance: Annotated[Optional[str], typer.Option("--balance", help="Lopsided classes: auto (when the largest class has 2x the training images of the smallest, logit adjustment: the loss adds log(class share) to the logits), none (train as if equally common), weights (inverse-frequency loss weights), sampler (class-balanced batches), logit_adjust [default: auto].")] = None,
     pixels: Annotated[Optional[str], typer.Option("--pixels", help="Where decoded images live: auto (in memory when they fit, else decoded per batch by loader workers), memory or stream [default: auto].")] = None,
     resume: Annotated[Optional[Path], typer.Option("--resume", help="Go on with a stopped run (Ctrl-C, kill, a lost node) from its last completed epoch: its run folder; its options are used.")] = None,
     nproc: Annotated[Optional[int], typer.Option("--nproc", min=1, help="Train with N processes on this machine: starts `torchrun --nproc-per-node N -m ursa train ...` (gloo on CPUs, NCCL on GPUs).")] = None,
@@ -119,13 +124,13 @@ def train_cmd(
 ) -> None:
     """Fine-tune a pretrained network on your images: frozen one-cycle, then fine-tuning when it pays and fits --budget."""
     options = dict(
-        out=out, csv=csv, arch=arch, pretrained=pretrained, size=size, valid_pct=valid_pct, seed=seed,
+        out=out, csv=csv, multi_label=multi_label, label_delim=label_delim, arch=arch, pretrained=pretrained, size=size, valid_pct=valid_pct, seed=seed,
         split_seed=split_seed, epochs=epochs, lr=lr, budget=parse_budget(budget),
         time_limit=parse_budget(time_limit, "--time-limit"), unfreeze_epochs=unfreeze_epochs,
         flips=flips, unfreeze_lr=parse_slice(unfreeze_lr), unfreeze_size=unfreeze_size, bf16=bf16,
         bn_stats_frozen=bn_stats_frozen, bs=bs, wd=wd, label_smoothing=label_smoothing, cache=cache, views=views,
         bf16_features=bf16_features, dedupe_split=dedupe_split, curve=curve, target_precision=target_precision,
-        keep=keep, int8=int8,
+        keep=keep, int8=int8, balance=balance,
     )
     if resume is not None:
         from ursa.training.resume import resume_config
@@ -191,10 +196,10 @@ def _launch(cfg: TrainConfig, nproc: int) -> int:
     import tempfile
 
     from ursa.training.dist import rank_device
-    from ursa.vision.data import load_dataset
+    from ursa.vision.labelsets import load_labelled
 
     rank_device(cfg.device, 0, nproc)
-    load_dataset(cfg.data, cfg.csv, cfg.valid_pct, cfg.split_seed_used)  # a bad folder fails once, here
+    load_labelled(cfg.data, cfg.csv, cfg.valid_pct, cfg.split_seed_used, label_delim=cfg.label_sets)  # fails once, here
     cmd = torchrun_command(nproc, sys.argv)
     typer.echo(f"starting: {' '.join(cmd)}", err=True)
     # torchrun's own default, set here so it does not print a banner about it: the cores shared out
@@ -249,9 +254,14 @@ def _say_result(res: Any) -> None:
         + (f" ({honest:.4f} corrected for choosing the epoch on them)" if honest is not None else "")
         + f"; {res.seconds:.0f} s start to the end of training, peak memory {res.peak_rss_mb:.0f} MB"
     )
+    if m.get("balanced_error") is not None:
+        recall = m.get("recall") or {}
+        low = sorted((v, c) for c, v in recall.items() if v is not None)[:3]
+        typer.echo(f"balanced error {m['balanced_error']:.4f} (one minus the mean recall per class)"
+                   + ("; lowest recall: " + ", ".join(f"{printable(c)} {v:.2f}" for v, c in low) if low else ""))
     if plan is not None:
-        typer.echo(f"recipe: {plan.size} px, flips {plan.flips}, fine-tuning: {plan.fine_tune_why} "
-                   "(recipe.json)")
+        typer.echo(f"recipe: {plan.size} px, flips {plan.flips}, balance {plan.balance}, fine-tuning: "
+                   f"{plan.fine_tune_why} (recipe.json)")
         if plan.compare:
             from ursa.training.compare import compare_line
 
@@ -353,6 +363,12 @@ def interpret_cmd(
     info = {"title": "ursa interpretation", "model": str(model), "data": str(data),
             "set": "every image" if all_images else "validation set" + (" (split.csv)" if (run / "split.csv").is_file() and csv is None else ""),
             "backend": interp.backend, "tta": interp.tta or "off"}
+    if interp.thresholds is not None:  # a multi-label model: per-label figures, errors and confused pairs
+        from ursa.diagnose.label_report import label_lines, write_interpretation
+
+        files, figures = write_interpretation(out, interp, hist, run_plots(run), info, data)
+        typer.echo(files["json"].read_text() if json_out else "\n".join(label_lines(figures)))
+        return
     files = write_report(out, interp, hist, run_plots(run), info, k=top, model=model)
     if json_out:
         typer.echo(files["json"].read_text())

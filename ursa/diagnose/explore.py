@@ -92,6 +92,10 @@ def per_class_html(interp: "Interpretation") -> str:
                      f"<td>{m['recall']:.3f}<span class='bar' style='width:{60 * m['recall']:.0f}px'></span></td>"
                      f"<td><button type='button' class='worst' data-c='{i}'>worst images</button></td></tr>")
     parts.append("</table>")
+    if len(interp):
+        parts.append(f"<p class='balanced'>Balanced error <strong>{interp.balanced_error:.1%}</strong> (one minus the "
+                     f"mean recall of the classes), error rate {interp.error_rate:.1%}: when they differ, the model "
+                     "serves some classes worse than the error rate says (lopsided classes; see --balance).</p>")
     return "".join(parts)
 
 

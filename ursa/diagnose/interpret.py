@@ -23,6 +23,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from ursa.diagnose.recall import balanced_error
 from ursa.errors import DataError
 
 log = logging.getLogger("ursa")
@@ -44,6 +45,7 @@ class Interpretation:
     tta: str = ""  # the test-time views averaged, e.g. "2 views (original, horizontal mirror)"; "" without TTA
     device: str = ""  # where the model ran, e.g. "device: cpu (2 threads)"; "" when not recorded
     open_world: dict[str, Any] | None = None  # unknown scores and prediction sets on these images (diagnose.openset)
+    thresholds: list[float] | None = None  # a multi-label model's: targets are label sets (vision.labelsets.encode)
 
     def __post_init__(self) -> None:
         self.targets = np.asarray(self.targets, dtype=np.int64).reshape(-1)
@@ -87,6 +89,11 @@ class Interpretation:
                if i != j and cm[i, j] >= min_val]
         return sorted(out, key=lambda t: (-t[2], t[0], t[1]))
 
+    @property
+    def balanced_error(self) -> float:
+        """One minus the mean recall over the classes with images here (diagnose/recall.py): lopsided classes show."""
+        return balanced_error(self.preds, self.targets, len(self.classes)) if len(self) else math.nan
+
     def per_class(self) -> dict[str, dict[str, float | int]]:
         """Precision (of the class's predictions, how many were right) and recall (of its images, how many found)."""
         cm = self.confusion_matrix()
@@ -129,6 +136,7 @@ class Interpretation:
             "split": self.split,
             "n_items": len(self),
             "error_rate": self.error_rate if len(self) else None,
+            "balanced_error": self.balanced_error if len(self) else None,
             "confusion_matrix": self.confusion_matrix().tolist(),
             "most_confused": [list(t) for t in self.most_confused()],
             "per_class": self.per_class(),
@@ -141,33 +149,42 @@ def load_items(model_path: str | Path, data: str | Path, classes: Sequence[str],
                csv_path: str | Path | None = None,
                config: dict | None = None) -> tuple[list[tuple[str, Path, int]], str, list[tuple[str, str]]]:
     """(name, path, class index) of the images to interpret, which split that is, and items left out."""
-    from ursa.vision.data import dedupe_setting, load_dataset, read_split, split_settings
+    from ursa.vision.data import dedupe_setting, read_split, split_settings
+
+    from ursa.vision.labelsets import encode, load_labelled, split_labels
 
     data = Path(data)
     split_csv = Path(model_path).parent / "split.csv"
     index = {c: i for i, c in enumerate(classes)}
     skipped: list[tuple[str, str]] = []
+    delim = (config or {}).get("label_delim", " ") if (config or {}).get("multi_label") else None
+
+    def target(labels: list[str]) -> int:  # a class index, or (multi-label) the encoded label set
+        return encode(index[c] for c in labels) if delim is not None else index[labels[0]]
+
     if not all_images and csv_path is None and split_csv.is_file():
         rows = read_split(split_csv)
         items = []
         for name, label, is_valid in rows:
             if not is_valid:
                 continue
-            if label not in index:
-                raise DataError(f"{split_csv}: label {label!r} is not a class of the model ({', '.join(classes)})")
-            items.append((name, data / name, index[label]))
+            labels = split_labels(label, delim) if delim is not None else [label]
+            bad = [c for c in labels if c not in index]
+            if bad:
+                raise DataError(f"{split_csv}: label {bad[0]!r} is not a class of the model ({', '.join(classes)})")
+            items.append((name, data / name, target(labels)))
         if items and not any(p.is_file() for _, p, _ in items):
             raise DataError(f"{data}: none of the {len(items)} validation images named in {split_csv} are there; "
                             "give the folder the model was trained on, or --all")
         skipped += [(name, "missing: file not found") for name, p, _ in items if not p.is_file()]
         return [it for it in items if it[1].is_file()], "valid", skipped
     valid_pct, seed = split_settings(config)
-    ds = load_dataset(data, csv_path, valid_pct, seed, dedupe=dedupe_setting(config))
+    ds = load_labelled(data, csv_path, valid_pct, seed, dedupe=dedupe_setting(config), label_delim=delim)
     unknown = sorted(set(ds.classes) - set(classes))
     if unknown:
         raise DataError(f"{data}: class(es) {', '.join(unknown)} are not classes of the model ({', '.join(classes)})")
     idx = range(len(ds)) if all_images else ds.valid_idx
-    items = [(ds.rel(i), ds.files[i], index[ds.classes[ds.labels[i]]]) for i in idx]
+    items = [(ds.rel(i), ds.files[i], target([ds.classes[k] for k in ds.label_indices(i)])) for i in idx]
     return items, "all" if all_images else "valid", skipped
 
 
@@ -242,6 +259,9 @@ def interpret_model(model_path: str | Path, data: str | Path, all_images: bool =
     features = np.stack(feats) if len(feats) == len(probs) else None
     from ursa.diagnose.openset import open_world_insight
 
-    ow = open_world_insight(np.stack(probs), targets, pred.classes, scores, pred.world.detector, pred.world.why)
+    multi = pred.task.multi  # label sets: no prediction sets (they are one-class-per-picture figures)
+    ow = open_world_insight(np.stack(probs), [] if multi else targets, pred.classes, scores, pred.world.detector,
+                            pred.world.why)
     return Interpretation(pred.classes, names, paths, np.array(targets), np.stack(probs), split, skipped, features,
-                          backend_line(fast, why), views_text(pred.views) if len(pred.views) > 1 else "", line, ow)
+                          backend_line(fast, why), views_text(pred.views) if len(pred.views) > 1 else "", line, ow,
+                          list(pred.thresholds) if multi else None)

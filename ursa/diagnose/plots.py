@@ -124,6 +124,9 @@ def metrics_figure(rows: Sequence[dict]):
         x = [r["epoch"] for r in rows]
         err = _finite([r["error_rate"] for r in rows])
         ax_err.plot(x, err, "o-", color="tab:red", label="error rate")
+        bal = _finite([r.get("balanced_error", math.nan) for r in rows])
+        if any(math.isfinite(b) and abs(b - e) > 1e-9 for b, e in zip(bal, err)):  # lopsided validation classes
+            ax_err.plot(x, bal, "s--", color="tab:purple", alpha=0.8, label="balanced error")
         ok = [(e, i) for i, e in enumerate(err) if math.isfinite(e)]
         if ok:
             best = min(e for e, _ in ok)

@@ -61,7 +61,7 @@ def thumbnail(path: str | Path, size: int = THUMB):
     return im
 
 
-def _jpeg_b64(im, quality: int = 82) -> str:
+def jpeg_b64(im, quality: int = 82) -> str:
     buf = io.BytesIO()
     im.save(buf, format="JPEG", quality=quality)
     return base64.b64encode(buf.getvalue()).decode("ascii")
@@ -370,7 +370,7 @@ def write_report(out: str | Path, interp: "Interpretation | None" = None, histor
         for i in explore.thumb_order(interp):
             im = thumbnail(interp.paths[i], explore.THUMB_SMALL)
             if im is not None:
-                small[i] = _jpeg_b64(im, 75)
+                small[i] = jpeg_b64(im, 75)
         cm_png = written["confusion_matrix"] = plot_confusion_matrix(interp.confusion_matrix(), interp.classes,
                                                                      out / "confusion_matrix.png")
         images, titles = [], []
@@ -378,7 +378,7 @@ def write_report(out: str | Path, interp: "Interpretation | None" = None, histor
             im = thumbnail(interp.paths[i])
             if im is None:
                 continue
-            thumbs[i] = _jpeg_b64(im)
+            thumbs[i] = jpeg_b64(im)
             images.append(im)
             p = int(interp.preds[i])
             titles.append(f"{interp.classes[p]}/{interp.classes[interp.targets[i]]}\n"

@@ -118,7 +118,9 @@ def explain_arrays(pred: Any, xs: Sequence[Any], threshold: Any = "model") -> li
     if len(pred.views) > 1:
         answers = pred.predict_tensors(list(xs), threshold)
     else:
-        answers = [pred.result(p, threshold) for p in softmax(np.asarray(logits) / np.float32(pred.temperature))]
+        task = getattr(pred, "task", None)  # the predictor's activation: softmax, or a sigmoid per label (inference.task)
+        z = np.asarray(logits) / np.float32(pred.temperature)
+        answers = [pred.result(p, threshold) for p in (softmax(z) if task is None else task.activate(z))]
     return [Explanation(a, np.asarray(maps[i, a.index], dtype=np.float32),
                         unnormalised(batch[i], pred.meta.mean, pred.meta.std)) for i, a in enumerate(answers)]
 

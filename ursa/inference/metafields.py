@@ -276,6 +276,21 @@ def _conformal(name: str, v: Any) -> dict[str, Any]:  # inference.openset.Confor
     return v
 
 
+TASKS = ("single_label", "multi_label")  # inference.task: what the outputs mean
+
+
+def _task(name: str, v: Any) -> str:
+    if v not in TASKS or not isinstance(v, str):
+        raise Bad(name, " or ".join(repr(t) for t in TASKS), v)
+    return v
+
+
+def _thresholds(name: str, v: Any) -> list[float]:  # a multi-label model's per-label thresholds (or none)
+    if not isinstance(v, list) or not all(_is_number(x) and 0 <= x <= 1 for x in v):
+        raise Bad(name, "a list of probabilities from 0 to 1, one per class", v)
+    return [float(x) for x in v]
+
+
 def _count(name: str, v: Any) -> int:
     if not _is_int(v) or v < 0:
         raise Bad(name, "a count (an integer of 0 or more)", v)
@@ -306,6 +321,8 @@ FIELDS: dict[str, tuple[Callable[[str, Any], Any], bool, bool]] = {
     "calibration": (_calibration, False, True),
     "openset": (_openset, False, True),
     "conformal": (_conformal, False, True),
+    "task": (_task, False, False),
+    "thresholds": (_thresholds, False, True),
     "licenses": (_licenses, False, True),
     "ursa_version": (_text, False, False),
     "created": (_text, False, False),
@@ -313,4 +330,5 @@ FIELDS: dict[str, tuple[Callable[[str, Any], Any], bool, bool]] = {
     "arch": (_arch_name, True, False),  # header files: `_arch` as well, once the cheap checks passed
 }
 DEFAULTS: dict[str, Any] = {"metrics": {}, "config": {}, "calibration": {}, "openset": {}, "conformal": {}, "licenses": {},
+            "task": "single_label", "thresholds": [],
             "ursa_version": "?", "created": "", "fingerprint": ""}

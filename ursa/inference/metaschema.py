@@ -6,7 +6,8 @@ expected and what was found (``ModelFileError``, exit 2), never a traceback or a
 starts and then answers 500 to every request. The safetensors header holds strings (structured
 values JSON-encoded); an ONNX export holds the same fields as one JSON object. Both pass here.
 
-Optional fields (``metrics``, ``config``, ``calibration``, ``openset``, ``conformal``, ``licenses``) default to empty objects, so files
+Optional fields (``metrics``, ``config``, ``calibration``, ``openset``, ``conformal``, ``licenses``, ``task``,
+``thresholds``) default to empty objects (``task``: "single_label"), so files
 written before they existed still load and the format version stays "1". Top-level keys this
 version does not know are ignored (a newer ursa may add some).
 """
@@ -47,6 +48,8 @@ class ModelMeta:
     openset: dict[str, Any] = field(default_factory=dict)  # unknown detection: inference.openset (optional)
     conformal: dict[str, Any] = field(default_factory=dict)  # prediction sets: inference.openset (optional)
     licenses: dict[str, Any] = field(default_factory=dict)  # the training images' licences: acquire.licenses (optional)
+    task: str = "single_label"  # what the outputs mean: inference.task (files before multi-label: single_label)
+    thresholds: list[float] = field(default_factory=list)  # multi_label: each label's threshold (empty: 0.5 each)
     ursa_version: str = __version__
     created: str = ""
     fingerprint: str = ""  # SHA-256 of the weights (``modelfile.weights_fingerprint``): an export belongs to it
@@ -112,6 +115,8 @@ def checked_fields(raw: Any, path: object, where: str, encoded: bool, buildable:
             arch_buildable("arch", out["arch"])
         if out["head"]["n_classes"] != len(out["classes"]):
             raise Bad("head.n_classes", f"the number of classes ({len(out['classes'])})", out["head"]["n_classes"])
+        if out["thresholds"] and len(out["thresholds"]) != len(out["classes"]):
+            raise Bad("thresholds", f"one per class ({len(out['classes'])}) or none", out["thresholds"])
     except Bad as e:
         raise ModelFileError(f"{path}: {where} is damaged: field {e.name!r} must be {e.expected}, got {given(e.value)}{redo}") from None
     out["format"], out["format_version"] = FORMAT, FORMAT_VERSION

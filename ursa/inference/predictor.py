@@ -48,6 +48,7 @@ from ursa.inference.placement import Placement, place
 from ursa.inference.runtime import OnnxPredictor, cores, current_onnx, stream_batches
 from ursa.util.device import default_threads  # the one home; kept importable from here
 from ursa.inference.results import BACKENDS, Prediction, check_backend, check_threshold  # noqa: F401 - re-exported for callers
+from ursa.inference.task import task_named, thresholds_of
 from ursa.inference.tta import mean_probs, tta_views, view_batch
 from ursa.util.device import autocast_dtype, describe
 from ursa.vision.images import Source
@@ -90,6 +91,7 @@ class Predictor:
         self.threshold: float | None = check_threshold(cal.get("threshold"))
         self.world = OpenWorld.from_meta(meta, source or "model")  # unknown detection and prediction sets (may be absent)
         self.classes = list(meta.classes)
+        self.task, self.thresholds = task_named(getattr(meta, "task", "single_label")), thresholds_of(meta)
         self.size = int(meta.input_size)
         self._decode = decode_size(self.size)
         self._tfm = eval_transform(self.size, meta.mean, meta.std)
@@ -122,9 +124,9 @@ class Predictor:
         """Calibrated probabilities for a preprocessed batch [N, 3, H, W] (the model's temperature applied; averaged over the TTA views)."""
         n = len(self.views)
         if n == 1:
-            return (self.logits(x) / self.temperature).softmax(1)
+            return torch.from_numpy(self.task.activate(self.logits(x).numpy(), self.temperature))
         logits = self.logits(torch.from_numpy(view_batch(x.cpu().numpy(), n)))
-        return torch.from_numpy(mean_probs(logits.numpy(), n, self.temperature))
+        return torch.from_numpy(mean_probs(logits.numpy(), n, self.temperature, self.task))
 
     @torch.inference_mode()
     def probs_and_features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -137,8 +139,8 @@ class Predictor:
             logits = self.model.head(f)
         logits, f = logits.float().cpu(), f[: len(x)].float().cpu()
         if n == 1:
-            return (logits / self.temperature).softmax(1), f
-        return torch.from_numpy(mean_probs(logits.numpy(), n, self.temperature)), f
+            return torch.from_numpy(self.task.activate(logits.numpy(), self.temperature)), f
+        return torch.from_numpy(mean_probs(logits.numpy(), n, self.temperature, self.task)), f
 
     def logits_and_evidence(self, x: torch.Tensor) -> tuple[Any, Any]:
         """Raw logits [N, K] and per-class evidence maps [N, K, h, w] (numpy, float32) of a preprocessed batch (``inference.explain``)."""
@@ -153,7 +155,7 @@ class Predictor:
         i = int(max(range(len(values)), key=values.__getitem__))
         pred = Prediction(self.classes[i], i, {c: float(v) for c, v in zip(self.classes, values)}, unknown_score=score)
         pred = pred.with_threshold(self.threshold if threshold == "model" else threshold)  # type: ignore[arg-type]
-        return self.world.judge(pred)
+        return self.world.judge(self.task.answer(pred, self.thresholds))
 
     def predict_tensors(self, xs: Sequence[torch.Tensor], threshold: float | None | str = "model") -> list[Prediction]:
         """Forward already-preprocessed images as one batch (with the body features when the model has an unknown detector)."""
@@ -203,6 +205,7 @@ class Predictor:
             "backend": "torch" + ("+bf16" if self.bf16 and self.amp is None else ""), "device": str(self.device),
             "file": self.source.name if self.source else None,
             "temperature": self.temperature, "unsure_threshold": self.threshold, **self.world.describe(),
+            "task": self.task.name, "thresholds": self.thresholds,
         }
 
 

@@ -3,7 +3,8 @@
 Two methods are tried (``method="auto"``): static QDQ (per-channel int8 weights, uint8
 activations calibrated on training images of the run, MinMax) and dynamic (weights only; activations
 quantized per batch at run time). Each is scored against the fp32 file on the run's validation
-images (``split.csv`` beside the model file): top-1 agreement with fp32 and the error-rate change.
+images (``split.csv`` beside the model file): top-1 agreement with fp32 (a multi-label model: the same
+label set) and the error-rate change (multi-label: images whose set is not exactly right).
 The fastest one whose error rate rises by at most ``max_rise`` points is written, with its
 numbers in the file's ``int8`` metadata; when none qualifies the export refuses (exit 1) and the
 fp32 file stays as it was. The data folder comes from the model's ``config`` (``data``) or ``--data``.
@@ -50,15 +51,30 @@ def run_images(model_path: Path, data: Path | None, config: dict[str, Any]) -> t
     return folder, train, valid
 
 
-def score(pred: OnnxPredictor, items: Sequence[tuple[Path, str]], bs: int = 32) -> tuple[list[int], float, float]:
-    """Top-1 class index per item (-1: unreadable), the error rate on the readable ones, and images/s."""
+def answer_key(pred: OnnxPredictor, ans: Any) -> int:
+    """An answer as one number: the class index, or (multi-label) its label set as bits (``vision.labelsets.encode``)."""
+    return ans.index if ans.chosen is None else sum(1 << pred.classes.index(c) for c in ans.chosen)
+
+
+def label_key(pred: OnnxPredictor, label: str) -> int:
+    """split.csv's label as ``answer_key`` gives it (-2: a label the model does not know)."""
     index = {c: i for i, c in enumerate(pred.classes)}
+    if not pred.task.multi:
+        return index.get(label, -2)
+    parts = label.split(pred.meta.config.get("label_delim") or " ")
+    known = [p.strip() for p in parts if p.strip()]
+    return sum(1 << index[c] for c in set(known)) if all(c in index for c in known) else -2
+
+
+def score(pred: OnnxPredictor, items: Sequence[tuple[Path, str]], bs: int = 32) -> tuple[list[int], float, float]:
+    """The answer per item (top-1 class index, or a multi-label model's whole label set: ``answer_key``; -1:
+    unreadable), the error rate on the readable ones (multi-label: sets not exactly right), and images/s."""
     top: list[int] = []
     t = time.perf_counter()
     for _, ans in pred.stream([p for p, _ in items], bs):
-        top.append(-1 if isinstance(ans, ImageError) else ans.index)
+        top.append(-1 if isinstance(ans, ImageError) else answer_key(pred, ans))
     rate = len(items) / max(time.perf_counter() - t, 1e-9)
-    ok = [(t_, index.get(label, -2)) for t_, (_, label) in zip(top, items) if t_ >= 0]
+    ok = [(t_, label_key(pred, label)) for t_, (_, label) in zip(top, items) if t_ >= 0]
     return top, (sum(a != b for a, b in ok) / len(ok) if ok else 1.0), rate
 
 
@@ -136,7 +152,7 @@ def export_int8(fp32: Path, model_path: Path, data: Path | None = None, out: Pat
                         "images_per_s": round(rate, 1), "images_per_s_fp32": round(rate32, 1),
                         "n_valid": len(valid), "n_calibration": len(calib) if m == "static" else 0,
                         "bytes": path.stat().st_size, "_path": str(path)}
-            say(f"int8 {m}: top-1 agreement {100 * agree:.1f}%, error {100 * err:.2f}% "
+            say(f"int8 {m}: {'label-set' if base.task.multi else 'top-1'} agreement {100 * agree:.1f}%, error {100 * err:.2f}% "
                 f"({100 * (err - err32):+.2f} points), {rate:.0f} images/s, {path.stat().st_size / 1e6:.1f} MB")
         good = [r for r in tried.values() if r["error_change_points"] <= max_rise]
         if not good:

@@ -28,6 +28,7 @@ class Prediction:
     note: str | None = None  # why unknown is None
     labels: list[str] | None = None  # the prediction set, when one was asked for (--set)
     level: float | None = None  # its coverage level
+    chosen: list[str] | None = None  # a multi-label model's answer: the labels at or above their thresholds
 
     def __post_init__(self) -> None:
         """A NaN or infinite probability is never an answer (nor bare NaN in JSON): the model itself is damaged."""
@@ -62,8 +63,16 @@ class Prediction:
 
     @property
     def shown(self) -> str:
-        """The console's and the page's words: the label, or "none of these (closest: LABEL)"."""
-        return f"none of these (closest: {self.label})" if self.unknown else self.label
+        """The console's and the page's words: the label (a multi-label model's set), or "none of these (closest: ...)"."""
+        words = self.label if self.chosen is None else (" ".join(self.chosen) or "(no label)")
+        return f"none of these (closest: {words})" if self.unknown else words
+
+    @property
+    def answer_text(self) -> str:
+        """The console's answer: "LABEL (0.973)", or a multi-label model's set "red (0.973), blue (0.819)" / "no label"."""
+        if self.chosen is None:
+            return f"{self.label} ({self.confidence:.3f})"
+        return ", ".join(f"{c} ({self.probs[c]:.3f})" for c in self.chosen) or "no label"
 
     def _repr_html_(self) -> str:
         """In a notebook: the label (and whether it is unsure), then one bar per class, most likely first."""
@@ -85,6 +94,8 @@ class Prediction:
             out["note"] = self.note
         if self.labels is not None:
             out["set"], out["set_level"] = self.labels, self.level
+        if self.chosen is not None:  # multi-label: the set of labels, each with its probability
+            out["labels"] = [{"label": c, "prob": self.probs[c]} for c in self.chosen]
         return out
 
 

@@ -32,9 +32,9 @@ from ursa.inference.placement import CPU, Placement, onnx_device, onnx_line, onn
 from ursa.inference.preprocess import PREPROCESS_KEY, Preprocess, check_spec, preprocess_spec
 from ursa.inference.results import Prediction, check_backend, check_threshold
 from ursa.inference.session import check_session_fits, ort_session
+from ursa.inference.task import task_named, thresholds_of
 from ursa.inference.tta import mean_probs, tta_views, view_batch
 from ursa.util.device import cores
-from ursa.util.numbers import softmax
 from ursa.vision.images import Source
 
 
@@ -113,6 +113,7 @@ class OnnxPredictor:
         self.temperature = float(cal.get("temperature") or 1.0)
         self.threshold: float | None = check_threshold(cal.get("threshold"))
         self.classes = list(meta.classes)
+        self.task, self.thresholds = task_named(meta.task), thresholds_of(meta)  # softmax or a sigmoid per label
         self.size = int(meta.input_size)
         self.model = None  # no torch module: body features come from the graph's "features" output (when it has one)
         self.bf16 = False
@@ -163,16 +164,16 @@ class OnnxPredictor:
         n = len(self.views)
         if n == 1:
             logits, feats = self.logits_and_features(x)
-            return softmax(logits / np.float32(self.temperature), dtype=np.float32), feats
+            return self.task.activate(logits / np.float32(self.temperature)), feats
         logits, feats = self.logits_and_features(view_batch(x, n))
-        return mean_probs(logits, n, self.temperature), feats[: len(x)]
+        return mean_probs(logits, n, self.temperature, self.task), feats[: len(x)]
 
     def probs(self, x: np.ndarray) -> np.ndarray:
         """Calibrated probabilities for a preprocessed batch (the model's temperature applied; averaged over the TTA views)."""
         n = len(self.views)
         if n == 1:
-            return softmax(self.logits(x) / np.float32(self.temperature), dtype=np.float32)
-        return mean_probs(self.logits(view_batch(x, n)), n, self.temperature)
+            return self.task.activate(self.logits(x) / np.float32(self.temperature))
+        return mean_probs(self.logits(view_batch(x, n)), n, self.temperature, self.task)
 
     def result(self, p: Sequence[float], threshold: float | None | str = "model", score: float | None = None) -> Prediction:
         """One row of probabilities (and its unknown score) as a Prediction, judged by the model's thresholds unless another is given."""
@@ -180,7 +181,7 @@ class OnnxPredictor:
         i = int(np.argmax(values))
         pred = Prediction(self.classes[i], i, dict(zip(self.classes, values)), unknown_score=score)
         pred = pred.with_threshold(self.threshold if threshold == "model" else threshold)  # type: ignore[arg-type]
-        return self.world.judge(pred)
+        return self.world.judge(self.task.answer(pred, self.thresholds))
 
     def predict_arrays(self, xs: Sequence[np.ndarray], threshold: float | None | str = "model") -> list[Prediction]:
         """Forward already-preprocessed images as one batch (with the body features when the model has an unknown detector)."""
@@ -238,7 +239,7 @@ class OnnxPredictor:
             "version": m.ursa_version, "created": m.created, "format_version": m.format_version,
             "backend": "onnx", "device": self.device, "file": self.source.name if self.source else None,
             "temperature": self.temperature, "unsure_threshold": self.threshold, **self.world.describe(),
-            "int8": self.int8_report(),
+            "int8": self.int8_report(), "task": self.task.name, "thresholds": self.thresholds,
         }
 
 

@@ -52,9 +52,11 @@ def view_batch(x: np.ndarray, n_views: int) -> np.ndarray:
     return np.ascontiguousarray(np.concatenate(views, axis=0), dtype=np.float32)
 
 
-def mean_probs(logits: np.ndarray, n_views: int, temperature: float) -> np.ndarray:
-    """Average of each view's calibrated probabilities (logits / temperature, softmax) for logits laid out as view_batch's."""
-    p = softmax(np.asarray(logits, dtype=np.float32) / np.float32(temperature), dtype=np.float32)
+def mean_probs(logits: np.ndarray, n_views: int, temperature: float, task: Any = None) -> np.ndarray:
+    """Average of each view's calibrated probabilities (logits / temperature, the task's activation: softmax unless
+    ``task`` says otherwise, ``inference.task``) for logits laid out as view_batch's."""
+    z = np.asarray(logits, dtype=np.float32) / np.float32(temperature)
+    p = softmax(z, dtype=np.float32) if task is None else task.activate(z, dtype=np.float32)
     if len(p) % n_views:
         raise ValueError(f"mean_probs: {len(p)} rows are not {n_views} views of the same images")
     return p.reshape(n_views, -1, p.shape[1]).mean(axis=0, dtype=np.float64).astype(np.float32)

@@ -171,9 +171,9 @@ class VisionLearner:
                        for k, v in facts.items())
         table = ""
         if rows:
-            cols = ["epoch", "stage", "train_loss", "valid_loss", "error_rate", "accuracy"]
-            body = "".join("<tr>" + "".join(f"<td>{r[k]:.4f}</td>" if isinstance(r[k], float) else f"<td>{r[k]}</td>"
-                                            for k in cols) + "</tr>" for r in rows)
+            cols = ["epoch", "stage", "train_loss", "valid_loss", "error_rate", "accuracy", "balanced_error"]
+            body = "".join("<tr>" + "".join(f"<td>{r.get(k):.4f}</td>" if isinstance(r.get(k), float)
+                                            else f"<td>{r.get(k, '')}</td>" for k in cols) + "</tr>" for r in rows)
             table = "<table><tr>" + "".join(f"<th>{k}</th>" for k in cols) + f"</tr>{body}</table>"
         return f"<div><b>ursa learner</b><table>{head}</table>{table}</div>"
 

@@ -27,7 +27,15 @@ from ursa.util.progress import progress_bar
 if TYPE_CHECKING:  # a callback only ever receives the learner
     from rich.progress import Progress
 
-HISTORY_COLUMNS = ["epoch", "stage", "train_loss", "valid_loss", "error_rate", "accuracy", "seconds"]
+METRIC_KEYS = ("valid_loss", "error_rate", "accuracy", "balanced_error")  # an epoch's figures in the model file
+
+
+def metric_values(row: dict) -> dict[str, float]:
+    """An epoch row's figures for a model file's ``metrics``: those it has, finite (multi-label has no balanced error)."""
+    return {k: row[k] for k in METRIC_KEYS if isinstance(row.get(k), (int, float)) and math.isfinite(row[k])}
+
+
+HISTORY_COLUMNS = ["epoch", "stage", "train_loss", "valid_loss", "error_rate", "accuracy", "balanced_error", "seconds"]
 
 
 class CancelBatchException(Exception):
@@ -152,10 +160,13 @@ class Recorder(Callback):
         self.epoch_losses.append(learn.loss_value)
 
     def after_epoch(self, learn: Any) -> None:
-        valid_loss, err, acc = learn.metrics
+        valid_loss, err, acc, *rest = learn.metrics  # a batch source of before: no balanced error
+        bal, more = (rest[0], rest[1:]) if rest else (math.nan, [])
         self.rows.append({
             "epoch": learn.epoch, "stage": learn.stage, "train_loss": smooth_last(self.epoch_losses),
-            "valid_loss": valid_loss, "error_rate": err, "accuracy": acc, "seconds": time.perf_counter() - self.t0,
+            "valid_loss": valid_loss, "error_rate": err, "accuracy": acc, "balanced_error": bal,
+            "seconds": time.perf_counter() - self.t0,
+            **dict(zip(task_columns(learn), more)),  # a task's own columns (training.task: multi-label's F1s, mAP)
         })
 
     def history(self, diverged: bool = False, stage: str | None = None) -> History:
@@ -164,8 +175,24 @@ class Recorder(Callback):
                        list(self.batch_lrs), diverged, stage)
 
     def history_csv(self) -> str:
-        """history.csv text: epoch,stage,train_loss,valid_loss,error_rate,accuracy,seconds."""
-        return csv_text(HISTORY_COLUMNS, [[_fmt_cell(r[c]) for c in HISTORY_COLUMNS] for r in self.rows])
+        """history.csv text: epoch,stage,train_loss,valid_loss,error_rate,accuracy,balanced_error,seconds (then a task's own)."""
+        cols = HISTORY_COLUMNS + [c for c in extra_columns(self.rows) if c not in HISTORY_COLUMNS]
+        return csv_text(cols, [[_fmt_cell(r.get(c, math.nan)) for c in cols] for r in self.rows])
+
+
+def task_columns(learn: Any) -> tuple[str, ...]:
+    """The columns a learner's task adds to the epoch table (``training.task``; none for one class per picture)."""
+    return tuple(getattr(getattr(learn, "task", None), "columns", ()))
+
+
+def shows_balanced(learn: Any) -> bool:
+    """Whether the epoch table has a balanced-error column (one class per picture; not for label sets)."""
+    return bool(getattr(getattr(learn, "task", None), "balanced", True))
+
+
+def extra_columns(rows: list[dict]) -> list[str]:
+    """The task's own columns the rows hold (multi-label: macro_f1, samples_f1, map), in order."""
+    return [c for c in (rows[0] if rows else {}) if c not in HISTORY_COLUMNS]
 
 
 def _fmt_cell(v: object) -> str:
@@ -184,15 +211,19 @@ class EpochTable(Callback):
 
     def before_fit(self, learn: Any) -> None:
         if not self.printed:
+            more = "".join(f"  {c:>10}" for c in task_columns(learn))
+            bal = f"  {'balanced':>8}" if shows_balanced(learn) else ""
             learn.console.print(f"{'epoch':>5}  {'stage':<8}  {'train_loss':>10}  {'valid_loss':>10}  "
-                                f"{'error_rate':>10}  {'accuracy':>8}  {'time':>6}", highlight=False)
+                                f"{'error_rate':>10}  {'accuracy':>8}{bal}{more}  {'time':>6}", highlight=False)
             self.printed = True
 
     def after_epoch(self, learn: Any) -> None:
         r = learn.recorder.rows[-1]
         m, s = divmod(int(round(r["seconds"])), 60)
+        more = "".join(f"  {r.get(c, math.nan):>10.4f}" for c in task_columns(learn))
+        bal = f"  {r.get('balanced_error', math.nan):>8.4f}" if shows_balanced(learn) else ""
         learn.console.print(f"{r['epoch']:>5}  {r['stage']:<8}  {r['train_loss']:>10.4f}  {r['valid_loss']:>10.4f}  "
-                            f"{r['error_rate']:>10.4f}  {r['accuracy']:>8.4f}  {m:02d}:{s:02d}", highlight=False)
+                            f"{r['error_rate']:>10.4f}  {r['accuracy']:>8.4f}{bal}{more}  {m:02d}:{s:02d}", highlight=False)
 
 
 def _state(learn: Any) -> dict:

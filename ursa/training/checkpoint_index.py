@@ -21,7 +21,7 @@ from ursa.training.plan import FineTune, Work
 MAX_DEPTH = 10  # the index nests 5 deep; anything deeper was not written by ursa
 MAX_EPOCHS = 10_000_000
 FILE_NAME = re.compile(r"^e\d{1,9}\.(weights|state|best)\.safetensors$")
-ROW_NUMBERS = ("train_loss", "valid_loss", "error_rate", "accuracy", "seconds")
+ROW_NUMBERS = ("train_loss", "valid_loss", "error_rate", "accuracy", "balanced_error", "seconds")
 STAGES = ("frozen", "unfrozen")
 
 

@@ -25,6 +25,8 @@ FEATURE_BACKENDS = ("auto", "torch")
 # Where decoded pixels live: auto (memory when they fit ursa.vision.loaders.MEMORY_BUDGET), memory, stream (per batch).
 PIXEL_MODES = ("auto", "memory", "stream")
 FLIP_CHOICES = ("auto", *FLIPS)
+# Lopsided classes (training/balance.py): auto decides from the counts, none trains plainly, or one remedy.
+BALANCES = ("auto", "none", "weights", "sampler", "logit_adjust")
 # Seconds `ursa train` plans for by default, start to model file, counted in seconds of the reference machine
 # (2 CPU cores; training/plan.py counts images x epochs x FLOPs, no clock): a few minutes on a laptop.
 DEFAULT_BUDGET = 120.0
@@ -99,9 +101,16 @@ class LearnerConfig:
     spill_dir: Path | None = None  # internal: set by the recipe (RUN/features), where a large cache is memory-mapped
     device: str = "auto"  # a torch device name or auto, resolved by ursa.util.device.resolve_device (CUDA, MPS, the CPU)
     quiet: bool = False  # no progress bars
+    # Lopsided classes (training/balance.py): the remedy the recipe chose (never auto here) and the
+    # training images' share of each class it uses (weights, logit adjustment).
+    balance: str = "none"
+    class_prior: tuple[float, ...] | None = None
 
     def __post_init__(self) -> None:
         _check_bools(self)
+        _expect(self.balance in BALANCES[1:], "balance", " or ".join(BALANCES[1:]), self.balance)
+        _expect(self.class_prior is None or (isinstance(self.class_prior, tuple) and all(
+            _number(p) and 0 < p <= 1 for p in self.class_prior)), "class_prior", "shares in (0, 1]", self.class_prior)
         check_seed("--seed", self.seed)
         _expect(_number(self.wd) and self.wd >= 0, "--wd", "a number >= 0", self.wd)
         _expect(_number(self.label_smoothing) and 0 <= self.label_smoothing < 1, "--label-smoothing",
@@ -120,6 +129,9 @@ class TrainConfig:
     data: Path
     out: Path = Path("runs/latest")
     csv: Path | None = None
+    # Multi-label (docs/multilabel.md): the CSV's label cells hold label sets, label_delim between the labels.
+    multi_label: bool = False
+    label_delim: str = " "
     arch: str = DEFAULT_ARCH
     pretrained: bool = True
     size: int | None = None  # input size; None: the recipe decides from the images (training/plan.py)
@@ -157,6 +169,9 @@ class TrainConfig:
     dedupe_split: bool = False
     curve: bool = False
     target_precision: float = 0.95
+    # Lopsided classes (training/balance.py): auto counters a lopsided set with the remedy that paid, none trains
+    # as if the classes were equally common, or a remedy by name (weights, sampler, logit_adjust).
+    balance: str = "auto"
     # Open world (docs/open-world.md): the share of validation images the "none of these" threshold keeps.
     keep: float = 0.95
     # Deploy (docs/deploy.md): also write model.int8.onnx, checked against fp32 on the validation images.
@@ -206,9 +221,17 @@ class TrainConfig:
         r = self.replay
         _expect(r is None or (isinstance(r, dict) and isinstance(r.get("from", ""), str)
                               and (r.get("size") is None or _whole(r["size"], 32, 1024))
-                              and (r.get("fine_tune_epochs") is None or _whole(r["fine_tune_epochs"], 0, 1000))),
-                "replay", "an earlier run's folder and its decisions (size 32-1024, fine_tune_epochs >= 0)", r)
+                              and (r.get("fine_tune_epochs") is None or _whole(r["fine_tune_epochs"], 0, 1000))
+                              and (r.get("tune_size") is None or _whole(r["tune_size"], 32, 1024))),
+                "replay", "an earlier run's folder and its decisions (size and tune_size 32-1024, fine_tune_epochs >= 0)", r)
+        _expect(isinstance(self.label_delim, str) and len(self.label_delim) > 0 and "\n" not in self.label_delim,
+                "--label-delim", "one or more characters (not a newline)", self.label_delim)
+        _expect(not self.multi_label or self.csv is not None, "--multi-label",
+                "--csv labels.csv too (a CSV of name,labels: a folder per class gives each image one label)", self.csv)
+        _expect(not (self.multi_label and self.curve), "--curve", "off with --multi-label (the learning curve counts "
+                "one class per picture)", self.curve)
         _expect(self.flips in FLIP_CHOICES, "--flips", " or ".join(FLIP_CHOICES), self.flips)
+        _expect(self.balance in BALANCES, "--balance", " or ".join(BALANCES), self.balance)
         _expect(self.pixels in PIXEL_MODES, "--pixels", " or ".join(PIXEL_MODES), self.pixels)
         check_device_name(self.device)
         _expect(_number(self.lr) and self.lr > 0, "--lr", "a positive number", self.lr)
@@ -222,6 +245,11 @@ class TrainConfig:
                 "a number in (0, 1]", self.target_precision)
         _expect(_number(self.keep) and 0 < self.keep <= 1, "--keep", "a share of validation images in (0, 1]", self.keep)
         self.learner_config()  # the learner's own checks (wd, label smoothing, views)
+
+    @property
+    def label_sets(self) -> str | None:
+        """The separator of the CSV's label sets with --multi-label (``vision.labelsets.load_labelled``), else None."""
+        return self.label_delim if self.multi_label else None
 
     @property
     def split_seed_used(self) -> int:

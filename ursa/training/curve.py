@@ -30,6 +30,7 @@ from ursa.training.sources import CachedFeatures
 
 FRACTIONS = (0.1, 0.2, 0.4, 0.7, 1.0)
 DRAWS = 3
+SMALL_RATIO = 2.0  # a class with under half the median class's training images is named as small
 
 
 @dataclass(frozen=True)
@@ -180,12 +181,34 @@ class LearningCurve:
         return {"falling": bool(falling), "error": full, "n_per_class": n_full, "flat_from": self.fractions[flat_from],
                 "flat_from_n": float(self.n_per_class[flat_from].mean()), "tolerance": tol,
                 "drop_with_40pct_more": more_all, "best_class": best,
-                "stuck_class": None if stuck is None else {"class": stuck[0], "error": stuck[1]}}
+                "stuck_class": None if stuck is None else {"class": stuck[0], "error": stuck[1]},
+                "small_classes": self.small_classes()}
+
+    def small_classes(self) -> list[dict[str, Any]]:
+        """Classes with under 1/SMALL_RATIO of the median class's training images, smallest first: how many more
+        images would bring each to the median, and what its own curve says that buys (its error now and then)."""
+        n = self.n_per_class[-1]
+        median = float(np.median(n))
+        out = []
+        for c in np.argsort(n, kind="stable"):
+            n_c = float(n[c])
+            if n_c * SMALL_RATIO > median:
+                break
+            err = float(self.class_errors[-1, :, c].mean())
+            out.append({"class": self.classes[c], "n": int(n_c), "median": int(round(median)),
+                        "more": _round_nice(median - n_c), "class_error": err,
+                        "class_error_then": float(max(0.0, min(err, self.class_fits[c](median))))})
+        return out
 
     def words(self) -> str:
-        """What more data would likely buy, in one or two sentences."""
+        """What more data would likely buy, in one or two sentences; the small classes by name."""
         stuck = self.verdict()["stuck_class"]
+        small = self.small_classes()
         return self._words() + (
+            "; small classes: " + ", ".join(
+                f"about {s['more']} more images of {s['class']} (it has {s['n']}, the median class "
+                f"{s['median']}; its error {100 * s['class_error']:.0f}%)" for s in small[:3])
+            + " would help most" if small else "") + (
             f"; {stuck['class']} is wrong {100 * stuck['error']:.0f}% of the time and more of its images do not "
             "lower that: check its labels and what it is confused with" if stuck else "") + (
             f" (with {self.n_valid} validation images, one image is {100 / self.n_valid:.1f} points: a rough reading)"

@@ -39,12 +39,11 @@ class ValidCorrect(Callback):
         if isinstance(src, CachedFeatures):  # the head on the cached validation features: the frozen model
             src.module.eval()
             v = src.cache.valid
-            pred = torch.cat([src.module(v[i:i + 1024].to(src.device)).argmax(1).cpu() for i in range(0, len(v), 1024)])
-            y = src.cache.valid_y
+            logits = torch.cat([src.module(v[i:i + 1024].to(src.device)).float().cpu() for i in range(0, len(v), 1024)])
+            probs, y = learn.task.probs(logits), src.cache.valid_y
         else:
             probs, y = learn.get_preds()
-            pred = probs.argmax(1)
-        self.correct.append(pred == y)
+        self.correct.append(learn.task.correct(probs, y))
         self.known = (y >= 0) if self.known is None else self.known & (y >= 0)
 
 

@@ -57,7 +57,7 @@ def leakage_audit(ds: ImageDataset, dedupe_split: bool = False) -> dict[str, Any
     hashes = dedupe.hash_images(ds.files)
     pairs = dedupe.near_pairs(hashes)
     cross = dedupe.cross_split(pairs, ds.is_valid)
-    label = lambda k: ds.classes[ds.labels[k]]  # noqa: E731
+    label = ds.label_text
     return {
         "n_pairs": len(cross), "n_pairs_all": len(pairs),
         "pairs": [{"train": ds.rel(p.i), "valid": ds.rel(p.j), "distance": p.distance, "exact": p.exact,

@@ -15,13 +15,13 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 import torch
-import torch.nn.functional as F
 from rich.console import Console
 
 from ursa.errors import DivergedError
 from ursa.inference.modelfile import ModelMeta, save_model
 from ursa.training.callbacks import (
     BestWeights,
+    metric_values,
     Callback,
     CancelBatchException,
     CancelEpochException,
@@ -30,11 +30,13 @@ from ursa.training.callbacks import (
     check_callbacks,
     default_callbacks,
 )
+from ursa.training.balance import sample_weights
 from ursa.training.config import LearnerConfig
 from ursa.training.dist import Dist
 from ursa.training.features import FeatureCache, compute_features, gather_cache
 from ursa.training.optim import head_lr, make_optimizer, one_cycle, param_groups
-from ursa.training.sources import BatchSource, CachedFeatures, ImageBatches, Metrics, metrics_from_probs
+from ursa.training.sources import BatchSource, CachedFeatures, ImageBatches, Metrics
+from ursa.training.task import task_for
 from ursa.util.device import autocast_dtype, resolve_device
 from ursa.util.files import save_tensors
 from ursa.util.progress import make_console
@@ -49,6 +51,7 @@ class Learner:
                  cbs: Iterable[Callback] = (), console: Console | None = None, dist: Dist | None = None) -> None:
         self.dls, self.model = dls, model
         self.config = config or LearnerConfig()
+        self.task = task_for(getattr(dls, "dataset", None))  # loss, activation, metrics: one class, or a label set
         self.dist = dist or Dist()  # this process's rank under torchrun (rank 0 of 1 without)
         self.device = resolve_device(self.config.device)  # auto: CUDA, then MPS, then the CPU, as the CLI
         # CUDA: bf16 autocast where the GPU has it, else fp16 with a gradient scaler; the CPU: fp32 (or --bf16)
@@ -76,7 +79,7 @@ class Learner:
         self.stage = ""
         self.source: BatchSource | None = None
         self.opt: torch.optim.Optimizer | None = None
-        self.metrics: Metrics = (float("nan"),) * 3
+        self.metrics: Metrics = (float("nan"),) * 4
         self._running: list[Callback] = self.cbs
         self.xb: torch.Tensor | None = None
         self.yb: torch.Tensor | None = None
@@ -145,7 +148,7 @@ class Learner:
         return self._features(n_views, None)
 
     def loss_func(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """Cross-entropy (with the configured label smoothing) over the items that were read (label >= 0).
+        """Cross-entropy (label smoothing, --balance as configured) over the items that were read (label >= 0).
 
         An image that changed or vanished since the scan has a negative label: it adds nothing (a
         batch of nothing else gives a zero loss, so every rank still takes the same steps).
@@ -156,7 +159,7 @@ class Learner:
             if not bool(keep.any()):
                 return (logits * 0).sum()
             logits, y = logits[keep], y[keep]
-        return F.cross_entropy(logits, y, label_smoothing=self.config.label_smoothing)
+        return self.task.loss(logits, y, self.config)  # task: cross-entropy (balanced as --balance says) or BCE
 
     def fit_one_cycle(self, n_epoch: int, max_lr: float | slice = 3e-3, pct_start: float = 0.25, *,
                       size: int | None = None, bf16: bool = False, stage: str | None = None,
@@ -209,12 +212,14 @@ class Learner:
         if cached:
             # Every rank trains the same head on the gathered features (cheaper than syncing a 1 s fit);
             # fit_one_cycle copies rank 0's head to all at the end, so they agree exactly.
-            return CachedFeatures(self.model.head, self._features(n_views, size, keep), self.dls.bs, generator,
-                                  self.device)
+            cache = self._features(n_views, size, keep)
+            return CachedFeatures(self.model.head, cache, self.dls.bs, generator, self.device, self.task,
+                                  sample_weights(self.config, cache.train_y))
         d = self.dist
         return ImageBatches(self.model, self.dls, augment=self.config.augment, size=size, generator=generator,
                             bn_eval_frozen=self.config.cache, bn_eval_unfrozen=self.config.bn_stats_frozen,
-                            validate=self.validate, device=self.device,
+                            validate=self.validate, device=self.device, weights=sample_weights(
+                                self.config, torch.tensor(self.dls.dataset.labels)[self.dls.dataset.train_idx]),
                             shard=(d.rank, d.world) if d.active else None, wrap=self._ddp if d.active else None)
 
     def _ddp(self, module: torch.nn.Module) -> torch.nn.Module:
@@ -238,7 +243,7 @@ class Learner:
         ``first_epoch``: a resumed fit starts there (the epochs before it are in the checkpoint).
         """
         self.n_epoch, self.source, self.opt, self.sched, self.stage = n_epoch, source, opt, sched, stage
-        self.metrics = (float("nan"),) * 3
+        self.metrics = (float("nan"),) * 4
         self._running = sorted(cbs, key=lambda cb: cb.order) if cbs is not None else self.cbs
         try:
             self._event("before_fit")
@@ -329,7 +334,7 @@ class Learner:
     def get_preds(self, idx: Sequence[int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Probabilities and targets for items idx (default: the validation set), eval transform."""
         logits, y, _ = self.get_logits(idx)
-        return logits.softmax(1), y
+        return self.task.probs(logits), y
 
     @torch.inference_mode()
     def get_logits(self, idx: Sequence[int] | None = None,
@@ -359,7 +364,7 @@ class Learner:
         d = self.dist
         if not d.active:
             probs, y = self.get_preds()
-            return metrics_from_probs(probs, y)
+            return self.task.metrics(probs, y)
         idx = self.dls.dataset.valid_idx
         mine = d.shard(idx)
         if mine:
@@ -368,7 +373,7 @@ class Learner:
             probs, y = torch.zeros(0, len(self.dls.classes)), torch.zeros(0, dtype=torch.long)
         probs, y = d.gather_rows(probs, len(idx)), d.gather_rows(y, len(idx))
         self.note_vanished(y)  # every rank's unreadable images, so rank 0 reports them all
-        return metrics_from_probs(probs, y)
+        return self.task.metrics(probs, y)
 
     # --- checkpoints and export ----------------------------------------------------------------
 
@@ -385,7 +390,7 @@ class Learner:
 
     def export(self, path: str | Path, metrics: dict | None = None, config: dict | None = None,
                state: dict | None = None, calibration: dict | None = None, open_world: dict | None = None,
-               licenses: dict | None = None) -> Path:
+               licenses: dict | None = None, thresholds: list[float] | None = None) -> Path:
         """Write the one model file (weights + metadata) that predict and serve load.
 
         ``state``: other weights to write (the best epoch's) instead of the current ones; the
@@ -395,12 +400,12 @@ class Learner:
         """
         if metrics is None and self.recorder.rows:
             last = self.kept_row or self.recorder.rows[-1]
-            metrics = {k: last[k] for k in ("valid_loss", "error_rate", "accuracy")}
+            metrics = metric_values(last)
         meta = ModelMeta(
             arch=self.model.arch, classes=list(self.dls.classes), input_size=self.dls.size,
             mean=list(self.dls.mean), std=list(self.dls.std), head=asdict(self.model.head_cfg),
             metrics=metrics or {}, config=config or {}, calibration=calibration or {}, **(open_world or {}),
-            licenses=licenses or {},
+            licenses=licenses or {}, task=self.task.name, thresholds=list(thresholds or []),
         )
         current = {k: v.clone() for k, v in self.model.state_dict().items()} if state is not None else None
         self.model.eval()

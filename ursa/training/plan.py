@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import enum
 import math
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
+from typing import Callable
 
 from ursa.training.config import DEFAULT_BUDGET
 from ursa.vision.probe import ImageProbe
@@ -31,6 +32,11 @@ GOOD_ENOUGH = 0.02
 # Fine-tuning shorter than this does not finish a warm-up and an anneal. At most MAX_EPOCHS with the
 # default budget (more gained little on the dev sets); a larger --budget raises the cap in proportion.
 MIN_EPOCHS, MAX_EPOCHS = 3, 12
+# When fewer than MIN_EPOCHS fit at the input size (224 px photos, several hundred of them), fine-tune at a smaller
+# size: the largest multiple of 32, down to TUNE_MIN_SIZE, at which MIN_EPOCHS fit. The frozen stage, the validation
+# and the model file stay at the input size (training below the test size with random-resized crops costs little:
+# Touvron et al. 2019, "FixRes"). Counted like the rest: the network's FLOPs at each smaller size.
+TUNE_MIN_SIZE = 128
 # However large the budget: more epochs at these rates gained nothing on the dev sets (a doubled
 # budget's 24 epochs were no better than 12, and one run diverged at epoch 19).
 CEILING_EPOCHS = 30
@@ -84,9 +90,10 @@ class Work:
 
     @property
     def epoch_seconds(self) -> float:
-        """One fine-tuning epoch: every training image forward and backward, the validation images forward."""
-        each = TRAIN_PER_IMAGE + TRAIN_PER_GFLOP * self.gflops
-        return each * (self.n_train + VALID_SHARE * self.n_valid) / self.ranks
+        """One fine-tuning epoch: every training image forward and backward, the validation images forward (at the
+        frozen stage's size, which the model keeps: fine-tuning may train at a smaller one)."""
+        each, valid = (TRAIN_PER_IMAGE + TRAIN_PER_GFLOP * g for g in (self.gflops, self.frozen_gflops))
+        return (each * self.n_train + valid * VALID_SHARE * self.n_valid) / self.ranks
 
     @property
     def frozen_seconds(self) -> float:
@@ -120,6 +127,9 @@ class Plan:
     fine_tune_epochs: int = 0
     fine_tune_why: str = "not decided yet"
     fine_tune: FineTune = FineTune.UNDECIDED  # how it was decided (data; the why is its words)
+    tune_size: int | None = None  # fine-tuning trains at this smaller size (TUNE_MIN_SIZE...): None, the input size
+    balance: str = "none"  # lopsided classes: the remedy (training/balance.py), or none
+    balance_why: str = ""
     probe: dict = field(default_factory=dict)
     work: dict = field(default_factory=dict)  # Work.to_json(): the counted inputs of the decision
     planned_seconds: float | None = None  # reference seconds the plan adds up to
@@ -141,7 +151,8 @@ class Plan:
 
     def lines(self) -> list[str]:
         """The recipe in words, for the first lines of the run and the report."""
-        return [f"input size {self.size} px: {self.size_why}", f"flips {self.flips}: {self.flips_why}"]
+        return [f"input size {self.size} px: {self.size_why}", f"flips {self.flips}: {self.flips_why}",
+                f"balance {self.balance}: {self.balance_why}"]
 
     def to_json(self) -> dict:
         d = asdict(self)
@@ -154,6 +165,7 @@ class Plan:
         """A stopped run's fine-tuning decision (from its checkpoint), to go on with it."""
         self.fine_tune_epochs, self.fine_tune_why = before["fine_tune_epochs"], before["fine_tune_why"]
         self.fine_tune = FineTune(before.get("fine_tune", FineTune.PLANNED.value))
+        self.tune_size = before.get("tune_size")
         self.work, self.planned_seconds = before.get("work") or {}, before.get("planned_seconds")
 
     def advice(self, rows: list[dict], kept: dict | None) -> str | None:
@@ -246,6 +258,25 @@ def fine_tune_epochs(frozen_error: float, n_valid: int, work: Work | None, budge
     return n, FineTune.PLANNED, (
         f"the frozen body leaves {frozen_error:.1%} error: {n} epochs of fine-tuning, {each:.1f} s each "
         f"counted, fit the {left:.0f} s left of --budget")
+
+
+def smaller_tune_size(frozen_error: float, n_valid: int, work: Work, budget: float, size: int,
+                      gflops_at: Callable[[int], float], cap: int = MAX_EPOCHS) -> tuple[int, int, str, Work] | None:
+    """Where too few epochs fit at ``size``: the largest smaller size where MIN_EPOCHS fit (size, epochs, why, its
+    counted work), or None.
+
+    ``gflops_at(s)``: the network's forward GFLOPs at s px (counted), so the choice is counted like the rest.
+    """
+    for s in range(32 * ((size - 1) // 32), TUNE_MIN_SIZE - 1, -32):
+        smaller = replace(work, gflops=gflops_at(s))
+        n, how, _ = fine_tune_epochs(frozen_error, n_valid, smaller, budget, cap)
+        if how is FineTune.PLANNED:
+            left = budget - work.frozen_seconds - RESERVE
+            return s, n, (f"the frozen body leaves {frozen_error:.1%} error; at {size} px fewer than {MIN_EPOCHS} "
+                          f"fine-tuning epochs fit the {left:.0f} s left of --budget, so it trains at {s} px: {n} "
+                          f"epochs, {smaller.epoch_seconds:.1f} s each counted (validation and the model stay at "
+                          f"{size} px)"), smaller
+    return None
 
 
 def suggest_budget(plan: Plan) -> float:

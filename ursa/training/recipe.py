@@ -26,8 +26,9 @@ from rich.console import Console
 
 from ursa.errors import DivergedError, UrsaError
 from ursa.training import insight
+from ursa.training.balance import choose_balance, class_prior
 from ursa.training.config import ConfigError, TrainConfig
-from ursa.training.callbacks import BudgetStop, Callback
+from ursa.training.callbacks import METRIC_KEYS, BudgetStop, Callback
 from ursa.training.checkpoint import Checkpoint, CheckpointWriter, remove_checkpoint
 from ursa.training.dist import Dist, describe_dist, rank_device
 from ursa.training.resume import resume_line, run_facts, split_digest, start_ranks
@@ -35,11 +36,12 @@ from ursa.training.learner import Learner
 from ursa.training.compare import compare_line, compare_valid, earlier_wrong
 from ursa.training.honest import ValidCorrect, honest_figures
 from ursa.training.plan import (RESERVE, FineTune, Plan, Stop, Work, choose_flips, choose_size, count_gflops, epoch_cap,
-                                fine_tune_epochs, time_limit)
+                                fine_tune_epochs, smaller_tune_size, time_limit)
 from ursa.training.run import RunFiles, write_run
 from ursa.util.files import atomic_write_text, check_outside
 from ursa.util.progress import make_console, progress_bar
-from ursa.vision.data import ImageDataset, load_dataset
+from ursa.vision.data import ImageDataset
+from ursa.vision.labelsets import load_labelled
 from ursa.util.device import describe
 from ursa.vision.loaders import MEMORY_BUDGET, dataloaders
 from ursa.vision.models import create_model, get_spec
@@ -97,9 +99,12 @@ def prepare(cfg: TrainConfig, console: Console | None = None, spill_dir: Path | 
     if dist.active and not cfg.cache:
         raise ConfigError("--no-cache: under torchrun the frozen stage trains on the feature cache (computed in "
                           "shares by the ranks); leave out --no-cache")
+    if dist.active and cfg.balance == "sampler":  # torch's DistributedSampler shares out a plain shuffle
+        raise ConfigError("--balance sampler: under torchrun the fine-tuning batches are shared out by torch's "
+                          "DistributedSampler, which does not draw class-balanced; use --balance logit_adjust or weights")
     console = console or make_console(cfg.quiet or not dist.main)
     torch.manual_seed(cfg.seed)
-    ds = load_dataset(cfg.data, cfg.csv, cfg.valid_pct, cfg.split_seed_used)
+    ds = load_labelled(cfg.data, cfg.csv, cfg.valid_pct, cfg.split_seed_used, label_delim=cfg.label_sets)
     check_outside(cfg.out, cfg.data, "run folder")
     if cfg.dedupe_split:
         insight.apply_dedupe_split(ds, cfg.valid_pct, cfg.split_seed_used, console)
@@ -135,9 +140,16 @@ def prepare(cfg: TrainConfig, console: Console | None = None, spill_dir: Path | 
     )
     console.print(dls.pixels_line() + ("" if cfg.pixels == "auto" else f" (--pixels {cfg.pixels})"), highlight=False)
     plan.pixels = "memory" if dls.in_memory else "stream"
+    if cfg.multi_label and cfg.balance not in ("auto", "none"):
+        raise ConfigError(f"--balance {cfg.balance}: the lopsided-classes remedies are for one class per picture; "
+                          "with --multi-label each label's threshold is chosen on the validation images: drop --balance")
+    plan.balance, plan.balance_why = (("none", "label sets: each label's threshold is chosen on the validation images")
+                                      if cfg.multi_label else choose_balance(counts, cfg.balance))
+    lcfg = dataclasses.replace(cfg.learner_config(spill_dir, str(device)), balance=plan.balance,
+                               class_prior=class_prior([counts[c] for c in ds.classes]))
     for line in plan.lines():
         console.print(f"recipe: {line}", highlight=False)
-    learn = Learner(dls, model, cfg.learner_config(spill_dir, str(device)), cbs=cbs, console=console, dist=dist)
+    learn = Learner(dls, model, lcfg, cbs=cbs, console=console, dist=dist)
     return learn, ds, plan
 
 
@@ -220,7 +232,9 @@ def _train(cfg: TrainConfig, console: Console | None, resume: Checkpoint | None,
         raise DivergedError(f"{found.text()} See {cfg.out / 'advice.txt'}; no model file was written.")
     remove_checkpoint(cfg.out)  # the model file is written: nothing left to resume
     last = learn.kept_row or (learn.recorder.rows[-1] if learn.recorder.rows else {})
-    metrics = {k: last.get(k) for k in ("valid_loss", "error_rate", "accuracy")}
+    metrics = {k: last.get(k) for k in METRIC_KEYS}
+    if files.recall:
+        metrics["recall"] = files.recall
     return TrainResult(cfg.out, files.model, metrics, plan.seconds, peak_rss_mb(learn.dls.num_workers > 0),
                        ds.classes, len(ds.train_idx), len(ds.valid_idx), ds.skipped, learn, files, found, timings,
                        plan)
@@ -254,6 +268,7 @@ def _fine_tune(cfg: TrainConfig, learn: Learner, plan: Plan, t0: float, console:
         plan.fine_tune_why = f"--unfreeze-epochs {cfg.unfreeze_epochs}"
     elif replayed is not None:
         plan.fine_tune_epochs, plan.fine_tune = replayed, FineTune.REPLAYED
+        plan.tune_size = cfg.replay.get("tune_size")
         plan.fine_tune_why = f"{replayed} epoch(s), as {cfg.replay.get('from')} decided (--config: its recipe.json)"
         console.print(f"recipe: fine-tuning: {plan.fine_tune_why}", highlight=False)
     else:
@@ -267,7 +282,8 @@ def _fine_tune(cfg: TrainConfig, learn: Learner, plan: Plan, t0: float, console:
         learn.unfreeze()
         if resume is None or not resume.fit_done:
             try:
-                learn.fit_one_cycle(plan.fine_tune_epochs, slice(lo, hi), size=cfg.unfreeze_size, bf16=cfg.bf16,
+                learn.fit_one_cycle(plan.fine_tune_epochs, slice(lo, hi), size=cfg.unfreeze_size or plan.tune_size,
+                                    bf16=cfg.bf16,
                                     cbs=([] if fixed else [BudgetStop(t0 + plan.time_limit - RESERVE)])
                                     + ([seen] if seen is not None else []), resume=resume)
             except DivergedError as e:
@@ -296,9 +312,15 @@ def _decide(cfg: TrainConfig, learn: Learner, plan: Plan) -> None:
     frozen_error = rows[-1]["error_rate"] if rows else float("nan")  # what the model is now
     frozen_error = learn.dist.agree([frozen_error])[0]
     n_valid = len(learn.dls.dataset.valid_idx)
+    work = Work.from_json(plan.work) if plan.work else None
     plan.fine_tune_epochs, plan.fine_tune, plan.fine_tune_why = fine_tune_epochs(
-        frozen_error, n_valid, Work.from_json(plan.work) if plan.work else None,
-        cfg.budget, epoch_cap(cfg.budget))
+        frozen_error, n_valid, work, cfg.budget, epoch_cap(cfg.budget))
+    if plan.fine_tune is FineTune.TOO_FEW_FIT and cfg.unfreeze_size is None:  # a smaller size may fit enough
+        smaller = smaller_tune_size(frozen_error, n_valid, work, cfg.budget, plan.size,
+                                    lambda s: count_gflops(learn.model, s), epoch_cap(cfg.budget))
+        if smaller is not None:  # the counted work is then the smaller size's
+            plan.tune_size, plan.fine_tune_epochs, plan.fine_tune_why, tuned = smaller
+            plan.fine_tune, plan.work = FineTune.PLANNED, tuned.to_json()
 
 
 def _figures(cfg: TrainConfig, learn: Learner, ds: ImageDataset, plan: Plan, seen: ValidCorrect,
@@ -309,7 +331,9 @@ def _figures(cfg: TrainConfig, learn: Learner, ds: ImageDataset, plan: Plan, see
         return
     at = next((i for i, r in enumerate(rows) if learn.kept_row and r["epoch"] == learn.kept_row["epoch"]), -1)
     kept_error = rows[at]["error_rate"]
-    if cfg.unfreeze_epochs is None:  # the default recipe chose its epoch on the validation pictures
+    # The default recipe chose its epoch on the validation pictures. (Multi-label: the loop's error is 1 - macro F1, not
+    # a share of pictures, so a per-picture correction would measure another figure: none is given.)
+    if cfg.unfreeze_epochs is None and not cfg.multi_label:
         plan.honest = honest_figures(seen.correct, kept_error, seen.known)
         corrected = plan.honest["selection_corrected"]
         if corrected is not None:
@@ -319,7 +343,7 @@ def _figures(cfg: TrainConfig, learn: Learner, ds: ImageDataset, plan: Plan, see
     plan.wrong = [n for n, ok in zip(names, seen.correct[at].tolist()) if not ok]
     earlier = (cfg.replay or {}).get("from")
     if earlier:
-        labels = [ds.classes[ds.labels[i]] for i in ds.valid_idx]
+        labels = [ds.label_text(i) for i in ds.valid_idx]
         c = compare_valid(Path(earlier) / "split.csv", names, labels, seen.correct[at].tolist(),
                           earlier_wrong(Path(earlier)))
         if c is not None:

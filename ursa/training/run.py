@@ -22,12 +22,16 @@ from rich.console import Console
 
 from ursa.acquire.licenses import license_summary, summary_line
 from ursa.diagnose.advice import Advice, advise, write_advice
-from ursa.diagnose.calibration import Calibration, calibrate, reliability, softmax
-from ursa.diagnose.insight_plots import plot_curve, plot_reliability
+from ursa.diagnose.calibration import Calibration
+from ursa.diagnose.insight_plots import plot_curve
+from ursa.diagnose.label_report import write_label_report
 from ursa.diagnose.interpret import Interpretation
 from ursa.diagnose.plots import plot_losses, plot_lr, plot_metrics
+from ursa.diagnose.recall import recall_by_class
 from ursa.diagnose.report import run_plots, write_report
 from ursa.inference.export import write_onnx_beside
+from ursa.inference.task import SINGLE_LABEL
+from ursa.training.callbacks import metric_values
 from ursa.training.config import TrainConfig
 from ursa.training.learner import Learner
 from ursa.training.reference import fit_open_world
@@ -47,6 +51,7 @@ class RunFiles:
     report: dict[str, Path] = field(default_factory=dict)
     calibration: Calibration | None = None
     timings: dict[str, float] = field(default_factory=dict)  # seconds: calibration, report
+    recall: dict = field(default_factory=dict)  # per class, of the model file's weights on the validation images
 
     @property
     def diverged(self) -> bool:
@@ -97,13 +102,18 @@ def write_run(out: Path, learn: Learner, cfg: TrainConfig, ds: ImageDataset, inf
         return RunFiles(out, None, None, advice, notes, report)
     if cal is not None:
         insight["calibration"] = cal.to_json()
-    probs = softmax(logits, cal.temperature if cal else 1.0) if logits is not None else None  # what predict will say: calibrated
+    probs = learn.task.calibrated(logits, cal) if logits is not None else None  # what predict will say: calibrated
     t = time.perf_counter()
-    world, insight["open_world"] = fit_open_world(learn, ds, cfg.keep, feats, probs, y, console)
+    single = learn.task.name == SINGLE_LABEL  # prediction sets and the answer mix are one-class-per-picture figures
+    world, insight["open_world"] = fit_open_world(learn, ds, cfg.keep, feats, probs if single else None,
+                                                  y if single else None, console)
     timings["open_world"] = time.perf_counter() - t  # one pass over the training images
     licenses = _licenses(ds, console)
-    model = learn.export(out / "model.safetensors", config=config, calibration=cal.to_meta() if cal else None,
-                         open_world=world, licenses=licenses)
+    thresholds = learn.task.thresholds(cal)  # multi-label: each label's, chosen on the validation images
+    recall, metrics = kept_metrics(learn, ds, logits if single else None, y)  # recall per class: one class per picture
+    model = learn.export(out / "model.safetensors", metrics=metrics, config=config,
+                         calibration=cal.to_meta() if cal else None, open_world=world, licenses=licenses,
+                         thresholds=thresholds)
     t = time.perf_counter()
     onnx_file = write_onnx_beside(model)  # the fast path by default (predict, serve); a failure only warns
     timings["onnx"] = time.perf_counter() - t
@@ -115,9 +125,10 @@ def write_run(out: Path, learn: Learner, cfg: TrainConfig, ds: ImageDataset, inf
     b = learn.best
     if (any(a.rule == "too_many_epochs" for a in advice) and b.state is not None and b.row is not None
             and learn.kept_row is None):  # the recipe already put the best weights into the model file
-        metrics = {k: b.row[k] for k in ("valid_loss", "error_rate", "accuracy")}
+        metrics = metric_values(b.row)
         metrics["epoch"] = b.epoch
-        best = learn.export(out / "best.safetensors", metrics=metrics, config=config, state=b.state, licenses=licenses)
+        best = learn.export(out / "best.safetensors", metrics=metrics, config=config, state=b.state, licenses=licenses,
+                            thresholds=thresholds)
         notes.append(f"The weights of epoch {b.epoch} (error rate {b.row['error_rate']:.4f}) are saved as "
                      f"{best.name}: use it instead of model.safetensors, or retrain with fewer epochs.")
     write_advice(out / "advice.txt", advice, h, notes)
@@ -127,16 +138,33 @@ def write_run(out: Path, learn: Learner, cfg: TrainConfig, ds: ImageDataset, inf
         if logits is None:
             raise RuntimeError("no validation predictions")
         idx = [i for i in ds.valid_idx if i not in learn.vanished]  # _valid_pass left those rows out
-        skipped = list(ds.skipped) + [(name, VANISHED) for name in learn.vanished_names()]
-        interp = Interpretation(list(ds.classes), [ds.rel(i) for i in idx], [ds.files[i] for i in idx], y, probs,
-                                "valid", skipped, feats)
         info = {"title": "ursa training report", "run folder": str(out), "model": "model.safetensors",
                 "arch": learn.model.arch, "input size": learn.dls.size, "licences": summary_line(licenses), **(info or {})}
-        report = write_report(out, interp, h, run_plots(out), info, notes, insight=insight, model=model)
+        if single:
+            skipped = list(ds.skipped) + [(name, VANISHED) for name in learn.vanished_names()]
+            interp = Interpretation(list(ds.classes), [ds.rel(i) for i in idx], [ds.files[i] for i in idx], y, probs,
+                                    "valid", skipped, feats)
+            report = write_report(out, interp, h, run_plots(out), info, notes, insight=insight, model=model)
+        else:  # per-label figures, errors and confused pairs (diagnose.label_report)
+            report = write_label_report(out, [ds.rel(i) for i in idx], probs, learn.task.targets(y), ds.classes,
+                                        thresholds, h, run_plots(out), info, notes, insight, ds.root)
     except Exception as e:  # noqa: BLE001 - reported, never fatal
         console.print(f"[yellow]warning:[/] could not write the report: {type(e).__name__}: {e}", highlight=False)
     timings["report"] = time.perf_counter() - t
-    return RunFiles(out, model, best, advice, notes, report, cal, timings)
+    return RunFiles(out, model, best, advice, notes, report, cal, timings, recall)
+
+
+def kept_metrics(learn: Learner, ds: ImageDataset, logits, y) -> tuple[dict, dict | None]:
+    """The model file's metrics: the kept epoch's figures and, from the validation pass, each class's recall."""
+    rows = learn.recorder.rows
+    last = learn.kept_row or (rows[-1] if rows else None)
+    if last is None:
+        return {}, None
+    metrics = metric_values(last)
+    if logits is None or not len(y):
+        return {}, metrics
+    recall = recall_by_class(logits.argmax(1), y, ds.classes)
+    return recall, {**metrics, "recall": recall}
 
 
 VANISHED = "changed or vanished on disk during training"
@@ -177,9 +205,7 @@ def _valid_pass(learn: Learner, cfg: TrainConfig, out: Path, console: Console, t
     if len(y) == 0:
         return logits, y, feats, None
     t = time.perf_counter()
-    cal = calibrate(logits, y, cfg.target_precision)
-    plot_reliability(reliability(softmax(logits), y), reliability(softmax(logits, cal.temperature), y), cal.ece_before,
-                     cal.ece_after, cal.temperature, out / "reliability.png")
+    cal = learn.task.calibrate(logits, y, list(learn.dls.classes), cfg.target_precision, out / "reliability.png")
     timings["calibration"] = time.perf_counter() - t
     console.print(cal.summary(), highlight=False)
     return logits, y, feats, cal

@@ -10,19 +10,20 @@ at the end of an epoch, and the validation metrics.
 from __future__ import annotations
 
 import math
-from typing import Callable, Iterable, Iterator, Protocol
+from typing import Any, Callable, Iterable, Iterator, Protocol
 
 import torch
 from torch import nn
 from torch.utils.data import DistributedSampler
 
+from ursa.diagnose.recall import balanced_error
 from ursa.training.features import FeatureCache
 from ursa.training.optim import recalibrate_bn, set_train_modes
 from ursa.vision.loaders import DataLoaders
 from ursa.vision.models import Classifier
 
 Batch = tuple[torch.Tensor, torch.Tensor]
-Metrics = tuple[float, float, float]  # valid_loss, error_rate, accuracy
+Metrics = tuple[float, ...]  # valid_loss, error_rate, accuracy, balanced_error (then a task's own columns: training.task)
 
 
 class BatchSource(Protocol):
@@ -43,7 +44,7 @@ class BatchSource(Protocol):
 
 
 def metrics_from_probs(probs: torch.Tensor, y: torch.Tensor) -> Metrics:
-    """valid_loss (cross-entropy), error_rate, accuracy from probabilities.
+    """valid_loss (cross-entropy), error_rate, accuracy and balanced_error (diagnose/recall.py) from probabilities.
 
     Items whose label is negative (their file changed or vanished during training) are left out.
     """
@@ -51,10 +52,11 @@ def metrics_from_probs(probs: torch.Tensor, y: torch.Tensor) -> Metrics:
     if not bool(keep.all()):
         probs, y = probs[keep], y[keep]
     if len(y) == 0:
-        return math.nan, math.nan, math.nan
+        return math.nan, math.nan, math.nan, math.nan
     loss = torch.nn.functional.nll_loss(torch.log(probs.clamp_min(1e-12)), y).item()
-    acc = (probs.argmax(1) == y).float().mean().item()
-    return loss, 1.0 - acc, acc
+    pred = probs.argmax(1)
+    acc = (pred == y).float().mean().item()
+    return loss, 1.0 - acc, acc, balanced_error(pred.cpu().numpy(), y.cpu().numpy(), probs.shape[1])
 
 
 def to_device(batches: Iterable[Batch], device: torch.device) -> Iterator[Batch]:
@@ -71,19 +73,21 @@ class ImageBatches:
 
     Under torchrun, ``shard`` = (rank, world) gives each rank its part of every epoch (torch's
     DistributedSampler) and ``wrap`` puts what is trained into DistributedDataParallel, which
-    averages the gradients across ranks.
+    averages the gradients across ranks. ``weights``: per training item, a class-balanced draw
+    (``training.balance.sample_weights``) instead of a shuffle.
     """
 
     def __init__(self, model: Classifier, dls: DataLoaders, *, augment: bool, size: int | None,
                  generator: torch.Generator, bn_eval_frozen: bool, bn_eval_unfrozen: bool,
                  validate: Callable[[], Metrics], device: torch.device | None = None,
-                 shard: tuple[int, int] | None = None, wrap: Callable[[nn.Module], nn.Module] | None = None) -> None:
+                 shard: tuple[int, int] | None = None, wrap: Callable[[nn.Module], nn.Module] | None = None,
+                 weights: torch.Tensor | None = None) -> None:
         self.model, self.module = model, model
         self.device = device or torch.device("cpu")
         # Under torchrun --bs is the batch of all ranks together: the same steps, so the same recipe, as one process.
         bs = max(2, dls.bs // shard[1]) if shard else None
         self.dl = dls.loader(dls.dataset.train_idx, train=augment, size=size, shuffle=True, generator=generator,
-                             shard=shard, bs=bs)
+                             shard=shard, bs=bs, weights=weights)
         self.n_batches = len(self.dl)
         self.bn_eval_frozen, self.bn_eval_unfrozen = bn_eval_frozen, bn_eval_unfrozen
         self._validate = validate
@@ -126,8 +130,10 @@ class CachedFeatures:
     """Cached body features for the head: epoch e uses view e mod K, reshuffled every epoch."""
 
     def __init__(self, head: nn.Module, cache: FeatureCache, bs: int, generator: torch.Generator,
-                 device: torch.device | None = None) -> None:
+                 device: torch.device | None = None, task: Any = None, weights: torch.Tensor | None = None) -> None:
         self.module, self.cache, self.bs, self.g = head, cache, bs, generator
+        self.task = task  # training.task: the activation and metrics (None: one class per picture)
+        self.weights = weights  # per training item: a class-balanced draw (with replacement) instead of a shuffle
         self.device = device or torch.device("cpu")
         n = len(cache.train_y)
         self.drop_last = n > bs  # drop a small last batch, as the image loader does
@@ -139,10 +145,12 @@ class CachedFeatures:
         self.module.train()
 
     def batches(self, epoch: int) -> Iterator[Batch]:
-        """Mini-batches of one view's features in a fresh random order."""
+        """Mini-batches of one view's features in a fresh random order (or a fresh class-balanced draw)."""
         cache, bs = self.cache, self.bs
         feats = cache.train_views[epoch % len(cache.train_views)]
-        perm = torch.randperm(len(cache.train_y), generator=self.g)
+        n = len(cache.train_y)
+        perm = (torch.randperm(n, generator=self.g) if self.weights is None
+                else torch.multinomial(self.weights, n, replacement=True, generator=self.g))
         self.epoch_batches = []
         for b in range(self.n_batches):
             idx = perm[b * bs:(b + 1) * bs]
@@ -164,6 +172,7 @@ class CachedFeatures:
         """The head on the cached validation features (equal to the frozen model on the images)."""
         self.module.eval()
         v = self.cache.valid
-        probs = torch.cat([self.module(v[i:i + 1024].to(self.device)).float().softmax(1).cpu()
-                           for i in range(0, len(v), 1024)])
-        return metrics_from_probs(probs, self.cache.valid_y)
+        logits = torch.cat([self.module(v[i:i + 1024].to(self.device)).float().cpu() for i in range(0, len(v), 1024)])
+        if self.task is None:
+            return metrics_from_probs(logits.softmax(1), self.cache.valid_y)
+        return self.task.metrics(self.task.probs(logits), self.cache.valid_y)

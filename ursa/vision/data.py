@@ -73,6 +73,8 @@ class ImageDataset:
     classes: list[str]
     is_valid: list[bool]
     skipped: list[tuple[str, str]] = field(default_factory=list)
+    multi_label: bool = False  # labels are label sets, each one int (``vision.labelsets.encode``)
+    label_delim: str = " "  # between a multi-label item's labels in a CSV cell (and in split.csv)
 
     def __len__(self) -> int:
         return len(self.files)
@@ -92,12 +94,23 @@ class ImageDataset:
     def valid_idx(self) -> list[int]:
         return [i for i, v in enumerate(self.is_valid) if v]
 
+    def label_indices(self, i: int) -> list[int]:
+        """The class indices item i carries: its one class, or (multi-label) each label of its set."""
+        if not self.multi_label:
+            return [self.labels[i]]
+        return [k for k in range(len(self.classes)) if self.labels[i] >> k & 1]
+
+    def label_text(self, i: int) -> str:
+        """Item i's label as written: its class, or (multi-label) its labels joined by the separator ("" for none)."""
+        return self.label_delim.join(self.classes[k] for k in self.label_indices(i))
+
     def class_counts(self, idx: Sequence[int] | None = None) -> dict[str, int]:
-        """Images per class, to spot imbalance."""
+        """Images per class (multi-label: images carrying each label), to spot imbalance."""
         idx = range(len(self)) if idx is None else idx
         counts = {c: 0 for c in self.classes}
         for i in idx:
-            counts[self.classes[self.labels[i]]] += 1
+            for k in self.label_indices(i):
+                counts[self.classes[k]] += 1
         return counts
 
     def drop(self, bad: set[int], reasons: dict[int, str]) -> None:
@@ -116,7 +129,7 @@ class ImageDataset:
 
         lines = ["name,label,is_valid"]
         for i in range(len(self)):
-            lines.append(csv_line([self.rel(i), self.classes[self.labels[i]], str(self.is_valid[i])], end=""))
+            lines.append(csv_line([self.rel(i), self.label_text(i), str(self.is_valid[i])], end=""))
         atomic_write_text(path, "\n".join(lines) + "\n")
 
 
@@ -195,7 +208,7 @@ def drop_repeated_files(ds: ImageDataset) -> ImageDataset:
         if ds.labels[j] != ds.labels[i]:
             raise DataError(
                 f"{ds.root}: {ds.rel(j)} and {ds.rel(i)} are the same file (through a link) with two labels, "
-                f"{ds.classes[ds.labels[j]]!r} and {ds.classes[ds.labels[i]]!r}; remove it from the class it does not belong to"
+                f"{ds.label_text(j)!r} and {ds.label_text(i)!r}; remove it from the class it does not belong to"
             )
         repeats.append((i, j))
     if not repeats:
@@ -278,8 +291,9 @@ def _from_train_valid(root: Path, train: Path, valid: Path) -> ImageDataset:
     return drop_repeated_files(ImageDataset(root, files, labels, classes, is_valid))
 
 
-def from_csv(root: str | Path, csv_path: str | Path, valid_pct: float = VALID_PCT, seed: int = SEED) -> ImageDataset:
-    """A CSV of name,label (optional is_valid) with names relative to root: fastai's cleaned.csv."""
+def read_csv_rows(root: str | Path, csv_path: str | Path,
+                  valid_pct: float) -> tuple[Path, Path, list[dict[str, str]], list[str]]:
+    """The rows of a name,label CSV (names relative to root), every named file checked present: (root, csv, rows, columns)."""
     root = _existing_dir(root)
     _check_pct(valid_pct)
     csv_path = Path(csv_path)
@@ -299,6 +313,12 @@ def from_csv(root: str | Path, csv_path: str | Path, valid_pct: float = VALID_PC
     if missing:
         shown = ", ".join(missing[:3]) + (" ..." if len(missing) > 3 else "")
         raise DataError(f"{csv_path}: {len(missing)} file(s) named in the CSV are missing under {root}: {shown}")
+    return root, csv_path, rows, cols
+
+
+def from_csv(root: str | Path, csv_path: str | Path, valid_pct: float = VALID_PCT, seed: int = SEED) -> ImageDataset:
+    """A CSV of name,label (optional is_valid) with names relative to root: fastai's cleaned.csv."""
+    root, csv_path, rows, cols = read_csv_rows(root, csv_path, valid_pct)
     no_label = [r["name"] for r in rows if not r.get("label")]
     if no_label:
         raise DataError(f"{csv_path}: {len(no_label)} row(s) have no label, e.g. {no_label[0]}")
@@ -306,7 +326,12 @@ def from_csv(root: str | Path, csv_path: str | Path, valid_pct: float = VALID_PC
     _check_classes(classes, {}, csv_path)
     files = [root / r["name"] for r in rows]
     labels = [classes.index(r["label"]) for r in rows]
-    ds = ImageDataset(root, files, labels, classes, [False] * len(rows))
+    return split_csv_rows(ImageDataset(root, files, labels, classes, [False] * len(rows)), rows, cols, valid_pct, seed)
+
+
+def split_csv_rows(ds: ImageDataset, rows: list[dict[str, str]], cols: list[str], valid_pct: float,
+                   seed: int) -> ImageDataset:
+    """A CSV's dataset split: its is_valid column when it has one, else the stable split; files reached twice once."""
     if "is_valid" in cols:
         ds.is_valid = [r.get("is_valid", "").lower() in ("1", "true", "yes") for r in rows]
     else:
@@ -318,7 +343,10 @@ def from_csv(root: str | Path, csv_path: str | Path, valid_pct: float = VALID_PC
 
 def load_dataset(root: str | Path, csv_path: str | Path | None = None, valid_pct: float = VALID_PCT, seed: int = SEED,
                  dedupe: bool = False) -> ImageDataset:
-    """Pick the reader for the layout given; ``dedupe`` keeps near-duplicate groups on one side (--dedupe-split)."""
+    """Pick the reader for the layout given; ``dedupe`` keeps near-duplicate groups on one side (--dedupe-split).
+
+    Label sets (--multi-label) are read by ``vision.labelsets.load_labelled``.
+    """
     ds = from_csv(root, csv_path, valid_pct, seed) if csv_path is not None else from_folder(root, valid_pct, seed)
     if dedupe:
         dedupe_split(ds, valid_pct, seed)

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from typing import Callable, Iterator, Sequence
 
 import torch
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, WeightedRandomSampler
 
 from ursa.errors import DataError, ImageError
 from ursa.vision.data import ImageDataset, ensure_both_sides
@@ -133,11 +133,13 @@ class DataLoaders:
 
     def loader(self, idx: Sequence[int], train: bool, size: int | None = None, bs: int | None = None,
                shuffle: bool | None = None, generator: torch.Generator | None = None,
-               drop_last: bool | None = None, shard: tuple[int, int] | None = None) -> DataLoader:
+               drop_last: bool | None = None, shard: tuple[int, int] | None = None,
+               weights: torch.Tensor | None = None) -> DataLoader:
         """A DataLoader over items idx, augmented when train, at size (default: self.size).
 
         ``shard``: (rank, world) under torchrun: torch's DistributedSampler gives this rank its
-        share of idx, reshuffled by ``sampler.set_epoch`` each epoch.
+        share of idx, reshuffled by ``sampler.set_epoch`` each epoch. ``weights``: per item of idx, drawn
+        with replacement in proportion to them (torch's WeightedRandomSampler, from ``generator``) instead of shuffled.
         """
         size = size or self.size
         tfm = train_transform(size, self.mean, self.std, self.flips) if train else eval_transform(size, self.mean, self.std)
@@ -150,6 +152,9 @@ class DataLoaders:
         sampler = None
         if shard is not None:
             sampler = DistributedSampler(ps, num_replicas=shard[1], rank=shard[0], shuffle=shuffle, seed=self.seed)
+            shuffle = False
+        elif weights is not None:
+            sampler = WeightedRandomSampler(weights, len(ps), replacement=True, generator=generator)
             shuffle = False
         return DataLoader(
             ps, batch_size=bs, shuffle=shuffle, drop_last=drop_last, sampler=sampler,

@@ -31,7 +31,7 @@ IMBALANCE_RATIO = 2.0  # largest class over smallest at which ursa warns
 def pick(ds: ImageDataset, n: int = N_SHOW, seed: int = 42) -> list[int]:
     """n training items, the classes taking turns (so each shows), drawn at random within each class."""
     rng = np.random.default_rng(seed)
-    by_class = [[i for i in ds.train_idx if ds.labels[i] == c] for c in range(len(ds.classes))]
+    by_class = [[i for i in ds.train_idx if ds.label_indices(i)[:1] == [c]] for c in range(len(ds.classes))]
     for items in by_class:
         rng.shuffle(items)
     out: list[int] = []
@@ -75,7 +75,7 @@ def batch_grid(ds: ImageDataset, size: int, mean: Sequence[float], std: Sequence
                     arr = px.permute(1, 2, 0).numpy()
                 im = Image.fromarray(arr)
                 im.thumbnail((TILE, TILE))
-                tiles.append((im, ds.classes[ds.labels[i]]))
+                tiles.append((im, ds.label_text(i)))
     finally:
         torch.set_num_threads(threads)
     cols = max(1, min(4, len(tiles)))

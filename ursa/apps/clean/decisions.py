@@ -93,10 +93,14 @@ class Decisions:
         elif action == "exclude":
             self.state[name] = ("exclude", "")
         else:
-            if label not in self.classes:
+            if not self.is_label(label):
                 return False
             self.state[name] = ("keep", label) if label == self.labels[name] else ("relabel", label)
         return True
+
+    def is_label(self, label: str) -> bool:
+        """Whether a relabel may give this label: one of the classes (``label_sets`` allows a set of them)."""
+        return label in self.classes
 
     def decide(self, name: str, action: str, label: str = "") -> dict[str, Any]:
         """Record one decision: validate, append to the log (flushed, fsynced), then rewrite cleaned.csv."""
@@ -104,7 +108,7 @@ class Decisions:
             raise KeyError(name)
         if action not in ACTIONS:
             raise ValueError(f"unknown action {clip(action)!r}; one of {', '.join(ACTIONS)}")
-        if action == "relabel" and label not in self.classes:
+        if action == "relabel" and not self.is_label(label):
             raise ValueError(f"unknown class {clip(label)!r}; one of {', '.join(self.classes)}")
         old = self.labels[name]
         new = {"keep": old, "exclude": "", "relabel": label, "undo": old}[action]

@@ -15,7 +15,7 @@ import torch
 
 from ursa.errors import DataError, ImageError
 from ursa.inference.onnx import onnx_features
-from ursa.inference.runtime import softmax
+from ursa.util.numbers import softmax
 from ursa.util.device import autocast_dtype
 from ursa.vision.images import open_image
 from ursa.vision.transforms import decode_size, eval_transform, pil_to_tensor, resize_short

@@ -88,10 +88,14 @@ async function predict(file) {
   }
   const ms = performance.now() - t0;
   const unknown = body.unknown === true;  // unlike the training images: "none of these"
-  $("label").textContent = unknown ? `none of these (closest: ${body.label})` : body.label;
+  // a multi-label model answers a set of labels ("labels": each at or above its threshold), maybe none
+  const words = body.labels ? (body.labels.map((l) => l.label).join(", ") || "no label") : body.label;
+  $("label").textContent = unknown ? `none of these (closest: ${words})` : words;
   $("label").classList.remove("placeholder");
   $("label").classList.toggle("unknown", unknown);
-  let said = `probability ${percent(body.probs[body.label])}`;
+  let said = body.labels
+    ? `each label at or above its own threshold: ${body.labels.map((l) => `${l.label} ${percent(l.prob)}`).join(", ") || "none"}`
+    : `probability ${percent(body.probs[body.label])}`;
   if (unknown) said = `unlike the training images (score ${body.unknown_score.toFixed(3)}, threshold ${body.unknown_threshold.toFixed(3)}) · ${said} for ${body.label}`;
   else if (body.unknown === null && body.note) said += " · this model cannot tell pictures of none of its classes";
   $("confidence").textContent = said;

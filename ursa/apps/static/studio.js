@@ -26,7 +26,10 @@ async function api(path, body, type = "application/json") {
   return data;
 }
 
-const thumbUrl = (cls, name) => `/thumb?class=${encodeURIComponent(cls)}&name=${encodeURIComponent(name)}`;
+// A name that is not UTF-8 on disk arrives with lone surrogates, which encodeURIComponent throws on: sent as U+FFFD
+// instead, the server answers "no such image" and the thumbnail shows as broken, the rest of the page unharmed.
+const enc = (s) => encodeURIComponent(String(s).toWellFormed ? String(s).toWellFormed() : String(s));
+const thumbUrl = (cls, name) => `/thumb?class=${enc(cls)}&name=${enc(name)}`;
 const pct = (v) => (v == null ? "–" : `${(100 * v).toFixed(1)}%`);
 
 // ---------------------------------------------------------------- classes and images
@@ -84,6 +87,7 @@ function makeCard(name) {
     el("div", { class: "bar" }, rec, el("label", { class: "drop" }, "Upload ", input), el("span", { class: "added muted" })),
     thumbs);
   holdToRecord(rec, name, card);
+  for (const ev of ["pointerenter", "pointerdown", "focusin"]) card.addEventListener(ev, () => { S.pasteTo = name; });  // where Ctrl+V adds
   card.addEventListener("dragover", (e) => { e.preventDefault(); card.classList.add("over"); });
   card.addEventListener("dragleave", () => card.classList.remove("over"));
   card.addEventListener("drop", async (e) => {
@@ -100,7 +104,7 @@ function makeCard(name) {
 async function loadPage(card, offset) {
   card.dataset.more = "0";
   const cls = card.dataset.class;
-  const page = await api(`/api/images?class=${encodeURIComponent(cls)}&offset=${offset}`);
+  const page = await api(`/api/images?class=${enc(cls)}&offset=${offset}`);
   const box = card.querySelector(".thumbs");
   if (offset === 0) box.textContent = "";
   for (const n of page.names) box.append(thumbImg(cls, n));
@@ -134,7 +138,7 @@ async function droppedFiles(dt) {
 }
 
 async function addOne(cls, blob, name) {
-  const q = `/api/add?class=${encodeURIComponent(cls)}` + (name ? `&name=${encodeURIComponent(name)}` : "");
+  const q = `/api/add?class=${enc(cls)}` + (name ? `&name=${enc(name)}` : "");
   return api(q, blob, blob.type && blob.type.startsWith("image/") ? blob.type : "application/octet-stream");
 }
 
@@ -282,8 +286,8 @@ async function loadResults() {
   $("result-line").classList.remove("muted");
   renderMatrix(r); renderLosses();
   $("pictures").hidden = false;
-  $("batch-png").src = `/run/batch.png?run=${encodeURIComponent(r.run)}`;
-  $("losses-png").src = `/run/losses.png?run=${encodeURIComponent(r.run)}`;
+  $("batch-png").src = `/run/batch.png?run=${enc(r.run)}`;
+  $("losses-png").src = `/run/losses.png?run=${enc(r.run)}`;
   $("live-btn").disabled = false;
   for (const [id, f] of [["dl-model", "model.safetensors"], ["dl-onnx", "model.onnx"], ["dl-int8", "model.int8.onnx"]]) $(id).hidden = !r.files[f];
   $("int8-btn").hidden = r.files["model.int8.onnx"];
@@ -316,7 +320,7 @@ function renderLosses() {
     const img = thumbImg(cls, file);
     img.title = "click: the model's evidence (heat map)";
     img.addEventListener("click", () => {  // the heat map of what the model looked at, and back
-      const heat = `/heat?class=${encodeURIComponent(cls)}&name=${encodeURIComponent(file)}`;
+      const heat = `/heat?class=${enc(cls)}&name=${enc(file)}`;
       img.src = img.src.includes("/heat?") ? thumbUrl(cls, file) : heat;
     });
     box.append(el("figure", { class: "loss" }, img,
@@ -378,7 +382,8 @@ async function applyDecisions() {
   if (!confirm("Move the relabelled images to their new class folders and the excluded ones to _removed/?")) return;
   try {
     const m = await api("/api/clean/apply", {});
-    $("clean-summary").textContent = `moved: ${m.relabelled} relabelled, ${m.excluded} excluded; train again to use them`;
+    $("clean-summary").textContent = `moved: ${m.relabelled} relabelled, ${m.excluded} excluded; train again to use them` +
+      (m.skipped ? `; ${m.skipped} left as they are: the image or its new class was renamed, moved or removed since` : "");
     $("cleaner").textContent = ""; S.items = null; $("clean-apply").hidden = true;
     await loadState();
   } catch (e) { showError(e.message); }
@@ -448,7 +453,7 @@ window.addEventListener("DOMContentLoaded", () => {
   document.addEventListener("keydown", cleanerKeys);
   document.addEventListener("paste", (e) => {
     const files = [...e.clipboardData.files];
-    const cls = S.classes[0] && (document.querySelector(".card.over") || document.querySelector(".card")).dataset.class;
+    const cls = S.classes.includes(S.pasteTo) ? S.pasteTo : S.classes[0];  // the card last pointed at, else the first
     if (files.length && cls) addFiles(cls, files);
   });
   loadState().catch((e) => showError(e.message));

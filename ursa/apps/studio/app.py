@@ -24,7 +24,7 @@ from ursa.apps.studio.jobs import PREVIEW, Busy, TrainOptions
 from ursa.apps.studio.project import ProjectError
 from ursa.apps.studio.review import Review
 from ursa.apps.studio.workspace import Studio
-from ursa.apps.web import (API_HEADERS, ApiError, Assets, HostGuard, Server, asset, clip, error_response, open_when_started,
+from ursa.apps.web import (API_HEADERS, ApiError, Assets, HostGuard, Server, asset, clip, open_when_started,
                            page_url, read_body, server_config)
 from ursa.errors import ImageError, UrsaError
 from ursa.util.net import check_port
@@ -52,8 +52,21 @@ def review_of(request: Request) -> Review:
     return review
 
 
+class Answer(JSONResponse):
+    """JSON in ASCII: a file or folder name that is not UTF-8 (its bytes held as surrogates) goes out as \\udcNN
+    escapes, and a JSON body sends it back unchanged, instead of failing the whole answer."""
+
+    def render(self, content: Any) -> bytes:
+        return json.dumps(content, ensure_ascii=True, allow_nan=False, separators=(",", ":")).encode("ascii")
+
+
 def answer(data: Any, status: int = 200) -> JSONResponse:
-    return JSONResponse(data, status_code=status, headers=API_HEADERS)
+    return Answer(data, status_code=status, headers=API_HEADERS)
+
+
+def fail(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    """A client mistake as {"error": message}, as web.error_response answers it, names that are not UTF-8 included."""
+    return Answer({"error": message}, status_code=status, headers=headers)
 
 
 async def json_body(request: Request) -> dict[str, Any]:
@@ -84,11 +97,11 @@ def guarded(fn: Any) -> Any:
         try:
             return await fn(request)
         except ApiError as e:
-            return e.response()
+            return fail(e.status, e.message, e.headers)
         except ProjectError as e:
-            return error_response(400, str(e))
+            return fail(400, str(e))
         except Busy as e:
-            return error_response(409, str(e))
+            return fail(409, str(e))
         except ClientDisconnect:
             return Response(status_code=400)
     return endpoint
@@ -115,7 +128,7 @@ async def thumb(request: Request) -> Response:
     try:
         data = await run_in_threadpool(studio.thumbs.get, path)
     except (ImageError, OSError):
-        return error_response(415, "this image does not decode")
+        return fail(415, "this image does not decode")
     return Response(data, media_type="image/jpeg", headers={**API_HEADERS, "Cache-Control": "private, max-age=3600"})
 
 
@@ -127,9 +140,9 @@ async def heat(request: Request) -> Response:
     try:
         png = await run_in_threadpool(lambda: studio.live.heat_map(path.read_bytes()))
     except (ImageError, OSError):
-        return error_response(415, "this image does not decode")
+        return fail(415, "this image does not decode")
     except (LookupError, UrsaError) as e:
-        return error_response(409, str(e))
+        return fail(409, str(e))
     return Response(png, media_type="image/png", headers=API_HEADERS)
 
 
@@ -180,7 +193,7 @@ async def preview(request: Request) -> Response:
 def preview_png(request: Request) -> Response:
     path = studio_of(request).jobs.runs / "preview" / PREVIEW
     if not path.is_file():
-        return error_response(404, "no batch preview yet")
+        return fail(404, "no batch preview yet")
     return FileResponse(path, media_type="image/png", headers=API_HEADERS)
 
 
@@ -288,7 +301,7 @@ def run_file(request: Request, names: tuple[str, ...], **options: Any) -> Respon
     """A file of the latest run, by one of its fixed names only."""
     name, review = request.path_params["name"], studio_of(request).review
     if name not in names or review is None or not (review.run / name).is_file():
-        return error_response(404, f"{clip(name)!r} is not a file of the latest run")
+        return fail(404, f"{clip(name)!r} is not a file of the latest run")
     return FileResponse(review.run / name, headers=API_HEADERS, **options)
 
 

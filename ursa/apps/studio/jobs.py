@@ -23,6 +23,7 @@ from typing import Any
 
 from ursa.training.runfolder import CHECKPOINT  # torch-free (training.checkpoint imports torch)
 from ursa.util.files import atomic_write_text
+from ursa.util.lifeline import child_env, lifeline
 
 CHECKPOINT_INDEX = "checkpoint.json"  # training.checkpoint.INDEX
 PREVIEW = "batch.png"  # RUNS/preview/batch.png: the latest batch preview
@@ -70,6 +71,8 @@ class Job:
     run: Path
     console: Path
     proc: subprocess.Popen | None = None
+    lifeline: int | None = None  # the pipe's write end: while the studio lives, so does the child (util.lifeline)
+    _cut: threading.Lock = field(default_factory=threading.Lock, repr=False)
     started: float = field(default_factory=time.time)
     ended: float | None = None
     cancelled: bool = False
@@ -79,16 +82,32 @@ class Job:
         """running, done, failed or cancelled."""
         if self.proc is None or self.proc.poll() is None:
             return "running"
+        self.cut_lifeline()
         if self.cancelled:
             return "cancelled"
         return "done" if self.proc.returncode == 0 else "failed"
 
     def start(self) -> None:
         self.console.parent.mkdir(parents=True, exist_ok=True)
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", "COLUMNS": "120"}
-        with open(self.console, "wb") as out:  # the child holds its own descriptor
-            self.proc = subprocess.Popen(self.argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                         env=env, start_new_session=True)
+        read_end, self.lifeline = lifeline()
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "COLUMNS": "120", **child_env(read_end)}
+        try:
+            with open(self.console, "wb") as out:  # the child holds its own descriptor
+                self.proc = subprocess.Popen(self.argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                             env=env, start_new_session=True, pass_fds=(read_end,))
+        except BaseException:
+            os.close(self.lifeline)
+            self.lifeline = None
+            raise
+        finally:
+            os.close(read_end)
+
+    def cut_lifeline(self) -> None:
+        """Close the pipe's write end once the child has ended (the child would end if it still ran)."""
+        with self._cut:
+            fd, self.lifeline = self.lifeline, None
+        if fd is not None:
+            os.close(fd)
 
     def cancel(self) -> None:
         """End the child (its process group: loader workers too), politely first."""
@@ -185,13 +204,17 @@ class Jobs:
 
     def download(self, cls: str, urls: list[str]) -> Job:
         """`ursa download CLASS=LIST --dest PROJECT`: download's safe fetcher (public addresses only, size caps, retries)."""
-        lists = self.runs / "url-lists"
-        lists.mkdir(parents=True, exist_ok=True)
-        n = 1 + sum(1 for _ in lists.glob("*.txt"))
-        path = lists / f"{n:04d}.txt"
+        lists = self.runs.resolve() / "url-lists"
+        n = 1
+        while (lists / f"{n:04d}").exists():
+            n += 1
+        # urls_CLASS.txt names the class by the file's name, not CLASS=FILE: a class "a=b" stays "a=b"; the absolute
+        # path never starts with '-', so a class "-x" is not read as an option
+        path = lists / f"{n:04d}" / f"urls_{cls}.txt"
+        path.parent.mkdir(parents=True)
         atomic_write_text(path, "".join(u.strip() + "\n" for u in urls if u.strip()))
-        return self._start("download", ["download", f"{cls}={path}", "--dest", str(self.project)], self.runs,
-                           path.with_suffix(".console.txt"))
+        return self._start("download", ["download", "--dest", str(self.project), str(path)], self.runs,
+                           path.parent / "console.txt")
 
     def cancel(self) -> Job | None:
         job = self.current

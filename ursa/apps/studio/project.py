@@ -100,12 +100,21 @@ class Project:
         return out
 
     def folder(self, cls: str) -> Path:
-        """The folder of an existing class, or ProjectError."""
+        """The folder of an existing class, or ProjectError (a folder named in NFD, as macOS writes names, is found by
+        its NFC name too: the page sends names back normalised)."""
         cls = check_class_name(cls)
         path = self.root / cls
         if not path.is_dir():
-            raise ProjectError(f"no class {cls!r} in {self.root}; create it first")
+            twin = self.twin(cls)
+            if twin is None:
+                raise ProjectError(f"no class {cls!r} in {self.root}; create it first")
+            path = self.root / twin
         return path
+
+    def twin(self, name: str, besides: str = "") -> str | None:
+        """The existing class whose name differs from NAME only in Unicode normalisation (never BESIDES), or None."""
+        key = unicodedata.normalize("NFC", name)
+        return next((c for c in self.classes() if c != besides and unicodedata.normalize("NFC", c) == key), None)
 
     def image_path(self, cls: str, name: str) -> Path:
         """An image of the project by class and file name, never a path from outside it."""
@@ -134,6 +143,8 @@ class Project:
         """A new, empty class folder; ProjectError when it exists."""
         name = check_class_name(name)
         try:
+            if self.twin(name) is not None:  # "café" beside "cafe\u0301": two classes that print the same
+                raise FileExistsError
             (self.root / name).mkdir()
         except FileExistsError:
             raise ProjectError(f"class {name!r} exists already") from None
@@ -142,9 +153,9 @@ class Project:
     def rename(self, old: str, new: str) -> str:
         """Rename a class folder (one rename: its images move with it); never onto an existing class."""
         src, new = self.folder(old), check_class_name(new)
-        dst = self.root / new
+        dst, old = self.root / new, src.name
         with self._lock:
-            if dst.exists():
+            if dst.exists() or self.twin(new, besides=old) is not None:
                 raise ProjectError(f"class {new!r} exists already; pick another name")
             os.rename(src, dst)
             self.hashes = {(new + k[len(old):] if k.startswith(old + "/") else k): h for k, h in self.hashes.items()}
@@ -153,7 +164,7 @@ class Project:
     def remove(self, cls: str) -> Path:
         """Move a class folder to _removed/CLASS-TIME/ (training skips it; move it back to restore it). Returns where."""
         src = self.folder(cls)
-        stamp = time.strftime("%Y%m%d-%H%M%S")
+        cls, stamp = src.name, time.strftime("%Y%m%d-%H%M%S")
         with self._lock:
             dst = self.root / REMOVED / f"{cls}-{stamp}"
             n = 1
@@ -177,6 +188,8 @@ class Project:
             self._frame += 1
             name = f"cam-{time.strftime('%Y%m%d-%H%M%S')}-{self._frame:04d}"
         with self._lock:
+            if not folder.is_dir():  # removed or renamed since it was looked up: write_new would make it again
+                raise ProjectError(f"no class {folder.name!r} in {self.root} any more (removed or renamed)")
             written = write_new(folder / safe_file_name(name, info.format), data)
         key = f"{folder.name}/{written.name}"
         return Added(written.name, True, duplicate_of=self.remember(key, data))

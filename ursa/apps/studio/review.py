@@ -7,6 +7,9 @@
   own session (``apps.clean``: the model pass, the rankings, ``Decisions`` with its crash-safe
   log in the project folder); ``apply`` carries the decisions out on the class folders by moving
   files (relabel: into the new class's folder; exclude: into ``_removed/``), never deleting one.
+  While the session is open the review holds the cleaner's lock (``DATA/.ursa-clean.lock``, the one
+  `ursa clean` and the notebook's cleaner take), so a cleaner elsewhere on the same folder is
+  refused naming the studio, and a running one makes the studio's panel say so.
 """
 
 from __future__ import annotations
@@ -18,10 +21,13 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ursa.apps.clean.decisions import CLEAN_LOCK, LOCK_WHAT  # torch-free (the package loads lazily)
 from ursa.apps.studio.project import REMOVED
 from ursa.errors import UrsaError
 from ursa.inference.runtime import current_onnx
 from ursa.util.device import default_threads
+from ursa.util.files import link_no_clobber
+from ursa.util.lock import FolderLock
 
 TOP = 48  # images of each ranking the page shows
 
@@ -73,6 +79,7 @@ class Review:
         self.project, self.run = Path(project), Path(run)
         self.report = json.loads((self.run / "report.json").read_text(encoding="utf-8"))
         self.session: Any = None
+        self.lock: FolderLock | None = None  # the cleaner's lock on the project, held while the session is open
         self.error = ""
         self._int8: tuple[int, Any] | None = None
         self._lock = threading.Lock()
@@ -107,11 +114,29 @@ class Review:
                 return
             from ursa.apps import clean  # torch: only now
 
+            self.error = ""
+            try:
+                lock = FolderLock(self.project, CLEAN_LOCK, LOCK_WHAT).acquire()  # BusyError naming `ursa clean`
+            except UrsaError as e:
+                self.error = str(e)
+                return
             try:
                 ds, scores, ranks = clean.prepare(self.project, self.run / "model.safetensors", quiet=True)
                 self.session = clean.start_session(ds, scores, ranks, model_name=str(self.run / "model.safetensors"))
+                self.lock = lock
             except UrsaError as e:
                 self.error = str(e)
+            finally:
+                if self.lock is not lock:
+                    lock.release()
+
+    def close(self) -> None:
+        """End the cleaner's session (its log stays, replayed next time) and release the cleaner's lock."""
+        with self._lock:
+            self.session = None
+            if self.lock is not None:
+                self.lock.release()
+                self.lock = None
 
     def cleaner_state(self) -> dict[str, Any] | None:
         """The rankings' first images with their decisions, or None before the cleaner ran."""
@@ -135,12 +160,13 @@ class Review:
         return self.session.decisions.decide(name, action, label)
 
     def apply(self) -> dict[str, int]:
-        """Carry the decisions out on the folders: relabelled images move to their class, excluded ones to _removed/."""
+        """Carry the decisions out on the folders: relabelled images move to their class, excluded ones to _removed/
+        (an image no longer at its name, or a relabel into a class folder gone since, is left as it is: skipped)."""
         if self.session is None:
             raise LookupError("open the cleaner first")
         dec = self.session.decisions
         stamp = time.strftime("%Y%m%d-%H%M%S")
-        moved = {"relabelled": 0, "excluded": 0}
+        moved = {"relabelled": 0, "excluded": 0, "skipped": 0}
         for name, (action, label) in sorted(dec.state.items()):
             src = self.project / name
             if action == "relabel" and label != dec.labels[name]:
@@ -149,29 +175,25 @@ class Review:
                 dst, key = self.project / REMOVED / f"excluded-{stamp}" / name, "excluded"
             else:
                 continue
-            if src.is_file():
-                move_no_clobber(src, dst)
-                moved[key] += 1
+            if not src.is_file() or (key == "relabelled" and not dst.parent.is_dir()):
+                moved["skipped"] += 1  # renamed, removed or moved since the model pass: left as it is, never re-made
+                continue
+            move_no_clobber(src, dst)
+            moved[key] += 1
         done = self.project / REMOVED / f"decisions-{stamp}"  # the log and cleaned.csv, kept as the record of the moves
         for path in (dec.log_path, dec.cleaned_path):
             if path.is_file():
                 move_no_clobber(path, done / path.name)
-        self.session = None  # the folders changed: the next look is a new model pass
+        self.close()  # the folders changed: the next look is a new model pass
         return moved
 
 
 def move_no_clobber(src: Path, dst: Path) -> Path:
-    """Move a file to dst (or dst-2, dst-3 ... when taken): a hard link first, so at every moment it exists somewhere."""
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    for n in range(1, 100_000):
-        target = dst if n == 1 else dst.with_name(f"{dst.stem}-{n}{dst.suffix}")
-        try:
-            os.link(src, target)
-        except FileExistsError:
-            continue
-        os.unlink(src)
-        return target
-    raise FileExistsError(f"{dst}: no free name beside it")
+    """Move a file to dst (or a free name beside it): ``link_no_clobber`` first (a hard link, or a whole copy where the
+    file system has none), then the old name dropped, so at every moment the file exists somewhere."""
+    moved = link_no_clobber(src, dst)
+    os.unlink(src)
+    return moved
 
 
 def _int8_report(path: Path) -> Any:

@@ -41,10 +41,14 @@ class Studio:
         if run is None or (self.review is not None and self.review.run == run and self.live.run == run):
             return
         with self._lock:
+            if self.review is not None and self.review.run == run and self.live.run == run:
+                return  # another request loaded it while this one waited: one Review per run (it may hold the cleaner)
             try:
                 review = Review(self.project.root, run)
                 self.live.load(run)
-                self.review, self.problem = review, ""
+                old, self.review, self.problem = self.review, review, ""
+                if old is not None:
+                    old.close()  # its cleaner's session and lock: a new model means a new model pass
             except (UrsaError, OSError, ValueError) as e:
                 self.problem = f"{run}: {e}"
 
@@ -82,3 +86,5 @@ class Studio:
 
     def close(self) -> None:
         self.jobs.close()
+        if self.review is not None:
+            self.review.close()
