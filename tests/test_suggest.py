@@ -289,3 +289,94 @@ def test_a_second_page_on_the_same_pool_is_refused(tmp_path: Path, tiny_model, c
         code = main(["suggest", str(pool), "--model", str(tiny_model), "--label", "--data", str(data), "--no-browser",
                      "--port", str(_free_port()), "--quiet"])
     assert code == 2 and "pool folder" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------
+# Review: hostile folders and a tampered log never lose, move or loop.
+
+
+def test_a_class_name_taken_by_a_file_is_refused_not_looped(tmp_path: Path):
+    pool, data, names = _two_folders(tmp_path)
+    shutil.rmtree(data / "teddy")
+    (data / "teddy").write_text("a note, not a folder")
+    filing = Filing(pool, data, ["black", "grizzly", "teddy"])
+    with pytest.raises(NotADirectoryError, match="teddy"):  # was: an endless loop appending rows to the log
+        filing.file(names[0], "teddy")
+    assert (pool / names[0]).is_file() and (data / "teddy").read_text() == "a note, not a folder"
+    assert not (pool / "label_log.csv").exists()  # refused before the intent row
+
+
+def test_a_link_in_the_pool_is_not_filed_as_a_link(tmp_path: Path):
+    pool, data, names = _two_folders(tmp_path)
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere" / "x.jpg").write_bytes((pool / names[0]).read_bytes())
+    os.symlink("../elsewhere/x.jpg", pool / "x.jpg")
+    filing = Filing(pool, data, ["black", "grizzly", "teddy"])
+    with pytest.raises(ValueError, match="link"):  # was: a dangling link filed into data/black
+        filing.file("x.jpg", "black")
+    assert (pool / "x.jpg").is_symlink() and not list(data.rglob("x*.jpg"))
+
+
+@pytest.mark.parametrize("name", ["label_log.csv", "sub", ".", "", "../outside.jpg"])
+def test_replay_of_a_tampered_row_moves_nothing(tmp_path: Path, name: str):
+    pool, data, names = _two_folders(tmp_path)
+    (pool / "sub").mkdir()
+    (tmp_path / "outside.jpg").write_bytes(b"theirs")
+    filing = Filing(pool, data, ["black", "grizzly", "teddy"])
+    filing.file(names[0], "black")
+    before = _contents(pool, data)
+    filing._append(["t", name, "", "black", f"black/{Path(name).name or 'x'}.jpg"])
+    again = Filing(pool, data, ["black", "grizzly", "teddy"])
+    assert again.replay() == 0 and again.skipped_rows == 1  # was: the log itself moved into data; a folder crashed every start
+    assert (pool / "label_log.csv").is_file() and (pool / "sub").is_dir() and (tmp_path / "outside.jpg").is_file()
+    assert _contents(pool, data) == before
+
+
+def test_a_pool_overlapping_the_data_folder_is_refused(tmp_path: Path, tiny_model, capsys):
+    pool, data, names = _two_folders(tmp_path)
+    (data / "unlabelled").mkdir()
+    shutil.copy(pool / names[0], data / "unlabelled" / names[0])
+    inner = pool / "labelled"
+    shutil.copytree(data, inner)
+    before = _contents(tmp_path)
+    for p, d in ((data, data), (data / "unlabelled", data), (pool, inner)):  # was: the page opened on them
+        assert main(["suggest", str(p), "--model", str(tiny_model), "--label", "--data", str(d), "--no-browser",
+                     "--quiet", "--port", str(_free_port())]) == 2
+        assert "apart from the data folder" in capsys.readouterr().err
+    assert _contents(tmp_path) == before and not list(tmp_path.rglob("label_log.csv"))
+
+
+def test_filing_across_file_systems_copies_whole_and_synced_before_the_pool_name_goes(tmp_path: Path, monkeypatch):
+    import errno
+
+    import ursa.apps.label.filing as filing_mod
+
+    pool, data, names = _two_folders(tmp_path)
+    before = _contents(pool, data)
+    calls = []
+
+    def no_link(src, dst, *a, **k):
+        raise OSError(errno.EXDEV, "Invalid cross-device link")
+
+    real_fsync, real_unlink = os.fsync, os.unlink
+    monkeypatch.setattr(filing_mod.os, "link", no_link)
+    monkeypatch.setattr(os, "fsync", lambda fd: (calls.append("fsync"), real_fsync(fd))[1])
+    monkeypatch.setattr(os, "unlink", lambda p, *a, **k: (calls.append(("unlink", Path(p).name)), real_unlink(p, *a, **k))[1])
+    dest, moved = Filing(pool, data, ["black", "grizzly", "teddy"]).file(names[1], "black")
+    assert moved and (data / dest).is_file() and not (pool / names[1]).exists()
+    assert _contents(pool, data) == before and not list(data.rglob(".*.tmp"))
+    gone = calls.index(("unlink", names[1]))
+    assert calls[:gone].count("fsync") >= 2  # the log row and the copy (was: the copy never synced before the unlink)
+
+
+def test_a_reused_name_in_a_refilled_pool_is_not_filed_under_the_old_label(tmp_path: Path):
+    pool, data, names = _two_folders(tmp_path)
+    filing = Filing(pool, data, ["black", "grizzly", "teddy"])
+    filing.file(names[0], "black")
+    shutil.copy(pool / names[1], pool / names[0])  # a new batch: another picture, the camera's same name
+    before = _contents(pool, data)
+    again = Filing(pool, data, ["black", "grizzly", "teddy"])
+    assert again.replay() == 0  # was: moved into data/black under the old row, unasked
+    assert (pool / names[0]).is_file() and _contents(pool, data) == before
+    dest, moved = again.file(names[0], "teddy")  # was: "already filed", nothing moved
+    assert moved and dest.startswith("teddy/") and not (pool / names[0]).exists()

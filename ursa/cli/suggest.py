@@ -67,6 +67,7 @@ def suggest_cmd(
         if label:
             data = labelling_data(data, pred.meta, model)
             writable(data, "the pictures move into its class folders")
+            apart(pool, data)
             sweep_temp_files(data)  # a copy a kill left half written (ursa's own temp names only)
             filing = labelling.Filing(pool, data, pred.classes)
             done = filing.replay()  # first: a move a kill interrupted is finished before the pool is listed
@@ -109,6 +110,14 @@ def labelling_data(data: Path | None, meta, model: Path) -> Path:
     if not data.is_dir():
         raise DataError(f"{data}: not a folder; give --data with the folder of class folders to file the pictures into")
     return data
+
+
+def apart(pool: Path, data: Path) -> None:
+    """Refuse a pool that is the data folder, inside it (it would become a class) or holds it (its pictures would be offered)."""
+    p, d = pool.resolve(), data.resolve()
+    if p == d or d in p.parents or p in d.parents:
+        raise DataError(f"{pool}: the pool must be a folder apart from the data folder {data} (neither inside the other); "
+                        "move the unlabelled pictures to a folder of their own")
 
 
 def writable(folder: Path, why: str) -> None:

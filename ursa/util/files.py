@@ -253,6 +253,13 @@ def free_name(target: str | Path) -> Path:
         i += 1
 
 
+def copy_synced(src: str | Path, dest: str | Path) -> None:
+    """Copy src's bytes and times onto dest and fsync it: whole on disk before the caller drops src's name."""
+    shutil.copy2(src, dest)
+    with open(dest, "rb+") as f:
+        os.fsync(f.fileno())
+
+
 def link_no_clobber(src: str | Path, target: str | Path) -> Path:
     """Give src a second name under target (or target-1...), never replacing an existing file; the name it got.
 
@@ -273,7 +280,7 @@ def link_no_clobber(src: str | Path, target: str | Path) -> Path:
                 os.close(os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
             except FileExistsError:
                 continue
-            shutil.copy2(src, dest)
+            copy_synced(src, dest)
             return dest
 
 

@@ -11,9 +11,9 @@ safe to be killed after:
 3. its old name in the pool is removed.
 
 On start ``replay`` reads the log and finishes what a kill left half done: a row whose picture is
-still in the pool is linked (if not yet) and unlinked from the pool; a destination taken meanwhile
-by another file gets a fresh name and a new row. So after any crash every picture is in exactly one
-place, and a picture filed twice (two tabs) is moved once.
+still in the pool is linked (if not yet) and unlinked from the pool; a destination that holds another
+picture means the pool's one is a new picture under a reused name: it stays in the pool, unfiled.
+So after any crash every picture is in exactly one place, and a picture filed twice (two tabs) is moved once.
 """
 
 from __future__ import annotations
@@ -22,15 +22,15 @@ import csv
 import filecmp
 import io
 import os
-import shutil
+import stat
 import tempfile
 import threading
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Sequence
 
-from ursa.errors import UrsaError
-from ursa.util.files import NAME_ERRORS, append_csv_row, csv_row_values, free_name
+from ursa.errors import DataError, UrsaError
+from ursa.util.files import NAME_ERRORS, append_csv_row, copy_synced, csv_row_values, free_name
 
 LOG_NAME = "label_log.csv"
 LABEL_LOCK = ".ursa-label.lock"  # one labelling page per pool (util.lock)
@@ -59,7 +59,7 @@ def place(src: Path, dest: Path) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)  # swept on start if left
     os.close(fd)
     try:
-        shutil.copy2(src, tmp)
+        copy_synced(src, tmp)  # whole on disk before the pool's name goes
         if dest.exists():
             raise FileExistsError(dest)
         os.rename(tmp, dest)
@@ -110,7 +110,7 @@ class Filing:
         finished = 0
         self.filed, self.skipped_rows = {}, 0
         for _, name, guess, label, dest in self.rows():
-            if label not in self.classes or not self._safe(name, dest, label):
+            if label not in self.classes or not self._safe(name, dest, label) or self._not_a_picture(name):
                 self.skipped_rows += 1
                 continue
             self.filed[name] = (label, dest)  # the last row for a picture wins
@@ -119,11 +119,15 @@ class Filing:
             if not src.exists():
                 continue  # done (or the user took it away: nothing of ours to do)
             if target.exists() and not same_file(src, target):
-                target = free_name(target)  # the name went to another file meanwhile: a fresh one, recorded
-                dest = target.relative_to(self.data).as_posix()
-                self._append([now(), name, "", label, dest])
-                self.filed[name] = (label, dest)
+                # Not a move a kill left half done: the pool picture is another one under a reused name
+                # (IMG_0001.jpg again). Filing it under the old row's label would be a guess: it stays, to be labelled.
+                del self.filed[name]
+                continue
             if not target.exists():
+                try:
+                    self.class_folder(label)
+                except NotADirectoryError as e:
+                    raise DataError(str(e)) from None  # at start: one line, exit 2
                 place(src, target)
             os.unlink(src)
             finished += 1
@@ -138,6 +142,33 @@ class Filing:
         except (ValueError, OSError, RuntimeError):
             return False
 
+    def picture(self, name: str) -> Path | None:
+        """The pool picture by that name: a plain file (not a link, a folder, the log or the lock) inside the pool; else None."""
+        src = self.pool / name
+        parts = Path(name).parts
+        if not parts or Path(name).is_absolute() or ".." in parts or parts[-1] in (LOG_NAME, LABEL_LOCK):
+            return None
+        try:
+            if not stat.S_ISREG(os.lstat(src).st_mode):
+                return None  # a link would be filed as a link (dangling, once moved), a folder cannot be
+            src.resolve().relative_to(self.pool.resolve())
+        except (OSError, ValueError, RuntimeError):
+            return None
+        return src
+
+    def _not_a_picture(self, name: str) -> bool:
+        """Something by that name is in the pool but is no picture ursa may move (the log, a folder, a link)."""
+        return not Path(name).parts or (os.path.lexists(self.pool / name) and self.picture(name) is None)
+
+    def class_folder(self, label: str) -> Path:
+        """DATA/<label>/, made when missing; a file or a dangling link by that name is refused, never replaced."""
+        folder = self.data / label
+        if (folder.exists() or folder.is_symlink()) and not folder.is_dir():
+            raise NotADirectoryError(f"{folder}: is not a folder, so {label!r} pictures cannot go there; "
+                                     "move it aside and file again")
+        folder.mkdir(parents=True, exist_ok=True)
+        return folder
+
     def file(self, name: str, label: str, guess: str = "") -> tuple[str, bool]:
         """Move one pool picture into DATA/<label>/: (its path inside DATA, whether this call moved it).
 
@@ -146,11 +177,15 @@ class Filing:
         if label not in self.classes:
             raise ValueError(f"unknown class {label!r}; one of {', '.join(self.classes)}")
         with self._lock:
-            if name in self.filed:
-                return self.filed[name][1], False
-            src = self.pool / name
-            if not src.is_file():
+            if name in self.filed and not os.path.lexists(self.pool / name):
+                return self.filed[name][1], False  # moved already (a second tab, a double key press)
+            src = self.picture(name)
+            if src is None and os.path.lexists(self.pool / name):
+                raise ValueError(f"{name!r} is a link or not a plain file in the pool; ursa moves only the pictures "
+                                 "themselves (move the picture it points to into the pool)")
+            if src is None:
                 raise FileNotFoundError(name)
+            self.class_folder(label)
             target = free_name(self.data / label / Path(name).name)
             while True:
                 dest = target.relative_to(self.data).as_posix()
