@@ -175,12 +175,12 @@ def main() -> None:
     result = {"n": a.n, "tile": a.tile, "labels": classes, "held_out": a.n // 5, "rows": rows}
     if len(rows) == 2:
         result["macro_f1_above_fastai"] = rows[0]["figures"]["macro_f1"] > rows[1]["figures"]["macro_f1"]
-        result["time_ratio_busy"] = round(rows[0]["wall_s"] / rows[1]["wall_s"], 3)
+        result["time_ratio"] = round(rows[0]["wall_s"] / rows[1]["wall_s"], 3)
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps(result, indent=1) + "\n")
     print(table(rows))
-    if "time_ratio_busy" in result:
-        print(f"ursa / fastai wall time: {result['time_ratio_busy']:.2f} (busy machine; aim <= 0.20)")
+    if "time_ratio" in result:
+        print(f"ursa / fastai wall time: {result['time_ratio']:.2f} (aim <= 0.20; only an idle machine's ratio counts)")
 
 
 if __name__ == "__main__":

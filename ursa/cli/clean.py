@@ -70,6 +70,8 @@ def _multi_label(model: Path) -> bool:
     """Whether the model file answers label sets (its metadata's task; a damaged file: one line from the reader)."""
     from ursa.inference.header import read_meta
 
+    if not model.is_file():  # the single-label path says what is wrong with it, after the folder's lock
+        return False
     return read_meta(model, buildable=False).task == "multi_label"
 
 
