@@ -79,7 +79,7 @@ def insight_run(tmp_path_factory) -> Path:
     from ursa.training.recipe import train
 
     out = tmp_path_factory.mktemp("insight_run")
-    res = train(TrainConfig(data=SAMPLE, out=out, epochs=2, size=96, curve=True, dedupe_split=True, quiet=True))
+    res = train(TrainConfig(data=SAMPLE, out=out, epochs=2, size=96, budget=0, curve=True, dedupe_split=True, quiet=True))
     assert set(res.timings) >= {"batch", "leakage", "curve", "valid_pass", "calibration", "report"}
     assert res.insight["calibration"]["temperature"] > 0
     return out

@@ -78,7 +78,7 @@ def test_train_int8_writes_the_checked_copy_beside_the_model(tmp_path):
     from tests.conftest import SAMPLE
 
     out = tmp_path / "run"
-    assert main(["train", str(SAMPLE), "--out", str(out), "--epochs", "1", "--size", "128", "--int8", "-q"]) == 0
+    assert main(["train", str(SAMPLE), "--out", str(out), "--epochs", "1", "--size", "128", "--budget", "0", "--int8", "-q"]) == 0
     int8 = out / "model.int8.onnx"
     assert int8.is_file() and (out / "model.onnx").is_file()
     assert load_onnx(int8).describe()["int8"]["n_valid"] > 0

@@ -130,7 +130,18 @@ def test_the_whole_flow_with_a_fake_camera(tmp_path: Path, bench, artifacts: Pat
             page.fill("#opt-size", "64")
             page.click("#train-btn")  # the page stays live while the child process trains
             page.wait_for_selector("body[data-job='running']")
-            page.wait_for_selector("body[data-job='done']", timeout=240_000)
+            # any end (done, failed, cancelled): a failed or stuck child is reported with its console and the server's
+            # own view of the job (a page that missed the end shows "running" while the server says "done")
+            ended = "['done', 'failed', 'cancelled'].includes(document.body.dataset.job)"
+            try:
+                wait_until(page, ended, 300)
+            except AssertionError:
+                job = studio.jobs.current
+                raise AssertionError(f"page: {page.evaluate('document.body.dataset.job')}, server: "
+                                     f"{job and job.to_json()}") from None
+            state = page.evaluate("document.body.dataset.job")
+            console = runs / "run-1.console.txt"
+            assert state == "done", (state, console.read_text(errors="replace")[-3000:] if console.is_file() else "no console")
             page.wait_for_selector("body[data-results='1']", timeout=30_000)
             assert page.locator("#epochs tbody tr").count() == 2
             assert page.locator("#result-line").inner_text().startswith("Error ")

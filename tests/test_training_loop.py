@@ -197,7 +197,7 @@ def test_train_writes_its_config_and_a_retrain_can_start_from_it(tmp_path, sampl
     from ursa.inference.modelfile import read_meta
 
     run = tmp_path / "run"
-    assert main(["train", str(sample_dir), "--out", str(run), "--size", "64", "--epochs", "1", "--views", "1",
+    assert main(["train", str(sample_dir), "--out", str(run), "--size", "64", "--epochs", "1", "--views", "1", "--budget", "0",
                  "--split-seed", "5", "--quiet"]) == 0
     cfg = json.loads((run / "config.json").read_text())
     assert cfg["size"] == 64 and cfg["epochs"] == 1 and cfg["split_seed"] == 5 and cfg["lr"] == 3e-3

@@ -233,6 +233,17 @@ function follow() {
     showJob(job);
     if (job.state !== "running") { es.close(); S.events = null; if (job.state === "done") loadResults(); }
   };
+  // The browser reconnects a dropped stream by itself; one it gave up on (an error answer) is replaced by polling.
+  es.onerror = () => { if (es.readyState === EventSource.CLOSED && S.events === es) { S.events = null; poll(); } };
+}
+
+async function poll() {
+  try {
+    const job = (await api("/api/state")).job;
+    showJob(job);
+    if (job && job.state === "running") { setTimeout(poll, 1000); return; }
+    if (job && job.state === "done") loadResults();
+  } catch (e) { showError(e.message); setTimeout(poll, 2000); }
 }
 
 function showJob(job) {

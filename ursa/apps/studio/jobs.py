@@ -173,7 +173,9 @@ class Jobs:
         """The newest finished run folder (with a model file), or None."""
         if not self.runs.is_dir():
             return None
-        done = [p for p in self.runs.iterdir() if p.is_dir() and (p / "model.safetensors").is_file()]
+        job = self.current
+        writing = job.run if job is not None and job.kind == "train" and job.state == "running" else None
+        done = [p for p in self.runs.iterdir() if p.is_dir() and p != writing and (p / "model.safetensors").is_file()]
         return max(done, key=lambda p: (p / "model.safetensors").stat().st_mtime, default=None)
 
     def _start(self, kind: str, argv: list[str], run: Path, console: Path) -> Job:

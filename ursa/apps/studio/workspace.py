@@ -49,8 +49,8 @@ class Studio:
                 old, self.review, self.problem = self.review, review, ""
                 if old is not None:
                     old.close()  # its cleaner's session and lock: a new model means a new model pass
-            except (UrsaError, OSError, ValueError) as e:
-                self.problem = f"{run}: {e}"
+            except Exception as e:  # noqa: BLE001 - ONNX Runtime and safetensors raise their own types: the page says it
+                self.problem = f"{run}: {e if isinstance(e, (UrsaError, OSError, ValueError)) else repr(e)}"
 
     def state(self) -> dict[str, Any]:
         """The page's first answer: classes with counts, the job, whether there is a model."""
