@@ -148,7 +148,7 @@ class HostPool:
             client = httpx.AsyncClient(
                 follow_redirects=True, max_redirects=5, timeout=self.timeout, trust_env=False,
                 transport=GuardedTransport(self.policy, verify=self.ssl, limits=limits),
-                headers={"User-Agent": USER_AGENT},
+                headers={"User-Agent": USER_AGENT}, event_hooks={"response": [_check_redirect]},
             )
             self.hosts[host] = (client, asyncio.Semaphore(self.per_host))
         return self.hosts[host]
@@ -156,6 +156,26 @@ class HostPool:
     async def aclose(self) -> None:
         """Close every client (and its connections) at the end of the run."""
         await asyncio.gather(*(client.aclose() for client, _ in self.hosts.values()), return_exceptions=True)
+
+
+class BadRedirect(Exception):
+    """A redirect whose Location is no URL: asking again will not help (raised before httpx would follow it)."""
+
+    def __init__(self, location: str, reason: str) -> None:
+        super().__init__(f"malformed redirect target {location[:200]!r} ({reason})")
+
+
+async def _check_redirect(response) -> None:
+    """Response hook: httpx parses a redirect's Location as URL(location) when it follows it; the same check here
+    raises a typed error, so the caller decides from the exception's type, not from httpx's wording."""
+    import httpx
+
+    if response.has_redirect_location:
+        location = response.headers["location"]
+        try:
+            httpx.URL(location)
+        except (httpx.InvalidURL, ValueError) as e:
+            raise BadRedirect(location, one_line(e)) from None
 
 
 class _Retry(Exception):
@@ -247,9 +267,9 @@ async def _attempt(client: Any, url: str, opt: FetchOptions) -> Fetched:
         return Fetched(None, None, "bad_url", one_line(e) or "malformed URL")
     except httpx.TimeoutException as e:
         raise _Retry(Fetched(None, None, "timeout", f"no answer within {opt.timeout:g} s ({type(e).__name__})"))
+    except BadRedirect as e:  # a redirect to a malformed URL: asking again will not help
+        return Fetched(None, None, "bad_url", one_line(e))
     except httpx.RemoteProtocolError as e:
-        if "location header" in str(e).lower():  # a redirect to a malformed URL: asking again will not help
-            return Fetched(None, None, "bad_url", f"malformed redirect target ({one_line(e)})")
         if expected is not None and received < expected:
             detail = f"connection closed after {received:,} of {expected:,} bytes"
             raise _Retry(Fetched(None, None, "truncated", detail))
