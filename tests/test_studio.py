@@ -325,3 +325,30 @@ def test_a_batch_preview_is_ursa_shows_grid(tmp_path: Path):
         got = c.get("/preview.png")
         assert got.status_code == 200 and Image.open(io.BytesIO(got.content)).size[0] > 100
     assert not (project / "batch.png").exists()  # written beside the runs, never into the project
+
+
+def test_a_home_like_folder_is_refused_in_one_line_and_left_alone(tmp_path: Path, monkeypatch, capsys):
+    """`ursa studio ~` would show Documents and Music as empty classes (and the page can move a class aside)."""
+    from ursa.apps.studio import not_a_project
+    from ursa.cli import main
+
+    home = tmp_path / "home"
+    (home / "Documents").mkdir(parents=True)
+    (home / "Documents" / "letter.pdf").write_bytes(b"%PDF-1.4")
+    (home / "Music").mkdir()
+    (home / "Music" / "song.mp3").write_bytes(b"ID3")
+    make_image(home / "Pictures" / "a.jpg")
+    before = sorted(p.relative_to(home) for p in home.rglob("*"))
+    assert "Documents, Music" in not_a_project(home)
+    assert main(["studio", str(home), "--no-browser", "--port", "1"]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "not a project folder" in err and "Documents" in err, err
+    assert sorted(p.relative_to(home) for p in home.rglob("*")) == before  # nothing made, no lock, no runs folder
+    assert not (tmp_path / "home-runs").exists()
+    monkeypatch.setenv("HOME", str(tmp_path / "elsewhere"))
+    (tmp_path / "elsewhere").mkdir()
+    assert not_a_project(tmp_path / "elsewhere") == "the home folder" and not_a_project(Path("/")) != ""
+    # a project (class folders of images, an empty new class, a missing folder) is one
+    make_image(tmp_path / "bears" / "teddy" / "t.jpg")
+    (tmp_path / "bears" / "grizzly").mkdir()
+    assert not_a_project(tmp_path / "bears") == "" and not_a_project(tmp_path / "new") == ""

@@ -26,12 +26,17 @@ def studio_cmd(
     a removed class moves to PROJECT/_removed/, a broken image to PROJECT/_quarantine/.
     """
     from ursa.apps import studio
+    from ursa.errors import DataError
     from ursa.util.files import check_outside
     from ursa.util.net import check_port
 
     if host not in ("127.0.0.1", "localhost", "::1"):
         typer.echo(f"warning: listening on {host}: anyone who can reach this computer can see and change your images", err=True)
     check_port(host, port)
+    why = studio.not_a_project(project)
+    if why:
+        raise DataError(f"{project}: not a project folder ({why}); give a folder of class folders, or a new one: "
+                        f"ursa studio {project / 'my-classifier'}")
     work = studio.Studio(project, runs)
     check_outside(work.runs, project, "runs folder")
     with FolderLock(project, STUDIO_LOCK, "project folder (one studio at a time)"):

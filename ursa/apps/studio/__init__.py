@@ -7,7 +7,7 @@ model serve loads), ``workspace`` (what one studio owns), ``app`` (routes, lifes
 """
 
 from ursa.apps.studio.app import create_app, serve
-from ursa.apps.studio.project import Project, ProjectError
+from ursa.apps.studio.project import Project, ProjectError, not_a_project
 from ursa.apps.studio.workspace import Studio, default_runs
 
-__all__ = ["Project", "ProjectError", "Studio", "create_app", "default_runs", "serve"]
+__all__ = ["Project", "ProjectError", "Studio", "create_app", "default_runs", "not_a_project", "serve"]

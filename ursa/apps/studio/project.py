@@ -67,6 +67,34 @@ def safe_file_name(name: str, fmt: str) -> str:
     return (stem or "image") + suffix
 
 
+def not_a_project(root: Path, look: int = 200) -> str:
+    """Why ROOT is no project folder ("" when it may be one): the file system's root, the home folder, or a folder
+    whose sub-folders hold files but no images (Documents, Music: they would show as empty classes, and the page can
+    move a class folder aside). A missing or empty folder is a new project. Reads at most ``look`` names per folder."""
+    try:
+        where = root.resolve()
+    except (OSError, RuntimeError):
+        return ""
+    if where == Path(where.anchor) or where == Path.home().resolve():
+        return "the home folder" if where == Path.home().resolve() else "the root of the file system"
+    if not where.is_dir():
+        return ""
+    others = []
+    with os.scandir(where) as it:
+        subs = [e for e in it if e.name[0] not in "._" and e.name not in SKIP_DIRS and e.is_dir(follow_symlinks=False)]
+    for e in subs[:look]:
+        try:
+            with os.scandir(e.path) as it:
+                names = [f.name for _, f in zip(range(look), it) if f.name[0] != "."]
+        except OSError:
+            continue
+        if names and not any(os.path.splitext(n)[1].lower() in IMAGE_EXTENSIONS for n in names):
+            others.append(e.name)
+    if others:
+        return f"its sub-folders {', '.join(sorted(others)[:3])}{' ...' if len(others) > 3 else ''} hold no images"
+    return ""
+
+
 class Project:
     """The folder and what the page changes in it: classes, images, quarantine; near-duplicates remembered."""
 
