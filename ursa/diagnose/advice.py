@@ -25,6 +25,7 @@ from ursa.util.numbers import smooth
 
 # Thresholds, named so tests and docs can refer to them.
 VALID_BLOWUP = 10.0  # valid loss this many times its best so far: diverged (as the learner checks)
+VALID_FLOOR = 0.1  # a valid loss under this (the true class at ~90% on average) is never divergence, whatever its ratio
 TRAIN_BLOWUP = 4.0  # smoothed train loss this many times its minimum (and above its start): diverged
 LOW_LR_DROP = 0.2  # the train loss fell by less than this fraction over the whole run: LR too low
 STILL_FALLING = 0.1  # valid loss fell by more than this fraction in the last epoch: train longer
@@ -132,7 +133,7 @@ def _lower_lr_hint(h: History, stage: str | None) -> str:
 
 
 def diverged(h: History) -> Advice | None:
-    """Learning rate too high: NaN/inf loss, valid loss 10x its best, or the train loss blowing up."""
+    """Learning rate too high: NaN/inf loss, valid loss 10x its best (and over VALID_FLOOR), or the train loss blowing up."""
     where: tuple[str, float] | None = None  # (what happened, epoch position)
     for loss, pos in zip(h.batch_losses, h.batch_epochs or range(len(h.batch_losses))):
         if not _finite(loss):
@@ -145,7 +146,7 @@ def diverged(h: History) -> Advice | None:
             if not _finite(v):
                 where = (f"the validation loss became {v}", r["epoch"] + 1)
                 break
-            if math.isfinite(best) and v > VALID_BLOWUP * best:
+            if math.isfinite(best) and v > VALID_BLOWUP * best and v > VALID_FLOOR:  # 1e-4 -> 2e-3 is a perfect model
                 where = (f"the validation loss jumped to {v:.3g}, over {VALID_BLOWUP:.0f}x its best ({best:.3g})",
                          r["epoch"] + 1)
                 break
