@@ -85,3 +85,35 @@ def test_sniff_format_by_magic_numbers():
     assert sniff_format(b"\x89PNG\r\n\x1a\nxxxx") == "PNG"
     assert sniff_format(b"RIFF1234WEBPVP8 ") == "WEBP"
     assert sniff_format(b"<!DOCTYPE html>") is None
+
+
+def test_truncated_or_corrupt_is_read_from_the_bytes_not_from_the_decoders_words(tmp_path):
+    """A file that fails to decode is 'truncated' when it stops before its format's end marker, else 'corrupt'."""
+    import io as _io
+
+    import numpy as np
+
+    from PIL import Image as _Image
+
+    from ursa.errors import ImageError
+    from ursa.vision.images import cut_short, open_image
+
+    rng = np.random.default_rng(0)
+    pic = _Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8))
+    for fmt in ("JPEG", "PNG", "WEBP", "GIF"):
+        buf = _io.BytesIO()
+        pic.save(buf, fmt)
+        data = buf.getvalue()
+        assert not cut_short(data), fmt
+        assert cut_short(data[: len(data) * 6 // 10]), fmt
+        with pytest.raises(ImageError) as e:
+            open_image(data[: len(data) * 6 // 10])
+        assert e.value.kind == "truncated", (fmt, e.value)
+    # a scan spoiled in the middle with its end intact is corrupt, camera bytes after the end marker too
+    from tests.synthetic_sets import broken
+
+    scan = (broken(tmp_path / "broken") / "corrupted_scan.jpg").read_bytes() + b"camera trailer"
+    assert not cut_short(scan)
+    with pytest.raises(ImageError) as e:
+        open_image(scan)
+    assert e.value.kind == "corrupt", e.value

@@ -82,9 +82,54 @@ _REDUCIBLE_MODES = frozenset({"L", "LA", "RGB", "RGBA", "I", "F", "CMYK", "YCbCr
 _DRAFT_MODES = frozenset({"RGB", "L", "CMYK", "YCbCr"})
 
 
+def _ends(source: Source, n: int = 4096) -> tuple[bytes, bytes, int] | None:
+    """The first 16 and last n bytes of a file or upload and its length; None for anything else (or unreadable)."""
+    try:
+        if isinstance(source, bytes):
+            return source[:16], source[-n:], len(source)
+        if isinstance(source, (str, Path)):
+            with open(source, "rb") as f:
+                head = f.read(16)
+                size = f.seek(0, io.SEEK_END)
+                f.seek(max(0, size - n))
+                return head, f.read(n), size
+        if hasattr(source, "seek") and hasattr(source, "read"):
+            where = source.tell()
+            try:
+                source.seek(0)
+                head = source.read(16)
+                size = source.seek(0, io.SEEK_END)
+                source.seek(max(0, size - n))
+                return head, source.read(n), size
+            finally:
+                source.seek(where)
+    except (OSError, ValueError):
+        return None
+    return None
+
+
+def cut_short(source: Source) -> bool:
+    """Whether the file stops before its format's end: JPEG without its end-of-image marker, PNG without IEND,
+    GIF without its trailer, a RIFF (WebP) shorter than its header says. Read from the bytes, so a file that fails
+    to decode is told truncated or corrupt by what it holds, not by the decoder's wording."""
+    ends = _ends(source)
+    if ends is None:
+        return False
+    head, tail, size = ends
+    if head.startswith(b"\xff\xd8"):
+        return b"\xff\xd9" not in tail  # cameras may append bytes after the marker, so anywhere near the end
+    if head.startswith(b"\x89PNG\r\n\x1a\n"):
+        return b"IEND" not in tail
+    if head[:4] in (b"GIF8",):
+        return not tail.rstrip(b"\0").endswith(b";")
+    if head[:4] == b"RIFF" and len(head) >= 8:
+        return int.from_bytes(head[4:8], "little") + 8 > size
+    return False
+
+
 @contextlib.contextmanager
-def _decoding(name: str) -> Iterator[None]:
-    """Turn whatever Pillow raises on a bad file into one ImageError with a kind."""
+def _decoding(name: str, source: Source | None = None) -> Iterator[None]:
+    """Turn whatever Pillow raises on a bad file into one ImageError with a kind (truncated: read from the bytes)."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -97,7 +142,7 @@ def _decoding(name: str) -> Iterator[None]:
         raise ImageError(name, "not an image (Pillow cannot identify the content)", "not_image") from None
     except (OSError, SyntaxError, ValueError, EOFError, IndexError, TypeError, KeyError) as e:
         msg = str(e) or type(e).__name__
-        kind = "truncated" if "truncat" in msg.lower() or isinstance(e, EOFError) else "corrupt"
+        kind = "truncated" if isinstance(e, EOFError) or (source is not None and cut_short(source)) else "corrupt"
         raise ImageError(name, f"cannot decode image ({msg})", kind) from None
     except MemoryError:
         raise ImageError(name, "image too large to decode in memory", "too_large") from None
@@ -178,7 +223,7 @@ def _reduce(im: Image.Image, max_side: int) -> Image.Image:
 def read_header(source: Source, *, max_pixels: int = MAX_PIXELS) -> ImageInfo:
     """Format, mode and declared size from the header alone, so a caller can budget the decode first."""
     name = _name(source)
-    with _decoding(name):
+    with _decoding(name, source):
         im, info = _open_checked(source, name, max_pixels)
         im.close()
     return info
@@ -217,7 +262,7 @@ def open_image(
     Every byte is still decoded, so a truncated or corrupt file fails either way.
     """
     name = _name(source)
-    with _decoding(name):
+    with _decoding(name, source):
         im, info = _open_checked(source, name, max_pixels)
         w, h = info.size
         scale = _draft_scale(info, min_size, max_side)
