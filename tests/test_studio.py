@@ -257,6 +257,8 @@ def test_only_this_page_may_change_the_project(client):
     assert c.get("/download/config.json").status_code == 404
     assert c.post("/api/predict", content=frame, headers={"Content-Type": "image/jpeg"}).status_code == 409  # no model yet
     assert c.post("/api/train", json={"epochs": "lots"}).status_code == 400
+    bad = c.post("/api/train", json={"balance": "oversample"})
+    assert bad.status_code == 400 and "expected one of auto, none" in bad.json()["error"]
     assert studio.project.counts() == {"cats": 2}  # the photo and the user's link, nothing else
     page = c.get("/")
     assert "script-src 'self'" in page.headers["content-security-policy"] and "https://" not in page.text
@@ -352,3 +354,14 @@ def test_a_home_like_folder_is_refused_in_one_line_and_left_alone(tmp_path: Path
     make_image(tmp_path / "bears" / "teddy" / "t.jpg")
     (tmp_path / "bears" / "grizzly").mkdir()
     assert not_a_project(tmp_path / "bears") == "" and not_a_project(tmp_path / "new") == ""
+
+
+def test_the_pages_training_options_become_the_commands_flags():
+    from ursa.apps.studio.jobs import TrainOptions
+
+    opts = TrainOptions.from_json({"epochs": "3", "budget": 0, "size": "", "balance": "sampler"})
+    assert opts.argv() == ["--epochs", "3", "--budget", "0", "--balance", "sampler"]
+    assert TrainOptions.from_json({"balance": ""}).argv() == []  # auto: the recipe decides
+    for body in ({"balance": 3}, {"balance": "--epochs"}, {"size": "31"}, {"epochs": True}):
+        with pytest.raises(ValueError, match="expected"):
+            TrainOptions.from_json(body)

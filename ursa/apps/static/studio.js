@@ -220,7 +220,7 @@ function holdToRecord(button, cls, card) {
 // ---------------------------------------------------------------- training
 async function train() {
   const body = {};
-  for (const k of ["epochs", "budget", "size"]) { const v = $(`opt-${k}`).value; if (v !== "") body[k] = v; }
+  for (const k of ["epochs", "budget", "size", "balance"]) { const v = $(`opt-${k}`).value; if (v !== "") body[k] = v; }
   try { showJob(await api("/api/train", body)); follow(); showError(""); } catch (e) { showError(e.message); }
 }
 

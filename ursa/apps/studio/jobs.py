@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ursa.training.config import BALANCES  # torch-free
 from ursa.training.runfolder import CHECKPOINT  # torch-free (training.checkpoint imports torch)
 from ursa.util.files import atomic_write_text
 from ursa.util.lifeline import child_env, lifeline
@@ -42,6 +43,7 @@ class TrainOptions:
     epochs: int | None = None
     budget: int | None = None  # seconds of the reference machine; 0: the frozen stage only
     size: int | None = None
+    balance: str | None = None  # --balance: auto, none, weights, sampler or logit_adjust (training.config.BALANCES)
 
     @classmethod
     def from_json(cls, body: dict[str, Any]) -> "TrainOptions":
@@ -52,11 +54,17 @@ class TrainOptions:
             if isinstance(v, bool) or not isinstance(v, (int, str)) or not str(v).strip().isdigit() or not lo <= int(v) <= hi:
                 raise ValueError(f"{key}: expected a whole number from {lo} to {hi}, got {str(v)[:20]!r}")
             return int(v)
-        return cls(number("epochs", 1, 100), number("budget", 0, 36000), number("size", 32, 1024))
+        balance = body.get("balance")
+        if balance in (None, ""):
+            balance = None
+        elif balance not in BALANCES:
+            raise ValueError(f"balance: expected one of {', '.join(BALANCES)}, got {str(balance)[:20]!r}")
+        return cls(number("epochs", 1, 100), number("budget", 0, 36000), number("size", 32, 1024), balance)
 
     def argv(self) -> list[str]:
         out = []
-        for flag, v in (("--epochs", self.epochs), ("--budget", self.budget), ("--size", self.size)):
+        for flag, v in (("--epochs", self.epochs), ("--budget", self.budget), ("--size", self.size),
+                        ("--balance", self.balance)):
             if v is not None:
                 out += [flag, str(v)]
         return out
