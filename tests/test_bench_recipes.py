@@ -307,6 +307,19 @@ def test_a_rule_that_loses_to_the_choice_fitted_on_the_other_sets_is_missed(benc
     assert one["rows"][0]["verdict"] == "not measured (no other set)"
 
 
+def test_an_alternative_run_on_few_sets_is_left_out_of_its_rule_not_the_whole_rule(bench):
+    from rules import RULES, check_all
+
+    errs = {("a", "default"): 0.10, ("a", "size128"): 0.20, ("a", "size224"): 0.05, ("b", "default"): 0.10,
+            ("b", "size128"): 0.30, ("c", "default"): 0.30, ("c", "size128"): 0.10}
+    recs = [{"set": s, "recipe": r, "test_error": e, "recipe_json": {"size": 64}} for (s, r), e in errs.items()]
+    checks = {c["rule"]: c for c in check_all(recs, ["a", "b", "c"], ["default", "size128", "size224"], (), {"a": 10, "b": 10, "c": 10})}
+    size = checks["input size"]
+    assert size["left_out"] == ["size224"] and size["arms"] == ["default", "size128"]
+    assert {r["set"]: r["verdict"] for r in size["rows"]} == {"a": "held", "b": "held", "c": "missed"}
+    assert checks["flips"]["not_run"] == ["flips_none", "flips_horizontal", "flips_all"]
+
+
 @pytest.fixture(scope="module")
 def build():
     """benchmarks/datasets/build.py as a module."""
