@@ -99,3 +99,54 @@ def tta_lines(sets: list[str], records: list[dict]) -> list[str]:
             lines.append(f"  {s:<20} without {plain:.4f}, with --tta {tta:.4f} ({len(pairs)} model(s); "
                          + ", ".join(f"{t['plain']:.4f}->{t['tta']:.4f}" for t in pairs) + ")")
     return lines
+
+
+def _decided_short(recipe_json: dict | None) -> str:
+    """What the default decided on one run, in a few words (size, flips, fine-tuning)."""
+    if not isinstance(recipe_json, dict):
+        return "-"
+    size, tune = recipe_json.get("size"), recipe_json.get("tune_size")
+    ft = recipe_json.get("fine_tune_epochs")
+    what = {"planned": f"fine-tunes {ft} epochs" + (f" at {tune} px" if tune else ""),
+            "good_enough": "frozen good enough"}.get(recipe_json.get("fine_tune"), str(recipe_json.get("fine_tune")))
+    return f"{size} px, flips {recipe_json.get('flips')}; {what}; {recipe_json.get('planned_seconds')} s counted"
+
+
+def markdown_table(report: dict, arms: tuple[str, ...] = ("lrfind", "no_finetune", "size128", "optimistic")) -> list[str]:
+    """The per-set table of docs/train.md and benchmarks/README.md from recipes.json: held-out errors (mean of the
+    seeds, then each seed), what the default decided, the alternatives' means, fastai's lesson beside, the aims."""
+    def mean(sm: dict | None) -> str:
+        if not sm or sm.get("err_mean") is None:
+            return "not run"
+        same = " (= default)" if sm.get("same_as_default") == sm.get("n") and sm.get("n") else ""
+        return f"{sm['err_mean']:.3f}{same} ({sm['n']})"
+
+    head = ["set (test pictures)", "default: held-out mean (per seed)", "reported", "decided (seed 0)", *arms,
+            "fastai lesson (error, wall s)", "aims held / measured"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    runs = report.get("runs", [])
+    for s, by in report["summaries"].items():
+        d = by.get("default")
+        if not d or d.get("err_mean") is None:
+            continue
+        first = next((r.get("recipe_json") for r in sorted(runs, key=lambda r: r["seed"])
+                      if r["set"] == s and r["recipe"] == "default" and r.get("error_rate") is not None), None)
+        fa = report.get("fastai", {}).get(s) or {}
+        fastai = f"{fa['err_mean']:.3f}, {fa['wall_mean']:.0f}" if fa.get("err_mean") is not None else "not measured"
+        aims = [a for a in report.get("aims", {}).get(s, []) if a["verdict"] != "not measured"]
+        held = sum(a["verdict"] == "held" for a in aims)
+        missed = ", ".join(a["aim"] for a in aims if a["verdict"] == "missed")
+        cells = [f"{s} ({report['n_test'].get(s)})",
+                 f"**{d['err_mean']:.3f}** (" + ", ".join(f"{e:.3f}" for e in d["errs"]) + ")",
+                 fmt(d.get("reported_mean"), ".3f"), _decided_short(first), *(mean(by.get(a)) for a in arms), fastai,
+                 f"{held} / {len(aims)}" + (f"; missed: {missed}" if missed else "")]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+if __name__ == "__main__":  # the markdown table from a recipes.json: python benchmarks/recipes_report.py [FILE]
+    import sys
+    from pathlib import Path
+
+    path = Path(sys.argv[1]) if len(sys.argv) > 1 else Path(__file__).parent / "results" / "recipes.json"
+    print("\n".join(markdown_table(json.loads(path.read_text()))))

@@ -384,3 +384,20 @@ def test_a_pickled_array_is_read_without_unpickling(build):
     assert build.pickled_array_bytes(pickle.dumps(arr, protocol=4)) == arr.tobytes()
     with pytest.raises(build.BuildError, match="expected one array buffer"):
         build.pickled_array_bytes(pickle.dumps(Boom(), protocol=4))  # nothing runs; no array found
+
+
+def test_the_markdown_table_shows_each_seed_the_decision_and_the_aims_missed(bench):
+    from recipes_report import markdown_table, summarize
+
+    runs = [{"set": "s", "recipe": "default", "seed": k, "error_rate": e, "reported_error": 0.1, "wall_s": 10.0, "rss_mb": 1.0,
+             "recipe_json": {"size": 64, "flips": "none", "fine_tune": "planned", "fine_tune_epochs": 12, "planned_seconds": 35.5}}
+            for k, e in enumerate((0.2, 0.3))]
+    lr = [{**r, "recipe": "lrfind", "same_as_default": True} for r in runs]
+    report = {"runs": runs + lr, "n_test": {"s": 10}, "fastai": {"s": {"err_mean": 0.5, "wall_mean": 100.0}},
+              "summaries": {"s": {"default": summarize(runs), "lrfind": summarize(lr)}},
+              "aims": {"s": [{"aim": "error / fastai error", "verdict": "held"}, {"aim": "wall / fastai wall", "verdict": "missed"},
+                             {"aim": "error vs frozen", "verdict": "not measured"}]}}
+    row = markdown_table(report)[2]
+    assert "| s (10) | **0.250** (0.200, 0.300) | 0.100 | 64 px, flips none; fine-tunes 12 epochs; 35.5 s counted |" in row
+    assert "0.250 (= default) (2)" in row and "| not run |" in row and "0.500, 100" in row
+    assert row.endswith("| 1 / 2; missed: wall / fastai wall |")
