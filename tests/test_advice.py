@@ -107,7 +107,14 @@ def test_a_near_perfect_model_whose_tiny_valid_loss_wobbles_is_not_divergence():
     diverged (15x its best): exit 3 and no model file for a perfect model."""
     h = make_history([0.05, 0.001, 0.0008], [0.0005, 0.000122, 0.00181], [0.0, 0.0, 0.0])
     assert diverged(h) is None
-    assert diverged(make_history([0.5, 0.1, 0.6], [0.3, 0.02, 0.25], [0.1, 0.0, 0.08])) is not None  # 0.02 -> 0.25: is
+    assert diverged(make_history([0.5, 0.1, 0.6], [0.3, 0.02, 0.25], [0.1, 0.0, 0.2])) is not None  # 0.02 -> 0.25, 20 points
+
+
+def test_one_picture_turned_confidently_wrong_is_not_divergence():
+    """cc0_textures seed 2 (issue 28's benchmark): the frozen stage's valid loss went 0.000464 -> 0.868 while one
+    validation picture of ~30 turned wrong: exit 3 and no model for a model that was right on all the others."""
+    h = make_history([0.3, 0.05, 0.04, 0.02], [0.01, 0.000464, 0.868, 0.001], [0.0, 0.0, 0.032, 0.0])
+    assert diverged(h) is None
 
 
 # --- learning rate too low -----------------------------------------------------------------------

@@ -26,6 +26,10 @@ from ursa.util.numbers import smooth
 # Thresholds, named so tests and docs can refer to them.
 VALID_BLOWUP = 10.0  # valid loss this many times its best so far: diverged (as the learner checks)
 VALID_FLOOR = 0.1  # a valid loss under this (the true class at ~90% on average) is never divergence, whatever its ratio
+# ...nor a valid loss that jumps while the error rate stays within this of its best: one picture turned confidently
+# wrong on a near-perfect model (cc0_textures, issue 28's benchmark: loss 0.0005 -> 0.87, error 0 -> 1 picture) is
+# overconfidence the next epochs anneal (and the best epoch is kept), not a learning rate that broke the model
+VALID_ERROR_RISE = 0.1
 TRAIN_BLOWUP = 4.0  # smoothed train loss this many times its minimum (and above its start): diverged
 LOW_LR_DROP = 0.2  # the train loss fell by less than this fraction over the whole run: LR too low
 STILL_FALLING = 0.1  # valid loss fell by more than this fraction in the last epoch: train longer
@@ -140,17 +144,20 @@ def diverged(h: History) -> Advice | None:
             where = (f"the training loss became {loss}", pos)
             break
     if where is None:
-        best = math.inf
+        best, best_err = math.inf, math.inf
         for r in h.rows:
-            v = r["valid_loss"]
+            v, err = r["valid_loss"], r.get("error_rate")
             if not _finite(v):
                 where = (f"the validation loss became {v}", r["epoch"] + 1)
                 break
-            if math.isfinite(best) and v > VALID_BLOWUP * best and v > VALID_FLOOR:  # 1e-4 -> 2e-3 is a perfect model
+            worse = not _finite(err) or not math.isfinite(best_err) or err > best_err + VALID_ERROR_RISE
+            if math.isfinite(best) and v > VALID_BLOWUP * best and v > VALID_FLOOR and worse:
                 where = (f"the validation loss jumped to {v:.3g}, over {VALID_BLOWUP:.0f}x its best ({best:.3g})",
                          r["epoch"] + 1)
                 break
             best = min(best, v)
+            if _finite(err):
+                best_err = min(best_err, err)
     if where is None:
         curve, xs = _train_curve(h)
         if curve:
