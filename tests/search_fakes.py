@@ -162,6 +162,8 @@ def _handler(fake: FakeSearch) -> type[BaseHTTPRequestHandler]:
                     fake.on_slow()
                 time.sleep(3)
                 return False
+            elif fault == "badredirect":  # a Location no URL parser accepts
+                self._send(302, b"", "text/plain", headers={"Location": "http://[::1/x"})
             elif fault == "nested":
                 self._send(200, b"[" * 100_000 + b"]" * 100_000)
             elif fault == "wrongshape":

@@ -110,6 +110,15 @@ def test_a_near_perfect_model_whose_tiny_valid_loss_wobbles_is_not_divergence():
     assert diverged(make_history([0.5, 0.1, 0.6], [0.3, 0.02, 0.25], [0.1, 0.0, 0.2])) is not None  # 0.02 -> 0.25, 20 points
 
 
+def test_a_loss_blowup_is_divergence_whatever_the_error_says():
+    # a collapse to the majority class of a 90/10 set: the error barely moves, the loss is 80x its best
+    assert diverged(make_history([0.5, 0.3, 9.0], [0.3, 0.25, 20.0], [0.09, 0.08, 0.10])) is not None
+    # no error figure at that epoch: the loss alone decides
+    assert diverged(make_history([0.5, 0.3, 0.6], [0.3, 0.02, 0.5], [0.1, 0.0, math.nan])) is not None
+    # the error rose 20 points but the loss is tiny (under 0.1): no divergence
+    assert diverged(make_history([0.05, 0.01, 0.01], [0.004, 0.0002, 0.05], [0.0, 0.0, 0.2])) is None
+
+
 def test_one_picture_turned_confidently_wrong_is_not_divergence():
     """cc0_textures seed 2 (issue 28's benchmark): the frozen stage's valid loss went 0.000464 -> 0.868 while one
     validation picture of ~30 turned wrong: exit 3 and no model for a model that was right on all the others."""

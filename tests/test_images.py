@@ -100,7 +100,7 @@ def test_truncated_or_corrupt_is_read_from_the_bytes_not_from_the_decoders_words
 
     rng = np.random.default_rng(0)
     pic = _Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8))
-    for fmt in ("JPEG", "PNG", "WEBP", "GIF"):
+    for fmt in ("JPEG", "PNG", "WEBP", "GIF", "BMP"):
         buf = _io.BytesIO()
         pic.save(buf, fmt)
         data = buf.getvalue()
@@ -109,6 +109,11 @@ def test_truncated_or_corrupt_is_read_from_the_bytes_not_from_the_decoders_words
         with pytest.raises(ImageError) as e:
             open_image(data[: len(data) * 6 // 10])
         assert e.value.kind == "truncated", (fmt, e.value)
+    # a small JPEG whose comment holds FF D9, cut in its scan: truncated (the marker counts only after the scan starts)
+    buf = _io.BytesIO()
+    _Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(buf, "JPEG", comment=b"x\xff\xd9y")
+    small = buf.getvalue()
+    assert b"\xff\xd9" in small[: small.rfind(b"\xff\xda")] and cut_short(small[:-40]) and not cut_short(small)
     # a scan spoiled in the middle with its end intact is corrupt, camera bytes after the end marker too
     from tests.synthetic_sets import broken
 

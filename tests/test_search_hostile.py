@@ -41,6 +41,17 @@ def test_json_nested_too_deep_is_a_malformed_answer_and_a_repeated_page_ends_pag
     assert len(_rows(tmp_path / "b.csv")) == 20  # page 1's results are kept
 
 
+def test_a_redirect_to_a_malformed_address_ends_that_provider_at_once_as_a_bad_url(tmp_path):
+    # The download fetcher's typed check (not httpx's wording) on the search client too: not retried as "connection".
+    with FakeSearch(total=40, faults={("commons", 1): "badredirect"}) as fake:
+        s = search_images("bears", "bear", 20, endpoint=_endpoints(fake), out=tmp_path / "b.csv", **FAST)
+        hits = dict(fake.hits)
+    runs = {r.name: r for r in s.runs}
+    assert "malformed redirect target" in runs["commons"].error and "connection" not in runs["commons"].error
+    assert hits[("commons", 1)] == 1  # asked once: asking again will not help
+    assert not runs["openverse"].error and len(_rows(tmp_path / "b.csv")) == 20
+
+
 def test_a_second_search_on_the_same_list_is_refused_not_raced(tmp_path):
     out = tmp_path / "urls_bear.csv"
     with FakeSearch(total=10) as fake:

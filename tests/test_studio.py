@@ -342,7 +342,15 @@ def test_a_home_like_folder_is_refused_in_one_line_and_left_alone(tmp_path: Path
     make_image(home / "Pictures" / "a.jpg")
     before = sorted(p.relative_to(home) for p in home.rglob("*"))
     assert "Documents, Music" in not_a_project(home)
-    assert main(["studio", str(home), "--no-browser", "--port", "1"]) == 2
+    import ursa.apps.studio as studio_pkg
+
+    def must_not_serve(*a, **k):
+        raise AssertionError("the studio started on a folder that is no project")
+    monkeypatch.setattr(studio_pkg, "serve", must_not_serve)
+    with socket.socket() as sock:  # a port nobody holds (check_port would refuse a taken one first)
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    assert main(["studio", str(home), "--no-browser", "--port", str(port)]) == 2
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and "not a project folder" in err and "Documents" in err, err
     assert sorted(p.relative_to(home) for p in home.rglob("*")) == before  # nothing made, no lock, no runs folder
@@ -354,6 +362,10 @@ def test_a_home_like_folder_is_refused_in_one_line_and_left_alone(tmp_path: Path
     make_image(tmp_path / "bears" / "teddy" / "t.jpg")
     (tmp_path / "bears" / "grizzly").mkdir()
     assert not_a_project(tmp_path / "bears") == "" and not_a_project(tmp_path / "new") == ""
+    make_image(tmp_path / "split" / "train" / "teddy" / "t.jpg")  # train/ and valid/ of class folders
+    make_image(tmp_path / "split" / "valid" / "teddy" / "v.jpg")
+    (tmp_path / "bears" / "grizzly" / "Thumbs.db").write_bytes(b"\0")  # a file manager's sidecar only
+    assert not_a_project(tmp_path / "split") == "" and not_a_project(tmp_path / "bears") == ""
 
 
 def test_the_pages_training_options_become_the_commands_flags():

@@ -148,7 +148,7 @@ class HostPool:
             client = httpx.AsyncClient(
                 follow_redirects=True, max_redirects=5, timeout=self.timeout, trust_env=False,
                 transport=GuardedTransport(self.policy, verify=self.ssl, limits=limits),
-                headers={"User-Agent": USER_AGENT}, event_hooks={"response": [_check_redirect]},
+                headers={"User-Agent": USER_AGENT}, event_hooks={"response": [check_redirect]},
             )
             self.hosts[host] = (client, asyncio.Semaphore(self.per_host))
         return self.hosts[host]
@@ -165,7 +165,7 @@ class BadRedirect(Exception):
         super().__init__(f"malformed redirect target {location[:200]!r} ({reason})")
 
 
-async def _check_redirect(response) -> None:
+async def check_redirect(response) -> None:
     """Response hook: httpx parses a redirect's Location as URL(location) when it follows it; the same check here
     raises a typed error, so the caller decides from the exception's type, not from httpx's wording."""
     import httpx

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 
 from ursa.acquire.addresses import AddressPolicy, AddressRefused, GuardedTransport, url_refusal
-from ursa.acquire.fetch import FetchOptions, fetch, one_line
+from ursa.acquire.fetch import FetchOptions, check_redirect, fetch, one_line
 from ursa.acquire.licenses import license_allowed, parse_license_filter
 from ursa.acquire.providers import (
     DEFAULT_PROVIDERS, PROVIDERS, AnswerError, Found, Provider, SearchError, get_provider,
@@ -153,7 +153,8 @@ def _client(provider: Provider, policy: AddressPolicy, timeout: float, headers: 
     limits = httpx.Limits(max_connections=1, max_keepalive_connections=1)
     return httpx.AsyncClient(follow_redirects=True, max_redirects=5, timeout=httpx.Timeout(timeout, pool=None),
                              trust_env=False, transport=GuardedTransport(policy, limits=limits),
-                             headers={"User-Agent": user_agent(), "Accept": "application/json", **headers})
+                             headers={"User-Agent": user_agent(), "Accept": "application/json", **headers},
+                             event_hooks={"response": [check_redirect]})  # a malformed redirect: bad_url, not retried
 
 
 async def _page_through(run: ProviderRun, provider: Provider, query: str, n: int, licenses: frozenset[str],

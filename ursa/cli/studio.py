@@ -32,11 +32,11 @@ def studio_cmd(
 
     if host not in ("127.0.0.1", "localhost", "::1"):
         typer.echo(f"warning: listening on {host}: anyone who can reach this computer can see and change your images", err=True)
-    check_port(host, port)
     why = studio.not_a_project(project)
     if why:
-        raise DataError(f"{project}: not a project folder ({why}); give a folder of class folders, or a new one: "
-                        f"ursa studio {project / 'my-classifier'}")
+        raise DataError(f"{project}: not a project folder ({why}); give a folder holding one folder of images per "
+                        "class, or a new empty one (a folder whose name starts with _ is skipped)")
+    check_port(host, port)
     work = studio.Studio(project, runs)
     check_outside(work.runs, project, "runs folder")
     with FolderLock(project, STUDIO_LOCK, "project folder (one studio at a time)"):

@@ -30,6 +30,8 @@ VALID_FLOOR = 0.1  # a valid loss under this (the true class at ~90% on average)
 # wrong on a near-perfect model (cc0_textures, issue 28's benchmark: loss 0.0005 -> 0.87, error 0 -> 1 picture) is
 # overconfidence the next epochs anneal (and the best epoch is kept), not a learning rate that broke the model
 VALID_ERROR_RISE = 0.1
+VALID_BROKEN = 2.0  # ...unless the loss is over this (above a uniform guess over 7 classes): the model is broken
+# whatever its error says (a collapse to the majority class keeps a lopsided set's error low)
 TRAIN_BLOWUP = 4.0  # smoothed train loss this many times its minimum (and above its start): diverged
 LOW_LR_DROP = 0.2  # the train loss fell by less than this fraction over the whole run: LR too low
 STILL_FALLING = 0.1  # valid loss fell by more than this fraction in the last epoch: train longer
@@ -150,7 +152,8 @@ def diverged(h: History) -> Advice | None:
             if not _finite(v):
                 where = (f"the validation loss became {v}", r["epoch"] + 1)
                 break
-            worse = not _finite(err) or not math.isfinite(best_err) or err > best_err + VALID_ERROR_RISE
+            worse = (not _finite(err) or not math.isfinite(best_err) or err > best_err + VALID_ERROR_RISE
+                     or v > VALID_BROKEN)
             if math.isfinite(best) and v > VALID_BLOWUP * best and v > VALID_FLOOR and worse:
                 where = (f"the validation loss jumped to {v:.3g}, over {VALID_BLOWUP:.0f}x its best ({best:.3g})",
                          r["epoch"] + 1)

@@ -110,18 +110,23 @@ def _ends(source: Source, n: int = 4096) -> tuple[bytes, bytes, int] | None:
 
 def cut_short(source: Source) -> bool:
     """Whether the file stops before its format's end: JPEG without its end-of-image marker, PNG without IEND,
-    GIF without its trailer, a RIFF (WebP) shorter than its header says. Read from the bytes, so a file that fails
+    GIF without its trailer, a BMP or RIFF (WebP) shorter than its header says. Read from the bytes, so a file that fails
     to decode is told truncated or corrupt by what it holds, not by the decoder's wording."""
     ends = _ends(source)
     if ends is None:
         return False
     head, tail, size = ends
     if head.startswith(b"\xff\xd8"):
-        return b"\xff\xd9" not in tail  # cameras may append bytes after the marker, so anywhere near the end
+        # cameras may append bytes after the marker, so anywhere near the end; in a file that fits the window,
+        # only after the last start-of-scan (a header's own bytes may hold FF D9)
+        scan = tail.rfind(b"\xff\xda") if size <= len(tail) else -1
+        return b"\xff\xd9" not in tail[scan + 2 if scan >= 0 else 0:]
     if head.startswith(b"\x89PNG\r\n\x1a\n"):
         return b"IEND" not in tail
     if head[:4] in (b"GIF8",):
         return not tail.rstrip(b"\0").endswith(b";")
+    if head[:2] == b"BM" and len(head) >= 6:  # BMP: the file's size is in its header
+        return int.from_bytes(head[2:6], "little") > size
     if head[:4] == b"RIFF" and len(head) >= 8:
         return int.from_bytes(head[4:8], "little") + 8 > size
     return False

@@ -237,13 +237,18 @@ function follow() {
   es.onerror = () => { if (es.readyState === EventSource.CLOSED && S.events === es) { S.events = null; poll(); } };
 }
 
-async function poll() {
+async function poll(failures = 0) {
+  if (S.events) return;  // a new event stream (another Train) took over
   try {
     const job = (await api("/api/state")).job;
+    showError("");
     showJob(job);
-    if (job && job.state === "running") { setTimeout(poll, 1000); return; }
+    if (job && job.state === "running") { setTimeout(() => poll(0), 1000); return; }
     if (job && job.state === "done") loadResults();
-  } catch (e) { showError(e.message); setTimeout(poll, 2000); }
+  } catch (e) {
+    showError(e.message);
+    if (failures < 10) setTimeout(() => poll(failures + 1), 1000 * 2 ** Math.min(failures, 4));  // then reload the page
+  }
 }
 
 function showJob(job) {

@@ -67,28 +67,38 @@ def safe_file_name(name: str, fmt: str) -> str:
     return (stem or "image") + suffix
 
 
+SIDECARS = frozenset({"thumbs.db", "desktop.ini", "icon\r"})  # what file managers leave in any folder
+
+
 def not_a_project(root: Path, look: int = 200) -> str:
     """Why ROOT is no project folder ("" when it may be one): the file system's root, the home folder, or a folder
     whose sub-folders hold files but no images (Documents, Music: they would show as empty classes, and the page can
-    move a class folder aside). A missing or empty folder is a new project. Reads at most ``look`` names per folder."""
+    move a class folder aside). A missing or empty folder is a new project; a sub-folder holding only folders
+    (train/ and valid/ of class folders) or only a file manager's sidecar files is no evidence either way.
+    Reads at most ``look`` names per folder."""
     try:
         where = root.resolve()
+        home = Path.home().resolve()
     except (OSError, RuntimeError):
         return ""
-    if where == Path(where.anchor) or where == Path.home().resolve():
-        return "the home folder" if where == Path.home().resolve() else "the root of the file system"
+    if where == Path(where.anchor) or where == home:
+        return "the home folder" if where == home else "the root of the file system"
     if not where.is_dir():
         return ""
+    try:
+        with os.scandir(where) as it:
+            subs = [e for e in it if e.name[0] not in "._" and e.name not in SKIP_DIRS and e.is_dir(follow_symlinks=False)]
+    except OSError as e:
+        return f"it cannot be read ({e.strerror or e})"
     others = []
-    with os.scandir(where) as it:
-        subs = [e for e in it if e.name[0] not in "._" and e.name not in SKIP_DIRS and e.is_dir(follow_symlinks=False)]
     for e in subs[:look]:
         try:
             with os.scandir(e.path) as it:
-                names = [f.name for _, f in zip(range(look), it) if f.name[0] != "."]
+                files = [f.name for _, f in zip(range(look), it)
+                         if f.name[0] != "." and f.name.lower() not in SIDECARS and not f.is_dir()]
         except OSError:
             continue
-        if names and not any(os.path.splitext(n)[1].lower() in IMAGE_EXTENSIONS for n in names):
+        if files and not any(os.path.splitext(n)[1].lower() in IMAGE_EXTENSIONS for n in files):
             others.append(e.name)
     if others:
         return f"its sub-folders {', '.join(sorted(others)[:3])}{' ...' if len(others) > 3 else ''} hold no images"
