@@ -11,7 +11,7 @@ the same 20% (it chooses nothing, so its final error is already held-out).
 
 Recipes, one `ursa train` process per set x recipe x seed: default (the data-aware recipe), lrfind
 (`ursa lr-find`'s suggestion as --lr), and fixed alternatives to each rule of the default (no_finetune,
-double budget, size128/size224, flips_none/horizontal/all), and optimistic (ursa given the 80/20 split
+double budget, size64/size128/size224, flips_none/horizontal/all), and optimistic (ursa given the 80/20 split
 itself, so it chooses its epoch on the test images: issue 15's figure, to show what honesty costs);
 frozen and lesson (issue 15) on request.
 An alternative that repeats what the default decided on a set (same --size or --flips) is not run
@@ -62,6 +62,7 @@ RECIPES = {
     "lrfind": ("the default with lr-find's suggestion as --lr", LRFIND),
     "no_finetune": ("the default without fine-tuning", ["--unfreeze-epochs", "0"]),
     "double": ("the default with twice the budget", None),  # --budget 2*B, B read from TrainConfig
+    "size64": ("the default at 64 px (the size rule before issue 28's change)", ["--size", "64"]),
     "size128": ("the default at 128 px", ["--size", "128"]),
     "size224": ("the default at 224 px", ["--size", "224"]),
     "flips_none": ("the default without flips", ["--flips", "none"]),
@@ -71,11 +72,11 @@ RECIPES = {
     "frozen": ("cached frozen stage only, 224 px (ursa before issue 15)", ["--size", "224", "--unfreeze-epochs", "0"]),
     "lesson": ("the lesson: 4 frozen + 2 unfrozen epochs, 224 px", ["--size", "224", "--unfreeze-epochs", "2"]),
 }
-DEFAULT_RECIPES = ("default", "lrfind", "no_finetune", "double", "size128", "size224", "flips_none", "flips_horizontal",
-                   "flips_all", "optimistic")
+DEFAULT_RECIPES = ("default", "lrfind", "no_finetune", "double", "size64", "size128", "size224", "flips_none",
+                   "flips_horizontal", "flips_all", "optimistic")
 CHOOSES_ON_TEST = {"optimistic"}  # given <set>.ursa.csv: the test images are ursa's validation images
-SAME_AS_DEFAULT = {"size128": ("size", 128), "size224": ("size", 224), "flips_none": ("flips", "none"),
-                   "flips_horizontal": ("flips", "horizontal"), "flips_all": ("flips", "all")}
+SAME_AS_DEFAULT = {"size64": ("size", 64), "size128": ("size", 128), "size224": ("size", 224),
+                   "flips_none": ("flips", "none"), "flips_horizontal": ("flips", "horizontal"), "flips_all": ("flips", "all")}
 ERROR_LINE = re.compile(r"^error_rate\s+([0-9.eE+-]+)\s+\(accuracy", re.M)
 BUDGET_PROBE = (
     "import json\nfrom dataclasses import MISSING, fields\nfrom ursa.training.config import TrainConfig\n"

@@ -30,7 +30,7 @@ class Rule:
 
 
 RULES = (
-    Rule("input size", "size", ("default", "size128", "size224")),
+    Rule("input size", "size", ("default", "size64", "size128", "size224")),
     Rule("flips", "flips", ("default", "flips_none", "flips_horizontal", "flips_all")),
     Rule("fine-tune or not", "fine_tune_epochs", ("default", "no_finetune")),
     Rule("how long to fine-tune", "fine_tune_epochs", ("default", "double")),

@@ -245,7 +245,7 @@ def test_rules_are_checked_leave_one_set_out_on_held_out_errors(bench, tmp_path,
     row = next(r for r in rules["flips"]["rows"] if r["set"] == "toy")
     assert row["group"] == "checked on" and row["fitted_without"] == "flips_none" and row["decided"] == "none"
     assert rules["learning rate"]["summary"]["checked on"] == {"held": 2, "of": 2}
-    assert rules["input size"]["not_run"] == ["size128", "size224"]
+    assert rules["input size"]["not_run"] == ["size64", "size128", "size224"]
     assert [r["optimism"] for r in rules["epoch kept"]["rows"]] == [-0.01] * 3
     assert [r["honesty_cost"] for r in rules["epoch kept"]["rows"]] == [0.0] * 3
     assert "rule: flips (default vs flips_none, flips_horizontal, flips_all)" in out and "checked on: held on 2 of 2" in out
@@ -315,7 +315,7 @@ def test_an_alternative_run_on_few_sets_is_left_out_of_its_rule_not_the_whole_ru
     recs = [{"set": s, "recipe": r, "test_error": e, "recipe_json": {"size": 64}} for (s, r), e in errs.items()]
     checks = {c["rule"]: c for c in check_all(recs, ["a", "b", "c"], ["default", "size128", "size224"], (), {"a": 10, "b": 10, "c": 10})}
     size = checks["input size"]
-    assert size["left_out"] == ["size224"] and size["arms"] == ["default", "size128"]
+    assert size["left_out"] == ["size64", "size224"] and size["arms"] == ["default", "size128"]
     assert {r["set"]: r["verdict"] for r in size["rows"]} == {"a": "held", "b": "held", "c": "missed"}
     assert checks["flips"]["not_run"] == ["flips_none", "flips_horizontal", "flips_all"]
 

@@ -84,9 +84,15 @@ def test_too_few_epochs_at_the_input_size_fine_tune_at_a_smaller_one_counted():
     # a larger budget fits more epochs at a larger size; a smaller one none at TUNE_MIN_SIZE: no fine-tuning
     assert smaller_tune_size(0.05, 189, BEARS, 150, 224, lite0_gflops)[0] > size
     assert smaller_tune_size(0.05, 189, BEARS, 60, 224, lite0_gflops) is None
-    # small images (64 px) have no smaller size to go to; a good frozen body is not fine-tuned at any size
+    # 64 px (given) has no smaller size to go to; a good frozen body is not fine-tuned at any size
     assert smaller_tune_size(0.2, 80, TILES, 20, 64, lite0_gflops) is None
     assert smaller_tune_size(0.005, 189, BEARS, 120, 224, lite0_gflops) is None
+    # many small images upsampled to 128 px: when too few epochs fit there, fine-tuning may go down to half of it
+    many = Work(gflops=lite0_gflops(128), frozen_gflops=lite0_gflops(128), n_train=1500, n_valid=375, frozen_epochs=4,
+                views=4)
+    assert fine_tune_epochs(0.1, 375, many, 120)[1] is FineTune.TOO_FEW_FIT
+    got = smaller_tune_size(0.1, 375, many, 120, 128, lite0_gflops)
+    assert got is not None and got[0] in (64, 96) and got[1] >= MIN_EPOCHS, got
     # the validation pass stays at the input size: counted at the frozen stage's FLOPs
     only_valid = Work.from_json({**work.to_json(), "n_train": 0})
     assert only_valid.epoch_seconds == pytest.approx(Work.from_json({**BEARS.to_json(), "n_train": 0}).epoch_seconds)
