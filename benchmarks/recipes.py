@@ -46,7 +46,7 @@ from recipes_report import (  # noqa: E402 - the benchmarks share their plumbing
     aims_lines, evaluate_aims, fmt, summarize, table_lines, tta_lines)
 from fastai_anchor import fastai_for_set  # noqa: E402
 from rules import FITTED_ON, check_all, format_checks  # noqa: E402
-from run_store import RunStore, commit_of, run_key  # noqa: E402
+from run_store import RunStore, commit_of, read_timing, run_key  # noqa: E402
 from splits import (  # noqa: E402, F401 - scale.py and the tests take InputError, write_atomic, the split helpers from here
     IMG_EXTS, SETS, SPLIT_SEED, VALID_PCT, InputError, csv_text, ensure_split, find_sets, make_split, read_split,
     split_paths, train_split_path, write_atomic)
@@ -381,11 +381,12 @@ def write_report(results: Path, report: dict, records: list[dict], summaries: di
                  fastai_runs: dict, recipes: list[str]) -> tuple[dict, list[dict]]:
     """recipes.json (atomic, rewritten after every set so an interrupted run keeps what it measured); aims, rule checks."""
     sets, n_test = list(summaries), report["n_test"]
+    idle = read_timing(results)
     aims = {s: evaluate_aims(s, summaries[s].get("default"), summaries[s].get("no_finetune") or summaries[s].get("frozen"),
-                             fastai.get(s), summaries[s].get("lrfind"), n_test.get(s))
+                             fastai.get(s), summaries[s].get("lrfind"), n_test.get(s), idle.get(s))
             for s in sets if "default" in summaries[s]}
     checks = check_all(records, sets, recipes, report["fitted_on"], n_test)
-    data = {**report, "runs": records, "summaries": summaries, "fastai": fastai, "fastai_runs": fastai_runs, "aims": aims,
+    data = {**report, "idle_timing": {s: idle[s] for s in sets if s in idle}, "runs": records, "summaries": summaries, "fastai": fastai, "fastai_runs": fastai_runs, "aims": aims,
             "rules": checks}
     write_atomic(results / "recipes.json", json.dumps(data, indent=1, default=str) + "\n")
     return aims, checks

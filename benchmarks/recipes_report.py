@@ -25,20 +25,27 @@ def _aim(name: str, value: str, aim: str, ok: bool | None) -> dict:
 
 
 def evaluate_aims(set_name: str, default: dict | None, frozen: dict | None, fastai: dict | None,
-                  lrfind: dict | None = None, n_test: int | None = None) -> list[dict]:
-    """Issues 15 and 28's aims for the default recipe on one set (summaries as from `summarize`), each held/missed/not measured."""
+                  lrfind: dict | None = None, n_test: int | None = None, idle: dict | None = None) -> list[dict]:
+    """Issues 15 and 28's aims for the default recipe on one set (summaries as from `summarize`), each held/missed/not measured.
+
+    ``idle``: the set's entry of results/recipes_timing.json (both sides timed alone on the machine); when it has both
+    walls, the time aims use them ("(idle)"), else the benchmark's own walls ("(busy)")."""
     err, wall = (default or {}).get("err_mean"), (default or {}).get("wall_mean")
     f_err, f_wall, fr_err = (fastai or {}).get("err_mean"), (fastai or {}).get("wall_mean"), (frozen or {}).get("err_mean")
+    u_idle, f_idle = ((idle or {}).get("ursa") or {}).get("wall_s"), ((idle or {}).get("fastai") or {}).get("wall_s")
+    when = "busy"
+    if u_idle is not None and f_idle is not None:
+        wall, f_wall, when = u_idle, f_idle, "idle"
     e_f, e_fr = err is not None and f_err is not None, err is not None and fr_err is not None
     w_f = wall is not None and f_wall is not None
     wall_ratio = f"{wall / f_wall:.2f}" if w_f and f_wall else "-"
     aims = [_aim("error / fastai error", (f"{err / f_err:.2f}" if f_err else f"{err:.4f} vs 0") if e_f else "-",
                  "<= 0.5", err <= 0.5 * f_err if e_f else None),
             _aim("error vs frozen", f"{err:.4f} vs {fr_err:.4f}" if e_fr else "-", "<= frozen", err <= fr_err if e_fr else None),
-            _aim("wall / fastai wall", wall_ratio, "<= 1", wall <= f_wall if w_f else None)]
+            _aim(f"wall / fastai wall ({when})", wall_ratio, "<= 1", wall <= f_wall if w_f else None)]
     if set_name == "bears":
         aims += [_aim("error", f"{err:.4f}" if err is not None else "-", "<= 0.03", err <= 0.03 if err is not None else None),
-                 _aim("wall / fastai wall", wall_ratio, "<= 0.2", wall <= f_wall / 5 if w_f else None)]
+                 _aim(f"wall / fastai wall ({when})", wall_ratio, "<= 0.2", wall <= f_wall / 5 if w_f else None)]
     if lrfind is not None:  # issue 28: the suggestion, used as --lr, never worse than the default by more than one picture
         worst = max((a - b for a, b in zip(lrfind.get("errs", []), (default or {}).get("errs", []))), default=None)
         pics = None if worst is None or not n_test else worst * n_test
@@ -121,8 +128,9 @@ def markdown_table(report: dict, arms: tuple[str, ...] = ("lrfind", "no_finetune
         same = " (= default)" if sm.get("same_as_default") == sm.get("n") and sm.get("n") else ""
         return f"{sm['err_mean']:.3f}{same} ({sm['n']})"
 
+    idle = report.get("idle_timing") or {}
     head = ["set (test pictures)", "default: held-out mean (per seed)", "reported", "decided (seed 0)", *arms,
-            "fastai lesson (error, wall s)", "aims held / measured"]
+            "fastai lesson (error, wall s)", *(["idle wall s: ursa / fastai"] if idle else []), "aims held / measured"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     runs = report.get("runs", [])
     for s, by in report["summaries"].items():
@@ -139,14 +147,23 @@ def markdown_table(report: dict, arms: tuple[str, ...] = ("lrfind", "no_finetune
         cells = [f"{s} ({report['n_test'].get(s)})",
                  f"**{d['err_mean']:.3f}** (" + ", ".join(f"{e:.3f}" for e in d["errs"]) + ")",
                  fmt(d.get("reported_mean"), ".3f"), _decided_short(first), *(mean(by.get(a)) for a in arms), fastai,
-                 f"{held} / {len(aims)}" + (f"; missed: {missed}" if missed else "")]
+                 *([_idle_cell(idle.get(s))] if idle else []), f"{held} / {len(aims)}" + (f"; missed: {missed}" if missed else "")]
         lines.append("| " + " | ".join(cells) + " |")
     return lines
 
 
-if __name__ == "__main__":  # the markdown table from a recipes.json: python benchmarks/recipes_report.py [FILE]
+def _idle_cell(t: dict | None) -> str:
+    """A set's idle walls (recipes_timing.py): ursa's / fastai's, and their ratio."""
+    u, f = ((t or {}).get("ursa") or {}).get("wall_s"), ((t or {}).get("fastai") or {}).get("wall_s")
+    if u is None:
+        return "not timed"
+    return f"{u:.0f} / {fmt(f, '.0f')}" + (f" ({u / f:.2f})" if f else "")
+
+
+if __name__ == "__main__":  # the markdown table: python benchmarks/recipes_report.py [FILE [ARM,ARM...]]
     import sys
     from pathlib import Path
 
     path = Path(sys.argv[1]) if len(sys.argv) > 1 else Path(__file__).parent / "results" / "recipes.json"
-    print("\n".join(markdown_table(json.loads(path.read_text()))))
+    arms = tuple(sys.argv[2].split(",")) if len(sys.argv) > 2 else ("lrfind", "no_finetune", "size128", "optimistic")
+    print("\n".join(markdown_table(json.loads(path.read_text()), arms)))

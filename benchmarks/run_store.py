@@ -17,6 +17,8 @@ from pathlib import Path
 
 from splits import write_atomic
 
+TIMING = "recipes_timing.json"  # benchmarks/recipes_timing.py's idle walls, by set
+
 
 def run_key(split: Path, flags: list[str] | str, extra: list[str]) -> dict:
     """What a run's figure depends on besides ursa's code: its flags, the extra flags, the split file's name and bytes."""
@@ -65,3 +67,12 @@ class RunStore:
         p.parent.mkdir(parents=True, exist_ok=True)
         body = {**{k: v for k, v in rec.items() if k != "stored"}, "key": key, "commit": self.commit}
         write_atomic(p, json.dumps(body, indent=1, default=str) + "\n")
+
+
+def read_timing(results: Path) -> dict:
+    """The idle timings by set (recipes_timing.py; {} when none or unreadable: the time aims then use busy walls)."""
+    try:
+        got = json.loads((results / TIMING).read_text())
+        return got if isinstance(got, dict) else {}
+    except (OSError, ValueError):
+        return {}

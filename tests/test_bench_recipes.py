@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -90,9 +91,16 @@ def test_aims_say_held_or_missed(bench):
     verdicts = lambda aims: [(a["aim"], a["target"], a["verdict"]) for a in aims]  # noqa: E731
     good = bench.evaluate_aims("bears", sm(0.02, 50.0), sm(0.025, 40.0), sm(0.05, 300.0))
     assert verdicts(good) == [("error / fastai error", "<= 0.5", "held"), ("error vs frozen", "<= frozen", "held"),
-                              ("wall / fastai wall", "<= 1", "held"), ("error", "<= 0.03", "held"),
-                              ("wall / fastai wall", "<= 0.2", "held")]
+                              ("wall / fastai wall (busy)", "<= 1", "held"), ("error", "<= 0.03", "held"),
+                              ("wall / fastai wall (busy)", "<= 0.2", "held")]
     assert good[0]["value"] == "0.40" and good[4]["value"] == "0.17"
+    # idle timings (recipes_timing.py), when both sides have one, replace the benchmark's busy walls in the time aims
+    idle = {"ursa": {"wall_s": 70.0}, "fastai": {"wall_s": 300.0}}
+    timed = bench.evaluate_aims("bears", sm(0.02, 50.0), sm(0.025, 40.0), sm(0.05, 300.0), idle=idle)
+    assert [(a["aim"], a["value"], a["verdict"]) for a in timed if a["aim"].startswith("wall")] == [
+        ("wall / fastai wall (idle)", "0.23", "held"), ("wall / fastai wall (idle)", "0.23", "missed")]
+    half = {"ursa": {"wall_s": 70.0}, "fastai": None}  # fastai not timed idle: the busy walls stand
+    assert bench.evaluate_aims("bears", sm(0.02, 50.0), None, sm(0.05, 300.0), idle=half)[2]["aim"] == "wall / fastai wall (busy)"
     bad = bench.evaluate_aims("bears", sm(0.04, 100.0), sm(0.03, 40.0), sm(0.05, 300.0))
     assert [a["verdict"] for a in bad] == ["missed", "missed", "held", "missed", "missed"]
     # Other sets have the three general aims only; equal to frozen is "not worse"; no fastai figures: not measured.
@@ -308,7 +316,7 @@ def test_a_rule_that_loses_to_the_choice_fitted_on_the_other_sets_is_missed(benc
 
 
 def test_an_alternative_run_on_few_sets_is_left_out_of_its_rule_not_the_whole_rule(bench):
-    from rules import RULES, check_all
+    from rules import RULES, check_all, format_checks
 
     errs = {("a", "default"): 0.10, ("a", "size128"): 0.20, ("a", "size224"): 0.05, ("b", "default"): 0.10,
             ("b", "size128"): 0.30, ("c", "default"): 0.30, ("c", "size128"): 0.10}
@@ -318,6 +326,13 @@ def test_an_alternative_run_on_few_sets_is_left_out_of_its_rule_not_the_whole_ru
     assert size["left_out"] == ["size64", "size224"] and size["arms"] == ["default", "size128"]
     assert {r["set"]: r["verdict"] for r in size["rows"]} == {"a": "held", "b": "held", "c": "missed"}
     assert checks["flips"]["not_run"] == ["flips_none", "flips_horizontal", "flips_all"]
+    # the input size was refitted on issue 28's nine sets: there they count as "fitted on", whatever --fitted-on says
+    named = [{**r, "set": {"a": "bears", "b": "uci_digits", "c": "new_set"}[r["set"]]} for r in recs]
+    size = next(c for c in check_all(named, ["bears", "uci_digits", "new_set"], ["default", "size128"], ("bears",),
+                                     {"bears": 10, "uci_digits": 10, "new_set": 10}) if c["rule"] == "input size")
+    assert {r["set"]: r["group"] for r in size["rows"]} == {"bears": "fitted on", "uci_digits": "fitted on",
+                                                            "new_set": "checked on"}
+    assert "  refitted on: bears, eurosat_dev" in "\n".join(format_checks([size]))
 
 
 @pytest.fixture(scope="module")
@@ -401,3 +416,43 @@ def test_the_markdown_table_shows_each_seed_the_decision_and_the_aims_missed(ben
     assert "| s (10) | **0.250** (0.200, 0.300) | 0.100 | 64 px, flips none; fine-tunes 12 epochs; 35.5 s counted |" in row
     assert "0.250 (= default) (2)" in row and "| not run |" in row and "0.500, 100" in row
     assert row.endswith("| 1 / 2; missed: wall / fastai wall |")
+    # idle timings, when measured, get their own column (both walls and the ratio)
+    timed = markdown_table({**report, "idle_timing": {"s": {"ursa": {"wall_s": 50.0}, "fastai": {"wall_s": 200.0}}}})
+    assert "idle wall s: ursa / fastai" in timed[0] and "| 50 / 200 (0.25) |" in timed[2]
+
+
+def test_idle_timing_records_both_walls_checks_reproducibility_and_refuses_a_busy_machine(bench, tmp_path, monkeypatch,
+                                                                                         capsys):
+    timing = load_benchmark("recipes_timing")
+    try:
+        make_set(tmp_path / "data", "toy", n=5)
+        results = tmp_path / "results"
+        argv = ["--root", str(tmp_path / "data"), "--sets", "toy", "--results", str(results), "--fastai-stored", "toy"]
+        monkeypatch.setattr(timing, "load_now", lambda: 0.1)
+        assert timing.main(argv) == 2 and "run benchmarks/recipes.py --sets toy first" in capsys.readouterr().err
+        bench.ensure_split(tmp_path / "data" / "toy", results)
+        runs = results / "recipes_runs" / "toy"
+        runs.mkdir(parents=True)
+        (runs / "default.seed0.abcd.json").write_text(json.dumps({"test_error": 0.25}))  # the busy benchmark's run
+        (results / "fastai").mkdir()
+        (results / "fastai" / "toy.seed0.json").write_text(json.dumps({"final": {"error_rate": 0.5}, "stages_s": {"total_s": 300.0}}))
+        calls = []
+
+        def fake_ursa(set_dir, split, recipe, seed, flags, test, tta=True):
+            calls.append((recipe, seed, list(flags), tta))
+            return {"wall_s": 61.04, "error_rate": 0.25, "recipe_json": {"planned_seconds": 40.0, "seconds": 55.5}}
+
+        monkeypatch.setattr(timing, "run_ursa", fake_ursa)
+        assert timing.main(argv) == 0
+        assert calls == [("default", 0, [], False)]  # as a user types it: no --time-limit, no other flag
+        got = timing.read_timing(results)["toy"]
+        assert got["ursa"]["wall_s"] == 61.0 and got["ursa"]["same_as_busy"] is True and got["ursa"]["seconds"] == 55.5
+        assert got["fastai"]["wall_s"] == 300.0 and got["fastai"]["source"].startswith("stored")
+        aims = bench.evaluate_aims("toy", {"err_mean": 0.25, "wall_mean": 500.0}, None, {"err_mean": 0.5, "wall_mean": 200.0},
+                                   idle=got)
+        assert aims[2]["aim"] == "wall / fastai wall (idle)" and aims[2]["verdict"] == "held"  # busy walls would miss
+        # another process on the machine: refused before anything runs
+        monkeypatch.setattr(timing, "load_now", lambda: 1.7)
+        assert timing.main(argv) == 2 and "the machine is busy" in capsys.readouterr().err and len(calls) == 1
+    finally:
+        sys.modules.pop("bench_recipes_timing", None)

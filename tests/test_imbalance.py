@@ -115,9 +115,9 @@ def lopsided(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("lopsided")
     csv = synthetic_sets.lopsided_digits(root / "digits", small=SMALL, stray=0.3)
-    auto = train(TrainConfig(data=root / "digits", csv=csv, out=root / "auto", budget=0, quiet=True))
+    auto = train(TrainConfig(data=root / "digits", csv=csv, out=root / "auto", budget=0, size=64, quiet=True))
     r = subprocess.run([sys.executable, "-m", "ursa", "train", str(root / "digits"), "--csv", str(csv), "--out",
-                        str(root / "none"), "--budget", "0", "--balance", "none", "--quiet"],
+                        str(root / "none"), "--budget", "0", "--balance", "none", "--size", "64", "--quiet"],
                        capture_output=True, text=True, cwd=ROOT, timeout=600)
     assert r.returncode == 0, r.stderr
     return auto, root / "none", r.stdout

@@ -21,7 +21,7 @@ pytestmark = pytest.mark.timeout(1200)  # torchrun and resume runs: the longest 
 RUN_TIMEOUT = 1100  # one subprocess: under pytest-timeout's limit, above a busy shared machine's 600 s
 
 # 1 frozen epoch (feature cache) + 3 fine-tuning epochs: both kinds of fit, ~20 s at 64 px on 2 cores.
-RECIPE = ["--epochs", "1", "--unfreeze-epochs", "3", "--quiet"]
+RECIPE = ["--epochs", "1", "--unfreeze-epochs", "3", "--size", "64", "--quiet"]  # 64 px: what is tested is not the size
 
 
 def _ursa(*args: str, timeout: int = RUN_TIMEOUT) -> subprocess.CompletedProcess:
@@ -261,7 +261,7 @@ def test_torchrun_budget_decision_and_curve_on_rank_0_do_not_hang(mnist: Path, t
     """The default recipe under torchrun: ranks agree on the fine-tuning decision though rank 0 alone ran the curve."""
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-           "-m", "ursa", "train", str(mnist), "--out", str(out), "--epochs", "1", "--budget", "30", "--curve"]
+           "-m", "ursa", "train", str(mnist), "--out", str(out), "--epochs", "1", "--budget", "30", "--curve", "--size", "64"]
     r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=RUN_TIMEOUT)
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stderr.count("recipe: fine-tuning:") == 1, r.stderr[-3000:]
@@ -274,7 +274,7 @@ def test_nproc_wrapper_gives_rank_0s_error_and_exit_code(mnist: Path, tmp_path: 
     """`ursa train --nproc 2` that diverges: rank 0 writes the folder and says why, exit 3, no torchrun traceback."""
     out = tmp_path / "run"
     r = _ursa("train", str(mnist), "--out", str(out), "--nproc", "2", "--epochs", "1", "--unfreeze-epochs", "1",
-              "--lr", "50")
+              "--lr", "50", "--size", "64")
     assert r.returncode == 3, r.stderr[-3000:]
     assert "error: learning rate too high" in r.stderr and "Traceback" not in r.stderr, r.stderr[-3000:]
     assert (out / "advice.txt").is_file() and not (out / "model.safetensors").exists()
