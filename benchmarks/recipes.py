@@ -43,7 +43,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from recipes_report import (  # noqa: E402 - the benchmarks share their plumbing (stdlib only)
-    aims_lines, evaluate_aims, fmt, summarize, table_lines, tta_lines)
+    aims_lines, evaluate_aims, fmt, summarize, table_lines, tta_lines, usable_idle)
 from fastai_anchor import fastai_for_set  # noqa: E402
 from rules import FITTED_ON, check_all, format_checks  # noqa: E402
 from run_store import RunStore, commit_of, read_timing, run_key  # noqa: E402
@@ -381,12 +381,14 @@ def write_report(results: Path, report: dict, records: list[dict], summaries: di
                  fastai_runs: dict, recipes: list[str]) -> tuple[dict, list[dict]]:
     """recipes.json (atomic, rewritten after every set so an interrupted run keeps what it measured); aims, rule checks."""
     sets, n_test = list(summaries), report["n_test"]
-    idle = read_timing(results)
+    timing = read_timing(results) or {}
+    seed0 = {r["set"]: r for r in records if r["recipe"] == "default" and r["seed"] == 0}
+    idle = {s: got for s in sets if (got := usable_idle(timing.get(s), seed0.get(s)))}
     aims = {s: evaluate_aims(s, summaries[s].get("default"), summaries[s].get("no_finetune") or summaries[s].get("frozen"),
                              fastai.get(s), summaries[s].get("lrfind"), n_test.get(s), idle.get(s))
             for s in sets if "default" in summaries[s]}
     checks = check_all(records, sets, recipes, report["fitted_on"], n_test)
-    data = {**report, "idle_timing": {s: idle[s] for s in sets if s in idle}, "runs": records, "summaries": summaries, "fastai": fastai, "fastai_runs": fastai_runs, "aims": aims,
+    data = {**report, "idle_timing": idle, "runs": records, "summaries": summaries, "fastai": fastai, "fastai_runs": fastai_runs, "aims": aims,
             "rules": checks}
     write_atomic(results / "recipes.json", json.dumps(data, indent=1, default=str) + "\n")
     return aims, checks

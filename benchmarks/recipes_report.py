@@ -20,6 +20,19 @@ def summarize(records: list[dict]) -> dict:
             "rss_max": max(r["rss_mb"] for r in ok) if ok else None}
 
 
+def usable_idle(entry: dict | None, default_seed0: dict | None) -> dict | None:
+    """A set's idle timing (recipes_timing.py) when it timed the model this report holds: its ursa run finished with the
+    held-out error and the counted plan of the stored default run of seed 0 (else it timed other code: None). A failed
+    fastai timing is dropped (its side stays busy)."""
+    u, rec = (entry or {}).get("ursa") or {}, default_seed0 or {}
+    if (u.get("failure") or u.get("wall_s") is None or rec.get("test_error") is None or u.get("error") != rec["test_error"]
+            or u.get("counted_s") != (rec.get("recipe_json") or {}).get("planned_seconds")):
+        return None
+    f = entry.get("fastai") or {}
+    return {"ursa": u, "fastai": f if f.get("wall_s") is not None and not f.get("failure") else None,
+            "commit": entry.get("commit")}
+
+
 def _aim(name: str, value: str, aim: str, ok: bool | None) -> dict:
     return {"aim": name, "value": value, "target": aim, "verdict": "not measured" if ok is None else ("held" if ok else "missed")}
 
@@ -32,7 +45,8 @@ def evaluate_aims(set_name: str, default: dict | None, frozen: dict | None, fast
     walls, the time aims use them ("(idle)"), else the benchmark's own walls ("(busy)")."""
     err, wall = (default or {}).get("err_mean"), (default or {}).get("wall_mean")
     f_err, f_wall, fr_err = (fastai or {}).get("err_mean"), (fastai or {}).get("wall_mean"), (frozen or {}).get("err_mean")
-    u_idle, f_idle = ((idle or {}).get("ursa") or {}).get("wall_s"), ((idle or {}).get("fastai") or {}).get("wall_s")
+    u, f = (idle or {}).get("ursa") or {}, (idle or {}).get("fastai") or {}
+    u_idle, f_idle = (None if u.get("failure") else u.get("wall_s")), (None if f.get("failure") else f.get("wall_s"))
     when = "busy"
     if u_idle is not None and f_idle is not None:
         wall, f_wall, when = u_idle, f_idle, "idle"
@@ -119,7 +133,10 @@ def _decided_short(recipe_json: dict | None) -> str:
     return f"{size} px, flips {recipe_json.get('flips')}; {what}; {recipe_json.get('planned_seconds')} s counted"
 
 
-def markdown_table(report: dict, arms: tuple[str, ...] = ("lrfind", "no_finetune", "size128", "optimistic")) -> list[str]:
+TABLE_ARMS = ("lrfind", "no_finetune", "size64", "size128", "optimistic")
+
+
+def markdown_table(report: dict, arms: tuple[str, ...] = TABLE_ARMS) -> list[str]:
     """The per-set table of docs/train.md and benchmarks/README.md from recipes.json: held-out errors (mean of the
     seeds, then each seed), what the default decided, the alternatives' means, fastai's lesson beside, the aims."""
     def mean(sm: dict | None) -> str:
@@ -155,7 +172,7 @@ def markdown_table(report: dict, arms: tuple[str, ...] = ("lrfind", "no_finetune
 def _idle_cell(t: dict | None) -> str:
     """A set's idle walls (recipes_timing.py): ursa's / fastai's, and their ratio."""
     u, f = ((t or {}).get("ursa") or {}).get("wall_s"), ((t or {}).get("fastai") or {}).get("wall_s")
-    if u is None:
+    if u is None or ((t or {}).get("ursa") or {}).get("failure"):
         return "not timed"
     return f"{u:.0f} / {fmt(f, '.0f')}" + (f" ({u / f:.2f})" if f else "")
 
@@ -165,5 +182,5 @@ if __name__ == "__main__":  # the markdown table: python benchmarks/recipes_repo
     from pathlib import Path
 
     path = Path(sys.argv[1]) if len(sys.argv) > 1 else Path(__file__).parent / "results" / "recipes.json"
-    arms = tuple(sys.argv[2].split(",")) if len(sys.argv) > 2 else ("lrfind", "no_finetune", "size128", "optimistic")
+    arms = tuple(sys.argv[2].split(",")) if len(sys.argv) > 2 else TABLE_ARMS
     print("\n".join(markdown_table(json.loads(path.read_text()), arms)))

@@ -19,10 +19,12 @@ benchmarks/recipes.py reads it for the time aims. Stdlib only.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -35,48 +37,71 @@ def load_now() -> float:
     return os.getloadavg()[0]
 
 
-def stored_default_error(results: Path, name: str) -> float | None:
-    """The busy benchmark's held-out error of the default recipe, seed 0 (None when not measured)."""
+def wait_idle(max_load: float, timeout: float = 240.0, step: float = 5.0) -> float | None:
+    """Wait until the 1-minute load is at most max_load (the previous run's own load decays in ~1-2 min); the load
+    then, or None when it stayed above it for `timeout` seconds (another job is running)."""
+    waited = 0.0
+    while (load := load_now()) > max_load:
+        if waited >= timeout:
+            return None
+        time.sleep(step)
+        waited += step
+    return load
+
+
+def stored_default(results: Path, name: str) -> dict | None:
+    """The busy benchmark's default run, seed 0 (None when there is none, or several with other flags: ambiguous)."""
+    got = []
     for f in sorted((results / "recipes_runs" / name).glob("default.seed0.*.json")):
         try:
-            return json.loads(f.read_text()).get("test_error")
+            rec = json.loads(f.read_text())
         except (OSError, ValueError):
             continue
-    return None
+        if isinstance(rec, dict) and rec.get("test_error") is not None:
+            got.append(rec)
+    return got[0] if len(got) == 1 else None
 
 
-def time_ursa(name: str, set_dir: Path, results: Path) -> dict:
+def time_ursa(name: str, set_dir: Path, results: Path, load: float) -> dict:
+    """`ursa train` as a user types it (the default recipe, seed 0) on the benchmark's 80%, timed; its held-out error
+    against the busy benchmark's run of the same seed (the plan is counted: they must be equal)."""
     rows = ensure_split(set_dir, results, write=False)
     test = [r for r in rows if r[2]]
-    before = load_now()
     rec = run_ursa(set_dir, train_split_path(results, name), "default", 0, [], test, tta=False)
-    stored = stored_default_error(results, name)
-    return {"wall_s": round(rec["wall_s"], 1), "counted_s": (rec.get("recipe_json") or {}).get("planned_seconds"),
-            "seconds": (rec.get("recipe_json") or {}).get("seconds"), "error": rec.get("error_rate"),
-            "busy_error": stored, "same_as_busy": None if stored is None or rec.get("error_rate") is None
-            else rec["error_rate"] == stored, "load_before": round(before, 2), "load_after": round(load_now(), 2),
-            "failure": rec.get("failure")}
+    plan = rec.get("recipe_json") or {}
+    busy = stored_default(results, name) or {}
+    ok = rec.get("error_rate") is not None and not rec.get("failure")
+    return {"wall_s": round(rec["wall_s"], 1), "counted_s": plan.get("planned_seconds"), "seconds": plan.get("seconds"),
+            "error": rec.get("error_rate"), "busy_error": busy.get("test_error"),
+            "busy_counted_s": (busy.get("recipe_json") or {}).get("planned_seconds"),
+            "same_as_busy": None if not ok or not busy else rec["error_rate"] == busy["test_error"],
+            "load_before": round(load, 2), "load_after": round(load_now(), 2), "failure": None if ok else
+            rec.get("failure") or "no held-out error"}
 
 
-def time_fastai(name: str, set_dir: Path, results: Path, venv: Path | None, stored: bool) -> dict | None:
+def fastai_stored(name: str, results: Path) -> dict:
+    """fastai's stored seed-0 result on the benchmark's split (InputError when missing, unreadable or another split)."""
     anchor_csv = split_paths(results, name)[0]
-    if stored:
-        got = read_fastai(results / "fastai" / f"{name}.seed0.json", None)
-        if isinstance(got, str):
-            raise InputError(got)
-        return {"wall_s": round(got["wall_s"], 1), "error": got["error_rate"], "source": "stored seed 0 (measured idle)"}
-    if venv is None:
-        return None
+    got = read_fastai(results / "fastai" / f"{name}.seed0.json", hashlib.sha256(anchor_csv.read_bytes()).hexdigest())
+    if isinstance(got, str):
+        raise InputError(got)
+    return {"wall_s": round(got["wall_s"], 1), "error": got["error_rate"], "source": "stored seed 0 (measured idle)",
+            "failure": None}
+
+
+def time_fastai(name: str, set_dir: Path, results: Path, venv: Path, load: float) -> dict:
+    """fastai's lesson recipe (seed 0) on the same split, timed; its wall is the anchor's own total (as stored ones)."""
+    anchor_csv = split_paths(results, name)[0]
     with tempfile.TemporaryDirectory(prefix="ursa_timing_fastai_") as tmp:
         out = Path(tmp) / "fastai.json"
-        before = load_now()
         r = run_measured(fastai_command(venv, set_dir, anchor_csv, out, 0), Path(tmp))
-        after = load_now()
-        got = read_fastai(out, None) if r["rc"] == 0 else f"exit {r['rc']}"
+        got = read_fastai(out, None) if r["rc"] == 0 else f"exit {r['rc']}: " + (r["stderr"].strip().splitlines()
+                                                                                 or ["no output"])[-1]
     if isinstance(got, str):
-        return {"failure": got, "wall_s": round(r["wall_s"], 1)}
-    return {"wall_s": round(r["wall_s"], 1), "error": got["error_rate"], "source": "measured here",
-            "load_before": round(before, 2), "load_after": round(after, 2)}
+        return {"failure": got, "wall_s": None, "process_wall_s": round(r["wall_s"], 1)}
+    return {"wall_s": round(got["wall_s"], 1), "process_wall_s": round(r["wall_s"], 1), "error": got["error_rate"],
+            "source": "measured here", "load_before": round(load, 2), "load_after": round(load_now(), 2),
+            "failure": None}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -100,30 +125,47 @@ def main(argv: list[str] | None = None) -> int:
             if not train_split_path(args.results, name).is_file():
                 raise InputError(f"{train_split_path(args.results, name)}: no split for {name} yet; run "
                                  f"benchmarks/recipes.py --sets {name} first (it makes the split this times)")
+            if name in stored:
+                fastai_stored(name, args.results)
+        timing = read_timing(args.results)
+        if timing is None:
+            raise InputError(f"{args.results / TIMING}: not a timing file (unreadable JSON or not an object); move it "
+                             "aside to start a new one")
     except InputError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    timing = read_timing(args.results)
+    failed = 0
     for name, set_dir in sets.items():
-        if (load := load_now()) > args.max_load:
-            print(f"error: the machine is busy (1-minute load {load:.2f} > --max-load {args.max_load}): idle timings "
-                  "need it to themselves; stop the other jobs and run again", file=sys.stderr)
-            return 2
-        u = time_ursa(name, set_dir, args.results)
+        if (load := wait_idle(args.max_load)) is None:
+            return busy(args.max_load)
+        u = time_ursa(name, set_dir, args.results, load)
         print(f"{name}: ursa {u['wall_s']} s wall ({u['seconds']} s by its own count), held-out error {u['error']} "
-              f"(busy run: {u['busy_error']}), load {u['load_before']} -> {u['load_after']}", flush=True)
-        try:
-            f = None if args.no_fastai else time_fastai(name, set_dir, args.results, venv, name in stored)
-        except InputError as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 2
+              f"(busy run: {u['busy_error']}), load {u['load_before']} -> {u['load_after']}"
+              + (f"; FAILED: {u['failure']}" if u["failure"] else ""), flush=True)
+        f = None
+        if name in stored:
+            f = fastai_stored(name, args.results)
+        elif venv is not None:
+            if (load := wait_idle(args.max_load)) is None:
+                return busy(args.max_load)
+            f = time_fastai(name, set_dir, args.results, venv, load)
         if f is not None:
-            print(f"{name}: fastai {f.get('wall_s')} s wall, error {f.get('error')} ({f.get('source', f.get('failure'))})",
+            print(f"{name}: fastai {f['wall_s']} s, error {f.get('error')} ({f.get('source') or 'FAILED: ' + f['failure']})",
                   flush=True)
-        timing[name] = {"ursa": u, "fastai": f, "commit": commit_of(ROOT), "cpus": os.cpu_count()}
+        failed += bool(u["failure"]) + bool(f and f["failure"])
+        entry = {**timing.get(name, {}), "ursa": u, "commit": commit_of(ROOT), "cpus": os.cpu_count()}
+        if f is not None:  # --no-fastai keeps an earlier fastai timing
+            entry["fastai"] = f
+        timing[name] = entry
         write_atomic(args.results / TIMING, json.dumps(timing, indent=1) + "\n")
-    print(f"written: {args.results / TIMING}")
-    return 0
+    print(f"written: {args.results / TIMING}" + (f"; {failed} run(s) failed" if failed else ""))
+    return 1 if failed else 0
+
+
+def busy(max_load: float) -> int:
+    print(f"error: the machine is busy (1-minute load above --max-load {max_load} for 4 minutes): idle timings need it "
+          "to themselves; stop the other jobs and run again", file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":

@@ -69,10 +69,14 @@ class RunStore:
         write_atomic(p, json.dumps(body, indent=1, default=str) + "\n")
 
 
-def read_timing(results: Path) -> dict:
-    """The idle timings by set (recipes_timing.py; {} when none or unreadable: the time aims then use busy walls)."""
-    try:
-        got = json.loads((results / TIMING).read_text())
-        return got if isinstance(got, dict) else {}
-    except (OSError, ValueError):
+def read_timing(results: Path) -> dict | None:
+    """The idle timings by set (recipes_timing.py): {} when there is no file, None when it is unreadable; entries that
+    are not objects are dropped."""
+    path = results / TIMING
+    if not path.is_file():
         return {}
+    try:
+        got = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return {k: v for k, v in got.items() if isinstance(v, dict)} if isinstance(got, dict) else None

@@ -423,36 +423,63 @@ def test_the_markdown_table_shows_each_seed_the_decision_and_the_aims_missed(ben
 
 def test_idle_timing_records_both_walls_checks_reproducibility_and_refuses_a_busy_machine(bench, tmp_path, monkeypatch,
                                                                                          capsys):
+    import hashlib
+
+    from recipes_report import usable_idle
+
     timing = load_benchmark("recipes_timing")
     try:
-        make_set(tmp_path / "data", "toy", n=5)
+        for name in ("toy", "two"):
+            make_set(tmp_path / "data", name, n=5)
         results = tmp_path / "results"
-        argv = ["--root", str(tmp_path / "data"), "--sets", "toy", "--results", str(results), "--fastai-stored", "toy"]
-        monkeypatch.setattr(timing, "load_now", lambda: 0.1)
+        argv = ["--root", str(tmp_path / "data"), "--sets", "toy,two", "--results", str(results), "--fastai-stored", "toy,two"]
+        loads = iter([])
+        monkeypatch.setattr(timing, "load_now", lambda: next(loads, 0.1))
+        monkeypatch.setattr(timing.time, "sleep", lambda s: None)
         assert timing.main(argv) == 2 and "run benchmarks/recipes.py --sets toy first" in capsys.readouterr().err
-        bench.ensure_split(tmp_path / "data" / "toy", results)
-        runs = results / "recipes_runs" / "toy"
-        runs.mkdir(parents=True)
-        (runs / "default.seed0.abcd.json").write_text(json.dumps({"test_error": 0.25}))  # the busy benchmark's run
-        (results / "fastai").mkdir()
-        (results / "fastai" / "toy.seed0.json").write_text(json.dumps({"final": {"error_rate": 0.5}, "stages_s": {"total_s": 300.0}}))
+        (results / "fastai").mkdir(parents=True)
+        for name in ("toy", "two"):
+            bench.ensure_split(tmp_path / "data" / name, results)
+            runs = results / "recipes_runs" / name
+            runs.mkdir(parents=True)
+            (runs / "default.seed0.abcd.json").write_text(json.dumps(  # the busy benchmark's run of seed 0
+                {"test_error": 0.25, "recipe_json": {"planned_seconds": 40.0}}))
+            sha = hashlib.sha256((results / "splits" / f"{name}.csv").read_bytes()).hexdigest()
+            (results / "fastai" / f"{name}.seed0.json").write_text(json.dumps(
+                {"final": {"error_rate": 0.5}, "stages_s": {"total_s": 300.0}, "counts": {"split_sha256": sha}}))
         calls = []
 
         def fake_ursa(set_dir, split, recipe, seed, flags, test, tta=True):
-            calls.append((recipe, seed, list(flags), tta))
+            calls.append((set_dir.name, recipe, seed, list(flags), tta))
+            if set_dir.name == "two":  # a run that fails after 3 s: no wall to compare
+                return {"wall_s": 3.0, "error_rate": None, "failure": "no model.safetensors written"}
             return {"wall_s": 61.04, "error_rate": 0.25, "recipe_json": {"planned_seconds": 40.0, "seconds": 55.5}}
 
         monkeypatch.setattr(timing, "run_ursa", fake_ursa)
-        assert timing.main(argv) == 0
-        assert calls == [("default", 0, [], False)]  # as a user types it: no --time-limit, no other flag
-        got = timing.read_timing(results)["toy"]
-        assert got["ursa"]["wall_s"] == 61.0 and got["ursa"]["same_as_busy"] is True and got["ursa"]["seconds"] == 55.5
-        assert got["fastai"]["wall_s"] == 300.0 and got["fastai"]["source"].startswith("stored")
+        # the first set's own run leaves the load high for a while: the next set waits for it to fall, then runs
+        loads = iter([0.1, 1.9, 1.2, 0.4])
+        assert timing.main(argv) == 1 and "1 run(s) failed" in capsys.readouterr().out  # "two" failed: exit 1
+        assert calls == [("toy", "default", 0, [], False), ("two", "default", 0, [], False)]  # as a user types it
+        got = timing.read_timing(results)
+        toy, two = got["toy"], got["two"]
+        assert toy["ursa"]["wall_s"] == 61.0 and toy["ursa"]["same_as_busy"] is True and toy["ursa"]["seconds"] == 55.5
+        assert toy["fastai"]["wall_s"] == 300.0 and toy["fastai"]["source"].startswith("stored")
+        assert two["ursa"]["failure"] and two["ursa"]["same_as_busy"] is None
+        busy_run = {"test_error": 0.25, "recipe_json": {"planned_seconds": 40.0}}
+        idle = usable_idle(toy, busy_run)
         aims = bench.evaluate_aims("toy", {"err_mean": 0.25, "wall_mean": 500.0}, None, {"err_mean": 0.5, "wall_mean": 200.0},
-                                   idle=got)
+                                   idle=idle)
         assert aims[2]["aim"] == "wall / fastai wall (idle)" and aims[2]["verdict"] == "held"  # busy walls would miss
-        # another process on the machine: refused before anything runs
-        monkeypatch.setattr(timing, "load_now", lambda: 1.7)
-        assert timing.main(argv) == 2 and "the machine is busy" in capsys.readouterr().err and len(calls) == 1
+        # a failed run, or a timing of another model (other counted plan or error), is not used: the busy walls stand
+        assert usable_idle(two, busy_run) is None
+        assert usable_idle(toy, {**busy_run, "recipe_json": {"planned_seconds": 41.0}}) is None
+        assert usable_idle(toy, {**busy_run, "test_error": 0.3}) is None
+        # another process keeps the machine busy: refused, nothing runs
+        loads = iter([1.7] * 100)
+        assert timing.main(argv) == 2 and "the machine is busy" in capsys.readouterr().err and len(calls) == 2
+        # a tampered timing file is refused in one line, not overwritten
+        (results / "recipes_timing.json").write_text("[1, 2")
+        assert timing.main(argv) == 2 and "not a timing file" in capsys.readouterr().err
+        assert (results / "recipes_timing.json").read_text() == "[1, 2"
     finally:
         sys.modules.pop("bench_recipes_timing", None)

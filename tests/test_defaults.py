@@ -7,6 +7,7 @@ import math
 import os
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -93,6 +94,9 @@ def test_too_few_epochs_at_the_input_size_fine_tune_at_a_smaller_one_counted():
     assert fine_tune_epochs(0.1, 375, many, 120)[1] is FineTune.TOO_FEW_FIT
     got = smaller_tune_size(0.1, 375, many, 120, 128, lite0_gflops)
     assert got is not None and got[0] in (64, 96) and got[1] >= MIN_EPOCHS, got
+    # images at their own 160 or 192 px keep the 128 px floor: no 2x gap between training and test on real detail
+    assert smaller_tune_size(0.1, 375, replace(many, gflops=lite0_gflops(160), frozen_gflops=lite0_gflops(160)), 120,
+                             160, lite0_gflops) is None
     # the validation pass stays at the input size: counted at the frozen stage's FLOPs
     only_valid = Work.from_json({**work.to_json(), "n_train": 0})
     assert only_valid.epoch_seconds == pytest.approx(Work.from_json({**BEARS.to_json(), "n_train": 0}).epoch_seconds)
@@ -204,8 +208,8 @@ def test_the_default_recipe_decides_the_same_and_trains_the_same_model_on_a_busy
     data = _noise_set(tmp_path / "data")  # 36 pictures, 7 for validation: the frozen body misses most
 
     def run(name: str) -> tuple[dict, dict]:
-        # budget 10 s counted: 3 fine-tuning epochs fit after the frozen stage; the wall-clock cap is far away
-        res = train(TrainConfig(data=data, out=tmp_path / name, epochs=2, budget=10, time_limit=600, quiet=True))
+        # 64 px, budget 10 s counted: 3 fine-tuning epochs fit after the frozen stage; the wall-clock cap is far away
+        res = train(TrainConfig(data=data, out=tmp_path / name, epochs=2, budget=10, time_limit=600, size=64, quiet=True))
         recipe = json.loads((tmp_path / name / "recipe.json").read_text())
         return recipe, load_file(str(res.model_path))
 

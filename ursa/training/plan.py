@@ -35,8 +35,8 @@ GOOD_ENOUGH = 0.02
 # default budget (more gained little on the dev sets); a larger --budget raises the cap in proportion.
 MIN_EPOCHS, MAX_EPOCHS = 3, 12
 # When fewer than MIN_EPOCHS fit at the input size (224 px photos, several hundred of them), fine-tune at a smaller
-# size: the largest multiple of 32, down to TUNE_MIN_SIZE (or half the input size where that is smaller), at which
-# MIN_EPOCHS fit. The frozen stage, the validation and the model file stay at the input size (training below the test
+# size: the largest multiple of 32, down to TUNE_MIN_SIZE (inputs of MIN_SIZE or less: half their size, at least
+# FLOOR_SIZE), at which MIN_EPOCHS fit. The frozen stage, the validation and the model file stay at the input size (training below the test
 # size with random-resized crops costs little: Touvron et al. 2019, "FixRes"). Counted like the rest: the network's
 # FLOPs at each smaller size.
 TUNE_MIN_SIZE = 128
@@ -132,7 +132,7 @@ class Plan:
     fine_tune_epochs: int = 0
     fine_tune_why: str = "not decided yet"
     fine_tune: FineTune = FineTune.UNDECIDED  # how it was decided (data; the why is its words)
-    tune_size: int | None = None  # fine-tuning trains at this smaller size (TUNE_MIN_SIZE...): None, the input size
+    tune_size: int | None = None  # fine-tuning trains at this smaller size (smaller_tune_size): None, the input size
     balance: str = "none"  # lopsided classes: the remedy (training/balance.py), or none
     balance_why: str = ""
     probe: dict = field(default_factory=dict)
@@ -196,7 +196,7 @@ class Plan:
 
 
 def choose_size(probe: ImageProbe, arch_size: int, given: int | None) -> tuple[int, str]:
-    """The input size: given, the network's own for photos near it, else the images' own (at least 64 px)."""
+    """The input size: given, the network's own for photos near it, else the images' own (at least MIN_SIZE)."""
     if given is not None:
         return given, "--size"
     if probe.n == 0 or probe.median_short >= NATIVE_SHARE * arch_size:
@@ -277,7 +277,8 @@ def smaller_tune_size(frozen_error: float, n_valid: int, work: Work, budget: flo
 
     ``gflops_at(s)``: the network's forward GFLOPs at s px (counted), so the choice is counted like the rest.
     """
-    floor = max(FLOOR_SIZE, min(TUNE_MIN_SIZE, size // 2))  # small images upsampled to MIN_SIZE may fine-tune nearer their own size
+    # inputs of MIN_SIZE or less (small images, upsampled) may fine-tune down to half their size, never below FLOOR_SIZE
+    floor = TUNE_MIN_SIZE if size > MIN_SIZE else max(FLOOR_SIZE, size // 2)
     for s in range(32 * ((size - 1) // 32), floor - 1, -32):
         smaller = replace(work, gflops=gflops_at(s))
         n, how, _ = fine_tune_epochs(frozen_error, n_valid, smaller, budget, cap)
