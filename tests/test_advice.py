@@ -217,7 +217,7 @@ def test_advice_txt_lists_findings_and_the_checklist(tmp_path):
 def _fake_learner():
     model = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.BatchNorm1d(2))
     return SimpleNamespace(model=model, recorder=Recorder(), console=SimpleNamespace(print=lambda *a, **k: None),
-                           stage="frozen", batch_cancelled=False)
+                           stage="frozen", batch_cancelled=False, epoch_in_fit=0, n_epoch=1)
 
 
 def _epoch(learn, cbs, e, train, valid, err, losses):
@@ -246,6 +246,20 @@ def test_best_weights_and_advice_printer_keep_the_best_epoch_and_say_new_advice_
         _epoch(learn, cbs, e, 0.3, 0.25, err, [0.35, 0.3])
     assert cbs[0].epoch == 1
     assert all(torch.equal(best[k], cbs[0].state[k]) for k in best)
+    assert sum("error is getting worse" in m for m in said) == 1
+
+
+def test_advice_waits_for_the_end_of_the_fit_where_a_one_cycle_anneals():
+    """A rise mid-cycle is not yet "too many epochs": the last epochs of the schedule may bring it down again."""
+    learn, said = _fake_learner(), []
+    learn.console = SimpleNamespace(print=lambda msg, **k: said.append(msg))
+    cbs, learn.n_epoch = [AdvicePrinter()], 4
+    for e, err in enumerate((0.037, 0.053, 0.048)):
+        learn.epoch_in_fit = e
+        _epoch(learn, cbs, e, 0.3, 0.2, err, [0.3])
+    assert said == []  # worse for 2 epochs, but the fit has one to go
+    learn.epoch_in_fit = 3
+    _epoch(learn, cbs, 3, 0.3, 0.2, 0.050, [0.3])  # the last epoch did not bring it back: now it is said
     assert sum("error is getting worse" in m for m in said) == 1
 
 

@@ -470,10 +470,12 @@ def test_idle_timing_records_both_walls_checks_reproducibility_and_refuses_a_bus
         aims = bench.evaluate_aims("toy", {"err_mean": 0.25, "wall_mean": 500.0}, None, {"err_mean": 0.5, "wall_mean": 200.0},
                                    idle=idle)
         assert aims[2]["aim"] == "wall / fastai wall (idle)" and aims[2]["verdict"] == "held"  # busy walls would miss
-        # a failed run, or a timing of another model (other counted plan or error), is not used: the busy walls stand
+        # a failed run, or a timing of another recipe (another counted plan), is not used: the busy walls stand
         assert usable_idle(two, busy_run) is None
         assert usable_idle(toy, {**busy_run, "recipe_json": {"planned_seconds": 41.0}}) is None
-        assert usable_idle(toy, {**busy_run, "test_error": 0.3}) is None
+        assert usable_idle(toy, {**busy_run, "test_error": None}) is None  # no busy run to compare with
+        # the same plan at another thread count may end a picture apart: still the recipe's time, said so in the entry
+        assert usable_idle({**toy, "ursa": {**toy["ursa"], "error": 0.3, "same_as_busy": False}}, busy_run) is not None
         # another process keeps the machine busy: refused, nothing runs
         loads = iter([1.7] * 100)
         assert timing.main(argv) == 2 and "the machine is busy" in capsys.readouterr().err and len(calls) == 2

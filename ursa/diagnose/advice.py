@@ -10,7 +10,7 @@
 Each rule is a small pure function ``History -> Advice | None``; ``RULES`` lists them as data so
 a report can show which fired. During training, ``ursa.training.callbacks`` applies them: the
 ``DivergenceGuard`` stops a diverging run (``DivergedError``, exit 3) with the ``diverged`` rule's
-words, and the ``AdvicePrinter`` says "too many epochs" as soon as it shows.
+words, and the ``AdvicePrinter`` says "too many epochs" at the end of the fit where it shows.
 """
 
 from __future__ import annotations

@@ -73,6 +73,10 @@ def run_facts(learn: Any, ckpt: Checkpoint | None) -> dict:
     """Where the run ran, for recipe.json: device, ranks and how the feature cache was shared, resume."""
     d = learn.dist
     facts: dict = {"device": str(learn.device), "world_size": d.world, "backend": d.backend or None}
+    if str(learn.device) == "cpu":  # the weights are bit-identical at the same thread count (another sums in another order)
+        import torch
+
+        facts["threads"] = torch.get_num_threads()
     if learn.feature_counts:
         facts["feature_images_per_rank"] = [int(n) for n in learn.feature_counts]
     if learn.vanished:  # changed or vanished on disk while the run trained: skipped (the run writer says so too)
