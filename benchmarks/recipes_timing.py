@@ -4,9 +4,9 @@ seed 0) and fastai's lesson recipe (seed 0), one after the other, each alone on 
 benchmarks/recipes.py measures errors (counted plans: the same on a busy machine) and runs two at a time at
 `nice -n 19`, so its wall times are busy figures. This script measures the walls the aims compare: nothing else
 may run (the 1-minute load average is recorded before and after each run, and a start above --max-load is
-refused). The ursa run is also a check of the recipe's reproducibility at benchmark scale: its held-out error
-must be the stored busy run's (benchmarks/results/recipes_runs/<set>/default.seed0.*.json), and the report says
-whether it is. `--fastai-stored SETS` takes fastai's wall from its stored seed-0 result (results/fastai/) for sets
+refused). The ursa run is also a check of the recipe's reproducibility at benchmark scale: its held-out error is
+compared with the stored busy run's (benchmarks/results/recipes_runs/<set>/default.seed0.*.json; `same_as_busy`),
+equal at the same thread count (the benchmark runs one thread, this all cores, so a picture apart is possible). `--fastai-stored SETS` takes fastai's wall from its stored seed-0 result (results/fastai/) for sets
 whose stored run was itself measured idle, instead of measuring it again (~2-9 minutes a set).
 
     FASTAI_VENV=/tmp/fastai-venv .venv/bin/python benchmarks/recipes_timing.py --fastai-stored bears,eurosat_dev

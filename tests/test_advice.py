@@ -126,6 +126,22 @@ def test_one_picture_turned_confidently_wrong_is_not_divergence():
     assert diverged(h) is None
 
 
+def test_a_valid_loss_on_a_handful_of_pictures_is_not_read_as_divergence():
+    """The studio's test project: 32 pictures, 2 for validation. One confidently wrong picture is a 0.5 error rise and
+    a mean loss over 2.0: read as divergence, it was exit 3 and no model file. The same figures on 40 pictures are."""
+    import dataclasses
+
+    h = make_history([0.7, 0.5, 0.4], [0.3, 0.15, 2.4], [0.0, 0.0, 0.5])
+    assert diverged(dataclasses.replace(h, n_valid=2)) is None
+    assert diverged(dataclasses.replace(h, n_valid=40)) is not None
+    assert diverged(h) is not None  # not known (a history.csv read back): as before
+    # NaN and a training loss blowing up still count on a handful of pictures
+    assert diverged(dataclasses.replace(make_history([0.5, 0.4, 0.3], [0.3, 0.2, math.nan], [0.0, 0.0, 0.5]), n_valid=2))
+    blowup = make_history([1.88, 6.88, 9.43], [1.98, 2.51, 2.51], [0.14, 0.09, 0.09], lr=0.5, per_epoch=3,
+                          batch_losses=[1.2, 0.7, 3.0, 8.0, 7.0, 6.5, 9.0, 10.0, 9.5])
+    assert diverged(dataclasses.replace(blowup, n_valid=2)) is not None
+
+
 # --- learning rate too low -----------------------------------------------------------------------
 
 

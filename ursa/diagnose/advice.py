@@ -32,6 +32,9 @@ VALID_FLOOR = 0.1  # a valid loss under this (the true class at ~90% on average)
 VALID_ERROR_RISE = 0.1
 VALID_BROKEN = 2.0  # ...unless the loss is over this (above a uniform guess over 7 classes): the model is broken
 # whatever its error says (a collapse to the majority class keeps a lopsided set's error low)
+VALID_MIN = 10  # on fewer validation pictures the valid loss is one or two pictures' loss: no divergence is read from
+# it (a studio project of 32 pictures, 2 for validation: one confidently wrong picture took it over VALID_BROKEN);
+# NaN, and the training loss (every training picture) still are
 TRAIN_BLOWUP = 4.0  # smoothed train loss this many times its minimum (and above its start): diverged
 LOW_LR_DROP = 0.2  # the train loss fell by less than this fraction over the whole run: LR too low
 STILL_FALLING = 0.1  # valid loss fell by more than this fraction in the last epoch: train longer
@@ -49,6 +52,7 @@ class History:
     batch_lrs: list[float] = field(default_factory=list)
     stopped_diverged: bool = False  # the learner itself stopped the run as diverging
     stage: str | None = None  # the stage running when the history was taken (its epoch may have no row yet)
+    n_valid: int | None = None  # validation pictures per row's figures (None: not known, e.g. read from history.csv)
 
     @classmethod
     def read_csv(cls, path: str | Path) -> "History":
@@ -147,11 +151,14 @@ def diverged(h: History) -> Advice | None:
             break
     if where is None:
         best, best_err = math.inf, math.inf
+        few = h.n_valid is not None and h.n_valid < VALID_MIN
         for r in h.rows:
             v, err = r["valid_loss"], r.get("error_rate")
             if not _finite(v):
                 where = (f"the validation loss became {v}", r["epoch"] + 1)
                 break
+            if few:
+                continue
             worse = (not _finite(err) or not math.isfinite(best_err) or err > best_err + VALID_ERROR_RISE
                      or v > VALID_BROKEN)
             if math.isfinite(best) and v > VALID_BLOWUP * best and v > VALID_FLOOR and worse:

@@ -142,11 +142,15 @@ class Recorder(Callback):
         self.rows: list[dict] = list(rows or [])
         self.epoch_losses: list[float] = []
         self.t0 = 0.0
+        self.n_valid: int | None = None  # validation pictures behind each row (set when a fit starts)
 
     def restore(self, rows: list[dict], batch_losses: list, batch_lrs: list, batch_epochs: list) -> None:
         """The history as a checkpoint saved it (``--resume``): the recorder owns its lists, so it sets them."""
         self.rows[:] = [dict(r) for r in rows]
         self.batch_losses[:], self.batch_lrs[:], self.batch_epochs[:] = batch_losses, batch_lrs, batch_epochs
+
+    def before_fit(self, learn: Any) -> None:
+        self.n_valid = len(learn.dls.dataset.valid_idx)
 
     def before_epoch(self, learn: Any) -> None:
         self.epoch_losses, self.t0 = [], time.perf_counter()
@@ -172,7 +176,7 @@ class Recorder(Callback):
     def history(self, diverged: bool = False, stage: str | None = None) -> History:
         """A snapshot for the failure-mode rules (copies: later batches do not change it); stage: the one running."""
         return History([dict(r) for r in self.rows], list(self.batch_losses), list(self.batch_epochs),
-                       list(self.batch_lrs), diverged, stage)
+                       list(self.batch_lrs), diverged, stage, self.n_valid)
 
     def history_csv(self) -> str:
         """history.csv text: epoch,stage,train_loss,valid_loss,error_rate,accuracy,balanced_error,seconds (then a task's own)."""
