@@ -150,7 +150,8 @@ class Recorder(Callback):
         self.batch_losses[:], self.batch_lrs[:], self.batch_epochs[:] = batch_losses, batch_lrs, batch_epochs
 
     def before_fit(self, learn: Any) -> None:
-        self.n_valid = len(learn.dls.dataset.valid_idx)
+        ds = getattr(learn.dls, "dataset", None)  # a bare batch source (tests, the SGD demo) has none: not known
+        self.n_valid = len(ds.valid_idx) if ds is not None else None
 
     def before_epoch(self, learn: Any) -> None:
         self.epoch_losses, self.t0 = [], time.perf_counter()
