@@ -36,9 +36,9 @@ GOOD_ENOUGH = 0.02
 MIN_EPOCHS, MAX_EPOCHS = 3, 12
 # When fewer than MIN_EPOCHS fit at the input size (224 px photos, several hundred of them), fine-tune at a smaller
 # size: the largest multiple of 32, down to TUNE_MIN_SIZE (inputs of MIN_SIZE or less: half their size, at least
-# FLOOR_SIZE), at which MIN_EPOCHS fit. The frozen stage, the validation and the model file stay at the input size (training below the test
-# size with random-resized crops costs little: Touvron et al. 2019, "FixRes"). Counted like the rest: the network's
-# FLOPs at each smaller size.
+# FLOOR_SIZE), at which MIN_EPOCHS fit. The frozen stage, the validation and the model file stay at the input size
+# (training below the test size with random-resized crops costs little: Touvron et al. 2019, "FixRes"). Counted like
+# the rest: the network's FLOPs at each smaller size.
 TUNE_MIN_SIZE = 128
 # Never below this, at any size: EfficientNet's five stride-2 stages leave a 2x2 map at 64 px.
 FLOOR_SIZE = 64
