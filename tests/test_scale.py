@@ -301,17 +301,28 @@ def test_two_torchrun_nodes_train_one_model(mnist: Path, single_run: Path, tmp_p
              "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", f"ursa-test-{port}",
              "--max-restarts", "0"]
     cmd = ["-m", "ursa", "train", str(mnist), "--out", str(out), *RECIPE]
-    # no --node-rank: c10d ignores it (it is for the static rendezvous) and ranks the agents itself
-    nodes = [subprocess.Popen([*agent, *cmd], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for _ in range(2)]
+    # no --node-rank: c10d ignores it (it is for the static rendezvous) and ranks the agents itself.
+    # Output to files, not pipes: a node blocked on a full pipe that nobody reads (the test waits on the other
+    # node first) would stall the collective both ranks are in. One thread per node (2 nodes on 2 cores), and
+    # Python's stacks on a fatal signal, so a rank torch aborts says where it was.
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONFAULTHANDLER": "1"}
+    logs = [(tmp_path / f"node{i}.out", tmp_path / f"node{i}.err") for i in range(2)]
+    nodes = []
+    for out_log, err_log in logs:
+        with out_log.open("w") as o, err_log.open("w") as e:
+            nodes.append(subprocess.Popen([*agent, *cmd], cwd=ROOT, stdout=o, stderr=e, env=env))
+    deadline = time.monotonic() + RUN_TIMEOUT
     try:
-        outputs = [node.communicate(timeout=RUN_TIMEOUT) for node in nodes]
+        for node in nodes:
+            node.wait(timeout=max(1.0, deadline - time.monotonic()))
     finally:
         for node in nodes:
             if node.poll() is None:
                 node.kill()
-    for node, (_, err) in zip(nodes, outputs):
-        assert node.returncode == 0, err[-3000:]
+                node.wait()
+    outputs = [(o.read_text(), e.read_text()) for o, e in logs]
+    report = "\n".join(f"node {i}: exit {n.returncode}\n{e[-6000:]}" for i, (n, (_, e)) in enumerate(zip(nodes, outputs)))
+    assert all(n.returncode == 0 for n in nodes), report
     assert sum(o.count("error_rate ") for o, _ in outputs) == 1, outputs  # one result, from rank 0
     assert (out / "model.safetensors").is_file() and (out / "report.html").is_file()
     assert not (out / "checkpoint").exists()
