@@ -38,6 +38,7 @@ RULES = (
     Rule("fine-tune or not", "fine_tune_epochs", ("default", "no_finetune")),
     Rule("how long to fine-tune", "fine_tune_epochs", ("default", "double")),
     Rule("learning rate", "lr", ("default", "lrfind")),
+    Rule("validation share", "valid_pct", ("default", "valid10")),  # 20% (a constant), against 10%: more to train on
 )
 EPOCH_KEPT = "epoch kept"
 
