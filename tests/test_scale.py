@@ -227,6 +227,20 @@ def test_resume_refuses_options_that_would_change_the_run(single_run: Path, mnis
     assert rc == 2 and "leave out --epochs, --lr" in err and len(err.strip().splitlines()) == 1, err
 
 
+def test_cpu_ranks_leave_together_and_nccl_ranks_at_once(monkeypatch) -> None:
+    """Dist.finish: a barrier at the end of a run on gloo (rank 0 writes meanwhile), none on NCCL or one process."""
+    from ursa.training import dist as dist_module
+    from ursa.training.dist import Dist
+
+    calls: list[str] = []
+    monkeypatch.setattr(dist_module.torch_dist, "barrier", lambda: calls.append("barrier"))
+    Dist(rank=1, world=2, backend="gloo").finish()
+    assert calls == ["barrier"]
+    Dist(rank=1, world=2, backend="nccl").finish()
+    Dist().finish()
+    assert calls == ["barrier"]
+
+
 def test_gather_rows_puts_every_ranks_share_back_in_order(monkeypatch) -> None:
     """The interleaving and chunking of Dist.gather_rows, with torch's all_gather played by a stand-in."""
     import torch

@@ -125,6 +125,14 @@ class Dist:
         if self.active:
             torch_dist.barrier()
 
+    def finish(self) -> None:
+        """The end of a run that went well: on the CPU (gloo) every rank waits here until rank 0 has written the run
+        folder, so all leave the process group together and none tears it down while another still holds it
+        (PyTorch's own tests barrier before destroying a group). NCCL ranks leave at once: its watchdog would abort
+        a rank that waits longer than its timeout for a long write."""
+        if self.active and self.backend == "gloo":
+            torch_dist.barrier()
+
     def close(self) -> None:
         """Leave the process group (at the end of the run)."""
         if self.active and torch_dist.is_initialized():

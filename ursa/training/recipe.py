@@ -161,10 +161,13 @@ def train(cfg: TrainConfig, console: Console | None = None, resume: Checkpoint |
     """
     dist = start_ranks(cfg.device)
     try:
-        return _train(cfg, console, resume, dist)
+        result = _train(cfg, console, resume, dist)
+        dist.finish()  # on the CPU the ranks leave together, once rank 0 has written the run folder
+        return result
     except UrsaError:
         # The same error on every rank (bad input, a divergence): torchrun stops all ranks as soon as one
         # exits with an error, so the others wait here until rank 0 has written the run folder and said why.
+        # (An error rank 0 alone finds while writing meets the others' barrier in dist.finish().)
         dist.barrier()
         raise
     finally:
