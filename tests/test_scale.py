@@ -240,6 +240,42 @@ def test_cpu_ranks_leave_together_and_nccl_ranks_at_once(monkeypatch) -> None:
     Dist().finish()
     assert calls == ["barrier"]
 
+    def gone() -> None:  # the other rank has left, or the wait outlasted the group's timeout
+        raise RuntimeError("Connection closed by peer")
+
+    monkeypatch.setattr(dist_module.torch_dist, "barrier", gone)
+    Dist(rank=1, world=2, backend="gloo").finish()  # the run is done: it is let go
+    Dist(rank=0, world=2, backend="gloo").barrier(tolerant=True)
+    with pytest.raises(RuntimeError):
+        Dist(rank=0, world=2, backend="gloo").barrier()
+
+
+def test_train_meets_the_other_ranks_at_its_end_and_on_an_error(monkeypatch, tmp_path: Path) -> None:
+    """recipe.train: dist.finish() after a run that went well; the tolerant barrier (not finish) on a bad-input error."""
+    from conftest import SAMPLE
+
+    from ursa.errors import UrsaError
+    from ursa.training import recipe
+    from ursa.training.config import TrainConfig
+    from ursa.training.dist import Dist
+
+    calls: list[str] = []
+
+    class Recording(Dist):
+        def finish(self) -> None:
+            calls.append("finish")
+
+        def barrier(self, tolerant: bool = False) -> None:
+            calls.append(f"barrier(tolerant={tolerant})")
+
+    monkeypatch.setattr(recipe, "start_ranks", lambda device: Recording())
+    recipe.train(TrainConfig(data=SAMPLE, out=tmp_path / "run", epochs=1, unfreeze_epochs=0, size=64, quiet=True))
+    assert calls == ["finish"] and (tmp_path / "run" / "model.safetensors").is_file()
+    calls.clear()
+    with pytest.raises(UrsaError):
+        recipe.train(TrainConfig(data=tmp_path / "no such folder", out=tmp_path / "run2", quiet=True))
+    assert calls == ["barrier(tolerant=True)"]
+
 
 def test_gather_rows_puts_every_ranks_share_back_in_order(monkeypatch) -> None:
     """The interleaving and chunking of Dist.gather_rows, with torch's all_gather played by a stand-in."""
@@ -321,21 +357,31 @@ def test_two_torchrun_nodes_train_one_model(mnist: Path, single_run: Path, tmp_p
     # Python's stacks on a fatal signal, so a rank torch aborts says where it was.
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONFAULTHANDLER": "1"}
     logs = [(tmp_path / f"node{i}.out", tmp_path / f"node{i}.err") for i in range(2)]
-    nodes = []
-    for out_log, err_log in logs:
-        with out_log.open("w") as o, err_log.open("w") as e:
-            nodes.append(subprocess.Popen([*agent, *cmd], cwd=ROOT, stdout=o, stderr=e, env=env))
+    nodes: list[subprocess.Popen] = []
     deadline = time.monotonic() + RUN_TIMEOUT
     try:
+        for out_log, err_log in logs:
+            with out_log.open("w") as o, err_log.open("w") as e:
+                nodes.append(subprocess.Popen([*agent, *cmd], cwd=ROOT, stdout=o, stderr=e, env=env))
         for node in nodes:
-            node.wait(timeout=max(1.0, deadline - time.monotonic()))
+            try:
+                node.wait(timeout=max(1.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                break  # said below, with both nodes' output
     finally:
+        # SIGTERM first: torchrun then stops its workers, which run in sessions of their own (a SIGKILL would leave them)
         for node in nodes:
             if node.poll() is None:
+                node.terminate()
+        for node in nodes:
+            try:
+                node.wait(timeout=30)
+            except subprocess.TimeoutExpired:
                 node.kill()
                 node.wait()
     outputs = [(o.read_text(), e.read_text()) for o, e in logs]
     report = "\n".join(f"node {i}: exit {n.returncode}\n{e[-6000:]}" for i, (n, (_, e)) in enumerate(zip(nodes, outputs)))
+    assert time.monotonic() < deadline, f"the two nodes did not finish in {RUN_TIMEOUT} s\n{report}"
     assert all(n.returncode == 0 for n in nodes), report
     assert sum(o.count("error_rate ") for o, _ in outputs) == 1, outputs  # one result, from rank 0
     assert (out / "model.safetensors").is_file() and (out / "report.html").is_file()

@@ -121,17 +121,25 @@ class Dist:
         """Where collectives' tensors live: the rank's GPU with NCCL, the CPU with gloo."""
         return torch.device("cuda", torch.cuda.current_device()) if self.backend == "nccl" else None
 
-    def barrier(self) -> None:
-        if self.active:
+    def barrier(self, tolerant: bool = False) -> None:
+        """Wait for every rank. ``tolerant``: a rank that is gone, or a wait past the group's timeout, is let go
+        (the caller has something better to say than torch's error: its own error, or a finished run)."""
+        if not self.active:
+            return
+        try:
             torch_dist.barrier()
+        except RuntimeError:  # torch's DistBackendError and gloo's timeouts are RuntimeErrors
+            if not tolerant:
+                raise
 
     def finish(self) -> None:
         """The end of a run that went well: on the CPU (gloo) every rank waits here until rank 0 has written the run
         folder, so all leave the process group together and none tears it down while another still holds it
-        (PyTorch's own tests barrier before destroying a group). NCCL ranks leave at once: its watchdog would abort
-        a rank that waits longer than its timeout for a long write."""
-        if self.active and self.backend == "gloo":
-            torch_dist.barrier()
+        (PyTorch's own tests barrier before destroying a group). A write longer than the group's timeout (30 min)
+        lets the others go, as before. NCCL ranks leave at once: its watchdog would abort a rank that waits
+        longer than its timeout, which no ``except`` can catch."""
+        if self.backend == "gloo":
+            self.barrier(tolerant=True)
 
     def close(self) -> None:
         """Leave the process group (at the end of the run)."""

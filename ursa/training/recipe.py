@@ -167,8 +167,10 @@ def train(cfg: TrainConfig, console: Console | None = None, resume: Checkpoint |
     except UrsaError:
         # The same error on every rank (bad input, a divergence): torchrun stops all ranks as soon as one
         # exits with an error, so the others wait here until rank 0 has written the run folder and said why.
-        # (An error rank 0 alone finds while writing meets the others' barrier in dist.finish().)
-        dist.barrier()
+        # On the CPU an error rank 0 alone finds while writing meets the others' barrier in dist.finish(); where they
+        # are gone (a write past the timeout) gloo's barrier fails fast and this error is still the one said. (With
+        # NCCL the others have left and rank 0 waits here for the watchdog: a known gap.)
+        dist.barrier(tolerant=True)
         raise
     finally:
         dist.close()
