@@ -320,6 +320,19 @@ def test_torchrun_budget_decision_and_curve_on_rank_0_do_not_hang(mnist: Path, t
     assert "curve" in r.stderr
 
 
+def test_torchrun_a_refused_checkpoint_folder_stops_every_rank(mnist: Path, tmp_path: Path) -> None:
+    """RUN/checkpoint a link: every rank refuses it before the first epoch (one line, exit 2), none waits alone."""
+    out = tmp_path / "run"
+    out.mkdir()
+    (tmp_path / "elsewhere").mkdir()
+    (out / "checkpoint").symlink_to(tmp_path / "elsewhere")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "ursa", "train",
+           str(mnist), "--out", str(out), *RECIPE]
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=RUN_TIMEOUT)
+    assert r.returncode != 0 and "is a link or not a folder" in r.stderr, r.stderr[-3000:]
+    assert not (out / "model.safetensors").exists() and not any((tmp_path / "elsewhere").iterdir())
+
+
 def test_nproc_wrapper_gives_rank_0s_error_and_exit_code(mnist: Path, tmp_path: Path) -> None:
     """`ursa train --nproc 2` that diverges: rank 0 writes the folder and says why, exit 3, no torchrun traceback."""
     out = tmp_path / "run"

@@ -59,8 +59,9 @@ class CheckpointWriter(Callback):
         self.warned = False
 
     def before_fit(self, learn: Any) -> None:
-        if learn.dist.main:
-            checkpoint_folder(self.run)  # a link there: refused before the first epoch, not after it
+        # a link there: refused before the first epoch, not after it; by every rank (a read), so all of them stop
+        # and meet at the error's barrier instead of rank 0 alone leaving the others in a collective
+        checkpoint_folder(self.run)
 
     def after_epoch(self, learn: Any) -> None:
         self.write(learn, stopped=False)
