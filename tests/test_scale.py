@@ -321,7 +321,7 @@ def test_torchrun_budget_decision_and_curve_on_rank_0_do_not_hang(mnist: Path, t
 
 
 def test_torchrun_a_refused_checkpoint_folder_stops_every_rank(mnist: Path, tmp_path: Path) -> None:
-    """RUN/checkpoint a link: every rank refuses it before the first epoch (one line, exit 2), none waits alone."""
+    """RUN/checkpoint a link: every rank refuses it before the first epoch (torchrun exits non-zero), none waits alone."""
     out = tmp_path / "run"
     out.mkdir()
     (tmp_path / "elsewhere").mkdir()
