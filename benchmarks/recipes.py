@@ -61,7 +61,8 @@ RECIPES = {
     "default": ("the data-aware default (default --budget)", []),
     "lrfind": ("the default with lr-find's suggestion as --lr", LRFIND),
     "no_finetune": ("the default without fine-tuning", ["--unfreeze-epochs", "0"]),
-    "double": ("the default with twice the budget", None),  # --budget 2*B, B read from TrainConfig
+    "double": ("the default with twice the budget", None),  # --budget 2*B, B: config.DEFAULT_BUDGET (photos' default)
+    "budget120": ("the default budget of photos (120 s: up to 12 fine-tuning epochs) on every set", ["--budget", "120"]),
     "size64": ("the default at 64 px (the size rule before issue 28's change)", ["--size", "64"]),
     "size128": ("the default at 128 px", ["--size", "128"]),
     "size224": ("the default at 224 px", ["--size", "224"]),
@@ -76,13 +77,15 @@ RECIPES = {
 DEFAULT_RECIPES = ("default", "lrfind", "no_finetune", "double", "size64", "size128", "size224", "flips_none",
                    "flips_horizontal", "flips_all", "optimistic")
 CHOOSES_ON_TEST = {"optimistic"}  # given <set>.ursa.csv: the test images are ursa's validation images
-SAME_AS_DEFAULT = {"size64": ("size", 64), "size128": ("size", 128), "size224": ("size", 224),
+SAME_AS_DEFAULT = {"budget120": ("budget", 120), "size64": ("size", 64), "size128": ("size", 128), "size224": ("size", 224),
                    "flips_none": ("flips", "none"), "flips_horizontal": ("flips", "horizontal"), "flips_all": ("flips", "all")}
 ERROR_LINE = re.compile(r"^error_rate\s+([0-9.eE+-]+)\s+\(accuracy", re.M)
 BUDGET_PROBE = (
-    "import json\nfrom dataclasses import MISSING, fields\nfrom ursa.training.config import TrainConfig\n"
-    "f = {x.name: x for x in fields(TrainConfig)}.get('budget')\n"
-    "print(json.dumps({'has': f is not None, 'default': None if f is None or f.default is MISSING else f.default}))\n"
+    "import json\nfrom dataclasses import MISSING, fields\nfrom ursa.training import config\n"
+    "f = {x.name: x for x in fields(config.TrainConfig)}.get('budget')\n"
+    "d = None if f is None or f.default is MISSING else f.default\n"
+    "d = getattr(config, 'DEFAULT_BUDGET', None) if f is not None and d is None else d  # None: the recipe decides\n"
+    "print(json.dumps({'has': f is not None, 'default': d}))\n"
 )
 
 

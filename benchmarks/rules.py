@@ -36,7 +36,8 @@ RULES = (
     Rule("input size", "size", ("default", "size64", "size128", "size224"), fitted_on=ISSUE28_SETS),
     Rule("flips", "flips", ("default", "flips_none", "flips_horizontal", "flips_all")),
     Rule("fine-tune or not", "fine_tune_epochs", ("default", "no_finetune")),
-    Rule("how long to fine-tune", "fine_tune_epochs", ("default", "double")),
+    # twice the budget for small images was chosen after the third look had seen all nine sets
+    Rule("how long to fine-tune", "budget", ("default", "budget120", "double"), fitted_on=ISSUE28_SETS),
     Rule("learning rate", "lr", ("default", "lrfind")),
     Rule("validation share", "valid_pct", ("default", "valid10")),  # 20% (a constant), against 10%: more to train on
 )

@@ -12,9 +12,9 @@ import torch
 
 from conftest import make_image
 from ursa.errors import DivergedError
-from ursa.training.config import DEFAULT_BUDGET
-from ursa.training.plan import (CEILING_EPOCHS, MAX_EPOCHS, MIN_EPOCHS, FineTune, Stop, Work, choose_flips, choose_size,
-                                epoch_cap, fine_tune_epochs)
+from ursa.training.config import DEFAULT_BUDGET, SMALL_IMAGE_BUDGET_FACTOR
+from ursa.training.plan import (CEILING_EPOCHS, MAX_EPOCHS, MIN_EPOCHS, FineTune, Stop, Work, choose_budget, choose_flips,
+                                choose_size, epoch_cap, fine_tune_epochs)
 from ursa.vision.probe import ImageProbe, probe_images
 from ursa.vision.transforms import QuarterTurn, train_transform
 
@@ -114,6 +114,22 @@ def test_fine_tuning_is_planned_from_the_frozen_error_and_the_budget():
     assert fine_tune_epochs(0.2, 80, tiles, 2 * DEFAULT_BUDGET, epoch_cap(2 * DEFAULT_BUDGET))[0] == 2 * MAX_EPOCHS
 
 
+def test_small_images_get_twice_the_default_budget_and_epochs():
+    """Small images upsampled to 128 px get twice the counted budget (so twice the epoch cap); photos, pictures already
+    at the size trained, and a --budget given keep theirs."""
+    glyphs, tiles = ImageProbe(50, 28, 28, 1.0), ImageProbe(50, 64, 64, 0.0)
+    for probe in (glyphs, tiles):
+        budget, why = choose_budget(probe, choose_size(probe, 224, None)[0], None)
+        assert budget == SMALL_IMAGE_BUDGET_FACTOR * DEFAULT_BUDGET and "upsampled to 128" in why
+        assert epoch_cap(budget) == SMALL_IMAGE_BUDGET_FACTOR * MAX_EPOCHS
+    photos = ImageProbe(50, 186, 250, 0.0)
+    assert choose_budget(photos, choose_size(photos, 224, None)[0], None)[0] == DEFAULT_BUDGET
+    assert choose_budget(tiles, 64, None)[0] == DEFAULT_BUDGET  # --size 64 on 64 px tiles: nothing upsampled
+    assert choose_budget(ImageProbe(0, 0, 0, 0.0), 224, None)[0] == DEFAULT_BUDGET  # nothing probed
+    assert choose_budget(glyphs, 128, 60.0) == (60.0, "--budget")
+    assert choose_budget(glyphs, 128, 0) == (0.0, "--budget")  # the frozen stage only, as asked
+
+
 def test_probe_reads_sizes_and_tells_grayscale(tmp_path):
     files = [make_image(tmp_path / f"g{i}.png", size=(28, 28), mode="L") for i in range(3)]
     files += [make_image(tmp_path / f"rgbgrey{i}.jpg", color=(90, 90, 90), size=(40, 30)) for i in range(2)]
@@ -146,6 +162,7 @@ def test_default_recipe_fine_tunes_weak_bodies_within_the_budget_and_says_why(ha
     res = train(TrainConfig(data=hard_digits_dir, out=tmp_path / "run", budget=30, quiet=True))
     plan = json.loads((tmp_path / "run" / "recipe.json").read_text())
     assert plan["size"] == 128 and plan["flips"] == "none"
+    assert (plan["budget"], plan["budget_why"]) == (30, "--budget")  # given: small images' doubling is a default only
     assert plan["fine_tune_epochs"] >= MIN_EPOCHS, plan["fine_tune_why"]
     stages = [r["stage"] for r in res.learner.recorder.rows]
     assert stages.count("frozen") == 4 and 1 <= stages.count("unfrozen") <= plan["fine_tune_epochs"]

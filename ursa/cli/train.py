@@ -12,7 +12,7 @@ import typer
 
 from ursa.cli.common import EXIT_FILE, CsvOpt, DataArg, DeviceOpt, Quiet, default, parse_slice
 from ursa.errors import UrsaError
-from ursa.training.config import TrainConfig, read_run_config
+from ursa.training.config import DEFAULT_BUDGET, SMALL_IMAGE_BUDGET_FACTOR, TrainConfig, read_run_config
 from ursa.util.files import check_outside
 from ursa.util.names import printable
 from ursa.vision.data import split_settings
@@ -96,7 +96,7 @@ def train_cmd(
     split_seed: Annotated[Optional[int], typer.Option("--split-seed", help="Seed of the validation split [default: --seed].")] = None,
     epochs: Annotated[Optional[int], typer.Option("--epochs", help=f"Frozen epochs (head only) [default: {default('epochs')}].")] = None,
     lr: Annotated[Optional[float], typer.Option("--lr", help=f"Max learning rate of the frozen stage [default: {default('lr')}].")] = None,
-    budget: Annotated[Optional[str], typer.Option("--budget", help=f"Size of the run in seconds of the reference machine (2 CPU cores), e.g. 90, 3m: counted from images x epochs x the network's FLOPs, never timed, so any machine decides the same; after the frozen stage, fine-tune only when the frozen body is weak here and the rest fits enough epochs; 0: frozen stage only [default: {default('budget'):.0f}s].")] = None,
+    budget: Annotated[Optional[str], typer.Option("--budget", help=f"Size of the run in seconds of the reference machine (2 CPU cores), e.g. 90, 3m: counted from images x epochs x the network's FLOPs, never timed, so any machine decides the same; after the frozen stage, fine-tune only when the frozen body is weak here and the rest fits enough epochs; 0: frozen stage only [default: {DEFAULT_BUDGET:.0f}s, {SMALL_IMAGE_BUDGET_FACTOR * DEFAULT_BUDGET:.0f}s for small images upsampled to 128 px].")] = None,
     time_limit: Annotated[Optional[str], typer.Option("--time-limit", help="Wall time after which fine-tuning is cut, e.g. 10m (a safety cap: the run then says it was cut and its model is not the one the data decides) [default: 4x --budget].")] = None,
     unfreeze_epochs: Annotated[Optional[int], typer.Option("--unfreeze-epochs", help="Fine-tune everything for exactly this many epochs afterwards, whatever the budget (the lesson's recipe: 2; 0: frozen stage only) [default: the budget decides].")] = None,
     flips: Annotated[Optional[str], typer.Option("--flips", help="Mirror images as augmentation: none (digits, text), horizontal (photos), all (also vertical flips and quarter turns: satellite, microscopy), auto [default: auto: none for grayscale images, else horizontal].")] = None,

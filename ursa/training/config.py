@@ -30,6 +30,11 @@ BALANCES = ("auto", "none", "weights", "sampler", "logit_adjust")
 # Seconds `ursa train` plans for by default, start to model file, counted in seconds of the reference machine
 # (2 CPU cores; training/plan.py counts images x epochs x FLOPs, no clock): a few minutes on a laptop.
 DEFAULT_BUDGET = 120.0
+# Small images upsampled to the recipe's smallest size (128 px) get this many times DEFAULT_BUDGET, and so this many
+# times the fine-tuning epoch cap (24). An epoch at 128 px costs a third of one at 224 px, and on the seven small-image
+# sets of the benchmark twice the fine-tuning was better on four and within a third of a picture on the other three
+# (held-out: captcha_glyphs 0.350 -> 0.222, uci_digits 0.161 -> 0.089; docs/train.md). training/plan.py choose_budget.
+SMALL_IMAGE_BUDGET_FACTOR = 2
 
 
 class ConfigError(UrsaError):
@@ -144,7 +149,8 @@ class TrainConfig:
     # Seconds for the whole run, counted (not timed) in seconds of the reference machine. After the frozen
     # stage the recipe fine-tunes only when the frozen body is weak on this data and the rest of the
     # budget fits enough epochs (training/plan.py): the same decision on any machine, idle or busy.
-    budget: float = DEFAULT_BUDGET
+    # None: DEFAULT_BUDGET, or twice it for small images (the recipe decides from the images: plan.choose_budget).
+    budget: float | None = None
     # Wall seconds after which fine-tuning is cut (a safety cap; the run then says it was cut); None: 4 x budget.
     time_limit: float | None = None
     # Internal, set by --config RUN: {"from": RUN, "size": .., "fine_tune_epochs": ..}: that run's decisions,
@@ -214,7 +220,7 @@ class TrainConfig:
             _expect(v is None or _whole(v), opt, "a whole number >= 0", v)
         _expect(self.epochs + (self.unfreeze_epochs or 0) > 0,
                 "--epochs/--unfreeze-epochs", "at least one epoch in all", (self.epochs, self.unfreeze_epochs))
-        _expect(_number(self.budget) and self.budget >= 0, "--budget", "seconds >= 0 (0: the frozen stage only)",
+        _expect(self.budget is None or (_number(self.budget) and self.budget >= 0), "--budget", "seconds >= 0 (0: the frozen stage only)",
                 self.budget)
         _expect(self.time_limit is None or (_number(self.time_limit) and self.time_limit > 0), "--time-limit",
                 "wall seconds > 0", self.time_limit)

@@ -17,7 +17,7 @@ import math
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Callable
 
-from ursa.training.config import DEFAULT_BUDGET
+from ursa.training.config import DEFAULT_BUDGET, SMALL_IMAGE_BUDGET_FACTOR
 from ursa.vision.probe import ImageProbe
 
 # Smallest input size the recipe picks for small images (upsampled to it). 64 px (a 2x2 map after EfficientNet's five
@@ -129,6 +129,7 @@ class Plan:
     flips: str
     flips_why: str
     budget: float  # reference seconds (counted); the wall clock only caps at time_limit
+    budget_why: str = "--budget"
     fine_tune_epochs: int = 0
     fine_tune_why: str = "not decided yet"
     fine_tune: FineTune = FineTune.UNDECIDED  # how it was decided (data; the why is its words)
@@ -157,7 +158,7 @@ class Plan:
     def lines(self) -> list[str]:
         """The recipe in words, for the first lines of the run and the report."""
         return [f"input size {self.size} px: {self.size_why}", f"flips {self.flips}: {self.flips_why}",
-                f"balance {self.balance}: {self.balance_why}"]
+                f"budget {self.budget:g} s: {self.budget_why}", f"balance {self.balance}: {self.balance_why}"]
 
     def to_json(self) -> dict:
         d = asdict(self)
@@ -220,6 +221,20 @@ def choose_flips(probe: ImageProbe, given: str | None) -> tuple[str, str]:
                         "image can be another class; --flips horizontal to turn them on")
     return "horizontal", ("photos keep their class in a mirror; --flips all adds vertical flips and quarter turns "
                           "for images with no 'up' (satellite, microscopy), --flips none for symbols")
+
+
+def choose_budget(probe: ImageProbe, size: int, given: float | None) -> tuple[float, str]:
+    """The counted budget: given, else DEFAULT_BUDGET, or SMALL_IMAGE_BUDGET_FACTOR times it for small images
+    upsampled to MIN_SIZE or less (their epochs are cheap and twice the fine-tuning paid on them)."""
+    if given is not None:
+        return float(given), "--budget"
+    if probe.n and size <= MIN_SIZE and probe.median_short < size:
+        budget = SMALL_IMAGE_BUDGET_FACTOR * DEFAULT_BUDGET
+        return budget, (f"counted, not timed: small images ({probe.median_short} px, upsampled to {size}) get "
+                        f"{SMALL_IMAGE_BUDGET_FACTOR}x the default {DEFAULT_BUDGET:g} s, up to {epoch_cap(budget)} "
+                        "fine-tuning epochs (more fine-tuning paid on small images); --budget to change it")
+    return DEFAULT_BUDGET, (f"counted, not timed: the default, up to {epoch_cap(DEFAULT_BUDGET)} fine-tuning epochs; "
+                            "--budget to change it")
 
 
 def epoch_cap(budget: float) -> int:

@@ -35,8 +35,8 @@ from ursa.training.resume import resume_line, run_facts, split_digest, start_ran
 from ursa.training.learner import Learner
 from ursa.training.compare import compare_line, compare_valid, earlier_wrong
 from ursa.training.honest import ValidCorrect, honest_figures
-from ursa.training.plan import (RESERVE, FineTune, Plan, Stop, Work, choose_flips, choose_size, count_gflops, epoch_cap,
-                                fine_tune_epochs, smaller_tune_size, time_limit)
+from ursa.training.plan import (RESERVE, FineTune, Plan, Stop, Work, choose_budget, choose_flips, choose_size,
+                                count_gflops, epoch_cap, fine_tune_epochs, smaller_tune_size, time_limit)
 from ursa.training.run import RunFiles, write_run
 from ursa.util.files import atomic_write_text, check_outside
 from ursa.util.progress import make_console, progress_bar
@@ -114,8 +114,9 @@ def prepare(cfg: TrainConfig, console: Console | None = None, spill_dir: Path | 
     size, size_why = ((replayed, f"as {cfg.replay['from']} decided (--config: its recipe.json)") if replayed
                       else choose_size(probe, spec.input_size, cfg.size))
     flips, flips_why = choose_flips(probe, cfg.flips)
-    plan = Plan(size, size_why, flips, flips_why, cfg.budget, probe=probe.to_json(),
-                time_limit=time_limit(cfg.budget, cfg.time_limit))
+    budget, budget_why = choose_budget(probe, size, cfg.budget)
+    plan = Plan(size, size_why, flips, flips_why, budget, budget_why, probe=probe.to_json(),
+                time_limit=time_limit(budget, cfg.time_limit))
     model = create_model(cfg.arch, n_classes=len(ds.classes), pretrained=cfg.pretrained)
     tune_size = cfg.unfreeze_size or size
     gflops = count_gflops(model, size)
@@ -248,7 +249,7 @@ def _train(cfg: TrainConfig, console: Console | None, resume: Checkpoint | None,
 def fit_stages(cfg: TrainConfig, learn: Learner, plan: Plan, console: Console, t0: float | None = None) -> None:
     """The recipe's stages on a built learner, without the run folder (the notebook's ``fine_tune``).
 
-    The frozen epochs, then fine-tuning when it pays and fits ``cfg.budget`` (counted from ``t0``,
+    The frozen epochs, then fine-tuning when it pays and fits ``plan.budget`` (counted from ``t0``,
     default now), the best epoch kept; the same decisions as ``ursa train``.
     """
     t0 = time.perf_counter() if t0 is None else t0
@@ -319,10 +320,10 @@ def _decide(cfg: TrainConfig, learn: Learner, plan: Plan) -> None:
     n_valid = len(learn.dls.dataset.valid_idx)
     work = Work.from_json(plan.work) if plan.work else None
     plan.fine_tune_epochs, plan.fine_tune, plan.fine_tune_why = fine_tune_epochs(
-        frozen_error, n_valid, work, cfg.budget, epoch_cap(cfg.budget))
+        frozen_error, n_valid, work, plan.budget, epoch_cap(plan.budget))
     if plan.fine_tune is FineTune.TOO_FEW_FIT and cfg.unfreeze_size is None:  # a smaller size may fit enough
-        smaller = smaller_tune_size(frozen_error, n_valid, work, cfg.budget, plan.size,
-                                    lambda s: count_gflops(learn.model, s), epoch_cap(cfg.budget))
+        smaller = smaller_tune_size(frozen_error, n_valid, work, plan.budget, plan.size,
+                                    lambda s: count_gflops(learn.model, s), epoch_cap(plan.budget))
         if smaller is not None:  # the counted work is then the smaller size's
             plan.tune_size, plan.fine_tune_epochs, plan.fine_tune_why, tuned = smaller
             plan.fine_tune, plan.work = FineTune.PLANNED, tuned.to_json()
