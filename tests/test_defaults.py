@@ -223,6 +223,12 @@ def test_the_default_recipe_decides_the_same_and_trains_the_same_model_on_a_busy
             p.wait()
     assert idle_recipe["fine_tune"] == "planned" and idle_recipe["fine_tune_epochs"] >= MIN_EPOCHS
     assert idle_recipe["epochs_done"] == idle_recipe["fine_tune_epochs"] and not idle_recipe["cut"]
+    import torchvision
+
+    # where it ran: the thread count and the numeric packages' versions (a newer release may change the last bits)
+    packages = idle_recipe["run"]["packages"]
+    assert torch.__version__.split("+")[0] == packages["torch"].split("+")[0] and packages["onnxruntime"]
+    assert torchvision.__version__.split("+")[0] == packages["torchvision"].split("+")[0]
     for key in ("seconds", "run"):  # how long it took and where: the only things that may differ
         idle_recipe.pop(key), busy_recipe.pop(key)
     assert busy_recipe == idle_recipe

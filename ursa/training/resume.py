@@ -69,14 +69,35 @@ def resume_line(ckpt: Checkpoint, ds: ImageDataset, plan: Plan, console: Console
     console.print(f"resuming {ckpt.folder.parent}: {what}; history and weights from the checkpoint", highlight=False)
 
 
+# The packages whose arithmetic makes the weights: the same data, seed and options give bit-identical weights with the
+# same versions of these (and the same thread count); a newer release of one may change the last bits, and training
+# carries that on (docs/train.md).
+NUMERIC_PACKAGES = ("torch", "torchvision", "timm", "onnxruntime", "numpy", "pillow")
+
+
+def package_versions() -> dict[str, str | None]:
+    """The installed version of each of NUMERIC_PACKAGES (None: not installed), for recipe.json's ``run``."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    out: dict[str, str | None] = {}
+    for name in NUMERIC_PACKAGES:
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = None
+    return out
+
+
 def run_facts(learn: Any, ckpt: Checkpoint | None) -> dict:
-    """Where the run ran, for recipe.json: device, ranks and how the feature cache was shared, resume."""
+    """Where the run ran, for recipe.json: device, ranks, threads, package versions, how the feature cache was shared,
+    resume."""
     d = learn.dist
     facts: dict = {"device": str(learn.device), "world_size": d.world, "backend": d.backend or None}
     if str(learn.device) == "cpu":  # the weights are bit-identical at the same thread count (another sums in another order)
         import torch
 
         facts["threads"] = torch.get_num_threads()
+    facts["packages"] = package_versions()
     if learn.feature_counts:
         facts["feature_images_per_rank"] = [int(n) for n in learn.feature_counts]
     if learn.vanished:  # changed or vanished on disk while the run trained: skipped (the run writer says so too)
