@@ -11,12 +11,11 @@ the same 20% (it chooses nothing, so its final error is already held-out).
 
 Recipes, one `ursa train` process per set x recipe x seed: default (the data-aware recipe), lrfind
 (`ursa lr-find`'s suggestion as --lr), and fixed alternatives to each rule of the default (no_finetune,
-double budget, size64/size128/size224, flips_none/horizontal/all), and optimistic (ursa given the 80/20 split
-itself, so it chooses its epoch on the test images: issue 15's figure, to show what honesty costs);
+double budget, budget120 (photos' 120 s on every set), size64/size128/size224, flips_none/horizontal/all), and
+optimistic (ursa given the 80/20 split itself, so it chooses its epoch on the test images: issue 15's figure, to show what honesty costs);
 frozen and lesson (issue 15) on request.
-An alternative that repeats what the default decided on a set (same --size or --flips) is not run
-again: the default's runs stand for it. Then per set a table, the aims held or missed, and each rule
-checked leave-one-set-out (benchmarks/rules.py): all in benchmarks/results/recipes.json.
+An alternative that repeats what the default decided on a set (same --size, --flips or --budget) is not run
+again: the default's runs stand for it. Then per set a table, the aims held or missed, and each rule checked leave-one-set-out (benchmarks/rules.py): all in benchmarks/results/recipes.json.
 
     .venv/bin/python benchmarks/recipes.py                       # every set at hand, 3 seeds: hours, idle machine only
     .venv/bin/python benchmarks/recipes.py --sets uci_digits,cc0_textures --seeds 1 --recipes default,lrfind,no_finetune

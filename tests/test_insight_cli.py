@@ -32,6 +32,7 @@ def test_show_prints_the_split_and_writes_an_augmented_grid(app, tmp_path):
     assert lines[0].startswith("120 images, 3 classes")
     assert any(l.split()[:1] == ["black"] and len(l.split()) == 4 for l in lines), "class, train, valid, total"
     assert "warning" not in res.output
+    assert "recipe: budget 120 s: counted, not timed: the default" in res.output  # 96 px asked: nothing upsampled to 128
     with Image.open(out) as im:
         assert im.format == "PNG" and im.width > 3 * 96 and im.height > 3 * 96
     # the same seed gives the same picture; the global random state is left alone

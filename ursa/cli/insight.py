@@ -67,7 +67,7 @@ def show_cmd(
 ) -> None:
     """Look at the data first: classes with their counts and the split, and a grid of training images as the model sees them."""
     from ursa.training.insight import apply_dedupe_split
-    from ursa.training.plan import choose_flips, choose_size
+    from ursa.training.plan import choose_budget, choose_flips, choose_size
     from ursa.vision.data import load_dataset
     from ursa.vision.probe import probe_images
     from ursa.vision.models import get_spec
@@ -90,7 +90,9 @@ def show_cmd(
     probe = probe_images([ds.files[i] for i in ds.train_idx], cfg.seed)
     size, size_why = choose_size(probe, spec.input_size, cfg.size)  # what `ursa train` would choose
     flips, flips_why = choose_flips(probe, cfg.flips)
+    budget, budget_why = choose_budget(probe, size, cfg.budget)
     path = write_batch(ds, size, spec.mean, spec.std, out, n=n, seed=cfg.seed, flips=flips)
     typer.echo(f"recipe: input size {size} px: {size_why}")
     typer.echo(f"recipe: flips {flips}: {flips_why}")
+    typer.echo(f"recipe: budget {budget:g} s: {budget_why}")
     typer.echo(f"batch: {path} ({min(n, len(ds.train_idx))} training images at {size} px, augmented as in training)")

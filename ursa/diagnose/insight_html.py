@@ -139,6 +139,7 @@ def recipe_html(recipe: dict[str, Any] | None, rows: list[dict] | None) -> str:
         return ""
     decisions = [("input size", f"{recipe.get('size')} px", recipe.get("size_why", "")),
                  ("flips", str(recipe.get("flips")), recipe.get("flips_why", "")),
+                 ("budget", f"{recipe.get('budget', 0):.0f} s counted", recipe.get("budget_why", "")),
                  ("balance", str(recipe.get("balance", "none")), recipe.get("balance_why", "")),
                  ("fine-tuning", f"{recipe.get('fine_tune_epochs', 0)} epoch(s)", recipe.get("fine_tune_why", ""))]
     parts = ["<section id='recipe'><h2>The recipe</h2><table><tr><th>decision</th><th>chosen</th><th>why</th></tr>"]
