@@ -73,10 +73,11 @@ RECIPES = {
     "frozen": ("cached frozen stage only, 224 px (ursa before issue 15)", ["--size", "224", "--unfreeze-epochs", "0"]),
     "lesson": ("the lesson: 4 frozen + 2 unfrozen epochs, 224 px", ["--size", "224", "--unfreeze-epochs", "2"]),
 }
-DEFAULT_RECIPES = ("default", "lrfind", "no_finetune", "double", "size64", "size128", "size224", "flips_none",
+DEFAULT_RECIPES = ("default", "lrfind", "no_finetune", "budget120", "double", "size64", "size128", "size224", "flips_none",
                    "flips_horizontal", "flips_all", "optimistic")
 CHOOSES_ON_TEST = {"optimistic"}  # given <set>.ursa.csv: the test images are ursa's validation images
-SAME_AS_DEFAULT = {"budget120": ("budget", 120), "size64": ("size", 64), "size128": ("size", 128), "size224": ("size", 224),
+BUDGET_ARMS = ("double", "budget120")  # the default's recipe with only --budget changed: reused where it decided that budget
+SAME_AS_DEFAULT = {"size64": ("size", 64), "size128": ("size", 128), "size224": ("size", 224),
                    "flips_none": ("flips", "none"), "flips_horizontal": ("flips", "horizontal"), "flips_all": ("flips", "all")}
 ERROR_LINE = re.compile(r"^error_rate\s+([0-9.eE+-]+)\s+\(accuracy", re.M)
 BUDGET_PROBE = (
@@ -235,11 +236,16 @@ def run_ursa(set_dir: Path, split: Path, recipe: str, seed: int, flags: list[str
         return rec
 
 
-def reuse_default(recipe: str, default_recs: list[dict], seed: int) -> dict | None:
-    """An alternative that repeats what the default decided (same --size or --flips): the default's run, relabelled."""
-    if recipe not in SAME_AS_DEFAULT:
+def reuse_default(recipe: str, default_recs: list[dict], seed: int, flags: list[str] | str = ()) -> dict | None:
+    """An alternative that repeats what the default decided (same --size, --flips or --budget): the default's run,
+    relabelled. ``flags``: the recipe's flags, whose last --budget a budget arm (double, budget120) is compared by."""
+    if recipe in BUDGET_ARMS and isinstance(flags, list) and "--budget" in flags:
+        last = max(k for k, f in enumerate(flags) if f == "--budget")
+        field, value = "budget", float(flags[last + 1])
+    elif recipe in SAME_AS_DEFAULT:
+        field, value = SAME_AS_DEFAULT[recipe]
+    else:
         return None
-    field, value = SAME_AS_DEFAULT[recipe]
     for d in default_recs:
         if d["seed"] == seed and d.get("error_rate") is not None and (d.get("recipe_json") or {}).get(field) == value:
             return {**{k: v for k, v in d.items() if k != "tta"}, "recipe": recipe, "same_as_default": True}
@@ -312,7 +318,7 @@ def run_set(name: str, set_dir: Path, rows: list, recipes: list[str], flags: dic
             defaults = [d for d in records if d["recipe"] == "default"]
             csv_file = split_paths(args.results, name)[1] if r in CHOOSES_ON_TEST else train_csv
             key = run_key(csv_file, flags[r], shlex.split(args.train_args))
-            rec = reuse_default(r, defaults, seed) or store.get(name, r, seed, key)
+            rec = reuse_default(r, defaults, seed, flags[r]) or store.get(name, r, seed, key)
             if rec is None and args.stored_only:
                 continue
             if rec is None:

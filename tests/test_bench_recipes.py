@@ -485,3 +485,15 @@ def test_idle_timing_records_both_walls_checks_reproducibility_and_refuses_a_bus
         assert (results / "recipes_timing.json").read_text() == "[1, 2"
     finally:
         sys.modules.pop("bench_recipes_timing", None)
+
+
+def test_a_budget_arm_that_repeats_what_the_default_decided_is_the_default_run(bench):
+    """double (--budget 240) on small images, budget120 on photos: the default decided that budget, so its run stands."""
+    small, photos = ({"seed": 0, "error_rate": 0.1, "recipe_json": {"budget": b}} for b in (240.0, 120.0))
+    double = ["--time-limit", "3600", "--budget", "240"]
+    assert bench.reuse_default("double", [small], 0, double)["recipe"] == "double"
+    assert bench.reuse_default("double", [photos], 0, double) is None
+    assert bench.reuse_default("budget120", [photos], 0, ["--budget", "120"])["same_as_default"] is True
+    assert bench.reuse_default("budget120", [small], 0, ["--budget", "120"]) is None
+    assert bench.reuse_default("double", [small], 1, double) is None  # another seed
+    assert bench.reuse_default("no_finetune", [small], 0, ["--budget", "240", "--unfreeze-epochs", "0"]) is None

@@ -201,6 +201,9 @@ def test_vision_learner_picks_the_cpu_through_auto(monkeypatch):
         {dls.dataset.rel(i) for i in dls.dataset.valid_idx}
     with pytest.raises(Exception, match="expected one of TrainConfig's settings"):
         ursa.vision_learner(dls, epoch=3)  # a typo is one clear line, not a TypeError
+    learn.fine_tune(epochs=1, budget=0)  # a budget given to fine_tune counts, as --budget would: the frozen stage only
+    assert (learn.plan.budget, learn.plan.budget_why, learn.plan.fine_tune.value) == (0, "--budget", "budget_zero")
+    assert [r["stage"] for r in learn.history] == ["frozen"]
 
 
 # --- the console in a pipe -------------------------------------------------------------------------

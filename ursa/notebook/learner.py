@@ -121,6 +121,8 @@ class VisionLearner:
         changes = {**settings, **({"epochs": epochs} if epochs is not None else {}),
                    **({"lr": base_lr} if base_lr is not None else {})}
         self.cfg = dataclasses.replace(self.cfg, **changes) if changes else self.cfg
+        if changes.get("budget") is not None:  # given here: counted as --budget would be
+            self.plan.give_budget(self.cfg.budget, self.cfg.time_limit)
         fit_stages(self.cfg, self.learner, self.plan, self.console)
         self.learner.drop_features()
 

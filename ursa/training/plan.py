@@ -31,8 +31,9 @@ GREY_SHARE = 0.9
 # The frozen stage's error is already this good (in whole validation pictures, rounded up: on 48
 # pictures one error is "within a picture of" 2%): nothing for fine-tuning to win.
 GOOD_ENOUGH = 0.02
-# Fine-tuning shorter than this does not finish a warm-up and an anneal. At most MAX_EPOCHS with the
-# default budget (more gained little on the dev sets); a larger --budget raises the cap in proportion.
+# Fine-tuning shorter than this does not finish a warm-up and an anneal. At most MAX_EPOCHS per DEFAULT_BUDGET (more
+# gained little on the dev sets at 64 px); a larger --budget raises the cap in proportion, so small images' doubled
+# default budget (choose_budget) allows 24.
 MIN_EPOCHS, MAX_EPOCHS = 3, 12
 # When fewer than MIN_EPOCHS fit at the input size (224 px photos, several hundred of them), fine-tune at a smaller
 # size: the largest multiple of 32, down to TUNE_MIN_SIZE (inputs of MIN_SIZE or less: half their size, at least
@@ -42,8 +43,9 @@ MIN_EPOCHS, MAX_EPOCHS = 3, 12
 TUNE_MIN_SIZE = 128
 # Never below this, at any size: EfficientNet's five stride-2 stages leave a 2x2 map at 64 px.
 FLOOR_SIZE = 64
-# However large the budget: more epochs at these rates gained nothing on the dev sets (a doubled
-# budget's 24 epochs were no better than 12, and one run diverged at epoch 19).
+# However large the budget: more epochs at these rates gained nothing on the dev sets at 64 px (a doubled
+# budget's 24 epochs were no better than 12 there, and one run diverged at epoch 19; at 128 px 24 paid on
+# small images: choose_budget).
 CEILING_EPOCHS = 30
 
 # The reference machine's costs, in seconds (2 CPU cores, idle; docs/train.md): per image, a fixed part
@@ -166,6 +168,11 @@ class Plan:
         d["stopped"] = self.stopped.value if self.stopped else None
         d["cut"] = self.cut
         return d
+
+    def give_budget(self, budget: float, given_limit: float | None) -> None:
+        """A budget given after the plan was made (the notebook's ``fine_tune(budget=)``): as --budget."""
+        self.budget, self.budget_why = float(budget), "--budget"
+        self.time_limit = time_limit(self.budget, given_limit)
 
     def restore(self, before: dict) -> None:
         """A stopped run's fine-tuning decision (from its checkpoint), to go on with it."""
