@@ -13,9 +13,10 @@ $(BIN)/python:
 # torch/torchvision first and pinned: this pair is on the machine's disk; other versions are multi-GB downloads.
 # `.[train,dev,notebook]`: the base install is the slim ONNX runtime (docs/deploy.md); training, tests, the demo
 # and the notebook (examples/lesson2.ipynb, docs/notebook.md) need the rest.
-$(STAMP): $(BIN)/python pyproject.toml
+# constraints.txt pins the other packages whose arithmetic makes a model: the same weights in every checkout.
+$(STAMP): $(BIN)/python pyproject.toml constraints.txt
 	$(BIN)/pip install -q torch==2.14.1 torchvision==0.29.1
-	$(BIN)/pip install -q -e '.[train,dev,notebook]' torch==2.14.1 torchvision==0.29.1
+	$(BIN)/pip install -q -c constraints.txt -e '.[train,dev,notebook]' torch==2.14.1 torchvision==0.29.1
 	touch $(STAMP)
 
 install: $(STAMP)
