@@ -169,7 +169,7 @@ def test_config_replays_an_earlier_runs_decisions_unless_an_option_changes_them(
     (run / "config.json").write_text(json.dumps({"data": "x", "seed": 3, "budget": 120.0}))
     (run / "recipe.json").write_text(json.dumps({"size": 224, "fine_tune_epochs": 5, "tune_size": 160}))
     cfg = make_config(tmp_path / "data", run)
-    assert cfg.replay == {"from": str(run), "size": 224, "fine_tune_epochs": 5, "tune_size": 160}
+    assert cfg.replay == {"from": str(run), "size": 224, "fine_tune_epochs": 5, "tune_size": 160, "budget": 120.0}
     cfg = make_config(tmp_path / "data", run, budget=600.0)
     assert cfg.replay == {"from": str(run), "size": 224}  # a new budget decides the fine-tuning afresh
     assert make_config(tmp_path / "data", None).replay is None
@@ -295,6 +295,7 @@ def test_a_retrain_replays_the_decisions_scores_unchanged_pictures_and_says_when
     plan = second.plan
     assert plan.fine_tune is FineTune.REPLAYED and plan.fine_tune_epochs == first.plan.fine_tune_epochs
     assert plan.size == first.plan.size and "decided" in plan.size_why
+    assert plan.budget == 10.0 and str(tmp_path / "a") in plan.budget_why  # kept from the first run, and said so
     assert plan.compare["excluded"] == [gone] and plan.compare["unchanged"] == first.n_valid - 1
     assert plan.compare["earlier_errors_unchanged"] == len(set(first.plan.wrong) - {gone})  # the same pictures, both
     # the clock cut fine-tuning after its first epoch: said, not hidden

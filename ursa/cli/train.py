@@ -74,6 +74,8 @@ def replay_of(base_run: Path, base: dict, given: dict) -> dict:
         return replay  # an earlier run without recipe.json: the recipe decides afresh
     if not isinstance(recipe, dict):
         return replay
+    if "budget" not in given and isinstance(base.get("budget"), (int, float)):
+        replay["budget"] = base["budget"]  # kept from RUN's config.json: the reason says so, not "--budget"
     for key, options in DECIDES.items():
         value = recipe.get(key)
         if isinstance(value, int) and not isinstance(value, bool) and not any(o in given for o in options):

@@ -228,8 +228,10 @@ class TrainConfig:
         _expect(r is None or (isinstance(r, dict) and isinstance(r.get("from", ""), str)
                               and (r.get("size") is None or _whole(r["size"], 32, 1024))
                               and (r.get("fine_tune_epochs") is None or _whole(r["fine_tune_epochs"], 0, 1000))
-                              and (r.get("tune_size") is None or _whole(r["tune_size"], 32, 1024))),
-                "replay", "an earlier run's folder and its decisions (size and tune_size 32-1024, fine_tune_epochs >= 0)", r)
+                              and (r.get("tune_size") is None or _whole(r["tune_size"], 32, 1024))
+                              and (r.get("budget") is None or (_number(r["budget"]) and r["budget"] >= 0))),
+                "replay", "an earlier run's folder and its decisions (size and tune_size 32-1024, fine_tune_epochs >= 0, "
+                "budget >= 0)", r)
         _expect(isinstance(self.label_delim, str) and len(self.label_delim) > 0 and "\n" not in self.label_delim,
                 "--label-delim", "one or more characters (not a newline)", self.label_delim)
         _expect(not self.multi_label or self.csv is not None, "--multi-label",

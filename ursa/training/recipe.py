@@ -115,6 +115,8 @@ def prepare(cfg: TrainConfig, console: Console | None = None, spill_dir: Path | 
                       else choose_size(probe, spec.input_size, cfg.size))
     flips, flips_why = choose_flips(probe, cfg.flips)
     budget, budget_why = choose_budget(probe, size, cfg.budget)
+    if cfg.budget is not None and (cfg.replay or {}).get("budget") == cfg.budget:  # not given: RUN's config.json had it
+        budget_why = f"as {cfg.replay['from']} had it (--config: its config.json)"
     plan = Plan(size, size_why, flips, flips_why, budget, budget_why, probe=probe.to_json(),
                 time_limit=time_limit(budget, cfg.time_limit))
     model = create_model(cfg.arch, n_classes=len(ds.classes), pretrained=cfg.pretrained)
