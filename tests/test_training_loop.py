@@ -209,8 +209,9 @@ def test_train_writes_its_config_and_a_retrain_can_start_from_it(tmp_path, sampl
     assert {k: v for k, v in cfg2.items() if k not in ("out", "lr", "replay")} == {
         k: v for k, v in cfg.items() if k not in ("out", "lr", "replay")}
     assert cfg2["lr"] == 0.002 and cfg2["out"] == str(again)
-    # --lr changes what the fine-tuning decision depends on, so only the input size is replayed from RUN
-    assert cfg.get("replay") is None and cfg2["replay"] == {"from": str(run), "size": 64}
+    # --lr changes what the fine-tuning decision depends on, so only the input size is replayed from RUN (and the
+    # budget RUN's config.json had is kept, so the recipe can say where it came from)
+    assert cfg.get("replay") is None and cfg2["replay"] == {"from": str(run), "size": 64, "budget": 0.0}
     assert (run / "split.csv").read_text() == (again / "split.csv").read_text()  # the same split
     third = tmp_path / "third"  # another training seed from the same run: still that run's validation images
     assert main(["train", str(sample_dir), "--config", str(run), "--out", str(third), "--seed", "1", "--quiet"]) == 0
