@@ -168,7 +168,12 @@ def test_default_recipe_fine_tunes_weak_bodies_within_the_budget_and_says_why(ha
     assert stages.count("frozen") == 4 and 1 <= stages.count("unfrozen") <= plan["fine_tune_epochs"]
     assert plan["work"]["epoch_seconds"] > 0 and plan["work"]["n_train"] == res.n_train and plan["fine_tune"] == "planned"
     assert plan["seconds"] == res.seconds  # the one time figure
-    assert plan["honest"]["selection_corrected"] is not None
+    honest = plan["honest"]
+    assert honest["selection_corrected"] is not None and honest["pictures"] == res.n_valid
+    assert honest["selection_corrected"] < honest["upper_bound"] < 1  # how far off so few pictures may be
+    from ursa.diagnose.insight_html import recipe_html
+
+    assert f"On {res.n_valid} validation pictures, at 95% confidence the error is at most" in recipe_html(plan, None)
     report = json.loads((tmp_path / "run" / "report.json").read_text())
     assert report["recipe"]["fine_tune_epochs"] == plan["fine_tune_epochs"]
     # The error the run reports is the kept weights' error, which is the model file's.
@@ -196,7 +201,7 @@ def test_a_fine_tuning_divergence_keeps_the_best_weights_and_writes_the_model(sa
     from ursa.training.learner import Learner
     from ursa.training.recipe import train
 
-    monkeypatch.setattr(plan_module, "good_enough", lambda error, n: False)  # always fine-tune, even on the easy sample
+    monkeypatch.setattr(plan_module, "good_enough", lambda error, n, counted=True: False)  # always fine-tune, even on the easy sample
     calls = {"n": 0}
     real = Learner.loss_func
 

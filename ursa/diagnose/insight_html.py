@@ -178,7 +178,10 @@ def _recipe_figures(recipe: dict[str, Any]) -> str:
     if honest.get("selection_corrected") is not None:
         lines.append(f"Honest figure: error {_pct(honest['error_rate'])} on the epoch kept; "
                      f"{_pct(honest['selection_corrected'])} corrected for choosing that epoch on the same validation "
-                     f"pictures ({_e(honest.get('method', ''))}).")
+                     f"pictures ({_e(honest.get('method', ''))})."
+                     + (f" On {honest.get('pictures')} validation pictures, at {honest.get('confidence', 0.95):.0%} "
+                        f"confidence the error is at most {_pct(honest['upper_bound'])}."
+                        if honest.get("upper_bound") is not None else ""))
     c = recipe.get("compare") or {}
     if c:
         what = ", ".join(f"{len(c[k])} {k}" for k in ("excluded", "relabelled", "added") if c.get(k)) or "none changed"

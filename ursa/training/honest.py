@@ -5,7 +5,9 @@ it reports is the minimum of up to 30 draws on the same pictures: optimistic by 
 so on small sets. ``ValidCorrect`` records, after every epoch, which validation pictures the model
 gets right; ``selection_corrected`` then cross-fits the choice: the epoch is chosen (by the
 recipe's own rule) on one half of the validation pictures and scored on the other half, both ways,
-and the two halves' errors are added up. No picture scores the epoch it helped to choose.
+and the two halves' errors are added up. No picture scores the epoch it helped to choose. Beside it,
+the one-sided 95% upper bound of that figure (Clopper-Pearson): on 25 validation pictures, none
+wrong still allows up to 11%.
 """
 
 from __future__ import annotations
@@ -16,6 +18,9 @@ import torch
 
 from ursa.training.callbacks import Callback
 from ursa.training.sources import CachedFeatures
+from ursa.util.numbers import error_upper_bound
+
+CONFIDENCE = 0.95  # the one-sided bound beside the honest figure: how far off so few pictures may be
 
 METHOD = ("cross-fitted: the epoch chosen on one half of the validation pictures (alternate pictures, the "
           "recipe's rule: the best epoch when it beats the last by a picture) and scored on the other half, "
@@ -74,5 +79,10 @@ def honest_figures(correct: list[torch.Tensor], kept_error: float, known: torch.
     if known is not None and not bool(known.all()):
         correct = [c[known] for c in correct]
     corrected = selection_corrected(correct)
+    n = len(correct[0]) if correct else 0
+    figure = corrected if corrected is not None else kept_error
     return {"error_rate": kept_error, "selection_corrected": corrected, "epochs": len(correct),
-            "method": METHOD if corrected is not None else "too few validation pictures to cross-fit"}
+            "method": METHOD if corrected is not None else "too few validation pictures to cross-fit",
+            # Clopper-Pearson on the honest figure's count of wrong pictures: what n pictures can and cannot show
+            "pictures": n, "confidence": CONFIDENCE,
+            "upper_bound": error_upper_bound(round(figure * n), n, CONFIDENCE) if n else None}

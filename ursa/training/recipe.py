@@ -321,11 +321,12 @@ def _decide(cfg: TrainConfig, learn: Learner, plan: Plan) -> None:
     frozen_error = learn.dist.agree([frozen_error])[0]
     n_valid = len(learn.dls.dataset.valid_idx)
     work = Work.from_json(plan.work) if plan.work else None
+    counted = not cfg.multi_label  # multi-label's error is 1 - macro F1, not a share of wrong pictures
     plan.fine_tune_epochs, plan.fine_tune, plan.fine_tune_why = fine_tune_epochs(
-        frozen_error, n_valid, work, plan.budget, epoch_cap(plan.budget))
+        frozen_error, n_valid, work, plan.budget, epoch_cap(plan.budget), counted)
     if plan.fine_tune is FineTune.TOO_FEW_FIT and cfg.unfreeze_size is None:  # a smaller size may fit enough
         smaller = smaller_tune_size(frozen_error, n_valid, work, plan.budget, plan.size,
-                                    lambda s: count_gflops(learn.model, s), epoch_cap(plan.budget))
+                                    lambda s: count_gflops(learn.model, s), epoch_cap(plan.budget), counted)
         if smaller is not None:  # the counted work is then the smaller size's
             plan.tune_size, plan.fine_tune_epochs, plan.fine_tune_why, tuned = smaller
             plan.fine_tune, plan.work = FineTune.PLANNED, tuned.to_json()
@@ -345,8 +346,11 @@ def _figures(cfg: TrainConfig, learn: Learner, ds: ImageDataset, plan: Plan, see
         plan.honest = honest_figures(seen.correct, kept_error, seen.known)
         corrected = plan.honest["selection_corrected"]
         if corrected is not None:
+            bound = plan.honest["upper_bound"]
             console.print(f"honest figure: error {kept_error:.4f} on the epoch kept, {corrected:.4f} corrected for "
-                          "choosing it on these pictures (cross-fitted over two halves)", highlight=False)
+                          "choosing it on these pictures (cross-fitted over two halves)"
+                          + (f"; on {plan.honest['pictures']} pictures, at {plan.honest['confidence']:.0%} confidence "
+                             f"at most {bound:.4f}" if bound is not None else ""), highlight=False)
     names = [ds.rel(i) for i in ds.valid_idx]
     plan.wrong = [n for n, ok in zip(names, seen.correct[at].tolist()) if not ok]
     earlier = (cfg.replay or {}).get("from")

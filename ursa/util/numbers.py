@@ -1,4 +1,4 @@
-"""Numbers: loss smoothing, byte sizes and the softmax, one definition each."""
+"""Numbers: loss smoothing, byte sizes, the softmax and an error rate's confidence bound, one definition each."""
 
 from __future__ import annotations
 
@@ -68,3 +68,21 @@ def softmax(logits: Any, temperature: float = 1.0, dtype: Any = np.float64) -> n
     z -= z.max(axis=1, keepdims=True)
     e = np.exp(z)
     return (e / e.sum(axis=1, keepdims=True)).astype(dtype, copy=False)
+
+
+def error_upper_bound(errors: int, n: int, confidence: float = 0.95) -> float:
+    """One-sided Clopper-Pearson upper bound of an error rate seen as ``errors`` of ``n``: the rate at which at most
+    ``errors`` wrong has probability 1 - confidence (bisection on the binomial CDF, in logs for large n)."""
+    if n <= 0 or errors >= n:
+        return 1.0
+
+    def at_most(p: float) -> float:
+        lp, lq = math.log(p), math.log1p(-p)
+        return sum(math.exp(math.lgamma(n + 1) - math.lgamma(k + 1) - math.lgamma(n - k + 1) + k * lp + (n - k) * lq)
+                   for k in range(errors + 1))
+
+    lo, hi = errors / n, 1.0
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if at_most(mid) > 1 - confidence else (lo, mid)
+    return hi
