@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -298,7 +299,8 @@ def test_a_rerun_skips_the_runs_it_kept_and_measures_again_what_changed(bench, t
 def test_a_rule_that_loses_to_the_choice_fitted_on_the_other_sets_is_missed(bench):
     from rules import RULES, check_rule
 
-    rule = next(r for r in RULES if r.name == "fine-tune or not")
+    # the report's fitted_on decides the groups here (the real rule names its own sets)
+    rule = dataclasses.replace(next(r for r in RULES if r.name == "fine-tune or not"), fitted_on=None)
     errs = {("a", "default"): 0.10, ("a", "no_finetune"): 0.20, ("b", "default"): 0.10, ("b", "no_finetune"): 0.30,
             ("c", "default"): 0.30, ("c", "no_finetune"): 0.10}
     recs = [{"set": s, "recipe": r, "test_error": e, "recipe_json": {"fine_tune_epochs": 3}} for (s, r), e in errs.items()]
@@ -326,6 +328,19 @@ def test_an_alternative_run_on_few_sets_is_left_out_of_its_rule_not_the_whole_ru
     assert size["left_out"] == ["size64", "size224"] and size["arms"] == ["default", "size128"]
     assert {r["set"]: r["verdict"] for r in size["rows"]} == {"a": "held", "b": "held", "c": "missed"}
     assert checks["flips"]["not_run"] == ["flips_none", "flips_horizontal", "flips_all"]
+    # a rule whose only alternative ran on too few sets is not checked, and says why (not "needs --recipes")
+    few = [*recs, {"set": "a", "recipe": "valid10", "test_error": 0.1, "recipe_json": {}}]
+    share = next(c for c in check_all(few, ["a", "b", "c"], ["default", "valid10"], (), {"a": 10, "b": 10, "c": 10})
+                 if c["rule"] == "validation share")
+    assert share["too_few"] == ["valid10"] and not share["rows"] and "not_run" not in share
+    assert "not checked: valid10 ran on fewer than half the sets" in "\n".join(format_checks([share]))
+    # size64 ran on one set of three, size224 never: each said as it is
+    sized = [*(r for r in recs if r["recipe"] == "default"), {**recs[0], "recipe": "size64"}]
+    size = next(c for c in check_all(sized, ["a", "b", "c"], ["default", "size64", "size224"], (),
+                                     {"a": 10, "b": 10, "c": 10}) if c["rule"] == "input size")
+    text = "\n".join(format_checks([size]))
+    assert size["too_few"] == ["size64"] and set(size["never_ran"]) == {"size128", "size224"}, size
+    assert "size64 ran on fewer than half" in text and "size128, size224 never ran" in text
     # the input size was refitted on issue 28's nine sets: there they count as "fitted on", whatever --fitted-on says
     named = [{**r, "set": {"a": "bears", "b": "uci_digits", "c": "new_set"}[r["set"]]} for r in recs]
     size = next(c for c in check_all(named, ["bears", "uci_digits", "new_set"], ["default", "size128"], ("bears",),
