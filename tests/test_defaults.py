@@ -134,8 +134,22 @@ def test_good_enough_needs_enough_validation_pictures_to_show_it():
     assert good_enough(0.0, 14, counted=False) and not good_enough(2 / 14, 14, counted=False)
     n, how, why = fine_tune_epochs(0.0, 14, BEARS, 1000, counted=False)
     assert how is FineTune.GOOD_ENOUGH and "confidence" not in why and "0 of 14" not in why
-    n, how, why = fine_tune_epochs(0.2, 14, BEARS, 1000, counted=False)
-    assert how is FineTune.PLANNED and why.startswith("the frozen body leaves 20.0% error")
+
+    # the same through the recipe's decision: the run's task says whether its error is a count
+    from types import SimpleNamespace
+
+    from ursa.training.recipe import _decide
+
+    def decide(multi_label: bool) -> Plan:
+        learn = SimpleNamespace(recorder=SimpleNamespace(rows=[{"error_rate": 0.0}]),
+                                dist=SimpleNamespace(agree=lambda xs: xs),
+                                dls=SimpleNamespace(dataset=SimpleNamespace(valid_idx=list(range(14)))))
+        plan = Plan(size=224, size_why="", flips="horizontal", flips_why="", budget=1000, work=BEARS.to_json())
+        _decide(SimpleNamespace(multi_label=multi_label, unfreeze_size=None), learn, plan)
+        return plan
+
+    assert decide(multi_label=True).fine_tune is FineTune.GOOD_ENOUGH
+    assert decide(multi_label=False).fine_tune is FineTune.PLANNED
 
 
 def test_advice_and_the_budget_suggestion_read_the_decision_not_its_words():

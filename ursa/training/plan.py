@@ -300,24 +300,25 @@ def fine_tune_epochs(frozen_error: float, n_valid: int, work: Work | None, budge
     left = budget - before
     if left <= 0:
         return 0, FineTune.BUDGET_SPENT, (
-            f"{frozen_leaves(frozen_error, n_valid, counted)}, but the frozen stage counts as {before:.0f} of the "
+            f"{frozen_leaves(frozen_error, n_valid)}, but the frozen stage counts as {before:.0f} of the "
             f"{budget:.0f} s of --budget: raise --budget to let fine-tuning try")
     each = work.epoch_seconds
     fit = int(left // max(each, 1e-9))
     if fit < MIN_EPOCHS:
         return 0, FineTune.TOO_FEW_FIT, (
-            f"{frozen_leaves(frozen_error, n_valid, counted)}, but the {left:.0f} s left of --budget fit {fit} "
+            f"{frozen_leaves(frozen_error, n_valid)}, but the {left:.0f} s left of --budget fit {fit} "
             f"fine-tuning epoch(s) of {each:.0f} s counted (at least {MIN_EPOCHS} are needed): raise --budget "
             "to let it try")
     n = min(fit, cap)
     return n, FineTune.PLANNED, (
-        f"{frozen_leaves(frozen_error, n_valid, counted)}: {n} epochs of fine-tuning, {each:.1f} s each "
+        f"{frozen_leaves(frozen_error, n_valid)}: {n} epochs of fine-tuning, {each:.1f} s each "
         f"counted, fit the {left:.0f} s left of --budget")
 
 
-def frozen_leaves(frozen_error: float, n_valid: int, counted: bool = True) -> str:
-    """What the frozen stage left, and, when it was within a picture of GOOD_ENOUGH, why that was not enough."""
-    if not counted or not within_good_enough(frozen_error, n_valid):
+def frozen_leaves(frozen_error: float, n_valid: int) -> str:
+    """What the frozen stage left, and, when it was within a picture of GOOD_ENOUGH, why that was not enough (only a
+    counted error gets here within it: uncounted ones are good enough there)."""
+    if not within_good_enough(frozen_error, n_valid):
         return f"the frozen body leaves {frozen_error:.1%} error"
     errors = round(frozen_error * n_valid)
     return (f"the frozen body gets {frozen_error:.1%} error ({errors} of {n_valid} validation pictures), too few "
@@ -340,7 +341,7 @@ def smaller_tune_size(frozen_error: float, n_valid: int, work: Work, budget: flo
         n, how, _ = fine_tune_epochs(frozen_error, n_valid, smaller, budget, cap, counted)
         if how is FineTune.PLANNED:
             left = budget - work.frozen_seconds - RESERVE
-            return s, n, (f"{frozen_leaves(frozen_error, n_valid, counted)}; at {size} px fewer than {MIN_EPOCHS} "
+            return s, n, (f"{frozen_leaves(frozen_error, n_valid)}; at {size} px fewer than {MIN_EPOCHS} "
                           f"fine-tuning epochs fit the {left:.0f} s left of --budget, so it trains at {s} px: {n} "
                           f"epochs, {smaller.epoch_seconds:.1f} s each counted (validation and the model stay at "
                           f"{size} px)"), smaller

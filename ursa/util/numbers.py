@@ -77,9 +77,16 @@ def error_upper_bound(errors: int, n: int, confidence: float = 0.95) -> float:
         return 1.0
 
     def at_most(p: float) -> float:
+        """P(X <= errors), X ~ Binomial(n, p), for p >= errors / n: there the terms rise up to k = errors (the mode
+        is at or above it), so they are summed downwards from it until the rest cannot count (a few sqrt(n) terms)."""
         lp, lq = math.log(p), math.log1p(-p)
-        return sum(math.exp(math.lgamma(n + 1) - math.lgamma(k + 1) - math.lgamma(n - k + 1) + k * lp + (n - k) * lq)
-                   for k in range(errors + 1))
+        total = 0.0
+        for k in range(errors, -1, -1):
+            t = math.exp(math.lgamma(n + 1) - math.lgamma(k + 1) - math.lgamma(n - k + 1) + k * lp + (n - k) * lq)
+            total += t
+            if t < 1e-17 * total:
+                break
+        return total
 
     lo, hi = errors / n, 1.0
     for _ in range(60):
