@@ -71,25 +71,10 @@ def softmax(logits: Any, temperature: float = 1.0, dtype: Any = np.float64) -> n
 
 
 def error_upper_bound(errors: int, n: int, confidence: float = 0.95) -> float:
-    """One-sided Clopper-Pearson upper bound of an error rate seen as ``errors`` of ``n``: the rate at which at most
-    ``errors`` wrong has probability 1 - confidence (bisection on the binomial CDF, in logs for large n)."""
+    """One-sided Clopper-Pearson upper bound of an error rate seen as ``errors`` of ``n``: the beta quantile
+    (scipy's, which scikit-learn already brings; imported here so the serving runtime never needs it)."""
     if n <= 0 or errors >= n:
         return 1.0
+    from scipy.stats import beta
 
-    def at_most(p: float) -> float:
-        """P(X <= errors), X ~ Binomial(n, p), for p >= errors / n: there the terms rise up to k = errors (the mode
-        is at or above it), so they are summed downwards from it until the rest cannot count (a few sqrt(n) terms)."""
-        lp, lq = math.log(p), math.log1p(-p)
-        total = 0.0
-        for k in range(errors, -1, -1):
-            t = math.exp(math.lgamma(n + 1) - math.lgamma(k + 1) - math.lgamma(n - k + 1) + k * lp + (n - k) * lq)
-            total += t
-            if t < 1e-17 * total:
-                break
-        return total
-
-    lo, hi = errors / n, 1.0
-    for _ in range(60):
-        mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if at_most(mid) > 1 - confidence else (lo, mid)
-    return hi
+    return float(beta.ppf(confidence, errors + 1, n - errors))
