@@ -1,6 +1,6 @@
 """Issue 13 on the CPU: torchrun with gloo (one node and two), devices, resume after SIGKILL, streaming pixels.
 
-The data is conftest's generated digits (28 px grayscale, trained at 64 px), so a fresh clone runs all of it.
+The data is 150 generated digits (28 px grayscale, trained at 64 px), so a fresh clone runs all of it.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+import synthetic_sets
 from conftest import ROOT
 
 pytestmark = pytest.mark.timeout(1200)  # torchrun and resume runs: the longest tests (the default is 600 s)
@@ -41,9 +42,10 @@ def _error(run: Path) -> float:
 
 
 @pytest.fixture(scope="module")
-def mnist(hard_digits_dir: Path) -> Path:
-    """300 generated digits (mnist_dev's shape, fewer: quicker runs); the tests' name for them stays."""
-    return hard_digits_dir
+def mnist(tmp_path_factory) -> Path:
+    """150 generated digits, a stray mark on 30% (mnist_dev's shape, far fewer: each of this module's seven
+    training runs pays for every picture; what is tested is ranks, resume and streaming, not accuracy)."""
+    return synthetic_sets.digits(tmp_path_factory.mktemp("sets") / "scale_digits", per_class=30, stray=0.3)
 
 
 def _n_valid(run: Path) -> int:
