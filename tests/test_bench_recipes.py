@@ -512,3 +512,13 @@ def test_a_budget_arm_that_repeats_what_the_default_decided_is_the_default_run(b
     assert bench.reuse_default("budget120", [small], 0, ["--budget", "120"]) is None
     assert bench.reuse_default("double", [small], 1, double) is None  # another seed
     assert bench.reuse_default("no_finetune", [small], 0, ["--budget", "240", "--unfreeze-epochs", "0"]) is None
+
+
+def test_a_debian_package_that_is_not_the_pinned_one_is_refused_before_unpacking(build, tmp_path):
+    """oxygen_icons and emoji_objects come from pinned .deb files: one with other bytes is never unpacked."""
+    name, version, _ = build.OXYGEN_DEB
+    deb = tmp_path / f"{name}_{version.replace(':', '%3a')}_all.deb"  # the name apt-get download gives it
+    deb.write_bytes(b"not the package")
+    with pytest.raises(build.BuildError, match="not the pinned package"):
+        build.debian_package(tmp_path, build.OXYGEN_DEB)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [deb.name]  # nothing unpacked beside it

@@ -12,8 +12,8 @@ give the same bytes.
 
 Sources, licences and processing per set: README.md beside this file (the table is `--table`).
 A folder is replaced only when it holds this script's .built.json (a set it made): anything else is
-refused, never deleted. Sets from a public repository (omniglot_greek) are built here but not
-committed (.gitignore): data fetched from a repository is kept out of this project's commits.
+refused, never deleted. Sets from a public repository or an LGPL package (omniglot_greek, oxygen_icons) are built here but not
+committed (.gitignore): such data is kept out of this project's commits.
 """
 
 from __future__ import annotations
@@ -206,21 +206,7 @@ EMOJI_CLASSES = {  # Unicode blocks of emoji by what they show; every code point
 
 def noto_emoji_font(wheels: Path) -> Path:
     """NotoColorEmoji.ttf from Debian's pinned package (`apt-get download` into `wheels` when missing), unpacked."""
-    name, version, sha = NOTO_EMOJI_DEB
-    deb = wheels / f"{name}_{version}_all.deb"
-    if not deb.is_file():
-        wheels.mkdir(parents=True, exist_ok=True)
-        if subprocess.run(["apt-get", "download", f"{name}={version}"], cwd=wheels, capture_output=True).returncode != 0:
-            raise BuildError(f"{name}={version}: apt-get download failed; put {deb.name} in {wheels}")
-    got = hashlib.sha256(deb.read_bytes()).hexdigest()
-    if got != sha:
-        raise BuildError(f"{deb}: sha256 {got[:12]}..., expected {sha[:12]}...; not the pinned package")
-    out = wheels / f"{name}_{version}"
-    font = out / "usr/share/fonts/truetype/noto/NotoColorEmoji.ttf"
-    if not font.is_file():
-        if subprocess.run(["dpkg-deb", "-x", str(deb), str(out)], capture_output=True).returncode != 0:
-            raise BuildError(f"{deb}: dpkg-deb -x failed")
-    return font
+    return debian_package(wheels, NOTO_EMOJI_DEB) / "usr/share/fonts/truetype/noto/NotoColorEmoji.ttf"
 
 
 def build_emoji_objects(args: argparse.Namespace, out: Path) -> dict:
@@ -253,6 +239,43 @@ def build_emoji_objects(args: argparse.Namespace, out: Path) -> dict:
         for cp in pick(rng, np.array(sorted(drawn)), 60):
             save(drawn[int(cp)], out / cls / f"emoji_{int(cp):05x}.png")
     return {"debian_package": f"{NOTO_EMOJI_DEB[0]}={NOTO_EMOJI_DEB[1]}", "freetype": features.version("freetype2")}
+
+
+OXYGEN_DEB = ("oxygen-icon-theme", "5:5.103.0-1", "3e49023e148906e41457a98a19a09858ddd761ef4f212fa356232924b3cebcce")
+OXYGEN_CLASSES = ("actions", "devices", "mimetypes", "places", "status")  # the theme's own folders: what an icon is for
+
+
+def debian_package(wheels: Path, pinned: tuple[str, str, str]) -> Path:
+    """A pinned Debian package unpacked under `wheels` (`apt-get download` when its .deb is missing); its root."""
+    name, version, sha = pinned
+    deb = wheels / f"{name}_{version.replace(':', '%3a')}_all.deb"
+    if not deb.is_file():
+        wheels.mkdir(parents=True, exist_ok=True)
+        if subprocess.run(["apt-get", "download", f"{name}={version}"], cwd=wheels, capture_output=True).returncode != 0:
+            raise BuildError(f"{name}={version}: apt-get download failed; put {deb.name} in {wheels}")
+    got = hashlib.sha256(deb.read_bytes()).hexdigest()
+    if got != sha:
+        raise BuildError(f"{deb}: sha256 {got[:12]}..., expected {sha[:12]}...; not the pinned package")
+    root = wheels / f"{name}_{version.replace(':', '_')}"
+    if not root.is_dir():
+        if subprocess.run(["dpkg-deb", "-x", str(deb), str(root)], capture_output=True).returncode != 0:
+            raise BuildError(f"{deb}: dpkg-deb -x failed")
+    return root
+
+
+def build_oxygen_icons(args: argparse.Namespace, out: Path) -> dict:
+    """KDE's Oxygen icons at 64 px by what they are for: up to 60 of each folder's own files (no links), on white."""
+    base = debian_package(args.wheels, OXYGEN_DEB) / "usr/share/icons/oxygen/base/64x64"
+    rng = np.random.default_rng(SEED)
+    for cls in OXYGEN_CLASSES:
+        files = np.array(sorted(f.name for f in (base / cls).iterdir() if f.suffix == ".png" and not f.is_symlink()))
+        if len(files) < 40:
+            raise BuildError(f"oxygen_icons: {base / cls} has {len(files)} icons, expected 40 or more")
+        for name in pick(rng, files, 60):
+            icon = Image.open(base / cls / str(name)).convert("RGBA")
+            white = Image.new("RGBA", icon.size, (255, 255, 255, 255))
+            save(Image.alpha_composite(white, icon).convert("RGB"), out / cls / str(name))
+    return {"debian_package": f"{OXYGEN_DEB[0]}={OXYGEN_DEB[1]}"}
 
 
 def build_omniglot_greek(args: argparse.Namespace, out: Path) -> dict:
@@ -300,6 +323,10 @@ SETS: dict[str, SetSpec] = {
         "handwritten characters, another script", "brendenlake/omniglot python/images_background_small1.zip", "MIT",
         "8 Greek characters by seed 28, all their drawings (105 px binary, kept as is); not committed",
         build_omniglot_greek, committed=False),
+    "oxygen_icons": SetSpec(
+        "UI icons by purpose, colour, 64 px", "Debian oxygen-icon-theme 5.103.0 (KDE Oxygen icons, 64x64)", "LGPL-3+",
+        "actions, devices, mimetypes, places, status: up to 60 icons each by seed 28 (devices 54, places 45, status 47), "
+        "links left out, alpha on white; not committed", build_oxygen_icons, committed=False),
 }
 
 
