@@ -66,6 +66,7 @@ RECIPES = {
     "size128": ("the default at 128 px", ["--size", "128"]),
     "size224": ("the default at 224 px", ["--size", "224"]),
     "valid10": ("the default with 10% of its images for validation, not 20% (more to train on)", ["--valid-pct", "0.1"]),
+    "refit": ("the default, then trained again on all its images with the same decisions (--refit)", ["--refit"]),
     "flips_none": ("the default without flips", ["--flips", "none"]),
     "flips_horizontal": ("the default with horizontal flips", ["--flips", "horizontal"]),
     "flips_all": ("the default with all flips and quarter turns", ["--flips", "all"]),

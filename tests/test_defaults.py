@@ -360,3 +360,127 @@ def test_time_limit_on_the_command_line(tmp_path, capsys):
     assert parse_budget("10m", "--time-limit") == 600
     assert main(["train", str(tmp_path), "--out", str(tmp_path / "run"), "--time-limit", "abc"]) == 2
     assert "--time-limit: expected seconds" in capsys.readouterr().err
+
+
+def test_refit_trains_again_on_every_picture_with_the_first_fits_decisions(tmp_path, one_thread, capsys):
+    """--refit: the first fit's run and figures unchanged, the model file trained again on all pictures up to the epoch
+    kept, the same weights twice; predict then says why it cannot tell unknown pictures."""
+    from safetensors.torch import load_file
+
+    from ursa.cli import main
+    from ursa.errors import UrsaError
+    from ursa.inference import load_predictor
+    from ursa.inference.openset import REFIT_CANNOT_TELL
+
+    data = _noise_set(tmp_path / "data")  # 36 pictures, 6 for validation: fine-tuning is planned
+
+    def run(name: str, *more: str) -> tuple[dict, dict, str]:
+        args = ["train", str(data), "--out", str(tmp_path / name), "--epochs", "2", "--budget", "10", "--size", "64",
+                "--time-limit", "600", *more]
+        assert main(args) == 0
+        recipe = json.loads((tmp_path / name / "recipe.json").read_text())
+        said = capsys.readouterr()
+        return recipe, load_file(str(tmp_path / name / "model.safetensors")), said.out + said.err
+
+    plain, plain_w, _ = run("plain")
+    refit, refit_w, said = run("refit", "--refit")
+    again, again_w, _ = run("again", "--refit")
+    facts = refit.pop("refit")
+    assert facts["used"] and facts["pictures"] == 36 and facts["first_fit_pictures"] == 36 - plain["work"]["n_valid"]
+    last = plain["kept_epoch"] if plain["kept_epoch"] is not None else 2 + plain["epochs_done"] - 1
+    assert facts["epochs"] == last + 1 and facts["frozen_epochs"] == 2
+    assert f"(refit on all 36 pictures; the figures above are the first fit's)" in said
+    assert [ln for ln in said.splitlines() if ln.startswith("refit: epoch")][-1].startswith(f"refit: epoch {last} ")
+    # the first fit is the same run: its decisions, kept epoch and honest figures; only the model file differs
+    for d in (plain, refit):
+        for key in ("seconds", "run", "refit"):
+            d.pop(key, None)
+    assert refit == plain and plain["honest"]["selection_corrected"] is not None
+    assert not all(torch.equal(plain_w[k], refit_w[k]) for k in plain_w)
+    assert all(torch.equal(refit_w[k], again_w[k]) for k in refit_w)  # counted, not timed: the same model again
+    pred = load_predictor(tmp_path / "refit" / "model.safetensors")
+    assert pred.world.why == REFIT_CANNOT_TELL and pred.world.sets is None
+    assert pred.world.without_features("an explain pass").why == REFIT_CANNOT_TELL
+    with pytest.raises(UrsaError, match="--set: .*ursa train --refit"):
+        pred.world.check_sets()
+    assert load_predictor(tmp_path / "plain" / "model.safetensors").world.detector is not None
+    assert "trained again on all 36 pictures" in (tmp_path / "refit" / "report.html").read_text()
+    for name, noted in (("refit", True), ("plain", False)):  # interpret says its validation figures are in-sample
+        assert main(["interpret", str(tmp_path / name / "model.safetensors"), str(data), "--out", str(tmp_path / "i")]) == 0
+        said = capsys.readouterr()
+        assert ("was refit on every picture" in said.out + said.err) is noted
+
+
+def test_a_refit_that_fails_or_is_cut_is_not_used_and_the_first_model_is_written(tmp_path, one_thread, monkeypatch):
+    import dataclasses
+    import time
+
+    from safetensors.torch import load_file
+
+    from ursa.training import recipe
+    from ursa.training.config import TrainConfig
+    from ursa.training.refit import EveryPictureDataset, refit
+    from ursa.util.progress import make_console
+
+    data = _noise_set(tmp_path / "data", n=8)
+    cfg = TrainConfig(data=data, out=tmp_path / "run", epochs=2, budget=10, size=64, time_limit=600, refit=True,
+                      quiet=True)
+
+    def gone(ds):
+        raise OSError("the disk went away")
+
+    with monkeypatch.context() as m:
+        m.setattr(EveryPictureDataset, "of", gone)
+        res = recipe.train(cfg)
+    assert not res.plan.refit["used"] and res.plan.refit["stopped"] == "failed" and "disk went away" in res.plan.refit["why"]
+    written = load_file(str(res.model_path))  # the first fit's model, as the learner holds it
+    assert all(torch.equal(v, res.learner.model.state_dict()[k].cpu()) for k, v in written.items())
+    assert "the refit was not used" in (tmp_path / "run" / "advice.txt").read_text()
+    # the cap counts from the run's start, as for the first fit: a refit it cuts before the epoch kept is not used
+    plan = dataclasses.replace(res.plan, kept_epoch=None)
+    rows = res.learner.recorder.rows
+    assert rows[-1]["epoch"] >= 3  # two frozen epochs, then fine-tuning: the cap can cut it after the first
+    cut = refit(cfg, plan, rows, res.learner.dls.dataset, make_console(True), recipe.prepare,
+                t0=time.perf_counter() - 10 * plan.time_limit)
+    assert not cut.used and cut.facts["stopped"] == "time_limit" and cut.facts["epochs"] == rows[-1]["epoch"] + 1
+
+
+def test_the_lessons_fixed_recipe_refits_whatever_the_clock_and_with_no_frozen_epochs(tmp_path, one_thread):
+    """--unfreeze-epochs is never cut by the wall clock (first fit or refit), also with --epochs 0."""
+    from ursa.training.config import TrainConfig
+    from ursa.training.recipe import train
+
+    data = _noise_set(tmp_path / "data", n=4)
+    res = train(TrainConfig(data=data, out=tmp_path / "run", epochs=0, unfreeze_epochs=2, size=64, time_limit=1e-3,
+                            refit=True, quiet=True))
+    assert res.plan.refit["used"] and res.plan.refit["epochs"] == 2 and res.plan.refit["frozen_epochs"] == 0
+
+
+def test_stop_after_ends_a_fit_after_the_epoch_kept_counted_over_every_fit():
+    from types import SimpleNamespace
+
+    from ursa.training.callbacks import CancelFitException
+    from ursa.training.refit import StopAfter
+
+    stop = StopAfter(5)
+    stop.after_epoch(SimpleNamespace(epoch=4, epoch_in_fit=0, n_epoch=24))  # the fine-tuning's first epoch: go on
+    stop.after_epoch(SimpleNamespace(epoch=5, epoch_in_fit=5, n_epoch=6))  # the fit's last epoch: it ends anyway
+    with pytest.raises(CancelFitException):
+        stop.after_epoch(SimpleNamespace(epoch=5, epoch_in_fit=1, n_epoch=24))
+
+
+def test_refit_is_refused_where_it_cannot_hold(tmp_path):
+    from ursa.training.config import ConfigError, TrainConfig
+    from ursa.training.dist import Dist
+    from ursa.training.recipe import prepare
+    from ursa.vision.data import EveryPictureDataset, load_dataset
+
+    data = _noise_set(tmp_path / "data", n=4)
+    with pytest.raises(ConfigError, match="--refit: expected off with --multi-label"):
+        TrainConfig(data=data, csv=tmp_path / "x.csv", multi_label=True, refit=True)
+    with pytest.raises(ConfigError, match="--refit: not under torchrun"):
+        prepare(TrainConfig(data=data, out=tmp_path / "run", refit=True), dist=Dist(0, 2))
+    ds = load_dataset(data, None, 0.2, 0)
+    every = EveryPictureDataset.of(ds)
+    assert every.train_idx == list(range(12)) and every.valid_idx == ds.valid_idx and ds.valid_idx
+    assert len(ds.train_idx) + len(ds.valid_idx) == 12

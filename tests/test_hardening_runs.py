@@ -455,7 +455,9 @@ def test_spilled_features_are_deleted_and_nothing_else(tmp_path) -> None:
     out = tmp_path / "run"
     spill = out / "features"
     (spill / "rank1").mkdir(parents=True)
-    for p in (spill / "train_view0.npy", spill / "valid.npy", spill / "rank1" / "all_train_view3.npy"):
+    (spill / "refit").mkdir()  # --refit's second fit spills here
+    for p in (spill / "train_view0.npy", spill / "valid.npy", spill / "rank1" / "all_train_view3.npy",
+              spill / "refit" / "train_view1.npy"):
         p.write_bytes(b"\0" * 10)
     with RunFolder(out, lambda line: None):
         pass

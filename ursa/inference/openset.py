@@ -37,6 +37,8 @@ from ursa.errors import ModelFileError, UrsaError
 
 DTYPES = ("float16", "float32")
 CANNOT_TELL = "this model file has no unknown-detection reference (trained before ursa had one): it cannot tell; train it again"
+REFIT_CANNOT_TELL = ("this model was refit on every picture (ursa train --refit): no unseen pictures were left to set an "
+                     "unknown threshold on, so it cannot tell; train without --refit for one")
 
 
 def encode_array(a: np.ndarray, dtype: str = "float32") -> dict[str, Any]:
@@ -203,9 +205,12 @@ class OpenWorld:
     prediction set when a level is asked for. Built once per loaded model (``from_meta``).
     """
 
-    def __init__(self, detector: UnknownDetector | None, sets: ConformalSets | None, why: str | None = None) -> None:
+    def __init__(self, detector: UnknownDetector | None, sets: ConformalSets | None, why: str | None = None,
+                 refit: bool = False) -> None:
         self.detector, self.sets = detector, sets
-        self.why = why or (None if detector is not None else CANNOT_TELL)  # why it cannot tell, if it cannot
+        self.refit = refit  # the weights are `ursa train --refit`'s, which leaves both parts out
+        # why it cannot tell, if it cannot
+        self.why = why or (None if detector is not None else REFIT_CANNOT_TELL if refit else CANNOT_TELL)
 
     @classmethod
     def from_meta(cls, meta: Any, where: object) -> "OpenWorld":
@@ -214,11 +219,12 @@ class OpenWorld:
         if det is not None:
             pooled = int(meta.head["n_features"]) * (2 if meta.head.get("pool", "concat") == "concat" else 1)
             det.check_features(pooled, where)  # the pooled width: max and average side by side for "concat"
-        return cls(det, ConformalSets.from_meta(getattr(meta, "conformal", None)))
+        refit = isinstance((getattr(meta, "metrics", None) or {}).get("refit"), dict)  # metrics.refit: Refit.meta()
+        return cls(det, ConformalSets.from_meta(getattr(meta, "conformal", None)), refit=refit)
 
     def without_features(self, why: str) -> "OpenWorld":
         """The same model run by a graph with no body-features output: it cannot tell (``why``)."""
-        return OpenWorld(None, self.sets, why if self.detector is not None else None)
+        return OpenWorld(None, self.sets, why if self.detector is not None else None, self.refit)
 
     def scores(self, feats: np.ndarray | None) -> list[float | None]:
         """Unknown scores of a batch's body features, or Nones."""
@@ -247,7 +253,10 @@ class OpenWorld:
     def check_sets(self) -> None:
         """Prediction sets need their validation scores: one line when the model file has none."""
         if self.sets is None:
-            raise UrsaError("--set: this model file has no prediction-set scores (trained before ursa had them); train it again")
+            raise UrsaError("--set: this model file has no prediction-set scores ("
+                            + ("refit on every picture by ursa train --refit, none were left to set them on; train "
+                               "without --refit for them)" if self.refit else
+                               "trained before ursa had them); train it again"))
 
     def describe(self) -> dict[str, Any]:
         """What serve's /model says about it."""

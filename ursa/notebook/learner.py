@@ -28,8 +28,9 @@ from ursa.util.files import check_outside
 from ursa.util.progress import make_console
 from ursa.vision import DEFAULT_ARCH
 
-# TrainConfig's fields a notebook does not set: the data comes from the ImageDataLoaders, nothing is written to `out`.
-NOT_SETTINGS = ("data", "csv", "valid_pct", "out", "arch")
+# TrainConfig's fields a notebook does not set: the data comes from the ImageDataLoaders, nothing is written to `out`
+# (refit: `ursa train --refit` retrains once the run's figures are measured; a notebook's fine_tune does not).
+NOT_SETTINGS = ("data", "csv", "valid_pct", "out", "arch", "refit")
 
 
 class SuggestedLR(float):

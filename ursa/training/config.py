@@ -182,6 +182,9 @@ class TrainConfig:
     keep: float = 0.95
     # Deploy (docs/deploy.md): also write model.int8.onnx, checked against fp32 on the validation images.
     int8: bool = False
+    # Refit (docs/train.md): once the first fit has chosen its epochs on the validation images, train again on
+    # every image with the same decisions; the model file holds the refit weights, the figures are the first model's.
+    refit: bool = False
     # How to run, not what to compute (not saved in config.json, nor in the model file): where the
     # network runs (--device: auto, cpu, cuda, cuda:N, mps) and where decoded pixels live (--pixels).
     device: str = "auto"
@@ -238,6 +241,8 @@ class TrainConfig:
                 "--csv labels.csv too (a CSV of name,labels: a folder per class gives each image one label)", self.csv)
         _expect(not (self.multi_label and self.curve), "--curve", "off with --multi-label (the learning curve counts "
                 "one class per picture)", self.curve)
+        _expect(not (self.multi_label and self.refit), "--refit", "off with --multi-label (each label's threshold is "
+                "chosen on the validation images, which a refit trains on)", self.refit)
         _expect(self.flips in FLIP_CHOICES, "--flips", " or ".join(FLIP_CHOICES), self.flips)
         _expect(self.balance in BALANCES, "--balance", " or ".join(BALANCES), self.balance)
         _expect(self.pixels in PIXEL_MODES, "--pixels", " or ".join(PIXEL_MODES), self.pixels)

@@ -157,6 +157,7 @@ class Plan:
     wrong: list = field(default_factory=list)  # validation pictures the kept model gets wrong (a retrain compares)
     pixels: str = "memory"  # decoded pixels kept in memory, or decoded per batch ("stream")
     run: dict = field(default_factory=dict)  # where it ran: device, ranks, resumed from (training/resume.py)
+    refit: dict = field(default_factory=dict)  # --refit: the second fit on every picture (training/refit.py)
 
     @property
     def cut(self) -> bool:

@@ -37,6 +37,7 @@ from ursa.training.compare import compare_line, compare_valid, earlier_wrong
 from ursa.training.honest import ValidCorrect, honest_figures
 from ursa.training.plan import (RESERVE, FineTune, Plan, Stop, Work, choose_budget, choose_flips, choose_size,
                                 count_gflops, epoch_cap, fine_tune_epochs, smaller_tune_size, time_limit)
+from ursa.training.refit import refit
 from ursa.training.run import RunFiles, write_run
 from ursa.util.files import atomic_write_text, check_outside
 from ursa.util.progress import make_console, progress_bar
@@ -89,10 +90,12 @@ def build_learner(cfg: TrainConfig, console: Console | None = None,
 
 
 def prepare(cfg: TrainConfig, console: Console | None = None, spill_dir: Path | None = None,
-            dist: Dist | None = None, cbs: Sequence[Callback] = ()) -> tuple[Learner, ImageDataset, Plan]:
+            dist: Dist | None = None, cbs: Sequence[Callback] = (),
+            dataset: ImageDataset | None = None) -> tuple[Learner, ImageDataset, Plan]:
     """build_learner, also returning the plan: the input size and flips decided from the images, and why.
 
-    ``dist``: this rank under torchrun (from ``start_ranks``); ``cbs``: callbacks the learner gets.
+    ``dist``: this rank under torchrun (from ``start_ranks``); ``cbs``: callbacks the learner gets;
+    ``dataset``: this one instead of reading ``cfg.data`` (--refit's second fit: the first's, every picture training).
     """
     dist = dist or Dist()
     device = rank_device(cfg.device, dist.local_rank, dist.world)
@@ -102,11 +105,14 @@ def prepare(cfg: TrainConfig, console: Console | None = None, spill_dir: Path | 
     if dist.active and cfg.balance == "sampler":  # torch's DistributedSampler shares out a plain shuffle
         raise ConfigError("--balance sampler: under torchrun the fine-tuning batches are shared out by torch's "
                           "DistributedSampler, which does not draw class-balanced; use --balance logit_adjust or weights")
+    if dist.active and cfg.refit:
+        raise ConfigError("--refit: not under torchrun yet (the second fit runs in one process); leave out --refit "
+                          "or --nproc")
     console = console or make_console(cfg.quiet or not dist.main)
     torch.manual_seed(cfg.seed)
-    ds = load_labelled(cfg.data, cfg.csv, cfg.valid_pct, cfg.split_seed_used, label_delim=cfg.label_sets)
+    ds = dataset or load_labelled(cfg.data, cfg.csv, cfg.valid_pct, cfg.split_seed_used, label_delim=cfg.label_sets)
     check_outside(cfg.out, cfg.data, "run folder")
-    if cfg.dedupe_split:
+    if cfg.dedupe_split and dataset is None:
         insight.apply_dedupe_split(ds, cfg.valid_pct, cfg.split_seed_used, console)
     spec = get_spec(cfg.arch)
     probe = probe_images([ds.files[i] for i in ds.train_idx], cfg.seed)
@@ -220,6 +226,9 @@ def _train(cfg: TrainConfig, console: Console | None, resume: Checkpoint | None,
     finally:
         learn.drop_features()  # free the cache's memory before the report pass
     plan.run = run_facts(learn, resume)
+    again = refit(cfg, plan, learn.recorder.rows, ds, console, prepare, t0) if cfg.refit else None
+    if again is not None:
+        plan.refit = again.facts
     plan.seconds = round(time.perf_counter() - t0, 1)  # the one time figure: console, report and recipe.json
     if dist.main:
         _figures(cfg, learn, ds, plan, seen, console)
@@ -231,7 +240,8 @@ def _train(cfg: TrainConfig, console: Console | None, resume: Checkpoint | None,
     files = write_run(cfg.out, learn, cfg, ds, {
         "data": str(cfg.data), "images": f"{len(ds.train_idx)} train / {len(ds.valid_idx)} valid",
         "time": f"{plan.seconds:.0f} s (start to the end of training)"},
-        console, insight=found, notes=[n for n in [plan.advice(learn.recorder.rows, learn.kept_row)] if n])
+        console, insight=found, notes=[n for n in [plan.advice(learn.recorder.rows, learn.kept_row)] if n],
+        refit=again)
     timings.update(files.timings)
     if files.calibration is not None:
         found["calibration"] = files.calibration.to_json()

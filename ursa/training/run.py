@@ -35,6 +35,7 @@ from ursa.training.callbacks import metric_values
 from ursa.training.config import TrainConfig
 from ursa.training.learner import Learner
 from ursa.training.reference import fit_open_world
+from ursa.training.refit import LEFT_OUT, Refit
 from ursa.util.files import atomic_write_text
 from ursa.vision.data import ImageDataset
 
@@ -61,11 +62,12 @@ class RunFiles:
 
 def write_run(out: Path, learn: Learner, cfg: TrainConfig, ds: ImageDataset, info: dict[str, Any] | None = None,
               console: Console | None = None, insight: dict[str, Any] | None = None,
-              notes: Sequence[str] = ()) -> RunFiles:
+              notes: Sequence[str] = (), refit: Refit | None = None) -> RunFiles:
     """Write the run folder; no model file when the learner diverged (its advice says why).
 
     ``insight``: what the recipe measured (``data``, ``leakage``, ``curve``), for the report;
-    ``notes``: what the recipe has to say (advice.txt and the report show them).
+    ``notes``: what the recipe has to say (advice.txt and the report show them); ``refit``: --refit's
+    second fit, whose weights the model file holds when it was used (the figures stay ``learn``'s).
     """
     out = Path(out)
     console = console or learn.console
@@ -82,6 +84,7 @@ def write_run(out: Path, learn: Learner, cfg: TrainConfig, ds: ImageDataset, inf
     h = r.history(learn.diverged)
     advice = advise(h)
     notes = list(notes)
+    refitted = refit is not None and refit.used
     timings: dict[str, float] = {}
     # A fit that diverged after the recipe put back the best epoch's weights (learn.kept_row) still has a good model.
     failed = learn.diverged or (any(a.rule == "diverged" for a in advice) and learn.kept_row is None)
@@ -100,31 +103,41 @@ def write_run(out: Path, learn: Learner, cfg: TrainConfig, ds: ImageDataset, inf
         report = write_report(out, None, h, run_plots(out), {"title": "ursa training report: diverged",
                                                              "run folder": str(out)}, notes, insight=insight)
         return RunFiles(out, None, None, advice, notes, report)
+    if refit is not None:  # a model file is written: say whose weights it holds
+        notes.append(refit.note())
     if cal is not None:
         insight["calibration"] = cal.to_json()
     probs = learn.task.calibrated(logits, cal) if logits is not None else None  # what predict will say: calibrated
     t = time.perf_counter()
     single = learn.task.name == SINGLE_LABEL  # prediction sets and the answer mix are one-class-per-picture figures
-    world, insight["open_world"] = fit_open_world(learn, ds, cfg.keep, feats, probs if single else None,
-                                                  y if single else None, console)
+    if refitted:  # no unseen pictures are left to set the refit model's thresholds on
+        world, insight["open_world"] = {"openset": {}, "conformal": {}}, {"unknown": {"fitted": False, "note": LEFT_OUT},
+                                                                          "sets": None}
+    else:
+        world, insight["open_world"] = fit_open_world(learn, ds, cfg.keep, feats, probs if single else None,
+                                                      y if single else None, console)
     timings["open_world"] = time.perf_counter() - t  # one pass over the training images
     licenses = _licenses(ds, console)
     thresholds = learn.task.thresholds(cal)  # multi-label: each label's, chosen on the validation images
     recall, metrics = kept_metrics(learn, ds, logits if single else None, y)  # recall per class: one class per picture
+    if refitted:
+        metrics = {**(metrics or {}), "refit": refit.meta()}  # the weights are the refit's (predict and serve read it)
     model = learn.export(out / "model.safetensors", metrics=metrics, config=config,
                          calibration=cal.to_meta() if cal else None, open_world=world, licenses=licenses,
-                         thresholds=thresholds)
+                         thresholds=thresholds, state=refit.state if refitted else None)
     t = time.perf_counter()
     onnx_file = write_onnx_beside(model)  # the fast path by default (predict, serve); a failure only warns
     timings["onnx"] = time.perf_counter() - t
     if cfg.int8 and onnx_file is not None:
         t = time.perf_counter()
-        notes.append(_int8_copy(onnx_file, model, cfg, console))
+        notes.append(_int8_copy(onnx_file, model, cfg, console) + (
+            " (The refit model trained on those validation pictures: the agreement is the figure that counts.)"
+            if refitted else ""))
         timings["int8"] = time.perf_counter() - t
     best = None
     b = learn.best
     if (any(a.rule == "too_many_epochs" for a in advice) and b.state is not None and b.row is not None
-            and learn.kept_row is None):  # the recipe already put the best weights into the model file
+            and learn.kept_row is None and not refitted):  # the recipe already put the best weights in the model file
         metrics = metric_values(b.row)
         metrics["epoch"] = b.epoch
         best = learn.export(out / "best.safetensors", metrics=metrics, config=config, state=b.state, licenses=licenses,

@@ -117,11 +117,11 @@ def _sweep(folder: Path, known: Callable[[str], bool], min_age: float, now: floa
 
 
 def remove_spill(folder: Path) -> list[Path]:
-    """Delete the feature cache's memory-mapped files (its own names, in features/ and features/rankN/)."""
+    """Delete the feature cache's memory-mapped files (its own names, in features/, features/rankN/ and features/refit/)."""
     removed: list[Path] = []
     if folder.is_symlink() or not folder.is_dir():
         return removed
-    subs = [Path(e.path) for e in os.scandir(folder) if re.fullmatch(r"rank\d+", e.name)
+    subs = [Path(e.path) for e in os.scandir(folder) if re.fullmatch(r"rank\d+|refit", e.name)
             and e.is_dir(follow_symlinks=False)]
     for d in [*subs, folder]:
         for e in os.scandir(d):
