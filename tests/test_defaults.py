@@ -411,12 +411,14 @@ def test_refit_trains_again_on_every_picture_with_the_first_fits_decisions(tmp_p
         assert ("was refit on every picture" in said.out + said.err) is noted
 
 
-def test_a_refit_that_fails_or_is_cut_is_not_used_and_the_first_model_is_written(tmp_path, one_thread, monkeypatch):
+def test_a_refit_that_fails_or_is_cut_is_not_used_and_the_first_model_is_written(tmp_path, one_thread, monkeypatch,
+                                                                                 capsys):
     import dataclasses
     import time
 
     from safetensors.torch import load_file
 
+    from ursa.errors import DivergedError
     from ursa.training import recipe
     from ursa.training.config import TrainConfig
     from ursa.training.refit import EveryPictureDataset, refit
@@ -436,13 +438,33 @@ def test_a_refit_that_fails_or_is_cut_is_not_used_and_the_first_model_is_written
     written = load_file(str(res.model_path))  # the first fit's model, as the learner holds it
     assert all(torch.equal(v, res.learner.model.state_dict()[k].cpu()) for k, v in written.items())
     assert "the refit was not used" in (tmp_path / "run" / "advice.txt").read_text()
-    # the cap counts from the run's start, as for the first fit: a refit it cuts before the epoch kept is not used
+    from ursa.cli import main
+    from ursa.inference import load_predictor
+
+    assert not load_predictor(res.model_path).world.refit  # asked for, not used: the model file says whose weights
+    capsys.readouterr()
+    assert main(["interpret", str(res.model_path), str(data), "--out", str(tmp_path / "i")]) == 0
+    said = capsys.readouterr()
+    assert "error rate" in said.out and "was refit on every picture" not in said.out + said.err
+    # the cap counts from the run's start, as for the first fit: once it has passed, the refit does not start
     plan = dataclasses.replace(res.plan, kept_epoch=None)
     rows = res.learner.recorder.rows
-    assert rows[-1]["epoch"] >= 3  # two frozen epochs, then fine-tuning: the cap can cut it after the first
-    cut = refit(cfg, plan, rows, res.learner.dls.dataset, make_console(True), recipe.prepare,
-                t0=time.perf_counter() - 10 * plan.time_limit)
-    assert not cut.used and cut.facts["stopped"] == "time_limit" and cut.facts["epochs"] == rows[-1]["epoch"] + 1
+    ds = res.learner.dls.dataset
+    assert rows[-1]["epoch"] >= 3  # two frozen epochs, then fine-tuning: the cap applies
+    late = refit(cfg, plan, rows, ds, make_console(True), recipe.prepare, t0=time.perf_counter() - 10 * plan.time_limit)
+    assert not late.used and late.facts["stopped"] == "time_limit" and late.facts["trained_epochs"] == 0
+
+    def diverging(*args, **kwargs):  # the recipe's learner, whose fits blow up
+        learn, every, p = recipe.prepare(*args, **kwargs)
+
+        def blow_up(*a, **k):
+            raise DivergedError("the training loss became nan")
+
+        learn.fit_one_cycle = blow_up
+        return learn, every, p
+
+    gone_off = refit(cfg, res.plan, rows, ds, make_console(True), diverging, t0=time.perf_counter())
+    assert not gone_off.used and gone_off.facts["stopped"] == "diverged" and "nan" in gone_off.facts["why"]
 
 
 def test_the_lessons_fixed_recipe_refits_whatever_the_clock_and_with_no_frozen_epochs(tmp_path, one_thread):
@@ -484,3 +506,15 @@ def test_refit_is_refused_where_it_cannot_hold(tmp_path):
     every = EveryPictureDataset.of(ds)
     assert every.train_idx == list(range(12)) and every.valid_idx == ds.valid_idx and ds.valid_idx
     assert len(ds.train_idx) + len(ds.valid_idx) == 12
+    every.drop({0}, {0: "unreadable since"})  # a copy: the first fit's dataset keeps its pictures and skip list
+    assert len(ds) == 12 and not ds.skipped and len(every) == 11
+
+
+def test_refit_with_nproc_is_refused_before_torchrun_starts(tmp_path, capsys, monkeypatch):
+    from ursa.cli import main
+    from ursa.cli import train as train_cli
+
+    monkeypatch.setattr(train_cli, "_launch", lambda cfg, nproc: pytest.fail("torchrun was started"))
+    data = _noise_set(tmp_path / "data", n=4)
+    assert main(["train", str(data), "--out", str(tmp_path / "run"), "--refit", "--nproc", "2"]) == 2
+    assert "--refit: not under torchrun" in capsys.readouterr().err

@@ -229,7 +229,7 @@ def interpret_model(model_path: str | Path, data: str | Path, all_images: bool =
     if not items:
         raise DataError(f"{data}: no images to interpret")
     line = pred.device_line()
-    if (pred.meta.config or {}).get("refit") and split == "valid":  # --refit trained on the validation images too
+    if pred.world.refit and split == "valid":  # the weights are --refit's, which trained on the validation images too
         line += ("\nnote: this model was refit on every picture (ursa train --refit), the validation images included: "
                  "its figures here are on pictures it trained on; the run's report.html has the first fit's, on unseen ones")
     if say is not None:  # after the checks of model and data, so their errors stay one line

@@ -114,16 +114,26 @@ def refit(cfg: TrainConfig, plan: Plan, rows: list[dict], ds: ImageDataset, cons
     # The first fit's decisions, given: nothing is decided again from the (now larger) training side.
     again = dataclasses.replace(cfg, size=plan.size, flips=plan.flips, balance=plan.balance, curve=False,
                                 unfreeze_size=cfg.unfreeze_size or plan.tune_size, quiet=True)
-    console.print(f"refit: training again on all {len(ds)} pictures with the first fit's decisions ({plan.size} px, "
-                  f"flips {plan.flips}, {facts['frozen_epochs']} frozen + {tune} fine-tuning epochs scheduled), "
-                  f"stopping after epoch {last}, the one it kept", highlight=False)
     show = [StopAfter(last), RefitProgress(console, last + 1)]
     # As in the first fit: the cap cuts the default recipe's fine-tuning only, never the lesson's fixed epochs.
-    cap = [] if cfg.unfreeze_epochs is not None else [BudgetStop(t0 + (plan.time_limit or float("inf")) - RESERVE)]
+    capped = cfg.unfreeze_epochs is None and tune > 0
+    deadline = t0 + (plan.time_limit or float("inf")) - RESERVE
+    cap = [BudgetStop(deadline)] if capped else []
+    if capped and (plan.cut or time.perf_counter() >= deadline):  # it cannot reach the epoch kept: do not start
+        facts.update(stopped=TIME_LIMIT, seconds=0.0, trained_epochs=0, why=(
+            f"the wall-clock limit ({plan.time_limit:.0f} s, --time-limit) "
+            + ("cut the first fit" if plan.cut else "had passed") + " before it could start"))
+        console.print(f"[yellow]warning:[/] refit not started: {facts['why']}; the first fit's model is written",
+                      highlight=False)
+        return Refit(None, facts)
+    console.print(f"refit: training again on all {len(ds)} pictures with the first fit's decisions ({plan.size} px, "
+                  f"flips {plan.flips}; the schedule of {cfg.epochs} frozen + {tune} fine-tuning epochs), "
+                  f"stopping after epoch {last}, the one it kept", highlight=False)
     learn = None
     try:
-        learn, _, _ = prepare(again, make_console(True), cfg.out / FEATURES / "refit",
-                              dataset=EveryPictureDataset.of(ds))
+        learn, every, _ = prepare(again, make_console(True), cfg.out / FEATURES / "refit",
+                                  dataset=EveryPictureDataset.of(ds))
+        facts["pictures"] = len(every.train_idx)  # after any picture unreadable since the first fit was dropped
         learn.freeze()
         learn.fit_one_cycle(cfg.epochs, cfg.lr, cbs=show)
         if tune > 0 and learn.epochs_done == cfg.epochs:
@@ -139,6 +149,7 @@ def refit(cfg: TrainConfig, plan: Plan, rows: list[dict], ds: ImageDataset, cons
             learn.drop_features()
     facts["seconds"] = round(time.perf_counter() - start, 1)
     done = learn.epochs_done - 1 if learn is not None else -1  # the last epoch it trained
+    facts["trained_epochs"] = done + 1
     if facts["stopped"] is None and done != last:  # only the cap ends a fit before StopAfter does
         facts["stopped"], facts["why"] = TIME_LIMIT, (
             f"the wall-clock limit ({plan.time_limit:.0f} s, --time-limit) cut it after epoch {done} of 0-{last}")

@@ -143,7 +143,8 @@ class EveryPictureDataset(ImageDataset):
 
     @classmethod
     def of(cls, ds: ImageDataset) -> "EveryPictureDataset":
-        return cls(**{f.name: getattr(ds, f.name) for f in fields(ds)})
+        """A copy of ``ds`` (its lists copied: dropping a picture here leaves ``ds`` as it was)."""
+        return cls(**{f.name: list(v) if isinstance(v := getattr(ds, f.name), list) else v for f in fields(ds)})
 
     @property
     def train_idx(self) -> list[int]:
