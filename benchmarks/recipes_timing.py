@@ -11,6 +11,7 @@ whose stored run was itself measured idle, instead of measuring it again (~2-9 m
 
     FASTAI_VENV=/tmp/fastai-venv .venv/bin/python benchmarks/recipes_timing.py --fastai-stored bears,eurosat_dev
     .venv/bin/python benchmarks/recipes_timing.py --sets uci_digits --no-fastai
+    .venv/bin/python benchmarks/recipes_timing.py --sets cub_grebes --no-fastai --recipe refit   # beside the default
 
 Results: results/recipes_timing.json (one entry per set, replaced when measured again; the commit each ran at);
 benchmarks/recipes.py reads it for the time aims. Stdlib only.
@@ -29,9 +30,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from fastai_anchor import fastai_command, read_fastai  # noqa: E402
-from recipes import DATASETS, DEFAULT_ROOT, RESULTS, ROOT, run_measured, run_ursa  # noqa: E402
+from recipes import DATASETS, DEFAULT_ROOT, RECIPES, RESULTS, ROOT, run_measured, run_ursa  # noqa: E402
 from run_store import TIMING, commit_of, read_timing  # noqa: E402
 from splits import InputError, ensure_split, find_sets, split_paths, train_split_path, write_atomic  # noqa: E402
+
+TIMED = {"default": "ursa", "refit": "ursa_refit"}  # --recipe -> its key in a set's entry (the aims read "ursa")
+
 
 def load_now() -> float:
     return os.getloadavg()[0]
@@ -49,10 +53,10 @@ def wait_idle(max_load: float, timeout: float = 240.0, step: float = 5.0) -> flo
     return load
 
 
-def stored_default(results: Path, name: str) -> dict | None:
-    """The busy benchmark's default run, seed 0 (None when there is none, or several with other flags: ambiguous)."""
+def stored_default(results: Path, name: str, recipe: str = "default") -> dict | None:
+    """The busy benchmark's run of ``recipe``, seed 0 (None when there is none, or several with other flags: ambiguous)."""
     got = []
-    for f in sorted((results / "recipes_runs" / name).glob("default.seed0.*.json")):
+    for f in sorted((results / "recipes_runs" / name).glob(f"{recipe}.seed0.*.json")):
         try:
             rec = json.loads(f.read_text())
         except (OSError, ValueError):
@@ -62,14 +66,14 @@ def stored_default(results: Path, name: str) -> dict | None:
     return got[0] if len(got) == 1 else None
 
 
-def time_ursa(name: str, set_dir: Path, results: Path, load: float) -> dict:
-    """`ursa train` as a user types it (the default recipe, seed 0) on the benchmark's 80%, timed; its held-out error
-    against the busy benchmark's run of the same seed (the plan is counted: they must be equal)."""
+def time_ursa(name: str, set_dir: Path, results: Path, load: float, recipe: str = "default") -> dict:
+    """`ursa train` as a user types it (the default recipe, seed 0; or --recipe refit: with --refit) on the benchmark's
+    80%, timed; its held-out error against the busy benchmark's run of the same seed (the plan is counted: equal)."""
     rows = ensure_split(set_dir, results, write=False)
     test = [r for r in rows if r[2]]
-    rec = run_ursa(set_dir, train_split_path(results, name), "default", 0, [], test, tta=False)
+    rec = run_ursa(set_dir, train_split_path(results, name), recipe, 0, list(RECIPES[recipe][1]), test, tta=False)
     plan = rec.get("recipe_json") or {}
-    busy = stored_default(results, name) or {}
+    busy = stored_default(results, name, recipe) or {}
     ok = rec.get("error_rate") is not None and not rec.get("failure")
     return {"wall_s": round(rec["wall_s"], 1), "counted_s": plan.get("planned_seconds"), "seconds": plan.get("seconds"),
             "error": rec.get("error_rate"), "busy_error": busy.get("test_error"),
@@ -111,6 +115,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--datasets", type=Path, default=DATASETS)
     ap.add_argument("--fastai-stored", default="", help="sets whose stored fastai seed-0 wall was measured idle")
     ap.add_argument("--no-fastai", action="store_true", help="time ursa only")
+    ap.add_argument("--recipe", choices=TIMED, default="default",
+                    help="what to time: the default (the time aims), or refit (`--refit`: stored as ursa_refit beside it)")
     ap.add_argument("--max-load", type=float, default=0.6, help="refuse to start a run above this 1-minute load")
     ap.add_argument("--results", type=Path, default=RESULTS, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -138,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     for name, set_dir in sets.items():
         if (load := wait_idle(args.max_load)) is None:
             return busy(args.max_load)
-        u = time_ursa(name, set_dir, args.results, load)
+        u = time_ursa(name, set_dir, args.results, load, args.recipe)
         print(f"{name}: ursa {u['wall_s']} s wall ({u['seconds']} s by its own count), held-out error {u['error']} "
               f"(busy run: {u['busy_error']}), load {u['load_before']} -> {u['load_after']}"
               + (f"; FAILED: {u['failure']}" if u["failure"] else ""), flush=True)
@@ -153,7 +159,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{name}: fastai {f['wall_s']} s, error {f.get('error')} ({f.get('source') or 'FAILED: ' + f['failure']})",
                   flush=True)
         failed += bool(u["failure"]) + bool(f and f["failure"])
-        entry = {**timing.get(name, {}), "ursa": u, "commit": commit_of(ROOT), "cpus": os.cpu_count()}
+        key = TIMED[args.recipe]
+        entry = {**timing.get(name, {}), key: u, "commit" if key == "ursa" else f"{key}_commit": commit_of(ROOT),
+                 "cpus": os.cpu_count()}
         if f is not None:  # --no-fastai keeps an earlier fastai timing
             entry["fastai"] = f
         timing[name] = entry

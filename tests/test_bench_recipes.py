@@ -494,6 +494,16 @@ def test_idle_timing_records_both_walls_checks_reproducibility_and_refuses_a_bus
         # another process keeps the machine busy: refused, nothing runs
         loads = iter([1.7] * 100)
         assert timing.main(argv) == 2 and "the machine is busy" in capsys.readouterr().err and len(calls) == 2
+        # --recipe refit: `ursa train --refit`, compared with the busy refit run, kept beside the default's timing
+        (results / "recipes_runs" / "toy" / "refit.seed0.abcd.json").write_text(json.dumps(
+            {"test_error": 0.2, "recipe_json": {"planned_seconds": 40.0}}))
+        calls.clear()
+        loads = iter([])
+        assert timing.main([*argv[:3], "toy", *argv[4:], "--recipe", "refit"]) == 0
+        assert calls == [("toy", "refit", 0, ["--refit"], False)]
+        refit = timing.read_timing(results)["toy"]
+        assert refit["ursa"] == toy["ursa"] and refit["ursa_refit"]["same_as_busy"] is False  # 0.25 against 0.2
+        assert usable_idle(refit, busy_run) == usable_idle(toy, busy_run)  # the time aims still read the default's
         # a tampered timing file is refused in one line, not overwritten
         (results / "recipes_timing.json").write_text("[1, 2")
         assert timing.main(argv) == 2 and "not a timing file" in capsys.readouterr().err
