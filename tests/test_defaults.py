@@ -495,7 +495,8 @@ def test_refit_is_refused_where_it_cannot_hold(tmp_path):
     from ursa.training.config import ConfigError, TrainConfig
     from ursa.training.dist import Dist
     from ursa.training.recipe import prepare
-    from ursa.vision.data import EveryPictureDataset, load_dataset
+    from ursa.training.refit import EveryPictureDataset
+    from ursa.vision.data import load_dataset
 
     data = _noise_set(tmp_path / "data", n=4)
     with pytest.raises(ConfigError, match="--refit: expected off with --multi-label"):

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any, Callable
 
 from rich.console import Console
@@ -29,10 +29,28 @@ from ursa.training.config import TrainConfig
 from ursa.training.plan import RESERVE, Plan
 from ursa.training.runfolder import FEATURES
 from ursa.util.progress import make_console
-from ursa.vision.data import EveryPictureDataset, ImageDataset
+from ursa.vision.data import ImageDataset
 
 # What the model file leaves out after a refit, and why (the report's open-world section says it).
 LEFT_OUT = ("left out by --refit: its threshold is set on validation pictures, and the refit model trained on them")
+
+
+@dataclass
+class EveryPictureDataset(ImageDataset):
+    """The same dataset, training on every picture, the validation ones included (``ursa train --refit``).
+
+    The validation side is unchanged, so the loop still has pictures to watch for divergence on; its
+    figures are then on pictures the model trains on and say nothing of unseen ones.
+    """
+
+    @classmethod
+    def of(cls, ds: ImageDataset) -> "EveryPictureDataset":
+        """A copy of ``ds`` (its lists copied: dropping a picture here leaves ``ds`` as it was)."""
+        return cls(**{f.name: list(v) if isinstance(v := getattr(ds, f.name), list) else v for f in fields(ds)})
+
+    @property
+    def train_idx(self) -> list[int]:
+        return list(range(len(self)))
 
 
 # Why a refit was not used (recipe.json's ``refit.stopped``): the first model is written instead.

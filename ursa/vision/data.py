@@ -18,7 +18,7 @@ import hashlib
 import logging
 import os
 import reprlib
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
@@ -131,24 +131,6 @@ class ImageDataset:
         for i in range(len(self)):
             lines.append(csv_line([self.rel(i), self.label_text(i), str(self.is_valid[i])], end=""))
         atomic_write_text(path, "\n".join(lines) + "\n")
-
-
-@dataclass
-class EveryPictureDataset(ImageDataset):
-    """The same dataset, training on every picture, the validation ones included (``ursa train --refit``).
-
-    The validation side is unchanged, so the loop still has pictures to watch for divergence on; its
-    figures are then on pictures the model trains on and say nothing of unseen ones.
-    """
-
-    @classmethod
-    def of(cls, ds: ImageDataset) -> "EveryPictureDataset":
-        """A copy of ``ds`` (its lists copied: dropping a picture here leaves ``ds`` as it was)."""
-        return cls(**{f.name: list(v) if isinstance(v := getattr(ds, f.name), list) else v for f in fields(ds)})
-
-    @property
-    def train_idx(self) -> list[int]:
-        return list(range(len(self)))
 
 
 def read_split(path: Path) -> list[tuple[str, str, bool]]:
