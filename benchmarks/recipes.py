@@ -67,6 +67,9 @@ RECIPES = {
     "size224": ("the default at 224 px", ["--size", "224"]),
     "valid10": ("the default with 10% of its images for validation, not 20% (more to train on)", ["--valid-pct", "0.1"]),
     "refit": ("the default, then trained again on all its images with the same decisions (--refit)", ["--refit"]),
+    "last": ("the default keeping its last epoch, not its best on the validation images", ["--epoch-kept", "last"]),
+    "last_refit": ("the default keeping its last epoch, then --refit: the whole schedule again on all its images",
+                   ["--epoch-kept", "last", "--refit"]),
     "flips_none": ("the default without flips", ["--flips", "none"]),
     "flips_horizontal": ("the default with horizontal flips", ["--flips", "horizontal"]),
     "flips_all": ("the default with all flips and quarter turns", ["--flips", "all"]),
@@ -230,6 +233,10 @@ def run_ursa(set_dir: Path, split: Path, recipe: str, seed: int, flags: list[str
         if not why:
             rec["error_rate"], why = held_out_error(model, set_dir, test, Path(tmp))
             rec["test_error"] = rec["error_rate"]
+        if not why and isinstance(flags, list) and "--epoch-kept" in flags and "--refit" not in flags:
+            # the same training scored both ways: best.safetensors is the epoch the default keeps, when it is not the last
+            best = run_dir / "best.safetensors"
+            rec["test_error_best"] = held_out_error(best, set_dir, test, Path(tmp))[0] if best.is_file() else rec["error_rate"]
         if recipe == "default" and not why and tta:
             rec["tta"] = tta_errors(model, set_dir, Path(tmp))
         if why:

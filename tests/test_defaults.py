@@ -519,3 +519,55 @@ def test_refit_with_nproc_is_refused_before_torchrun_starts(tmp_path, capsys, mo
     data = _noise_set(tmp_path / "data", n=4)
     assert main(["train", str(data), "--out", str(tmp_path / "run"), "--refit", "--nproc", "2"]) == 2
     assert "--refit: not under torchrun" in capsys.readouterr().err
+
+
+def test_epoch_kept_last_holds_the_schedules_end_and_needs_no_selection_correction(tmp_path, one_thread, capsys):
+    """--epoch-kept last: the same decisions and training as the default, the last epoch's weights in the model file,
+    and an honest figure that is the reported one (nothing was chosen on the validation pictures)."""
+    import csv
+
+    from safetensors.torch import load_file
+
+    from ursa.errors import UrsaError
+    from ursa.training.config import TrainConfig
+    from ursa.training.honest import LAST
+    from ursa.training.recipe import train
+
+    data = _noise_set(tmp_path / "data")
+
+    def run(name: str, kept: str) -> tuple[dict, dict, list[dict]]:
+        res = train(TrainConfig(data=data, out=tmp_path / name, epochs=2, budget=10, time_limit=600, size=64,
+                                epoch_kept=kept))
+        said = capsys.readouterr()
+        honest_lines[kept] = [ln for ln in (said.out + said.err).splitlines() if ln.startswith("honest figure")]
+        with open(tmp_path / name / "history.csv", newline="") as f:
+            rows = list(csv.DictReader(f))
+        return json.loads((tmp_path / name / "recipe.json").read_text()), load_file(str(res.model_path)), rows
+
+    honest_lines: dict[str, list[str]] = {}
+    best, best_w, _ = run("best", "best")
+    last, last_w, rows = run("last", "last")
+    assert last["kept_epoch"] is None and last["fine_tune_epochs"] == best["fine_tune_epochs"] >= MIN_EPOCHS
+    assert last["size"] == best["size"] and last["epochs_done"] == best["epochs_done"]
+    honest = last["honest"]
+    assert honest["method"] == LAST and honest["selection_corrected"] == honest["error_rate"]
+    assert honest["error_rate"] == pytest.approx(float(rows[-1]["error_rate"]), abs=1e-4)
+    assert best["honest"]["method"] != LAST and best["honest"]["chosen"] and not honest["chosen"]
+    report = (tmp_path / "last" / "report.html").read_text()
+    assert "on the last epoch, which was not chosen on the validation pictures" in report
+    # the same training; on this set the default puts back an earlier, better epoch, so the weights differ
+    assert best["kept_epoch"] is not None and best["kept_epoch"] < 2 + best["epochs_done"] - 1
+    assert not all(torch.equal(best_w[k], last_w[k]) for k in best_w)
+    # and beside it, best.safetensors holds the epoch the default keeps
+    beside = load_file(str(tmp_path / "last" / "best.safetensors"))
+    assert all(torch.equal(best_w[k], v) for k, v in beside.items())
+    assert not (tmp_path / "best" / "best.safetensors").exists()
+    # the console says which: corrected for the choice (with its bound) or not chosen at all
+    assert len(honest_lines["best"]) == 1 and "corrected for choosing it" in honest_lines["best"][0]
+    assert "at 95% confidence at most" in honest_lines["best"][0]
+    assert len(honest_lines["last"]) == 1 and "on the last epoch, not chosen on these pictures" in honest_lines["last"][0]
+    assert "at 95% confidence at most" in honest_lines["last"][0]
+    advice = (tmp_path / "last" / "advice.txt").read_text()
+    assert "the last epoch, which the model file holds (--epoch-kept last" in advice
+    with pytest.raises(UrsaError, match="--epoch-kept: expected best or last"):
+        TrainConfig(data=data, epoch_kept="first")

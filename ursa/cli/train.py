@@ -118,6 +118,7 @@ def train_cmd(
     keep: Annotated[Optional[float], typer.Option("--keep", help=f"Share of validation images the 'none of these' (unknown) threshold keeps [default: {default('keep')}].")] = None,
     int8: Annotated[Optional[bool], typer.Option("--int8/--no-int8", help="Also write model.int8.onnx (smaller, faster), checked against fp32 on the validation images and not written when it loses over 1 point [default: off].")] = None,
     refit: Annotated[Optional[bool], typer.Option("--refit/--no-refit", help="Once the epochs are chosen on the validation images, train again on every image with the same decisions, for the model file (a quarter more to learn from; about twice the training time, up to three times; the figures stay the first model's, and the model has no 'none of these' threshold) [default: off].")] = None,
+    epoch_kept: Annotated[Optional[str], typer.Option("--epoch-kept", help=f"The epoch whose weights the model file holds: best (the fewest wrong validation pictures, when it beats the last epoch: its reported error is chosen on those pictures, so recipe.json's honest figure corrects it) or last (the one-cycle schedule's end, as fastai's fine_tune; the default recipe only: --unfreeze-epochs keeps the last) [default: {default('epoch_kept')}].")] = None,
     device: DeviceOpt = "auto",
     balance: Annotated[Optional[str], typer.Option("--balance", help="Lopsided classes: auto (when the largest class has 2x the training images of the smallest, logit adjustment: the loss adds log(class share) to the logits), none (train as if equally common), weights (inverse-frequency loss weights), sampler (class-balanced batches), logit_adjust [default: auto].")] = None,
     pixels: Annotated[Optional[str], typer.Option("--pixels", help="Where decoded images live: auto (in memory when they fit, else decoded per batch by loader workers), memory or stream [default: auto].")] = None,
@@ -133,7 +134,7 @@ def train_cmd(
         flips=flips, unfreeze_lr=parse_slice(unfreeze_lr), unfreeze_size=unfreeze_size, bf16=bf16,
         bn_stats_frozen=bn_stats_frozen, bs=bs, wd=wd, label_smoothing=label_smoothing, cache=cache, views=views,
         bf16_features=bf16_features, dedupe_split=dedupe_split, curve=curve, target_precision=target_precision,
-        keep=keep, int8=int8, balance=balance, refit=refit,
+        keep=keep, int8=int8, balance=balance, refit=refit, epoch_kept=epoch_kept,
     )
     if resume is not None:
         from ursa.training.resume import resume_config
@@ -257,7 +258,8 @@ def _say_result(res: Any) -> None:
     honest = (plan.honest.get("selection_corrected") if plan is not None else None)
     typer.echo(
         f"error_rate {m['error_rate']:.4f} (accuracy {m['accuracy']:.4f}) on {res.n_valid} validation images"
-        + (f" ({honest:.4f} corrected for choosing the epoch on them)" if honest is not None else "")
+        + ("" if honest is None else f" ({honest:.4f} corrected for choosing the epoch on them)"
+           if plan.honest.get("chosen", True) else " (the last epoch's: not chosen on them, so not corrected)")
         + f"; {res.seconds:.0f} s start to the end of training, peak memory {res.peak_rss_mb:.0f} MB"
     )
     if m.get("balanced_error") is not None:

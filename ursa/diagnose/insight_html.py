@@ -176,9 +176,11 @@ def _recipe_figures(recipe: dict[str, Any]) -> str:
                      "not the one the data and options decide.")
     honest = recipe.get("honest") or {}
     if honest.get("selection_corrected") is not None:
-        lines.append(f"Honest figure: error {_pct(honest['error_rate'])} on the epoch kept; "
-                     f"{_pct(honest['selection_corrected'])} corrected for choosing that epoch on the same validation "
-                     f"pictures ({_e(honest.get('method', ''))})."
+        lines.append((f"Honest figure: error {_pct(honest['error_rate'])} on the epoch kept; "
+                      f"{_pct(honest['selection_corrected'])} corrected for choosing that epoch on the same validation "
+                      f"pictures ({_e(honest.get('method', ''))})." if honest.get("chosen", True) else
+                      f"Honest figure: error {_pct(honest['error_rate'])} on the last epoch, which was not chosen on "
+                      "the validation pictures, so it needs no correction (--epoch-kept last).")
                      + (f" On {honest.get('pictures')} validation pictures, at {honest.get('confidence', 0.95):.0%} "
                         f"confidence the error is at most {_pct(honest['upper_bound'])}."
                         if honest.get("upper_bound") is not None else ""))

@@ -118,7 +118,8 @@ class VisionLearner:
 
     def fine_tune(self, epochs: int | None = None, base_lr: float | None = None, **settings: Any) -> None:
         """The default recipe: ``epochs`` frozen epochs (default 4) at ``base_lr``, then fine-tuning when it pays
-        and fits the budget (``budget=``; ``unfreeze_epochs=N``: the lesson's fixed N), the best epoch kept."""
+        and fits the budget (``budget=``; ``unfreeze_epochs=N``: the lesson's fixed N), the best epoch kept
+        (``epoch_kept="last"``: the last, as fastai's)."""
         changes = {**settings, **({"epochs": epochs} if epochs is not None else {}),
                    **({"lr": base_lr} if base_lr is not None else {})}
         self.cfg = dataclasses.replace(self.cfg, **changes) if changes else self.cfg

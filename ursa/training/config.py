@@ -27,6 +27,8 @@ PIXEL_MODES = ("auto", "memory", "stream")
 FLIP_CHOICES = ("auto", *FLIPS)
 # Lopsided classes (training/balance.py): auto decides from the counts, none trains plainly, or one remedy.
 BALANCES = ("auto", "none", "weights", "sampler", "logit_adjust")
+# Which epoch's weights the default recipe's model file holds: the best on the validation pictures, or the last.
+EPOCHS_KEPT = ("best", "last")
 # Seconds `ursa train` plans for by default, start to model file, counted in seconds of the reference machine
 # (2 CPU cores; training/plan.py counts images x epochs x FLOPs, no clock): a few minutes on a laptop.
 DEFAULT_BUDGET = 120.0
@@ -185,6 +187,9 @@ class TrainConfig:
     # Refit (docs/train.md): once the first fit has chosen its epochs on the validation images, train again on
     # every image with the same decisions; the model file holds the refit weights, the figures are the first model's.
     refit: bool = False
+    # The epoch the default recipe keeps: best (the fewest wrong validation pictures, when it beats the last), or last
+    # (the schedule's end, as fastai's fine_tune: its reported error is then not chosen on the pictures it is scored on).
+    epoch_kept: str = "best"
     # How to run, not what to compute (not saved in config.json, nor in the model file): where the
     # network runs (--device: auto, cpu, cuda, cuda:N, mps) and where decoded pixels live (--pixels).
     device: str = "auto"
@@ -244,6 +249,7 @@ class TrainConfig:
         _expect(not (self.multi_label and self.refit), "--refit", "off with --multi-label (each label's threshold is "
                 "chosen on the validation images, which a refit trains on)", self.refit)
         _expect(self.flips in FLIP_CHOICES, "--flips", " or ".join(FLIP_CHOICES), self.flips)
+        _expect(self.epoch_kept in EPOCHS_KEPT, "--epoch-kept", " or ".join(EPOCHS_KEPT), self.epoch_kept)
         _expect(self.balance in BALANCES, "--balance", " or ".join(BALANCES), self.balance)
         _expect(self.pixels in PIXEL_MODES, "--pixels", " or ".join(PIXEL_MODES), self.pixels)
         check_device_name(self.device)

@@ -1,6 +1,6 @@
 """Honest figures: the error of the epoch the recipe keeps, corrected for having chosen it on the same images.
 
-The default recipe keeps the best epoch (over both stages) by its validation error, so the error
+The default recipe keeps the best epoch (over both stages) by its validation error (unless --epoch-kept last), so the error
 it reports is the minimum of up to 30 draws on the same pictures: optimistic by construction, more
 so on small sets. ``ValidCorrect`` records, after every epoch, which validation pictures the model
 gets right; ``selection_corrected`` then cross-fits the choice: the epoch is chosen (by the
@@ -71,18 +71,25 @@ def selection_corrected(correct: list[torch.Tensor]) -> float | None:
     return wrong / n
 
 
-def honest_figures(correct: list[torch.Tensor], kept_error: float, known: torch.Tensor | None = None) -> dict:
+LAST = ("no epoch-selection correction needed: the last epoch is kept (--epoch-kept last), not chosen on these "
+        "pictures")
+
+
+def honest_figures(correct: list[torch.Tensor], kept_error: float, known: torch.Tensor | None = None,
+                   chosen: bool = True) -> dict:
     """recipe.json's ``honest``: the raw kept error, the selection-corrected one and how it was made.
 
     ``known``: the pictures readable in every epoch (the others are left out, as the error rate leaves them out).
+    ``chosen``: False when the last epoch is kept whatever the pictures say; its error then needs no correction.
     """
     if known is not None and not bool(known.all()):
         correct = [c[known] for c in correct]
-    corrected = selection_corrected(correct)
+    corrected = selection_corrected(correct) if chosen else kept_error
     n = len(correct[0]) if correct else 0
     figure = corrected if corrected is not None else kept_error
-    return {"error_rate": kept_error, "selection_corrected": corrected, "epochs": len(correct),
-            "method": METHOD if corrected is not None else "too few validation pictures to cross-fit",
+    method = (METHOD if chosen else LAST) if corrected is not None else "too few validation pictures to cross-fit"
+    return {"error_rate": kept_error, "selection_corrected": corrected, "chosen": chosen, "epochs": len(correct),
+            "method": method,
             # Clopper-Pearson on the honest figure's count of wrong pictures: what n pictures can and cannot show
             "pictures": n, "confidence": CONFIDENCE,
             "upper_bound": error_upper_bound(round(figure * n), n, CONFIDENCE) if n else None}

@@ -172,6 +172,7 @@ class Learner:
         """
         if n_epoch <= 0:
             return
+        self.kept_row = None  # new weights: an earlier use_best's row no longer describes them (a notebook's refit)
         frozen = self.model.is_frozen
         stage = stage or ("frozen" if frozen else "unfrozen")
         cached = frozen and self.config.cache

@@ -188,8 +188,10 @@ class Plan:
         self.tune_size = before.get("tune_size")
         self.work, self.planned_seconds = before.get("work") or {}, before.get("planned_seconds")
 
-    def advice(self, rows: list[dict], kept: dict | None) -> str | None:
-        """What fine-tuning did or would do here, in a sentence for advice.txt and the report."""
+    def advice(self, rows: list[dict], kept: dict | None, last: bool = False) -> str | None:
+        """What fine-tuning did or would do here, in a sentence for advice.txt and the report.
+
+        ``last``: --epoch-kept last, so the model file holds the last epoch unless a divergence forced ``kept``."""
         frozen = [r for r in rows if r["stage"] == "frozen"]
         tuned = [r for r in rows if r["stage"] == "unfrozen"]
         if not frozen:
@@ -198,10 +200,15 @@ class Plan:
         if not tuned:
             if self.fine_tune in (FineTune.BUDGET_SPENT, FineTune.TOO_FEW_FIT):
                 return (f"Fine-tuning might lower the error ({f_err:.1%} with the frozen body) but did not fit the "
-                        f"budget: --budget {suggest_budget(self):.0f} lets it try (the epoch kept is chosen on "
-                        "validation images, and the report gives the error corrected for that choice).")
+                        f"budget: --budget {suggest_budget(self):.0f} lets it try"
+                        + (" (its last epoch is kept, --epoch-kept last)." if last else " (the epoch kept is chosen "
+                           "on validation images, and the report gives the error corrected for that choice)."))
             return None
         t_err = min(r["error_rate"] for r in tuned)
+        if last and kept is None:  # the model file holds the schedule's end, whatever the best epoch was
+            return (f"Fine-tuning {'paid' if tuned[-1]['error_rate'] < f_err else 'did not pay here'}: "
+                    f"{tuned[-1]['error_rate']:.1%} error at the last epoch, which the model file holds "
+                    f"(--epoch-kept last; {t_err:.1%} at best), against {f_err:.1%} at best with the frozen body.")
         if t_err < f_err:
             return (f"Fine-tuning paid: the error went from {f_err:.1%} (frozen body) to {t_err:.1%}"
                     + (f"; the model file holds the best epoch's weights (epoch {kept['epoch']})." if kept else "."))

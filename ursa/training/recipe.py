@@ -240,7 +240,8 @@ def _train(cfg: TrainConfig, console: Console | None, resume: Checkpoint | None,
     files = write_run(cfg.out, learn, cfg, ds, {
         "data": str(cfg.data), "images": f"{len(ds.train_idx)} train / {len(ds.valid_idx)} valid",
         "time": f"{plan.seconds:.0f} s (start to the end of training)"},
-        console, insight=found, notes=[n for n in [plan.advice(learn.recorder.rows, learn.kept_row)] if n],
+        console, insight=found, notes=[n for n in [plan.advice(learn.recorder.rows, learn.kept_row,
+                                                                  cfg.epoch_kept == "last")] if n],
         refit=again)
     timings.update(files.timings)
     if files.calibration is not None:
@@ -262,7 +263,7 @@ def fit_stages(cfg: TrainConfig, learn: Learner, plan: Plan, console: Console, t
     """The recipe's stages on a built learner, without the run folder (the notebook's ``fine_tune``).
 
     The frozen epochs, then fine-tuning when it pays and fits ``plan.budget`` (counted from ``t0``,
-    default now), the best epoch kept; the same decisions as ``ursa train``.
+    default now), the best epoch kept (or the last: ``cfg.epoch_kept``); the same decisions as ``ursa train``.
     """
     t0 = time.perf_counter() if t0 is None else t0
     learn.freeze()
@@ -320,7 +321,7 @@ def _fine_tune(cfg: TrainConfig, learn: Learner, plan: Plan, t0: float, console:
                                    "the data and options decide")
             console.print(f"[yellow]warning:[/] the run was cut by --time-limit after {plan.epochs_done} of "
                           f"{plan.fine_tune_epochs} fine-tuning epochs", highlight=False)
-    if not fixed:  # the lesson's recipe keeps its last epoch (the run writer saves a better one beside it)
+    if not fixed and (force or cfg.epoch_kept == "best"):  # the lesson's recipe and --epoch-kept last keep the last
         _keep_best(learn, plan, console, force)
 
 
@@ -353,12 +354,14 @@ def _figures(cfg: TrainConfig, learn: Learner, ds: ImageDataset, plan: Plan, see
     # The default recipe chose its epoch on the validation pictures. (Multi-label: the loop's error is 1 - macro F1, not
     # a share of pictures, so a per-picture correction would measure another figure: none is given.)
     if cfg.unfreeze_epochs is None and not cfg.multi_label:
-        plan.honest = honest_figures(seen.correct, kept_error, seen.known)
+        chosen = learn.kept_row is not None or cfg.epoch_kept == "best"
+        plan.honest = honest_figures(seen.correct, kept_error, seen.known, chosen=chosen)
         corrected = plan.honest["selection_corrected"]
         if corrected is not None:
             bound = plan.honest["upper_bound"]
-            console.print(f"honest figure: error {kept_error:.4f} on the epoch kept, {corrected:.4f} corrected for "
-                          "choosing it on these pictures (cross-fitted over two halves)"
+            console.print((f"honest figure: error {kept_error:.4f} on the epoch kept, {corrected:.4f} corrected for "
+                           "choosing it on these pictures (cross-fitted over two halves)" if chosen else
+                           f"honest figure: error {kept_error:.4f} on the last epoch, not chosen on these pictures")
                           + (f"; on {plan.honest['pictures']} pictures, at {plan.honest['confidence']:.0%} confidence "
                              f"at most {bound:.4f}" if bound is not None else ""), highlight=False)
     names = [ds.rel(i) for i in ds.valid_idx]

@@ -136,14 +136,18 @@ def write_run(out: Path, learn: Learner, cfg: TrainConfig, ds: ImageDataset, inf
         timings["int8"] = time.perf_counter() - t
     best = None
     b = learn.best
-    if (any(a.rule == "too_many_epochs" for a in advice) and b.state is not None and b.row is not None
+    beaten = bool(cfg.epoch_kept == "last" and cfg.unfreeze_epochs is None and b.row is not None and r.rows
+                  and b.row["error_rate"] < r.rows[-1]["error_rate"])  # --epoch-kept last: the epoch the default would have kept
+    too_many = any(a.rule == "too_many_epochs" for a in advice)
+    if ((beaten or too_many) and b.state is not None and b.row is not None
             and learn.kept_row is None and not refitted):  # the recipe already put the best weights in the model file
         metrics = metric_values(b.row)
         metrics["epoch"] = b.epoch
         best = learn.export(out / "best.safetensors", metrics=metrics, config=config, state=b.state, licenses=licenses,
                             thresholds=thresholds)
         notes.append(f"The weights of epoch {b.epoch} (error rate {b.row['error_rate']:.4f}) are saved as "
-                     f"{best.name}: use it instead of model.safetensors, or retrain with fewer epochs.")
+                     f"{best.name}: " + ("use it instead of model.safetensors, or retrain with fewer epochs."
+                                         if too_many else "the epoch --epoch-kept best would keep."))
     write_advice(out / "advice.txt", advice, h, notes)
     report: dict[str, Path] = {}
     t = time.perf_counter()
