@@ -56,7 +56,22 @@ def table(sets: dict[str, list[dict]], runs: Path) -> list[str]:
     lines.append(f"\n{len(mean)} sets: mean error best {statistics.mean(b):.4f}, last {statistics.mean(l):.4f}; "
                  f"last lower on {sum(x < y for y, x in zip(b, l))}, higher on {sum(x > y for y, x in zip(b, l))}, "
                  f"equal on {sum(x == y for y, x in zip(b, l))}")
+    refits = {s: _arm(runs / s, "last_refit", [r["seed"] for r in rs]) for s, rs in sets.items()}
+    if any(refits.values()):  # --epoch-kept last --refit: the whole schedule again on every picture, same seeds
+        lines += ["", "| set | last + --refit, per seed | last + --refit | last | best |", "|---|---|---|---|---|"]
+        lines += [f"| {s} | {', '.join(f'{e:.3f}' for e in errs)} | {statistics.mean(errs):.3f} | {mean[s][1]:.3f} | "
+                  f"{mean[s][0]:.3f} |" for s, errs in refits.items() if errs]
     return lines
+
+
+def _arm(folder: Path, arm: str, seeds: list[int]) -> list[float]:
+    """Another arm's held-out errors on the same seeds, in seed order; [] unless every seed has one."""
+    got: dict[int, float] = {}
+    for f in sorted(folder.glob(f"{arm}.seed*.json")):
+        rec = json.loads(f.read_text())
+        if rec.get("test_error") is not None:
+            got[rec["seed"]] = rec["test_error"]
+    return [got[k] for k in seeds] if all(k in got for k in seeds) else []
 
 
 def _test_pictures(split: Path) -> str:

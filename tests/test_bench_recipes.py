@@ -532,3 +532,29 @@ def test_a_debian_package_that_is_not_the_pinned_one_is_refused_before_unpacking
     with pytest.raises(build.BuildError, match="not the pinned package"):
         build.debian_package(tmp_path, build.OXYGEN_DEB)
     assert deb.read_bytes() == b"not the package"  # left as it was: not the script's to remove
+
+
+def test_epoch_kept_pairs_each_seed_and_chooses_leaving_each_set_out(tmp_path, capsys):
+    """benchmarks/epoch_kept.py: the best and last epoch of one training per seed, and the rule the other sets choose."""
+    ek = load_benchmark("epoch_kept")
+    runs = tmp_path / "results" / "recipes_runs"
+    (tmp_path / "results" / "splits").mkdir(parents=True)
+    pairs = {"small": [(0.25, 0.125), (0.25, 0.1875)], "large": [(0.02, 0.03), (0.02, 0.02)], "flat": [(0.1, 0.1)] * 2}
+    for name, seeds in pairs.items():
+        (runs / name).mkdir(parents=True)
+        rows = ["path,label,is_valid"] + [f"a/{k}.png,a,{k < 8}" for k in range(20)]
+        (tmp_path / "results" / "splits" / f"{name}.csv").write_text("\n".join(rows) + "\n")
+        for seed, (best, last) in enumerate(seeds):
+            rec = {"seed": seed, "test_error": last, "test_error_best": best}
+            (runs / name / f"last.seed{seed}.abc.json").write_text(json.dumps(rec))
+            (runs / name / f"last_refit.seed{seed}.def.json").write_text(json.dumps({"seed": seed, "test_error": 0.05}))
+    (runs / "small" / "last.seed0.old.json").write_text(json.dumps({"seed": 0, "test_error": 0.9, "test_error_best": 0.9}))
+    assert ek.main([str(runs)]) == 0
+    out = capsys.readouterr()
+    assert "small: runs of 2 keys; using abc's" in out.err  # another experiment's run is not mixed in
+    rows = {ln.split(" ")[1]: ln for ln in out.out.splitlines() if ln.startswith("| ") and "(8)" in ln}
+    assert "| 0.250 | 0.156 |" in rows["small"] and rows["small"].endswith("| best: 0.250 |")  # others favour best
+    assert rows["large"].endswith("| last: 0.025 |")  # small's gain carries the others' mean
+    assert "3 sets: mean error best 0.1233, last 0.0938; last lower on 1, higher on 1, equal on 1" in out.out
+    assert "| small | 0.050, 0.050 | 0.050 | 0.156 | 0.250 |" in out.out
+    assert ek.main([str(tmp_path / "nowhere")]) == 2
