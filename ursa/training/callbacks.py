@@ -281,6 +281,11 @@ class BestWeights(Callback):
         """The best epoch as a checkpoint saved it (``--resume``)."""
         self.state, self.epoch, self.row = state, epoch, dict(row)
 
+    def beats(self, rows: list[dict]) -> bool:
+        """Whether the best epoch has weights and fewer wrong pictures than the last of ``rows`` (the rule to keep it)."""
+        return (self.state is not None and self.row is not None and bool(rows)
+                and self.row["epoch"] != rows[-1]["epoch"] and self.row["error_rate"] < rows[-1]["error_rate"])
+
     def after_epoch(self, learn: Any) -> None:
         row = learn.recorder.rows[-1]
         key = (row["error_rate"], row["valid_loss"])

@@ -111,7 +111,7 @@ class Learner:
         b, rows = self.best, self.recorder.rows
         if b.state is None or b.row is None or not rows:
             return None
-        if not force and (b.row["epoch"] == rows[-1]["epoch"] or b.row["error_rate"] >= rows[-1]["error_rate"]):
+        if not force and not b.beats(rows):
             return None
         self.model.load_state_dict(b.state)
         self.kept_row = dict(b.row)

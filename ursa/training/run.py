@@ -136,8 +136,7 @@ def write_run(out: Path, learn: Learner, cfg: TrainConfig, ds: ImageDataset, inf
         timings["int8"] = time.perf_counter() - t
     best = None
     b = learn.best
-    beaten = bool(cfg.epoch_kept == "last" and cfg.unfreeze_epochs is None and b.row is not None and r.rows
-                  and b.row["error_rate"] < r.rows[-1]["error_rate"])  # --epoch-kept last: the epoch the default would have kept
+    beaten = cfg.epoch_kept == "last" and cfg.unfreeze_epochs is None and b.beats(r.rows)  # what best would keep
     too_many = any(a.rule == "too_many_epochs" for a in advice)
     if ((beaten or too_many) and b.state is not None and b.row is not None
             and learn.kept_row is None and not refitted):  # the recipe already put the best weights in the model file
